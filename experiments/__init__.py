@@ -1,0 +1,1 @@
+"""Experiment modules: each defines ``EXPERIMENT`` (see ``unraveled.experiment``)."""

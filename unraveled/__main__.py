@@ -1,0 +1,7 @@
+"""``python -m unraveled`` is the ``unraveled`` command."""
+
+import sys
+
+from unraveled.cli import main
+
+sys.exit(main())

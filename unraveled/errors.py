@@ -1,0 +1,32 @@
+"""Exceptions the CLI turns into exit statuses.
+
+Each one says what went wrong and how to fix it; the CLI prints the message without a
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class UnraveledError(Exception):
+    """Base class: an error a user can fix, reported without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(UnraveledError):
+    """A config file, a ``--set`` override or a config name is invalid (exit status 2)."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, field: str | None, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {problem}")
+
+
+class ModelUnavailableError(UnraveledError):
+    """A model could not be loaded from any of the places it may come from (exit status 3)."""
+
+    exit_code = 3

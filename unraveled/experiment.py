@@ -1,0 +1,96 @@
+"""What an experiment is: typed params, a pure ``compute`` and a ``render`` that only draws.
+
+An experiment is one module in ``experiments/`` that defines ``EXPERIMENT``; adding a module and
+a YAML config in ``configs/`` is all it takes for the runner, the CLI and the index to pick it
+up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from matplotlib.figure import Figure as MplFigure
+from pydantic import BaseModel, ConfigDict
+from transformer_lens import HookedTransformer
+
+import experiments
+
+WeightsKind = Literal["processed", "raw"]
+
+
+class Params(BaseModel):
+    """Base for experiment params: strict types, unknown keys refused, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Result(Protocol):
+    """What ``compute`` returns: arrays for the renderer plus the numbers for metrics.json."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Every number the experiment reports, JSON-serialisable."""
+        ...
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A matplotlib figure to be saved as ``figures/<name>.png``."""
+
+    name: str
+    figure: MplFigure
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class View:
+    """A self-contained HTML page to be saved as ``views/<name>.html``."""
+
+    name: str
+    html: str
+    title: str
+
+
+Artifact = Figure | View
+P = TypeVar("P", bound=Params)
+R = TypeVar("R", bound=Result)
+
+
+@dataclass(frozen=True)
+class Experiment(Generic[P, R]):
+    """One experiment: how to compute its result from a model, and how to draw it.
+
+    Args:
+        title: Human-readable title for the index page.
+        params: The pydantic schema of the config's ``params`` block, with defaults.
+        compute: ``(model, params, seed) -> result``. Reads weights and activations; no I/O.
+        render: ``result -> figures and views``. Draws only; never sees the model.
+        weights: ``"raw"`` for experiments that read weights as the checkpoint stores them
+            (LayerNorm gammas, uncentred embeddings, Hugging Face-style hidden states);
+            ``"processed"`` for TransformerLens's folded and centred weights.
+    """
+
+    title: str
+    params: type[P]
+    compute: Callable[[HookedTransformer, P, int], R]
+    render: Callable[[R], Iterable[Artifact]]
+    weights: WeightsKind = "processed"
+
+
+def available_experiments() -> list[str]:
+    """Names of the experiment modules in ``experiments/``."""
+    return sorted(
+        info.name for info in pkgutil.iter_modules(experiments.__path__) if not info.name.startswith("_")
+    )
+
+
+def load_experiment(name: str) -> Experiment[Any, Any]:
+    """Import ``experiments.<name>`` and return its ``EXPERIMENT``."""
+    module = importlib.import_module(f"experiments.{name}")
+    experiment = getattr(module, "EXPERIMENT", None)
+    if not isinstance(experiment, Experiment):
+        raise TypeError(f"experiments/{name}.py must define EXPERIMENT = Experiment(...)")
+    return experiment

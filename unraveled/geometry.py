@@ -1,0 +1,52 @@
+"""Geometry of sets of vectors: PCA spectra, intrinsic dimension, neighbourhoods, similarity.
+
+Pure numpy and scikit-learn functions shared by the embedding and residual-stream experiments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jaxtyping import Float, Int
+from numpy.typing import NDArray
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+
+
+def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArray, " components"]:
+    """Cumulative fraction of variance explained by the first k principal components, k = 1..."""
+    centred = points - points.mean(axis=0, keepdims=True)
+    singular_values = np.linalg.svd(centred.astype(np.float64), compute_uv=False)
+    variance = singular_values**2
+    return np.cumsum(variance) / variance.sum()
+
+
+def intrinsic_dimension(cumulative: Float[NDArray, " components"], threshold: float = 0.9) -> int:
+    """How many principal components it takes to explain ``threshold`` of the variance.
+
+    Use with ``cumulative_explained_variance``; a linear estimate, blind to curved manifolds.
+    """
+    return int(np.searchsorted(cumulative, threshold - 1e-12) + 1)
+
+
+def local_neighbourhoods(
+    points: Float[NDArray, "n d"], n_subsets: int, n_neighbours: int, rng: np.random.Generator
+) -> Int[NDArray, "subsets neighbours"]:
+    """Indices of the ``n_neighbours`` nearest points around ``n_subsets`` random centres."""
+    n_neighbours = min(n_neighbours, len(points))
+    centres = rng.choice(len(points), size=min(n_subsets, len(points)), replace=False)
+    finder = NearestNeighbors(n_neighbors=n_neighbours).fit(points)
+    return finder.kneighbors(points[centres], return_distance=False)
+
+
+def cosine_similarity_matrix(points: Float[NDArray, "n d"]) -> Float[NDArray, "n n"]:
+    """Cosine similarity of every pair of rows."""
+    unit = points / np.clip(np.linalg.norm(points, axis=1, keepdims=True), 1e-12, None)
+    return unit @ unit.T
+
+
+def pca_projection(
+    fit_on: Float[NDArray, "n d"], n_components: int, also: Float[NDArray, "m d"] | None = None
+) -> tuple[Float[NDArray, "n k"], Float[NDArray, "m k"] | None]:
+    """Coordinates of ``fit_on`` (and of ``also``) in the top principal components of ``fit_on``."""
+    pca = PCA(n_components=n_components).fit(fit_on)
+    return pca.transform(fit_on), (pca.transform(also) if also is not None else None)

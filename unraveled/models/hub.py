@@ -1,0 +1,41 @@
+"""The Hugging Face side: the local cache first, then the hub, and a fast answer when neither works.
+
+TransformerLens retries an unreachable hub for about 23 s before failing; a short probe here
+answers in a few seconds and says what was tried.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+
+logger = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if it has a config."""
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub can't be used right now, or None when it answers."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = hf_constants.ENDPOINT
+    try:
+        httpx.head(endpoint, timeout=timeout_s, follow_redirects=False)
+    except httpx.HTTPError as error:
+        return f"the hub at {endpoint} did not answer within {timeout_s:.0f} s ({error})"
+    return None
+
+
+def hf_cache_dir() -> str:
+    """Where the Hugging Face cache lives on this machine (follows HF_HOME and HF_HUB_CACHE)."""
+    return str(hf_constants.HF_HUB_CACHE)

@@ -1,0 +1,217 @@
+"""Load a model by name into a HookedTransformer, through the converted-weights cache.
+
+The order of places tried, per kind of name:
+
+- hub names (``gpt2``): converted-weights cache, Hugging Face cache, then the hub;
+- local checkpoint directories: converted-weights cache, then the directory;
+- the bundled ``smollm2-135m``: converted-weights cache, then the GGUF file in its package.
+
+When a model can't be had, ``load_model`` falls back to the bundled model if allowed, loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unraveled.errors import ModelUnavailableError
+from unraveled.experiment import WeightsKind
+from unraveled.models import hub, weight_cache
+from unraveled.models.convert import hooked_from_hf, processing_flags
+from unraveled.models.sources import (
+    FALLBACK_MODEL,
+    BundledModel,
+    HubModel,
+    LocalCheckpoint,
+    ModelSource,
+    resolve_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for experiments, and where it came from.
+
+    Attributes:
+        model: The HookedTransformer, in eval mode.
+        requested: The name the config or ``--model`` asked for.
+        name: The name of the model actually loaded (differs from ``requested`` on fallback).
+        slug: Folder name for its outputs.
+        loaded_from: Where the weights were read, in words.
+        weights: ``processed`` or ``raw``.
+        load_seconds: Wall time of the load.
+        from_weight_cache: Whether the converted-weights cache served it.
+        fallback_reason: Why ``requested`` could not be loaded, when this is a fallback.
+    """
+
+    model: HookedTransformer
+    requested: str
+    name: str
+    slug: str
+    loaded_from: str
+    weights: WeightsKind
+    load_seconds: float
+    from_weight_cache: bool
+    fallback_reason: str | None = None
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.fallback_reason is not None
+
+    def label(self) -> str:
+        """How figures and pages name the model: the one used, and what it stands in for."""
+        if self.is_fallback:
+            return f"{self.name} (fallback: {self.requested} unavailable)"
+        return self.name
+
+
+def _fingerprint(source: ModelSource) -> dict[str, Any]:
+    if isinstance(source, HubModel):
+        return {"repo_id": source.repo_id}
+    if isinstance(source, LocalCheckpoint):
+        files = sorted(p for p in source.path.iterdir() if p.is_file())
+        return {
+            "path": str(source.path),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
+    gguf = source.gguf_path()
+    stat = gguf.stat() if gguf else None
+    return {"gguf": str(gguf), "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None}
+
+
+def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[HookedTransformer, str]:
+    snapshot = hub.cached_snapshot(source.repo_id)
+    if snapshot is not None:
+        # Read only the cache: with local_files_only nothing waits on an unreachable hub.
+        tokenizer = AutoTokenizer.from_pretrained(source.repo_id, local_files_only=True)
+        model = HookedTransformer.from_pretrained(
+            source.name, tokenizer=tokenizer, device=device, local_files_only=True, **processing_flags(weights)
+        )
+        return model, f"Hugging Face cache ({snapshot})"
+    reason = hub.hub_unreachable_reason()
+    if reason is not None:
+        raise ModelUnavailableError(
+            f"model {source.name!r} ({source.repo_id}) is not in the Hugging Face cache "
+            f"({hub.hf_cache_dir()}) and {reason}"
+        )
+    model = HookedTransformer.from_pretrained(source.name, device=device, **processing_flags(weights))
+    return model, f"Hugging Face hub ({source.repo_id})"
+
+
+def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str]:
+    if not (source.path / "config.json").is_file():
+        raise ModelUnavailableError(
+            f"{source.path} is not a Hugging Face checkpoint: it has no config.json "
+            "(expected config.json, model weights and tokenizer files)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
+    model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
+    return model, f"local checkpoint ({source.path})"
+
+
+def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTransformer, str]:
+    gguf = source.gguf_path()
+    if gguf is None:
+        raise ModelUnavailableError(
+            f"the bundled model {source.name!r} needs the {source.package} package: {source.install_hint}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # SmolLM2's tokenizer adds no BOS and the model was trained without one.
+    model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.name, default_prepend_bos=False)
+    return model, f"bundled GGUF, dequantized ({gguf})"
+
+
+def _load_source(source: ModelSource, requested: str, weights: WeightsKind, device: str) -> LoadedModel:
+    started = time.perf_counter()
+    key = weight_cache.cache_key(source.slug, weights, _fingerprint(source))
+    model = weight_cache.load_entry(key, device)
+    from_cache = model is not None
+    if model is not None:
+        loaded_from = f"converted-weights cache ({weight_cache.cache_root()})"
+    else:
+        if isinstance(source, HubModel):
+            model, loaded_from = _from_hub(source, weights, device)
+        elif isinstance(source, LocalCheckpoint):
+            model, loaded_from = _from_directory(source, weights)
+        else:
+            model, loaded_from = _from_bundled(source, weights)
+        weight_cache.store_entry(key, model)
+        model = model.to(device)
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        requested=requested,
+        name=source.name if not isinstance(source, LocalCheckpoint) else source.slug,
+        slug=source.slug,
+        loaded_from=loaded_from,
+        weights=weights,
+        load_seconds=time.perf_counter() - started,
+        from_weight_cache=from_cache,
+    )
+
+
+def load_model(
+    name: str,
+    weights: WeightsKind = "processed",
+    device: str = "cpu",
+    fallback: str | None = FALLBACK_MODEL,
+    source_label: str = "--model",
+) -> LoadedModel:
+    """Load ``name`` as a HookedTransformer, falling back to ``fallback`` when it can't be had.
+
+    Args:
+        name: A hub name (``gpt2``), a checkpoint directory, or ``smollm2-135m``.
+        weights: ``processed`` (TransformerLens defaults) or ``raw`` (checkpoint weights).
+        device: Torch device.
+        fallback: Model to load instead when ``name`` is unavailable; None makes that an error.
+        source_label: Where the name came from, for error messages.
+
+    Raises:
+        ConfigError: The name is not a model name (exit status 2).
+        ModelUnavailableError: Neither the model nor the fallback could be loaded (exit status 3).
+    """
+    source = resolve_model(name, source_label)
+    try:
+        return _load_source(source, name, weights, device)
+    except ModelUnavailableError as error:
+        if fallback is None or fallback == name:
+            raise
+        logger.warning("%s. Falling back to the bundled %s: figures will show %s, not %s.", error, fallback, fallback, name)
+        loaded = _load_source(resolve_model(fallback), fallback, weights, device)
+        return replace(loaded, requested=name, fallback_reason=str(error))
+
+
+def availability(name: str) -> tuple[str, str]:
+    """What ``name`` resolves to, and whether and from where it can be loaded now (no weights read)."""
+    source = resolve_model(name)
+    cached = any(
+        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, _fingerprint(source)))
+        for kind in ("processed", "raw")
+    )
+    if isinstance(source, HubModel):
+        resolves_to = f"TransformerLens / Hugging Face {source.repo_id}"
+        if cached:
+            return resolves_to, "yes: converted-weights cache"
+        if hub.cached_snapshot(source.repo_id):
+            return resolves_to, "yes: Hugging Face cache"
+        reason = hub.hub_unreachable_reason()
+        return resolves_to, f"no: not cached and {reason}" if reason else "yes: Hugging Face hub"
+    if isinstance(source, LocalCheckpoint):
+        ok = (source.path / "config.json").is_file()
+        return f"local checkpoint {source.path}", "yes" if ok else "no: no config.json"
+    gguf = source.gguf_path()
+    resolves_to = f"bundled GGUF {gguf or source.gguf_file}"
+    if cached:
+        return resolves_to, "yes: converted-weights cache"
+    return resolves_to, "yes" if gguf else f"no: {source.install_hint}"
+

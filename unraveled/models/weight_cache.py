@@ -1,0 +1,106 @@
+"""A cache of converted, processed weights, so a model is converted only once per machine.
+
+Each entry holds the HookedTransformer's state dict (safetensors), its config and its tokenizer.
+For the bundled SmolLM2 this skips the GGUF dequantization and the conversion, by far the slowest
+part of a load. Entries are written to a temporary folder and renamed into place, so a killed
+run never leaves a half-written entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import transformer_lens
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTS_FILE = "model.safetensors"
+_CONFIG_FILE = "hooked_config.json"
+_TOKENIZER_DIR = "tokenizer"
+_FORMAT_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$UNRAVELED_CACHE``, by default ``~/.cache/unraveled``."""
+    return Path(os.environ.get("UNRAVELED_CACHE", "~/.cache/unraveled")).expanduser()
+
+
+def cache_key(slug: str, weights: str, fingerprint: dict[str, Any]) -> str:
+    """A folder name that changes whenever the source, the processing or TransformerLens does."""
+    identity = {
+        "format": _FORMAT_VERSION,
+        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "",
+        "weights": weights,
+        **fingerprint,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{slug}-{weights}-{digest}"
+
+
+def _entry(key: str) -> Path:
+    return cache_root() / "weights" / key
+
+
+def has_entry(key: str) -> bool:
+    """Whether a complete entry exists for ``key``."""
+    return (_entry(key) / _WEIGHTS_FILE).is_file()
+
+
+def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    encoded = {}
+    for field, value in cfg.to_dict().items():
+        if isinstance(value, torch.dtype):
+            encoded[field] = {"torch_dtype": str(value).removeprefix("torch.")}
+        elif field != "device":
+            encoded[field] = value
+    return encoded
+
+
+def _config_from_json(encoded: dict[str, Any], device: str) -> HookedTransformerConfig:
+    decoded = {
+        field: getattr(torch, value["torch_dtype"]) if isinstance(value, dict) and "torch_dtype" in value else value
+        for field, value in encoded.items()
+    }
+    return HookedTransformerConfig.from_dict({**decoded, "device": device})
+
+
+def load_entry(key: str, device: str) -> HookedTransformer | None:
+    """The cached model for ``key`` on ``device``, or None when there is no entry."""
+    entry = _entry(key)
+    if not has_entry(key):
+        return None
+    cfg = _config_from_json(json.loads((entry / _CONFIG_FILE).read_text()), device)
+    tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    safetensors.torch.load_model(model, entry / _WEIGHTS_FILE, strict=True, device=device)
+    return model.eval()
+
+
+def store_entry(key: str, model: HookedTransformer) -> Path:
+    """Write ``model`` under ``key``, atomically; returns the entry's folder."""
+    entry = _entry(key)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
+    try:
+        safetensors.torch.save_model(model, str(staging / _WEIGHTS_FILE))
+        (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
+        model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("cached converted weights in %s", entry)
+    return entry

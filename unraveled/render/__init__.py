@@ -1,0 +1,1 @@
+"""Drawing helpers shared by experiments' renderers (matplotlib figures, circuitsvis views)."""
