@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -93,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     try:
         app(args=argv, prog_name="unraveled", standalone_mode=False)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.ClickException as error:
+    except typer.Abort:
+        return 130
+    except typer.TyperException as error:  # usage errors: unknown option, bad value, ...
         error.show()
         return error.exit_code
-    except click.exceptions.Abort:
-        return 130
     except UnraveledError as error:
-        console.print(f"error: {error}", style="bold red", markup=False, highlight=False)
+        console.print(f"error: {error}", style="bold red", markup=False, highlight=False, soft_wrap=True)
         return error.exit_code
     return 0
 

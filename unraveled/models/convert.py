@@ -41,6 +41,10 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     # GGUF checkpoints are dequantized on load; the marker would make TransformerLens refuse them.
     config.pop("quantization_config", None)
     config["architectures"] = [type(hf_model).__name__]
+    # TransformerLens reads GPT-2's context length from n_ctx, which checkpoints saved by recent
+    # transformers no longer write; n_positions holds the same number.
+    if "n_positions" in config:
+        config.setdefault("n_ctx", config["n_positions"])
     return config
 
 

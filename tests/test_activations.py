@@ -1,0 +1,37 @@
+"""Activations: only the requested hooks are cached, and padding never leaks into results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unraveled.activations import collect_activations
+from unraveled.models import load_model
+
+PROMPTS = ["A short one.", "A rather longer prompt, with several more tokens in it than the first."]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_padded_batch_equals_single_prompt_runs(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
+    model = load_model(str(request.getfixturevalue(checkpoint)), "processed", fallback=None).model
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    batch = collect_activations(model, PROMPTS, hooks)
+    assert set(batch.cache.keys()) == set(hooks)
+    assert batch.lengths == [len(model.to_tokens(p)[0]) for p in PROMPTS]
+    assert batch.lengths[0] < batch.lengths[1] and not batch.mask[0, batch.lengths[0]:].any()
+    for index, prompt in enumerate(PROMPTS):
+        single = collect_activations(model, [prompt], hooks)
+        n = batch.lengths[index]
+        torch.testing.assert_close(batch.cache[hooks[0]][index, :n], single.cache[hooks[0]][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.cache[hooks[1]][index, :, :n, :n], single.cache[hooks[1]][0], atol=1e-6, rtol=1e-5)
+        assert batch.str_tokens[index] == single.str_tokens[0]
+
+
+def test_no_gradients_and_unknown_hooks_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    acts = collect_activations(model, ["hello"], ["blocks.0.hook_resid_pre"])
+    assert not acts.cache["blocks.0.hook_resid_pre"].requires_grad and not acts.logits.requires_grad
+    with pytest.raises(KeyError, match="unknown hook names"):
+        collect_activations(model, ["hello"], ["blocks.9.hook_resid_pre"])
