@@ -28,14 +28,15 @@ ConfigDirOption = Annotated[Path, typer.Option("--config-dir", help="Where confi
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    # Third-party libraries log plenty at INFO (TransformerLens to the root logger): show only
+    # their warnings, and our own progress.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, markup=False)],
         force=True,
     )
-    for noisy in ("httpx", "matplotlib", "numba", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("unraveled").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @app.command("list")

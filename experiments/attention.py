@@ -1,0 +1,117 @@
+"""Attention: one head's pattern in every layer, attention to the first token and from the last,
+and per-head entropy and attention-sink strength."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from numpy.typing import NDArray
+from pydantic import Field
+from transformer_lens import HookedTransformer
+
+from unraveled.activations import collect_activations
+from unraveled.analysis import (
+    attention_entropy_by_head,
+    attention_sink_by_head,
+    attention_to_first_token,
+    last_token_attention,
+    stack_patterns,
+)
+from unraveled.experiment import Artifact, Experiment, Figure, Params
+from unraveled.render.figures import heatmap, layer_grid, panels
+
+
+class AttentionParams(Params):
+    prompt: str = Field("Alice gave Bob a goose, and he gave her a duck.", min_length=1)
+    head: int = Field(0, ge=0, description="The head drawn in every layer's heatmap.")
+    prepend_bos: bool | None = Field(None, description="Prepend BOS; None uses the model's default.")
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    tokens: list[str]
+    head: int
+    patterns: Float[NDArray, "layer head query_pos key_pos"]
+    to_first_token: Float[NDArray, "layer query_pos"]
+    from_last_token: Float[NDArray, "layer key_pos"]
+    entropy: Float[NDArray, "layer head"]
+    sink: Float[NDArray, "layer head"]
+
+    def metrics(self) -> dict[str, Any]:
+        def top(values: Float[NDArray, "layer head"], k: int = 5) -> list[dict[str, Any]]:
+            order = np.argsort(-values, axis=None)[:k]
+            return [{"head": f"{i // values.shape[1]}.{i % values.shape[1]}", "value": float(values.flat[i])} for i in order]
+
+        return {
+            "tokens": self.tokens,
+            "head_drawn": self.head,
+            "attention_to_first_token_per_layer": self.to_first_token,
+            "last_token_attention_per_layer": self.from_last_token,
+            "entropy_by_head": self.entropy,
+            "attention_sink_by_head": self.sink,
+            "mean_attention_sink": float(self.sink.mean()),
+            "strongest_sink_heads": top(self.sink),
+            "lowest_entropy_heads": top(-self.entropy),
+        }
+
+
+def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> AttentionResult:
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if params.head >= n_heads:
+        raise ValueError(f"params.head={params.head} out of range for a model with {n_heads} heads; use 0..{n_heads - 1}")
+    hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
+    patterns = stack_patterns(acts.cache, n_layers)
+    return AttentionResult(
+        tokens=acts.str_tokens[0],
+        head=params.head,
+        patterns=patterns.numpy(),
+        to_first_token=attention_to_first_token(patterns).numpy(),
+        from_last_token=last_token_attention(patterns).numpy(),
+        entropy=attention_entropy_by_head(patterns).numpy(),
+        sink=attention_sink_by_head(patterns).numpy(),
+    )
+
+
+def render(result: AttentionResult) -> Iterator[Artifact]:
+    n_layers = len(result.patterns)
+    labels = [repr(token)[1:-1] for token in result.tokens]
+    figure, axes_list = layer_grid(n_layers)
+    causal_future = np.triu(np.ones((len(labels), len(labels)), dtype=bool), k=1)
+    for layer, axes in enumerate(axes_list):
+        image = axes.imshow(np.ma.masked_array(result.patterns[layer, result.head], causal_future), cmap="viridis", vmin=0, vmax=1)
+        axes.set_title(f"Layer {layer}, head {result.head}", fontsize=9)
+        axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        axes.set_yticks(range(len(labels)), labels, fontsize=6)
+    figure.colorbar(image, ax=axes_list, shrink=0.6, label="attention weight")
+    figure.suptitle("Attention pattern of one head in every layer (rows: queries, columns: keys)")
+    yield Figure("04_attention_heatmaps", figure, f"Head {result.head} of every layer on the prompt")
+
+    figure, (axes,) = panels(1)
+    figure.set_size_inches(12, 6)
+    blues, reds = colormaps["Blues"], colormaps["Reds"]
+    shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
+    for layer in range(n_layers):
+        axes.plot(result.to_first_token[layer], color=blues(shade(layer)))
+        axes.plot(result.from_last_token[layer], color=reds(shade(layer)), linestyle="--")
+    axes.set(title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)",
+             xlabel="Token index", ylabel="Attention weight, mean over heads")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+    for cmap, label in ((reds, "layer (attention of the last token)"), (blues, "layer (attention to the first token)")):
+        figure.colorbar(ScalarMappable(norm=shade, cmap=cmap), ax=axes, label=label)
+    yield Figure("05_layer_wise_attention", figure, "Attention to the first token and from the last token, per layer")
+
+    figure, (left, right) = panels(2)
+    heatmap(left, result.entropy, "Attention entropy per head (nats)", "Head", "Layer", cmap="viridis", colorbar_label="mean entropy over queries")
+    heatmap(right, result.sink, "Attention to the first token per head (sink)", "Head", "Layer", cmap="magma", colorbar_label="mean attention to position 0")
+    yield Figure("06_head_entropy_and_sink", figure, "Per-head attention entropy and attention-sink strength")
+
+
+EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render)

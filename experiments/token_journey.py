@@ -1,0 +1,160 @@
+"""The journey of a token: its hidden state at every layer, mapped into a UMAP of the token
+embeddings, and how close each state stays to its own, the next and the predicted token.
+
+Hidden states follow Hugging Face's ``output_hidden_states`` convention (index 0 the embedding
+sum, index i the residual stream after block i, the last with the final LayerNorm applied), so
+they need raw weights and, like the original analysis, no BOS token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from numpy.typing import NDArray
+from pydantic import Field
+from transformer_lens import HookedTransformer
+
+from unraveled.activations import collect_activations
+from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers
+from unraveled.experiment import Artifact, Experiment, Figure, Params
+from unraveled.render.figures import panels
+from unraveled.umap_fit import umap_3d
+
+HIDDEN_STATE_NOTE = "layer 0 = embeddings; layer i = after block i; last = after the final LayerNorm (Hugging Face hidden_states)"
+DEFAULT_SENTENCES = [
+    "Hi.",
+    "The cat sat on the mat.",
+    "He killed two birds with one stone by taking a quick action.",
+    "In the middle of the night, the old lighthouse keeper climbed the winding stairs to check the lamp once more before the storm.",
+    "Although the committee had debated the proposal for several weeks, weighing its costs against its benefits and hearing from "
+    "dozens of residents, it adjourned without a vote, leaving the future of the park, the library and the bridge uncertain.",
+]
+
+
+class TokenJourneyParams(Params):
+    sentence: str = Field("He killed two birds with one stone by taking a quick action", min_length=1)
+    token_index: int = Field(5, ge=0, description="Which token of the sentence to follow (0 = first).")
+    umap_fit_tokens: int = Field(10000, ge=20, description="First token embeddings the UMAP is fitted on.")
+    umap_neighbours: int = Field(15, ge=2)
+    spread_sentences: list[str] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
+
+
+@dataclass(frozen=True)
+class TokenJourneyResult:
+    tokens: list[str]
+    token_index: int
+    predicted_token: str
+    initial_umap: Float[NDArray, "pos 3"]
+    trajectory_umap: Float[NDArray, "state 3"]
+    cos_own: Float[NDArray, "state pos"]
+    cos_next: Float[NDArray, "state pos_minus_1"]
+    cos_last_state: Float[NDArray, "state pos"]
+    cos_predicted: Float[NDArray, "state pos"]
+    spread_distance: Float[NDArray, "state sentences"]
+    spread_trace: Float[NDArray, "state sentences"]
+    spread_lengths: list[int]
+    umap_seconds: float
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "followed_token": self.tokens[self.token_index],
+            "predicted_next_token": self.predicted_token,
+            "hidden_state_convention": HIDDEN_STATE_NOTE,
+            "cosine_to_own_embedding": self.cos_own,
+            "cosine_to_next_embedding": self.cos_next,
+            "cosine_to_last_hidden_state": self.cos_last_state,
+            "cosine_to_predicted_token_embedding": self.cos_predicted,
+            "spread_sentence_lengths": self.spread_lengths,
+            "mean_distance_from_centroid": self.spread_distance,
+            "covariance_trace": self.spread_trace,
+            "umap_seconds": self.umap_seconds,
+        }
+
+
+def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
+    acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
+    n_tokens = acts.lengths[0]
+    if params.token_index >= n_tokens:
+        raise ValueError(f"params.token_index={params.token_index} out of range: the sentence has {n_tokens} tokens (0..{n_tokens - 1})")
+    states = hidden_states(model, acts.cache)  # [state, batch, pos, d_model]
+    sentence_states = states[:, 0, :n_tokens]
+    token_ids = acts.tokens[0, :n_tokens]
+    w_e = model.W_E.detach()
+    predicted = int(acts.logits[0, n_tokens - 1].argmax())
+    cos_last = torch.nn.functional.cosine_similarity(sentence_states, sentence_states[:, -1:, :], dim=-1)
+    distance, trace = spread_across_layers(states[:, 1:], acts.mask[1:])
+    started = time.perf_counter()
+    fit_on = w_e[: params.umap_fit_tokens].numpy()
+    placed = umap_3d(fit_on, torch.cat([w_e[token_ids], sentence_states[:, params.token_index]]).numpy(), params.umap_neighbours, seed)
+    umap_seconds = time.perf_counter() - started
+    return TokenJourneyResult(
+        tokens=acts.str_tokens[0],
+        token_index=params.token_index,
+        predicted_token=model.tokenizer.decode([predicted]),
+        initial_umap=placed[:n_tokens],
+        trajectory_umap=placed[n_tokens:],
+        cos_own=cosine_to_targets(sentence_states, w_e[token_ids]).numpy(),
+        cos_next=cosine_to_targets(sentence_states[:, :-1], w_e[token_ids[1:]]).numpy(),
+        cos_last_state=cos_last.numpy(),
+        cos_predicted=cosine_to_targets(sentence_states, w_e[predicted].expand(n_tokens, -1)).numpy(),
+        spread_distance=distance.numpy(),
+        spread_trace=trace.numpy(),
+        spread_lengths=acts.lengths[1:],
+        umap_seconds=umap_seconds,
+    )
+
+
+def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str) -> None:
+    for line, label in enumerate(labels):
+        axes.plot(values[:, line], label=label)
+    axes.set(title=title, xlabel="Layer (hidden-state index)", ylabel="cosine similarity")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+
+
+def render(result: TokenJourneyResult) -> Iterator[Artifact]:
+    followed = result.tokens[result.token_index]
+    figure, (axes,) = panels(1, projection_3d={0})
+    figure.set_size_inches(9, 9)
+    axes.scatter(*result.initial_umap.T, color="royalblue", s=30, label="initial embeddings")
+    for token, point in zip(result.tokens, result.initial_umap):
+        axes.text(*point, token, color="deepskyblue", fontsize=10)
+    axes.plot(*result.trajectory_umap.T, color="red", label="trajectory through the layers")
+    axes.scatter(*result.trajectory_umap[-1], color="purple", s=60, label=f"final state of {followed!r}")
+    axes.text(*result.trajectory_umap[-1], followed, color="purple", fontsize=14)
+    axes.set(title=f"Journey of {followed!r} through the layers (UMAP of token embeddings)", xlabel="UMAP 1", ylabel="UMAP 2", zlabel="UMAP 3")
+    axes.legend()
+    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {HIDDEN_STATE_NOTE}")
+
+    figure, (left, right) = panels(2)
+    pairs = [f"{a} → {b}" for a, b in zip(result.tokens, result.tokens[1:])]
+    _curves(left, result.cos_next, pairs, "Cosine similarity to the next token's embedding")
+    _curves(right, result.cos_own, result.tokens, "Cosine similarity to its own token embedding")
+    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    yield Figure("02_cosine_similarities", figure, "Each token's hidden state vs its own and the next token's embedding")
+
+    figure, (left, right) = panels(2)
+    _curves(left, result.cos_last_state, result.tokens, "Cosine similarity to the last token's hidden state")
+    _curves(right, result.cos_predicted, result.tokens, f"Cosine similarity to the predicted token {result.predicted_token!r}")
+    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    yield Figure("03_cosine_similarities_next", figure, f"Hidden states vs the last state and the predicted token {result.predicted_token!r}")
+
+    figure, (left, right) = panels(2)
+    for index, length in enumerate(result.spread_lengths):
+        left.plot(result.spread_distance[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
+        right.plot(result.spread_trace[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
+    left.set(title="Mean distance of token states from their centroid", xlabel="Layer (hidden-state index)", ylabel="mean distance")
+    right.set(title="Trace of the covariance of token states", xlabel="Layer (hidden-state index)", ylabel="covariance trace")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    yield Figure("04_mean_distance_across_layers", figure, "How spread out a sentence's token states are, per layer")
+
+
+EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw")

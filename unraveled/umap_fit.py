@@ -1,0 +1,48 @@
+"""A 3D UMAP fitted once, with exact nearest neighbours from scikit-learn.
+
+UMAP finds neighbours with pynndescent for more than 4096 points, whose numba kernels are
+compiled afresh in every process (about 40 s here, most of the original token-journey script's
+time). Exact neighbours for ~10,000 points take about a second, so we compute them with
+scikit-learn and hand them to UMAP through its ``precomputed_knn`` parameter, with an exact
+search index that ``UMAP.transform`` queries to place new points. The fit itself (spectral
+initialisation, once) and the transform are UMAP's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jaxtyping import Float, Int
+from numpy.typing import NDArray
+from sklearn.neighbors import NearestNeighbors
+
+
+class ExactNeighbourIndex:
+    """The part of pynndescent's ``NNDescent`` interface that ``UMAP.transform`` uses, exactly."""
+
+    _angular_trees = False  # UMAP reads this to pick a search epsilon; exact search ignores it
+
+    def __init__(self, points: Float[NDArray, "n d"]) -> None:
+        self._finder = NearestNeighbors().fit(points)
+
+    def query(self, queries: Float[NDArray, "m d"], k: int, epsilon: float = 0.0) -> tuple[Int[NDArray, "m k"], Float[NDArray, "m k"]]:
+        distances, indices = self._finder.kneighbors(queries, n_neighbors=k)
+        return indices, distances.astype(np.float32)
+
+
+def umap_3d(fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbours: int, seed: int) -> Float[NDArray, "m 3"]:
+    """Fit a 3D UMAP (spectral initialisation) on ``fit_on`` and return where ``place`` lands in it."""
+    import umap  # slow to import (numba); only UMAP users pay for it
+
+    fit_on = np.ascontiguousarray(fit_on, dtype=np.float32)
+    index = ExactNeighbourIndex(fit_on)
+    indices, distances = index.query(fit_on, neighbours)
+    reducer = umap.UMAP(
+        n_components=3,
+        n_neighbors=neighbours,
+        init="spectral",
+        random_state=seed,
+        n_jobs=1,
+        precomputed_knn=(indices, distances, index),
+    )
+    reducer.fit(fit_on)
+    return reducer.transform(np.ascontiguousarray(place, dtype=np.float32))
