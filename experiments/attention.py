@@ -97,6 +97,7 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 6)
     blues, reds = colormaps["Blues"], colormaps["Reds"]
+    # Start the gradients a little below layer 0 so that early layers are pale but visible.
     shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
     for layer in range(n_layers):
         axes.plot(result.to_first_token[layer], color=blues(shade(layer)))
@@ -104,8 +105,9 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     axes.set(title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)",
              xlabel="Token index", ylabel="Attention weight, mean over heads")
     axes.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+    layers = Normalize(vmin=0, vmax=n_layers - 1)
     for cmap, label in ((reds, "layer (attention of the last token)"), (blues, "layer (attention to the first token)")):
-        figure.colorbar(ScalarMappable(norm=shade, cmap=cmap), ax=axes, label=label)
+        figure.colorbar(ScalarMappable(norm=layers, cmap=cmap), ax=axes, label=label)
     yield Figure("05_layer_wise_attention", figure, "Attention to the first token and from the last token, per layer")
 
     figure, (left, right) = panels(2)

@@ -144,8 +144,9 @@ def render(result: LayerNormResult) -> Iterator[Artifact]:
         yield Figure(f"{number}_{which}_gammas", figure, f"log10 |gamma| of {which} per layer vs log10 std of {result.reference_name}")
     figure, axes_list = panels(2)
     for axes, which in zip(axes_list, ("ln1", "ln2")):
-        heatmap(axes, result.applied_scale[which], f"Scale applied by {which} (mean over prompts)", "Position", "Layer",
-                cmap="magma", colorbar_label="hook_scale (RMS of the centred input)")
+        # The first position's scale is often orders of magnitude above the rest: log scale.
+        heatmap(axes, np.log10(result.applied_scale[which]), f"Scale applied by {which} (mean over prompts)", "Position", "Layer",
+                cmap="magma", colorbar_label="log10 hook_scale (the norm's divisor)")
     yield Figure("04_applied_scale", figure, "The normalisation scale actually applied at each layer and position")
 
 

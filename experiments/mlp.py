@@ -120,7 +120,7 @@ def render(result: MlpResult) -> Iterator[Artifact]:
     right.grid(True, alpha=0.4)
     yield Figure("06_angle_distribution", figure, "Many more nearly orthogonal directions than dimensions")
 
-    figure, (left, right) = panels(2, width_ratios=[2, 1])
+    figure, (left, right) = panels(2, width_ratios=[2.0, 1.0])
     left.violinplot(result.post_samples, showextrema=False)
     left.set(title="MLP post-activations per layer (mlp.hook_post)", xlabel="Layer", ylabel="activation", yscale="symlog")
     left.set_xticks(range(1, len(result.post_samples) + 1), [str(i) for i in range(len(result.post_samples))], fontsize=7)

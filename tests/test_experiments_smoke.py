@@ -1,0 +1,45 @@
+"""Every experiment end to end through the CLI on the tiny models: figures and metrics appear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unraveled.cli import main
+
+FAST = {
+    "layernorm": [],
+    "attention": ["--set", "params.head=3"],
+    "mlp": ["--set", "params.toy_vectors=50", "--set", "params.toy_steps=20"],
+    "token_journey": ["--set", "params.umap_fit_tokens=300", "--set", "params.token_index=2"],
+}
+EXPECTED_FIGURES = {
+    "layernorm": {"01_layer_normalization_3d", "02_ln1_gammas", "03_ln2_gammas", "04_applied_scale"},
+    "attention": {"04_attention_heatmaps", "05_layer_wise_attention", "06_head_entropy_and_sink"},
+    "mlp": {"06_angle_distribution", "07_mlp_activations"},
+    "token_journey": {"01_journey", "02_cosine_similarities", "03_cosine_similarities_next", "04_mean_distance_across_layers"},
+}
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("config", sorted(FAST))
+def test_experiment_runs_through_cli_smoke(config: str, checkpoint: str, request: pytest.FixtureRequest, tmp_path: Path, weight_cache: Path) -> None:
+    folder = request.getfixturevalue(checkpoint)
+    out = tmp_path / "out"
+    assert main(["run", config, "--model", str(folder), "--out", str(out), *FAST[config]]) == 0
+    run_dir = out / folder.name / config
+    assert {p.stem for p in (run_dir / "figures").glob("*.png")} == EXPECTED_FIGURES[config]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics
+    if config == "attention":
+        assert len(metrics["entropy_by_head"]) == 2 and len(metrics["entropy_by_head"][0]) == 4
+    if config == "token_journey":
+        assert metrics["hidden_state_convention"].startswith("layer 0 = embeddings")
+        assert len(metrics["cosine_to_own_embedding"]) == 3  # embeddings + 2 layers
+
+
+def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+    with pytest.raises(ValueError, match="params.head=7 out of range for a model with 4 heads"):
+        main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path), "--set", "params.head=7"])
