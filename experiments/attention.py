@@ -24,7 +24,8 @@ from unraveled.analysis import (
     last_token_attention,
     stack_patterns,
 )
-from unraveled.experiment import Artifact, Experiment, Figure, Params
+from unraveled.experiment import Artifact, Experiment, Figure, Params, View
+from unraveled.render import views
 from unraveled.render.figures import heatmap, layer_grid, panels
 
 
@@ -43,6 +44,8 @@ class AttentionResult:
     from_last_token: Float[NDArray, "layer key_pos"]
     entropy: Float[NDArray, "layer head"]
     sink: Float[NDArray, "layer head"]
+    next_token_loss: Float[NDArray, " pos_minus_1"]
+    prompt: str
 
     def metrics(self) -> dict[str, Any]:
         def top(values: Float[NDArray, "layer head"], k: int = 5) -> list[dict[str, Any]]:
@@ -59,6 +62,8 @@ class AttentionResult:
             "mean_attention_sink": float(self.sink.mean()),
             "strongest_sink_heads": top(self.sink),
             "lowest_entropy_heads": top(-self.entropy),
+            "next_token_loss": self.next_token_loss,
+            "mean_next_token_loss": float(self.next_token_loss.mean()) if len(self.next_token_loss) else None,
         }
 
 
@@ -69,6 +74,8 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
     patterns = stack_patterns(acts.cache, n_layers)
+    log_probs = acts.logits[0, :-1].log_softmax(dim=-1)
+    next_token_loss = -log_probs.gather(-1, acts.tokens[0, 1:, None])[:, 0]
     return AttentionResult(
         tokens=acts.str_tokens[0],
         head=params.head,
@@ -77,6 +84,8 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
         from_last_token=last_token_attention(patterns).numpy(),
         entropy=attention_entropy_by_head(patterns).numpy(),
         sink=attention_sink_by_head(patterns).numpy(),
+        next_token_loss=next_token_loss.numpy(),
+        prompt=params.prompt,
     )
 
 
@@ -114,6 +123,24 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     heatmap(left, result.entropy, "Attention entropy per head (nats)", "Head", "Layer", cmap="viridis", colorbar_label="mean entropy over queries")
     heatmap(right, result.sink, "Attention to the first token per head (sink)", "Head", "Layer", cmap="magma", colorbar_label="mean attention to position 0")
     yield Figure("06_head_entropy_and_sink", figure, "Per-head attention entropy and attention-sink strength")
+    yield from attention_views(result)
+
+
+def attention_views(result: AttentionResult) -> Iterator[View]:
+    """Interactive circuitsvis pages: each layer's heads, all layers on one page, per-token loss."""
+    n_layers, n_heads = result.patterns.shape[:2]
+    names = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+    per_layer = [
+        views.attention_heads(result.patterns[layer], result.tokens, f"Layer {layer}", names[layer * n_heads : (layer + 1) * n_heads])
+        for layer in range(n_layers)
+    ]
+    for layer, element in enumerate(per_layer):
+        yield View(f"attention_layer_{layer:02d}", f"Attention heads of layer {layer}", [element], {"prompt": result.prompt, "layer": str(layer)})
+    yield View("attention_all_layers", "Attention heads of every layer", per_layer, {"prompt": result.prompt, "layers": f"0..{n_layers - 1}"})
+    # The first token has no prediction to score; show it with loss 0.
+    loss = [0.0, *result.next_token_loss.tolist()]
+    yield View("token_loss", "Per-token loss (nats) of the prompt", [views.colored_tokens(result.tokens, loss, "Loss of predicting each token from the ones before it")],
+               {"prompt": result.prompt})
 
 
 EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render)

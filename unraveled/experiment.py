@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from matplotlib.figure import Figure as MplFigure
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from transformer_lens import HookedTransformer
 
 import experiments
+from unraveled.render.views import Element
 
 WeightsKind = Literal["processed", "raw"]
 
@@ -47,11 +48,16 @@ class Figure:
 
 @dataclass(frozen=True)
 class View:
-    """A self-contained HTML page to be saved as ``views/<name>.html``."""
+    """An interactive page to be saved as ``views/<name>.html``.
+
+    The runner turns it into a self-contained page (``unraveled.render.views.page``) that also
+    names the model and links back to the index.
+    """
 
     name: str
-    html: str
     title: str
+    elements: list[Element]
+    facts: dict[str, str] = field(default_factory=dict)
 
 
 Artifact = Figure | View

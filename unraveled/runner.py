@@ -33,6 +33,7 @@ from unraveled.errors import ModelUnavailableError  # noqa: E402
 from unraveled.experiment import Figure, View, WeightsKind  # noqa: E402
 from unraveled.index import write_index  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
+from unraveled.render import views  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
     computed = time.perf_counter()
     staging = outputs.make_staging_dir(target)
     try:
-        figures, views = [], []
+        figure_records, view_records = [], []
         for artifact in config.experiment.render(result):
             if isinstance(artifact, Figure):
                 _stamp_model(artifact, loaded.label())
@@ -146,12 +147,13 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
                 path.parent.mkdir(exist_ok=True)
                 artifact.figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
                 plt.close(artifact.figure)
-                figures.append({"file": f"figures/{path.name}", "caption": artifact.caption})
+                figure_records.append({"file": f"figures/{path.name}", "caption": artifact.caption})
             elif isinstance(artifact, View):
                 path = staging / "views" / f"{artifact.name}.html"
                 path.parent.mkdir(exist_ok=True)
-                path.write_text(artifact.html, encoding="utf-8")
-                views.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
+                facts = {"model": loaded.label(), **artifact.facts}
+                path.write_text(views.page(artifact.title, facts, artifact.elements, "../../../index.html"), encoding="utf-8")
+                view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
         rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
@@ -170,8 +172,8 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
                     "render": rendered - computed,
                     "total": rendered - started,
                 },
-                "figures": figures,
-                "views": views,
+                "figures": figure_records,
+                "views": view_records,
                 "versions": _package_versions(),
                 "git_commit": _git_commit(),
             },
