@@ -14,27 +14,20 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
 
 def bench_model_load(name: str = BUNDLED_SMOLLM2) -> dict[str, float]:
     """Uncached and cached load times of ``name``, in seconds, measured into a fresh cache."""
-    previous = os.environ.get("UNRAVELED_CACHE")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["UNRAVELED_CACHE"] = cache
-        try:
-            started = time.perf_counter()
-            load_model(name, "processed", fallback=None)
-            uncached = time.perf_counter() - started
-            started = time.perf_counter()
-            second = load_model(name, "processed", fallback=None)
-            cached = time.perf_counter() - started
-        finally:
-            if previous is None:
-                os.environ.pop("UNRAVELED_CACHE", None)
-            else:
-                os.environ["UNRAVELED_CACHE"] = previous
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}):
+        started = time.perf_counter()
+        load_model(name, "processed", fallback=None)
+        uncached = time.perf_counter() - started
+        started = time.perf_counter()
+        second = load_model(name, "processed", fallback=None)
+        cached = time.perf_counter() - started
     assert second.from_weight_cache
     return {"uncached_load_s": uncached, "cached_load_s": cached, "speedup": uncached / cached}
 

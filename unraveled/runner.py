@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import logging
+import os
 import platform
 import random
 import shutil
@@ -152,7 +153,9 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
                 path = staging / "views" / f"{artifact.name}.html"
                 path.parent.mkdir(exist_ok=True)
                 facts = {"model": loaded.label(), **artifact.facts}
-                path.write_text(views.page(artifact.title, facts, artifact.elements, "../../../index.html"), encoding="utf-8")
+                # Relative to where the page will live once published, not to the staging folder.
+                index_href = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
+                path.write_text(views.page(artifact.title, facts, artifact.elements, index_href), encoding="utf-8")
                 view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
         rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
