@@ -25,6 +25,7 @@ from unraveled.analysis import (
     stack_patterns,
 )
 from unraveled.experiment import Artifact, Experiment, Figure, Params, View
+from unraveled.heads import top_heads
 from unraveled.render import views
 from unraveled.render.figures import heatmap, layer_grid, panels
 
@@ -48,10 +49,6 @@ class AttentionResult:
     prompt: str
 
     def metrics(self) -> dict[str, Any]:
-        def top(values: Float[NDArray, "layer head"], k: int = 5) -> list[dict[str, Any]]:
-            order = np.argsort(-values, axis=None)[:k]
-            return [{"head": f"{i // values.shape[1]}.{i % values.shape[1]}", "value": float(values.flat[i])} for i in order]
-
         return {
             "tokens": self.tokens,
             "head_drawn": self.head,
@@ -60,8 +57,8 @@ class AttentionResult:
             "entropy_by_head": self.entropy,
             "attention_sink_by_head": self.sink,
             "mean_attention_sink": float(self.sink.mean()),
-            "strongest_sink_heads": top(self.sink),
-            "lowest_entropy_heads": top(-self.entropy),
+            "strongest_sink_heads": top_heads(self.sink, 5),
+            "lowest_entropy_heads": top_heads(self.entropy, 5, lowest=True),
             "next_token_loss": self.next_token_loss,
             "mean_next_token_loss": float(self.next_token_loss.mean()) if len(self.next_token_loss) else None,
         }

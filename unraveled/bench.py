@@ -4,6 +4,9 @@
   load converts the GGUF file, the second reads the cache).
 - token_journey: its compute with the default params (UMAP fitted on 10,000 token embeddings),
   against the 160 s the original ``3_tokens_journey.py`` took on this kind of machine.
+- activation_patching: its compute with the default params on SmolLM2 (30 layers) and on a
+  randomly initialised model of GPT-2 small's shape (12 layers, d_model 768; GPT-2's weights
+  can't be had here, and the amount of computation does not depend on them).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import sys
 import tempfile
 import time
 from unittest import mock
+
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerBase
 
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
@@ -53,11 +59,33 @@ def bench_token_journey(name: str = BUNDLED_SMOLLM2) -> dict[str, float]:
     }
 
 
+def _gpt2_small_shaped(tokenizer: PreTrainedTokenizerBase) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
+        act_fn="gelu_new", normalization_type="LNPre", seed=0,
+    )
+    return HookedTransformer(cfg, tokenizer).eval()
+
+
+def bench_activation_patching() -> dict[str, float]:
+    """Wall time of activation_patching's compute with default params, per model."""
+    from experiments import activation_patching
+
+    smollm2 = load_model(BUNDLED_SMOLLM2, "processed", fallback=None).model
+    timings = {}
+    for name, model in ((BUNDLED_SMOLLM2, smollm2), ("gpt2-small-shaped (random weights)", _gpt2_small_shaped(smollm2.tokenizer))):
+        started = time.perf_counter()
+        activation_patching.compute(model, activation_patching.ActivationPatchingParams(), seed=0)
+        timings[f"{name}_s"] = time.perf_counter() - started
+    return timings
+
+
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     report = {
         "model_load": {BUNDLED_SMOLLM2: bench_model_load()},
         "token_journey": {BUNDLED_SMOLLM2: bench_token_journey()},
+        "activation_patching": bench_activation_patching(),
     }
     json.dump(report, sys.stdout, indent=2)
     print()

@@ -1,0 +1,128 @@
+"""Which heads do what: induction, previous-token, duplicate-token and first-token (sink) scores
+for every attention head, and a view of the top induction heads at work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from numpy.typing import NDArray
+from pydantic import Field
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from unraveled.activations import Activations, collect_activations
+from unraveled.analysis import attention_sink_by_head, stack_patterns
+from unraveled.experiment import Artifact, Experiment, Figure, Params, View
+from unraveled.heads import duplicate_token_score, induction_score, previous_token_score, top_heads
+from unraveled.render import views
+from unraveled.render.figures import heatmap, panels
+
+DEFAULT_PROMPTS = [
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "The cat sat on the mat. The dog sat on the log. The cat saw the dog.",
+    "Alice gave Bob a goose, and he gave her a duck.",
+    "In 1905, Albert Einstein published four papers; in 1915 he published general relativity.",
+]
+SCORES = ("induction", "previous_token", "duplicate_token", "first_token")
+TOP_K = 10
+VIEWED_INDUCTION_HEADS = 6
+
+
+class HeadTaxonomyParams(Params):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts.")
+    repeat_batch: int = Field(8, ge=1, description="Random sequences, each repeated twice.")
+    repeat_length: int = Field(40, ge=2, description="Tokens in each random segment.")
+
+
+@dataclass(frozen=True)
+class HeadTaxonomyResult:
+    scores: dict[str, Float[NDArray, "layer head"]]
+    repeated_tokens: list[str]
+    repeated_patterns: Float[NDArray, "viewed query_pos key_pos"]
+    viewed_heads: list[str]
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "scores": self.scores,
+            "top_heads": {name: top_heads(values, TOP_K) for name, values in self.scores.items()},
+            "score_definitions": {
+                "induction": "random segments repeated twice: attention from the copy to the token after each token's first occurrence",
+                "previous_token": "attention to the immediately preceding token (mean of repeated sequences and natural prompts)",
+                "duplicate_token": "attention to earlier occurrences of the same token (mean of repeated sequences and natural prompts)",
+                "first_token": "attention to position 0 (mean of repeated sequences and natural prompts)",
+            },
+        }
+
+
+def repeated_random_tokens(model: HookedTransformer, batch: int, length: int, seed: int) -> Int[Tensor, "batch pos"]:
+    """BOS, then ``length`` random token ids, then the same ids again, for each row."""
+    generator = torch.Generator().manual_seed(seed)
+    segment = torch.randint(0, model.cfg.d_vocab, (batch, length), generator=generator)
+    bos = torch.full((batch, 1), model.tokenizer.bos_token_id or 0, dtype=torch.long)
+    return torch.cat([bos, segment, segment], dim=1)
+
+
+def _per_prompt_patterns(acts: Activations, n_layers: int) -> Iterator[tuple[Float[Tensor, "layer head q k"], Int[Tensor, " pos"]]]:
+    for index, length in enumerate(acts.lengths):
+        yield stack_patterns(acts.cache, n_layers, index)[..., :length, :length], acts.tokens[index, :length]
+
+
+def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "layer head"]]:
+    per_prompt = [
+        {
+            "previous_token": previous_token_score(patterns),
+            "duplicate_token": duplicate_token_score(patterns, tokens),
+            "first_token": attention_sink_by_head(patterns),
+        }
+        for patterns, tokens in _per_prompt_patterns(acts, n_layers)
+    ]
+    return {name: torch.stack([scores[name] for scores in per_prompt]).mean(dim=0) for name in per_prompt[0]}
+
+
+def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
+    n_layers = model.cfg.n_layers
+    hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    repeated = collect_activations(model, repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed), hooks)
+    natural = collect_activations(model, params.prompts, hooks)
+    induction = torch.stack(
+        [induction_score(patterns, params.repeat_length) for patterns, _ in _per_prompt_patterns(repeated, n_layers)]
+    ).mean(dim=0)
+    on_repeated, on_natural = _mean_scores(repeated, n_layers), _mean_scores(natural, n_layers)
+    scores = {"induction": induction, **{name: (on_repeated[name] + on_natural[name]) / 2 for name in on_repeated}}
+    scores_np = {name: scores[name].numpy() for name in SCORES}
+    viewed = [entry["head"] for entry in top_heads(scores_np["induction"], VIEWED_INDUCTION_HEADS)]
+    first_row = stack_patterns(repeated.cache, n_layers, 0)
+    viewed_patterns = torch.stack([first_row[int(layer), int(head)] for layer, head in (name.split(".") for name in viewed)])
+    return HeadTaxonomyResult(
+        scores=scores_np,
+        repeated_tokens=repeated.str_tokens[0],
+        repeated_patterns=viewed_patterns.numpy(),
+        viewed_heads=viewed,
+    )
+
+
+def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
+    figure, axes_list = panels(2, 2)
+    for axes, name in zip(axes_list, SCORES):
+        heatmap(axes, result.scores[name], f"{name.replace('_', '-')} score", "Head", "Layer", cmap="viridis", colorbar_label="score")
+    yield Figure("01_head_scores", figure, "Induction, previous-token, duplicate-token and first-token scores of every head")
+
+    figure, axes_list = panels(2, 2)
+    for axes, name in zip(axes_list, SCORES):
+        ranked = top_heads(result.scores[name], TOP_K)
+        axes.barh([entry["head"] for entry in ranked][::-1], [entry["score"] for entry in ranked][::-1], color="slateblue")
+        axes.set(title=f"Top {TOP_K} heads: {name.replace('_', '-')}", xlabel="score", ylabel="head (layer.head)")
+    yield Figure("02_top_heads", figure, f"The top {TOP_K} heads for each score")
+
+    names = [f"L{name.replace('.', 'H')}" for name in result.viewed_heads]
+    element = views.attention_heads(result.repeated_patterns, result.repeated_tokens, "Top induction heads on a repeated random sequence", names)
+    yield View("top_induction_heads", "Top induction heads on a repeated random sequence", [element],
+               {"heads": ", ".join(result.viewed_heads), "sequence": "BOS, random tokens, the same tokens again"})
+
+
+EXPERIMENT = Experiment(title="Attention-head taxonomy", params=HeadTaxonomyParams, compute=compute, render=render)

@@ -1,0 +1,115 @@
+"""The logit lens: what the residual stream would predict if decoding stopped at each layer.
+
+Each point of the residual stream (before every block, and after the last) goes through the
+final norm, with its scale recomputed from that point, and the unembedding. At the last point
+this is exactly the model's own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from numpy.typing import NDArray
+from pydantic import Field
+from transformer_lens import HookedTransformer
+
+from unraveled.activations import collect_activations
+from unraveled.experiment import Artifact, Experiment, Figure, Params
+from unraveled.logits import kl_from_final, logit_lens, rank_of, residual_hook_names
+from unraveled.render.figures import panels
+
+TOP_K = 5
+
+
+class LogitLensParams(Params):
+    prompt: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
+    prepend_bos: bool | None = Field(None, description="Prepend BOS; None uses the model's default.")
+
+
+@dataclass(frozen=True)
+class LogitLensResult:
+    tokens: list[str]
+    point_labels: list[str]
+    top1_token: list[list[str]]
+    top1_prob: Float[NDArray, "point pos"]
+    final_prediction: str
+    final_prediction_prob: Float[NDArray, " point"]
+    final_prediction_rank: Int[NDArray, " point"]
+    kl_from_final: Float[NDArray, " point"]
+    top5_last: list[list[dict[str, Any]]]
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "points": self.point_labels,
+            "final_prediction": self.final_prediction,
+            "final_prediction_probability_per_point": self.final_prediction_prob,
+            "final_prediction_rank_per_point": self.final_prediction_rank,
+            "kl_from_final_per_point": self.kl_from_final,
+            "top5_at_last_position_per_point": {label: top for label, top in zip(self.point_labels, self.top5_last)},
+        }
+
+
+def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> LogitLensResult:
+    n_layers = model.cfg.n_layers
+    hooks = residual_hook_names(n_layers)
+    acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
+    residuals = torch.stack([acts.cache[hook][0] for hook in hooks])  # [point, pos, d_model]
+    with torch.inference_mode():
+        log_probs = logit_lens(model, residuals).log_softmax(dim=-1)
+    probs = log_probs.exp()
+    top1_prob, top1_id = probs.max(dim=-1)
+    decode = model.tokenizer.decode
+    last = log_probs[:, -1]
+    final_token = int(last[-1].argmax())
+    top_probs, top_ids = last.exp().topk(TOP_K, dim=-1)
+    return LogitLensResult(
+        tokens=acts.str_tokens[0],
+        point_labels=["embeddings", *[f"after block {layer}" for layer in range(n_layers)]],
+        top1_token=[[decode([token]) for token in row] for row in top1_id.tolist()],
+        top1_prob=top1_prob.numpy(),
+        final_prediction=decode([final_token]),
+        final_prediction_prob=last[:, final_token].exp().numpy(),
+        final_prediction_rank=rank_of(last, final_token).numpy(),
+        kl_from_final=kl_from_final(last).numpy(),
+        top5_last=[
+            [{"token": decode([token]), "probability": float(p)} for token, p in zip(ids, ps)]
+            for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
+        ],
+    )
+
+
+def render(result: LogitLensResult) -> Iterator[Artifact]:
+    n_points, n_pos = result.top1_prob.shape
+    figure, (axes,) = panels(1)
+    figure.set_size_inches(max(8.0, 1.1 * n_pos), max(5.0, 0.35 * n_points))
+    image = axes.imshow(result.top1_prob, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    for point in range(n_points):
+        for pos in range(n_pos):
+            colour = "white" if result.top1_prob[point, pos] > 0.6 else "black"
+            axes.text(pos, point, repr(result.top1_token[point][pos])[1:-1][:8], ha="center", va="center", fontsize=6, color=colour)
+    axes.set_xticks(range(n_pos), [repr(t)[1:-1] for t in result.tokens], rotation=60, fontsize=7)
+    axes.set_yticks(range(n_points), result.point_labels, fontsize=6)
+    axes.set(title="Logit lens: top-1 decoded token at every layer and position (colour: its probability)", xlabel="Input position")
+    figure.colorbar(image, ax=axes, label="probability of the top-1 token")
+    yield Figure("01_logit_lens_grid", figure, "Top-1 token decoded from the residual stream, per layer and position")
+
+    figure, (prob_axes, rank_axes, kl_axes) = panels(3)
+    points = np.arange(n_points)
+    prob_axes.plot(points, result.final_prediction_prob, marker="o")
+    prob_axes.set(title=f"Probability of the final prediction {result.final_prediction!r}", xlabel="Point (0 = embeddings)", ylabel="probability")
+    rank_axes.plot(points, result.final_prediction_rank + 1, marker="o", color="darkorange")
+    rank_axes.set(title=f"Rank of {result.final_prediction!r}", xlabel="Point (0 = embeddings)", ylabel="rank (1 = top)", yscale="log")
+    kl_axes.plot(points, result.kl_from_final, marker="o", color="crimson")
+    kl_axes.set(title="KL(final || lens) at the last position", xlabel="Point (0 = embeddings)", ylabel="KL (nats)")
+    for axes in (prob_axes, rank_axes, kl_axes):
+        axes.grid(True, alpha=0.4)
+    yield Figure("02_final_prediction_by_layer", figure, "Probability and rank of the final prediction, and KL from the final distribution, per layer")
+
+
+EXPERIMENT = Experiment(title="Logit lens", params=LogitLensParams, compute=compute, render=render)
