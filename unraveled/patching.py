@@ -93,7 +93,9 @@ def _final_logit_differences(
     """The metric from the residual stream after the last block, for copies of the batch."""
     copies = residual.shape[0] // pairs.size
     last, correct, incorrect = pairs.last.repeat(copies), pairs.correct.repeat(copies), pairs.incorrect.repeat(copies)
-    final = model.ln_final(residual[torch.arange(residual.shape[0]), last][:, None])[:, 0]
+    final = residual[torch.arange(residual.shape[0]), last]
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final[:, None])[:, 0]
     direction = model.W_U[:, correct] - model.W_U[:, incorrect]  # [d_model, rows]
     return (final * direction.T).sum(-1) + model.b_U[correct] - model.b_U[incorrect]
 
