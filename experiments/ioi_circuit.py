@@ -36,7 +36,15 @@ from transformer_lens import HookedTransformer
 
 from unraveled.datasets.ioi import IOIParams, ioi_batch
 from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.patching import Patch, PromptPairs, answer_summary, edge_attribution, patched_logit_differences, run_cache
+from unraveled.patching import (
+    PromptPairs,
+    answer_summary,
+    component_patches,
+    edge_attribution,
+    edge_circuit_logit_differences,
+    patched_logit_differences,
+    run_cache,
+)
 from unraveled.render.figures import panels
 
 INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "tab:orange", "logits": "black"}
@@ -48,6 +56,10 @@ class IOICircuitParams(Params):
     circuit_sizes: list[int] = Field(
         default_factory=lambda: [1, 2, 3, 5, 10, 20, 40, 80, 160],
         description="Numbers of components kept for the faithfulness curve (0 and all are always added).",
+    )
+    edge_counts: list[int] = Field(
+        default_factory=lambda: [10, 30, 100, 300, 1000, 3000],
+        description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
     )
 
 
@@ -64,6 +76,8 @@ class IOICircuitResult:
     sizes: list[int]
     faithfulness: Float[NDArray, " size"]
     random_faithfulness: Float[NDArray, " size"]
+    edge_counts: list[int]
+    edge_faithfulness: Float[NDArray, " count"]
     n_layers: int
     n_heads: int
     seconds: dict[str, float]
@@ -87,18 +101,14 @@ class IOICircuitResult:
                 "random_circuits_of_the_same_sizes": self.random_faithfulness,
                 "smallest_circuit_keeping_80_percent": reached[0] if reached else None,
             },
+            "edge_faithfulness": {
+                "method": "each head's query/key/value input, each MLP's input and the logits' input get the corrupted "
+                "value plus the current minus corrupted output of the upstream components whose edge is kept",
+                "edges_kept": self.edge_counts,
+                "share_of_clean_logit_difference_kept": self.edge_faithfulness,
+            },
             "seconds": self.seconds,
         }
-
-
-def _node_patches(node: str, model: HookedTransformer) -> list[Patch]:
-    """What replacing one component's output means, in hooks."""
-    if node == "embed":
-        return [Patch("hook_embed"), *([Patch("hook_pos_embed")] if model.cfg.positional_embedding_type == "standard" else [])]
-    if node.startswith("m"):
-        return [Patch(f"blocks.{node[1:]}.hook_mlp_out")]
-    layer, head = node.split(".")
-    return [Patch(f"blocks.{layer}.attn.hook_z", head=int(head))]
 
 
 def circuit_faithfulness(
@@ -110,7 +120,7 @@ def circuit_faithfulness(
     for order in orders:
         for size in sizes:
             dropped = order[size:]
-            patch_sets.append([patch for index in dropped for patch in _node_patches(nodes[index], model)])
+            patch_sets.append([patch for index in dropped for patch in component_patches(nodes[index], model)])
     differences = patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean")
     return differences.reshape(len(orders), len(sizes), pairs.size)
 
@@ -124,6 +134,8 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
         *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
         *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
+        *[f"blocks.{layer}.hook_resid_{point}" for layer in range(n_layers) for point in ("pre", "mid")],
+        f"blocks.{n_layers - 1}.hook_resid_post",
     ]
     clean_logits, _ = run_cache(model, pairs, "clean", [])
     started = time.perf_counter()
@@ -158,6 +170,18 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     kept = circuit_faithfulness(model, pairs, nodes, [ranked, shuffled], sizes, corrupted_cache)
     faithfulness_seconds = time.perf_counter() - started
     shares = ((kept.mean(-1) - low) / span).numpy()
+
+    edge_counts = sorted({0, len(flat), *[count for count in params.edge_counts if 0 < count < len(flat)]}) if params.edge_counts else []
+    edge_shares, edge_faithfulness_seconds = np.zeros(len(edge_counts)), 0.0
+    if edge_counts:
+        started = time.perf_counter()
+        by_score = flat[np.argsort(-np.abs(matrix.flat[flat]), kind="stable")]
+        masks = torch.zeros(len(edge_counts), *matrix.shape, dtype=torch.bool)
+        for row, count in enumerate(edge_counts):
+            masks[row].view(-1)[torch.from_numpy(by_score[:count])] = True
+        edge_kept = edge_circuit_logit_differences(model, pairs, corrupted_cache, masks)
+        edge_shares = ((edge_kept.mean(-1) - low) / span).numpy()
+        edge_faithfulness_seconds = time.perf_counter() - started
     return IOICircuitResult(
         n_pairs=pairs.size,
         clean=clean,
@@ -170,9 +194,11 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         sizes=sizes,
         faithfulness=shares[0],
         random_faithfulness=shares[1],
+        edge_counts=edge_counts,
+        edge_faithfulness=edge_shares,
         n_layers=n_layers,
         n_heads=model.cfg.n_heads,
-        seconds={"edge_attribution": edge_seconds, "faithfulness": faithfulness_seconds},
+        seconds={"edge_attribution": edge_seconds, "node_faithfulness": faithfulness_seconds, "edge_faithfulness": edge_faithfulness_seconds},
     )
 
 
@@ -223,8 +249,9 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     axes.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4)
     yield Figure("01_circuit_edges", figure, "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the head)")
 
-    figure, (axes,) = panels(1)
-    figure.set_size_inches(8, 4.5)
+    figure, axes_list = panels(2 if result.edge_counts else 1)
+    axes = axes_list[0]
+    figure.set_size_inches(13 if result.edge_counts else 8, 4.5)
     sizes = np.array(result.sizes)
     axes.plot(np.maximum(sizes, 0.5), result.faithfulness, marker="o", label="top components by |attribution|")
     axes.plot(np.maximum(sizes, 0.5), result.random_faithfulness, marker="x", color="grey", label="random components")
@@ -234,6 +261,14 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     axes.set(title="Faithfulness: share of the clean logit difference kept by the circuit alone\n(everything outside it takes its corrupted output)",
              xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)", ylabel="share kept (1 clean, 0 corrupted)")
     axes.legend(fontsize=8)
+    if result.edge_counts:
+        edges_axes = axes_list[1]
+        edges_axes.plot(np.maximum(result.edge_counts, 0.5), result.edge_faithfulness, marker="o", color="tab:red")
+        edges_axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
+        edges_axes.axhline(0, color="black", linewidth=0.6)
+        edges_axes.set_xscale("log")
+        edges_axes.set(title="Edge level: only the top edges carry clean information",
+                       xlabel=f"edges kept, by |edge attribution| (of {result.n_edges}; 0 plotted at 0.5)", ylabel="share kept")
     yield Figure("02_faithfulness", figure, "Faithfulness of circuits of growing size, against random circuits of the same sizes")
 
     figure, (axes,) = panels(1)

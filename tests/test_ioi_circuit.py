@@ -17,7 +17,7 @@ from unraveled.models import load_model
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
 def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
     model = load_model(str(request.getfixturevalue(checkpoint)), "processed", fallback=None).model
-    params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[1, 3])
+    params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[1, 3], edge_counts=[5])
     result = ioi_circuit.compute(model, params, seed=0)
     n_nodes = 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
     assert result.sizes == [0, 1, 3, n_nodes]
@@ -27,6 +27,9 @@ def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, req
     assert result.random_faithfulness[-1] == pytest.approx(1.0, abs=1e-5)
     # The embeddings alone, everything else corrupted: the last token's residual is the corrupted one.
     assert result.faithfulness[1] == pytest.approx(0.0, abs=1e-5)
+    assert result.edge_counts == [0, 5, result.n_edges]
+    assert result.edge_faithfulness[0] == pytest.approx(0.0, abs=1e-5)
+    assert result.edge_faithfulness[-1] == pytest.approx(1.0, abs=1e-5)
     assert len(result.edges) == 5
     assert abs(result.edges[0]["score"]) >= abs(result.edges[-1]["score"])
     assert result.edge_sum_error < 1e-4

@@ -16,7 +16,9 @@ from unraveled.models import load_model
 from unraveled.patching import (
     Patch,
     attribution,
+    component_patches,
     edge_attribution,
+    edge_circuit_logit_differences,
     estimates_per_component,
     head_patches,
     logit_differences,
@@ -154,3 +156,30 @@ def test_edge_scores_add_up_to_each_components_own_attribution(loaded: HookedTra
         expected = own[f"blocks.{layer}.hook_mlp_out"].sum() / pairs.size
         assert float(scores.nodes[scores.upstream.index(f"m{layer}")]) == pytest.approx(float(expected), abs=1e-5)
     torch.testing.assert_close(torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4)
+
+
+def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> None:
+    """Keeping every edge out of a set of components is keeping those components (everything else
+    corrupted): two different routes through the model must agree."""
+    pairs = ioi_batch(loaded, IOIParams(n_pairs=3), seed=3).tokens
+    n_layers = loaded.cfg.n_layers
+    hooks = ["hook_embed", *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else [])]
+    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    clean_logits, _ = run_cache(loaded, pairs, "clean", [])
+    corrupted_logits, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
+    scores = edge_attribution(loaded, pairs, corrupted_cache, base="clean")
+    valid = ~torch.isnan(scores.scores)
+    keep_sets = [["embed", "0.1", "1.2", "m0"], ["embed", "0.0", "0.3", "m1", "1.1"]]
+    masks = torch.stack([torch.zeros_like(valid), valid])  # nothing kept, everything kept
+    node_masks = []
+    for keep in keep_sets:
+        rows = torch.tensor([name in keep for name in scores.upstream])
+        node_masks.append(valid & rows[:, None])
+    ours = edge_circuit_logit_differences(loaded, pairs, corrupted_cache, torch.cat([masks, torch.stack(node_masks)]))
+    rows = torch.arange(pairs.size)
+    torch.testing.assert_close(ours[0], corrupted_logits[rows, pairs.correct] - corrupted_logits[rows, pairs.incorrect], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1], clean_logits[rows, pairs.correct] - clean_logits[rows, pairs.incorrect], atol=1e-4, rtol=1e-4)
+    node_sets = [[p for name in scores.upstream if name not in keep for p in component_patches(name, loaded)] for keep in keep_sets]
+    expected = patched_logit_differences(loaded, pairs, node_sets, corrupted_cache, base="clean")
+    torch.testing.assert_close(ours[2:], expected, atol=1e-4, rtol=1e-4)

@@ -351,6 +351,16 @@ def _embedding_hooks(model: HookedTransformer) -> list[str]:
     return ["hook_embed", *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else [])]
 
 
+def component_patches(name: str, model: HookedTransformer) -> list[Patch]:
+    """What replacing one component's whole output means, in hooks: ``embed``, ``L.H`` or ``mL``."""
+    if name == "embed":
+        return [Patch(hook) for hook in _embedding_hooks(model)]
+    if name.startswith("m"):
+        return [Patch(f"blocks.{name[1:]}.hook_mlp_out")]
+    layer, head = name.split(".")
+    return [Patch(f"blocks.{layer}.attn.hook_z", head=int(head))]
+
+
 def edge_attribution(
     model: HookedTransformer,
     pairs: PromptPairs,
@@ -450,3 +460,74 @@ def estimates_per_component(
         ]
     )
     return heads, mlps, residual
+
+
+def edge_circuit_logit_differences(
+    model: HookedTransformer,
+    pairs: PromptPairs,
+    corrupted_cache: ActivationCache | dict[str, Tensor],
+    kept: Bool[Tensor, "circuit upstream downstream"],
+) -> Float[Tensor, "circuit batch"]:
+    """The clean prompts run with only the kept edges carrying clean information (edge-level
+    faithfulness), one circuit per copy of the batch.
+
+    Every downstream input (a head's query, key or value input, an MLP's input, the logits') is
+    rebuilt as its value on the corrupted prompts plus, for each kept edge into it, what the
+    upstream component writes now minus what it wrote on the corrupted prompts. With every edge
+    kept this is the clean run; with none, the corrupted run. Edges are indexed as in
+    ``edge_attribution`` (``upstream_names`` by its downstream order).
+
+    ``corrupted_cache`` must hold the embeddings, every ``attn.hook_z``, ``hook_mlp_out``,
+    ``hook_resid_pre`` and ``hook_resid_mid``, and the last ``hook_resid_post``.
+    """
+    cfg = model.cfg
+    n_layers, n_heads, batch = cfg.n_layers, cfg.n_heads, pairs.size
+    circuits = kept.shape[0]
+    kept = kept.to(torch.float32)
+    deltas: list[Tensor] = []  # per upstream component, [circuit, batch, pos, d_model], in upstream order
+    embedding_hooks = _embedding_hooks(model)
+    embedded: dict[str, Tensor] = {}
+
+    def rows(tensor: Tensor) -> Tensor:
+        return tensor.reshape(circuits, batch, *tensor.shape[1:])
+
+    def record_embedding(activation: Tensor, hook: HookPoint) -> Tensor:
+        embedded[hook.name] = rows(activation) - corrupted_cache[hook.name]
+        if len(embedded) == len(embedding_hooks):
+            deltas.append(sum(embedded.values()))  # type: ignore[arg-type]
+        return activation
+
+    def record_heads(activation: Tensor, hook: HookPoint) -> Tensor:
+        layer = hook_layer(hook.name)
+        z = rows(activation) - corrupted_cache[hook.name]
+        deltas.extend(torch.einsum("cbphd,hdm->hcbpm", z, model.W_O[layer]))
+        return activation
+
+    def record_mlp(activation: Tensor, hook: HookPoint) -> Tensor:
+        deltas.append(rows(activation) - corrupted_cache[hook.name])
+        return activation
+
+    def rebuild(corrupted_name: str, columns: slice, per_head: bool):
+        def hook(activation: Tensor, hook: HookPoint) -> Tensor:
+            upstream = torch.stack(deltas, dim=3)  # [circuit, batch, pos, upstream, d_model]
+            added = torch.einsum("cbpud,cuv->cbpvd", upstream, kept[:, : upstream.shape[3], columns])
+            base = corrupted_cache[corrupted_name][None, :, :, None]
+            rebuilt = base + added if per_head else (base + added)[:, :, :, 0]
+            return rebuilt.reshape(activation.shape)
+
+        return hook
+
+    hooks: list[tuple[str, object]] = [(name, record_embedding) for name in embedding_hooks]
+    qkv_width, mlp_start = 3 * n_heads, 3 * n_heads * n_layers
+    for layer in range(n_layers):
+        for offset, kind in enumerate("qkv"):
+            columns = slice(layer * qkv_width + offset, (layer + 1) * qkv_width, 3)
+            hooks.append((f"blocks.{layer}.hook_{kind}_input", rebuild(f"blocks.{layer}.hook_resid_pre", columns, per_head=True)))
+        hooks.append((f"blocks.{layer}.attn.hook_z", record_heads))
+        hooks.append((f"blocks.{layer}.hook_mlp_in", rebuild(f"blocks.{layer}.hook_resid_mid", slice(mlp_start + layer, mlp_start + layer + 1), per_head=False)))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", record_mlp))
+    final = f"blocks.{n_layers - 1}.hook_resid_post"
+    hooks.append((final, rebuild(final, slice(mlp_start + n_layers, mlp_start + n_layers + 1), per_head=False)))
+    with split_head_inputs(model), torch.inference_mode():
+        residual = model.run_with_hooks(pairs.clean.repeat(circuits, 1), stop_at_layer=n_layers, fwd_hooks=hooks)  # type: ignore[arg-type]
+    return _final_logit_differences(model, residual, pairs).reshape(circuits, batch)
