@@ -176,7 +176,10 @@ def _scatter(axes, estimate: NDArray, exact: NDArray, labels: list[str], colour:
     axes.scatter(exact, estimate, s=14, alpha=0.7, color=colour, marker=marker, label=name)
     worst = np.argsort(-np.abs(estimate - exact))[:4]
     strongest = np.argsort(-np.abs(exact))[:3]
+    visible = 0.05 * float(np.abs(np.r_[estimate, exact]).max())  # labels near the origin would only overlap
     for index in {*worst.tolist(), *strongest.tolist()}:
+        if max(abs(estimate[index]), abs(exact[index])) < visible:
+            continue
         axes.annotate(labels[index], (exact[index], estimate[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
 
 
