@@ -51,6 +51,7 @@ def attention_entropy_by_head(patterns: Float[Tensor, "layer head query_pos key_
 # Blocks count from 0. State 0 is the embeddings (the input to block 0), state i the residual stream
 # after block i-1, so a model with n blocks has states 0..n. Every experiment labels states so.
 STATE_CONVENTION = "blocks count from 0; state 0 = embeddings; state i = after block i-1"
+STATE_AXIS_LABEL = "State (0 = embeddings, i = after block i-1)"
 
 
 def state_labels(n_layers: int, final_norm: bool = False) -> list[str]:
