@@ -50,12 +50,14 @@ _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:1
 .meta{color:#5b6478} h2{margin-top:2rem;border-bottom:1px solid #dde3ee} a{color:#2457c5}"""
 
 
-def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str) -> str:
-    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top."""
+def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None) -> str:
+    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top,
+    linking back to the index and, given ``run_href``, to the page of the run it belongs to."""
+    back = f'<a href="{escape(run_href)}">← this run</a> · ' if run_href else ""
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f'<p><a href="{escape(index_href)}">← all runs</a></p><h1>{escape(title)}</h1>',
+        f'<p>{back}<a href="{escape(index_href)}">all runs</a></p><h1>{escape(title)}</h1>',
         "".join(f'<div class="meta"><b>{escape(k)}:</b> {escape(v)}</div>' for k, v in facts.items()),
         f"<script>{circuitsvis_bundle()}</script>",
     ]
