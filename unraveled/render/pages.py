@@ -21,7 +21,7 @@ import logging
 import math
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -29,6 +29,8 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
+import numpy as np
+from numpy.typing import NDArray
 
 from unraveled.outputs import write_text_atomic
 
@@ -53,8 +55,9 @@ STORY_ORDER = (
     "causal_tracing",
 )
 COMPARE_DIR = "compare"
-SHORT_LIST = 8
-MAX_RECORD_ROWS = 50
+SHORT_LIST = 8  # lists up to this long are shown in full on a run page, longer ones summarised
+SHORT_SCALAR_LIST = 4  # shapes and pairs: compared like scalars on the compare pages
+MAX_RECORD_ROWS = 50  # rows of a list of records (top heads, ...) shown on a run page
 # Manifest entries the run page shows in their own places; any other is listed with the facts,
 # so what a newer runner records shows up without a change here.
 _SHOWN_MANIFEST_KEYS = {
@@ -164,33 +167,18 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
-def _numbers(values: Iterable[Any]) -> list[float] | None:
-    flat: list[float] = []
-    for value in values:
-        if isinstance(value, list):
-            inner = _numbers(value)
-            if inner is None:
-                return None
-            flat.extend(inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat.append(float(value))
-        elif value is None:  # NaN saved as null
-            continue
-        else:
-            return None
-    return flat
-
-
-def _shape(value: Any) -> list[int] | None:
-    """The shape of a rectangular nested list, else None."""
-    if not isinstance(value, list):
-        return []
-    if not value:
-        return [0]
-    inner = [_shape(item) for item in value]
-    if any(shape is None or shape != inner[0] for shape in inner):
+def _array(value: list[Any]) -> NDArray[Any] | None:
+    """A metric list as an array: numbers (null as NaN) where it is numeric, None if ragged."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nesting
         return None
-    return [len(value), *inner[0]]  # type: ignore[misc]
+    if array.dtype == object:
+        try:
+            array = array.astype(float)  # nulls (NaN in the run) among numbers
+        except (TypeError, ValueError):
+            pass
+    return array
 
 
 def _item(value: Any) -> str:
@@ -204,16 +192,16 @@ def summarise(value: Any) -> str:
     if not isinstance(value, list):
         text = format_number(value)
         return text if len(text) <= 200 else text[:197] + "…"
-    shape = _shape(value)
-    if shape is not None and len(shape) == 1 and len(value) <= SHORT_LIST:
+    array = _array(value)
+    flat = array is not None and array.ndim == 1
+    if flat and len(value) <= SHORT_LIST:
         return "[" + ", ".join(_item(item) for item in value) + "]"
-    size = "×".join(str(n) for n in shape) if shape is not None else f"{len(value)} items"
-    numbers = _numbers(value)
-    finite = [n for n in numbers or [] if math.isfinite(n)]
-    if finite:
-        mean = sum(finite) / len(finite)
-        return f"{size} values: min {min(finite):.4g}, mean {mean:.4g}, max {max(finite):.4g}"
-    if shape is not None and len(shape) == 1:
+    size = "×".join(str(n) for n in array.shape) if array is not None else f"{len(value)} items"
+    if array is not None and array.dtype.kind in "biuf" and array.size:
+        finite = array[np.isfinite(array)].astype(float)
+        if finite.size:
+            return f"{size} values: min {finite.min():.4g}, mean {finite.mean():.4g}, max {finite.max():.4g}"
+    if flat:
         return f"{size}: [" + ", ".join(_item(item) for item in value[:SHORT_LIST]) + ", …]"
     return size
 
@@ -260,7 +248,8 @@ def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Every scalar metric by dotted name, nested dicts flattened; arrays left out."""
+    """Every scalar metric by dotted name, nested dicts flattened, short lists of scalars (shapes,
+    pairs) kept; longer arrays left out."""
     rows: dict[str, Any] = {}
     for key, value in metrics.items():
         if key == "not_applicable" and not prefix:
@@ -270,6 +259,8 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             rows.update(scalar_metrics(value, f"{name}."))
         elif not isinstance(value, list):
             rows[name] = value
+        elif len(value) <= SHORT_SCALAR_LIST and not any(isinstance(item, (list, dict)) for item in value):
+            rows[name] = summarise(value)
     return rows
 
 
