@@ -81,6 +81,15 @@ class _Links(HTMLParser):
             self.sections.append(str(found["id"]))
 
 
+class _Scripts(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.count += tag == "script"
+
+
 def parsed(page: Path) -> _Links:
     links = _Links()
     links.feed(page.read_text())
@@ -260,3 +269,17 @@ def test_bad_format_exits_2_before_anything_is_written(tmp_path: Path, capsys: p
     assert main(["run", "attention", "--format", "png,tiff", "--out", str(out)]) == 2
     assert "unknown figure format 'tiff'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_view_page_keeps_hostile_tokens_inside_their_script(tmp_path: Path) -> None:
+    from unraveled.render.views import colored_tokens, page
+
+    tokens = ["</script><script>alert(1)</script>", "<!--", "x"]
+    html = page("Loss <of> tokens", {"prompt": "</script>"}, [colored_tokens(tokens, [0.1, 0.2, 0.3], "a <heading>")], "../index.html", "../run.html")
+    # An HTML parser sees two script elements, the bundle and the render call, whatever the tokens say.
+    scripts = _Scripts()
+    scripts.feed(html)
+    assert scripts.count == 2 and html.count("</script>") == 2
+    assert "&lt;of&gt;" in html and "a &lt;heading&gt;" in html and 'href="../run.html"' in html
+    props = html.split("CircuitsVis.ColoredTokens, ")[1].rsplit(");</script>", 1)[0]
+    assert json.loads(props.replace("<\\/", "</").replace("<\\!--", "<!--"))["tokens"] == tokens

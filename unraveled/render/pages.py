@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jinja2
-import numpy as np
-from numpy.typing import NDArray
-
 from unraveled.outputs import write_text_atomic
+from unraveled.render import templating
+from unraveled.render.templating import format_number, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +51,6 @@ STORY_ORDER = (
     "causal_tracing",
 )
 COMPARE_DIR = "compare"
-SHORT_LIST = 8  # lists up to this long are shown in full on a run page, longer ones summarised
 SHORT_SCALAR_LIST = 4  # shapes and pairs: compared like scalars on the compare pages
 MAX_RECORD_ROWS = 50  # rows of a list of records (top heads, ...) shown on a run page
 # Manifest entries the run page shows in their own places; any other is listed with the facts,
@@ -147,63 +142,6 @@ def read_runs(out_dir: Path) -> list[Run]:
 def href(from_page: str, target: str) -> str:
     """A relative link from one file to another, both given relative to the outputs root."""
     return quote(posixpath.relpath(target, posixpath.dirname(from_page) or "."))
-
-
-# --- values -----------------------------------------------------------------------------------
-
-
-def format_number(value: Any) -> str:
-    """Numbers as a reader wants them: 4 significant digits, integers whole, null as a dash."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _array(value: list[Any]) -> NDArray[Any] | None:
-    """A metric list as an array: numbers (null as NaN) where it is numeric, None if ragged."""
-    try:
-        array = np.asarray(value)
-    except ValueError:  # ragged nesting
-        return None
-    if array.dtype == object:
-        try:
-            array = array.astype(float)  # nulls (NaN in the run) among numbers
-        except (TypeError, ValueError):
-            pass
-    return array
-
-
-def _item(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else summarise(value)
-
-
-def summarise(value: Any) -> str:
-    """One line for any metric value: scalars formatted, short lists in full, long ones summarised."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_item(item)}" for key, item in value.items()) + "}"
-    if not isinstance(value, list):
-        text = format_number(value)
-        return text if len(text) <= 200 else text[:197] + "…"
-    array = _array(value)
-    flat = array is not None and array.ndim == 1
-    if flat and len(value) <= SHORT_LIST:
-        return "[" + ", ".join(_item(item) for item in value) + "]"
-    size = "×".join(str(n) for n in array.shape) if array is not None else f"{len(value)} items"
-    if array is not None and array.dtype.kind in "biuf" and array.size:
-        finite = array[np.isfinite(array)].astype(float)
-        if finite.size:
-            return f"{size} values: min {finite.min():.4g}, mean {finite.mean():.4g}, max {finite.max():.4g}"
-    if flat:
-        return f"{size}: [" + ", ".join(_item(item) for item in value[:SHORT_LIST]) + ", …]"
-    return size
 
 
 @dataclass(frozen=True)
@@ -304,17 +242,6 @@ def view_groups(views: Sequence[dict[str, Any]]) -> list[ViewGroup]:
     return groups
 
 
-def format_bytes(size: Any) -> str:
-    """``1234567`` -> ``1.2 MB``."""
-    if not isinstance(size, (int, float)):
-        return ""
-    for unit in ("B", "kB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
 # --- compare ----------------------------------------------------------------------------------
 
 
@@ -356,27 +283,11 @@ def compared_metrics(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
 # --- pages ------------------------------------------------------------------------------------
 
 
-@cache
-def _environment() -> jinja2.Environment:
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("unraveled", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    environment.filters["number"] = format_number
-    environment.filters["bytes"] = format_bytes
-    environment.filters["summary"] = summarise
-    return environment
-
-
 def _render(template: str, page: str, **context: Any) -> str:
     def link(target: str) -> str:
         return href(page, target)
 
-    return _environment().get_template(template).render(link=link, page=page, **context)
+    return templating.environment().get_template(template).render(link=link, page=page, **context)
 
 
 def _sections(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
