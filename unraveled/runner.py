@@ -62,6 +62,10 @@ class ModelPool:
             self._loaded[key] = self._load(name, weights, source_label)
         return self._loaded[key]
 
+    def release(self, name: str) -> None:
+        """Forget every loaded copy of ``name``, so its memory can go before the next model loads."""
+        self._loaded = {key: loaded for key, loaded in self._loaded.items() if key[0] != name}
+
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
         if name in self._unavailable and fallback is not None:
@@ -209,6 +213,8 @@ def run_configs(
     # Model by model: each config on the first model, then on the next.
     plan = [(model, config) for model in models for config in configs] if models else [(None, config) for config in configs]
     for number, (model_override, config) in enumerate(plan, start=1):
+        if number > 1 and plan[number - 2][0] not in (None, model_override):
+            pool.release(plan[number - 2][0])  # done with the previous model: free it first
         model_name = model_override or config.run.model or DEFAULT_MODEL
         source_label = "--model" if model_override else str(config.path)
         logger.info("[%d/%d] %s: %s on %s", number, len(plan), config.name, config.experiment.title, model_name)
