@@ -40,11 +40,11 @@ def write_run(
     records = []
     for number, name in enumerate(figures):
         Image.new("RGB", (40, 30), (40 * number % 255, 90, 200)).save(run_dir / "figures" / f"{name}.png")
-        Image.new("RGB", (20, 15), (40 * number % 255, 90, 200)).save(run_dir / "thumbs" / f"{name}.png")
+        Image.new("RGB", (20, 15), (40 * number % 255, 90, 200)).save(run_dir / "thumbs" / f"{name}.jpg")
         (run_dir / "figures" / f"{name}.pdf").write_bytes(b"%PDF-1.4\n")
         records.append({
             "file": f"figures/{name}.png", "caption": f"Caption of {name} <b>bold?</b>",
-            "formats": {"png": f"figures/{name}.png", "pdf": f"figures/{name}.pdf"}, "thumbnail": f"thumbs/{name}.png",
+            "formats": {"png": f"figures/{name}.png", "pdf": f"figures/{name}.pdf"}, "thumbnail": f"thumbs/{name}.jpg",
         })
     for view in views or []:
         (run_dir / view["file"]).parent.mkdir(exist_ok=True)
@@ -283,3 +283,27 @@ def test_view_page_keeps_hostile_tokens_inside_their_script(tmp_path: Path) -> N
     assert "&lt;of&gt;" in html and "a &lt;heading&gt;" in html and 'href="../run.html"' in html
     props = html.split("CircuitsVis.ColoredTokens, ")[1].rsplit(");</script>", 1)[0]
     assert json.loads(props.replace("<\\/", "</").replace("<\\!--", "<!--"))["tokens"] == tokens
+
+
+def test_save_figure_writes_each_format_and_a_thumbnail(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from unraveled.render.export import THUMBNAIL_WIDTH, save_figure
+
+    figure = Figure(figsize=(6, 2))
+    figure.add_subplot().plot([0, 1, 2], [2, 0, 1])
+    record = save_figure(figure, tmp_path, "01_line", "A line", ("png", "pdf"), dpi=100)
+    assert record == {"file": "figures/01_line.png", "caption": "A line", "formats": {"png": "figures/01_line.png", "pdf": "figures/01_line.pdf"}, "thumbnail": "thumbs/01_line.jpg"}
+    with Image.open(tmp_path / "figures/01_line.png") as png, Image.open(tmp_path / "thumbs/01_line.jpg") as thumb:
+        assert thumb.format == "JPEG" and thumb.width == THUMBNAIL_WIDTH
+        assert abs(thumb.height - png.height * THUMBNAIL_WIDTH / png.width) <= 1
+    assert (tmp_path / "figures/01_line.pdf").read_bytes()[:5] == b"%PDF-"
+    # Without a PNG, the pages show the SVG; with neither, the first format, and the index still has a thumbnail.
+    assert save_figure(figure, tmp_path, "02_svg", "", ("pdf", "svg"), dpi=100)["file"] == "figures/02_svg.svg"
+    only_pdf = save_figure(figure, tmp_path, "03_pdf", "", ("pdf",), dpi=100)
+    assert only_pdf["file"] == "figures/03_pdf.pdf" and not (tmp_path / "figures/03_pdf.png").exists()
+    with Image.open(tmp_path / only_pdf["thumbnail"]) as thumb:
+        assert thumb.width == THUMBNAIL_WIDTH

@@ -3,7 +3,7 @@
 The runner calls :func:`save_figure` for each figure; the record it returns goes into the
 manifest, where the pages find the files: ``file`` is the one shown on the pages (PNG, else
 SVG, else the first format asked for), ``formats`` maps each format to its file, ``thumbnail``
-is a small PNG for the index, so the index never loads full-size figures.
+is a small JPEG for the index, so the index never loads full-size figures.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def _thumbnail(png: PilImage, path: Path) -> None:
     flat = Image.new("RGB", png.size, "white")
     flat.paste(png, mask=png.getchannel("A"))
     height = max(1, round(flat.height * THUMBNAIL_WIDTH / flat.width))
-    flat.resize((THUMBNAIL_WIDTH, height), Image.Resampling.LANCZOS).save(path, optimize=True)
+    flat.resize((THUMBNAIL_WIDTH, height), Image.Resampling.LANCZOS).save(path, format="JPEG", quality=82, optimize=True)
 
 
 def save_figure(figure: MplFigure, run_dir: Path, name: str, caption: str, formats: Sequence[str], dpi: int) -> dict[str, Any]:
-    """Save ``figure`` as ``figures/<name>.<format>`` for each format, and ``thumbs/<name>.png``.
+    """Save ``figure`` as ``figures/<name>.<format>`` for each format, and ``thumbs/<name>.jpg``.
 
     Args:
         figure: The figure, already titled; it is not closed here.
@@ -76,12 +76,12 @@ def save_figure(figure: MplFigure, run_dir: Path, name: str, caption: str, forma
         figure.savefig(run_dir / files[fmt], format=fmt, dpi=dpi, bbox_inches="tight")
     if "png" in files:
         with Image.open(run_dir / files["png"]) as png:
-            _thumbnail(png, run_dir / "thumbs" / f"{name}.png")
+            _thumbnail(png, run_dir / "thumbs" / f"{name}.jpg")
     else:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=dpi // 2, bbox_inches="tight")
         buffer.seek(0)
         with Image.open(buffer) as png:
-            _thumbnail(png, run_dir / "thumbs" / f"{name}.png")
+            _thumbnail(png, run_dir / "thumbs" / f"{name}.jpg")
     shown = next((files[fmt] for fmt in SHOWN_FORMATS if fmt in files), files[formats[0]])
-    return {"file": shown, "caption": caption, "formats": files, "thumbnail": f"thumbs/{name}.png"}
+    return {"file": shown, "caption": caption, "formats": files, "thumbnail": f"thumbs/{name}.jpg"}
