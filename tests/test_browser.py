@@ -99,3 +99,22 @@ def test_report_page_renders_offline_and_every_link_resolves(two_model_report: T
         if fragment:  # a link into a page lands on an element that exists there
             assert fragment in parsed(resolved.read_text()).ids, f"{page} links to missing anchor {target}"
     assert_not_blank(path, tmp_path)
+
+
+def test_index_contents_stay_in_view_while_scrolling(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+    # A copy of the index that scrolls to the bottom once loaded and reports where the contents are.
+    probe = two_model_report.out / "sticky-probe.html"
+    script = (
+        '<script>addEventListener("load", () => { scrollTo(0, document.body.scrollHeight);'
+        ' const nav = document.querySelector("nav.toc").getBoundingClientRect();'
+        ' document.title = `scrolled ${scrollY} nav ${nav.top} ${nav.bottom}`; });</script>'
+    )
+    probe.write_text((two_model_report.out / "index.html").read_text().replace("</body>", script + "</body>"))
+    try:
+        dumped = chromium(probe, tmp_path / "dom", "--dump-dom", "--window-size=1400,500")
+    finally:
+        probe.unlink()
+    found = re.search(r"<title>scrolled (\d+) nav (-?[\d.]+) (-?[\d.]+)</title>", dumped.stdout)
+    assert found is not None, dumped.stdout[:500]
+    scrolled, top, bottom = (float(value) for value in found.groups())
+    assert scrolled > 500 and abs(top) < 1 and bottom > 0  # without position:sticky, top would be -scrolled
