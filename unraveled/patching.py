@@ -484,33 +484,40 @@ def edge_circuit_logit_differences(
     n_layers, n_heads, batch = cfg.n_layers, cfg.n_heads, pairs.size
     circuits = kept.shape[0]
     kept = kept.to(torch.float32)
-    deltas: list[Tensor] = []  # per upstream component, [circuit, batch, pos, d_model], in upstream order
+    # Per upstream component, in upstream order, what it writes now minus on the corrupted prompts;
+    # filled as the forward pass reaches it (one buffer: stacking at every input would copy it all).
+    n_upstream = 1 + n_layers * (n_heads + 1)
+    deltas = torch.zeros(n_upstream, circuits, batch, pairs.clean.shape[1], cfg.d_model)
+    filled = [0]
     embedding_hooks = _embedding_hooks(model)
     embedded: dict[str, Tensor] = {}
 
     def rows(tensor: Tensor) -> Tensor:
         return tensor.reshape(circuits, batch, *tensor.shape[1:])
 
+    def append(values: Tensor) -> None:
+        deltas[filled[0] : filled[0] + values.shape[0]] = values
+        filled[0] += values.shape[0]
+
     def record_embedding(activation: Tensor, hook: HookPoint) -> Tensor:
         embedded[hook.name] = rows(activation) - corrupted_cache[hook.name]
         if len(embedded) == len(embedding_hooks):
-            deltas.append(sum(embedded.values()))  # type: ignore[arg-type]
+            append(sum(embedded.values())[None])  # type: ignore[index]
         return activation
 
     def record_heads(activation: Tensor, hook: HookPoint) -> Tensor:
-        layer = hook_layer(hook.name)
         z = rows(activation) - corrupted_cache[hook.name]
-        deltas.extend(torch.einsum("cbphd,hdm->hcbpm", z, model.W_O[layer]))
+        append(torch.einsum("cbphd,hdm->hcbpm", z, model.W_O[hook_layer(hook.name)]))
         return activation
 
     def record_mlp(activation: Tensor, hook: HookPoint) -> Tensor:
-        deltas.append(rows(activation) - corrupted_cache[hook.name])
+        append((rows(activation) - corrupted_cache[hook.name])[None])
         return activation
 
     def rebuild(corrupted_name: str, columns: slice, per_head: bool):
         def hook(activation: Tensor, hook: HookPoint) -> Tensor:
-            upstream = torch.stack(deltas, dim=3)  # [circuit, batch, pos, upstream, d_model]
-            added = torch.einsum("cbpud,cuv->cbpvd", upstream, kept[:, : upstream.shape[3], columns])
+            n = filled[0]
+            added = torch.einsum("ucbpd,cuv->cbpvd", deltas[:n], kept[:, :n, columns])
             base = corrupted_cache[corrupted_name][None, :, :, None]
             rebuilt = base + added if per_head else (base + added)[:, :, :, 0]
             return rebuilt.reshape(activation.shape)
