@@ -58,7 +58,7 @@ class IOICircuitParams(Params):
         description="Numbers of components kept for the faithfulness curve (0 and all are always added).",
     )
     edge_counts: list[int] = Field(
-        default_factory=lambda: [10, 30, 100, 300, 1000, 3000],
+        default_factory=lambda: [30, 300, 3000],
         description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
     )
 
