@@ -15,8 +15,8 @@ from transformer_lens import HookedTransformer
 from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
-from unraveled.engines.state import AtlasSettings, natural_induction_score
-from unraveled.heads import previous_token_score
+from unraveled.engines.state import AtlasSettings, head_scores_per_window
+from unraveled.heads import duplicate_token_score, previous_token_score
 from unraveled.models import load_model
 
 TEXT = (
@@ -102,18 +102,41 @@ def test_local_engine_matches_direct_computation(kind: str, tiny_models: dict[st
     }
     for name, value in expected.items():
         np.testing.assert_allclose(means[name], value.numpy(), rtol=1e-5, atol=1e-7)
-    assert np.allclose(means["first_token"], torch.stack([attention_sink_by_head(p) for p in patterns]).mean(dim=0).numpy())
-    assert np.allclose(means["previous_token"], torch.stack([previous_token_score(p) for p in patterns]).mean(dim=0).numpy())
+    # head_taxonomy's own per-prompt scores, one window at a time, agree with the batched ones.
+    by_window = {
+        "first_token": [attention_sink_by_head(p) for p in patterns],
+        "previous_token": [previous_token_score(p) for p in patterns],
+        "duplicate_token": [duplicate_token_score(p, t) for p, t in zip(patterns, tokens)],
+        "induction": [brute_force_induction(p, t) for p, t in zip(patterns, tokens)],
+    }
+    for name, scores in by_window.items():
+        np.testing.assert_allclose(means[name], torch.stack(scores).mean(dim=0).numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_natural_induction_score_on_a_known_pattern() -> None:
-    tokens = torch.tensor([5, 6, 7, 5, 6, 9, 6])
-    # Queries with an earlier occurrence whose successor is not themselves: 3 (5 -> 1), 4 (6 -> 2), 6 (6 -> latest 4 -> 5).
-    patterns = torch.zeros(1, 1, 7, 7)
+def brute_force_induction(patterns: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention to the token after the latest earlier occurrence of the query's token, looped."""
+    picked = []
+    for query in range(len(tokens)):
+        earlier = [j for j in range(query - 1) if tokens[j] == tokens[query]]
+        if earlier:
+            picked.append(patterns[..., query, earlier[-1] + 1])
+    return torch.stack(picked, dim=-1).mean(dim=-1) if picked else torch.zeros(patterns.shape[:2])
+
+
+def test_induction_and_duplicate_scores_on_a_known_pattern() -> None:
+    tokens = torch.tensor([[5, 6, 7, 5, 6, 9, 6, 6]])
+    # Queries whose token occurred before, with a successor that is not the query itself:
+    # 3 (5 -> target 1), 4 (6 -> 2), 6 (6 -> latest 4 -> 5), 7 (6 -> latest 4, as 6 is right before -> 5).
+    patterns = torch.zeros(1, 1, 8, 8)
     patterns[0, 0, 3, 1] = 1.0
     patterns[0, 0, 4, 2] = 0.5
     patterns[0, 0, 6, 5] = 0.3
-    assert natural_induction_score(patterns, tokens).item() == pytest.approx((1.0 + 0.5 + 0.3) / 3)
+    patterns[0, 0, 7, 5] = 0.2
+    patterns[0, 0, 7, 6] = 0.4  # attention to an earlier 6: duplicate-token mass
+    scores = head_scores_per_window(patterns, tokens)
+    assert scores["induction"].item() == pytest.approx((1.0 + 0.5 + 0.3 + 0.2) / 4)
+    # Duplicate-token: queries 3, 4, 6, 7 have earlier copies; only query 7 puts mass (0.4) on one.
+    assert scores["duplicate_token"].item() == pytest.approx(0.4 / 4)
 
 
 def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, tmp_path: Path, corpus_file: Path) -> None:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
-from unraveled.heads import duplicate_token_score, previous_token_score
+from unraveled.analysis import attention_entropy_by_head
 from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
 
 HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
@@ -101,22 +100,41 @@ def hook_names(n_layers: int) -> list[str]:
     return names
 
 
-def natural_induction_score(patterns: Float[Tensor, "layer head query_pos key_pos"], tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head"]:
-    """Induction on natural text: attention from each token to the token right after the most
-    recent earlier occurrence of the same token, averaged over the tokens that have one (whose
-    successor is not the query itself); zero when no token qualifies.
+def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_pos"], tokens: Int[Tensor, "window pos"]) -> dict[str, Float[Tensor, "window head"]]:
+    """Each head's scores in each window (see ``HEAD_SCORES``), computed for the whole batch.
 
-    ``unraveled.heads.induction_score`` needs a repeated random segment; this needs any text.
+    ``first_token``, ``previous_token`` and ``duplicate_token`` follow ``unraveled.analysis`` and
+    ``unraveled.heads`` (which take one prompt); ``induction`` is the natural-text version of
+    ``unraveled.heads.induction_score``, which needs a repeated random segment: attention from
+    each token to the token right after the latest earlier occurrence of the same token,
+    averaged over the tokens that have one whose successor is not the query itself (zero when
+    none has).
     """
-    length = len(tokens)
-    same = torch.tril(tokens[:, None] == tokens[None, :], diagonal=-2)  # earlier j with j + 1 < q
-    has_earlier = same.any(dim=-1)
-    if not has_earlier.any():
-        return torch.zeros(patterns.shape[:2], dtype=patterns.dtype)
-    # The latest such j: argmax of j * same over j.
-    latest = (same * torch.arange(length)[None, :]).argmax(dim=-1)
-    queries = torch.arange(length)[has_earlier]
-    return patterns[..., queries, latest[has_earlier] + 1].mean(dim=-1)
+    length = tokens.shape[1]
+    same = tokens[:, :, None] == tokens[:, None, :]  # [window, query, key]
+    positions = torch.arange(length)
+    earlier = torch.tril(same, diagonal=-1)
+    has_earlier = earlier.any(dim=-1)
+    duplicate_mass = (patterns * earlier[:, None].to(patterns.dtype)).sum(dim=-1)  # [window, head, query]
+    with_successor = torch.tril(same, diagonal=-2)  # earlier j with j + 1 < q
+    has_successor = with_successor.any(dim=-1)
+    latest = (with_successor * positions).argmax(dim=-1)  # the latest such j
+    target = (latest + 1).clamp_max(length - 1)[:, None, :, None].expand(-1, patterns.shape[1], -1, 1)
+    induction_mass = patterns.gather(-1, target)[..., 0]
+    queries = torch.arange(1, length)
+    return {
+        "entropy": attention_entropy_by_head(patterns),
+        "first_token": patterns[..., 0].mean(dim=-1),
+        "previous_token": patterns[..., queries, queries - 1].mean(dim=-1),
+        "duplicate_token": _mean_where(duplicate_mass, has_earlier),
+        "induction": _mean_where(induction_mass, has_successor),
+    }
+
+
+def _mean_where(values: Float[Tensor, "window head query"], mask: Bool[Tensor, "window query"]) -> Float[Tensor, "window head"]:
+    """Mean over the queries where ``mask`` holds, 0 for a window where it never does."""
+    weights = mask[:, None, :].to(values.dtype)
+    return (values * weights).sum(dim=-1) / weights.sum(dim=-1).clamp_min(1)
 
 
 def model_inputs(model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings) -> Int[Tensor, "window seq"]:
@@ -155,7 +173,7 @@ def update(
     offsets = np.asarray(window_numbers, dtype=np.int64) * seq_len
     first = 1 if settings.prepend_bos else 0
     batch = AtlasState.empty(0, 0, 0, settings)
-    head_totals: dict[str, list[Tensor]] = {name: [] for name in HEAD_SCORES}
+    head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
     for layer in range(n_layers):
         pre = cache[f"blocks.{layer}.mlp.hook_pre"].float().cpu().numpy()
         post = cache[f"blocks.{layer}.mlp.hook_post"].float().cpu().numpy()
@@ -164,22 +182,11 @@ def update(
         magnitude = np.abs(cache[f"blocks.{layer}.hook_resid_post"].float().cpu().numpy())
         batch.residual.append(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
         batch.residual_top.append(top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after))
-        patterns = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()[:, None]  # [window, 1, head, q, k]
-        for window_patterns, window_tokens in zip(patterns, tokens.cpu()):
-            scores = {
-                "entropy": attention_entropy_by_head(window_patterns),
-                "first_token": attention_sink_by_head(window_patterns),
-                "previous_token": previous_token_score(window_patterns),
-                "duplicate_token": duplicate_token_score(window_patterns, window_tokens),
-                "induction": natural_induction_score(window_patterns, window_tokens),
-            }
-            for name, value in scores.items():
-                head_totals[name].append(value[0])
+        patterns = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
+        for name, per_window in head_scores_per_window(patterns, tokens.cpu()).items():
+            head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
         del pre, post, magnitude, patterns
     del cache
-    n_windows = len(windows)
-    # head_totals[name] holds layer-major [layer * window] rows of [head]: sum over windows per layer.
-    totals = {name: torch.stack(rows).reshape(n_layers, n_windows, -1).sum(dim=1).double().numpy() for name, rows in head_totals.items()}
-    batch.heads = Sums(totals, n_windows)
-    batch.n_windows = n_windows
+    batch.heads = Sums(head_totals, len(windows))
+    batch.n_windows = len(windows)
     return state.merge(batch)
