@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from numpy.typing import NDArray
 from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator
@@ -76,8 +76,8 @@ class CorpusAtlasResult:
     top_context_values: Float[NDArray, "layer k neuron context"]
     residual_mean_abs: Float[NDArray, "layer d_model"]
     residual_max_abs: Float[NDArray, "layer d_model"]
-    residual_top_index: Int[NDArray, "layer k d_model"]
-    residual_top_context_ids: Int[NDArray, "layer k d_model context"]
+    residual_top_index: Int[NDArray, "layer k_residual d_model"]
+    residual_top_context_ids: Int[NDArray, "layer k_residual d_model context"]
     head_scores: dict[str, Float[NDArray, "layer head"]]
     vocab: dict[int, str]
     massive_ratio: float
@@ -86,11 +86,11 @@ class CorpusAtlasResult:
     tokens_per_second: float
 
     @property
-    def dead(self) -> Float[NDArray, "layer neuron"]:
+    def dead(self) -> Bool[NDArray, "layer neuron"]:
         return self.active_fraction == 0
 
     @property
-    def dense(self) -> Float[NDArray, "layer neuron"]:
+    def dense(self) -> Bool[NDArray, "layer neuron"]:
         return self.active_fraction > DENSE_FRACTION
 
     def _context_text(self, ids: Int[NDArray, " context"]) -> str:
@@ -193,7 +193,7 @@ def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettin
         head_scores=state.heads.means(),
         vocab=vocab,
         massive_ratio=params.massive_ratio,
-        browser_samples=params.browser_samples,
+        browser_samples=min(params.browser_samples, params.top_k),
         sequence_length=params.context_tokens + settings.prepend_bos,
         tokens_per_second=tokens_per_second,
     )
@@ -213,7 +213,7 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     floor = np.log10(1 / max(n_tokens, 1))
     edges = np.linspace(floor, 0, 31)
     counts = np.stack([np.histogram(np.log10(row[row > 0]), bins=edges)[0] for row in result.active_fraction])
-    figure, (density, dead_dense) = panels(2, width_ratios=[1.6, 1])
+    figure, (density, dead_dense) = panels(2, width_ratios=[1.6, 1.0])
     figure.set_size_inches(14, 6)
     image = density.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis", extent=(edges[0], edges[-1], -0.5, n_layers - 0.5))
     figure.colorbar(image, ax=density, label="log10(1 + neurons)")
@@ -229,7 +229,7 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     figure.suptitle("MLP neurons over the corpus (active: pre-activation > 0)")
     yield Figure("01_neuron_activation_frequency", figure, "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer")
 
-    figure, (grid, peaks) = panels(2, width_ratios=[1.6, 1])
+    figure, (grid, peaks) = panels(2, width_ratios=[1.6, 1.0])
     figure.set_size_inches(14, 6)
     image = grid.imshow(np.log10(result.residual_max_abs), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
     figure.colorbar(image, ax=grid, label="log10 max |value|")
@@ -268,12 +268,13 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     samples = result.browser_samples
     ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
     values = result.top_context_values[layer, :samples]
+    dead, dense = result.dead[layer], result.dense[layer]
     tokens_per_neuron, values_per_neuron, labels = [], [], []
     for neuron in range(ids.shape[1]):
         kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
         tokens_per_neuron.append([[result.vocab[int(i)] for i in ids[slot, neuron] if i >= 0] for slot in kept])
         values_per_neuron.append([np.round(values[slot, neuron][ids[slot, neuron] >= 0], 3).tolist() for slot in kept])
-        status = " dead" if result.dead[layer, neuron] else " dense" if result.dense[layer, neuron] else ""
+        status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
         labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
     element = Element(
         "TopkSamples",

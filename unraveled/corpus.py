@@ -167,14 +167,14 @@ def read_documents(sources: Sequence[str], origin: str = "corpus", strip_markup:
     return documents
 
 
-def pack_tokens(token_lists: Sequence[Sequence[int]], separator: int | None) -> Int[NDArray, " token"]:
+def pack_tokens(token_lists: Sequence[Sequence[int] | NDArray[np.int32]], separator: int | None) -> Int[NDArray, " token"]:
     """One stream of all documents' tokens, ``separator`` (end of text) between documents."""
-    pieces: list[Sequence[int]] = []
+    pieces: list[NDArray[np.int32]] = []
     for index, ids in enumerate(token_lists):
         if index and separator is not None:
-            pieces.append([separator])
-        pieces.append(ids)
-    return np.fromiter((token for piece in pieces for token in piece), dtype=np.int64)
+            pieces.append(np.array([separator], dtype=np.int32))
+        pieces.append(np.asarray(ids, dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
 def select_windows(
@@ -209,8 +209,10 @@ def corpus_windows(
         ConfigError: Bad corpus input, or a corpus shorter than one window (exit 2).
     """
     documents = read_documents(sources, origin)
-    # verbose=False: whole plays are longer than the model's context; they are windowed below.
-    ids = tokenizer([doc.text for doc in documents], add_special_tokens=False, verbose=False)["input_ids"]
+    # One document at a time, kept as compact arrays: the tokenizer's per-token objects for the
+    # whole corpus at once would take far more memory than the ids. verbose=False: whole plays
+    # are longer than the model's context; they are windowed below.
+    ids = [np.asarray(tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32) for doc in documents]
     stream = pack_tokens(ids, getattr(tokenizer, "eos_token_id", None))
     if len(stream) < context_tokens:
         raise ConfigError(origin, "params.corpus", f"the corpus has {len(stream)} tokens, fewer than one window of context_tokens={context_tokens}")
