@@ -26,6 +26,7 @@ from unraveled.render.views import Element
 
 DENSE_FRACTION = 0.5
 TOP_HEADS = 5
+MASSIVE_SHOWN_PER_LAYER = 5
 DEFINITIONS = {
     "neuron_value": "blocks.L.mlp.hook_post: the neuron's output, what it writes through W_out; mean, std, max and top-k are of this",
     "active": "pre-activation > 0 (blocks.L.mlp.hook_pre): for gated MLPs (SmolLM2, Llama) the gate's pre-activation, for GPT-2 the GELU's input",
@@ -33,7 +34,7 @@ DEFINITIONS = {
     "dense": f"active on more than {DENSE_FRACTION:.0%} of the corpus tokens",
     "bos": "when the model prepends BOS to each window, that position is left out of the neuron statistics (it is the same in every window); residual and head statistics keep it",
     "residual": "blocks.L.hook_resid_post, absolute values per dimension",
-    "massive_activation": "a residual dimension whose largest |value| is at least massive_ratio times the median over the layer's dimensions of their mean |value|",
+    "massive_activation": "a residual dimension whose largest |value| is at least massive_ratio times the median over the layer's dimensions of their mean |value|; massive_activations lists the strongest 5 per layer, massive_dimensions_per_layer counts them all",
     "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token, previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
     "corpus_markup": MARKDOWN_HANDLING,
 }
@@ -44,10 +45,10 @@ class CorpusAtlasParams(Params):
     context_tokens: int = Field(128, ge=2, description="Tokens per window.")
     max_tokens: int | None = Field(4096, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
-    context_before: int = Field(12, ge=0, description="Context tokens shown before a top token.")
-    context_after: int = Field(3, ge=0, description="Context tokens shown after a top token.")
+    context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
+    context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")
     batch_windows: int = Field(4, ge=1, description="Windows per forward pass.")
-    browser_samples: int = Field(8, ge=1, description="Top contexts per neuron in the neuron browser (keeps each page a few MB).")
+    browser_samples: int = Field(5, ge=1, description="Top contexts per neuron in the neuron browser (keeps each page a few MB).")
     massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
     ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
@@ -102,7 +103,7 @@ class CorpusAtlasResult:
         median = np.median(self.residual_mean_abs, axis=1)
         first = 1 if self.settings.prepend_bos else 0
         centre = self.settings.context_before
-        for layer, dim in zip(*np.nonzero(self.residual_max_abs >= self.massive_ratio * median[:, None])):
+        for layer, dim in zip(*np.nonzero(self.massive_mask())):
             tokens = []
             for slot in range(self.residual_top_index.shape[1]):
                 ids = self.residual_top_context_ids[layer, slot, dim]
@@ -114,7 +115,17 @@ class CorpusAtlasResult:
                 "layer": int(layer), "dim": int(dim), "max_abs": float(self.residual_max_abs[layer, dim]),
                 "ratio_to_median": float(self.residual_max_abs[layer, dim] / median[layer]), "top_tokens": tokens,
             })
-        return found
+        # The strongest few per layer: later layers can have dozens of dimensions over the bar.
+        found.sort(key=lambda entry: (entry["layer"], -entry["ratio_to_median"]))
+        shown: list[dict[str, Any]] = []
+        for entry in found:
+            if sum(kept["layer"] == entry["layer"] for kept in shown) < MASSIVE_SHOWN_PER_LAYER:
+                shown.append(entry)
+        return shown
+
+    def massive_mask(self) -> Bool[NDArray, "layer d_model"]:
+        median = np.median(self.residual_mean_abs, axis=1)
+        return self.residual_max_abs >= self.massive_ratio * median[:, None]
 
     def metrics(self) -> dict[str, Any]:
         n_neurons = self.active_fraction.shape[1]
@@ -135,6 +146,7 @@ class CorpusAtlasResult:
                 [{"dim": int(d), "max_abs": float(self.residual_max_abs[layer, d])} for d in dims] for layer, dims in enumerate(order)
             ],
             "residual_median_mean_abs_per_layer": np.median(self.residual_mean_abs, axis=1),
+            "massive_dimensions_per_layer": self.massive_mask().sum(axis=1),
             "massive_activations": self.massive_activations(),
             "head_scores": self.head_scores,
             "top_heads": {name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy") for name in HEAD_SCORES},

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer
 from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
-from unraveled.engines.state import AtlasSettings, head_scores_per_window
+from unraveled.engines.state import AtlasSettings, RepeatMasks, head_scores_per_window
 from unraveled.heads import duplicate_token_score, previous_token_score
 from unraveled.models import load_model
 
@@ -133,7 +133,7 @@ def test_induction_and_duplicate_scores_on_a_known_pattern() -> None:
     patterns[0, 0, 6, 5] = 0.3
     patterns[0, 0, 7, 5] = 0.2
     patterns[0, 0, 7, 6] = 0.4  # attention to an earlier 6: duplicate-token mass
-    scores = head_scores_per_window(patterns, tokens)
+    scores = head_scores_per_window(patterns, RepeatMasks.of(tokens))
     assert scores["induction"].item() == pytest.approx((1.0 + 0.5 + 0.3 + 0.2) / 4)
     # Duplicate-token: queries 3, 4, 6, 7 have earlier copies; only query 7 puts mass (0.4) on one.
     assert scores["duplicate_token"].item() == pytest.approx(0.4 / 4)

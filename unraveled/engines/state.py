@@ -100,7 +100,34 @@ def hook_names(n_layers: int) -> list[str]:
     return names
 
 
-def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_pos"], tokens: Int[Tensor, "window pos"]) -> dict[str, Float[Tensor, "window head"]]:
+@dataclass(frozen=True)
+class RepeatMasks:
+    """Where each window's tokens repeat: computed once per batch, used by every layer.
+
+    Attributes:
+        earlier: ``[window, query, key]`` key < query holds the query's token.
+        has_earlier: ``[window, query]`` the query's token occurred before.
+        induction_target: ``[window, query]`` the position after the latest earlier occurrence
+            ``j`` with ``j + 1 < query`` (0 where there is none).
+        has_target: ``[window, query]`` such an occurrence exists.
+    """
+
+    earlier: Bool[Tensor, "window query_pos key_pos"]
+    has_earlier: Bool[Tensor, "window query_pos"]
+    induction_target: Int[Tensor, "window query_pos"]
+    has_target: Bool[Tensor, "window query_pos"]
+
+    @classmethod
+    def of(cls, tokens: Int[Tensor, "window pos"]) -> RepeatMasks:
+        same = tokens[:, :, None] == tokens[:, None, :]
+        with_successor = torch.tril(same, diagonal=-2)  # earlier j with j + 1 < q
+        latest = (with_successor * torch.arange(tokens.shape[1])).argmax(dim=-1)
+        has_target = with_successor.any(dim=-1)
+        earlier = torch.tril(same, diagonal=-1)
+        return cls(earlier, earlier.any(dim=-1), torch.where(has_target, latest + 1, 0), has_target)
+
+
+def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_pos"], masks: RepeatMasks) -> dict[str, Float[Tensor, "window head"]]:
     """Each head's scores in each window (see ``HEAD_SCORES``), computed for the whole batch.
 
     ``first_token``, ``previous_token`` and ``duplicate_token`` follow ``unraveled.analysis`` and
@@ -110,24 +137,15 @@ def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_po
     averaged over the tokens that have one whose successor is not the query itself (zero when
     none has).
     """
-    length = tokens.shape[1]
-    same = tokens[:, :, None] == tokens[:, None, :]  # [window, query, key]
-    positions = torch.arange(length)
-    earlier = torch.tril(same, diagonal=-1)
-    has_earlier = earlier.any(dim=-1)
-    duplicate_mass = (patterns * earlier[:, None].to(patterns.dtype)).sum(dim=-1)  # [window, head, query]
-    with_successor = torch.tril(same, diagonal=-2)  # earlier j with j + 1 < q
-    has_successor = with_successor.any(dim=-1)
-    latest = (with_successor * positions).argmax(dim=-1)  # the latest such j
-    target = (latest + 1).clamp_max(length - 1)[:, None, :, None].expand(-1, patterns.shape[1], -1, 1)
+    duplicate_mass = torch.einsum("whqk,wqk->whq", patterns, masks.earlier.to(patterns.dtype))
+    target = masks.induction_target[:, None, :, None].expand(-1, patterns.shape[1], -1, 1)
     induction_mass = patterns.gather(-1, target)[..., 0]
-    queries = torch.arange(1, length)
     return {
         "entropy": attention_entropy_by_head(patterns),
         "first_token": patterns[..., 0].mean(dim=-1),
-        "previous_token": patterns[..., queries, queries - 1].mean(dim=-1),
-        "duplicate_token": _mean_where(duplicate_mass, has_earlier),
-        "induction": _mean_where(induction_mass, has_successor),
+        "previous_token": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1),
+        "duplicate_token": _mean_where(duplicate_mass, masks.has_earlier),
+        "induction": _mean_where(induction_mass, masks.has_target),
     }
 
 
@@ -174,6 +192,7 @@ def update(
     first = 1 if settings.prepend_bos else 0
     batch = AtlasState.empty(0, 0, 0, settings)
     head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
+    masks = RepeatMasks.of(tokens.cpu())
     for layer in range(n_layers):
         pre = cache[f"blocks.{layer}.mlp.hook_pre"].float().cpu().numpy()
         post = cache[f"blocks.{layer}.mlp.hook_post"].float().cpu().numpy()
@@ -183,7 +202,7 @@ def update(
         batch.residual.append(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
         batch.residual_top.append(top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after))
         patterns = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
-        for name, per_window in head_scores_per_window(patterns, tokens.cpu()).items():
+        for name, per_window in head_scores_per_window(patterns, masks).items():
             head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
         del pre, post, magnitude, patterns
     del cache
