@@ -87,6 +87,8 @@ def main() -> int:
         "token_journey": {BUNDLED_SMOLLM2: bench_token_journey()},
         "activation_patching": bench_activation_patching(),
     }
+    from unraveled.bench_corpus import bench_corpus_atlas  # noqa: PLC0415 (kept next to its one use)
+    report["corpus_atlas"] = bench_corpus_atlas()
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0
