@@ -43,7 +43,7 @@ DEFINITIONS = {
 class CorpusAtlasParams(Params):
     corpus: list[str] = Field(default_factory=list, description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.")
     context_tokens: int = Field(128, ge=2, description="Tokens per window.")
-    max_tokens: int | None = Field(4096, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
+    max_tokens: int | None = Field(2048, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
     context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
     context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")

@@ -114,7 +114,10 @@ def run_ray(
         shards = shard_ranges(len(windows), settings.batch_windows, n_workers * SHARDS_PER_WORKER)
         n_workers = min(n_workers, len(shards))
         logger.info("ray: %d shards on %d workers (%s)", len(shards), n_workers, ray.get_runtime_context().gcs_address)
-        actors = [RemoteAtlasWorker.remote(str(weight_cache.cache_root()), key, str(model.cfg.device)) for _ in range(n_workers)]
+        device = str(model.cfg.device)
+        # One GPU per worker when the run is on CUDA (--device cuda), so Ray places them on GPU nodes.
+        worker = RemoteAtlasWorker.options(num_gpus=1 if device.startswith("cuda") else 0)
+        actors = [worker.remote(str(weight_cache.cache_root()), key, device) for _ in range(n_workers)]
         windows_ref = ray.put(windows)
         pending = {actors[i % n_workers].run.remote(windows_ref, shard, settings): shard for i, shard in enumerate(shards)}
         state = AtlasState.for_model(model, settings)
