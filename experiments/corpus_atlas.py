@@ -225,19 +225,24 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     floor = np.log10(1 / max(n_tokens, 1))
     edges = np.linspace(floor, 0, 31)
     counts = np.stack([np.histogram(np.log10(row[row > 0]), bins=edges)[0] for row in result.active_fraction])
-    figure, (density, dead_dense) = panels(2, width_ratios=[1.6, 1.0])
-    figure.set_size_inches(14, 6)
+    figure, (density, dead_axes, dense_axes) = panels(3, width_ratios=[1.6, 0.7, 0.7])
+    figure.set_size_inches(16, 6)
     image = density.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis", extent=(edges[0], edges[-1], -0.5, n_layers - 0.5))
     figure.colorbar(image, ax=density, label="log10(1 + neurons)")
     density.axvline(np.log10(DENSE_FRACTION), color="white", linestyle="--", linewidth=1)
-    density.set(title=f"Activation frequency of every neuron, per layer ({n_tokens:,} tokens; dead neurons not shown)",
+    density.set(title=f"Activation frequency of every neuron ({n_tokens:,} tokens; dead not shown)",
                 xlabel="log10(fraction of tokens on which the neuron is active)", ylabel="Layer")
     layers = np.arange(n_layers)
-    dead_dense.barh(layers - 0.2, result.dead.sum(axis=1), height=0.4, color="black", label="dead (never active)")
-    dead_dense.barh(layers + 0.2, result.dense.sum(axis=1), height=0.4, color="tab:orange", label=f"dense (active on > {DENSE_FRACTION:.0%})")
-    dead_dense.set(title=f"Dead and dense neurons per layer (of {n_neurons})", xlabel="Neurons", ylabel="Layer", ylim=(-0.7, n_layers - 0.3))
-    dead_dense.legend(loc="best", fontsize=8)
-    _integer_ticks(density, dead_dense)
+    # Separate panels: dead counts are often a handful where dense ones are hundreds.
+    for axes, counted, color, what in ((dead_axes, result.dead, "black", "Dead (never active)"), (dense_axes, result.dense, "tab:orange", f"Dense (active on > {DENSE_FRACTION:.0%})")):
+        per_layer = counted.sum(axis=1)
+        axes.barh(layers, per_layer, color=color)
+        axes.set_xlim(0, max(1, per_layer.max()) * 1.1)
+        if per_layer.max() == 0:
+            axes.text(0.5, 0.5, "none", transform=axes.transAxes, ha="center", color="gray")
+        axes.set(title=f"{what}\nper layer, of {n_neurons}", xlabel="Neurons", ylabel="Layer", ylim=(-0.7, n_layers - 0.3))
+    _integer_ticks(density, dead_axes, dense_axes)
+    dead_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle("MLP neurons over the corpus (active: pre-activation > 0)")
     yield Figure("01_neuron_activation_frequency", figure, "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer")
 
