@@ -108,6 +108,7 @@ def run_ray(
     float rounding of the moments.
     """
     started_here = _start_ray(workers)
+    actors: list[Any] = []
     try:
         key = publish_model(model)
         n_workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
@@ -127,9 +128,9 @@ def run_ray(
                 shard = pending.pop(done[0])
                 state = state.merge(ray.get(done[0]))
                 bar.update(len(shard) * windows.shape[1])
-        for actor in actors:
-            ray.kill(actor)
         return state
     finally:
+        for actor in actors:
+            ray.kill(actor)
         if started_here:
             ray.shutdown()
