@@ -31,7 +31,7 @@ def local_ray() -> Iterator[None]:
     patch = pytest.MonkeyPatch()
     patch.setenv("RAY_AUTH_MODE", "disabled")
     # A short path: Ray's Unix sockets live under it, and socket paths are limited to ~107 bytes.
-    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    folder = Path(tempfile.mkdtemp(prefix="unraveled-test-ray-", dir="/tmp"))
     started = time.perf_counter()
     patch.setenv("RAY_TMPDIR", str(folder))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=str(folder))

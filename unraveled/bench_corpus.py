@@ -52,7 +52,7 @@ def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, 
     local_s = time.perf_counter() - started
     # A throwaway local Ray: its files and the published weights go to temporary folders, and
     # token authentication (which writes ~/.ray) is off for this cluster of one machine.
-    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_dir, tempfile.TemporaryDirectory() as cache, mock.patch.dict(
+    with tempfile.TemporaryDirectory(prefix="unraveled-bench-ray-", dir="/tmp") as ray_dir, tempfile.TemporaryDirectory() as cache, mock.patch.dict(
         os.environ, {"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "UNRAVELED_CACHE": cache}
     ):
         started = time.perf_counter()
