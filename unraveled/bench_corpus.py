@@ -24,6 +24,8 @@ from unittest import mock
 
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
+logger = logging.getLogger(__name__)
+
 THROUGHPUT_TOKENS = 1024
 MEMORY_TOKENS = (2048, 8192)
 CONTEXT_TOKENS = 128
@@ -85,8 +87,12 @@ def bench_memory(name: str = BUNDLED_SMOLLM2, sizes: tuple[int, ...] = MEMORY_TO
 
 
 def bench_corpus_atlas() -> dict[str, Any]:
-    """Everything above, for ``make bench``."""
-    return {"engines": bench_engines(), "memory": bench_memory()}
+    """Everything above, for ``make bench``; each part is logged as soon as it is measured."""
+    engines = bench_engines()
+    logger.warning("corpus atlas engines: %s", engines)
+    memory = bench_memory()
+    logger.warning("corpus atlas memory: %s", memory)
+    return {"engines": engines, "memory": memory}
 
 
 def main() -> int:
