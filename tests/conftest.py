@@ -1,7 +1,9 @@
 """Fixtures: tiny GPT-2- and Llama-shaped checkpoints with the real GPT-2 tokenizer, a
 Hugging Face cache holding a tiny ``gpt2``, and a helper to run the CLI as a user would.
 
-The checkpoints are built here, so the tests need no network and no downloaded weights.
+The checkpoints are built here, so the tests need no network and no downloaded weights. For the
+whole session, the converted-weights cache and the Hugging Face home point at temporary folders
+(``isolated_caches``), so no test, nor any process a test starts, touches the user's ``~/.cache``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,46 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An address where nothing listens: a hub that refuses at once, on any machine.
 UNREACHABLE_HUB = "http://127.0.0.1:9"
 FAKE_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+# Variables that would send Hugging Face's caches somewhere else than HF_HOME.
+_HF_CACHE_OVERRIDES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """UNRAVELED_CACHE and HF_HOME in temporary folders for the whole session.
+
+    The environment covers subprocesses (they inherit it); huggingface_hub read its constants
+    when it was imported, before any fixture ran, so they are patched as well. Tests that need
+    their own cache still set it (``weight_cache``, ``run_cli(env=...)``) on top of this.
+    """
+    root = tmp_path_factory.mktemp("session-caches")
+    unraveled_cache, hf_home = root / "unraveled", root / "hf_home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(unraveled_cache))
+        patch.setenv("HF_HOME", str(hf_home))
+        for name in _HF_CACHE_OVERRIDES:
+            patch.delenv(name, raising=False)
+        patch.setattr(hf_constants, "HF_HOME", str(hf_home))
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "default_cache_path"):
+            patch.setattr(hf_constants, name, str(hf_home / "hub"))
+        patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
+        patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
+        yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
@@ -115,3 +147,34 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout
     return subprocess.run(
         [sys.executable, "-m", "unraveled", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@dataclass(frozen=True)
+class TwoModelReport:
+    """Outputs of two configs run on both tiny models in one invocation, and the loads it made."""
+
+    out: Path
+    loads: list[tuple[str, str]]  # (model, weights) per call of load_model
+
+
+@pytest.fixture(scope="session")
+def two_model_report(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> TwoModelReport:
+    """``unraveled run attention logit_lens --model GPT2 --model LLAMA --format png,svg,pdf``: the
+    report's index, run and compare pages end to end (shared by the page and browser tests)."""
+    from unraveled import runner
+    from unraveled.cli import main
+
+    out = tmp_path_factory.mktemp("report") / "out"
+    loads: list[tuple[str, str]] = []
+
+    def counting_load_model(name: str, weights: str, *args: object, **kwargs: object) -> object:
+        loads.append((Path(name).name, weights))
+        return load_model(name, weights, *args, **kwargs)
+
+    load_model = runner.load_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(out.parent / "weight-cache"))
+        patch.setattr(runner, "load_model", counting_load_model)
+        args = ["run", "attention", "logit_lens", "--model", str(tiny_gpt2_dir), "--model", str(tiny_llama_dir)]
+        assert main([*args, "--out", str(out), "--format", "png,svg,pdf"]) == 0
+    return TwoModelReport(out, loads)
