@@ -35,7 +35,7 @@ DEFINITIONS = {
     "bos": "when the model prepends BOS to each window, that position is left out of the neuron statistics (it is the same in every window); residual and head statistics keep it",
     "residual": "blocks.L.hook_resid_post, absolute values per dimension",
     "massive_activation": "a residual dimension whose largest |value| is at least massive_ratio times the median over the layer's dimensions of their mean |value|; massive_activations lists the strongest 5 per layer, massive_dimensions_per_layer counts them all",
-    "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token, previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
+    "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token (queries 1.., as query 0 can only attend to itself), previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
     "corpus_markup": MARKDOWN_HANDLING,
 }
 

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from unraveled.engines.local import run_windows
 from unraveled.engines.state import AtlasSettings, AtlasState
 from unraveled.models import weight_cache
+from unraveled.models.loading import checkpoint_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def publish_model(model: HookedTransformer) -> str:
     """Put ``model`` into the converted-weights cache (once) for the workers; returns its key."""
     key = model_cache_key(model)
     if not weight_cache.has_entry(key):
-        weight_cache.store_entry(key, model)
+        n_parameters = checkpoint_parameters(model)
+        weight_cache.store_entry(key, model, n_parameters if n_parameters is not None else sum(p.numel() for p in model.parameters()))
     return key
 
 
@@ -66,13 +68,13 @@ class AtlasWorker:
 
     def __init__(self, cache_root: str, key: str, device: str) -> None:
         os.environ["UNRAVELED_CACHE"] = cache_root
-        model = weight_cache.load_entry(key, device)
-        if model is None:
+        entry = weight_cache.load_entry(key, device)
+        if entry is None:
             raise RuntimeError(
                 f"converted-weights entry {key} is not in {cache_root} on this node: on a cluster, "
                 "point UNRAVELED_CACHE at storage every node can read"
             )
-        self.model = model.requires_grad_(False)
+        self.model = entry[0].requires_grad_(False)
 
     def run(self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings) -> AtlasState:
         return run_windows(self.model, windows, numbers, settings, progress=False)

@@ -142,7 +142,8 @@ def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_po
     induction_mass = patterns.gather(-1, target)[..., 0]
     return {
         "entropy": attention_entropy_by_head(patterns),
-        "first_token": patterns[..., 0].mean(dim=-1),
+        # As unraveled.analysis.attention_sink_by_head: query 0 can only attend to itself, so it is left out.
+        "first_token": patterns[..., 1:, 0].mean(dim=-1),
         "previous_token": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1),
         "duplicate_token": _mean_where(duplicate_mass, masks.has_earlier),
         "induction": _mean_where(induction_mass, masks.has_target),
