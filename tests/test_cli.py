@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import experiments.embeddings as embeddings_module
+import unraveled.experiments.embeddings as embeddings_module
 from unraveled.cli import main
 
 SMALL = ["--set", "params.local_neighbours=100", "--set", "params.chunk_tokens=50"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.embeddings import GPT2_SMALL_DIMENSION_PAIRS, default_dimension_pairs
+from unraveled.experiments.embeddings import GPT2_SMALL_DIMENSION_PAIRS, default_dimension_pairs
 from unraveled.geometry import (
     cosine_similarity_matrix,
     cumulative_explained_variance,

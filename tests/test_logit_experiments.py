@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import activation_patching, logit_attribution, logit_lens
+from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
 from unraveled.logits import answer_token_id, logit_lens as decode, residual_hook_names
 from unraveled.models import load_model

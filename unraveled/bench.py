@@ -43,7 +43,7 @@ ORIGINAL_TOKEN_JOURNEY_S = 160.0
 
 def bench_token_journey(name: str = BUNDLED_SMOLLM2) -> dict[str, float]:
     """Wall time of token_journey's compute with default params, twice (numba caches warm up)."""
-    from experiments import token_journey
+    from unraveled.experiments import token_journey
 
     model = load_model(name, "raw", fallback=None).model
     times = []
@@ -69,7 +69,7 @@ def _gpt2_small_shaped(tokenizer: PreTrainedTokenizerBase) -> HookedTransformer:
 
 def bench_activation_patching() -> dict[str, float]:
     """Wall time of activation_patching's compute with default params, per model."""
-    from experiments import activation_patching
+    from unraveled.experiments import activation_patching
 
     smollm2 = load_model(BUNDLED_SMOLLM2, "processed", fallback=None).model
     timings = {}

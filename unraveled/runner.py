@@ -1,13 +1,17 @@
-"""Run configs: load each model once, compute, render, and own every file written.
+"""Run configs: load each model once, check, compute, render, and own every file written.
 
-For each config the runner seeds everything, calls the experiment's ``compute`` and ``render``,
-writes figures, views, ``metrics.json`` and ``manifest.json`` into a staging folder, swaps it
-in as ``OUT/<model>/<config>/``, and rebuilds ``OUT/index.html``.
+First every model is loaded once and every config's model-dependent params are checked against
+it, so a bad config stops the whole invocation before any file is written. Then, config by config
+(grouped by model and kind of weights, so one model is held at a time), the runner seeds
+everything, calls the experiment's ``compute`` and ``render``, writes figures, views,
+``metrics.json`` and ``manifest.json`` into a staging folder, swaps it in as
+``OUT/<model>/<config>/``, and rebuilds ``OUT/index.html``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib.metadata
 import logging
 import os
@@ -29,38 +33,58 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from unraveled import outputs  # noqa: E402
-from unraveled.config import LoadedConfig  # noqa: E402
-from unraveled.errors import ModelUnavailableError  # noqa: E402
-from unraveled.experiment import Figure, View, WeightsKind  # noqa: E402
+from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
+from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
+from unraveled.experiment import Figure, View, WeightsKind, check_params  # noqa: E402
 from unraveled.index import write_index  # noqa: E402
+from unraveled.memory import PeakMemory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.render import views  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gpt2"
 FIGURE_DPI = 110
 _VERSIONED_PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "scikit-learn", "umap-learn")
 
 
 @dataclass
 class ModelPool:
-    """Loads each (model, weights) pair once per invocation, and remembers fallbacks.
+    """Holds one loaded model at a time, and remembers fallbacks.
 
-    Once a model has fallen back, later configs asking for it fall back straight away instead
-    of probing the hub again.
+    A model (tens to hundreds of MB per copy) is the bulk of a run's memory; asking for another
+    model or kind of weights frees the one held first. Runs are grouped by model and kind, so
+    each is loaded once (later loads come from the converted-weights cache). Once a model has
+    fallen back, later configs asking for it fall back straight away instead of probing the hub
+    again.
     """
 
     device: str = "cpu"
     allow_fallback: bool = True
-    _loaded: dict[tuple[str, WeightsKind], LoadedModel] = field(default_factory=dict)
+    _held: tuple[tuple[str, WeightsKind], LoadedModel] | None = None
     _unavailable: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         key = (name, weights)
-        if key not in self._loaded:
-            self._loaded[key] = self._load(name, weights, source_label)
-        return self._loaded[key]
+        if self._held is not None and self._held[0] == key:
+            return self._held[1]
+        self.release()
+        loaded = self._load(name, weights, source_label)
+        self._held = (key, loaded)
+        return loaded
+
+    def peek(self, name: str) -> LoadedModel | None:
+        """The held model for ``name``, whatever its kind of weights (its shape and tokenizer are the same)."""
+        if self._held is not None and self._held[0][0] == name:
+            return self._held[1]
+        return None
+
+    def held_key(self) -> tuple[str, WeightsKind] | None:
+        return self._held[0] if self._held is not None else None
+
+    def release(self) -> None:
+        """Free the held model."""
+        self._held = None
+        gc.collect()
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
@@ -131,33 +155,78 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
+def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
+    """Check ``config``'s model-dependent params against the loaded model.
+
+    Raises:
+        ConfigError: Naming the config file, the param and what the model can take (exit 2).
+    """
+    try:
+        check_params(config.experiment, config.params, loaded.model)
+    except ParamError as error:
+        raise ConfigError(str(config.path), f"params.{error.field}", f"{error.problem} ({loaded.label()})") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch doesn't know or this machine doesn't have, before loading anything.
+
+    Raises:
+        ConfigError: Naming ``--device`` and the devices that would work (exit 2).
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError("--device", None, f"{device!r} is not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("--device", None, f"{device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError("--device", None, f"{device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device", None, f"{device!r}: MPS is not available on this machine; use --device cpu")
+        return
+    raise ConfigError("--device", None, f"{device!r}: unsupported device type; expected cpu, cuda, cuda:N or mps")
+
+
+def _write_artifacts(config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    figure_records, view_records = [], []
+    for artifact in config.experiment.render(result):
+        if isinstance(artifact, Figure):
+            _stamp_model(artifact, loaded.label())
+            path = staging / "figures" / f"{artifact.name}.png"
+            path.parent.mkdir(exist_ok=True)
+            artifact.figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
+            plt.close(artifact.figure)
+            figure_records.append({"file": f"figures/{path.name}", "caption": artifact.caption})
+        elif isinstance(artifact, View):
+            path = staging / "views" / f"{artifact.name}.html"
+            path.parent.mkdir(exist_ok=True)
+            facts = {"model": loaded.label(), **artifact.facts}
+            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index), encoding="utf-8")
+            view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
+    return figure_records, view_records
+
+
 def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
     """Run one config on one loaded model and publish its outputs; returns the run's folder."""
-    target = out_dir / loaded.slug / config.name
-    started = time.perf_counter()
-    _seed_everything(config.run.seed)
-    result = config.experiment.compute(loaded.model, config.params, config.run.seed)
-    computed = time.perf_counter()
-    staging = outputs.make_staging_dir(target)
+    target = outputs.run_target(out_dir, loaded.slug, config.name)
+    # Relative to where the view pages will live once published, not to the staging folder.
+    href_to_index = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
+    staging: Path | None = None
     try:
-        figure_records, view_records = [], []
-        for artifact in config.experiment.render(result):
-            if isinstance(artifact, Figure):
-                _stamp_model(artifact, loaded.label())
-                path = staging / "figures" / f"{artifact.name}.png"
-                path.parent.mkdir(exist_ok=True)
-                artifact.figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
-                plt.close(artifact.figure)
-                figure_records.append({"file": f"figures/{path.name}", "caption": artifact.caption})
-            elif isinstance(artifact, View):
-                path = staging / "views" / f"{artifact.name}.html"
-                path.parent.mkdir(exist_ok=True)
-                facts = {"model": loaded.label(), **artifact.facts}
-                # Relative to where the page will live once published, not to the staging folder.
-                index_href = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
-                path.write_text(views.page(artifact.title, facts, artifact.elements, index_href), encoding="utf-8")
-                view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
-        rendered = time.perf_counter()
+        with PeakMemory() as peak:
+            started = time.perf_counter()
+            _seed_everything(config.run.seed)
+            result = config.experiment.compute(loaded.model, config.params, config.run.seed)
+            computed = time.perf_counter()
+            staging = outputs.make_staging_dir(target)
+            figure_records, view_records = _write_artifacts(config, result, loaded, staging, href_to_index)
+            rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
             staging / "manifest.json",
@@ -170,20 +239,20 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
                 "seed": config.run.seed,
                 "model": _model_record(loaded),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "timings_seconds": {
-                    "compute": computed - started,
-                    "render": rendered - computed,
-                    "total": rendered - started,
-                },
+                "timings_seconds": {"compute": computed - started, "render": rendered - computed, "total": rendered - started},
+                # Peak resident memory of the process while this config computed and rendered,
+                # the loaded model included (sampled: see unraveled.memory).
+                "peak_rss_mb": round(peak.mb, 1),
                 "figures": figure_records,
                 "views": view_records,
                 "versions": _package_versions(),
                 "git_commit": _git_commit(),
             },
         )
-        outputs.publish(staging, target)
+        outputs.publish(staging, target, out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
@@ -195,7 +264,7 @@ def run_configs(
     device: str = "cpu",
     allow_fallback: bool = True,
 ) -> list[Path]:
-    """Run every config, loading each model once, rebuilding the index after each run.
+    """Check every config against its model, then run them, rebuilding the index after each run.
 
     Args:
         configs: Validated configs (validate them all first, so a bad one writes nothing).
@@ -203,16 +272,33 @@ def run_configs(
         model_override: ``--model``: use this model for every config.
         device: Torch device.
         allow_fallback: Fall back to the bundled model when the requested one can't be had.
+
+    Raises:
+        ConfigError: A param the model can't take, before any file is written.
     """
     pool = ModelPool(device=device, allow_fallback=allow_fallback)
+    planned = [
+        (config, model_override or config.run.model or DEFAULT_MODEL, "--model" if model_override else str(config.path))
+        for config in configs
+    ]
+    # Each model once, checking every config that uses it, before anything is written.
+    for model_name in dict.fromkeys(name for _, name, _ in planned):
+        users = [(config, label) for config, name, label in planned if name == model_name]
+        loaded = pool.peek(model_name) or pool.get(model_name, users[0][0].experiment.weights, users[0][1])
+        for config, _ in users:
+            check_config(config, loaded)
+    # Group by model and kind of weights (first appearance first) so each is loaded once.
+    groups = list(dict.fromkeys((name, config.experiment.weights) for config, name, _ in planned))
+    order = sorted(planned, key=lambda plan: groups.index((plan[1], plan[0].experiment.weights)))
+    held = pool.held_key()
+    order.sort(key=lambda plan: (plan[1], plan[0].experiment.weights) != held)  # the held model first
     written = []
-    for number, config in enumerate(configs, start=1):
-        model_name = model_override or config.run.model or DEFAULT_MODEL
-        source_label = "--model" if model_override else str(config.path)
-        logger.info("[%d/%d] %s: %s on %s", number, len(configs), config.name, config.experiment.title, model_name)
+    for number, (config, model_name, source_label) in enumerate(order, start=1):
         loaded = pool.get(model_name, config.experiment.weights, source_label)
+        logger.info("[%d/%d] %s: %s on %s", number, len(order), config.name, config.experiment.title, loaded.label())
         started = time.perf_counter()
         written.append(run_one(config, loaded, out_dir))
         write_index(out_dir)
-        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(configs), config.name, time.perf_counter() - started, written[-1])
+        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(order), config.name, time.perf_counter() - started, written[-1])
+    pool.release()
     return written
