@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.render.figures import panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 DEFAULT_PROMPTS = [
     "Alice gave Bob a goose, and he gave her a duck.",
@@ -26,10 +25,11 @@ DEFAULT_PROMPTS = [
 
 
 class MlpParams(Params):
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
-    toy_vectors: int = Field(1000, ge=2, description="Vectors in the superposition toy.")
-    toy_dims: int = Field(100, ge=2, description="Dimensions they live in.")
-    toy_steps: int = Field(300, ge=1, description="Adam steps.")
+    prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    # Bounded: the toy holds every pair's cosine (toy_vectors**2 / 2 numbers).
+    toy_vectors: int = Field(1000, ge=2, le=5000, description="Vectors in the superposition toy.")
+    toy_dims: int = Field(100, ge=2, le=4096, description="Dimensions they live in.")
+    toy_steps: int = Field(300, ge=1, le=100_000, description="Adam steps.")
     toy_lr: float = Field(0.01, gt=0)
     toy_cutoff: float = Field(0.01, ge=0, description="Cosines below this are not penalised.")
 
@@ -57,6 +57,8 @@ def superposition_toy(n_vectors: int, n_dims: int, steps: int, lr: float, cutoff
     The loss sums, over distinct pairs, how far |cos| exceeds ``cutoff``; far more vectors than
     dimensions still end up within about a degree of orthogonal to one another.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(n_vectors, n_dims, generator=generator).requires_grad_(True)
     optimiser = torch.optim.Adam([vectors], lr=lr)
@@ -79,6 +81,8 @@ def superposition_toy(n_vectors: int, n_dims: int, steps: int, lr: float, cutoff
 
 
 def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult:
+    from unraveled.activations import collect_activations
+
     toy = superposition_toy(params.toy_vectors, params.toy_dims, params.toy_steps, params.toy_lr, params.toy_cutoff, seed)
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
@@ -111,6 +115,8 @@ def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult
 
 
 def render(result: MlpResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import panels
+
     figure, (left, right) = panels(2)
     left.plot(result.toy.loss)
     left.set(title="Superposition toy: loss", xlabel="Adam step", ylabel="sum over pairs of relu(|cos| - cutoff)")

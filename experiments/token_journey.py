@@ -11,20 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.render.figures import panels
-from unraveled.umap_fit import umap_3d
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 HIDDEN_STATE_NOTE = "layer 0 = embeddings; layer i = after block i; last = after the final LayerNorm (Hugging Face hidden_states)"
 DEFAULT_SENTENCES = [
@@ -38,11 +35,11 @@ DEFAULT_SENTENCES = [
 
 
 class TokenJourneyParams(Params):
-    sentence: str = Field("He killed two birds with one stone by taking a quick action", min_length=1)
+    sentence: Prompt = "He killed two birds with one stone by taking a quick action"
     token_index: int = Field(5, ge=0, description="Which token of the sentence to follow (0 = first).")
-    umap_fit_tokens: int = Field(10000, ge=20, description="First token embeddings the UMAP is fitted on.")
-    umap_neighbours: int = Field(15, ge=2)
-    spread_sentences: list[str] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
+    umap_fit_tokens: int = Field(10000, ge=20, le=200_000, description="First token embeddings the UMAP is fitted on.")
+    umap_neighbours: int = Field(15, ge=2, le=200)
+    spread_sentences: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
 
 
 @dataclass(frozen=True)
@@ -79,10 +76,13 @@ class TokenJourneyResult:
 
 
 def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers
+    from unraveled.umap_fit import umap_3d
+
     acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
     n_tokens = acts.lengths[0]
-    if params.token_index >= n_tokens:
-        raise ValueError(f"params.token_index={params.token_index} out of range: the sentence has {n_tokens} tokens (0..{n_tokens - 1})")
     states = hidden_states(model, acts.cache)  # [state, batch, pos, d_model]
     sentence_states = states[:, 0, :n_tokens]
     token_ids = acts.tokens[0, :n_tokens]
@@ -119,6 +119,8 @@ def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str],
 
 
 def render(result: TokenJourneyResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import panels
+
     followed = result.tokens[result.token_index]
     figure, (axes,) = panels(1, projection_3d={0})
     figure.set_size_inches(9, 9)
@@ -157,4 +159,11 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     yield Figure("04_mean_distance_across_layers", figure, "How spread out a sentence's token states are, per layer")
 
 
-EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw")
+def check(model: HookedTransformer, params: TokenJourneyParams) -> None:
+    """The followed token must be in the sentence (tokenised without BOS, as ``compute`` does)."""
+    n_tokens = len(model.tokenizer.encode(params.sentence, add_special_tokens=False))
+    if params.token_index >= n_tokens:
+        raise ParamError("token_index", f"{params.token_index} is beyond the sentence: it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})")
+
+
+EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw", check=check)

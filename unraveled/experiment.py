@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unraveled.errors import ParamError
 
+__all__ = ["ParamError"]  # re-exported: experiments raise it from their check
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
     from transformer_lens import HookedTransformer
