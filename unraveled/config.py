@@ -198,12 +198,12 @@ def _split_override(override: str) -> tuple[list[str], str]:
     return parts, value
 
 
-def _override_value(parts: list[str], text: str, schema: type[BaseModel] | None) -> Any:
-    """A string field's value is taken as written; any other value is read as YAML."""
-    field = schema.model_fields.get(parts[-1]) if schema is not None and len(parts) == 1 else None
+def _override_value(parts: list[str], text: str, schema: type[BaseModel], key: str) -> Any:
+    """A text field's value is taken as written; any other value is read as YAML."""
+    field = schema.model_fields.get(parts[-1]) if len(parts) == 1 else None
     if field is not None and _is_text_field(field.annotation):
         return text
-    return parse_yaml(text, "--set", ".".join(parts))
+    return parse_yaml(text, "--set", key)
 
 
 def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
@@ -260,7 +260,7 @@ def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: lis
         if parts[0] == "experiment":
             raise ConfigError("--set", "experiment", "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead")
         if parts[0] != "params":
-            _apply_override(raw, parts, _override_value(parts, text, RunConfig), source)
+            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), source)
     try:
         run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
     except ValidationError as error:
@@ -280,7 +280,7 @@ def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: lis
         if parts[0] == "params":
             if len(parts) == 1:
                 raise ConfigError("--set", "params", "set one param at a time: --set params.NAME=VALUE")
-            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params), source)
+            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), source)
     try:
         params = experiment.params.model_validate(raw_params)
     except ValidationError as error:
