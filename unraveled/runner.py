@@ -10,6 +10,7 @@ everything, calls the experiment's ``compute`` and ``render``, writes figures, v
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import gc
 import importlib.metadata
@@ -69,6 +70,7 @@ class ModelPool:
             return self._held[1]
         self.release()
         loaded = self._load(name, weights, source_label)
+        _return_freed_memory()  # the conversion's temporary copies
         self._held = (key, loaded)
         return loaded
 
@@ -82,9 +84,10 @@ class ModelPool:
         return self._held[0] if self._held is not None else None
 
     def release(self) -> None:
-        """Free the held model."""
+        """Free the held model, and hand the freed memory back to the system."""
         self._held = None
         gc.collect()
+        _return_freed_memory()
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
@@ -103,6 +106,16 @@ class ModelPool:
             self._unavailable[name] = loaded.fallback_reason
         logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
         return loaded
+
+
+def _return_freed_memory() -> None:
+    # glibc keeps freed blocks in its arenas, so a freed model still counts in the process's
+    # resident memory, and the next model loads on top of it; malloc_trim gives them back.
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 def _seed_everything(seed: int) -> None:
@@ -298,6 +311,7 @@ def run_configs(
         logger.info("[%d/%d] %s: %s on %s", number, len(order), config.name, config.experiment.title, loaded.label())
         started = time.perf_counter()
         written.append(run_one(config, loaded, out_dir))
+        _return_freed_memory()  # the config's activations and figures
         write_index(out_dir)
         logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(order), config.name, time.perf_counter() - started, written[-1])
     pool.release()

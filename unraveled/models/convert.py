@@ -8,6 +8,7 @@ local ``config.json`` though, so we call them directly and then process the weig
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 from pathlib import Path
@@ -57,6 +58,9 @@ def hooked_from_hf(
 ) -> HookedTransformer:
     """Convert ``hf_model`` with TransformerLens's own converters and processing.
 
+    Pass the model straight from ``from_pretrained`` without keeping a reference: it is freed as
+    soon as its weights are converted, so the conversion never holds three copies of the model.
+
     Args:
         hf_model: A GPT-2, Llama or other TransformerLens-supported causal LM, in float32.
         tokenizer: Its tokenizer.
@@ -79,8 +83,13 @@ def hooked_from_hf(
             default_prepend_bos=default_prepend_bos,
         )
         state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
+    del hf_model
+    gc.collect()
     cfg.model_name = model_name
     cfg.tokenizer_name = None
+    # Every weight is overwritten from the state dict: skip the random initialisation, whose
+    # pages would otherwise all be touched (memory and time) only to be replaced.
+    cfg.init_weights = False
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
     return model.eval()

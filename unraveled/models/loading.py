@@ -115,8 +115,11 @@ def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[Hook
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
-        model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
+        # Passed without keeping a name for it, so the conversion can free it (see hooked_from_hf).
+        model = hooked_from_hf(
+            AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True),
+            tokenizer, weights, model_name=source.slug,
+        )
     except Exception as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}") from None
     return model, f"local checkpoint ({source.path})"
@@ -129,9 +132,11 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
             f"the bundled model {source.name!r} needs the {source.package} package: {source.install_hint}"
         )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # SmolLM2's tokenizer adds no BOS and the model was trained without one.
-    model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.name, default_prepend_bos=False)
+    model = hooked_from_hf(
+        AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32),
+        tokenizer, weights, model_name=source.name, default_prepend_bos=False,
+    )
     return model, f"bundled GGUF, dequantized ({gguf})"
 
 
