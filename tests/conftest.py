@@ -95,6 +95,19 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("smollm2_weight_cache")
 
 
+@pytest.fixture(scope="session")
+def shared_weight_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared_weight_cache")
+
+
+@pytest.fixture
+def warm_weight_cache(shared_weight_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A converted-weights cache shared by every test that uses it, so each tiny model is converted
+    once per session; for tests of something else than the cache (the cache has its own tests)."""
+    monkeypatch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
+    return shared_weight_cache_dir
+
+
 @pytest.fixture
 def weight_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty converted-weights cache for this test."""

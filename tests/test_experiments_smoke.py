@@ -33,7 +33,7 @@ EXPECTED_FIGURES = {
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
 @pytest.mark.parametrize("config", sorted(FAST))
-def test_experiment_runs_through_cli_smoke(config: str, checkpoint: str, request: pytest.FixtureRequest, tmp_path: Path, weight_cache: Path) -> None:
+def test_experiment_runs_through_cli_smoke(config: str, checkpoint: str, request: pytest.FixtureRequest, tmp_path: Path, warm_weight_cache: Path) -> None:
     folder = request.getfixturevalue(checkpoint)
     out = tmp_path / "out"
     assert main(["run", config, "--model", str(folder), "--out", str(out), *FAST[config]]) == 0
@@ -52,7 +52,7 @@ def test_experiment_runs_through_cli_smoke(config: str, checkpoint: str, request
         assert len(metrics["cosine_to_own_embedding"]) == 3  # embeddings + 2 layers
 
 
-def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out"), "--set", "params.head=7"]) == 2
     assert "params.head: 7 is out of range: the model has 4 heads" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -40,12 +40,11 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *fragments: st
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> Path:
     """An output folder holding one finished run of the tiny model, to prove nothing is lost."""
     out = tmp_path_factory.mktemp("published") / "out"
-    cache = tmp_path_factory.mktemp("published_cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(cache))
+        patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
         assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     return out
 
@@ -106,7 +105,7 @@ def test_rejected_values_are_shortened_in_messages(tmp_path: Path, capsys: pytes
     ],
 )
 def test_model_dependent_params_refused_before_anything_is_written(
-    config: str, setting: str, fragments: list[str], published: Path, tiny_gpt2_dir: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    config: str, setting: str, fragments: list[str], published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = _tree(published)
     _refused(["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting], capsys, f"configs/{config}.yaml", *fragments)
@@ -122,7 +121,7 @@ def test_logit_lens_documents_a_tighter_prompt_cap(tiny_gpt2_dir: Path, tmp_path
 
 # 4. Ctrl-C.
 def test_ctrl_c_exits_130_saying_so_and_leaves_nothing_half_written(
-    published: Path, tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from unraveled.experiments import layernorm
 
@@ -223,7 +222,7 @@ def _broken_checkpoint(source: Path, folder: Path, damage: str) -> Path:
     [("empty", "no config.json"), ("corrupt config.json", "not valid JSON"), ("no tokenizer", "no tokenizer"), ("truncated weights", "not a usable checkpoint")],
 )
 def test_a_folder_that_is_not_a_checkpoint_is_bad_input(
-    damage: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    damage: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = _broken_checkpoint(tiny_gpt2_dir, tmp_path / "broken", damage)
     _refused(["run", "mlp", "--model", str(folder), "--out", str(tmp_path / "out")], capsys, str(folder), fragment)
@@ -235,7 +234,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_bad_input(
 
 # 6. Nothing is written when any config of the invocation is bad.
 @pytest.mark.parametrize(("bad", "fragment"), [("model: nonsense-model-name\n", "unknown model"), ("params:\n  head: 9\n", "params.head")])
-def test_run_good_bad_writes_nothing(bad: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_good_bad_writes_nothing(bad: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "configs"
     model = f"model: {tiny_gpt2_dir}\n"
     _config(folder, "good.yaml", "experiment: layernorm\ndescription: d\n" + model)

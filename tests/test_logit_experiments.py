@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unraveled.errors import ParamError
 from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
 from unraveled.logits import answer_token_id, logit_lens as decode, residual_hook_names
@@ -81,5 +82,5 @@ def test_patching_recovers_one_at_the_end_and_zero_before_the_difference(model) 
 
 def test_patching_refuses_prompts_of_different_lengths(model) -> None:  # type: ignore[no-untyped-def]
     params = activation_patching.ActivationPatchingParams(clean=PROMPT, corrupted="When Mary went to the store, Mary gave a drink to")
-    with pytest.raises(ValueError, match="same token length"):
-        activation_patching.compute(model, params, seed=0)
+    with pytest.raises(ParamError, match="same token length"):
+        activation_patching.check(model, params)

@@ -30,14 +30,14 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(tmp_path: Path, monkey
 def test_gpt2_from_the_hugging_face_cache_runs_offline(hf_home_with_gpt2: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": str(tmp_path / "cache")}
-    done = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"], env)
+    done = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200", "--set", "params.local_subsets=2"], env)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "gpt2" / "embeddings" / "manifest.json").read_text())
     assert manifest["model"]["used"] == "gpt2" and not manifest["model"]["is_fallback"]
     assert manifest["model"]["loaded_from"].startswith("Hugging Face cache")
     assert manifest["model"]["d_model"] == 64
     # The second invocation reads the converted-weights cache instead.
-    again = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"], env)
+    again = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200", "--set", "params.local_subsets=2"], env)
     assert again.returncode == 0, again.stderr
     manifest = json.loads((out / "gpt2" / "embeddings" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"]
