@@ -40,7 +40,8 @@ def _log_handler() -> logging.Handler:
 
         return RichHandler(console=console, show_path=False, markup=False)
     # Not a terminal (CI, `make all > log`): one plain line per message, never wrapped, so paths
-    # stay whole and the log greps.
+    # stay whole and the log greps; and no progress bars redrawn into the file.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     return handler

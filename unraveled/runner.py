@@ -93,7 +93,9 @@ class ModelPool:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
         if name in self._unavailable and fallback is not None:
             loaded = load_model(fallback, weights, self.device, fallback=None)
-            return replace(loaded, requested=name, fallback_reason=self._unavailable[name])
+            loaded = replace(loaded, requested=name, fallback_reason=self._unavailable[name])
+            logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
+            return loaded
         try:
             loaded = load_model(name, weights, self.device, fallback=fallback, source_label=source_label)
         except ModelUnavailableError as error:
