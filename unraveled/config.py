@@ -265,7 +265,7 @@ def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: lis
         run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
     except ValidationError as error:
         raise _format_validation_error(error, source, "", RunConfig) from None
-    if not isinstance(raw.get("params", {}), dict):
+    if not isinstance(raw.get("params") or {}, dict):
         raise ConfigError(source, "params", f"expected a mapping of the experiment's params, got {shorten(raw['params'])}")
     known = available_experiments()
     if run.experiment not in known:
