@@ -1,9 +1,10 @@
 """The journey of a token: its hidden state at every layer, mapped into a UMAP of the token
 embeddings, and how close each state stays to its own, the next and the predicted token.
 
-Hidden states follow Hugging Face's ``output_hidden_states`` convention (index 0 the embedding
-sum, index i the residual stream after block i, the last with the final LayerNorm applied), so
-they need raw weights and, like the original analysis, no BOS token.
+Hidden states follow Hugging Face's ``output_hidden_states`` convention, which is the toolkit's
+(``unraveled.analysis.STATE_CONVENTION``: state 0 the embedding sum, state i the residual stream
+after block i-1, blocks counting from 0), the last with the final LayerNorm applied; so they need
+raw weights and, like the original analysis, no BOS token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
@@ -23,14 +23,23 @@ from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figu
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
 
-HIDDEN_STATE_NOTE = "layer 0 = embeddings; layer i = after block i; last = after the final LayerNorm (Hugging Face hidden_states)"
+def hidden_state_note() -> str:
+    """The toolkit's state convention, as this experiment's hidden states follow it."""
+    from unraveled.analysis import STATE_CONVENTION
+
+    return f"{STATE_CONVENTION}; the last state has the final norm applied (Hugging Face hidden_states)"
+
+
+# The original analysis's five sentences, so that the spread figure compares with its figure.
 DEFAULT_SENTENCES = [
-    "Hi.",
-    "The cat sat on the mat.",
-    "He killed two birds with one stone by taking a quick action.",
-    "In the middle of the night, the old lighthouse keeper climbed the winding stairs to check the lamp once more before the storm.",
-    "Although the committee had debated the proposal for several weeks, weighing its costs against its benefits and hearing from "
-    "dozens of residents, it adjourned without a vote, leaving the future of the park, the library and the bridge uncertain.",
+    "He killed two birds with one stone by taking a quick action",
+    "She won the race and broke the record in her age group by ten seconds",
+    "A rolling stone gathers no moss, it moves through hill and dale without a single pause",
+    "Despite the stormy weather and the warning from the news, we ventured out into the dense forest, hoping to catch a "
+    "glimpse of the rare wildlife species",
+    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting a golden glow on the "
+    "shimmering lake, I found myself lost in thought, reflecting on the decisions of the past and how they had led me to "
+    "this particular point in my life",
 ]
 
 
@@ -56,6 +65,7 @@ class TokenJourneyResult:
     spread_distance: Float[NDArray, "state sentences"]
     spread_trace: Float[NDArray, "state sentences"]
     spread_lengths: list[int]
+    state_labels: list[str]
     umap_seconds: float
 
     def metrics(self) -> dict[str, Any]:
@@ -63,7 +73,8 @@ class TokenJourneyResult:
             "tokens": self.tokens,
             "followed_token": self.tokens[self.token_index],
             "predicted_next_token": self.predicted_token,
-            "hidden_state_convention": HIDDEN_STATE_NOTE,
+            "hidden_state_convention": hidden_state_note(),
+            "states": self.state_labels,
             "cosine_to_own_embedding": self.cos_own,
             "cosine_to_next_embedding": self.cos_next,
             "cosine_to_last_hidden_state": self.cos_last_state,
@@ -78,7 +89,7 @@ class TokenJourneyResult:
 def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
     import torch
     from unraveled.activations import collect_activations
-    from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers
+    from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers, state_labels
     from unraveled.umap_fit import umap_3d
 
     acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
@@ -107,18 +118,22 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
         spread_distance=distance.numpy(),
         spread_trace=trace.numpy(),
         spread_lengths=acts.lengths[1:],
+        state_labels=state_labels(model.cfg.n_layers, final_norm=True),
         umap_seconds=umap_seconds,
     )
 
 
 def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str) -> None:
+    from unraveled.analysis import STATE_AXIS_LABEL
+
     for line, label in enumerate(labels):
         axes.plot(values[:, line], label=label)
-    axes.set(title=title, xlabel="Layer (hidden-state index)", ylabel="cosine similarity")
+    axes.set(title=title, xlabel=STATE_AXIS_LABEL, ylabel="cosine similarity")
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
 
 
 def render(result: TokenJourneyResult) -> Iterator[Artifact]:
+    from unraveled.analysis import STATE_AXIS_LABEL
     from unraveled.render.figures import panels
 
     followed = result.tokens[result.token_index]
@@ -132,30 +147,30 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     axes.text(*result.trajectory_umap[-1], followed, color="purple", fontsize=14)
     axes.set(title=f"Journey of {followed!r} through the layers (UMAP of token embeddings)", xlabel="UMAP 1", ylabel="UMAP 2", zlabel="UMAP 3")
     axes.legend()
-    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {HIDDEN_STATE_NOTE}")
+    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {hidden_state_note()}")
 
     figure, (left, right) = panels(2)
     pairs = [f"{a} → {b}" for a, b in zip(result.tokens, result.tokens[1:])]
     _curves(left, result.cos_next, pairs, "Cosine similarity to the next token's embedding")
     _curves(right, result.cos_own, result.tokens, "Cosine similarity to its own token embedding")
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("02_cosine_similarities", figure, "Each token's hidden state vs its own and the next token's embedding")
 
     figure, (left, right) = panels(2)
     _curves(left, result.cos_last_state, result.tokens, "Cosine similarity to the last token's hidden state")
     _curves(right, result.cos_predicted, result.tokens, f"Cosine similarity to the predicted token {result.predicted_token!r}")
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("03_cosine_similarities_next", figure, f"Hidden states vs the last state and the predicted token {result.predicted_token!r}")
 
     figure, (left, right) = panels(2)
     for index, length in enumerate(result.spread_lengths):
         left.plot(result.spread_distance[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
         right.plot(result.spread_trace[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
-    left.set(title="Mean distance of token states from their centroid", xlabel="Layer (hidden-state index)", ylabel="mean distance")
-    right.set(title="Trace of the covariance of token states", xlabel="Layer (hidden-state index)", ylabel="covariance trace")
+    left.set(title="Mean distance of token states from their centroid", xlabel=STATE_AXIS_LABEL, ylabel="mean distance")
+    right.set(title="Trace of the covariance of token states", xlabel=STATE_AXIS_LABEL, ylabel="covariance trace")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("04_mean_distance_across_layers", figure, "How spread out a sentence's token states are, per layer")
 
 

@@ -8,7 +8,6 @@ local ``config.json`` though, so we call them directly and then process the weig
 
 from __future__ import annotations
 
-import gc
 import json
 import tempfile
 from pathlib import Path
@@ -58,9 +57,6 @@ def hooked_from_hf(
 ) -> HookedTransformer:
     """Convert ``hf_model`` with TransformerLens's own converters and processing.
 
-    Pass the model straight from ``from_pretrained`` without keeping a reference: it is freed as
-    soon as its weights are converted, so the conversion never holds three copies of the model.
-
     Args:
         hf_model: A GPT-2, Llama or other TransformerLens-supported causal LM, in float32.
         tokenizer: Its tokenizer.
@@ -83,8 +79,6 @@ def hooked_from_hf(
             default_prepend_bos=default_prepend_bos,
         )
         state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
-    del hf_model
-    gc.collect()
     cfg.model_name = model_name
     cfg.tokenizer_name = None
     # Every weight is overwritten from the state dict: skip the random initialisation, whose
