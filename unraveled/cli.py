@@ -21,6 +21,7 @@ from rich.table import Table
 from unraveled.config import DEFAULT_CONFIG_DIR, DEFAULT_MODEL, LoadedConfig, config_names, load_config
 from unraveled.errors import ConfigError, UnraveledError
 from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
+from unraveled.render.export import parse_formats
 
 SET_HELP = (
     "Override a config value: KEY=VALUE, e.g. params.head=3 or seed=1. A value for a text field "
@@ -98,7 +99,13 @@ def _check_model_name(name: str, source: str) -> None:
 def run(
     names: Annotated[list[str] | None, typer.Argument(help="Config names (configs/NAME.yaml) or YAML paths.")] = None,
     run_all: Annotated[bool, typer.Option("--all", help="Run every config in the config folder.")] = False,
-    model: Annotated[str | None, typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),
+    ] = None,
+    figure_format: Annotated[
+        list[str] | None, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf (default png).")
+    ] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "outputs",
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
@@ -115,15 +122,20 @@ def run(
     selected = config_names(config_dir) if run_all else list(dict.fromkeys(names or []))
     # Validate everything, every model name included, before loading a model or writing a file.
     configs: list[LoadedConfig] = [load_config(name, config_dir, overrides) for name in selected]
-    if model is not None:
-        _check_model_name(model, "--model")
-    else:
+    try:
+        formats = parse_formats(figure_format or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--format") from None
+    models = list(dict.fromkeys(model or []))  # each model once, in the order given
+    for name in models:
+        _check_model_name(name, "--model")
+    if not models:
         for config in configs:
             _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
     from unraveled.runner import check_device, run_configs  # heavy imports only once the input is valid
 
     check_device(device)
-    written = run_configs(configs, out_dir, model_override=model, device=device, allow_fallback=not no_fallback)
+    written = run_configs(configs, out_dir, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
     console.print(f"wrote {len(written)} run(s); open {out_dir / 'index.html'}", soft_wrap=True, markup=False, highlight=False)
 
 

@@ -5,7 +5,7 @@ it, so a bad config stops the whole invocation before any file is written. Then,
 (grouped by model and kind of weights, so one model is held at a time), the runner seeds
 everything, calls the experiment's ``compute`` and ``render``, writes figures, views,
 ``metrics.json`` and ``manifest.json`` into a staging folder, swaps it in as
-``OUT/<model>/<config>/``, and rebuilds ``OUT/index.html``.
+``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
 from unraveled.experiment import Figure, View, WeightsKind, check_params  # noqa: E402
-from unraveled.index import write_index  # noqa: E402
 from unraveled.memory import PeakMemory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
-from unraveled.render import views  # noqa: E402
+from unraveled.render import export, views  # noqa: E402
+from unraveled.render.pages import write_pages  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -209,26 +209,25 @@ def check_device(device: str) -> None:
     raise ConfigError("--device", None, f"{device!r}: unsupported device type; expected cpu, cuda, cuda:N or mps")
 
 
-def _write_artifacts(config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _write_artifacts(
+    config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     figure_records, view_records = [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
             _stamp_model(artifact, loaded.label())
-            path = staging / "figures" / f"{artifact.name}.png"
-            path.parent.mkdir(exist_ok=True)
-            artifact.figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
+            figure_records.append(export.save_figure(artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI))
             plt.close(artifact.figure)
-            figure_records.append({"file": f"figures/{path.name}", "caption": artifact.caption})
         elif isinstance(artifact, View):
             path = staging / "views" / f"{artifact.name}.html"
             path.parent.mkdir(exist_ok=True)
             facts = {"model": loaded.label(), **artifact.facts}
-            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index), encoding="utf-8")
+            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html"), encoding="utf-8")
             view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
     return figure_records, view_records
 
 
-def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
+def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: Sequence[str] = export.DEFAULT_FORMATS) -> Path:
     """Run one config on one loaded model and publish its outputs; returns the run's folder."""
     target = outputs.run_target(out_dir, loaded.slug, config.name)
     # Relative to where the view pages will live once published, not to the staging folder.
@@ -241,7 +240,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
             result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
             staging = outputs.make_staging_dir(target)
-            figure_records, view_records = _write_artifacts(config, result, loaded, staging, href_to_index)
+            figure_records, view_records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
@@ -276,46 +275,52 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
 def run_configs(
     configs: Sequence[LoadedConfig],
     out_dir: Path,
-    model_override: str | None = None,
+    models: Sequence[str] = (),
     device: str = "cpu",
     allow_fallback: bool = True,
+    formats: Sequence[str] = export.DEFAULT_FORMATS,
 ) -> list[Path]:
-    """Check every config against its model, then run them, rebuilding the index after each run.
+    """Check every config against its model, then run them, rebuilding the pages after each run.
 
     Args:
         configs: Validated configs (validate them all first, so a bad one writes nothing).
         out_dir: Root of the outputs.
-        model_override: ``--model``: use this model for every config.
+        models: ``--model``, repeatable: run every config on each of these models, one model
+            after the other; empty: each config on the model it names.
         device: Torch device.
         allow_fallback: Fall back to the bundled model when the requested one can't be had.
+        formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
 
     Raises:
-        ConfigError: A param the model can't take, before any file is written.
+        ConfigError: A param a model can't take, before any file is written.
     """
     pool = ModelPool(device=device, allow_fallback=allow_fallback)
-    planned = [
-        (config, model_override or config.run.model or DEFAULT_MODEL, "--model" if model_override else str(config.path))
-        for config in configs
-    ]
+    if models:
+        planned = [(config, model, "--model") for model in models for config in configs]
+    else:
+        planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
     # Each model once, checking every config that uses it, before anything is written.
     for model_name in dict.fromkeys(name for _, name, _ in planned):
         users = [(config, label) for config, name, label in planned if name == model_name]
         loaded = pool.peek(model_name) or pool.get(model_name, users[0][0].experiment.weights, users[0][1])
         for config, _ in users:
             check_config(config, loaded)
-    # Group by model and kind of weights (first appearance first) so each is loaded once.
+    # Model by model, and within a model by kind of weights, so each is loaded once.
     groups = list(dict.fromkeys((name, config.experiment.weights) for config, name, _ in planned))
     order = sorted(planned, key=lambda plan: groups.index((plan[1], plan[0].experiment.weights)))
     held = pool.held_key()
     order.sort(key=lambda plan: (plan[1], plan[0].experiment.weights) != held)  # the held model first
-    written = []
+    written: list[Path] = []
     for number, (config, model_name, source_label) in enumerate(order, start=1):
         loaded = pool.get(model_name, config.experiment.weights, source_label)
         logger.info("[%d/%d] %s: %s on %s", number, len(order), config.name, config.experiment.title, loaded.label())
         started = time.perf_counter()
-        written.append(run_one(config, loaded, out_dir))
+        target = run_one(config, loaded, out_dir, formats)
         _return_freed_memory()  # the config's activations and figures
-        write_index(out_dir)
-        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(order), config.name, time.perf_counter() - started, written[-1])
+        if target in written:  # e.g. two models that both fell back to the bundled one
+            logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
+        written.append(target)
+        write_pages(out_dir)
+        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(order), config.name, time.perf_counter() - started, target)
     pool.release()
     return written
