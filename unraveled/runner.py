@@ -1,8 +1,9 @@
 """Run configs: load each model once, check, compute, render, and own every file written.
 
 First every model is loaded once and every config's model-dependent params are checked against
-it, so a bad config stops the whole invocation before any file is written. Then, config by config
-(grouped by model and kind of weights, so one model is held at a time), the runner seeds
+it, so a bad config stops the whole invocation before any file is written. Then, model by model
+(and within a model by kind of weights, each loaded once, each model freed once its configs are
+done), the runner seeds
 everything, calls the experiment's ``compute`` and ``render``, writes figures, views,
 ``metrics.json`` and ``manifest.json`` into a staging folder, swaps it in as
 ``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
@@ -50,42 +51,45 @@ _VERSIONED_PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis
 
 @dataclass
 class ModelPool:
-    """Holds one loaded model at a time, and remembers fallbacks.
+    """Holds one kind of weights per model, frees a model once asked, and remembers fallbacks.
 
-    A model (tens to hundreds of MB per copy) is the bulk of a run's memory; asking for another
-    model or kind of weights frees the one held first. Runs are grouped by model and kind, so
-    each is loaded once (later loads come from the converted-weights cache). Once a model has
-    fallen back, later configs asking for it fall back straight away instead of probing the hub
-    again.
+    A model is the bulk of a run's memory. Asking for a model in the other kind of weights frees
+    the kind held first (runs are grouped so each kind loads once; a later load comes from the
+    converted-weights cache), and the runner releases a model once its configs are done. Once a
+    model has fallen back, later configs asking for it fall back straight away instead of probing
+    the hub again.
     """
 
     device: str = "cpu"
     allow_fallback: bool = True
-    _held: tuple[tuple[str, WeightsKind], LoadedModel] | None = None
+    _loaded: dict[str, tuple[WeightsKind, LoadedModel]] = field(default_factory=dict)
     _unavailable: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
-        key = (name, weights)
-        if self._held is not None and self._held[0] == key:
-            return self._held[1]
-        self.release()
+        held = self._loaded.get(name)
+        if held is not None and held[0] == weights:
+            return held[1]
+        self.release(name)
         loaded = self._load(name, weights, source_label)
         _return_freed_memory()  # the conversion's temporary copies
-        self._held = (key, loaded)
+        self._loaded[name] = (weights, loaded)
         return loaded
 
     def peek(self, name: str) -> LoadedModel | None:
-        """The held model for ``name``, whatever its kind of weights (its shape and tokenizer are the same)."""
-        if self._held is not None and self._held[0][0] == name:
-            return self._held[1]
-        return None
+        """The held model ``name``, whatever its kind of weights (shape and tokenizer are the same)."""
+        held = self._loaded.get(name)
+        return held[1] if held is not None else None
 
-    def held_key(self) -> tuple[str, WeightsKind] | None:
-        return self._held[0] if self._held is not None else None
+    def held_kind(self, name: str) -> WeightsKind | None:
+        held = self._loaded.get(name)
+        return held[0] if held is not None else None
 
-    def release(self) -> None:
-        """Free the held model, and hand the freed memory back to the system."""
-        self._held = None
+    def release(self, name: str | None = None) -> None:
+        """Free model ``name`` (every model when None), and hand the memory back to the system."""
+        if name is None:
+            self._loaded.clear()
+        elif self._loaded.pop(name, None) is None:
+            return
         gc.collect()
         _return_freed_memory()
 
@@ -299,28 +303,32 @@ def run_configs(
         planned = [(config, model, "--model") for model in models for config in configs]
     else:
         planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
-    # Each model once, checking every config that uses it, before anything is written.
-    for model_name in dict.fromkeys(name for _, name, _ in planned):
+    # Each model once, checking every config that uses it, before anything is written. The models
+    # stay loaded until their configs have run (one model in the usual invocation).
+    model_names = list(dict.fromkeys(name for _, name, _ in planned))
+    for model_name in model_names:
         users = [(config, label) for config, name, label in planned if name == model_name]
-        loaded = pool.peek(model_name) or pool.get(model_name, users[0][0].experiment.weights, users[0][1])
+        loaded = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
         for config, _ in users:
             check_config(config, loaded)
-    # Model by model, and within a model by kind of weights, so each is loaded once.
-    groups = list(dict.fromkeys((name, config.experiment.weights) for config, name, _ in planned))
-    order = sorted(planned, key=lambda plan: groups.index((plan[1], plan[0].experiment.weights)))
-    held = pool.held_key()
-    order.sort(key=lambda plan: (plan[1], plan[0].experiment.weights) != held)  # the held model first
     written: list[Path] = []
-    for number, (config, model_name, source_label) in enumerate(order, start=1):
-        loaded = pool.get(model_name, config.experiment.weights, source_label)
-        logger.info("[%d/%d] %s: %s on %s", number, len(order), config.name, config.experiment.title, loaded.label())
-        started = time.perf_counter()
-        target = run_one(config, loaded, out_dir, formats)
-        _return_freed_memory()  # the config's activations and figures
-        if target in written:  # e.g. two models that both fell back to the bundled one
-            logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
-        written.append(target)
-        write_pages(out_dir)
-        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(order), config.name, time.perf_counter() - started, target)
+    number = 0
+    for model_name in model_names:
+        # The kind of weights already held first, then the other: each kind loads once.
+        held = pool.held_kind(model_name)
+        runs = sorted(((c, label) for c, name, label in planned if name == model_name), key=lambda run: run[0].experiment.weights != held)
+        for config, source_label in runs:
+            number += 1
+            loaded = pool.get(model_name, config.experiment.weights, source_label)
+            logger.info("[%d/%d] %s: %s on %s", number, len(planned), config.name, config.experiment.title, loaded.label())
+            started = time.perf_counter()
+            target = run_one(config, loaded, out_dir, formats)
+            _return_freed_memory()  # the config's activations and figures
+            if target in written:  # e.g. two models that both fell back to the bundled one
+                logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
+            written.append(target)
+            write_pages(out_dir)
+            logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(planned), config.name, time.perf_counter() - started, target)
+        pool.release(model_name)  # done with this model: free it before the next one runs
     pool.release()
     return written
