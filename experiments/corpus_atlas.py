@@ -6,23 +6,25 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
 from numpy.typing import NDArray
-from matplotlib.ticker import MaxNLocator
 from pydantic import Field, field_validator
-from transformer_lens import HookedTransformer
 
-from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, corpus_windows, resolve_sources
-from unraveled.engines import run_engine
-from unraveled.engines.state import HEAD_SCORES, AtlasSettings, AtlasState
+from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
 from unraveled.errors import ConfigError
-from unraveled.experiment import Artifact, Experiment, Figure, Params, Table, View
-from unraveled.heads import top_heads
-from unraveled.render.figures import heatmap, panels
-from unraveled.render.views import Element
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Table, View
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
+
+    from unraveled.engines.state import AtlasSettings, AtlasState
+
+# Validating a config imports this module: torch, transformer_lens and matplotlib are imported
+# inside the functions that need them.
+HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
 
 DENSE_FRACTION = 0.5
 TOP_HEADS = 5
@@ -128,6 +130,8 @@ class CorpusAtlasResult:
         return self.residual_max_abs >= self.massive_ratio * median[:, None]
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         n_neurons = self.active_fraction.shape[1]
         order = np.argsort(-self.residual_max_abs, axis=1)[:, :3]
         return {
@@ -155,6 +159,10 @@ class CorpusAtlasResult:
 
 
 def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> CorpusAtlasResult:
+    from unraveled.corpus import corpus_windows
+    from unraveled.engines import run_engine
+    from unraveled.engines.state import AtlasSettings
+
     prepend_bos = bool(model.cfg.default_prepend_bos)
     if params.context_tokens + prepend_bos > model.cfg.n_ctx:
         raise ConfigError("corpus_atlas", "params.context_tokens", f"{params.context_tokens} tokens (+ BOS) exceed the model's context of {model.cfg.n_ctx}")
@@ -219,6 +227,8 @@ def render(result: CorpusAtlasResult) -> Iterator[Artifact]:
 
 
 def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
+    from unraveled.render.figures import heatmap, panels
+
     n_layers, n_neurons = result.active_fraction.shape
     n_tokens = result.neuron_count
     # Feature-density plot, as for SAEs: log10 of the fraction of tokens a neuron is active on.
@@ -242,7 +252,6 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
             axes.text(0.5, 0.5, "none", transform=axes.transAxes, ha="center", color="gray")
         axes.set(title=f"{what}\nper layer, of {n_neurons}", xlabel="Neurons", ylabel="Layer", ylim=(-0.7, n_layers - 0.3))
     _integer_ticks(density, dead_axes, dense_axes)
-    dead_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle("MLP neurons over the corpus (active: pre-activation > 0)")
     yield Figure("01_neuron_activation_frequency", figure, "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer")
 
@@ -276,12 +285,16 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
 
 
 def _integer_ticks(*axes_list: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for axes in axes_list:
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     """circuitsvis's top-k samples view of one layer: every neuron's top contexts, top token centred."""
+    from unraveled.render.views import Element
+
     samples = result.browser_samples
     ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
     values = result.top_context_values[layer, :samples]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.corpus_atlas import CorpusAtlasParams, compute, render
+from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute, render
 from tests.test_browser import CHROMIUM, chromium, console_messages
 from tests.test_corpus_engine import TEXT, load_tiny
 from unraveled.cli import main

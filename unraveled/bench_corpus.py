@@ -32,7 +32,7 @@ CONTEXT_TOKENS = 128
 
 _PEAK_RSS_SCRIPT = """
 import json, resource, sys
-from experiments.corpus_atlas import CorpusAtlasParams, compute
+from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute
 from unraveled.models import load_model
 model = load_model(sys.argv[1], "processed", fallback=None).model
 compute(model, CorpusAtlasParams(max_tokens=int(sys.argv[2]), context_tokens=int(sys.argv[3])), seed=0)

@@ -16,13 +16,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jaxtyping import Int
 from numpy.typing import NDArray
-from transformers import PreTrainedTokenizerBase
 
 from unraveled.errors import ConfigError
+from unraveled.experiment import RESOLVE_ANNOTATIONS
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformers import PreTrainedTokenizerBase
 
 BUNDLED_PLAYS = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
