@@ -19,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from unittest import mock
 
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 THROUGHPUT_TOKENS = 1024
 MEMORY_TOKENS = (2048, 8192)
@@ -63,6 +65,8 @@ def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, 
     n_tokens = windows.size
     return {
         "tokens": n_tokens,
+        "local_s": local_s,
+        f"ray_{workers}_workers_s": ray_s,
         "local_tokens_per_s": n_tokens / local_s,
         f"ray_{workers}_workers_tokens_per_s": n_tokens / ray_s,
         "ray_over_local": local_s / ray_s,
@@ -71,16 +75,19 @@ def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, 
 
 def bench_memory(name: str = BUNDLED_SMOLLM2, sizes: tuple[int, ...] = MEMORY_TOKENS) -> dict[str, Any]:
     """Peak RSS (MB) of a whole local atlas compute at each corpus size, each in a fresh process."""
-    peaks = {}
+    peaks, seconds = {}, {}
     for tokens in sizes:
+        started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", _PEAK_RSS_SCRIPT, name, str(tokens), str(CONTEXT_TOKENS)],
             capture_output=True, text=True, check=True,
         )
         peaks[tokens] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        seconds[tokens] = time.perf_counter() - started
     smallest, largest = min(sizes), max(sizes)
     return {
         "peak_rss_mb_by_tokens": peaks,
+        "seconds_by_tokens": seconds,
         "largest_over_smallest_corpus": largest / smallest,
         "peak_growth": peaks[largest] / peaks[smallest],
     }
@@ -93,6 +100,23 @@ def bench_corpus_atlas() -> dict[str, Any]:
     memory = bench_memory()
     logger.warning("corpus atlas memory: %s", memory)
     return {"engines": engines, "memory": memory}
+
+
+def bench_rows(row: Callable[..., T]) -> list[T]:
+    """The measurements as rows of ``make bench``'s table; ``row`` is ``unraveled.bench.Row``.
+
+    In ``unraveled/bench.py``: ``@bench_group`` ``def corpus_atlas() -> list[Row]: return bench_rows(Row)``.
+    """
+    engines, memory = bench_engines(), bench_memory()
+    group = f"corpus atlas, {BUNDLED_SMOLLM2}"
+    peaks = memory["peak_rss_mb_by_tokens"]
+    small, large = min(peaks), max(peaks)
+    return [
+        row(group, f"local engine, {engines['tokens']} tokens", engines["local_s"]),
+        row(group, f"ray engine, 2 workers, {engines['tokens']} tokens", engines["ray_2_workers_s"], ratio=engines["ray_over_local"], ratio_meaning="speed-up over the local engine"),
+        row(group, f"whole local atlas compute, {small} tokens", memory["seconds_by_tokens"][small], peak_mb=peaks[small]),
+        row(group, f"whole local atlas compute, {large} tokens", memory["seconds_by_tokens"][large], peak_mb=peaks[large], ratio=memory["peak_growth"], ratio_meaning=f"peak at {large} / peak at {small} tokens"),
+    ]
 
 
 def main() -> int:
