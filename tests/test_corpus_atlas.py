@@ -56,6 +56,9 @@ def test_corpus_atlas_runs_through_cli_smoke(atlas_runs: Path, model: str) -> No
     assert len(metrics["head_scores"]["entropy"][0]) == 4
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {view["file"] for view in manifest["views"]} == {"views/neurons_layer_00.html", "views/neurons_layer_01.html"}
+    assert [table["file"] for table in manifest["tables"]] == ["neurons.npz"]
+    d_mlp = {"tiny-gpt2": 4 * 64, "tiny-llama": 128}[model]  # the checkpoints' MLP widths (conftest)
+    assert len(pd.DataFrame(dict(np.load(run_dir / "neurons.npz")))) == 2 * d_mlp
 
 
 def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tmp_path: Path, atlas_corpus: Path) -> None:

@@ -144,6 +144,13 @@ def all_configs_bundled() -> list[Row]:
 
 
 @bench_group
+def corpus_atlas() -> list[Row]:
+    from unraveled.bench_corpus import bench_rows
+
+    return bench_rows(Row)
+
+
+@bench_group
 def model_load() -> list[Row]:
     from unittest import mock
 
