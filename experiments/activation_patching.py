@@ -18,30 +18,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.heads import top_heads
-from unraveled.logits import answer_token_id, residual_hook_names
-from unraveled.patching import answer_summary, head_patches, patched_logit_differences, residual_patches, run_cache, single_pair
-from unraveled.render.figures import heatmap, panels
+from unraveled.datasets.ioi import IOIParams
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, ParamError, Params, Prompt, prompt_token_count
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 TOP_K = 10
 
 
 class ActivationPatchingParams(Params):
-    clean: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
-    corrupted: str = Field("When Mary and John went to the store, Mary gave a drink to", min_length=1)
-    clean_answer: str = Field(" Mary", min_length=1, description="The clean prompt's answer (one token).")
-    corrupted_answer: str = Field(" John", min_length=1, description="The corrupted prompt's answer (one token).")
+    clean: Prompt = "When Mary and John went to the store, John gave a drink to"
+    corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
+    clean_answer: Answer = Field(" Mary", description="The clean prompt's answer (one token).")
+    corrupted_answer: Answer = Field(" John", description="The corrupted prompt's answer (one token).")
     prompts: Literal["pair", "ioi"] = Field("pair", description="pair: the one pair above; ioi: the IOI dataset in params.ioi.")
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs, when prompts is ioi.")
 
@@ -63,6 +60,8 @@ class ActivationPatchingResult:
         return "Position" if self.n_pairs == 1 else "Position group"
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         order = np.argsort(-self.residual, axis=None)[:TOP_K]
         n_pos = self.residual.shape[1]
         return {
@@ -85,6 +84,12 @@ class ActivationPatchingResult:
 
 
 def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: int) -> ActivationPatchingResult:
+    import torch
+
+    from unraveled.datasets.ioi import ROLES, ioi_batch
+    from unraveled.logits import answer_token_id, residual_hook_names
+    from unraveled.patching import answer_summary, head_patches, patched_logit_differences, residual_patches, run_cache, single_pair
+
     if params.prompts == "ioi":
         batch = ioi_batch(model, params.ioi, seed, "params.ioi")
         pairs, groups, labels = batch.tokens, [batch.roles[role] for role in ROLES], list(ROLES)
@@ -123,6 +128,8 @@ def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: in
 
 
 def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, panels
+
     figure, (axes,) = panels(1)
     figure.set_size_inches(max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels)))
     over = "" if result.n_pairs == 1 else f", mean over {result.n_pairs} IOI pairs"
@@ -138,4 +145,16 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     yield Figure("02_head_patching", figure, "Patching each head's output at every position")
 
 
-EXPERIMENT = Experiment(title="Activation patching", params=ActivationPatchingParams, compute=compute, render=render)
+def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
+    """One pair is patched position by position: same token length. IOI names must be single tokens."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    if params.prompts == "ioi":
+        check_ioi_names(model, params.ioi)
+        return
+    clean, corrupted = prompt_token_count(model, params.clean), prompt_token_count(model, params.corrupted)
+    if clean != corrupted:
+        raise ParamError("corrupted", f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length")
+
+
+EXPERIMENT = Experiment(title="Activation patching", params=ActivationPatchingParams, compute=compute, render=render, check=check)

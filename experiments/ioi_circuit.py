@@ -23,29 +23,23 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
-from matplotlib.lines import Line2D
-from matplotlib.patches import FancyArrowPatch
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.datasets.ioi import IOIParams, ioi_batch
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.patching import (
-    PromptPairs,
-    answer_summary,
-    component_patches,
-    edge_attribution,
-    edge_circuit_logit_differences,
-    patched_logit_differences,
-    run_cache,
-)
-from unraveled.render.figures import panels
+from unraveled.datasets.ioi import IOIParams
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+    from unraveled.patching import PromptPairs
+
+Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "tab:orange", "logits": "black"}
 
@@ -53,11 +47,13 @@ INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "t
 class IOICircuitParams(Params):
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs.")
     top_edges: int = Field(30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics.")
-    circuit_sizes: list[int] = Field(
+    circuit_sizes: list[Count] = Field(
+        max_length=32,
         default_factory=lambda: [1, 2, 3, 5, 10, 20, 40, 80, 160],
         description="Numbers of components kept for the faithfulness curve (0 and all are always added).",
     )
-    edge_counts: list[int] = Field(
+    edge_counts: list[Count] = Field(
+        max_length=16,
         default_factory=lambda: [30, 300, 3000],
         description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
     )
@@ -113,9 +109,11 @@ class IOICircuitResult:
 
 def circuit_faithfulness(
     model: HookedTransformer, pairs: PromptPairs, nodes: list[str], orders: list[list[int]], sizes: list[int], corrupted_cache: Any
-) -> Float[torch.Tensor, "order size batch"]:
+) -> Float[Tensor, "order size batch"]:
     """The clean prompts' logit differences with only the first ``size`` components of each order
     kept, every other one patched from the corrupted run."""
+    from unraveled.patching import component_patches, patched_logit_differences
+
     patch_sets = []
     for order in orders:
         for size in sizes:
@@ -126,6 +124,11 @@ def circuit_faithfulness(
 
 
 def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
+    import torch
+
+    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.patching import answer_summary, edge_attribution, edge_circuit_logit_differences, run_cache
+
     batch = ioi_batch(model, params.ioi, seed)
     pairs = batch.tokens
     n_layers = model.cfg.n_layers
@@ -219,6 +222,11 @@ def _label(node: str) -> str:
 
 
 def render(result: IOICircuitResult) -> Iterator[Artifact]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch
+
+    from unraveled.render.figures import panels
+
     figure, (axes,) = panels(1)
     figure.set_size_inches(11, max(8.0, 0.42 * result.n_layers + 3))
     largest = max(abs(edge["score"]) for edge in result.edges) or 1.0
@@ -281,6 +289,13 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     axes.set_xticks([*range(result.n_heads), result.n_heads + 1], [*[str(h) for h in range(result.n_heads)], "MLP"])
     axes.set(title=f"Component attribution (embeddings: {result.node_scores[0]:.2f})", xlabel="Head", ylabel="Layer")
     yield Figure("03_component_scores", figure, "Each head's and MLP's attribution: the sum of its outgoing edges")
+
+
+def check(model: HookedTransformer, params: IOICircuitParams) -> None:
+    """Every IOI name must be one token for this model."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    check_ioi_names(model, params.ioi)
 
 
 EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render)

@@ -15,29 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.datasets.ioi import IOIParams, ioi_batch
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.heads import top_heads
-from unraveled.logits import answer_token_id
-from unraveled.patching import PromptPairs, logit_differences
-from unraveled.render.figures import heatmap, panels
+from unraveled.datasets.ioi import IOIParams
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 TOP_K = 10
 
 
 class LogitAttributionParams(Params):
-    prompt: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
-    correct: str = Field(" Mary", min_length=1, description="The answer the model should give (one token).")
-    incorrect: str = Field(" John", min_length=1, description="The competing answer (one token).")
+    prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
+    correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
+    incorrect: Answer = Field(" John", description="The competing answer (one token).")
     prompts: Literal["single", "ioi"] = Field("single", description="single: the prompt above; ioi: the clean prompts of params.ioi.")
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompts, when prompts is ioi.")
 
@@ -63,6 +60,8 @@ class LogitAttributionResult:
         return float(sum(self.embeddings.values()) + self.attention_per_layer.sum() + self.mlp.sum() + self.unembed_bias)
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         return {
             "n_prompts": self.n_prompts,
             "correct": self.correct,
@@ -81,6 +80,12 @@ class LogitAttributionResult:
 
 
 def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int) -> LogitAttributionResult:
+    import torch
+
+    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.logits import answer_token_id
+    from unraveled.patching import PromptPairs, logit_differences
+
     if params.prompts == "ioi":
         pairs = ioi_batch(model, params.ioi, seed, "params.ioi").tokens
         correct_name, incorrect_name = "the indirect object", "the subject"
@@ -143,6 +148,8 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
 
 
 def render(result: LogitAttributionResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, panels
+
     answers = f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
     if result.n_prompts > 1:
         answers = f"logit({result.correct}) - logit({result.incorrect}) = {result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
@@ -161,4 +168,12 @@ def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     yield Figure("02_attribution_per_head", figure, "Direct logit attribution of every head (red positive, blue negative)")
 
 
-EXPERIMENT = Experiment(title="Direct logit attribution", params=LogitAttributionParams, compute=compute, render=render)
+def check(model: HookedTransformer, params: LogitAttributionParams) -> None:
+    """With IOI prompts, every name must be one token for this model."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    if params.prompts == "ioi":
+        check_ioi_names(model, params.ioi)
+
+
+EXPERIMENT = Experiment(title="Direct logit attribution", params=LogitAttributionParams, compute=compute, render=render, check=check)

@@ -4,33 +4,35 @@ SmolLM2, and how attribution patching's time compares with exact patching's on t
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
+T = TypeVar("T")
 
-def bench_causal(name: str = BUNDLED_SMOLLM2) -> dict[str, Any]:
-    """Seconds per compute with default params; attribution against exact patching in one run."""
-    from experiments import activation_patching, attribution_patching, ioi_circuit, logit_attribution
+
+def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
+    """Seconds per compute with default params, as rows of ``make bench``'s table (``row`` is
+    ``unraveled.bench.Row``); attribution against exact patching measured in one run."""
+    from unraveled.experiments import activation_patching, attribution_patching, ioi_circuit, logit_attribution
 
     model = load_model(name, "processed", fallback=None).model
-    report: dict[str, Any] = {}
+    group = f"causal experiments, {name}"
     runs = {
         "attribution_patching": (attribution_patching, attribution_patching.AttributionPatchingParams()),
         "ioi_circuit": (ioi_circuit, ioi_circuit.IOICircuitParams()),
-        "activation_patching_ioi": (activation_patching, activation_patching.ActivationPatchingParams(prompts="ioi")),
-        "logit_attribution_ioi": (logit_attribution, logit_attribution.LogitAttributionParams(prompts="ioi")),
+        "activation_patching, prompts: ioi": (activation_patching, activation_patching.ActivationPatchingParams(prompts="ioi")),
+        "logit_attribution, prompts: ioi": (logit_attribution, logit_attribution.LogitAttributionParams(prompts="ioi")),
     }
+    rows = []
     for label, (module, params) in runs.items():
         started = time.perf_counter()
         result = module.compute(model, params, seed=0)
-        report[f"{label}_s"] = time.perf_counter() - started
+        rows.append(row(group, f"{label} compute", time.perf_counter() - started))
         if label == "attribution_patching":
-            exact_heads_and_mlps = result.exact_seconds["heads"] + result.exact_seconds["mlps"]
-            report["attribution_patching_estimate_s"] = result.attribution_seconds
-            report["exact_patching_heads_and_mlps_s"] = exact_heads_and_mlps
-            report["exact_over_estimate"] = exact_heads_and_mlps / result.attribution_seconds
-            report["heads_correlation"] = result.correlations()["heads"]
-        if label == "ioi_circuit":
-            report["ioi_circuit_phases_s"] = result.seconds
-    return {name: report}
+            exact = sum(result.exact_seconds.values())
+            rows.append(row(group, "attribution patching estimate (all components)", result.attribution_seconds))
+            rows.append(row(group, "exact patching (components patched exactly)", exact,
+                            ratio=exact / result.attribution_seconds, ratio_meaning="exact seconds / estimate seconds"))
+    return rows

@@ -24,16 +24,18 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from jaxtyping import Bool
 from pydantic import Field, field_validator
-from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from unraveled.experiment import Params
-from unraveled.patching import PromptPairs
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Params
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only: validating params imports no torch
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+    from unraveled.patching import PromptPairs
 
 NAME_SLOTS = ("A", "B", "S")
 OTHER_SLOTS = ("place", "object")
@@ -180,6 +182,10 @@ def ioi_batch(model: HookedTransformer, params: IOIParams, seed: int, field: str
         ValueError: A name that is not a single token for this model, or a pair whose prompts
             tokenize to different lengths or without the names where the template put them.
     """
+    import torch
+
+    from unraveled.patching import PromptPairs
+
     ids = {name: _single_token(model, name, f"{field}.names") for name in params.names}
     pairs = ioi_pairs(params, seed)
     clean_rows = [model.to_tokens(pair.clean)[0] for pair in pairs]
@@ -221,3 +227,14 @@ def ioi_batch(model: HookedTransformer, params: IOIParams, seed: int, field: str
         ),
         roles=roles,
     )
+
+
+def check_ioi_names(model: HookedTransformer, params: IOIParams, field: str = "ioi") -> None:
+    """Every name must be one token for ``model``: raised before the run writes anything."""
+    from unraveled.errors import ParamError
+
+    for name in params.names:
+        try:
+            _single_token(model, name, f"params.{field}.names")
+        except ValueError as error:
+            raise ParamError(f"{field}.names", str(error).split(": ", 1)[1]) from None
