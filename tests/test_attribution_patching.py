@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import attribution_patching
+from unraveled.experiments import attribution_patching
 from unraveled.cli import main
 from unraveled.datasets.ioi import ROLES, IOIParams
 from unraveled.models import load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ioi_circuit
+from unraveled.experiments import ioi_circuit
 from unraveled.cli import main
 from unraveled.datasets.ioi import IOIParams
 from unraveled.models import load_model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import ioi_circuit
+from unraveled.experiments import ioi_circuit
 from unraveled.datasets.ioi import IOIParams
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import activation_patching, logit_attribution
+from unraveled.experiments import activation_patching, logit_attribution
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_pairs
 from unraveled.models import load_model
 
