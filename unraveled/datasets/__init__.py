@@ -1,0 +1,1 @@
+"""Prompt sets for the causal experiments."""
