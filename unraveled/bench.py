@@ -22,6 +22,7 @@ from unittest import mock
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerBase
 
+from unraveled.bench_tracing import bench_causal_tracing
 from unraveled.models import BUNDLED_SMOLLM2, load_model
 
 
@@ -87,6 +88,7 @@ def main() -> int:
         "token_journey": {BUNDLED_SMOLLM2: bench_token_journey()},
         "activation_patching": bench_activation_patching(),
     }
+    report["causal_tracing"] = {BUNDLED_SMOLLM2: bench_causal_tracing()}
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

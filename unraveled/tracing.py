@@ -9,24 +9,23 @@ the noise samples:
 - the MLP outputs, or the attention outputs, at position ``t`` of every block in a window of
   ``window`` blocks centred on ``l`` (ROME: ``[l - window // 2, l + ceil(window / 2))``, clipped).
 
-Every restoration of one layer runs as one batch (positions x noise samples), starting from the
-corrupted run's residual stream at the first restored block: the blocks before it would only
-recompute what the corrupted run cached. Positions before the subject are never corrupted, so
-restoring them changes nothing; their cells are the corrupted probability without a forward pass.
+Only what a restoration changes is computed: the blocks from the first restored one on (the ones
+before it would recompute the corrupted run), and the positions from the restored one on (the
+earlier ones keep the corrupted run's keys and values). Positions before the subject are never
+corrupted, so restoring them changes nothing: their cells are the corrupted probability.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
 from unraveled.logits import logit_lens
@@ -39,8 +38,6 @@ POSITION_GROUPS = (
     "further tokens",
     "last token",
 )
-Component = Literal["mlp", "attn"]
-_COMPONENT_HOOKS = {"mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
 
 def embedding_noise_scale(model: HookedTransformer, token_ids: Sequence[int], multiplier: float) -> float:
@@ -101,16 +98,50 @@ class FactTrace:
     attn: Float[NDArray, "layer pos"]
 
 
-def _answer_probability(
-    model: HookedTransformer, residual: Float[Tensor, "rows pos d_model"], start: int, answer: int, samples: int
-) -> Float[Tensor, " restorations"]:
-    """Run blocks ``start..`` and return p(answer) at the last position, averaged over noise samples.
+KINDS = ("residual", "mlp", "attn")
 
-    Rows are restorations x samples, samples varying fastest.
+
+def _restored_probabilities(
+    model: HookedTransformer,
+    states: Float[Tensor, "rows suffix d_model"],
+    starts: Int[Tensor, " rows"],
+    ends: Int[Tensor, " rows"],
+    kinds: Int[Tensor, " rows"],
+    past: list[tuple[Tensor, Tensor]],
+    sample_of_row: Int[Tensor, " rows"],
+    clean_outputs: dict[str, Float[Tensor, " d_model"]],
+    answer: int,
+) -> Float[Tensor, " rows"]:
+    """Run each row from block ``starts[row]`` on the positions from the restored one onwards.
+
+    Row ``row`` holds the residual stream before block ``starts[row]`` at the restored position
+    and the ones after it; the positions before it are those of the corrupted run, whose keys and
+    values (``past``, per block) the rows attend to. Rows of kind 1 (MLP) or 2 (attention) get the
+    clean output of that component at the restored position in every block before ``ends[row]``.
+    Returns p(answer) at the last position of every row.
     """
-    final = model(residual, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
-    probabilities = logit_lens(model, final[:, -1]).softmax(dim=-1)[:, answer]
-    return probabilities.view(-1, samples).mean(dim=1)
+    active = torch.empty(0, dtype=torch.long)
+
+    def restore(kind: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        def hook(activation: Tensor, hook: HookPoint) -> Tensor:
+            layer = int(hook.name.split(".")[1])  # type: ignore[union-attr]
+            rows = (kinds[active] == kind) & (ends[active] > layer)
+            activation[rows, 0] = clean_outputs[hook.name]  # type: ignore[index]
+            return activation
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.{name}", restore(kind)) for layer in range(model.cfg.n_layers) for kind, name in ((1, "hook_mlp_out"), (2, "hook_attn_out"))]
+    states = states.clone()
+    with model.hooks(fwd_hooks=hooks):
+        for layer, block in enumerate(model.blocks):
+            active = (starts <= layer).nonzero()[:, 0]
+            if len(active) == 0:
+                continue
+            keys, values = past[layer]
+            entry = TransformerLensKeyValueCacheEntry(keys[sample_of_row[active]], values[sample_of_row[active]], frozen=True)
+            states[active] = block(states[active], past_kv_cache_entry=entry)
+    return logit_lens(model, states[:, -1:])[:, 0].softmax(dim=-1)[:, answer]
 
 
 def trace_fact(
@@ -122,6 +153,11 @@ def trace_fact(
     window: int,
 ) -> FactTrace:
     """Causal traces of one prompt: residual stream, MLP and attention restorations.
+
+    Restorations at one position run as one batch (kinds x layers x noise samples), block by block,
+    each row joining at its first block. A restoration at position ``t`` changes nothing before
+    ``t``, so only positions ``t..`` are computed, attending to the corrupted run's cached keys and
+    values of the earlier positions: the work is what each restoration really changes.
 
     Args:
         model: The model.
@@ -137,8 +173,9 @@ def trace_fact(
     samples = noise.shape[0]
     if noise.shape[1] != end - start:
         raise ValueError(f"noise covers {noise.shape[1]} positions, the subject {end - start}")
-    names = [f"blocks.{layer}.{hook}" for layer in range(n_layers) for hook in ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out")]
-    wanted = set(names)
+    state_names = [*[f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)], f"blocks.{n_layers - 1}.hook_resid_post"]
+    output_names = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in ("hook_mlp_out", "hook_attn_out")]
+    wanted = set(state_names) | set(output_names)
 
     def corrupt(embeddings: Tensor, hook: HookPoint) -> Tensor:
         embeddings[:, start:end] += noise
@@ -146,52 +183,48 @@ def trace_fact(
 
     with torch.inference_mode():
         clean_logits, clean = model.run_with_cache(tokens[None], names_filter=lambda name: name in wanted)
+        past_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=samples)
         with model.hooks(fwd_hooks=[("hook_embed", corrupt)]):
-            corrupted_logits, corrupted = model.run_with_cache(tokens[None].expand(samples, -1), names_filter=lambda name: name in wanted)
+            # An explicit mask: otherwise a cache makes TransformerLens guess padding from pad-token ids.
+            batch = tokens[None].expand(samples, -1)
+            corrupted_logits, corrupted = model.run_with_cache(
+                batch, names_filter=lambda name: name in wanted, past_kv_cache=past_kv, attention_mask=torch.ones_like(batch)
+            )
         clean_probability = float(clean_logits[0, -1].softmax(-1)[answer])
         corrupted_probability = float(corrupted_logits[:, -1].softmax(-1)[:, answer].mean())
+        clean_states = torch.stack([clean[name][0] for name in state_names])  # [point pos d_model]; point p is before block p
+        corrupted_states = torch.stack([corrupted[name] for name in state_names])  # [point sample pos d_model]
 
-        traced = torch.arange(start, n_pos)  # earlier positions are never corrupted
-        rows = torch.arange(len(traced) * samples)
-        row_positions = traced.repeat_interleave(samples)
-
-        def restored_batch(state: Tensor) -> Tensor:
-            """The corrupted ``state`` [sample pos d_model], once per traced position."""
-            return state.repeat(len(traced), 1, 1)
-
-        residual = torch.full((n_layers, n_pos), corrupted_probability)
-        for layer in range(n_layers):
-            hook = f"blocks.{layer}.hook_resid_post"
-            state = restored_batch(corrupted[hook])
-            state[rows, row_positions] = clean[hook][0, row_positions]
-            residual[layer, start:] = _answer_probability(model, state, layer + 1, answer, samples)
-
-        windows = {}
-        for component, hook_name in _COMPONENT_HOOKS.items():
-            grid = torch.full((n_layers, n_pos), corrupted_probability)
-            for center in range(n_layers):
-                layers = window_layers(center, window, n_layers)
-
-                def restore(activation: Tensor, hook: HookPoint) -> Tensor:
-                    activation[rows, row_positions] = clean[hook.name][0, row_positions]
-                    return activation
-
-                hooks: list[tuple[str, Callable[[Tensor, HookPoint], Tensor]]] = [(f"blocks.{layer}.{hook_name}", restore) for layer in layers]
-                with model.hooks(fwd_hooks=hooks):
-                    state = restored_batch(corrupted[f"blocks.{layers.start}.hook_resid_pre"])
-                    grid[center, start:] = _answer_probability(model, state, layers.start, answer, samples)
-            windows[component] = grid
+        # Rows: kind (residual, mlp, attn) x centre layer x sample, samples fastest.
+        layers = torch.arange(n_layers).repeat_interleave(samples)
+        sample_of_row = torch.arange(samples).repeat(n_layers * len(KINDS))
+        windows = [window_layers(center, window, n_layers) for center in range(n_layers)]
+        window_starts = torch.tensor([w.start for w in windows]).repeat_interleave(samples)
+        window_ends = torch.tensor([w.stop for w in windows]).repeat_interleave(samples)
+        starts = torch.cat([layers + 1, window_starts, window_starts])
+        ends = torch.cat([layers + 1, window_ends, window_ends])
+        kinds = torch.arange(len(KINDS)).repeat_interleave(n_layers * samples)
+        grids = torch.full((len(KINDS), n_layers, n_pos), corrupted_probability)
+        for position in range(start, n_pos):  # earlier positions are never corrupted
+            states = corrupted_states[starts, sample_of_row, position:]
+            residual_rows = kinds == 0
+            # Restoring the state after block l at this position = the clean state before block l + 1.
+            states[residual_rows, 0] = clean_states[starts[residual_rows], position]
+            past = [(entry.past_keys[:, :position], entry.past_values[:, :position]) for entry in past_kv.entries]
+            outputs = {name: clean[name][0, position] for name in output_names}
+            probabilities = _restored_probabilities(model, states, starts, ends, kinds, past, sample_of_row, outputs, answer)
+            grids[:, :, position] = probabilities.view(len(KINDS), n_layers, samples).mean(dim=-1)
     return FactTrace(
         clean_probability=clean_probability,
         corrupted_probability=corrupted_probability,
-        residual=residual.numpy(),
-        mlp=windows["mlp"].numpy(),
-        attn=windows["attn"].numpy(),
+        residual=grids[0].numpy(),
+        mlp=grids[1].numpy(),
+        attn=grids[2].numpy(),
     )
 
 
 def grouped_mean(
-    effects: Sequence[Float[NDArray, "layer pos"]], groups: Sequence[Sequence[Sequence[int]]]
+    effects: Sequence[Float[NDArray, "layer _"]], groups: Sequence[Sequence[Sequence[int]]]
 ) -> Float[NDArray, "group layer"]:
     """Mean over every (prompt, position) of each position group; NaN for a group no prompt has.
 
