@@ -42,8 +42,8 @@ KINDS = {"residual": ("single restored residual state", "Purples"), "mlp": ("MLP
 
 
 class CausalTracingParams(Params):
-    n_facts: int = Field(6, ge=1, description="How many of the facts the model gets right are traced, in the set's order.")
-    noise_samples: int = Field(3, ge=1, description="Noise draws per prompt; every restoration uses the same draws.")
+    n_facts: int = Field(4, ge=1, description="How many of the facts the model gets right are traced, in the set's order.")
+    noise_samples: int = Field(2, ge=1, description="Noise draws per prompt; every restoration uses the same draws.")
     noise_multiplier: float = Field(3.0, ge=0.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
     window: int | None = Field(None, ge=1, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
     example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")
