@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Float
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
 from numpy.typing import NDArray
 from pydantic import Field
 from transformer_lens import HookedTransformer
@@ -33,7 +33,8 @@ from unraveled.render.figures import heatmap, layer_grid, panels
 class AttentionParams(Params):
     prompt: str = Field("Alice gave Bob a goose, and he gave her a duck.", min_length=1)
     head: int = Field(0, ge=0, description="The head drawn in every layer's heatmap.")
-    prepend_bos: bool | None = Field(None, description="Prepend BOS; None uses the model's default.")
+    # The original analysis tokenises without BOS: position 0 is the prompt's first word.
+    prepend_bos: bool = Field(False, description="Prepend the BOS token (the original analysis does not).")
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,37 @@ class AttentionResult:
     sink: Float[NDArray, "layer head"]
     next_token_loss: Float[NDArray, " pos_minus_1"]
     prompt: str
+    prepend_bos: bool
+
+    @property
+    def tokenisation(self) -> str:
+        """How the prompt was tokenised, in words, for titles and captions."""
+        return f"with BOS: position 0 is {self.tokens[0]!r}" if self.prepend_bos else "without BOS, as the original"
 
     def metrics(self) -> dict[str, Any]:
         return {
+            "prepend_bos": self.prepend_bos,
+            "first_token": self.tokens[0],
             "tokens": self.tokens,
             "head_drawn": self.head,
             "attention_to_first_token_per_layer": self.to_first_token,
             "last_token_attention_per_layer": self.from_last_token,
             "entropy_by_head": self.entropy,
             "attention_sink_by_head": self.sink,
+            "attention_sink_means": "mean attention to position 0 over queries 1.. (query 0 can only attend to itself)",
             "mean_attention_sink": float(self.sink.mean()),
             "strongest_sink_heads": top_heads(self.sink, 5),
             "lowest_entropy_heads": top_heads(self.entropy, 5, lowest=True),
             "next_token_loss": self.next_token_loss,
             "mean_next_token_loss": float(self.next_token_loss.mean()) if len(self.next_token_loss) else None,
         }
+
+
+def layer_colours(cmap_name: str, n_layers: int) -> ListedColormap:
+    """One colour per layer from ``cmap_name``, pale for early layers but never white."""
+    # Start the gradient a little below layer 0 so that early layers are pale but visible.
+    shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
+    return ListedColormap(colormaps[cmap_name](shade(np.arange(n_layers))), name=f"{cmap_name}_{n_layers}_layers")
 
 
 def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> AttentionResult:
@@ -83,6 +100,7 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
         sink=attention_sink_by_head(patterns).numpy(),
         next_token_loss=next_token_loss.numpy(),
         prompt=params.prompt,
+        prepend_bos=params.prepend_bos,
     )
 
 
@@ -97,29 +115,32 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
         axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axes.set_yticks(range(len(labels)), labels, fontsize=6)
     figure.colorbar(image, ax=axes_list, shrink=0.6, label="attention weight")
-    figure.suptitle("Attention pattern of one head in every layer (rows: queries, columns: keys)")
-    yield Figure("04_attention_heatmaps", figure, f"Head {result.head} of every layer on the prompt")
+    figure.suptitle(f"Attention pattern of one head in every layer (rows: queries, columns: keys); prompt tokenised {result.tokenisation}")
+    yield Figure("04_attention_heatmaps", figure, f"Head {result.head} of every layer on the prompt, tokenised {result.tokenisation}")
 
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 6)
-    blues, reds = colormaps["Blues"], colormaps["Reds"]
-    # Start the gradients a little below layer 0 so that early layers are pale but visible.
-    shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
+    blues, reds = layer_colours("Blues", n_layers), layer_colours("Reds", n_layers)
     for layer in range(n_layers):
-        axes.plot(result.to_first_token[layer], color=blues(shade(layer)))
-        axes.plot(result.from_last_token[layer], color=reds(shade(layer)), linestyle="--")
-    axes.set(title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)",
+        axes.plot(result.to_first_token[layer], color=blues.colors[layer])
+        axes.plot(result.from_last_token[layer], color=reds.colors[layer], linestyle="--")
+    axes.set(title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)"
+             f"\nprompt tokenised {result.tokenisation}",
              xlabel="Token index", ylabel="Attention weight, mean over heads")
     axes.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
-    layers = Normalize(vmin=0, vmax=n_layers - 1)
+    # The colour bars use the very colours of the lines: one discrete colour per layer.
+    layers = BoundaryNorm(np.arange(-0.5, n_layers), n_layers)
+    ticks = range(0, n_layers, max(1, n_layers // 10))
     for cmap, label in ((reds, "layer (attention of the last token)"), (blues, "layer (attention to the first token)")):
-        figure.colorbar(ScalarMappable(norm=layers, cmap=cmap), ax=axes, label=label)
-    yield Figure("05_layer_wise_attention", figure, "Attention to the first token and from the last token, per layer")
+        figure.colorbar(ScalarMappable(norm=layers, cmap=cmap), ax=axes, label=label, ticks=ticks)
+    yield Figure("05_layer_wise_attention", figure, f"Attention to the first token and from the last token, per layer; tokenised {result.tokenisation}")
 
     figure, (left, right) = panels(2)
     heatmap(left, result.entropy, "Attention entropy per head (nats)", "Head", "Layer", cmap="viridis", colorbar_label="mean entropy over queries")
-    heatmap(right, result.sink, "Attention to the first token per head (sink)", "Head", "Layer", cmap="magma", colorbar_label="mean attention to position 0")
-    yield Figure("06_head_entropy_and_sink", figure, "Per-head attention entropy and attention-sink strength")
+    heatmap(right, result.sink, "Attention to the first token per head (sink)", "Head", "Layer", cmap="magma",
+            colorbar_label="mean attention to position 0, queries 1..")
+    figure.suptitle(f"Prompt tokenised {result.tokenisation}")
+    yield Figure("06_head_entropy_and_sink", figure, f"Per-head attention entropy and attention-sink strength; tokenised {result.tokenisation}")
     yield from attention_views(result)
 
 
@@ -132,12 +153,12 @@ def attention_views(result: AttentionResult) -> Iterator[View]:
         for layer in range(n_layers)
     ]
     for layer, element in enumerate(per_layer):
-        yield View(f"attention_layer_{layer:02d}", f"Attention heads of layer {layer}", [element], {"prompt": result.prompt, "layer": str(layer)})
-    yield View("attention_all_layers", "Attention heads of every layer", per_layer, {"prompt": result.prompt, "layers": f"0..{n_layers - 1}"})
+        yield View(f"attention_layer_{layer:02d}", f"Attention heads of layer {layer}", [element], {"prompt": result.prompt, "tokenised": result.tokenisation, "layer": str(layer)})
+    yield View("attention_all_layers", "Attention heads of every layer", per_layer, {"prompt": result.prompt, "tokenised": result.tokenisation, "layers": f"0..{n_layers - 1}"})
     # The first token has no prediction to score; show it with loss 0.
     loss = [0.0, *result.next_token_loss.tolist()]
     yield View("token_loss", "Per-token loss (nats) of the prompt", [views.colored_tokens(result.tokens, loss, "Loss of predicting each token from the ones before it")],
-               {"prompt": result.prompt})
+               {"prompt": result.prompt, "tokenised": result.tokenisation})
 
 
 EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render)

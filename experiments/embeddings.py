@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from unraveled.experiment import Artifact, Experiment, Figure, Params
 from unraveled.geometry import (
@@ -26,10 +25,17 @@ from unraveled.geometry import (
     local_neighbourhoods,
     pca_projection,
 )
+from unraveled.models import checkpoint_parameters
 from unraveled.render.figures import heatmap, panels
 
-# Dimension pairs the original analysis found telling in GPT-2 small (768 wide).
+# Dimension pairs the original analysis found telling in GPT-2 small's trained weights; they mean
+# nothing in another model, whatever its width.
 GPT2_SMALL_DIMENSION_PAIRS = [[87, 138], [68, 85], [361, 724]]
+GPT2_SMALL_PAIRS_RULE = "GPT-2 small's pairs from the original analysis"
+DATA_DRIVEN_PAIRS_RULE = (
+    "data-driven: the two dimensions with the largest |mean| over tokens, then the four with the largest "
+    "position-embedding std (token |mean| without learned positions)"
+)
 NO_POSITION_EMBEDDINGS = "the model has no learned position embeddings (positions are rotary, applied inside attention)"
 
 
@@ -39,7 +45,7 @@ class EmbeddingsParams(Params):
     first_dims: int = Field(30, ge=1, description="Dimensions whose value distributions are drawn.")
     listed_tokens: int = Field(300, ge=0, description="First token strings listed in metrics.")
     dimension_pairs: list[list[int]] | None = Field(
-        None, description="Pairs of dimensions to scatter; default: GPT-2's at width 768, else chosen automatically."
+        None, description="Pairs of dimensions to scatter; default: the original's for GPT-2 small, else chosen from the data."
     )
     local_subsets: int = Field(10, ge=1, description="Neighbourhoods for local PCA.")
     local_neighbours: int = Field(1000, ge=2, description="Points per neighbourhood.")
@@ -70,7 +76,7 @@ class EmbeddingsResult:
     first_dims: int
     dimension_pairs: list[list[int]]
     token_cumulative_variance: Float[NDArray, " components"]
-    local_cumulative_variance: list[Float[NDArray, " components"]]
+    local_cumulative_variance: list[Float[NDArray, " local_components"]]
     positions: PositionGeometry | None
     summary: dict[str, Any]
 
@@ -78,28 +84,29 @@ class EmbeddingsResult:
         return self.summary
 
 
+def is_gpt2_small(cfg: HookedTransformerConfig) -> bool:
+    """Whether the model is GPT-2 small itself: its name and its exact shape, not only its width
+    (gpt-neo-125M and pythia-160m are 768 wide too)."""
+    shape = (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
+    return cfg.model_name == "gpt2" and cfg.original_architecture == "GPT2LMHeadModel" and shape == (12, 12, 768, 50257, 1024)
+
+
 def default_dimension_pairs(
-    token_dim_mean: Float[NDArray, " d_model"], position_dim_std: Float[NDArray, " d_model"] | None
-) -> list[list[int]]:
-    """GPT-2's pairs at width 768; otherwise the two dimensions with the largest token-mean offset,
-    then the four with the most position variation (or token variation, without positions)."""
-    if len(token_dim_mean) == 768:
-        return GPT2_SMALL_DIMENSION_PAIRS
+    cfg: HookedTransformerConfig, token_dim_mean: Float[NDArray, " d_model"], position_dim_std: Float[NDArray, " d_model"] | None
+) -> tuple[list[list[int]], str]:
+    """The dimension pairs to scatter, and the rule that chose them.
+
+    GPT-2 small gets the original analysis's pairs; any other model the two dimensions with the
+    largest token-mean offset, then the four with the most position variation (or token-mean
+    offset, without learned positions).
+    """
+    if is_gpt2_small(cfg):
+        return GPT2_SMALL_DIMENSION_PAIRS, GPT2_SMALL_PAIRS_RULE
     by_offset = np.argsort(-np.abs(token_dim_mean))
     spread = position_dim_std if position_dim_std is not None else np.abs(token_dim_mean)
     by_spread = [int(d) for d in np.argsort(-spread) if d not in by_offset[:2]]
     chosen = [int(by_offset[0]), int(by_offset[1]), *by_spread[:4]]
-    return [chosen[i : i + 2] for i in range(0, 6, 2)]
-
-
-def parameter_count(model: HookedTransformer) -> int:
-    """Parameters as the checkpoint counts them: a tied unembedding (W_U = W_E^T) counts once.
-
-    TransformerLens unties tied embeddings into two matrices, which would double-count them.
-    """
-    total = sum(p.numel() for p in model.parameters())
-    tied = model.W_U.shape == model.W_E.T.shape and bool(torch.equal(model.W_U, model.W_E.T))
-    return int(total - model.W_U.numel()) if tied else int(total)
+    return [chosen[i : i + 2] for i in range(0, 6, 2)], DATA_DRIVEN_PAIRS_RULE
 
 
 def _chunk(matrix: Float[NDArray, "rows d_model"], rows: Int[NDArray, " r"], dims: Int[NDArray, " c"]) -> Float[NDArray, "c r"]:
@@ -134,7 +141,9 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     if has_positions:
         positions = _position_geometry(model.W_pos.detach().float().cpu().numpy(), w_e, chunk_dims, params, rng)
     token_dim_mean, token_dim_std = w_e.mean(axis=0), w_e.std(axis=0)
-    pairs = params.dimension_pairs or default_dimension_pairs(token_dim_mean, positions.dim_std if positions else None)
+    pairs, pairs_rule = (params.dimension_pairs, "params.dimension_pairs") if params.dimension_pairs else default_dimension_pairs(
+        model.cfg, token_dim_mean, positions.dim_std if positions else None
+    )
     for pair in pairs:
         if len(pair) != 2 or not all(0 <= d < d_model for d in pair):
             raise ValueError(f"params.dimension_pairs: {pair} is not a pair of dimensions in 0..{d_model - 1}")
@@ -143,11 +152,13 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     local_variance = [cumulative_explained_variance(w_e[indices]) for indices in neighbourhoods]
     threshold = params.variance_threshold
     summary: dict[str, Any] = {
-        "parameter_count": parameter_count(model),
+        "parameter_count": checkpoint_parameters(model),
+        "parameter_count_means": "the checkpoint's own parameters, as transformers counts them (tied embeddings once)",
         "token_embedding_shape": list(w_e.shape),
         "position_embedding_shape": list(positions.embeddings.shape) if positions else None,
         "first_tokens": [model.tokenizer.decode([i]) for i in range(min(params.listed_tokens, d_vocab))],
         "dimension_pairs": pairs,
+        "dimension_pairs_chosen_by": pairs_rule,
         "variance_threshold": threshold,
         "intrinsic_dimension": {
             "token_embeddings": intrinsic_dimension(token_variance, threshold),

@@ -54,7 +54,7 @@ class HeadTaxonomyResult:
                 "induction": "random segments repeated twice: attention from the copy to the token after each token's first occurrence",
                 "previous_token": "attention to the immediately preceding token (mean of repeated sequences and natural prompts)",
                 "duplicate_token": "attention to earlier occurrences of the same token (mean of repeated sequences and natural prompts)",
-                "first_token": "attention to position 0 (mean of repeated sequences and natural prompts)",
+                "first_token": "attention to position 0 from queries 1.. (query 0 can only attend to itself; mean of repeated sequences and natural prompts)",
             },
         }
 

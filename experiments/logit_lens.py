@@ -1,8 +1,8 @@
 """The logit lens: what the residual stream would predict if decoding stopped at each layer.
 
-Each point of the residual stream (before every block, and after the last) goes through the
-final norm, with its scale recomputed from that point, and the unembedding. At the last point
-this is exactly the model's own output.
+Each state of the residual stream (``unraveled.analysis.STATE_CONVENTION``: state 0 the
+embeddings, state i after block i-1) goes through the final norm, with its scale recomputed from
+that state, and the unembedding. At the last state this is exactly the model's own output.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import Field
 from transformer_lens import HookedTransformer
 
 from unraveled.activations import collect_activations
+from unraveled.analysis import STATE_AXIS_LABEL, STATE_CONVENTION, state_labels
 from unraveled.experiment import Artifact, Experiment, Figure, Params
 from unraveled.logits import kl_from_final, logit_lens, rank_of, residual_hook_names
 from unraveled.render.figures import panels
@@ -46,6 +47,7 @@ class LogitLensResult:
     def metrics(self) -> dict[str, Any]:
         return {
             "tokens": self.tokens,
+            "state_convention": STATE_CONVENTION,
             "points": self.point_labels,
             "final_prediction": self.final_prediction,
             "final_prediction_probability_per_point": self.final_prediction_prob,
@@ -70,7 +72,7 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
     top_probs, top_ids = last.exp().topk(TOP_K, dim=-1)
     return LogitLensResult(
         tokens=acts.str_tokens[0],
-        point_labels=["embeddings", *[f"after block {layer}" for layer in range(n_layers)]],
+        point_labels=state_labels(n_layers),
         top1_token=[[decode([token]) for token in row] for row in top1_id.tolist()],
         top1_prob=top1_prob.numpy(),
         final_prediction=decode([final_token]),
@@ -102,11 +104,11 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
     figure, (prob_axes, rank_axes, kl_axes) = panels(3)
     points = np.arange(n_points)
     prob_axes.plot(points, result.final_prediction_prob, marker="o")
-    prob_axes.set(title=f"Probability of the final prediction {result.final_prediction!r}", xlabel="Point (0 = embeddings)", ylabel="probability")
+    prob_axes.set(title=f"Probability of the final prediction {result.final_prediction!r}", xlabel=STATE_AXIS_LABEL, ylabel="probability")
     rank_axes.plot(points, result.final_prediction_rank + 1, marker="o", color="darkorange")
-    rank_axes.set(title=f"Rank of {result.final_prediction!r}", xlabel="Point (0 = embeddings)", ylabel="rank (1 = top)", yscale="log")
+    rank_axes.set(title=f"Rank of {result.final_prediction!r}", xlabel=STATE_AXIS_LABEL, ylabel="rank (1 = top)", yscale="log")
     kl_axes.plot(points, result.kl_from_final, marker="o", color="crimson")
-    kl_axes.set(title="KL(final || lens) at the last position", xlabel="Point (0 = embeddings)", ylabel="KL (nats)")
+    kl_axes.set(title="KL(final || lens) at the last position", xlabel=STATE_AXIS_LABEL, ylabel="KL (nats)")
     for axes in (prob_axes, rank_axes, kl_axes):
         axes.grid(True, alpha=0.4)
     yield Figure("02_final_prediction_by_layer", figure, "Probability and rank of the final prediction, and KL from the final distribution, per layer")

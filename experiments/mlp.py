@@ -1,5 +1,9 @@
-"""MLPs: their width, the superposition toy that shows how many nearly orthogonal directions fit
-in few dimensions, and how the MLP neurons actually fire on prompts."""
+"""MLPs: their width, the superposition toy, and how the MLP neurons actually fire on prompts.
+
+The toy packs far more vectors than dimensions and pushes them apart, as the original analysis
+does: most pairs end up nearly orthogonal, but not all (the Welch bound forbids it), so the whole
+angle distribution is reported, not only the 89-91 degree window.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
+from matplotlib.axes import Axes
 from numpy.typing import NDArray
 from pydantic import Field
 from transformer_lens import HookedTransformer
 
 from unraveled.activations import collect_activations
 from unraveled.experiment import Artifact, Experiment, Figure, Params
+from unraveled.geometry import pair_cosines, welch_bound
 from unraveled.render.figures import panels
 
+# How "active" is measured, shortly (figures) and in full (metrics).
+ACTIVE_RULE = ("post-activation > 0 (mlp.hook_post)", "post-activation > 0 (mlp.hook_post), over every real token of the prompts")
+GATED_ACTIVE_RULE = (
+    "gate pre-activation > 0 (mlp.hook_pre)",
+    "gate pre-activation > 0 (mlp.hook_pre), i.e. SiLU(gate) > 0; the gated MLP's hook_post = SiLU(gate) x up "
+    "has no sign that means firing. Over every real token of the prompts",
+)
 DEFAULT_PROMPTS = [
     "Alice gave Bob a goose, and he gave her a duck.",
     "The Eiffel Tower is in Paris, the capital of France.",
@@ -31,13 +44,41 @@ class MlpParams(Params):
     toy_dims: int = Field(100, ge=2, description="Dimensions they live in.")
     toy_steps: int = Field(300, ge=1, description="Adam steps.")
     toy_lr: float = Field(0.01, gt=0)
-    toy_cutoff: float = Field(0.01, ge=0, description="Cosines below this are not penalised.")
+    toy_cutoff: float = Field(0.01, ge=0, description="Dot products below this are not penalised.")
+    toy_norm_weight: float = Field(1000.0, ge=0, description="Weight of the penalty keeping the vectors unit length.")
+
+
+@dataclass(frozen=True)
+class PairAngles:
+    """How close to orthogonal the pairs of a set of vectors are, with every pair counted."""
+
+    n_pairs: int
+    histogram_edges: Float[NDArray, " edges"]
+    histogram_counts: Int[NDArray, " bins"]
+    zoom_edges: Float[NDArray, " zoom_edges"]
+    zoom_counts: Int[NDArray, " zoom_bins"]
+    fraction_within_1_degree: float
+    rms_cosine: float
+    welch_bound_rms_cosine: float
+    max_abs_cosine: float
+    pairs_more_than_45_degrees_off: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pairs": self.n_pairs,
+            "fraction_of_pairs_within_1_degree_of_orthogonal": self.fraction_within_1_degree,
+            "rms_cosine": self.rms_cosine,
+            "welch_bound_rms_cosine": self.welch_bound_rms_cosine,
+            "max_abs_cosine": self.max_abs_cosine,
+            "pairs_more_than_45_degrees_off_orthogonal": self.pairs_more_than_45_degrees_off,
+        }
 
 
 @dataclass(frozen=True)
 class SuperpositionToy:
     loss: Float[NDArray, " steps"]
-    pair_angles_deg: Float[NDArray, " pairs"]
+    vectors: Float[NDArray, "vectors dims"]
+    angles: PairAngles
 
 
 @dataclass(frozen=True)
@@ -45,88 +86,153 @@ class MlpResult:
     toy: SuperpositionToy
     post_samples: list[Float[NDArray, " samples"]]
     active_fraction: Float[NDArray, " layer"]
+    active_rule: str
     summary: dict[str, Any]
 
     def metrics(self) -> dict[str, Any]:
         return self.summary
 
 
-def superposition_toy(n_vectors: int, n_dims: int, steps: int, lr: float, cutoff: float, seed: int) -> SuperpositionToy:
-    """Push ``n_vectors`` unit vectors towards orthogonality with Adam.
+def pair_angles(vectors: Float[NDArray, "n d"]) -> PairAngles:
+    """Angles between every pair of distinct rows: a 0-180 degree histogram that counts all of them,
+    a zoom on 89-91 degrees, and how far the set is from orthogonal.
 
-    The loss sums, over distinct pairs, how far |cos| exceeds ``cutoff``; far more vectors than
-    dimensions still end up within about a degree of orthogonal to one another.
+    The RMS cosine can't go below the Welch bound, whatever the optimiser does: with more vectors
+    than dimensions, some pairs must stay far from orthogonal.
+    """
+    cosines = pair_cosines(vectors.astype(np.float64))
+    angles = np.rad2deg(np.arccos(np.clip(cosines, -1.0, 1.0)))
+    edges = np.linspace(0.0, 180.0, 181)
+    zoom_edges = np.linspace(89.0, 91.0, 21)
+    off = np.abs(angles - 90.0)
+    return PairAngles(
+        n_pairs=len(angles),
+        histogram_edges=edges,
+        histogram_counts=np.histogram(angles, bins=edges)[0],
+        zoom_edges=zoom_edges,
+        zoom_counts=np.histogram(angles, bins=zoom_edges)[0],
+        fraction_within_1_degree=float((off <= 1.0).mean()),
+        rms_cosine=float(np.sqrt(np.mean(cosines**2))),
+        welch_bound_rms_cosine=float(np.sqrt(welch_bound(*vectors.shape))),
+        max_abs_cosine=float(np.abs(cosines).max()),
+        pairs_more_than_45_degrees_off=int((off > 45.0).sum()),
+    )
+
+
+def superposition_toy(
+    n_vectors: int, n_dims: int, steps: int, lr: float, cutoff: float, seed: int, norm_weight: float = 1000.0
+) -> SuperpositionToy:
+    """Push ``n_vectors`` unit vectors in ``n_dims`` dimensions towards orthogonality, as the
+    original analysis does.
+
+    The rows start at unit length; Adam then minimises, over the off-diagonal of the Gram matrix
+    (each pair in both orders), relu(|dot| - ``cutoff``), plus ``norm_weight`` times the summed
+    squared deviation of the diagonal from 1, which keeps the rows unit length. Most pairs end up
+    within a degree of orthogonal, not all of them (see ``pair_angles``).
     """
     generator = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(n_vectors, n_dims, generator=generator).requires_grad_(True)
+    vectors = torch.randn(n_vectors, n_dims, generator=generator)
+    vectors = (vectors / vectors.norm(dim=1, keepdim=True)).requires_grad_(True)
     optimiser = torch.optim.Adam([vectors], lr=lr)
     off_diagonal = ~torch.eye(n_vectors, dtype=torch.bool)
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
-            unit = vectors / vectors.norm(dim=1, keepdim=True)
-            cosines = unit @ unit.T
-            loss = (cosines[off_diagonal].abs() - cutoff).relu().sum() / 2
+            dots = vectors @ vectors.T
+            loss = (dots[off_diagonal].abs() - cutoff).relu().sum() + norm_weight * ((dots.diagonal() - 1) ** 2).sum()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-    with torch.no_grad():
-        unit = vectors / vectors.norm(dim=1, keepdim=True)
-        upper = torch.triu(torch.ones(n_vectors, n_vectors, dtype=torch.bool), diagonal=1)
-        angles = torch.rad2deg(torch.arccos((unit @ unit.T)[upper].clamp(-1, 1)))
-    return SuperpositionToy(loss=np.array(losses), pair_angles_deg=angles.numpy())
+    final = vectors.detach().numpy()
+    return SuperpositionToy(loss=np.array(losses), vectors=final, angles=pair_angles(final))
 
 
 def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult:
-    toy = superposition_toy(params.toy_vectors, params.toy_dims, params.toy_steps, params.toy_lr, params.toy_cutoff, seed)
+    toy = superposition_toy(
+        params.toy_vectors, params.toy_dims, params.toy_steps, params.toy_lr, params.toy_cutoff, seed, params.toy_norm_weight
+    )
     n_layers = model.cfg.n_layers
-    hooks = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
-    acts = collect_activations(model, params.prompts, hooks)
+    gated = bool(model.cfg.gated_mlp)
+    # A gated MLP's hook_post is act(gate) * up, whose sign says nothing about the neuron firing;
+    # the gate's pre-activation does (SiLU and GELU are positive exactly where their input is).
+    activity_hook = "hook_pre" if gated else "hook_post"
+    active_rule, active_means = GATED_ACTIVE_RULE if gated else ACTIVE_RULE
+    post_hooks = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
+    activity_hooks = [f"blocks.{layer}.mlp.{activity_hook}" for layer in range(n_layers)]
+    acts = collect_activations(model, params.prompts, {*post_hooks, *activity_hooks})
     rng = np.random.default_rng(seed)
     post_samples, active = [], []
     for layer in range(n_layers):
-        real = acts.cache[hooks[layer]][acts.mask]  # [real tokens, d_mlp]: padding left out
+        real = acts.cache[post_hooks[layer]][acts.mask]  # [real tokens, d_mlp]: padding left out
         values = real.flatten().numpy()
         post_samples.append(rng.choice(values, size=min(20000, len(values)), replace=False))
-        active.append(float((real > 0).float().mean()))
-    within_one_degree = float((np.abs(toy.pair_angles_deg - 90) <= 1).mean())
+        active.append(float((acts.cache[activity_hooks[layer]][acts.mask] > 0).float().mean()))
     summary = {
         "d_mlp": model.cfg.d_mlp,
         "act_fn": model.cfg.act_fn,
-        "gated_mlp": bool(model.cfg.gated_mlp),
+        "gated_mlp": gated,
         "superposition_toy": {
             "vectors": params.toy_vectors,
             "dims": params.toy_dims,
             "final_loss": float(toy.loss[-1]),
-            "fraction_of_pairs_within_1_degree_of_orthogonal": within_one_degree,
-            "max_deviation_from_90_degrees": float(np.abs(toy.pair_angles_deg - 90).max()),
+            **toy.angles.summary(),
         },
         "fraction_of_neurons_active_per_layer": active,
-        "active_means": "post-activation > 0, over every real token of the prompts",
+        "active_means": active_means,
+        "active_measured_at": f"blocks.L.mlp.{activity_hook}",
         "post_activation_mean_per_layer": [float(s.mean()) for s in post_samples],
         "prompts": params.prompts,
     }
-    return MlpResult(toy=toy, post_samples=post_samples, active_fraction=np.array(active), summary=summary)
+    return MlpResult(toy=toy, post_samples=post_samples, active_fraction=np.array(active), active_rule=active_rule, summary=summary)
+
+
+def _angle_histogram(axes: Axes, angles: PairAngles) -> None:
+    edges, counts = angles.histogram_edges, angles.histogram_counts
+    axes.stairs(counts, edges, fill=True, color="steelblue")
+    axes.set(title="Angles between all pairs of vectors (log count)", xlabel="angle (degrees)", ylabel="pairs", yscale="log", xlim=(0, 180))
+    axes.set_xticks(range(0, 181, 30))
+    axes.set_ylim(bottom=0.5)
+    axes.grid(True, alpha=0.4)
+    axes.text(
+        0.06, 0.97,
+        f"pairs: {angles.n_pairs:,}\n"
+        f"within 1° of 90°: {100 * angles.fraction_within_1_degree:.1f}%\n"
+        f"RMS cosine: {angles.rms_cosine:.4f}\n"
+        f"  (Welch bound: ≥ {angles.welch_bound_rms_cosine:.4f})\n"
+        f"largest |cosine|: {angles.max_abs_cosine:.4f}\n"
+        f"more than 45° off 90°: {angles.pairs_more_than_45_degrees_off:,}",
+        transform=axes.transAxes, va="top", fontsize=8, family="monospace",
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9},
+    )
+    # Text and inset sit between the spikes near 0, 90 and 180 degrees.
+    inset = axes.inset_axes((0.58, 0.5, 0.33, 0.4))
+    inset.stairs(angles.zoom_counts, angles.zoom_edges, fill=True, color="darkorange")
+    outside = angles.n_pairs - int(angles.zoom_counts.sum())
+    inset.set_title(f"zoom 89-91° ({outside:,} pairs outside)", fontsize=7)
+    inset.tick_params(labelsize=6)
 
 
 def render(result: MlpResult) -> Iterator[Artifact]:
-    figure, (left, right) = panels(2)
+    figure, (left, right) = panels(2, width_ratios=[1.0, 1.6])
     left.plot(result.toy.loss)
-    left.set(title="Superposition toy: loss", xlabel="Adam step", ylabel="sum over pairs of relu(|cos| - cutoff)")
+    left.set(title="Superposition toy: loss", xlabel="Adam step", ylabel="hinge on |dot| + unit-norm penalty", yscale="log")
     left.grid(True, alpha=0.4)
-    right.hist(result.toy.pair_angles_deg, bins=np.linspace(89, 91, 9), edgecolor="white")
-    right.set(title="Angles between pairs of vectors", xlabel="angle (degrees)", ylabel="pairs", xlim=(89, 91))
-    right.grid(True, alpha=0.4)
-    yield Figure("06_angle_distribution", figure, "Many more nearly orthogonal directions than dimensions")
+    _angle_histogram(right, result.toy.angles)
+    n_vectors, n_dims = result.toy.vectors.shape
+    figure.suptitle(f"{n_vectors} vectors in {n_dims} dimensions: most pairs can be made nearly orthogonal, not all")
+    yield Figure("06_angle_distribution", figure,
+                 f"Superposition toy: {100 * result.toy.angles.fraction_within_1_degree:.1f}% of pairs within 1° of orthogonal; "
+                 f"RMS cosine {result.toy.angles.rms_cosine:.3f} against a Welch bound of {result.toy.angles.welch_bound_rms_cosine:.3f}")
 
     figure, (left, right) = panels(2, width_ratios=[2.0, 1.0])
     left.violinplot(result.post_samples, showextrema=False)
     left.set(title="MLP post-activations per layer (mlp.hook_post)", xlabel="Layer", ylabel="activation", yscale="symlog")
     left.set_xticks(range(1, len(result.post_samples) + 1), [str(i) for i in range(len(result.post_samples))], fontsize=7)
     right.bar(range(len(result.active_fraction)), result.active_fraction, color="teal")
-    right.set(title="Fraction of neurons active (> 0)", xlabel="Layer", ylabel="fraction", ylim=(0, 1))
-    yield Figure("07_mlp_activations", figure, "Distribution of MLP activations and fraction of neurons active, per layer")
+    right.set(title=f"Fraction of neurons active\n({result.active_rule})", xlabel="Layer", ylabel="fraction", ylim=(0, 1))
+    right.title.set_fontsize(9)
+    yield Figure("07_mlp_activations", figure, f"Distribution of MLP activations and fraction of neurons active ({result.active_rule}), per layer")
 
 
 EXPERIMENT = Experiment(title="MLPs and superposition", params=MlpParams, compute=compute, render=render)

@@ -1,9 +1,10 @@
 """The journey of a token: its hidden state at every layer, mapped into a UMAP of the token
 embeddings, and how close each state stays to its own, the next and the predicted token.
 
-Hidden states follow Hugging Face's ``output_hidden_states`` convention (index 0 the embedding
-sum, index i the residual stream after block i, the last with the final LayerNorm applied), so
-they need raw weights and, like the original analysis, no BOS token.
+Hidden states follow Hugging Face's ``output_hidden_states`` convention, which is the toolkit's
+(``unraveled.analysis.STATE_CONVENTION``: state 0 the embedding sum, state i the residual stream
+after block i-1, blocks counting from 0), the last with the final LayerNorm applied; so they need
+raw weights and, like the original analysis, no BOS token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
@@ -21,19 +21,30 @@ from pydantic import Field
 from transformer_lens import HookedTransformer
 
 from unraveled.activations import collect_activations
-from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers
+from unraveled.analysis import (
+    STATE_AXIS_LABEL,
+    STATE_CONVENTION,
+    cosine_to_targets,
+    hidden_state_hook_names,
+    hidden_states,
+    spread_across_layers,
+    state_labels,
+)
 from unraveled.experiment import Artifact, Experiment, Figure, Params
 from unraveled.render.figures import panels
 from unraveled.umap_fit import umap_3d
 
-HIDDEN_STATE_NOTE = "layer 0 = embeddings; layer i = after block i; last = after the final LayerNorm (Hugging Face hidden_states)"
+HIDDEN_STATE_NOTE = f"{STATE_CONVENTION}; the last state has the final norm applied (Hugging Face hidden_states)"
+# The original analysis's five sentences, so that the spread figure compares with its figure.
 DEFAULT_SENTENCES = [
-    "Hi.",
-    "The cat sat on the mat.",
-    "He killed two birds with one stone by taking a quick action.",
-    "In the middle of the night, the old lighthouse keeper climbed the winding stairs to check the lamp once more before the storm.",
-    "Although the committee had debated the proposal for several weeks, weighing its costs against its benefits and hearing from "
-    "dozens of residents, it adjourned without a vote, leaving the future of the park, the library and the bridge uncertain.",
+    "He killed two birds with one stone by taking a quick action",
+    "She won the race and broke the record in her age group by ten seconds",
+    "A rolling stone gathers no moss, it moves through hill and dale without a single pause",
+    "Despite the stormy weather and the warning from the news, we ventured out into the dense forest, hoping to catch a "
+    "glimpse of the rare wildlife species",
+    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting a golden glow on the "
+    "shimmering lake, I found myself lost in thought, reflecting on the decisions of the past and how they had led me to "
+    "this particular point in my life",
 ]
 
 
@@ -59,6 +70,7 @@ class TokenJourneyResult:
     spread_distance: Float[NDArray, "state sentences"]
     spread_trace: Float[NDArray, "state sentences"]
     spread_lengths: list[int]
+    state_labels: list[str]
     umap_seconds: float
 
     def metrics(self) -> dict[str, Any]:
@@ -67,6 +79,7 @@ class TokenJourneyResult:
             "followed_token": self.tokens[self.token_index],
             "predicted_next_token": self.predicted_token,
             "hidden_state_convention": HIDDEN_STATE_NOTE,
+            "states": self.state_labels,
             "cosine_to_own_embedding": self.cos_own,
             "cosine_to_next_embedding": self.cos_next,
             "cosine_to_last_hidden_state": self.cos_last_state,
@@ -107,6 +120,7 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
         spread_distance=distance.numpy(),
         spread_trace=trace.numpy(),
         spread_lengths=acts.lengths[1:],
+        state_labels=state_labels(model.cfg.n_layers, final_norm=True),
         umap_seconds=umap_seconds,
     )
 
@@ -114,7 +128,7 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
 def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str) -> None:
     for line, label in enumerate(labels):
         axes.plot(values[:, line], label=label)
-    axes.set(title=title, xlabel="Layer (hidden-state index)", ylabel="cosine similarity")
+    axes.set(title=title, xlabel=STATE_AXIS_LABEL, ylabel="cosine similarity")
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
 
 
@@ -149,8 +163,8 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     for index, length in enumerate(result.spread_lengths):
         left.plot(result.spread_distance[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
         right.plot(result.spread_trace[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
-    left.set(title="Mean distance of token states from their centroid", xlabel="Layer (hidden-state index)", ylabel="mean distance")
-    right.set(title="Trace of the covariance of token states", xlabel="Layer (hidden-state index)", ylabel="covariance trace")
+    left.set(title="Mean distance of token states from their centroid", xlabel=STATE_AXIS_LABEL, ylabel="mean distance")
+    right.set(title="Trace of the covariance of token states", xlabel=STATE_AXIS_LABEL, ylabel="covariance trace")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)

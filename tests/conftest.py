@@ -1,7 +1,9 @@
 """Fixtures: tiny GPT-2- and Llama-shaped checkpoints with the real GPT-2 tokenizer, a
 Hugging Face cache holding a tiny ``gpt2``, and a helper to run the CLI as a user would.
 
-The checkpoints are built here, so the tests need no network and no downloaded weights.
+The checkpoints are built here, so the tests need no network and no downloaded weights. For the
+whole session, the converted-weights cache and the Hugging Face home point at temporary folders
+(``isolated_caches``), so no test, nor any process a test starts, touches the user's ``~/.cache``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,45 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An address where nothing listens: a hub that refuses at once, on any machine.
 UNREACHABLE_HUB = "http://127.0.0.1:9"
 FAKE_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+# Variables that would send Hugging Face's caches somewhere else than HF_HOME.
+_HF_CACHE_OVERRIDES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """UNRAVELED_CACHE and HF_HOME in temporary folders for the whole session.
+
+    The environment covers subprocesses (they inherit it); huggingface_hub read its constants
+    when it was imported, before any fixture ran, so they are patched as well. Tests that need
+    their own cache still set it (``weight_cache``, ``run_cli(env=...)``) on top of this.
+    """
+    root = tmp_path_factory.mktemp("session-caches")
+    unraveled_cache, hf_home = root / "unraveled", root / "hf_home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(unraveled_cache))
+        patch.setenv("HF_HOME", str(hf_home))
+        for name in _HF_CACHE_OVERRIDES:
+            patch.delenv(name, raising=False)
+        patch.setattr(hf_constants, "HF_HOME", str(hf_home))
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "default_cache_path"):
+            patch.setattr(hf_constants, name, str(hf_home / "hub"))
+        patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
+        patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
+        yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:

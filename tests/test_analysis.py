@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from experiments.layernorm import layer_norm_toy
-from experiments.mlp import superposition_toy
 from unraveled.activations import collect_activations
 from unraveled.analysis import (
     attention_entropy_by_head,
@@ -40,7 +39,10 @@ def test_attention_statistics_on_hand_made_patterns() -> None:
     to_first = attention_to_first_token(patterns)
     np.testing.assert_allclose(to_first[0], (1 / torch.arange(1, n + 1) + 1) / 2, rtol=1e-6)
     np.testing.assert_allclose(last_token_attention(patterns)[0], [(0.25 + 1) / 2, 0.125, 0.125, 0.125], rtol=1e-6)
-    np.testing.assert_allclose(attention_sink_by_head(patterns)[0], [(1 + 1 / 2 + 1 / 3 + 1 / 4) / 4, 1.0], rtol=1e-6)
+    # The sink score averages queries 1..: query 0 can only attend to position 0.
+    np.testing.assert_allclose(attention_sink_by_head(patterns)[0], [(1 / 2 + 1 / 3 + 1 / 4) / 3, 1.0], rtol=1e-6)
+    self_only = torch.eye(n)[None, None]  # every query attends to itself: no sink at all, no 1/n floor
+    assert attention_sink_by_head(self_only)[0, 0] == 0.0
     expected_uniform_entropy = sum(math.log(k) for k in range(1, n + 1)) / n
     np.testing.assert_allclose(attention_entropy_by_head(patterns)[0], [expected_uniform_entropy, 0.0], atol=1e-6)
 
@@ -83,11 +85,3 @@ def test_layer_norm_toy_lands_on_the_plane_at_radius_sqrt3() -> None:
     points = layer_norm_toy(np.random.default_rng(0).standard_normal((50, 3)))
     np.testing.assert_allclose(points.sum(axis=1), 0, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(points, axis=1), math.sqrt(3), rtol=1e-12)
-
-
-def test_superposition_toy_pushes_pairs_towards_orthogonal() -> None:
-    toy = superposition_toy(n_vectors=60, n_dims=20, steps=200, lr=0.01, cutoff=0.01, seed=0)
-    assert toy.loss[-1] < 0.5 * toy.loss[0]
-    assert toy.pair_angles_deg.shape == (60 * 59 // 2,)
-    before = superposition_toy(n_vectors=60, n_dims=20, steps=1, lr=0.01, cutoff=0.01, seed=0)
-    assert np.abs(toy.pair_angles_deg - 90).mean() < np.abs(before.pair_angles_deg - 90).mean()

@@ -1,11 +1,15 @@
-"""Logit lens, direct logit attribution and activation patching, checked against the model."""
+"""Logit lens, direct logit attribution and activation patching, checked against transformers'
+own forward pass and against naive patching, one hook at a time."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from transformers import AutoModelForCausalLM
 
 from experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
@@ -17,19 +21,71 @@ CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
 @pytest.fixture(params=["tiny_gpt2_dir", "tiny_llama_dir"])
-def model(request: pytest.FixtureRequest, weight_cache: Path):  # type: ignore[no-untyped-def]
-    return load_model(str(request.getfixturevalue(request.param)), "processed", fallback=None).model
+def checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
 
 
-def test_logit_lens_last_point_is_the_model_output(model) -> None:  # type: ignore[no-untyped-def]
-    hooks = residual_hook_names(model.cfg.n_layers)
-    acts = collect_activations(model, [PROMPT], hooks)
-    lens = decode(model, torch.stack([acts.cache[h][0] for h in hooks]))
-    torch.testing.assert_close(lens[-1], acts.logits[0], atol=1e-5, rtol=1e-5)
+@pytest.fixture
+def model(checkpoint: Path, weight_cache: Path):  # type: ignore[no-untyped-def]
+    return load_model(str(checkpoint), "processed", fallback=None).model
+
+
+class HfRun:
+    """One forward pass of the transformers model: logits, hidden states, and what each block's
+    attention and MLP wrote, captured with forward hooks."""
+
+    def __init__(self, folder: Path, tokens: torch.Tensor) -> None:
+        self.hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        self.is_gpt2 = hasattr(self.hf, "transformer")
+        blocks = self.hf.transformer.h if self.is_gpt2 else self.hf.model.layers
+        self.final_norm = self.hf.transformer.ln_f if self.is_gpt2 else self.hf.model.norm
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):  # type: ignore[no-untyped-def]
+            return lambda _module, inputs, output: captured.__setitem__(name, (output[0] if isinstance(output, tuple) else output).detach())
+
+        handles = [self.final_norm.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("final_residual", inputs[0].detach()))]
+        for layer, block in enumerate(blocks):
+            handles.append((block.attn if self.is_gpt2 else block.self_attn).register_forward_hook(keep(f"attn{layer}")))
+            handles.append(block.mlp.register_forward_hook(keep(f"mlp{layer}")))
+        with torch.no_grad():
+            output = self.hf(tokens, output_hidden_states=True)
+        for handle in handles:
+            handle.remove()
+        self.logits = output.logits[0]
+        self.hidden_states = [h[0] for h in output.hidden_states]
+        self.captured = {name: value[0] for name, value in captured.items()}
+
+    def decode(self, residual: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.hf.lm_head(self.final_norm(residual))
+
+    def direct_effect(self, component: torch.Tensor, direction: torch.Tensor) -> float:
+        """What ``component`` (at the last position) adds to the logits along ``direction``, through
+        the final norm with the scale the model applied there."""
+        final = self.captured["final_residual"][-1]
+        eps = self.final_norm.eps if self.is_gpt2 else self.final_norm.variance_epsilon
+        if self.is_gpt2:
+            scale = (final.var(unbiased=False) + eps).sqrt()
+            component = component - component.mean()
+        else:
+            scale = (final.pow(2).mean() + eps).sqrt()
+        return float((component / scale * self.final_norm.weight.detach()) @ direction)
+
+
+def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
-    assert result.kl_from_final[-1] == pytest.approx(0.0, abs=1e-5) and result.final_prediction_rank[-1] == 0
-    assert result.final_prediction == model.tokenizer.decode([int(acts.logits[0, -1].argmax())])
-    assert len(result.top5_last) == model.cfg.n_layers + 1 and len(result.top5_last[0]) == 5
+    run = HfRun(checkpoint, model.to_tokens(PROMPT))
+    n_layers = model.cfg.n_layers
+    # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already normed.
+    log_probs = torch.stack([*[run.decode(run.hidden_states[i][-1]) for i in range(n_layers)], run.logits[-1]]).log_softmax(-1)
+    final = int(run.logits[-1].argmax())
+    assert result.final_prediction == model.tokenizer.decode([final])
+    np.testing.assert_allclose(result.final_prediction_prob, log_probs[:, final].exp(), atol=1e-5)
+    expected_kl = (log_probs[-1].exp() * (log_probs[-1] - log_probs)).sum(-1)
+    np.testing.assert_allclose(result.kl_from_final, expected_kl, atol=1e-4)
+    np.testing.assert_array_equal(result.final_prediction_rank, (log_probs > log_probs[:, final : final + 1]).sum(-1))
+    assert [entry["token"] for entry in result.top5_last[0]] == [model.tokenizer.decode([i]) for i in log_probs[0].topk(5).indices]
 
 
 def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
@@ -52,13 +108,17 @@ def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, wei
     assert (reused_log_probs - ours.log_softmax(-1)).abs().max() > 1.0
 
 
-def test_attribution_components_sum_to_the_logit_difference(model) -> None:  # type: ignore[no-untyped-def]
+def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
     params = logit_attribution.LogitAttributionParams(prompt=PROMPT)
     result = logit_attribution.compute(model, params, seed=0)
-    assert result.heads.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    run = HfRun(checkpoint, model.to_tokens(PROMPT))
+    correct, incorrect = answer_token_id(model, " Mary", "correct"), answer_token_id(model, " John", "incorrect")
+    assert result.logit_difference == pytest.approx(float(run.logits[-1, correct] - run.logits[-1, incorrect]), abs=1e-4)
     assert result.total() == pytest.approx(result.logit_difference, abs=1e-4)
-    expected = set(["embed", "pos_embed"] if model.cfg.positional_embedding_type == "standard" else ["embed"])
-    assert set(result.embeddings) == expected
+    direction = (run.hf.lm_head.weight[correct] - run.hf.lm_head.weight[incorrect]).detach()
+    for layer in range(model.cfg.n_layers):
+        assert result.mlp[layer] == pytest.approx(run.direct_effect(run.captured[f"mlp{layer}"][-1], direction), abs=1e-4)
+        assert result.attention_per_layer[layer] == pytest.approx(run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4)
 
 
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]
@@ -66,17 +126,44 @@ def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untype
         answer_token_id(model, " Maryanne-Louise", "params.correct")
 
 
-def test_patching_recovers_one_at_the_end_and_zero_before_the_difference(model) -> None:  # type: ignore[no-untyped-def]
+def test_patching_equals_naive_patching_one_hook_at_a_time(model) -> None:  # type: ignore[no-untyped-def]
     params = activation_patching.ActivationPatchingParams(clean=PROMPT, corrupted=CORRUPTED)
     result = activation_patching.compute(model, params, seed=0)
-    n_pos = len(result.tokens)
-    assert result.residual.shape == (model.cfg.n_layers + 1, n_pos)
-    assert result.residual[-1, -1] == pytest.approx(1.0, abs=1e-4)
-    clean_ids = model.to_tokens(PROMPT)[0]
-    first_difference = int((clean_ids != model.to_tokens(CORRUPTED)[0]).nonzero()[0])
-    assert first_difference > 0
-    assert abs(result.residual[:, :first_difference]).max() < 1e-4
-    assert result.heads.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    clean_tokens, corrupted_tokens = model.to_tokens(PROMPT), model.to_tokens(CORRUPTED)
+    answers = answer_token_id(model, " Mary", "a"), answer_token_id(model, " John", "b")
+    n_layers, n_heads, n_pos = model.cfg.n_layers, model.cfg.n_heads, clean_tokens.shape[1]
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean_tokens)
+
+        def difference(hook_name: str, patch) -> float:  # type: ignore[no-untyped-def]
+            logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(hook_name, patch)])
+            return float(logits[0, -1, answers[0]] - logits[0, -1, answers[1]])
+
+        clean = float(model(clean_tokens)[0, -1, answers[0]] - model(clean_tokens)[0, -1, answers[1]])
+        corrupted = float(model(corrupted_tokens)[0, -1, answers[0]] - model(corrupted_tokens)[0, -1, answers[1]])
+        assert result.clean_difference == pytest.approx(clean, abs=1e-4) and result.corrupted_difference == pytest.approx(corrupted, abs=1e-4)
+        heads = np.empty((n_layers, n_heads))
+        for layer in range(n_layers):
+            name = f"blocks.{layer}.attn.hook_z"
+            for head in range(n_heads):
+
+                def patch_head(z, hook, head=head, name=name):  # type: ignore[no-untyped-def]
+                    z[:, :, head] = clean_cache[name][:, :, head]
+                    return z
+
+                heads[layer, head] = (difference(name, patch_head) - corrupted) / (clean - corrupted)
+        residual = np.empty((n_layers + 1, n_pos))
+        for state, name in enumerate(residual_hook_names(n_layers)):
+            for pos in range(n_pos):
+
+                def patch_position(resid, hook, pos=pos, name=name):  # type: ignore[no-untyped-def]
+                    resid[:, pos] = clean_cache[name][:, pos]
+                    return resid
+
+                residual[state, pos] = (difference(name, patch_position) - corrupted) / (clean - corrupted)
+    np.testing.assert_allclose(result.heads, heads, atol=1e-4)
+    np.testing.assert_allclose(result.residual, residual, atol=1e-4)
+    assert np.abs(heads).max() > 1e-3  # the test would notice patching that did nothing
 
 
 def test_patching_refuses_prompts_of_different_lengths(model) -> None:  # type: ignore[no-untyped-def]

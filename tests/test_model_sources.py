@@ -1,5 +1,6 @@
-"""The Hugging Face paths, through the CLI as users run it: a ``gpt2`` in the local HF cache, an
-unreachable hub failing fast, the loud fallback to the bundled model, and ``--no-fallback``."""
+"""The Hugging Face paths, through the CLI as users run it: a ``gpt2`` in the local HF cache (and
+the converted-weights cache following it, revision by revision), an unreachable hub failing fast,
+the loud fallback to the bundled model, and ``--no-fallback``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import UNREACHABLE_HUB, run_cli
+from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, run_cli
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
 
@@ -27,20 +30,51 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(tmp_path: Path, monkey
     assert elapsed < 10, f"took {elapsed:.1f} s"
 
 
-def test_gpt2_from_the_hugging_face_cache_runs_offline(hf_home_with_gpt2: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": str(tmp_path / "cache")}
-    done = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"], env)
+def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> Path:
+    """An HF_HOME holding another revision of ``gpt2``: the tiny checkpoint with other embeddings."""
+    snapshot = home / "hub" / "models--gpt2" / "snapshots" / revision
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)
+    model.save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(revision)
+    return home
+
+
+def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    out, cache = tmp_path / "out", str(tmp_path / "cache")
+    run_dir = out / "gpt2" / "embeddings"
+    args = ["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"]
+    done = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert done.returncode == 0, done.stderr
-    manifest = json.loads((out / "gpt2" / "embeddings" / "manifest.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["model"]["used"] == "gpt2" and not manifest["model"]["is_fallback"]
     assert manifest["model"]["loaded_from"].startswith("Hugging Face cache")
-    assert manifest["model"]["d_model"] == 64
+    assert manifest["model"]["revision"] == FAKE_SNAPSHOT and manifest["model"]["d_model"] == 64
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["parameter_count"] == sum(p.numel() for p in hf.parameters()) == 3_320_640
     # The second invocation reads the converted-weights cache instead.
-    again = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"], env)
+    again = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert again.returncode == 0, again.stderr
-    manifest = json.loads((out / "gpt2" / "embeddings" / "manifest.json").read_text())
-    assert manifest["model"]["from_weight_cache"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
+    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2 any more.
+    empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
+    assert empty.returncode == 3, empty.stderr
+    assert "not in the Hugging Face cache" in " ".join(empty.stderr.split())
+    # Another revision of gpt2: a miss, converted from its own weights, and the manifest says which.
+    other_revision = "fedcba9876543210fedcba9876543210fedcba98"
+    other_home = _hf_home_with_other_gpt2(tiny_gpt2_dir, tmp_path / "other-hf-home", other_revision)
+    other = run_cli(args, {"HF_HOME": str(other_home), "UNRAVELED_CACHE": cache})
+    assert other.returncode == 0, other.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert not manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == other_revision
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected_mean = float(hf.transformer.wte.weight.detach().double().mean()) + 1.0
+    assert metrics["token_embedding_stats"]["mean_of_dim_means"] == pytest.approx(expected_mean, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@ cache, and name resolution. The Hugging Face cache and hub paths run in test_mod
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unraveled.errors import ConfigError, ModelUnavailableError
-from unraveled.models import load_model, resolve_model
+from unraveled.models import hub, load_model, resolve_model
+from unraveled.models import weight_cache as converted_weights
 from unraveled.models.sources import HubModel, LocalCheckpoint
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Interpretability: taking GPT-2 apart, one head at a time."]
@@ -88,3 +91,12 @@ def test_unknown_model_name_suggests_the_close_one() -> None:
 def test_fixture_tokenizer_is_real_gpt2(gpt2_tokenizer) -> None:
     assert len(gpt2_tokenizer) == 50257
     assert gpt2_tokenizer("Hello world").input_ids == [15496, 995]
+
+
+def test_tests_and_their_subprocesses_never_touch_the_users_caches(isolated_caches: dict[str, Path]) -> None:
+    expected = [str(isolated_caches["UNRAVELED_CACHE"]), str(isolated_caches["HF_HOME"] / "hub")]
+    assert [str(converted_weights.cache_root()), hub.hf_cache_dir()] == expected
+    probe = "from unraveled.models import hub, weight_cache; print(weight_cache.cache_root()); print(hub.hf_cache_dir())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.split() == expected
+    assert not any(Path(path).is_relative_to(Path.home() / ".cache") for path in expected)

@@ -28,8 +28,14 @@ def last_token_attention(patterns: Float[Tensor, "layer head query_pos key_pos"]
 
 
 def attention_sink_by_head(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer head"]:
-    """Mean attention to the first token over all query positions (the attention sink), per head."""
-    return patterns[..., 0].mean(dim=-1)
+    """Mean attention to the first token (the attention sink) over queries 1.., per head.
+
+    Query 0 can attend only to itself under causal masking, so counting it would add a floor of
+    1/n to every head's score; it is left out. A one-token pattern has no other query: NaN.
+    """
+    if patterns.shape[-2] < 2:
+        return torch.full(patterns.shape[:2], float("nan"), dtype=patterns.dtype)
+    return patterns[..., 1:, 0].mean(dim=-1)
 
 
 def attention_entropy_by_head(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer head"]:
@@ -42,11 +48,30 @@ def attention_entropy_by_head(patterns: Float[Tensor, "layer head query_pos key_
     return entropy.mean(dim=-1)
 
 
+# Blocks count from 0. State 0 is the embeddings (the input to block 0), state i the residual stream
+# after block i-1, so a model with n blocks has states 0..n. Every experiment labels states so.
+STATE_CONVENTION = "blocks count from 0; state 0 = embeddings; state i = after block i-1"
+STATE_AXIS_LABEL = "State (0 = embeddings, i = after block i-1)"
+
+
+def state_labels(n_layers: int, final_norm: bool = False) -> list[str]:
+    """Names of the ``n_layers + 1`` residual-stream states, following ``STATE_CONVENTION``.
+
+    Args:
+        n_layers: Number of blocks.
+        final_norm: Whether the last state has the final norm applied (Hugging Face's
+            ``hidden_states`` do; TransformerLens's ``hook_resid_post`` does not).
+    """
+    last = f"after block {n_layers - 1}" + (" + final norm" if final_norm else "")
+    return ["embeddings", *[f"after block {block}" for block in range(n_layers - 1)], last]
+
+
 def hidden_states(model: HookedTransformer, cache: ActivationCache) -> Float[Tensor, "state batch pos d_model"]:
     """The residual stream in Hugging Face's ``output_hidden_states`` convention.
 
-    Index 0 is the embedding sum, index i the residual stream after block i, and the last index
-    has the final LayerNorm applied, as transformers returns it. Needs the cache to hold
+    Index 0 is the embedding sum, index i the residual stream after block i-1 (blocks count from
+    0, see ``STATE_CONVENTION``), and the last index has the final LayerNorm applied, as
+    transformers returns it. Needs the cache to hold
     ``blocks.0.hook_resid_pre`` and every ``blocks.{i}.hook_resid_post``, and unprocessed weights
     for the final LayerNorm to match the checkpoint's.
     """

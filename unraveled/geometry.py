@@ -50,3 +50,20 @@ def pca_projection(
     """Coordinates of ``fit_on`` (and of ``also``) in the top principal components of ``fit_on``."""
     pca = PCA(n_components=n_components).fit(fit_on)
     return pca.transform(fit_on), (pca.transform(also) if also is not None else None)
+
+
+def pair_cosines(vectors: Float[NDArray, "n d"]) -> Float[NDArray, " pairs"]:
+    """Cosine of every unordered pair of distinct rows (i < j), in ``np.triu_indices`` order."""
+    unit = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    return (unit @ unit.T)[np.triu_indices(len(vectors), k=1)]
+
+
+def welch_bound(n_vectors: int, n_dims: int) -> float:
+    """Lower bound on the mean squared cosine over distinct pairs of ``n_vectors`` unit vectors in
+    ``n_dims`` dimensions: (N - d) / (d (N - 1)), and 0 when they fit (N <= d).
+
+    Use its square root to compare with an RMS cosine.
+    """
+    if n_vectors <= n_dims:
+        return 0.0
+    return (n_vectors - n_dims) / (n_dims * (n_vectors - 1))

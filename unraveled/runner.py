@@ -120,6 +120,7 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
         "is_fallback": loaded.is_fallback,
         "fallback_reason": loaded.fallback_reason,
         "loaded_from": loaded.loaded_from,
+        "revision": loaded.revision,
         "from_weight_cache": loaded.from_weight_cache,
         "weights": loaded.weights,
         "load_seconds": loaded.load_seconds,

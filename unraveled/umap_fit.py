@@ -10,6 +10,8 @@ initialisation, once) and the transform are UMAP's own.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
@@ -44,5 +46,9 @@ def umap_3d(fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbo
         n_jobs=1,
         precomputed_knn=(indices, distances, index),
     )
-    reducer.fit(fit_on)
+    with warnings.catch_warnings():
+        # UMAP warns that transform will be unavailable because the index is not pynndescent's;
+        # it is wrong here: ExactNeighbourIndex answers the queries transform makes.
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", category=UserWarning)
+        reducer.fit(fit_on)
     return reducer.transform(np.ascontiguousarray(place, dtype=np.float32))

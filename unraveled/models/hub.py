@@ -19,9 +19,15 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot folder of ``repo_id`` in the local Hugging Face cache, if it has a config."""
+    """The snapshot folder of ``repo_id`` that the local Hugging Face cache's ``main`` points at,
+    if it has a config. Its name is the commit hash (see ``snapshot_revision``)."""
     found = try_to_load_from_cache(repo_id, "config.json")
     return Path(found).parent if isinstance(found, str) else None
+
+
+def snapshot_revision(snapshot: Path) -> str:
+    """The commit hash a snapshot folder holds: the hub cache names each snapshot after it."""
+    return snapshot.name
 
 
 def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:

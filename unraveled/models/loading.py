@@ -11,6 +11,7 @@ When a model can't be had, ``load_model`` falls back to the bundled model if all
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from unraveled.errors import ModelUnavailableError
 from unraveled.experiment import WeightsKind
@@ -35,6 +36,9 @@ from unraveled.models.sources import (
 
 logger = logging.getLogger(__name__)
 
+# The HookedTransformer attribute holding the checkpoint's own parameter count.
+_CHECKPOINT_PARAMETERS = "unraveled_checkpoint_parameters"
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -50,6 +54,9 @@ class LoadedModel:
         load_seconds: Wall time of the load.
         from_weight_cache: Whether the converted-weights cache served it.
         fallback_reason: Why ``requested`` could not be loaded, when this is a fallback.
+        revision: Which version of the weights: the hub commit (the Hugging Face cache's
+            snapshot), the bundled package's version, or None for a local directory (its path
+            is in ``loaded_from``).
     """
 
     model: HookedTransformer
@@ -61,6 +68,7 @@ class LoadedModel:
     load_seconds: float
     from_weight_cache: bool
     fallback_reason: str | None = None
+    revision: str | None = None
 
     @property
     def is_fallback(self) -> bool:
@@ -73,9 +81,32 @@ class LoadedModel:
         return self.name
 
 
-def _fingerprint(source: ModelSource) -> dict[str, Any]:
+def checkpoint_parameters(model: HookedTransformer) -> int | None:
+    """How many parameters the checkpoint itself has, as transformers counts them (tied
+    embeddings once), or None for a model that did not come through ``load_model``.
+
+    TransformerLens's own parameters differ: it unties tied embeddings and adds zero biases the
+    checkpoint doesn't have (GPT-2's unembedding bias; Llama's attention and MLP biases).
+    """
+    return getattr(model, _CHECKPOINT_PARAMETERS, None)
+
+
+def _count_parameters(hf: PreTrainedModel | PretrainedConfig) -> int:
+    """``hf_model.parameters()`` counted as transformers does; from a config, without weights."""
+    if isinstance(hf, PretrainedConfig):
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(hf)
+    return sum(p.numel() for p in hf.parameters())
+
+
+def _fingerprint(source: ModelSource) -> dict[str, Any] | None:
+    """What identifies the source's weights; None when it can't be known without loading them
+    (a hub model not in the local Hugging Face cache)."""
     if isinstance(source, HubModel):
-        return {"repo_id": source.repo_id}
+        snapshot = hub.cached_snapshot(source.repo_id)
+        if snapshot is None:
+            return None
+        return {"repo_id": source.repo_id, "revision": hub.snapshot_revision(snapshot)}
     if isinstance(source, LocalCheckpoint):
         files = sorted(p for p in source.path.iterdir() if p.is_file())
         return {
@@ -87,7 +118,7 @@ def _fingerprint(source: ModelSource) -> dict[str, Any]:
     return {"gguf": str(gguf), "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None}
 
 
-def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[HookedTransformer, str]:
+def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[HookedTransformer, str, int]:
     snapshot = hub.cached_snapshot(source.repo_id)
     if snapshot is not None:
         # Read only the cache: with local_files_only nothing waits on an unreachable hub.
@@ -95,7 +126,7 @@ def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[Hook
         model = HookedTransformer.from_pretrained(
             source.name, tokenizer=tokenizer, device=device, local_files_only=True, **processing_flags(weights)
         )
-        return model, f"Hugging Face cache ({snapshot})"
+        return model, f"Hugging Face cache ({snapshot})", _count_parameters(AutoConfig.from_pretrained(snapshot))
     reason = hub.hub_unreachable_reason()
     if reason is not None:
         raise ModelUnavailableError(
@@ -103,10 +134,10 @@ def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[Hook
             f"({hub.hf_cache_dir()}) and {reason}"
         )
     model = HookedTransformer.from_pretrained(source.name, device=device, **processing_flags(weights))
-    return model, f"Hugging Face hub ({source.repo_id})"
+    return model, f"Hugging Face hub ({source.repo_id})", _count_parameters(AutoConfig.from_pretrained(source.repo_id))
 
 
-def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str]:
+def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
     if not (source.path / "config.json").is_file():
         raise ModelUnavailableError(
             f"{source.path} is not a Hugging Face checkpoint: it has no config.json "
@@ -115,10 +146,10 @@ def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[Hook
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
     hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
     model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
-    return model, f"local checkpoint ({source.path})"
+    return model, f"local checkpoint ({source.path})", _count_parameters(hf_model)
 
 
-def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTransformer, str]:
+def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
     gguf = source.gguf_path()
     if gguf is None:
         raise ModelUnavailableError(
@@ -128,26 +159,46 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # SmolLM2's tokenizer adds no BOS and the model was trained without one.
     model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.name, default_prepend_bos=False)
-    return model, f"bundled GGUF, dequantized ({gguf})"
+    return model, f"bundled GGUF, dequantized ({gguf})", _count_parameters(hf_model)
+
+
+def _revision(source: ModelSource, fingerprint: dict[str, Any] | None) -> str | None:
+    if isinstance(source, HubModel):
+        return fingerprint["revision"] if fingerprint else None
+    if isinstance(source, BundledModel):
+        try:
+            return f"{source.package} {importlib.metadata.version(source.package)}"
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return None
 
 
 def _load_source(source: ModelSource, requested: str, weights: WeightsKind, device: str) -> LoadedModel:
+    """Load ``source``, from the converted-weights cache when it holds these very weights.
+
+    Entries are keyed by the source's identity (the hub snapshot's commit, a directory's file
+    sizes and times, the GGUF file's), so a different source is a miss, never a stale hit.
+    """
     started = time.perf_counter()
-    key = weight_cache.cache_key(source.slug, weights, _fingerprint(source))
-    model = weight_cache.load_entry(key, device)
-    from_cache = model is not None
-    if model is not None:
+    fingerprint = _fingerprint(source)
+    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint), device) if fingerprint else None
+    from_cache = cached is not None
+    if cached is not None:
+        model, n_parameters = cached
         loaded_from = f"converted-weights cache ({weight_cache.cache_root()})"
     else:
         if isinstance(source, HubModel):
-            model, loaded_from = _from_hub(source, weights, device)
+            model, loaded_from, n_parameters = _from_hub(source, weights, device)
+            fingerprint = _fingerprint(source)  # a download has just put the snapshot in the cache
         elif isinstance(source, LocalCheckpoint):
-            model, loaded_from = _from_directory(source, weights)
+            model, loaded_from, n_parameters = _from_directory(source, weights)
         else:
-            model, loaded_from = _from_bundled(source, weights)
-        weight_cache.store_entry(key, model)
+            model, loaded_from, n_parameters = _from_bundled(source, weights)
+        if fingerprint is not None:
+            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
         model = model.to(device)
     model.requires_grad_(False)
+    setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
         model=model,
         requested=requested,
@@ -157,6 +208,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
         weights=weights,
         load_seconds=time.perf_counter() - started,
         from_weight_cache=from_cache,
+        revision=_revision(source, fingerprint),
     )
 
 
@@ -194,9 +246,9 @@ def load_model(
 def availability(name: str) -> tuple[str, str]:
     """What ``name`` resolves to, and whether and from where it can be loaded now (no weights read)."""
     source = resolve_model(name)
-    cached = any(
-        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, _fingerprint(source)))
-        for kind in ("processed", "raw")
+    fingerprint = _fingerprint(source)
+    cached = fingerprint is not None and any(
+        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, fingerprint)) for kind in ("processed", "raw")
     )
     if isinstance(source, HubModel):
         resolves_to = f"TransformerLens / Hugging Face {source.repo_id}"

@@ -1,6 +1,8 @@
 """A cache of converted, processed weights, so a model is converted only once per machine.
 
-Each entry holds the HookedTransformer's state dict (safetensors), its config and its tokenizer.
+Each entry holds the HookedTransformer's state dict (safetensors), its config, its tokenizer and
+what is known of the checkpoint it came from (``source.json``: its own parameter count). Entries
+are keyed by the source's identity, so a different revision or a changed folder is a miss.
 For the bundled SmolLM2 this skips the GGUF dequantization and the conversion, by far the slowest
 part of a load. Entries are written to a temporary folder and renamed into place, so a killed
 run never leaves a half-written entry behind.
@@ -28,7 +30,9 @@ logger = logging.getLogger(__name__)
 _WEIGHTS_FILE = "model.safetensors"
 _CONFIG_FILE = "hooked_config.json"
 _TOKENIZER_DIR = "tokenizer"
-_FORMAT_VERSION = 1
+_SOURCE_FILE = "source.json"
+# 2: keyed by the hub snapshot's commit; source.json added.
+_FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -54,7 +58,7 @@ def _entry(key: str) -> Path:
 
 def has_entry(key: str) -> bool:
     """Whether a complete entry exists for ``key``."""
-    return (_entry(key) / _WEIGHTS_FILE).is_file()
+    return (_entry(key) / _WEIGHTS_FILE).is_file() and (_entry(key) / _SOURCE_FILE).is_file()
 
 
 def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
@@ -75,8 +79,9 @@ def _config_from_json(encoded: dict[str, Any], device: str) -> HookedTransformer
     return HookedTransformerConfig.from_dict({**decoded, "device": device})
 
 
-def load_entry(key: str, device: str) -> HookedTransformer | None:
-    """The cached model for ``key`` on ``device``, or None when there is no entry."""
+def load_entry(key: str, device: str) -> tuple[HookedTransformer, int] | None:
+    """The cached model for ``key`` on ``device`` and its checkpoint's parameter count, or None
+    when there is no entry."""
     entry = _entry(key)
     if not has_entry(key):
         return None
@@ -84,11 +89,13 @@ def load_entry(key: str, device: str) -> HookedTransformer | None:
     tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     safetensors.torch.load_model(model, entry / _WEIGHTS_FILE, strict=True, device=device)
-    return model.eval()
+    source = json.loads((entry / _SOURCE_FILE).read_text())
+    return model.eval(), int(source["checkpoint_parameters"])
 
 
-def store_entry(key: str, model: HookedTransformer) -> Path:
-    """Write ``model`` under ``key``, atomically; returns the entry's folder."""
+def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
+    """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count; returns
+    the entry's folder."""
     entry = _entry(key)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
@@ -96,6 +103,7 @@ def store_entry(key: str, model: HookedTransformer) -> Path:
         safetensors.torch.save_model(model, str(staging / _WEIGHTS_FILE))
         (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
+        (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(staging, entry)
