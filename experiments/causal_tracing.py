@@ -38,7 +38,7 @@ from unraveled.tracing import (
     trace_fact,
 )
 
-KINDS = {"residual": ("single restored residual state", "Purples"), "mlp": ("MLP window", "Greens"), "attn": ("attention window", "Reds")}
+KINDS = {"residual": ("one residual-stream state", "Purples"), "mlp": ("the MLP outputs of a window", "Greens"), "attn": ("the attention outputs of a window", "Reds")}
 
 
 class CausalTracingParams(Params):
@@ -180,7 +180,7 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     figure.set_size_inches(17, max(4.0, 0.35 * len(labels) + 1.5))
     for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
         values = getattr(trace, kind).T  # tokens as rows, as in the paper
-        title = f"Restoring the {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
+        title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
         _trace_heatmap(ax, values, labels, title, cmap, f"p({fact.fact.answer.strip()})", trace.corrupted_probability, max(trace.clean_probability, float(values.max())))
     figure.suptitle(
         f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised with {result.noise_samples} samples): "
@@ -193,7 +193,7 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     bound = max(float(np.nanmax(effects)) for effects in result.average_effects.values()) or 1.0
     group_labels = [label.capitalize() for label in POSITION_GROUPS]
     for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
-        title = f"Restoring the {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
+        title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
         _trace_heatmap(ax, result.average_effects[kind], group_labels, title, cmap, "average indirect effect on p(answer)", 0.0, bound)
     metrics = result.metrics()
     figure.suptitle(
