@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,34 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout
     return subprocess.run(
         [sys.executable, "-m", "unraveled", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@dataclass(frozen=True)
+class TwoModelReport:
+    """Outputs of two configs run on both tiny models in one invocation, and the loads it made."""
+
+    out: Path
+    loads: list[tuple[str, str]]  # (model, weights) per call of load_model
+
+
+@pytest.fixture(scope="session")
+def two_model_report(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> TwoModelReport:
+    """``unraveled run attention logit_lens --model GPT2 --model LLAMA --format png,svg,pdf``: the
+    report's index, run and compare pages end to end (shared by the page and browser tests)."""
+    from unraveled import runner
+    from unraveled.cli import main
+
+    out = tmp_path_factory.mktemp("report") / "out"
+    loads: list[tuple[str, str]] = []
+
+    def counting_load_model(name: str, weights: str, *args: object, **kwargs: object) -> object:
+        loads.append((Path(name).name, weights))
+        return load_model(name, weights, *args, **kwargs)
+
+    load_model = runner.load_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(out.parent / "weight-cache"))
+        patch.setattr(runner, "load_model", counting_load_model)
+        args = ["run", "attention", "logit_lens", "--model", str(tiny_gpt2_dir), "--model", str(tiny_llama_dir)]
+        assert main([*args, "--out", str(out), "--format", "png,svg,pdf"]) == 0
+    return TwoModelReport(out, loads)

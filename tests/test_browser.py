@@ -8,14 +8,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import index_targets
-from unraveled.cli import main
+from tests.conftest import TwoModelReport
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it")
@@ -45,33 +46,75 @@ def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
     assert any("boom" in m for m in messages) and any("Uncaught ReferenceError" in m for m in messages)
 
 
-@pytest.fixture(scope="module")
-def attention_outputs(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("browser") / "out"
-    assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
-    return out
-
-
-def test_attention_view_renders_offline(attention_outputs: Path, tmp_path: Path) -> None:
-    page = attention_outputs / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
+def test_attention_view_renders_offline(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+    page = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
     dumped = chromium(page, tmp_path / "dom", "--dump-dom")
     dom = dumped.stdout
     assert console_messages(dumped) == []
     # circuitsvis drew one thumbnail canvas per head plus the zoomed head: the bundle ran offline.
     assert len(re.findall(r"<canvas", dom)) == 4 + 1
     assert all(f"L1H{head}" in dom for head in range(4))
-    shot = tmp_path / "view.png"
-    done = chromium(page, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1200,1200")
+    assert_not_blank(page, tmp_path)
+
+
+class _Page(HTMLParser):
+    """Links and element ids of a page as the browser built it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.targets += [value for name, value in attrs if name in {"href", "src"} and value]
+        self.ids.update(value for name, value in attrs if name == "id" and value)
+
+
+def parsed(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    return page
+
+
+def assert_not_blank(page: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "shot.png"
+    done = chromium(page, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1400,1000")
     assert shot.is_file(), done.stderr
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
 
 
-def test_index_page_renders_and_every_link_resolves(attention_outputs: Path, tmp_path: Path) -> None:
-    index = attention_outputs / "index.html"
-    dumped = chromium(index, tmp_path / "dom", "--dump-dom")
+@pytest.mark.parametrize("page", ["index.html", "tiny-llama/attention/index.html", "compare/logit_lens.html"])
+def test_report_page_renders_offline_and_every_link_resolves(two_model_report: TwoModelReport, page: str, tmp_path: Path) -> None:
+    path = two_model_report.out / page
+    dumped = chromium(path, tmp_path / "dom", "--dump-dom")
     assert console_messages(dumped) == []
-    assert "Attention patterns, sinks and entropy" in dumped.stdout
-    targets = index_targets(attention_outputs)
-    assert any(t.endswith("attention_all_layers.html") for t in targets)
-    assert all((attention_outputs / target).is_file() for target in targets)
+    dom = parsed(dumped.stdout)
+    assert len(dom.targets) > 10
+    for target in dom.targets:
+        assert not re.match(r"[a-z]+:", target), f"{page} reaches outside the outputs: {target}"
+        file, _, fragment = unquote(target).partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        assert resolved.is_file(), f"{page} links to missing {target}"
+        if fragment:  # a link into a page lands on an element that exists there
+            assert fragment in parsed(resolved.read_text()).ids, f"{page} links to missing anchor {target}"
+    assert_not_blank(path, tmp_path)
+
+
+def test_index_contents_stay_in_view_while_scrolling(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+    # A copy of the index that scrolls to the bottom once loaded and reports where the contents are.
+    probe = two_model_report.out / "sticky-probe.html"
+    script = (
+        '<script>addEventListener("load", () => { scrollTo(0, document.body.scrollHeight);'
+        ' const nav = document.querySelector("nav.toc").getBoundingClientRect();'
+        ' document.title = `scrolled ${scrollY} nav ${nav.top} ${nav.bottom}`; });</script>'
+    )
+    probe.write_text((two_model_report.out / "index.html").read_text().replace("</body>", script + "</body>"))
+    try:
+        dumped = chromium(probe, tmp_path / "dom", "--dump-dom", "--window-size=1400,500")
+    finally:
+        probe.unlink()
+    found = re.search(r"<title>scrolled (\d+) nav (-?[\d.]+) (-?[\d.]+)</title>", dumped.stdout)
+    assert found is not None, dumped.stdout[:500]
+    scrolled, top, bottom = (float(value) for value in found.groups())
+    assert scrolled > 500 and abs(top) < 1 and bottom > 0  # without position:sticky, top would be -scrolled

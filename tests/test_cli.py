@@ -23,7 +23,7 @@ class _Links(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         for name, value in attrs:
             if name in {"href", "src"} and value and not value.startswith("#"):
-                self.targets.append(value)
+                self.targets.append(value.split("#")[0])
 
 
 def index_targets(out: Path) -> list[str]:
@@ -46,7 +46,7 @@ def test_run_embeddings_writes_figures_metrics_manifest_and_index_smoke(tiny_gpt
     assert manifest["model"]["weights"] == "raw" and manifest["versions"]["transformer-lens"].startswith("3.")
     assert set(manifest["timings_seconds"]) == {"compute", "render", "total"}
     targets = index_targets(out)
-    assert "tiny-gpt2/embeddings/figures/01_token_embedding_chunk.png" in targets
+    assert "tiny-gpt2/embeddings/thumbs/01_token_embedding_chunk.jpg" in targets
     assert all((out / target).is_file() for target in targets)
     assert not re.search(r"https?://", (out / "index.html").read_text())
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from unraveled.config import DEFAULT_CONFIG_DIR, config_names, load_config
 from unraveled.errors import UnraveledError
 from unraveled.models import BUNDLED_SMOLLM2, availability
+from unraveled.render.export import parse_formats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Take GPT-2 apart: figures and views of its insides.")
 console = Console(stderr=True)
@@ -53,7 +54,13 @@ def list_configs(config_dir: ConfigDirOption = DEFAULT_CONFIG_DIR) -> None:
 def run(
     names: Annotated[list[str] | None, typer.Argument(help="Config names (configs/NAME.yaml) or YAML paths.")] = None,
     run_all: Annotated[bool, typer.Option("--all", help="Run every config in the config folder.")] = False,
-    model: Annotated[str | None, typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),
+    ] = None,
+    figure_format: Annotated[
+        list[str] | None, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf (default png).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: params.KEY=VALUE.")] = None,
@@ -71,11 +78,17 @@ def run(
     selected = config_names(config_dir) if run_all else list(names or [])
     # Validate everything before loading a model or writing a file.
     configs = [load_config(name, config_dir, overrides) for name in selected]
-    if model is not None:
+    try:
+        formats = parse_formats(figure_format or [])
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--format") from None
+    models = list(dict.fromkeys(model or []))  # each model once, in the order given
+    if models:
         from unraveled.models import resolve_model
 
-        resolve_model(model)
-    written = run_configs(configs, out, model_override=model, device=device, allow_fallback=not no_fallback)
+        for name in models:
+            resolve_model(name)
+    written = run_configs(configs, out, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
     console.print(f"wrote {len(written)} run(s); open {out / 'index.html'}")
 
 

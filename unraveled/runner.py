@@ -2,7 +2,7 @@
 
 For each config the runner seeds everything, calls the experiment's ``compute`` and ``render``,
 writes figures, views, ``metrics.json`` and ``manifest.json`` into a staging folder, swaps it
-in as ``OUT/<model>/<config>/``, and rebuilds ``OUT/index.html``.
+in as ``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from unraveled import outputs  # noqa: E402
 from unraveled.config import LoadedConfig  # noqa: E402
 from unraveled.errors import ModelUnavailableError  # noqa: E402
 from unraveled.experiment import Figure, View, WeightsKind  # noqa: E402
-from unraveled.index import write_index  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
-from unraveled.render import views  # noqa: E402
+from unraveled.render import export, views  # noqa: E402
+from unraveled.render.pages import write_pages  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class ModelPool:
         if key not in self._loaded:
             self._loaded[key] = self._load(name, weights, source_label)
         return self._loaded[key]
+
+    def release(self, name: str) -> None:
+        """Forget every loaded copy of ``name``, so its memory can go before the next model loads."""
+        self._loaded = {key: loaded for key, loaded in self._loaded.items() if key[0] != name}
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
@@ -132,7 +136,7 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
+def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: Sequence[str] = export.DEFAULT_FORMATS) -> Path:
     """Run one config on one loaded model and publish its outputs; returns the run's folder."""
     target = out_dir / loaded.slug / config.name
     started = time.perf_counter()
@@ -145,18 +149,15 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
         for artifact in config.experiment.render(result):
             if isinstance(artifact, Figure):
                 _stamp_model(artifact, loaded.label())
-                path = staging / "figures" / f"{artifact.name}.png"
-                path.parent.mkdir(exist_ok=True)
-                artifact.figure.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
+                figure_records.append(export.save_figure(artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI))
                 plt.close(artifact.figure)
-                figure_records.append({"file": f"figures/{path.name}", "caption": artifact.caption})
             elif isinstance(artifact, View):
                 path = staging / "views" / f"{artifact.name}.html"
                 path.parent.mkdir(exist_ok=True)
                 facts = {"model": loaded.label(), **artifact.facts}
                 # Relative to where the page will live once published, not to the staging folder.
                 index_href = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
-                path.write_text(views.page(artifact.title, facts, artifact.elements, index_href), encoding="utf-8")
+                path.write_text(views.page(artifact.title, facts, artifact.elements, index_href, run_href="../index.html"), encoding="utf-8")
                 view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
         rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
@@ -192,28 +193,38 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path) -> Path:
 def run_configs(
     configs: Sequence[LoadedConfig],
     out_dir: Path,
-    model_override: str | None = None,
+    models: Sequence[str] = (),
     device: str = "cpu",
     allow_fallback: bool = True,
+    formats: Sequence[str] = export.DEFAULT_FORMATS,
 ) -> list[Path]:
-    """Run every config, loading each model once, rebuilding the index after each run.
+    """Run every config on every model, loading each model once, rebuilding the pages after each run.
 
     Args:
         configs: Validated configs (validate them all first, so a bad one writes nothing).
         out_dir: Root of the outputs.
-        model_override: ``--model``: use this model for every config.
+        models: ``--model``, repeatable: run every config on each of these models, one model
+            after the other; empty: each config on the model it names.
         device: Torch device.
         allow_fallback: Fall back to the bundled model when the requested one can't be had.
+        formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
     """
     pool = ModelPool(device=device, allow_fallback=allow_fallback)
     written = []
-    for number, config in enumerate(configs, start=1):
+    # Model by model: each config on the first model, then on the next.
+    plan = [(model, config) for model in models for config in configs] if models else [(None, config) for config in configs]
+    for number, (model_override, config) in enumerate(plan, start=1):
+        if number > 1 and plan[number - 2][0] not in (None, model_override):
+            pool.release(plan[number - 2][0])  # done with the previous model: free it first
         model_name = model_override or config.run.model or DEFAULT_MODEL
         source_label = "--model" if model_override else str(config.path)
-        logger.info("[%d/%d] %s: %s on %s", number, len(configs), config.name, config.experiment.title, model_name)
+        logger.info("[%d/%d] %s: %s on %s", number, len(plan), config.name, config.experiment.title, model_name)
         loaded = pool.get(model_name, config.experiment.weights, source_label)
         started = time.perf_counter()
-        written.append(run_one(config, loaded, out_dir))
-        write_index(out_dir)
-        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(configs), config.name, time.perf_counter() - started, written[-1])
+        target = run_one(config, loaded, out_dir, formats)
+        if target in written:  # e.g. two models that both fell back to the bundled one
+            logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
+        written.append(target)
+        write_pages(out_dir)
+        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(plan), config.name, time.perf_counter() - started, written[-1])
     return written

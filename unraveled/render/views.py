@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from circuitsvis.utils.convert_props import convert_props
+
+from unraveled.render import templating
 
 
 @dataclass(frozen=True)
@@ -46,23 +47,19 @@ def circuitsvis_bundle() -> str:
     return bundle.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:1300px;padding:0 1rem;color:#1d2330}
-.meta{color:#5b6478} h2{margin-top:2rem;border-bottom:1px solid #dde3ee} a{color:#2457c5}"""
+def _script_json(props: dict[str, Any]) -> str:
+    """Props as JSON that can sit inside a script tag: a token like ``</script>`` can't end it."""
+    return convert_props(props).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str) -> str:
-    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top."""
-    parts = [
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
-        f'<p><a href="{escape(index_href)}">← all runs</a></p><h1>{escape(title)}</h1>',
-        "".join(f'<div class="meta"><b>{escape(k)}:</b> {escape(v)}</div>' for k, v in facts.items()),
-        f"<script>{circuitsvis_bundle()}</script>",
-    ]
-    for number, element in enumerate(elements):
-        if element.heading:
-            parts.append(f"<h2>{escape(element.heading)}</h2>")
-        parts.append(f'<div id="view-{number}" class="circuitsvis-view"></div>')
-        parts.append(f'<script>CircuitsVis.render("view-{number}", CircuitsVis.{element.component}, {convert_props(element.props)});</script>')
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None) -> str:
+    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top,
+    linking back to the index and, given ``run_href``, to the page of the run it belongs to."""
+    return templating.environment().get_template("view.html.j2").render(
+        title=title,
+        facts=facts,
+        index_href=index_href,
+        run_href=run_href,
+        bundle=circuitsvis_bundle(),
+        elements=[(element, _script_json(element.props)) for element in elements],
+    )
