@@ -1,1 +1,2 @@
-"""Experiment modules: each defines ``EXPERIMENT`` (see ``unraveled.experiment``)."""
+"""Experiment modules, installed as ``unraveled.experiments``: each defines ``EXPERIMENT`` (see
+``unraveled.experiment``)."""

@@ -12,31 +12,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookPoint
 
-from unraveled.activations import collect_activations
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.heads import top_heads
-from unraveled.logits import answer_token_id, logit_difference, residual_hook_names
-from unraveled.render.figures import heatmap, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, ParamError, Params, Prompt, prompt_token_count
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+    from transformer_lens.hook_points import HookPoint
 
 TOP_K = 10
 
 
 class ActivationPatchingParams(Params):
-    clean: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
-    corrupted: str = Field("When Mary and John went to the store, Mary gave a drink to", min_length=1)
-    clean_answer: str = Field(" Mary", min_length=1, description="The clean prompt's answer (one token).")
-    corrupted_answer: str = Field(" John", min_length=1, description="The corrupted prompt's answer (one token).")
+    clean: Prompt = "When Mary and John went to the store, John gave a drink to"
+    corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
+    clean_answer: Answer = Field(" Mary", description="The clean prompt's answer (one token).")
+    corrupted_answer: Answer = Field(" John", description="The corrupted prompt's answer (one token).")
 
 
 @dataclass(frozen=True)
@@ -50,6 +47,8 @@ class ActivationPatchingResult:
     seconds: float
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         order = np.argsort(-self.residual, axis=None)[:TOP_K]
         n_pos = self.residual.shape[1]
         return {
@@ -77,23 +76,25 @@ def _differences_from_layer(
     fwd_hooks: list[tuple[str, Callable[[Tensor, HookPoint], Tensor]]] | None = None,
 ) -> Float[Tensor, " patches"]:
     """Run the model from block ``layer`` on (patched) residual streams; the answers' logit difference."""
+    import torch
+    from unraveled.logits import logit_difference
+
     with torch.inference_mode():
         logits = model.run_with_hooks(residual, start_at_layer=layer, fwd_hooks=fwd_hooks or [])
     return logit_difference(logits[:, -1], *answers)
 
 
 def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: int) -> ActivationPatchingResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.logits import answer_token_id, logit_difference, residual_hook_names
+
     answers = (answer_token_id(model, params.clean_answer, "params.clean_answer"), answer_token_id(model, params.corrupted_answer, "params.corrupted_answer"))
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     residual_hooks = residual_hook_names(n_layers)
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     clean = collect_activations(model, [params.clean], [*residual_hooks, *z_hooks])
     corrupted = collect_activations(model, [params.corrupted], residual_hooks)
-    if clean.tokens.shape != corrupted.tokens.shape:
-        raise ValueError(
-            f"params.clean is {clean.tokens.shape[1]} tokens and params.corrupted is {corrupted.tokens.shape[1]}: "
-            "patching position by position needs prompts of the same token length"
-        )
     clean_difference = float(logit_difference(clean.logits[0, -1], *answers))
     corrupted_difference = float(logit_difference(corrupted.logits[0, -1], *answers))
     span = clean_difference - corrupted_difference
@@ -132,6 +133,8 @@ def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: in
 
 
 def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, panels
+
     figure, (axes,) = panels(1)
     figure.set_size_inches(max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels)))
     heatmap(axes, result.residual, "Residual stream patched from the clean run: share of the logit difference recovered",
@@ -146,4 +149,11 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     yield Figure("02_head_patching", figure, "Patching each head's output at every position")
 
 
-EXPERIMENT = Experiment(title="Activation patching", params=ActivationPatchingParams, compute=compute, render=render)
+def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
+    """Patching position by position needs prompts of the same token length."""
+    clean, corrupted = prompt_token_count(model, params.clean), prompt_token_count(model, params.corrupted)
+    if clean != corrupted:
+        raise ParamError("corrupted", f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length")
+
+
+EXPERIMENT = Experiment(title="Activation patching", params=ActivationPatchingParams, compute=compute, render=render, check=check)

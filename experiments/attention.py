@@ -5,34 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jaxtyping import Float
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.analysis import (
-    attention_entropy_by_head,
-    attention_sink_by_head,
-    attention_to_first_token,
-    last_token_attention,
-    stack_patterns,
-)
-from unraveled.experiment import Artifact, Experiment, Figure, Params, View
-from unraveled.heads import top_heads
-from unraveled.render import views
-from unraveled.render.figures import heatmap, layer_grid, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, HeadIndex, Params, Prompt, View
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from matplotlib.colors import ListedColormap
+    from transformer_lens import HookedTransformer
 
 
 class AttentionParams(Params):
-    prompt: str = Field("Alice gave Bob a goose, and he gave her a duck.", min_length=1)
-    head: int = Field(0, ge=0, description="The head drawn in every layer's heatmap.")
+    prompt: Prompt = "Alice gave Bob a goose, and he gave her a duck."
+    head: HeadIndex = Field(0, description="The head drawn in every layer's heatmap.")
     # The original analysis tokenises without BOS: position 0 is the prompt's first word.
     prepend_bos: bool = Field(False, description="Prepend the BOS token (the original analysis does not).")
 
@@ -56,6 +45,8 @@ class AttentionResult:
         return f"with BOS: position 0 is {self.tokens[0]!r}" if self.prepend_bos else "without BOS, as the original"
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         return {
             "prepend_bos": self.prepend_bos,
             "first_token": self.tokens[0],
@@ -76,15 +67,19 @@ class AttentionResult:
 
 def layer_colours(cmap_name: str, n_layers: int) -> ListedColormap:
     """One colour per layer from ``cmap_name``, pale for early layers but never white."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap, Normalize
+
     # Start the gradient a little below layer 0 so that early layers are pale but visible.
     shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
     return ListedColormap(colormaps[cmap_name](shade(np.arange(n_layers))), name=f"{cmap_name}_{n_layers}_layers")
 
 
 def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> AttentionResult:
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if params.head >= n_heads:
-        raise ValueError(f"params.head={params.head} out of range for a model with {n_heads} heads; use 0..{n_heads - 1}")
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head, attention_to_first_token, last_token_attention, stack_patterns
+
+    n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
     patterns = stack_patterns(acts.cache, n_layers)
@@ -105,6 +100,10 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
 
 
 def render(result: AttentionResult) -> Iterator[Artifact]:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+    from unraveled.render.figures import heatmap, layer_grid, panels
+
     n_layers = len(result.patterns)
     labels = [repr(token)[1:-1] for token in result.tokens]
     figure, axes_list = layer_grid(n_layers)
@@ -146,6 +145,8 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
 
 def attention_views(result: AttentionResult) -> Iterator[View]:
     """Interactive circuitsvis pages: each layer's heads, all layers on one page, per-token loss."""
+    from unraveled.render import views
+
     n_layers, n_heads = result.patterns.shape[:2]
     names = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
     per_layer = [

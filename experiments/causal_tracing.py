@@ -15,39 +15,45 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
-from matplotlib.axes import Axes
 from numpy.typing import NDArray
-from pydantic import Field
-from transformer_lens import HookedTransformer
+from pydantic import Field, model_validator
 
-from unraveled.datasets.facts import FACTS, Fact, TokenizedFact, tokenize_fact
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.render.figures import panels
-from unraveled.tracing import (
-    POSITION_GROUPS,
-    FactTrace,
-    embedding_noise_scale,
-    grouped_mean,
-    position_groups,
-    scaled_window,
-    trace_fact,
-)
+from unraveled.datasets.facts import FACTS, Fact
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, prompt_token_count
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from matplotlib.axes import Axes
+    from transformer_lens import HookedTransformer
+
+    from unraveled.datasets.facts import TokenizedFact
+    from unraveled.tracing import FactTrace
 
 KINDS = {"residual": ("one residual-stream state", "Purples"), "mlp": ("the MLP outputs of a window", "Greens"), "attn": ("the attention outputs of a window", "Reds")}
 
 
 class CausalTracingParams(Params):
-    n_facts: int = Field(4, ge=1, description="How many of the facts the model gets right are traced, in the set's order.")
-    noise_samples: int = Field(2, ge=1, description="Noise draws per prompt; every restoration uses the same draws.")
-    noise_multiplier: float = Field(3.0, ge=0.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
-    window: int | None = Field(None, ge=1, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
+    # Upper bounds keep a typo from asking for hours: each traced fact costs about
+    # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
+    n_facts: int = Field(4, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
+    noise_samples: int = Field(2, ge=1, le=50, description="Noise draws per prompt; every restoration uses the same draws.")
+    noise_multiplier: float = Field(3.0, ge=0.0, le=100.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
+    window: int | None = Field(None, ge=1, le=128, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
     example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")
-    facts: list[Fact] | None = Field(None, description="Facts to use instead of the bundled set (prompt, subject, answer).")
+    facts: list[Fact] | None = Field(None, min_length=1, max_length=1000, description="Facts to use instead of the bundled set (prompt, subject, answer).")
+
+    @model_validator(mode="after")
+    def _example_among_traced(self) -> CausalTracingParams:
+        if self.example >= self.n_facts:
+            raise ValueError(f"example={self.example} but at most n_facts={self.n_facts} facts are traced; use 0..{self.n_facts - 1}")
+        return self
+
+
+def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
+    return ("params.facts", params.facts) if params.facts is not None else ("bundled fact", list(FACTS))
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,15 @@ class CausalTracingResult:
 
     def peak(self, kind: str) -> dict[str, Any]:
         """Layer and position group of the largest average indirect effect of ``kind``."""
+        from unraveled.tracing import POSITION_GROUPS
+
         effects = self.average_effects[kind]
         group, layer = np.unravel_index(np.nanargmax(effects), effects.shape)
         return {"layer": int(layer), "position_group": POSITION_GROUPS[group], "average_indirect_effect": float(effects[group, layer])}
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.tracing import POSITION_GROUPS
+
         clean = [t.trace.clean_probability for t in self.traced]
         corrupted = [t.trace.corrupted_probability for t in self.traced]
         example = self.traced[self.example]
@@ -113,6 +123,8 @@ class CausalTracingResult:
 
 def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[TokenizedFact]:
     """The facts whose answer is the model's top prediction (one right-padded batch)."""
+    import torch
+
     longest = max(len(f.tokens) for f in facts)
     tokens = torch.zeros((len(facts), longest), dtype=torch.long)
     for row, fact in enumerate(facts):
@@ -126,7 +138,12 @@ def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[Tokeniz
 
 
 def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) -> CausalTracingResult:
-    source, facts = ("params.facts", params.facts) if params.facts is not None else ("bundled fact", list(FACTS))
+    import torch
+
+    from unraveled.datasets.facts import tokenize_fact
+    from unraveled.tracing import embedding_noise_scale, grouped_mean, position_groups, scaled_window, trace_fact
+
+    source, facts = _facts_with_source(params)
     tokenized = [tokenize_fact(model, fact, f"{source}[{index}]") for index, fact in enumerate(facts)]
     known = _known(model, tokenized)
     if not known:
@@ -173,6 +190,9 @@ def _trace_heatmap(axes: Axes, values: Float[NDArray, "rows layer"], row_labels:
 
 
 def render(result: CausalTracingResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import panels
+    from unraveled.tracing import POSITION_GROUPS
+
     example = result.traced[result.example]
     fact, trace = example.tokenized, example.trace
     labels = [repr(token)[1:-1] + ("*" if fact.subject_start <= i < fact.subject_end else "") for i, token in enumerate(fact.str_tokens)]
@@ -203,4 +223,21 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     yield Figure("02_average_indirect_effect", figure, "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper")
 
 
-EXPERIMENT = Experiment(title="Causal tracing", params=CausalTracingParams, compute=compute, render=render, weights="raw")
+def check(model: HookedTransformer, params: CausalTracingParams) -> None:
+    """Every fact fits the model's context, its answer is one token and its subject whole tokens."""
+    from unraveled.datasets.facts import tokenize_fact
+
+    source, facts = _facts_with_source(params)
+    advice = "" if params.facts is not None else "; give params.facts that this model's tokenizer takes"
+    cap = min(EXPERIMENT.max_prompt_tokens, model.cfg.n_ctx)
+    for index, fact in enumerate(facts):
+        count = prompt_token_count(model, fact.prompt)
+        if count > cap:
+            raise ParamError("facts", f"{source}[{index}].prompt is {count} tokens (BOS included), more than the {cap} allowed; shorten it{advice}")
+        try:
+            tokenize_fact(model, fact, f"{source}[{index}]")
+        except ValueError as error:
+            raise ParamError("facts", f"{error}{advice}") from error
+
+
+EXPERIMENT = Experiment(title="Causal tracing", params=CausalTracingParams, compute=compute, render=render, weights="raw", check=check)

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.geometry import (
-    cosine_similarity_matrix,
-    cumulative_explained_variance,
-    intrinsic_dimension,
-    local_neighbourhoods,
-    pca_projection,
-)
-from unraveled.models import checkpoint_parameters
-from unraveled.render.figures import heatmap, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 # Dimension pairs the original analysis found telling in GPT-2 small's trained weights; they mean
 # nothing in another model, whatever its width.
@@ -40,17 +33,17 @@ NO_POSITION_EMBEDDINGS = "the model has no learned position embeddings (position
 
 
 class EmbeddingsParams(Params):
-    chunk_tokens: int = Field(500, ge=1, description="Random tokens in the embedding-matrix chunk.")
-    chunk_dims: int = Field(150, ge=1, description="Random dimensions in the chunk.")
-    first_dims: int = Field(30, ge=1, description="Dimensions whose value distributions are drawn.")
-    listed_tokens: int = Field(300, ge=0, description="First token strings listed in metrics.")
+    chunk_tokens: int = Field(500, ge=1, le=10_000, description="Random tokens in the embedding-matrix chunk.")
+    chunk_dims: int = Field(150, ge=1, le=10_000, description="Random dimensions in the chunk.")
+    first_dims: int = Field(30, ge=1, le=200, description="Dimensions whose value distributions are drawn.")
+    listed_tokens: int = Field(300, ge=0, le=10_000, description="First token strings listed in metrics.")
     dimension_pairs: list[list[int]] | None = Field(
         None, description="Pairs of dimensions to scatter; default: the original's for GPT-2 small, else chosen from the data."
     )
-    local_subsets: int = Field(10, ge=1, description="Neighbourhoods for local PCA.")
-    local_neighbours: int = Field(1000, ge=2, description="Points per neighbourhood.")
+    local_subsets: int = Field(10, ge=1, le=100, description="Neighbourhoods for local PCA.")
+    local_neighbours: int = Field(1000, ge=2, le=20_000, description="Points per neighbourhood.")
     variance_threshold: float = Field(0.9, gt=0, le=1, description="Variance explained that defines intrinsic dimension.")
-    projected_tokens: int = Field(2000, ge=1, description="Token embeddings projected into the position PCA.")
+    projected_tokens: int = Field(2000, ge=1, le=200_000, description="Token embeddings projected into the position PCA.")
 
 
 @dataclass(frozen=True)
@@ -116,6 +109,8 @@ def _chunk(matrix: Float[NDArray, "rows d_model"], rows: Int[NDArray, " r"], dim
 def _position_geometry(
     w_pos: Float[NDArray, "n_ctx d_model"], w_e: Float[NDArray, "d_vocab d_model"], dims: Int[NDArray, " c"], params: EmbeddingsParams, rng: np.random.Generator
 ) -> PositionGeometry:
+    from unraveled.geometry import cosine_similarity_matrix, cumulative_explained_variance, pca_projection
+
     projected = rng.choice(len(w_e), size=min(params.projected_tokens, len(w_e)), replace=False)
     pca_3d, tokens_3d = pca_projection(w_pos, 3, also=w_e[projected])
     return PositionGeometry(
@@ -131,6 +126,9 @@ def _position_geometry(
 
 
 def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> EmbeddingsResult:
+    from unraveled.geometry import cumulative_explained_variance, intrinsic_dimension, local_neighbourhoods
+    from unraveled.models import checkpoint_parameters
+
     rng = np.random.default_rng(seed)
     w_e = model.W_E.detach().float().cpu().numpy()
     has_positions = model.cfg.positional_embedding_type == "standard"
@@ -144,9 +142,6 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     pairs, pairs_rule = (params.dimension_pairs, "params.dimension_pairs") if params.dimension_pairs else default_dimension_pairs(
         model.cfg, token_dim_mean, positions.dim_std if positions else None
     )
-    for pair in pairs:
-        if len(pair) != 2 or not all(0 <= d < d_model for d in pair):
-            raise ValueError(f"params.dimension_pairs: {pair} is not a pair of dimensions in 0..{d_model - 1}")
     token_variance = cumulative_explained_variance(w_e)
     neighbourhoods = local_neighbourhoods(w_e, params.local_subsets, params.local_neighbours, rng)
     local_variance = [cumulative_explained_variance(w_e[indices]) for indices in neighbourhoods]
@@ -201,6 +196,8 @@ def _cumulative_plot(axes: Any, curves: list[Float[NDArray, " k"]], title: str, 
 
 
 def render(result: EmbeddingsResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, panels
+
     w_e, positions = result.token_embeddings, result.positions
 
     figure, (axes,) = panels(1)
@@ -283,10 +280,19 @@ def render(result: EmbeddingsResult) -> Iterator[Artifact]:
         yield Figure("10_similarity_and_combined_pca", figure, "Position similarity; tokens projected on position PCs")
 
 
+def check(model: HookedTransformer, params: EmbeddingsParams) -> None:
+    """Every dimension pair names two of the model's dimensions."""
+    d_model = model.cfg.d_model
+    for pair in params.dimension_pairs or []:
+        if len(pair) != 2 or not all(0 <= d < d_model for d in pair):
+            raise ParamError("dimension_pairs", f"{pair} is not a pair of dimensions in 0..{d_model - 1}")
+
+
 EXPERIMENT = Experiment(
     title="Token and position embeddings",
     params=EmbeddingsParams,
     compute=compute,
     render=render,
     weights="raw",
+    check=check,
 )

@@ -5,22 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
-from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import Activations, collect_activations
-from unraveled.analysis import attention_sink_by_head, stack_patterns
-from unraveled.experiment import Artifact, Experiment, Figure, Params, View
-from unraveled.heads import duplicate_token_score, induction_score, previous_token_score, top_heads
-from unraveled.render import views
-from unraveled.render.figures import heatmap, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Prompt, View
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+    from unraveled.activations import Activations
 
 DEFAULT_PROMPTS = [
     "When Mary and John went to the store, John gave a drink to Mary.",
@@ -34,8 +32,8 @@ VIEWED_INDUCTION_HEADS = 6
 
 
 class HeadTaxonomyParams(Params):
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts.")
-    repeat_batch: int = Field(8, ge=1, description="Random sequences, each repeated twice.")
+    prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts.")
+    repeat_batch: int = Field(8, ge=1, le=256, description="Random sequences, each repeated twice.")
     repeat_length: int = Field(40, ge=2, description="Tokens in each random segment.")
 
 
@@ -47,6 +45,8 @@ class HeadTaxonomyResult:
     viewed_heads: list[str]
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         return {
             "scores": self.scores,
             "top_heads": {name: top_heads(values, TOP_K) for name, values in self.scores.items()},
@@ -61,6 +61,8 @@ class HeadTaxonomyResult:
 
 def repeated_random_tokens(model: HookedTransformer, batch: int, length: int, seed: int) -> Int[Tensor, "batch pos"]:
     """BOS, then ``length`` random token ids, then the same ids again, for each row."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     segment = torch.randint(0, model.cfg.d_vocab, (batch, length), generator=generator)
     bos = torch.full((batch, 1), model.tokenizer.bos_token_id or 0, dtype=torch.long)
@@ -68,11 +70,17 @@ def repeated_random_tokens(model: HookedTransformer, batch: int, length: int, se
 
 
 def _per_prompt_patterns(acts: Activations, n_layers: int) -> Iterator[tuple[Float[Tensor, "layer head q k"], Int[Tensor, " pos"]]]:
+    from unraveled.analysis import stack_patterns
+
     for index, length in enumerate(acts.lengths):
         yield stack_patterns(acts.cache, n_layers, index)[..., :length, :length], acts.tokens[index, :length]
 
 
 def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "layer head"]]:
+    import torch
+    from unraveled.analysis import attention_sink_by_head
+    from unraveled.heads import duplicate_token_score, previous_token_score
+
     per_prompt = [
         {
             "previous_token": previous_token_score(patterns),
@@ -85,6 +93,11 @@ def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "l
 
 
 def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import stack_patterns
+    from unraveled.heads import induction_score, top_heads
+
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     repeated = collect_activations(model, repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed), hooks)
@@ -107,6 +120,10 @@ def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> 
 
 
 def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
+    from unraveled.heads import top_heads
+    from unraveled.render import views
+    from unraveled.render.figures import heatmap, panels
+
     figure, axes_list = panels(2, 2)
     for axes, name in zip(axes_list, SCORES):
         heatmap(axes, result.scores[name], f"{name.replace('_', '-')} score", "Head", "Layer", cmap="viridis", colorbar_label="score")
@@ -125,4 +142,11 @@ def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
                {"heads": ", ".join(result.viewed_heads), "sequence": "BOS, random tokens, the same tokens again"})
 
 
-EXPERIMENT = Experiment(title="Attention-head taxonomy", params=HeadTaxonomyParams, compute=compute, render=render)
+def check(model: HookedTransformer, params: HeadTaxonomyParams) -> None:
+    """BOS plus the random segment twice must fit the model's context."""
+    needed = 1 + 2 * params.repeat_length
+    if needed > model.cfg.n_ctx:
+        raise ParamError("repeat_length", f"{params.repeat_length} needs {needed} positions (BOS + the segment twice), more than the model's context of {model.cfg.n_ctx}")
+
+
+EXPERIMENT = Experiment(title="Attention-head taxonomy", params=HeadTaxonomyParams, compute=compute, render=render, check=check)

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.render.figures import heatmap, layer_grid, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 DEFAULT_PROMPTS = [
     "Alice gave Bob a goose, and he gave her a duck.",
@@ -29,8 +28,8 @@ DEFAULT_PROMPTS = [
 
 
 class LayerNormParams(Params):
-    toy_points: int = Field(100, ge=3, description="Random 3D points in the geometry toy.")
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    toy_points: int = Field(100, ge=3, le=100_000, description="Random 3D points in the geometry toy.")
+    prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,9 @@ def _norm_weight(model: HookedTransformer, layer: int, which: str) -> Float[NDAr
 
 
 def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> LayerNormResult:
+    import torch
+    from unraveled.activations import collect_activations
+
     rng = np.random.default_rng(seed)
     toy_before = rng.standard_normal((params.toy_points, 3))
     toy_after = layer_norm_toy(toy_before)
@@ -114,6 +116,8 @@ def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> Lay
 
 
 def _toy_figure(result: LayerNormResult) -> Figure:
+    from unraveled.render.figures import panels
+
     figure, (before, after) = panels(2, projection_3d={0, 1})
     colours = np.arange(len(result.toy_before))
     before.scatter(*result.toy_before.T, c=colours, cmap="tab20", s=12)
@@ -129,6 +133,8 @@ def _toy_figure(result: LayerNormResult) -> Figure:
 
 
 def render(result: LayerNormResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, layer_grid, panels
+
     yield _toy_figure(result)
     colours = {"ln1": "salmon", "ln2": "mediumseagreen"}
     names = {"ln1": "before attention (ln1)", "ln2": "before the MLP (ln2)"}

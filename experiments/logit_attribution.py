@@ -10,28 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.heads import top_heads
-from unraveled.logits import answer_token_id, logit_difference
-from unraveled.render.figures import heatmap, panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 TOP_K = 10
 
 
 class LogitAttributionParams(Params):
-    prompt: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
-    correct: str = Field(" Mary", min_length=1, description="The answer the model should give (one token).")
-    incorrect: str = Field(" John", min_length=1, description="The competing answer (one token).")
+    prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
+    correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
+    incorrect: Answer = Field(" John", description="The competing answer (one token).")
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,8 @@ class LogitAttributionResult:
         return float(sum(self.embeddings.values()) + self.attention_per_layer.sum() + self.mlp.sum() + self.unembed_bias)
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
         return {
             "correct": self.correct,
             "incorrect": self.incorrect,
@@ -71,6 +70,10 @@ class LogitAttributionResult:
 
 
 def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int) -> LogitAttributionResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.logits import answer_token_id, logit_difference
+
     correct = answer_token_id(model, params.correct, "params.correct")
     incorrect = answer_token_id(model, params.incorrect, "params.incorrect")
     n_layers = model.cfg.n_layers
@@ -114,6 +117,8 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
 
 
 def render(result: LogitAttributionResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import heatmap, panels
+
     answers = f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)

@@ -9,26 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.analysis import STATE_AXIS_LABEL, STATE_CONVENTION, state_labels
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.logits import kl_from_final, logit_lens, rank_of, residual_hook_names
-from unraveled.render.figures import panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
 
 TOP_K = 5
 
 
 class LogitLensParams(Params):
-    prompt: str = Field("When Mary and John went to the store, John gave a drink to", min_length=1)
+    prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     prepend_bos: bool | None = Field(None, description="Prepend BOS; None uses the model's default.")
 
 
@@ -45,6 +42,8 @@ class LogitLensResult:
     top5_last: list[list[dict[str, Any]]]
 
     def metrics(self) -> dict[str, Any]:
+        from unraveled.analysis import STATE_CONVENTION
+
         return {
             "tokens": self.tokens,
             "state_convention": STATE_CONVENTION,
@@ -58,6 +57,11 @@ class LogitLensResult:
 
 
 def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> LogitLensResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import state_labels
+    from unraveled.logits import kl_from_final, logit_lens, rank_of, residual_hook_names
+
     n_layers = model.cfg.n_layers
     hooks = residual_hook_names(n_layers)
     acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
@@ -87,6 +91,9 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
 
 
 def render(result: LogitLensResult) -> Iterator[Artifact]:
+    from unraveled.analysis import STATE_AXIS_LABEL
+    from unraveled.render.figures import panels
+
     n_points, n_pos = result.top1_prob.shape
     figure, (axes,) = panels(1)
     figure.set_size_inches(max(8.0, 1.1 * n_pos), max(5.0, 0.35 * n_points))
@@ -114,4 +121,5 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
     yield Figure("02_final_prediction_by_layer", figure, "Probability and rank of the final prediction, and KL from the final distribution, per layer")
 
 
-EXPERIMENT = Experiment(title="Logit lens", params=LogitLensParams, compute=compute, render=render)
+# Each prompt token adds a column of (layers + 1) full-vocabulary distributions, and a column to the grid figure.
+EXPERIMENT = Experiment(title="Logit lens", params=LogitLensParams, compute=compute, render=render, max_prompt_tokens=64)

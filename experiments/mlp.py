@@ -9,20 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from jaxtyping import Float, Int
-from matplotlib.axes import Axes
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.geometry import pair_cosines, welch_bound
-from unraveled.render.figures import panels
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Prompt
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from matplotlib.axes import Axes
+    from transformer_lens import HookedTransformer
 
 # How "active" is measured, shortly (figures) and in full (metrics).
 ACTIVE_RULE = ("post-activation > 0 (mlp.hook_post)", "post-activation > 0 (mlp.hook_post), over every real token of the prompts")
@@ -39,10 +37,11 @@ DEFAULT_PROMPTS = [
 
 
 class MlpParams(Params):
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
-    toy_vectors: int = Field(1000, ge=2, description="Vectors in the superposition toy.")
-    toy_dims: int = Field(100, ge=2, description="Dimensions they live in.")
-    toy_steps: int = Field(300, ge=1, description="Adam steps.")
+    prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    # Bounded: the toy holds every pair's cosine (toy_vectors**2 / 2 numbers).
+    toy_vectors: int = Field(1000, ge=2, le=5000, description="Vectors in the superposition toy.")
+    toy_dims: int = Field(100, ge=2, le=4096, description="Dimensions they live in.")
+    toy_steps: int = Field(300, ge=1, le=100_000, description="Adam steps.")
     toy_lr: float = Field(0.01, gt=0)
     toy_cutoff: float = Field(0.01, ge=0, description="Dot products below this are not penalised.")
     toy_norm_weight: float = Field(1000.0, ge=0, description="Weight of the penalty keeping the vectors unit length.")
@@ -100,6 +99,8 @@ def pair_angles(vectors: Float[NDArray, "n d"]) -> PairAngles:
     The RMS cosine can't go below the Welch bound, whatever the optimiser does: with more vectors
     than dimensions, some pairs must stay far from orthogonal.
     """
+    from unraveled.geometry import pair_cosines, welch_bound
+
     cosines = pair_cosines(vectors.astype(np.float64))
     angles = np.rad2deg(np.arccos(np.clip(cosines, -1.0, 1.0)))
     edges = np.linspace(0.0, 180.0, 181)
@@ -130,6 +131,8 @@ def superposition_toy(
     squared deviation of the diagonal from 1, which keeps the rows unit length. Most pairs end up
     within a degree of orthogonal, not all of them (see ``pair_angles``).
     """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(n_vectors, n_dims, generator=generator)
     vectors = (vectors / vectors.norm(dim=1, keepdim=True)).requires_grad_(True)
@@ -149,6 +152,8 @@ def superposition_toy(
 
 
 def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult:
+    from unraveled.activations import collect_activations
+
     toy = superposition_toy(
         params.toy_vectors, params.toy_dims, params.toy_steps, params.toy_lr, params.toy_cutoff, seed, params.toy_norm_weight
     )
@@ -214,6 +219,8 @@ def _angle_histogram(axes: Axes, angles: PairAngles) -> None:
 
 
 def render(result: MlpResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import panels
+
     figure, (left, right) = panels(2, width_ratios=[1.0, 1.6])
     left.plot(result.toy.loss)
     left.set(title="Superposition toy: loss", xlabel="Adam step", ylabel="hinge on |dot| + unit-norm penalty", yscale="log")

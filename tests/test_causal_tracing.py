@@ -11,11 +11,12 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, GPT2TokenizerFast
 
-from experiments import causal_tracing
+from unraveled.experiments import causal_tracing
 from unraveled.cli import main
 from unraveled.datasets.facts import FACTS, Fact, tokenize_fact
 from unraveled.models import load_model
 from unraveled.tracing import (
+    POSITION_GROUPS,
     embedding_noise_scale,
     grouped_mean,
     position_groups,
@@ -182,14 +183,14 @@ def test_compute_keeps_known_facts_and_finds_the_peaks(model: HookedTransformer)
     effects = trace.mlp - trace.corrupted_probability
     by_group = np.array([effects[:, g].mean(axis=1) if g else np.full(model.cfg.n_layers, np.nan) for g in groups])
     group, layer = np.unravel_index(np.nanargmax(by_group), by_group.shape)
-    assert metrics["mlp_peak"] == {"layer": int(layer), "position_group": causal_tracing.POSITION_GROUPS[group], "average_indirect_effect": pytest.approx(by_group[group, layer])}
+    assert metrics["mlp_peak"] == {"layer": int(layer), "position_group": POSITION_GROUPS[group], "average_indirect_effect": pytest.approx(by_group[group, layer])}
     assert metrics["average_total_effect"] == pytest.approx(trace.clean_probability - trace.corrupted_probability)
     # Same seed, same noise, same numbers.
     again = causal_tracing.compute(model, params, seed=0)
     np.testing.assert_array_equal(again.traced[0].trace.residual, trace.residual)
 
 
-def test_multi_token_answer_in_params_is_refused(model: HookedTransformer) -> None:
+def test_multi_token_answer_in_compute_is_refused(model: HookedTransformer) -> None:
     params = causal_tracing.CausalTracingParams(facts=[Fact(prompt=PROMPT, subject="Eiffel Tower", answer=" Parisville-sur-Seine")])
     with pytest.raises(ValueError, match=r"params.facts\[0\].answer=' Parisville-sur-Seine' is \d+ tokens"):
         causal_tracing.compute(model, params, seed=0)
@@ -204,10 +205,42 @@ def test_causal_tracing_runs_through_cli_smoke(model: HookedTransformer, checkpo
     assert {p.stem for p in (run_dir / "figures").glob("*.png")} == {"01_example_trace", "02_average_indirect_effect"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["facts_known"] == 1 and metrics["window"] == 1  # 10 of 48 blocks, scaled to 2 layers
-    assert metrics["mlp_peak"]["position_group"] in causal_tracing.POSITION_GROUPS
+    assert metrics["mlp_peak"]["position_group"] in POSITION_GROUPS
 
 
-def test_bad_fact_in_a_config_is_exit_status_2(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    bad = json.dumps([{"prompt": "The Louvre is in", "subject": "Eiffel", "answer": " Paris"}])
-    assert main(["run", "causal_tracing", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path), "--set", f"params.facts={bad}"]) == 2
-    assert not any(tmp_path.iterdir())
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+@pytest.mark.parametrize(
+    ("fact", "expected"),
+    [
+        ({"prompt": PROMPT, "subject": "Eiffel Tower", "answer": " Parisville-sur-Seine"}, "params.facts[0].answer=' Parisville-sur-Seine' is"),
+        ({"prompt": PROMPT, "subject": "Eiffe", "answer": " Paris"}, "params.facts[0].subject='Eiffe' does not start and end on token boundaries"),
+        ({"prompt": "The Louvre is in", "subject": "Eiffel", "answer": " Paris"}, "does not occur in prompt"),
+    ],
+    ids=["multi_token_answer", "subject_cuts_a_token", "subject_not_in_prompt"],
+)
+def test_bad_fact_exits_2_naming_the_field_before_anything_is_written(
+    fact: dict[str, str], expected: str, tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    (out / "earlier").mkdir(parents=True)
+    (out / "earlier" / "kept.txt").write_text("an earlier run")
+    before = _tree(out)
+    args = ["run", "causal_tracing", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", f"params.facts={json.dumps([fact])}"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "facts" in err and expected in err, err
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("params.n_facts=100000", "n_facts"), ("params.noise_samples=100000", "noise_samples"), ("params.window=100000", "window"),
+     ("params.example=4", "example")],
+)
+def test_sizes_past_their_bounds_exit_2(override: str, field: str, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "causal_tracing", "--out", str(tmp_path / "out"), "--set", override]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

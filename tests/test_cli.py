@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import experiments.embeddings as embeddings_module
+import unraveled.experiments.layernorm as layernorm_module
 from unraveled.cli import main
 
-SMALL = ["--set", "params.local_neighbours=100", "--set", "params.chunk_tokens=50"]
+SMALL = ["--set", "params.local_neighbours=100", "--set", "params.chunk_tokens=50", "--set", "params.local_subsets=2"]
 
 
 class _Links(HTMLParser):
@@ -32,7 +32,7 @@ def index_targets(out: Path) -> list[str]:
     return parser.targets
 
 
-def test_run_embeddings_writes_figures_metrics_manifest_and_index_smoke(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_run_embeddings_writes_figures_metrics_manifest_and_index_smoke(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "embeddings", "--model", str(tiny_gpt2_dir), "--out", str(out), *SMALL]) == 0
     run_dir = out / "tiny-gpt2" / "embeddings"
@@ -51,7 +51,7 @@ def test_run_embeddings_writes_figures_metrics_manifest_and_index_smoke(tiny_gpt
     assert not re.search(r"https?://", (out / "index.html").read_text())
 
 
-def test_rotary_model_marks_position_parts_not_applicable(tiny_llama_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_rotary_model_marks_position_parts_not_applicable(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "embeddings", "--model", str(tiny_llama_dir), "--out", str(out), *SMALL]) == 0
     run_dir = out / "tiny-llama" / "embeddings"
@@ -61,23 +61,23 @@ def test_rotary_model_marks_position_parts_not_applicable(tiny_llama_dir: Path, 
     assert "Not applicable: position embeddings" in (out / "index.html").read_text()
 
 
-def test_failed_run_keeps_previous_outputs_intact(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_run_keeps_previous_outputs_intact(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    assert main(["run", "embeddings", "--model", str(tiny_gpt2_dir), "--out", str(out), *SMALL]) == 0
-    run_dir = out / "tiny-gpt2" / "embeddings"
+    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
+    run_dir = out / "tiny-gpt2" / "layernorm"
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
     def render_then_fail(result):  # type: ignore[no-untyped-def]
-        yield from list(embeddings_module.render(result))[:2]
+        yield from list(layernorm_module.render(result))[:2]
         raise RuntimeError("killed halfway through rendering")
 
-    broken = embeddings_module.EXPERIMENT.__class__(**{**embeddings_module.EXPERIMENT.__dict__, "render": render_then_fail})
-    monkeypatch.setattr(embeddings_module, "EXPERIMENT", broken)
+    broken = layernorm_module.EXPERIMENT.__class__(**{**layernorm_module.EXPERIMENT.__dict__, "render": render_then_fail})
+    monkeypatch.setattr(layernorm_module, "EXPERIMENT", broken)
     with pytest.raises(RuntimeError, match="killed halfway"):
-        main(["run", "embeddings", "--model", str(tiny_gpt2_dir), "--out", str(out), *SMALL, "--set", "seed=5"])
+        main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=5"])
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before
-    assert [p.name for p in (out / "tiny-gpt2").iterdir()] == ["embeddings"]
+    assert [p.name for p in (out / "tiny-gpt2").iterdir()] == ["layernorm"]
 
 
 def test_interrupted_swap_is_recovered(tmp_path: Path) -> None:

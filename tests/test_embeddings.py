@@ -10,8 +10,8 @@ import pytest
 from transformer_lens import HookedTransformerConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from experiments import embeddings
-from experiments.embeddings import default_dimension_pairs
+from unraveled.experiments import embeddings
+from unraveled.experiments.embeddings import default_dimension_pairs
 from unraveled.models import checkpoint_parameters, load_model
 from unraveled.geometry import (
     cosine_similarity_matrix,

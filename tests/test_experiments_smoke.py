@@ -93,7 +93,7 @@ def _check_against_known_answers(config: str, metrics: dict[str, Any], folder: P
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
 @pytest.mark.parametrize("config", sorted(FAST))
 def test_experiment_runs_through_cli_smoke(
-    config: str, checkpoint: str, request: pytest.FixtureRequest, tmp_path: Path, weight_cache: Path,
+    config: str, checkpoint: str, request: pytest.FixtureRequest, tmp_path: Path, warm_weight_cache: Path,
     gpt2_tokenizer: GPT2TokenizerFast, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = request.getfixturevalue(checkpoint)
@@ -118,6 +118,7 @@ def test_experiment_runs_through_cli_smoke(
         assert (run_dir / "views" / "top_induction_heads.html").is_file()
 
 
-def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
-    with pytest.raises(ValueError, match="params.head=7 out of range for a model with 4 heads"):
-        main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path), "--set", "params.head=7"])
+def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out"), "--set", "params.head=7"]) == 2
+    assert "params.head: 7 is out of range: the model has 4 heads" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import embeddings
+from unraveled.experiments import embeddings
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import checkpoint_parameters, load_model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import head_taxonomy
+from unraveled.experiments import head_taxonomy
 from unraveled.errors import ModelUnavailableError
 from unraveled.heads import top_heads
 from unraveled.models import load_model

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import head_taxonomy
+from unraveled.experiments import head_taxonomy
 from unraveled.heads import duplicate_token_score, induction_score, previous_token_score, top_heads
 from unraveled.models import load_model
 

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import pearsonr
 from transformers import AutoModelForCausalLM
 
-from experiments import layernorm
+from unraveled.experiments import layernorm
 from unraveled.models import load_model
 
 PROMPTS = ["Alice gave Bob a goose, and he gave her a duck.", "The capital of France is Paris."]

@@ -11,7 +11,8 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from experiments import activation_patching, logit_attribution, logit_lens
+from unraveled.errors import ParamError
+from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
 from unraveled.logits import answer_token_id, logit_lens as decode, residual_hook_names
 from unraveled.models import load_model
@@ -168,5 +169,5 @@ def test_patching_equals_naive_patching_one_hook_at_a_time(model) -> None:  # ty
 
 def test_patching_refuses_prompts_of_different_lengths(model) -> None:  # type: ignore[no-untyped-def]
     params = activation_patching.ActivationPatchingParams(clean=PROMPT, corrupted="When Mary went to the store, Mary gave a drink to")
-    with pytest.raises(ValueError, match="same token length"):
-        activation_patching.compute(model, params, seed=0)
+    with pytest.raises(ParamError, match="same token length"):
+        activation_patching.check(model, params)

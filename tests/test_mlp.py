@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from experiments import mlp
+from unraveled.experiments import mlp
 from unraveled.models import load_model
 
 

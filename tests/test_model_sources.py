@@ -46,7 +46,7 @@ def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> 
 def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     run_dir = out / "gpt2" / "embeddings"
-    args = ["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200"]
+    args = ["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200", "--set", "params.local_subsets=2"]
     done = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())

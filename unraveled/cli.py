@@ -1,25 +1,33 @@
 """The command line: routing only. ``unraveled list | run | models``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
-0 ok, 2 bad input (config, name or option), 3 model unavailable with the fallback off.
+0 ok, 2 bad input (config, name or option), 3 model unavailable with the fallback off,
+130 interrupted (Ctrl-C). Every command validates its input before importing torch or
+TransformerLens, so help, listing and input errors answer in well under a second.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
-from unraveled.config import DEFAULT_CONFIG_DIR, config_names, load_config
-from unraveled.errors import UnraveledError
-from unraveled.models import BUNDLED_SMOLLM2, availability
+from unraveled.config import DEFAULT_CONFIG_DIR, DEFAULT_MODEL, LoadedConfig, config_names, load_config
+from unraveled.errors import ConfigError, UnraveledError
+from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
 from unraveled.render.export import parse_formats
+
+SET_HELP = (
+    "Override a config value: KEY=VALUE, e.g. params.head=3 or seed=1. A value for a text field "
+    "(a prompt, a description, a model name) is taken exactly as written; any other value is read "
+    "as YAML (3, 0.5, true, [a, b])."
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Take GPT-2 apart: figures and views of its insides.")
 console = Console(stderr=True)
@@ -27,17 +35,30 @@ console = Console(stderr=True)
 ConfigDirOption = Annotated[Path, typer.Option("--config-dir", help="Where config names are looked up.")]
 
 
+def _log_handler() -> logging.Handler:
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=console, show_path=False, markup=False)
+    # Not a terminal (CI, `make all > log`): one plain line per message, never wrapped, so paths
+    # stay whole and the log greps; and no progress bars redrawn into the file.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    return handler
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     # Third-party libraries log plenty at INFO (TransformerLens to the root logger): show only
     # their warnings, and our own progress.
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, markup=False)],
-        force=True,
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()], force=True)
     logging.getLogger("unraveled").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _print_table(table: Table) -> None:
+    # Off a terminal rich would wrap cells at 80 columns; give long cells room instead.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 @app.command("list")
@@ -46,8 +67,32 @@ def list_configs(config_dir: ConfigDirOption = DEFAULT_CONFIG_DIR) -> None:
     table = Table("config", "experiment", "model", "description")
     for name in config_names(config_dir):
         config = load_config(name, config_dir)
-        table.add_row(name, config.run.experiment, config.run.model or "gpt2", config.run.description)
-    Console().print(table)
+        table.add_row(name, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
+    _print_table(table)
+
+
+def _output_folder(out: str) -> Path:
+    """``--out`` as a folder that exists or can be created and written, else exit 2."""
+    if not out.strip():
+        raise ConfigError("--out", None, "empty; give the folder outputs are written to, e.g. --out outputs")
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError("--out", None, f"{out!r} is a file; expected a folder (existing or new)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("--out", None, f"{out!r} can't be written: {existing} is not a writable folder")
+    return path
+
+
+def _check_model_name(name: str, source: str) -> None:
+    """Resolve a model name without loading it; a folder must look like a checkpoint."""
+    resolved = resolve_model(name, source)
+    if isinstance(resolved, LocalCheckpoint):
+        problem = checkpoint_problem(resolved.path)
+        if problem is not None:
+            raise ConfigError(source, "model", f"{name!r} is not a usable checkpoint folder: {problem}")
 
 
 @app.command()
@@ -61,9 +106,9 @@ def run(
     figure_format: Annotated[
         list[str] | None, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf (default png).")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value: params.KEY=VALUE.")] = None,
+    out: Annotated[str, typer.Option(help="Output folder.")] = "outputs",
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     no_fallback: Annotated[
         bool,
         typer.Option("--no-fallback", envvar="UNRAVELED_NO_FALLBACK", help="Fail (exit 3) instead of falling back to the bundled model."),
@@ -71,52 +116,60 @@ def run(
     config_dir: ConfigDirOption = DEFAULT_CONFIG_DIR,
 ) -> None:
     """Run configs and write figures, views, metrics and the index under --out."""
-    from unraveled.runner import run_configs  # heavy imports only when running
-
     if run_all == bool(names):
         raise typer.BadParameter("give config names or --all, not both and not neither")
-    selected = config_names(config_dir) if run_all else list(names or [])
-    # Validate everything before loading a model or writing a file.
-    configs = [load_config(name, config_dir, overrides) for name in selected]
+    out_dir = _output_folder(out)
+    selected = config_names(config_dir) if run_all else list(dict.fromkeys(names or []))
+    # Validate everything, every model name included, before loading a model or writing a file.
+    configs: list[LoadedConfig] = [load_config(name, config_dir, overrides) for name in selected]
     try:
         formats = parse_formats(figure_format or [])
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--format") from None
     models = list(dict.fromkeys(model or []))  # each model once, in the order given
-    if models:
-        from unraveled.models import resolve_model
+    for name in models:
+        _check_model_name(name, "--model")
+    if not models:
+        for config in configs:
+            _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
+    from unraveled.runner import check_device, run_configs  # heavy imports only once the input is valid
 
-        for name in models:
-            resolve_model(name)
-    written = run_configs(configs, out, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
-    console.print(f"wrote {len(written)} run(s); open {out / 'index.html'}")
+    check_device(device)
+    written = run_configs(configs, out_dir, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
+    console.print(f"wrote {len(written)} run(s); open {out_dir / 'index.html'}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
 def models(names: Annotated[list[str] | None, typer.Argument(help="Model names to check.")] = None) -> None:
     """Show what each model name resolves to and whether it can be loaded now."""
+    from unraveled.models import availability
+
     table = Table("model", "resolves to", "loadable now")
     for name in names or ["gpt2", "gpt2-medium", "distilgpt2", BUNDLED_SMOLLM2]:
         resolves_to, loadable = availability(name)
         table.add_row(name, resolves_to, loadable)
-    Console().print(table)
+    _print_table(table)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     try:
-        app(args=argv, prog_name="unraveled", standalone_mode=False)
+        status = app(args=argv, prog_name="unraveled", standalone_mode=False)
     except typer.Exit as done:
-        return done.exit_code
+        status = done.exit_code
     except typer.Abort:
-        return 130
+        status = 130
+    except KeyboardInterrupt:
+        status = 130
     except typer.TyperException as error:  # usage errors: unknown option, bad value, ...
         error.show()
         return error.exit_code
     except UnraveledError as error:
         console.print(f"error: {error}", style="bold red", markup=False, highlight=False, soft_wrap=True)
         return error.exit_code
-    return 0
+    if status == 130:  # typer turns Ctrl-C into exit status 130
+        console.print("interrupted (Ctrl-C): finished runs are kept, the unfinished one left nothing behind", soft_wrap=True, highlight=False)
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """YAML run configs: one file per run in ``configs/``, validated strictly.
 
 A config names an experiment and its params; every error names the file, the field, what was
-expected and, for a misspelt name, what was probably meant.
+expected and, for a misspelt name, what was probably meant. Validation reads YAML and the
+experiments' param schemas only: it never imports torch or TransformerLens, so a bad config is
+reported in well under a second.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+import reprlib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,24 @@ from unraveled.errors import ConfigError
 from unraveled.experiment import Experiment, Params, available_experiments, load_experiment
 
 DEFAULT_CONFIG_DIR = Path("configs")
+DEFAULT_MODEL = "gpt2"
+# A config's name becomes a folder name under OUT/<model>/: plain identifiers only, so no name
+# can point at the model's folder itself ("..yaml" has the stem ".") or outside it.
+CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+# A run config is a few hundred characters. Aliases let a tiny file expand to gigabytes
+# ("billion laughs"); refuse documents whose aliases would expand beyond this many characters.
+MAX_EXPANDED_CHARS = 1_000_000
+SEED_LIMIT = 2**32
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxdict = _short.maxtuple = 6
+_short.maxlevel = 3
+
+
+def shorten(value: Any) -> str:
+    """``repr(value)`` cut to a readable length, safe for huge or deeply shared structures."""
+    return _short.repr(value)
 
 
 class RunConfig(BaseModel):
@@ -27,8 +51,8 @@ class RunConfig(BaseModel):
 
     experiment: str = Field(description="Name of a module in experiments/.")
     description: str = Field(description="One or two sentences for the index page.")
-    model: str | None = Field(default=None, description="Model name or local checkpoint path.")
-    seed: int = Field(default=0, description="Seed for every random choice of the run.")
+    model: str | None = Field(default=None, min_length=1, description="Model name or local checkpoint path.")
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Seed for every random choice of the run (0 <= seed < 2**32).")
     params: dict[str, Any] = Field(default_factory=dict, description="The experiment's params.")
 
 
@@ -48,8 +72,23 @@ class LoadedConfig:
 
 
 def config_names(config_dir: Path = DEFAULT_CONFIG_DIR) -> list[str]:
-    """Names of the configs in ``config_dir`` (file names without ``.yaml``)."""
-    return sorted(path.stem for path in config_dir.glob("*.yaml"))
+    """Names of the configs in ``config_dir`` (file names without ``.yaml``).
+
+    Raises:
+        ConfigError: When ``config_dir`` is not a folder or holds no configs.
+    """
+    if not config_dir.is_dir():
+        problem = "is a file, not a folder" if config_dir.exists() else "no such folder"
+        raise ConfigError(
+            str(config_dir),
+            None,
+            f"{problem} (config names are looked up in {config_dir.resolve()}; "
+            "run from the project folder or give --config-dir FOLDER)",
+        )
+    names = sorted(path.stem for path in config_dir.glob("*.yaml"))
+    if not names:
+        raise ConfigError(str(config_dir), None, f"no configs (*.yaml) in {config_dir.resolve()}; give --config-dir FOLDER")
+    return names
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -57,12 +96,24 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _check_name(name: str, source: str) -> None:
+    if not CONFIG_NAME.fullmatch(name):
+        raise ConfigError(
+            source,
+            None,
+            f"config names must be plain identifiers (letters, digits, '_' and '-', not starting with '-'), "
+            f"got {shorten(name)}: the name becomes the run's output folder",
+        )
+
+
 def _config_path(name: str, config_dir: Path) -> Path:
     as_path = Path(name)
     if as_path.suffix in {".yaml", ".yml"}:
+        _check_name(as_path.stem, str(as_path))
         if not as_path.is_file():
             raise ConfigError(str(as_path), None, "no such file")
         return as_path
+    _check_name(name, name)
     path = config_dir / f"{name}.yaml"
     if not path.is_file():
         known = config_names(config_dir)
@@ -75,84 +126,164 @@ def _config_path(name: str, config_dir: Path) -> Path:
     return path
 
 
-def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
+def _expanded_chars(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Characters ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_EXPANDED_CHARS + 1  # a node that contains itself expands without end
+    if isinstance(node, yaml.ScalarNode):
+        size = len(node.value) + 1
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_chars(child, memo) for child in node.value)
+    else:
+        size = 1 + sum(_expanded_chars(k, memo) + _expanded_chars(v, memo) for k, v in node.value)
+    memo[key] = size = min(size, MAX_EXPANDED_CHARS + 1)
+    return size
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    return f"not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def parse_yaml(text: str, source: str, field: str | None = None) -> Any:
+    """Parse one YAML document safely: plain data only, aliases expanding to a bounded size."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_chars(node, {}) > MAX_EXPANDED_CHARS:
+            raise ConfigError(
+                source, field, f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        raise ConfigError(source, field, _yaml_problem(error)) from None
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> Any:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), None, f"not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); save the file as UTF-8") from None
+    return parse_yaml(text, str(path))
+
+
+def _is_text_field(annotation: Any) -> bool:
+    """Whether a field holds text: ``str``, ``str | None`` or a ``Literal`` of strings."""
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return all(isinstance(choice, str) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return len(args) == 1 and _is_text_field(args[0])
+    return False
+
+
+def _split_override(override: str) -> tuple[list[str], str]:
     key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(source, override, "expected --set KEY=VALUE, e.g. --set params.layer=3")
-    *parents, leaf = key.split(".")
+    parts = key.split(".")
+    if not sep or not all(parts):
+        raise ConfigError("--set", shorten(override), "expected --set KEY=VALUE, e.g. --set params.layer=3")
+    return parts, value
+
+
+def _override_value(parts: list[str], text: str, schema: type[BaseModel], key: str) -> Any:
+    """A text field's value is taken as written; any other value is read as YAML."""
+    field = schema.model_fields.get(parts[-1]) if len(parts) == 1 else None
+    if field is not None and _is_text_field(field.annotation):
+        return text
+    return parse_yaml(text, "--set", key)
+
+
+def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, source: str) -> None:
     node = raw
-    for parent in parents:
+    for parent in parts[:-1]:
         child = node.setdefault(parent, {})
         if not isinstance(child, dict):
-            raise ConfigError(source, key, f"{parent!r} is not a mapping, so it has no {leaf!r}")
+            raise ConfigError(source, ".".join(parts), f"{parent!r} is not a mapping, so it has no {parts[-1]!r}")
         node = child
-    node[leaf] = yaml.safe_load(value)
+    node[parts[-1]] = value
 
 
-def _format_validation_error(
-    error: ValidationError, source: str, prefix: str, schema: type[BaseModel]
-) -> ConfigError:
+def _format_validation_error(error: ValidationError, source: str, prefix: str, schema: type[BaseModel]) -> ConfigError:
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         if item["type"] == "extra_forbidden":
             valid = list(schema.model_fields)
-            problem = (
-                f"unknown key{_did_you_mean(str(item['loc'][-1]), valid)} "
-                f"(valid keys: {', '.join(valid)})"
-            )
+            problem = f"unknown key{_did_you_mean(str(item['loc'][-1]), valid)} (valid keys: {', '.join(valid)})"
         elif item["type"] == "missing":
             problem = "required, but missing"
         else:
-            problem = f"{item['msg']}, got {item['input']!r}"
+            problem = f"{item['msg']}, got {shorten(item['input'])}"
         problems.append((field, problem))
     first_field, first_problem = problems[0]
     rest = "".join(f"\n  {field}: {problem}" for field, problem in problems[1:])
     return ConfigError(source, first_field, first_problem + rest)
 
 
-def load_config(
-    name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: list[str] | None = None
-) -> LoadedConfig:
+def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: list[str] | None = None) -> LoadedConfig:
     """Read, override and validate one config.
 
     Args:
         name: A config name (``embeddings`` for ``configs/embeddings.yaml``) or a YAML path.
         config_dir: Where config names are looked up.
-        overrides: ``KEY=VALUE`` strings (``params.layer=3``, ``seed=1``), values parsed as YAML.
+        overrides: ``KEY=VALUE`` strings (``params.layer=3``, ``seed=1``). A value for a text
+            field is taken as written (``--set 'params.prompt=Item #1: yes'`` is that prompt);
+            any other value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``).
 
     Returns:
         The validated config with its experiment and typed params.
 
     Raises:
-        ConfigError: For a missing file, invalid YAML, an unknown key, a wrong type or value, or
-            an unknown experiment.
+        ConfigError: For a bad name, a missing or unreadable file, invalid YAML, an unknown key,
+            a wrong type or value, or an unknown experiment.
     """
     path = _config_path(name, config_dir)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(source, None, f"not valid YAML: {error}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(source, None, "expected a mapping with keys experiment, description, params")
-    for override in overrides or []:
-        _apply_override(raw, override, source)
+    split = [_split_override(override) for override in overrides or []]
+    for parts, text in split:
+        if parts[0] == "experiment":
+            raise ConfigError("--set", "experiment", "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead")
+        if parts[0] != "params":
+            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), source)
     try:
-        run = RunConfig.model_validate(raw)
+        run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
     except ValidationError as error:
         raise _format_validation_error(error, source, "", RunConfig) from None
+    if not isinstance(raw.get("params") or {}, dict):
+        raise ConfigError(source, "params", f"expected a mapping of the experiment's params, got {shorten(raw['params'])}")
     known = available_experiments()
     if run.experiment not in known:
         raise ConfigError(
             source,
             "experiment",
-            f"unknown experiment {run.experiment!r}{_did_you_mean(run.experiment, known)} "
-            f"(available: {', '.join(known)})",
+            f"unknown experiment {shorten(run.experiment)}{_did_you_mean(run.experiment, known)} (available: {', '.join(known)})",
         )
     experiment = load_experiment(run.experiment)
+    raw_params = dict(raw.get("params") or {})
+    for parts, text in split:
+        if parts[0] == "params":
+            if len(parts) == 1:
+                raise ConfigError("--set", "params", "set one param at a time: --set params.NAME=VALUE")
+            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), source)
     try:
-        params = experiment.params.model_validate(run.params)
+        params = experiment.params.model_validate(raw_params)
     except ValidationError as error:
         raise _format_validation_error(error, source, "params", experiment.params) from None
+    run = run.model_copy(update={"params": raw_params})
     return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment)

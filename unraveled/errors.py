@@ -14,7 +14,7 @@ class UnraveledError(Exception):
 
 
 class ConfigError(UnraveledError):
-    """A config file, a ``--set`` override or a config name is invalid (exit status 2)."""
+    """A config file, an option, a ``--set`` override or a config name is invalid (exit status 2)."""
 
     exit_code = 2
 
@@ -26,7 +26,24 @@ class ConfigError(UnraveledError):
         super().__init__(f"{where}: {problem}")
 
 
+class ParamError(UnraveledError):
+    """A param the loaded model can't take, raised by model checks; the runner adds the file."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"params.{field}: {problem}")
+
+
 class ModelUnavailableError(UnraveledError):
     """A model could not be loaded from any of the places it may come from (exit status 3)."""
 
     exit_code = 3
+
+
+class BadCheckpointError(UnraveledError):
+    """A folder given as a model is not a usable checkpoint (exit status 2: bad input, no fallback)."""
+
+    exit_code = 2

@@ -1,32 +1,79 @@
 """What an experiment is: typed params, a pure ``compute`` and a ``render`` that only draws.
 
-An experiment is one module in ``experiments/`` that defines ``EXPERIMENT``; adding a module and
-a YAML config in ``configs/`` is all it takes for the runner, the CLI and the index to pick it
-up.
+An experiment is one module in ``experiments/`` (installed as ``unraveled.experiments``) that
+defines ``EXPERIMENT``; adding a module and a YAML config in ``configs/`` is all it takes for the
+runner, the CLI and the index to pick it up.
+
+Import cost convention: config validation imports every experiment module to read its params, and
+must stay fast, so an experiment module imports only the standard library, numpy, pydantic,
+jaxtyping and this module at its top. torch, TransformerLens, matplotlib and the ``unraveled``
+helpers built on them are imported inside the functions that use them, and names needed only in
+annotations are imported under ``if TYPE_CHECKING or RESOLVE_ANNOTATIONS:`` so the test suite's
+jaxtyping/beartype checks still see them (see ``RESOLVE_ANNOTATIONS``).
+
+Params that depend on the model are marked in the schema (``Prompt``, ``Answer``, ``HeadIndex``,
+``LayerIndex``) and checked by the runner right after the model loads and before anything is
+written; anything else model-dependent goes in the experiment's optional ``check``.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar
 
-from matplotlib.figure import Figure as MplFigure
-from pydantic import BaseModel, ConfigDict
-from transformer_lens import HookedTransformer
+from pydantic import BaseModel, ConfigDict, Field
 
-import experiments
-from unraveled.render.views import Element
+from unraveled.errors import ParamError
 
+__all__ = ["ParamError"]  # re-exported: experiments raise it from their check
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
+    from transformer_lens import HookedTransformer
+
+    from unraveled.render.views import Element
+
+EXPERIMENTS_PACKAGE = "unraveled.experiments"
 WeightsKind = Literal["processed", "raw"]
+DEFAULT_MAX_PROMPT_TOKENS = 128
+
+
+def _annotations_checked_at_runtime() -> bool:
+    # jaxtyping's pytest import hook (--jaxtyping-packages) resolves every annotation when a module
+    # is imported and silently checks nothing for a name it can't resolve; type-only imports must
+    # then really happen. Outside the test suite nothing reads annotations at run time.
+    return any(type(finder).__module__.startswith("jaxtyping") for finder in sys.meta_path)
+
+
+RESOLVE_ANNOTATIONS = _annotations_checked_at_runtime()
 
 
 class Params(BaseModel):
     """Base for experiment params: strict types, unknown keys refused, immutable."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class ModelBound:
+    """Field marker: the value is checked against the loaded model before anything is written.
+
+    ``prompt``: its tokens fit the model's context and the experiment's ``max_prompt_tokens``;
+    ``single_token``: it is exactly one token; ``head``/``layer``: an index the model has.
+    """
+
+    kind: Literal["prompt", "single_token", "head", "layer"]
+
+
+Prompt = Annotated[str, Field(min_length=1), ModelBound("prompt")]
+Answer = Annotated[str, Field(min_length=1), ModelBound("single_token")]
+HeadIndex = Annotated[int, Field(ge=0), ModelBound("head")]
+LayerIndex = Annotated[int, Field(ge=0), ModelBound("layer")]
 
 
 class Result(Protocol):
@@ -77,6 +124,10 @@ class Experiment(Generic[P, R]):
         weights: ``"raw"`` for experiments that read weights as the checkpoint stores them
             (LayerNorm gammas, uncentred embeddings, Hugging Face-style hidden states);
             ``"processed"`` for TransformerLens's folded and centred weights.
+        max_prompt_tokens: The most tokens a ``Prompt`` param may have (memory and figure size
+            grow with it); the model's context length caps it too.
+        check: ``(model, params) -> None``, raising ``ParamError`` for a param the model can't
+            take that the field markers don't cover (e.g. a token index beyond the prompt).
     """
 
     title: str
@@ -84,18 +135,70 @@ class Experiment(Generic[P, R]):
     compute: Callable[[HookedTransformer, P, int], R]
     render: Callable[[R], Iterable[Artifact]]
     weights: WeightsKind = "processed"
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    check: Callable[[HookedTransformer, P], None] | None = None
+
+
+def prompt_token_count(model: HookedTransformer, text: str) -> int:
+    """Tokens ``text`` takes in a forward pass, counting a BOS token whether or not one is prepended."""
+    return len(model.tokenizer.encode(text, add_special_tokens=False)) + 1
+
+
+def _markers(annotation: Any) -> list[ModelBound]:
+    """The ModelBound markers anywhere in ``annotation`` (``Prompt``, ``list[Prompt]``, ...)."""
+    found = [item for item in getattr(annotation, "__metadata__", ()) if isinstance(item, ModelBound)]
+    for arg in typing.get_args(annotation):
+        if not isinstance(arg, (str, int, float)):
+            found.extend(_markers(arg))
+    return found
+
+
+def _values(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [item for inner in value for item in _values(inner)]
+    return [] if value is None else [value]
+
+
+def check_params(experiment: Experiment[Any, Any], params: Params, model: HookedTransformer) -> None:
+    """Check every model-bound param against ``model``; the experiment's own ``check`` last.
+
+    Raises:
+        ParamError: Naming the param and what the model can take.
+    """
+    cfg = model.cfg
+    prompt_cap = min(experiment.max_prompt_tokens, cfg.n_ctx)
+    for name, info in type(params).model_fields.items():
+        kinds = {marker.kind for marker in [*_markers(info.annotation), *[m for m in info.metadata if isinstance(m, ModelBound)]]}
+        for value in _values(getattr(params, name)):
+            if "head" in kinds and value >= cfg.n_heads:
+                raise ParamError(name, f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})")
+            if "layer" in kinds and value >= cfg.n_layers:
+                raise ParamError(name, f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})")
+            if "prompt" in kinds:
+                count = prompt_token_count(model, value)
+                if count > prompt_cap:
+                    limit = "the model's context" if cfg.n_ctx <= experiment.max_prompt_tokens else "this experiment's max_prompt_tokens"
+                    raise ParamError(
+                        name, f"{count} tokens (BOS included), more than the {prompt_cap} allowed by {limit}; shorten the prompt"
+                    )
+            if "single_token" in kinds:
+                ids = model.tokenizer.encode(value, add_special_tokens=False)
+                if len(ids) != 1:
+                    pieces = [model.tokenizer.decode([i]) for i in ids]
+                    raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
+    if experiment.check is not None:
+        experiment.check(model, params)
 
 
 def available_experiments() -> list[str]:
     """Names of the experiment modules in ``experiments/``."""
-    return sorted(
-        info.name for info in pkgutil.iter_modules(experiments.__path__) if not info.name.startswith("_")
-    )
+    package = importlib.import_module(EXPERIMENTS_PACKAGE)
+    return sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
 
 
 def load_experiment(name: str) -> Experiment[Any, Any]:
-    """Import ``experiments.<name>`` and return its ``EXPERIMENT``."""
-    module = importlib.import_module(f"experiments.{name}")
+    """Import ``unraveled.experiments.<name>`` and return its ``EXPERIMENT``."""
+    module = importlib.import_module(f"{EXPERIMENTS_PACKAGE}.{name}")
     experiment = getattr(module, "EXPERIMENT", None)
     if not isinstance(experiment, Experiment):
         raise TypeError(f"experiments/{name}.py must define EXPERIMENT = Experiment(...)")

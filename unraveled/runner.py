@@ -1,13 +1,19 @@
-"""Run configs: load each model once, compute, render, and own every file written.
+"""Run configs: load each model once, check, compute, render, and own every file written.
 
-For each config the runner seeds everything, calls the experiment's ``compute`` and ``render``,
-writes figures, views, ``metrics.json`` and ``manifest.json`` into a staging folder, swaps it
-in as ``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
+First every model is loaded once and every config's model-dependent params are checked against
+it, so a bad config stops the whole invocation before any file is written. Then, model by model
+(and within a model by kind of weights, each loaded once, each model freed once its configs are
+done), the runner seeds
+everything, calls the experiment's ``compute`` and ``render``, writes figures, views,
+``metrics.json`` and ``manifest.json`` into a staging folder, swaps it in as
+``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import gc
 import importlib.metadata
 import logging
 import os
@@ -29,48 +35,71 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from unraveled import outputs  # noqa: E402
-from unraveled.config import LoadedConfig  # noqa: E402
-from unraveled.errors import ModelUnavailableError  # noqa: E402
-from unraveled.experiment import Figure, View, WeightsKind  # noqa: E402
+from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
+from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
+from unraveled.experiment import Figure, View, WeightsKind, check_params  # noqa: E402
+from unraveled.memory import PeakMemory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gpt2"
 FIGURE_DPI = 110
 _VERSIONED_PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "scikit-learn", "umap-learn")
 
 
 @dataclass
 class ModelPool:
-    """Loads each (model, weights) pair once per invocation, and remembers fallbacks.
+    """Holds one kind of weights per model, frees a model once asked, and remembers fallbacks.
 
-    Once a model has fallen back, later configs asking for it fall back straight away instead
-    of probing the hub again.
+    A model is the bulk of a run's memory. Asking for a model in the other kind of weights frees
+    the kind held first (runs are grouped so each kind loads once; a later load comes from the
+    converted-weights cache), and the runner releases a model once its configs are done. Once a
+    model has fallen back, later configs asking for it fall back straight away instead of probing
+    the hub again.
     """
 
     device: str = "cpu"
     allow_fallback: bool = True
-    _loaded: dict[tuple[str, WeightsKind], LoadedModel] = field(default_factory=dict)
+    _loaded: dict[str, tuple[WeightsKind, LoadedModel]] = field(default_factory=dict)
     _unavailable: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
-        key = (name, weights)
-        if key not in self._loaded:
-            self._loaded[key] = self._load(name, weights, source_label)
-        return self._loaded[key]
+        held = self._loaded.get(name)
+        if held is not None and held[0] == weights:
+            return held[1]
+        self.release(name)
+        loaded = self._load(name, weights, source_label)
+        _return_freed_memory()  # the conversion's temporary copies
+        self._loaded[name] = (weights, loaded)
+        return loaded
 
-    def release(self, name: str) -> None:
-        """Forget every loaded copy of ``name``, so its memory can go before the next model loads."""
-        self._loaded = {key: loaded for key, loaded in self._loaded.items() if key[0] != name}
+    def peek(self, name: str) -> LoadedModel | None:
+        """The held model ``name``, whatever its kind of weights (shape and tokenizer are the same)."""
+        held = self._loaded.get(name)
+        return held[1] if held is not None else None
+
+    def held_kind(self, name: str) -> WeightsKind | None:
+        held = self._loaded.get(name)
+        return held[0] if held is not None else None
+
+    def release(self, name: str | None = None) -> None:
+        """Free model ``name`` (every model when None), and hand the memory back to the system."""
+        if name is None:
+            self._loaded.clear()
+        elif self._loaded.pop(name, None) is None:
+            return
+        gc.collect()
+        _return_freed_memory()
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
         if name in self._unavailable and fallback is not None:
             loaded = load_model(fallback, weights, self.device, fallback=None)
-            return replace(loaded, requested=name, fallback_reason=self._unavailable[name])
+            loaded = replace(loaded, requested=name, fallback_reason=self._unavailable[name])
+            logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
+            return loaded
         try:
             loaded = load_model(name, weights, self.device, fallback=fallback, source_label=source_label)
         except ModelUnavailableError as error:
@@ -83,6 +112,16 @@ class ModelPool:
             self._unavailable[name] = loaded.fallback_reason
         logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
         return loaded
+
+
+def _return_freed_memory() -> None:
+    # glibc keeps freed blocks in its arenas, so a freed model still counts in the process's
+    # resident memory, and the next model loads on top of it; malloc_trim gives them back.
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 def _seed_everything(seed: int) -> None:
@@ -136,30 +175,77 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
+def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
+    """Check ``config``'s model-dependent params against the loaded model.
+
+    Raises:
+        ConfigError: Naming the config file, the param and what the model can take (exit 2).
+    """
+    try:
+        check_params(config.experiment, config.params, loaded.model)
+    except ParamError as error:
+        raise ConfigError(str(config.path), f"params.{error.field}", f"{error.problem} ({loaded.label()})") from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch doesn't know or this machine doesn't have, before loading anything.
+
+    Raises:
+        ConfigError: Naming ``--device`` and the devices that would work (exit 2).
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError("--device", None, f"{device!r} is not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError("--device", None, f"{device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError("--device", None, f"{device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device", None, f"{device!r}: MPS is not available on this machine; use --device cpu")
+        return
+    raise ConfigError("--device", None, f"{device!r}: unsupported device type; expected cpu, cuda, cuda:N or mps")
+
+
+def _write_artifacts(
+    config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    figure_records, view_records = [], []
+    for artifact in config.experiment.render(result):
+        if isinstance(artifact, Figure):
+            _stamp_model(artifact, loaded.label())
+            figure_records.append(export.save_figure(artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI))
+            plt.close(artifact.figure)
+        elif isinstance(artifact, View):
+            path = staging / "views" / f"{artifact.name}.html"
+            path.parent.mkdir(exist_ok=True)
+            facts = {"model": loaded.label(), **artifact.facts}
+            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html"), encoding="utf-8")
+            view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
+    return figure_records, view_records
+
+
 def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: Sequence[str] = export.DEFAULT_FORMATS) -> Path:
     """Run one config on one loaded model and publish its outputs; returns the run's folder."""
-    target = out_dir / loaded.slug / config.name
-    started = time.perf_counter()
-    _seed_everything(config.run.seed)
-    result = config.experiment.compute(loaded.model, config.params, config.run.seed)
-    computed = time.perf_counter()
-    staging = outputs.make_staging_dir(target)
+    target = outputs.run_target(out_dir, loaded.slug, config.name)
+    # Relative to where the view pages will live once published, not to the staging folder.
+    href_to_index = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
+    staging: Path | None = None
     try:
-        figure_records, view_records = [], []
-        for artifact in config.experiment.render(result):
-            if isinstance(artifact, Figure):
-                _stamp_model(artifact, loaded.label())
-                figure_records.append(export.save_figure(artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI))
-                plt.close(artifact.figure)
-            elif isinstance(artifact, View):
-                path = staging / "views" / f"{artifact.name}.html"
-                path.parent.mkdir(exist_ok=True)
-                facts = {"model": loaded.label(), **artifact.facts}
-                # Relative to where the page will live once published, not to the staging folder.
-                index_href = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
-                path.write_text(views.page(artifact.title, facts, artifact.elements, index_href, run_href="../index.html"), encoding="utf-8")
-                view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
-        rendered = time.perf_counter()
+        with PeakMemory() as peak:
+            started = time.perf_counter()
+            _seed_everything(config.run.seed)
+            result = config.experiment.compute(loaded.model, config.params, config.run.seed)
+            computed = time.perf_counter()
+            staging = outputs.make_staging_dir(target)
+            figure_records, view_records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
+            rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
             staging / "manifest.json",
@@ -172,20 +258,20 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
                 "seed": config.run.seed,
                 "model": _model_record(loaded),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "timings_seconds": {
-                    "compute": computed - started,
-                    "render": rendered - computed,
-                    "total": rendered - started,
-                },
+                "timings_seconds": {"compute": computed - started, "render": rendered - computed, "total": rendered - started},
+                # Peak resident memory of the process while this config computed and rendered,
+                # the loaded model included (sampled: see unraveled.memory).
+                "peak_rss_mb": round(peak.mb, 1),
                 "figures": figure_records,
                 "views": view_records,
                 "versions": _package_versions(),
                 "git_commit": _git_commit(),
             },
         )
-        outputs.publish(staging, target)
+        outputs.publish(staging, target, out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
@@ -198,7 +284,7 @@ def run_configs(
     allow_fallback: bool = True,
     formats: Sequence[str] = export.DEFAULT_FORMATS,
 ) -> list[Path]:
-    """Run every config on every model, loading each model once, rebuilding the pages after each run.
+    """Check every config against its model, then run them, rebuilding the pages after each run.
 
     Args:
         configs: Validated configs (validate them all first, so a bad one writes nothing).
@@ -208,23 +294,41 @@ def run_configs(
         device: Torch device.
         allow_fallback: Fall back to the bundled model when the requested one can't be had.
         formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
+
+    Raises:
+        ConfigError: A param a model can't take, before any file is written.
     """
     pool = ModelPool(device=device, allow_fallback=allow_fallback)
-    written = []
-    # Model by model: each config on the first model, then on the next.
-    plan = [(model, config) for model in models for config in configs] if models else [(None, config) for config in configs]
-    for number, (model_override, config) in enumerate(plan, start=1):
-        if number > 1 and plan[number - 2][0] not in (None, model_override):
-            pool.release(plan[number - 2][0])  # done with the previous model: free it first
-        model_name = model_override or config.run.model or DEFAULT_MODEL
-        source_label = "--model" if model_override else str(config.path)
-        logger.info("[%d/%d] %s: %s on %s", number, len(plan), config.name, config.experiment.title, model_name)
-        loaded = pool.get(model_name, config.experiment.weights, source_label)
-        started = time.perf_counter()
-        target = run_one(config, loaded, out_dir, formats)
-        if target in written:  # e.g. two models that both fell back to the bundled one
-            logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
-        written.append(target)
-        write_pages(out_dir)
-        logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(plan), config.name, time.perf_counter() - started, written[-1])
+    if models:
+        planned = [(config, model, "--model") for model in models for config in configs]
+    else:
+        planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
+    # Each model once, checking every config that uses it, before anything is written. The models
+    # stay loaded until their configs have run (one model in the usual invocation).
+    model_names = list(dict.fromkeys(name for _, name, _ in planned))
+    for model_name in model_names:
+        users = [(config, label) for config, name, label in planned if name == model_name]
+        loaded = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
+        for config, _ in users:
+            check_config(config, loaded)
+    written: list[Path] = []
+    number = 0
+    for model_name in model_names:
+        # The kind of weights already held first, then the other: each kind loads once.
+        held = pool.held_kind(model_name)
+        runs = sorted(((c, label) for c, name, label in planned if name == model_name), key=lambda run: run[0].experiment.weights != held)
+        for config, source_label in runs:
+            number += 1
+            loaded = pool.get(model_name, config.experiment.weights, source_label)
+            logger.info("[%d/%d] %s: %s on %s", number, len(planned), config.name, config.experiment.title, loaded.label())
+            started = time.perf_counter()
+            target = run_one(config, loaded, out_dir, formats)
+            _return_freed_memory()  # the config's activations and figures
+            if target in written:  # e.g. two models that both fell back to the bundled one
+                logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
+            written.append(target)
+            write_pages(out_dir)
+            logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(planned), config.name, time.perf_counter() - started, target)
+        pool.release(model_name)  # done with this model: free it before the next one runs
+    pool.release()
     return written

@@ -13,11 +13,14 @@ are checked to be one token with the model's own tokenizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformer_lens import HookedTransformer
 
-from unraveled.logits import answer_token_id
+from unraveled.experiment import RESOLVE_ANNOTATIONS
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only: config validation imports this module
+    from transformer_lens import HookedTransformer
 
 
 class Fact(BaseModel):
@@ -81,6 +84,8 @@ def tokenize_fact(model: HookedTransformer, fact: Fact, field: str) -> Tokenized
         ValueError: The answer is several tokens, or the subject does not start and end on token
             boundaries.
     """
+    from unraveled.logits import answer_token_id
+
     answer = answer_token_id(model, fact.answer, f"{field}.answer")
     tokens = _token_ids(model, fact.prompt)
     start_char = fact.prompt.find(fact.subject)

@@ -81,6 +81,9 @@ def hooked_from_hf(
         state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
     cfg.model_name = model_name
     cfg.tokenizer_name = None
+    # Every weight is overwritten from the state dict: skip the random initialisation, whose
+    # pages would otherwise all be touched (memory and time) only to be replaced.
+    cfg.init_weights = False
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
     return model.eval()

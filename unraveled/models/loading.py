@@ -21,7 +21,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from unraveled.errors import ModelUnavailableError
+from unraveled.errors import BadCheckpointError, ModelUnavailableError
 from unraveled.experiment import WeightsKind
 from unraveled.models import hub, weight_cache
 from unraveled.models.convert import hooked_from_hf, processing_flags
@@ -31,6 +31,7 @@ from unraveled.models.sources import (
     HubModel,
     LocalCheckpoint,
     ModelSource,
+    checkpoint_problem,
     resolve_model,
 )
 
@@ -138,14 +139,17 @@ def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[Hook
 
 
 def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
-    if not (source.path / "config.json").is_file():
-        raise ModelUnavailableError(
-            f"{source.path} is not a Hugging Face checkpoint: it has no config.json "
-            "(expected config.json, model weights and tokenizer files)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
-    model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
+    # A folder the user named is their input: if it is not a checkpoint, say so (exit 2) rather
+    # than fall back to another model.
+    problem = checkpoint_problem(source.path)
+    if problem is not None:
+        raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {problem}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
+        model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
+    except Exception as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
+        raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}") from None
     return model, f"local checkpoint ({source.path})", _count_parameters(hf_model)
 
 
@@ -156,8 +160,8 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
             f"the bundled model {source.name!r} needs the {source.package} package: {source.install_hint}"
         )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # SmolLM2's tokenizer adds no BOS and the model was trained without one.
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.name, default_prepend_bos=False)
     return model, f"bundled GGUF, dequantized ({gguf})", _count_parameters(hf_model)
 
@@ -259,8 +263,8 @@ def availability(name: str) -> tuple[str, str]:
         reason = hub.hub_unreachable_reason()
         return resolves_to, f"no: not cached and {reason}" if reason else "yes: Hugging Face hub"
     if isinstance(source, LocalCheckpoint):
-        ok = (source.path / "config.json").is_file()
-        return f"local checkpoint {source.path}", "yes" if ok else "no: no config.json"
+        problem = checkpoint_problem(source.path)
+        return f"local checkpoint {source.path}", f"no: {problem}" if problem else "yes (weights checked when loaded)"
     gguf = source.gguf_path()
     resolves_to = f"bundled GGUF {gguf or source.gguf_file}"
     if cached:

@@ -7,11 +7,13 @@ validation stay fast.
 from __future__ import annotations
 
 import difflib
+import json
+import functools
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformer_lens import loading_from_pretrained as tl_loading
+from typing import Any
 
 from unraveled.errors import ConfigError
 
@@ -45,7 +47,9 @@ class LocalCheckpoint:
 
     @property
     def slug(self) -> str:
-        return self.path.name
+        # The slug is a folder name under OUT/: plain characters only, never empty, "." or "..".
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", self.path.name).lstrip(".")
+        return slug or "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,30 @@ BUNDLED_MODELS = {
 }
 
 
+@functools.cache
+def _transformer_lens_names() -> dict[str, str]:
+    """TransformerLens's model names and aliases (lower case) mapped to official names.
+
+    Read from its ``supported_models.py``, a plain table, loaded by path: importing it through the
+    package would import all of TransformerLens and torch (about 5 s), and resolving a name must
+    stay fast. Same mapping as ``loading_from_pretrained.make_model_alias_map``.
+    """
+    spec = importlib.util.find_spec("transformer_lens")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "supported_models.py"
+    table_spec = importlib.util.spec_from_file_location("_unraveled_tl_supported_models", path)
+    assert table_spec is not None and table_spec.loader is not None
+    table: Any = importlib.util.module_from_spec(table_spec)
+    table_spec.loader.exec_module(table)
+    names: dict[str, str] = {}
+    for official in table.OFFICIAL_MODEL_NAMES:
+        for alias in table.MODEL_ALIASES.get(official, []):
+            names[alias.lower()] = official
+        names[official.lower()] = official
+    return names
+
+
 def resolve_model(name: str, source: str = "--model") -> ModelSource:
     """Say where ``name`` points without loading anything.
 
@@ -99,11 +127,12 @@ def resolve_model(name: str, source: str = "--model") -> ModelSource:
     path = Path(name).expanduser()
     if path.is_dir():
         return LocalCheckpoint(path.resolve())
-    try:
-        return HubModel(name=name, repo_id=tl_loading.get_official_model_name(name))
-    except ValueError:
-        pass
-    choices = [*BUNDLED_MODELS, *tl_loading.make_model_alias_map()]
+    if path.exists():
+        raise ConfigError(source, "model", f"{name!r} is a file; expected a folder holding a Hugging Face checkpoint or a model name")
+    official = _transformer_lens_names().get(name.lower())
+    if official is not None:
+        return HubModel(name=name, repo_id=official)
+    choices = [*BUNDLED_MODELS, *_transformer_lens_names()]
     close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
@@ -112,3 +141,30 @@ def resolve_model(name: str, source: str = "--model") -> ModelSource:
         f"unknown model {name!r}{hint} (expected a TransformerLens model name such as 'gpt2', "
         f"a directory holding a Hugging Face checkpoint, or {BUNDLED_SMOLLM2!r})",
     )
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes ``path`` not a Hugging Face checkpoint folder, or None when it looks like one.
+
+    Reads only ``config.json`` and file names: cheap enough for config validation. Damage inside
+    the weight files shows when they load.
+    """
+    config = path / "config.json"
+    if not config.is_file():
+        present = sorted(p.name for p in path.iterdir())[:8]
+        return f"it has no config.json (expected config.json, model weights and tokenizer files; found {present or 'nothing'})"
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its config.json is not valid JSON ({error})"
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        return "its config.json has no model_type (is it a Hugging Face model config?)"
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        return f"it has no weights (expected one of {', '.join(_WEIGHT_FILES)})"
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return f"it has no tokenizer (expected one of {', '.join(_TOKENIZER_FILES)})"
+    return None

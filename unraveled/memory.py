@@ -1,0 +1,43 @@
+"""Peak resident memory of this process over a stretch of code, for manifests and ``make bench``.
+
+``getrusage``'s maximum RSS only ever grows over a process's life, so it can't tell one config
+from the next; a thread samples the RSS instead (every 5 ms: allocations that come and go
+faster than that can be missed, so the figure is a lower bound of the true peak).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import psutil
+
+SAMPLE_SECONDS = 0.005
+MB = 1024 * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.mb``: the highest RSS seen, in MiB."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self.peak_bytes = self._process.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / MB
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
