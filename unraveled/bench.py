@@ -15,6 +15,8 @@ Row groups, each a function decorated with ``@bench_group``:
   its manifest; for the invocation: wall seconds and the process's peak RSS.
 - ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way.
 - ``activation_patching``: its config on the same GPT-2-small-shaped checkpoint.
+- ``causal_tracing``: its default compute on the bundled SmolLM2, and one fact's batched
+  restorations against one forward pass per restoration (``unraveled.bench_tracing``).
 - ``model load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
 
 Add a group by writing a function that returns ``Row``s and decorating it with ``@bench_group``.
@@ -155,6 +157,13 @@ def causal() -> list[Row]:
     from unraveled.bench_causal import bench_rows
 
     return bench_rows(Row)
+
+
+@bench_group
+def causal_tracing() -> list[Row]:
+    from unraveled.bench_tracing import causal_tracing_rows
+
+    return causal_tracing_rows()
 
 
 @bench_group

@@ -1,0 +1,243 @@
+"""Causal tracing of factual recall (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+
+Of a set of factual prompts, the ones the model gets right (its top prediction is the answer) are
+traced: the subject's token embeddings get Gaussian noise of 3 times the embeddings' standard
+deviation, and clean states are restored one at a time (``unraveled.tracing``). The figures show
+the restored probability of the answer for one prompt, and the average indirect effect (restored
+minus corrupted probability) over the traced prompts, positions grouped as in the paper.
+
+The MLP and attention windows are ROME's 10 blocks of GPT-2-XL's 48 scaled to the model's depth
+(6 of SmolLM2's 30, 2 of GPT-2 small's 12), unless ``window`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from jaxtyping import Float
+from numpy.typing import NDArray
+from pydantic import Field, model_validator
+
+from unraveled.datasets.facts import FACTS, Fact
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, prompt_token_count
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from matplotlib.axes import Axes
+    from transformer_lens import HookedTransformer
+
+    from unraveled.datasets.facts import TokenizedFact
+    from unraveled.tracing import FactTrace
+
+KINDS = {"residual": ("one residual-stream state", "Purples"), "mlp": ("the MLP outputs of a window", "Greens"), "attn": ("the attention outputs of a window", "Reds")}
+
+
+class CausalTracingParams(Params):
+    # Upper bounds keep a typo from asking for hours: each traced fact costs about
+    # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
+    n_facts: int = Field(4, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
+    noise_samples: int = Field(2, ge=1, le=50, description="Noise draws per prompt; every restoration uses the same draws.")
+    noise_multiplier: float = Field(3.0, ge=0.0, le=100.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
+    window: int | None = Field(None, ge=1, le=128, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
+    example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")
+    facts: list[Fact] | None = Field(None, min_length=1, max_length=1000, description="Facts to use instead of the bundled set (prompt, subject, answer).")
+
+    @model_validator(mode="after")
+    def _example_among_traced(self) -> CausalTracingParams:
+        if self.example >= self.n_facts:
+            raise ValueError(f"example={self.example} but at most n_facts={self.n_facts} facts are traced; use 0..{self.n_facts - 1}")
+        return self
+
+
+def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
+    return ("params.facts", params.facts) if params.facts is not None else ("bundled fact", list(FACTS))
+
+
+@dataclass(frozen=True)
+class TracedFact:
+    tokenized: TokenizedFact
+    trace: FactTrace
+
+
+@dataclass(frozen=True)
+class CausalTracingResult:
+    n_candidates: int
+    known: list[TokenizedFact]
+    traced: list[TracedFact]
+    example: int
+    embedding_std: float
+    noise_scale: float
+    window: int
+    noise_samples: int
+    average_effects: dict[str, Float[NDArray, "group layer"]]
+    seconds: float
+
+    def peak(self, kind: str) -> dict[str, Any]:
+        """Layer and position group of the largest average indirect effect of ``kind``."""
+        from unraveled.tracing import POSITION_GROUPS
+
+        effects = self.average_effects[kind]
+        group, layer = np.unravel_index(np.nanargmax(effects), effects.shape)
+        return {"layer": int(layer), "position_group": POSITION_GROUPS[group], "average_indirect_effect": float(effects[group, layer])}
+
+    def metrics(self) -> dict[str, Any]:
+        from unraveled.tracing import POSITION_GROUPS
+
+        clean = [t.trace.clean_probability for t in self.traced]
+        corrupted = [t.trace.corrupted_probability for t in self.traced]
+        example = self.traced[self.example]
+        return {
+            "facts_in_set": self.n_candidates,
+            "facts_known": len(self.known),
+            "facts_traced": len(self.traced),
+            "known_facts": [f"{k.fact.prompt} ->{k.fact.answer}" for k in self.known],
+            "traced_facts": [
+                {"prompt": t.tokenized.fact.prompt, "subject": t.tokenized.fact.subject, "answer": t.tokenized.fact.answer,
+                 "clean_probability": t.trace.clean_probability, "corrupted_probability": t.trace.corrupted_probability}
+                for t in self.traced
+            ],
+            "clean_probability_mean": float(np.mean(clean)),
+            "corrupted_probability_mean": float(np.mean(corrupted)),
+            "average_total_effect": float(np.mean(clean) - np.mean(corrupted)),
+            "embedding_std": self.embedding_std,
+            "noise_scale": self.noise_scale,
+            "noise_samples": self.noise_samples,
+            "window": self.window,
+            "position_groups": list(POSITION_GROUPS),
+            "average_indirect_effect": self.average_effects,
+            "mlp_peak": self.peak("mlp"),
+            "attn_peak": self.peak("attn"),
+            "residual_peak": self.peak("residual"),
+            "example": {
+                "prompt": example.tokenized.fact.prompt,
+                "tokens": example.tokenized.str_tokens,
+                "subject_span": [example.tokenized.subject_start, example.tokenized.subject_end],
+                "restored_probability": {"residual": example.trace.residual, "mlp": example.trace.mlp, "attn": example.trace.attn},
+            },
+            "tracing_seconds": self.seconds,
+        }
+
+
+def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[TokenizedFact]:
+    """The facts whose answer is the model's top prediction (one right-padded batch)."""
+    import torch
+
+    longest = max(len(f.tokens) for f in facts)
+    tokens = torch.zeros((len(facts), longest), dtype=torch.long)
+    for row, fact in enumerate(facts):
+        tokens[row, : len(fact.tokens)] = torch.tensor(fact.tokens)
+    with torch.inference_mode():
+        logits = model(tokens)
+    # Causal attention: the padding after a prompt never reaches its own last position.
+    last = torch.tensor([len(f.tokens) - 1 for f in facts])
+    predictions = logits[torch.arange(len(facts)), last].argmax(dim=-1)
+    return [fact for fact, prediction in zip(facts, predictions.tolist()) if prediction == fact.answer]
+
+
+def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) -> CausalTracingResult:
+    import torch
+
+    from unraveled.datasets.facts import tokenize_fact
+    from unraveled.tracing import embedding_noise_scale, grouped_mean, position_groups, scaled_window, trace_fact
+
+    source, facts = _facts_with_source(params)
+    tokenized = [tokenize_fact(model, fact, f"{source}[{index}]") for index, fact in enumerate(facts)]
+    known = _known(model, tokenized)
+    if not known:
+        raise ValueError(f"{model.cfg.model_name} gets none of the {len(facts)} facts right: nothing to trace")
+    chosen = known[: params.n_facts]
+    if params.example >= len(chosen):
+        raise ValueError(f"params.example={params.example} but only {len(chosen)} facts are traced; use 0..{len(chosen) - 1}")
+    window = params.window or scaled_window(model.cfg.n_layers)
+    # As ROME: the spread of the subjects' token embeddings over the whole set, not just the traced facts.
+    subject_tokens = [token for fact in tokenized for token in fact.tokens[fact.subject_start : fact.subject_end]]
+    embedding_std = embedding_noise_scale(model, subject_tokens, 1.0)
+    noise_scale = params.noise_multiplier * embedding_std
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    traced = []
+    for fact in chosen:
+        noise = torch.randn((params.noise_samples, fact.subject_end - fact.subject_start, model.cfg.d_model), generator=generator)
+        trace = trace_fact(model, torch.tensor(fact.tokens), (fact.subject_start, fact.subject_end), fact.answer, noise * noise_scale, window)
+        traced.append(TracedFact(fact, trace))
+    groups = [position_groups(len(t.tokenized.tokens), t.tokenized.subject_start, t.tokenized.subject_end) for t in traced]
+    average_effects = {
+        kind: grouped_mean([getattr(t.trace, kind) - t.trace.corrupted_probability for t in traced], groups) for kind in KINDS
+    }
+    return CausalTracingResult(
+        n_candidates=len(facts),
+        known=known,
+        traced=traced,
+        example=params.example,
+        embedding_std=embedding_std,
+        noise_scale=noise_scale,
+        window=window,
+        noise_samples=params.noise_samples,
+        average_effects=average_effects,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _trace_heatmap(axes: Axes, values: Float[NDArray, "rows layer"], row_labels: list[str], title: str, cmap: str,
+                   colorbar_label: str, vmin: float, vmax: float) -> None:
+    image = axes.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+    axes.figure.colorbar(image, ax=axes, label=colorbar_label)
+    axes.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    axes.set(title=title, xlabel="Layer (centre of the window)" if "window" in title else "Layer")
+
+
+def render(result: CausalTracingResult) -> Iterator[Artifact]:
+    from unraveled.render.figures import panels
+    from unraveled.tracing import POSITION_GROUPS
+
+    example = result.traced[result.example]
+    fact, trace = example.tokenized, example.trace
+    labels = [repr(token)[1:-1] + ("*" if fact.subject_start <= i < fact.subject_end else "") for i, token in enumerate(fact.str_tokens)]
+    figure, axes = panels(3)
+    figure.set_size_inches(17, max(4.0, 0.35 * len(labels) + 1.5))
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+        values = getattr(trace, kind).T  # tokens as rows, as in the paper
+        title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
+        _trace_heatmap(ax, values, labels, title, cmap, f"p({fact.fact.answer.strip()})", trace.corrupted_probability, max(trace.clean_probability, float(values.max())))
+    figure.suptitle(
+        f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised with {result.noise_samples} samples): "
+        f"clean p = {trace.clean_probability:.3f}, corrupted p = {trace.corrupted_probability:.3f}"
+    )
+    yield Figure("01_example_trace", figure, "Probability of the answer with one state (or window) restored, for one prompt")
+
+    figure, axes = panels(3)
+    figure.set_size_inches(17, 4.2)
+    bound = max(float(np.nanmax(effects)) for effects in result.average_effects.values()) or 1.0
+    group_labels = [label.capitalize() for label in POSITION_GROUPS]
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+        title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
+        _trace_heatmap(ax, result.average_effects[kind], group_labels, title, cmap, "average indirect effect on p(answer)", 0.0, bound)
+    metrics = result.metrics()
+    figure.suptitle(
+        f"Average indirect effect over {len(result.traced)} prompts the model gets right ({len(result.known)} of {result.n_candidates} known): "
+        f"mean clean p = {metrics['clean_probability_mean']:.3f}, corrupted p = {metrics['corrupted_probability_mean']:.3f}"
+    )
+    yield Figure("02_average_indirect_effect", figure, "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper")
+
+
+def check(model: HookedTransformer, params: CausalTracingParams) -> None:
+    """Every fact fits the model's context, its answer is one token and its subject whole tokens."""
+    from unraveled.datasets.facts import tokenize_fact
+
+    source, facts = _facts_with_source(params)
+    advice = "" if params.facts is not None else "; give params.facts that this model's tokenizer takes"
+    cap = min(EXPERIMENT.max_prompt_tokens, model.cfg.n_ctx)
+    for index, fact in enumerate(facts):
+        count = prompt_token_count(model, fact.prompt)
+        if count > cap:
+            raise ParamError("facts", f"{source}[{index}].prompt is {count} tokens (BOS included), more than the {cap} allowed; shorten it{advice}")
+        try:
+            tokenize_fact(model, fact, f"{source}[{index}]")
+        except ValueError as error:
+            raise ParamError("facts", f"{error}{advice}") from error
+
+
+EXPERIMENT = Experiment(title="Causal tracing", params=CausalTracingParams, compute=compute, render=render, weights="raw", check=check)
