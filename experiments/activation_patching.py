@@ -4,27 +4,32 @@ The clean run's activations are patched into the corrupted run one at a time: th
 stream at every layer and position, and every head's output (``hook_z``, all positions). Each
 patch is scored by the share of the clean logit difference it recovers: 0 = corrupted, 1 = clean.
 Patches of one layer run together as one batch, and start from the corrupted run's residual
-stream at that layer: the layers before it would only recompute what the corrupted run cached.
+stream at that layer: the layers before it would only recompute what the corrupted run cached
+(``unraveled.patching``).
+
+With ``prompts: ioi`` the patches run over a dataset of IOI prompt pairs instead of one pair, the
+logit differences are averaged over the pairs, and the residual stream is patched per group of
+positions (the names, the token after the first subject, the last token, the rest), since the
+prompts' positions don't line up.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
 
+from unraveled.datasets.ioi import IOIParams
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, ParamError, Params, Prompt, prompt_token_count
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
-    from torch import Tensor
     from transformer_lens import HookedTransformer
-    from transformer_lens.hook_points import HookPoint
 
 TOP_K = 10
 
@@ -34,6 +39,8 @@ class ActivationPatchingParams(Params):
     corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
     clean_answer: Answer = Field(" Mary", description="The clean prompt's answer (one token).")
     corrupted_answer: Answer = Field(" John", description="The corrupted prompt's answer (one token).")
+    prompts: Literal["pair", "ioi"] = Field("pair", description="pair: the one pair above; ioi: the IOI dataset in params.ioi.")
+    ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs, when prompts is ioi.")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,12 @@ class ActivationPatchingResult:
     clean_difference: float
     corrupted_difference: float
     seconds: float
+    n_pairs: int = 1
+    answers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def position_kind(self) -> str:
+        return "Position" if self.n_pairs == 1 else "Position group"
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -52,9 +65,11 @@ class ActivationPatchingResult:
         order = np.argsort(-self.residual, axis=None)[:TOP_K]
         n_pos = self.residual.shape[1]
         return {
-            "tokens": self.tokens,
+            "n_pairs": self.n_pairs,
+            "tokens" if self.n_pairs == 1 else "position_groups": self.tokens,
             "clean_logit_difference": self.clean_difference,
             "corrupted_logit_difference": self.corrupted_difference,
+            "answers": self.answers,
             "residual_points": self.residual_labels,
             "residual_recovered": self.residual,
             "heads_recovered": self.heads,
@@ -68,67 +83,47 @@ class ActivationPatchingResult:
         }
 
 
-def _differences_from_layer(
-    model: HookedTransformer,
-    residual: Float[Tensor, "patches pos d_model"],
-    layer: int,
-    answers: tuple[int, int],
-    fwd_hooks: list[tuple[str, Callable[[Tensor, HookPoint], Tensor]]] | None = None,
-) -> Float[Tensor, " patches"]:
-    """Run the model from block ``layer`` on (patched) residual streams; the answers' logit difference."""
-    import torch
-    from unraveled.logits import logit_difference
-
-    with torch.inference_mode():
-        logits = model.run_with_hooks(residual, start_at_layer=layer, fwd_hooks=fwd_hooks or [])
-    return logit_difference(logits[:, -1], *answers)
-
-
 def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: int) -> ActivationPatchingResult:
     import torch
-    from unraveled.activations import collect_activations
-    from unraveled.logits import answer_token_id, logit_difference, residual_hook_names
 
-    answers = (answer_token_id(model, params.clean_answer, "params.clean_answer"), answer_token_id(model, params.corrupted_answer, "params.corrupted_answer"))
+    from unraveled.datasets.ioi import ROLES, ioi_batch
+    from unraveled.logits import answer_token_id, residual_hook_names
+    from unraveled.patching import answer_summary, head_patches, patched_logit_differences, residual_patches, run_cache, single_pair
+
+    if params.prompts == "ioi":
+        batch = ioi_batch(model, params.ioi, seed, "params.ioi")
+        pairs, groups, labels = batch.tokens, [batch.roles[role] for role in ROLES], list(ROLES)
+    else:
+        answers = (answer_token_id(model, params.clean_answer, "params.clean_answer"), answer_token_id(model, params.corrupted_answer, "params.corrupted_answer"))
+        pairs = single_pair(model, params.clean, params.corrupted, *answers)
+        n_pos = pairs.clean.shape[1]
+        groups = list(torch.eye(n_pos, dtype=torch.bool)[:, None, :])  # one group per position
+        labels = [model.tokenizer.decode([token]) for token in pairs.clean[0].tolist()]
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     residual_hooks = residual_hook_names(n_layers)
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
-    clean = collect_activations(model, [params.clean], [*residual_hooks, *z_hooks])
-    corrupted = collect_activations(model, [params.corrupted], residual_hooks)
-    clean_difference = float(logit_difference(clean.logits[0, -1], *answers))
-    corrupted_difference = float(logit_difference(corrupted.logits[0, -1], *answers))
+    clean_logits, clean_cache = run_cache(model, pairs, "clean", [*residual_hooks, *z_hooks])
+    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", residual_hooks)
+    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs)
+    clean_difference, corrupted_difference = clean["mean_logit_difference"], corrupted["mean_logit_difference"]
     span = clean_difference - corrupted_difference
     if abs(span) < 1e-6:
         raise ValueError("the clean and corrupted prompts give the same logit difference: nothing to recover")
-    n_pos = clean.tokens.shape[1]
     started = time.perf_counter()
     # Point p of the residual stream is the input to block p (the last point feeds the unembedding).
-    residual = torch.empty(len(residual_hooks), n_pos)
-    positions = torch.arange(n_pos)
-    for point, hook in enumerate(residual_hooks):
-        patched = corrupted.cache[hook][0].expand(n_pos, -1, -1).clone()
-        patched[positions, positions] = clean.cache[hook][0]  # row i gets the clean state at position i
-        residual[point] = _differences_from_layer(model, patched, point, answers)
-    heads = torch.empty(n_layers, n_heads)
-    head_rows = torch.arange(n_heads)
-    for layer, hook in enumerate(z_hooks):
-        source = clean.cache[hook][0]
-
-        def patch_head(activation: Tensor, hook: HookPoint, source: Tensor = source) -> Tensor:
-            activation[head_rows, :, head_rows] = source[:, head_rows].transpose(0, 1)  # row i gets head i's clean output
-            return activation
-
-        start = corrupted.cache[residual_hooks[layer]][0].expand(n_heads, -1, -1)
-        heads[layer] = _differences_from_layer(model, start, layer, answers, [(hook, patch_head)])
+    residual = patched_logit_differences(model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache)
+    heads = patched_logit_differences(model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache)
     seconds = time.perf_counter() - started
     return ActivationPatchingResult(
-        tokens=clean.str_tokens[0],
+        tokens=labels,
         residual_labels=[*[f"before block {layer}" for layer in range(n_layers)], "after the last block"],
-        residual=((residual - corrupted_difference) / span).numpy(),
-        heads=((heads - corrupted_difference) / span).numpy(),
+        residual=((residual.mean(-1).reshape(n_layers + 1, len(groups)) - corrupted_difference) / span).numpy(),
+        heads=((heads.mean(-1).reshape(n_layers, n_heads) - corrupted_difference) / span).numpy(),
         clean_difference=clean_difference,
         corrupted_difference=corrupted_difference,
         seconds=seconds,
+        n_pairs=pairs.size,
+        answers={"clean": clean, "corrupted": corrupted},
     )
 
 
@@ -137,20 +132,26 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
 
     figure, (axes,) = panels(1)
     figure.set_size_inches(max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels)))
-    heatmap(axes, result.residual, "Residual stream patched from the clean run: share of the logit difference recovered",
-            "Position", "", cmap="RdBu_r", colorbar_label="recovered (0 corrupted, 1 clean)", centre_zero=True)
+    over = "" if result.n_pairs == 1 else f", mean over {result.n_pairs} IOI pairs"
+    heatmap(axes, result.residual, f"Residual stream patched from the clean run: share of the logit difference recovered{over}",
+            result.position_kind, "", cmap="RdBu_r", colorbar_label="recovered (0 corrupted, 1 clean)", centre_zero=True)
     axes.set_xticks(range(len(result.tokens)), [repr(t)[1:-1] for t in result.tokens], rotation=60, fontsize=7)
     axes.set_yticks(range(len(result.residual_labels)), result.residual_labels, fontsize=6)
     yield Figure("01_residual_patching", figure, "Patching the residual stream, per layer and position")
 
     figure, (axes,) = panels(1)
-    heatmap(axes, result.heads, "Head outputs patched from the clean run: share recovered", "Head", "Layer",
+    heatmap(axes, result.heads, f"Head outputs patched from the clean run: share recovered{over}", "Head", "Layer",
             cmap="RdBu_r", colorbar_label="recovered (0 corrupted, 1 clean)", centre_zero=True)
     yield Figure("02_head_patching", figure, "Patching each head's output at every position")
 
 
 def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
-    """Patching position by position needs prompts of the same token length."""
+    """One pair is patched position by position: same token length. IOI names must be single tokens."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    if params.prompts == "ioi":
+        check_ioi_names(model, params.ioi)
+        return
     clean, corrupted = prompt_token_count(model, params.clean), prompt_token_count(model, params.corrupted)
     if clean != corrupted:
         raise ParamError("corrupted", f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length")

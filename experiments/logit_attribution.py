@@ -4,19 +4,25 @@ split into what the embeddings, every attention head and every MLP write directl
 Each component's output at the last position goes through the final norm with the scale the
 model actually applied (cached), then onto the difference of the two answers' unembeddings. The
 components plus the bias terms add up to the model's own logit difference.
+
+With ``prompts: ioi`` the attribution is averaged over a dataset of IOI prompts (the clean
+prompts of ``unraveled.datasets.ioi``; correct = the indirect object, incorrect = the subject),
+each at its own last token with its own answers; the parts still add up to the mean logit
+difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
 
+from unraveled.datasets.ioi import IOIParams
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, Params, Prompt
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
@@ -29,6 +35,8 @@ class LogitAttributionParams(Params):
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
     incorrect: Answer = Field(" John", description="The competing answer (one token).")
+    prompts: Literal["single", "ioi"] = Field("single", description="single: the prompt above; ioi: the clean prompts of params.ioi.")
+    ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompts, when prompts is ioi.")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class LogitAttributionResult:
     unembed_bias: float
     correct: str
     incorrect: str
+    n_prompts: int = 1
 
     @property
     def attention_per_layer(self) -> Float[NDArray, " layer"]:
@@ -54,6 +63,7 @@ class LogitAttributionResult:
         from unraveled.heads import top_heads
 
         return {
+            "n_prompts": self.n_prompts,
             "correct": self.correct,
             "incorrect": self.incorrect,
             "logit_difference": self.logit_difference,
@@ -71,48 +81,69 @@ class LogitAttributionResult:
 
 def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int) -> LogitAttributionResult:
     import torch
-    from unraveled.activations import collect_activations
-    from unraveled.logits import answer_token_id, logit_difference
 
-    correct = answer_token_id(model, params.correct, "params.correct")
-    incorrect = answer_token_id(model, params.incorrect, "params.incorrect")
+    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.logits import answer_token_id
+    from unraveled.patching import PromptPairs, logit_differences
+
+    if params.prompts == "ioi":
+        pairs = ioi_batch(model, params.ioi, seed, "params.ioi").tokens
+        correct_name, incorrect_name = "the indirect object", "the subject"
+    else:
+        correct = answer_token_id(model, params.correct, "params.correct")
+        incorrect = answer_token_id(model, params.incorrect, "params.incorrect")
+        tokens = model.to_tokens(params.prompt)
+        last = torch.tensor([tokens.shape[1] - 1])
+        pairs = PromptPairs(clean=tokens, corrupted=tokens, last=last, correct=torch.tensor([correct]), incorrect=torch.tensor([incorrect]))
+        correct_name, incorrect_name = params.correct, params.incorrect
     n_layers = model.cfg.n_layers
     embedding_hooks = ["hook_embed", *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else [])]
+    normalized = model.cfg.normalization_type is not None
     hooks = [
         *embedding_hooks,
         *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
         *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
-        "ln_final.hook_scale",
+        *(["ln_final.hook_scale"] if normalized else []),
     ]
-    acts = collect_activations(model, [params.prompt], hooks)
-    cache = acts.cache
+    wanted = set(hooks)
+    rows = torch.arange(pairs.size)
     with torch.inference_mode():
+        logits, cache = model.run_with_cache(pairs.clean, names_filter=lambda name: name in wanted)
+
+        def at_last(hook: str) -> torch.Tensor:
+            return cache[hook][rows, pairs.last]
+
         head_outputs = torch.stack(
-            [torch.einsum("hd,hdm->hm", cache[f"blocks.{layer}.attn.hook_z"][0, -1], model.W_O[layer]) for layer in range(n_layers)]
-        )  # [layer, head, d_model]
+            [torch.einsum("bhd,hdm->bhm", at_last(f"blocks.{layer}.attn.hook_z"), model.W_O[layer]) for layer in range(n_layers)], dim=1
+        )  # [batch, layer, head, d_model]
         components = torch.cat(
             [
-                torch.stack([cache[hook][0, -1] for hook in embedding_hooks]),
-                head_outputs.flatten(0, 1),
-                model.b_O,
-                torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0, -1] for layer in range(n_layers)]),
-            ]
-        )
-        # The final norm as the model applied it: its cached scale at the last position.
-        normed = cache.apply_ln_to_stack(components[:, None, :], pos_slice=-1)[:, 0]
-        direction = model.W_U[:, correct] - model.W_U[:, incorrect]
-        contributions = (normed @ direction).numpy()
+                torch.stack([at_last(hook) for hook in embedding_hooks], dim=1),
+                head_outputs.flatten(1, 2),
+                model.b_O.expand(pairs.size, -1, -1),
+                torch.stack([at_last(f"blocks.{layer}.hook_mlp_out") for layer in range(n_layers)], dim=1),
+            ],
+            dim=1,
+        )  # [batch, component, d_model]
+        # The final norm as the model applied it: centred (LayerNorm) and divided by its cached scale.
+        if model.cfg.normalization_type in ("LN", "LNPre"):
+            components = components - components.mean(-1, keepdim=True)
+        if normalized:
+            components = components / at_last("ln_final.hook_scale")[:, None]
+        direction = (model.W_U[:, pairs.correct] - model.W_U[:, pairs.incorrect]).T  # [batch, d_model]
+        contributions = torch.einsum("bcm,bm->bc", components, direction).mean(0).numpy()
     n_embed, n_heads = len(embedding_hooks), n_layers * model.cfg.n_heads
     head_part = contributions[n_embed : n_embed + n_heads].reshape(n_layers, model.cfg.n_heads)
     return LogitAttributionResult(
-        logit_difference=float(logit_difference(acts.logits[0, -1], correct, incorrect)),
+        logit_difference=float(logit_differences(logits, pairs).mean()),
         embeddings={hook.removeprefix("hook_"): float(value) for hook, value in zip(embedding_hooks, contributions[:n_embed])},
         heads=head_part,
         attention_bias=contributions[n_embed + n_heads : n_embed + n_heads + n_layers],
         mlp=contributions[n_embed + n_heads + n_layers :],
-        unembed_bias=float(model.b_U[correct] - model.b_U[incorrect]),
-        correct=params.correct,
-        incorrect=params.incorrect,
+        unembed_bias=float((model.b_U[pairs.correct] - model.b_U[pairs.incorrect]).mean()),
+        correct=correct_name,
+        incorrect=incorrect_name,
+        n_prompts=pairs.size,
     )
 
 
@@ -120,6 +151,8 @@ def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     from unraveled.render.figures import heatmap, panels
 
     answers = f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
+    if result.n_prompts > 1:
+        answers = f"logit({result.correct}) - logit({result.incorrect}) = {result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)
     layers = np.arange(len(result.mlp))
@@ -135,4 +168,12 @@ def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     yield Figure("02_attribution_per_head", figure, "Direct logit attribution of every head (red positive, blue negative)")
 
 
-EXPERIMENT = Experiment(title="Direct logit attribution", params=LogitAttributionParams, compute=compute, render=render)
+def check(model: HookedTransformer, params: LogitAttributionParams) -> None:
+    """With IOI prompts, every name must be one token for this model."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    if params.prompts == "ioi":
+        check_ioi_names(model, params.ioi)
+
+
+EXPERIMENT = Experiment(title="Direct logit attribution", params=LogitAttributionParams, compute=compute, render=render, check=check)

@@ -107,7 +107,25 @@ class View:
     facts: dict[str, str] = field(default_factory=dict)
 
 
-Artifact = Figure | View
+@dataclass(frozen=True)
+class Table:
+    """Columns of equal length to be saved as ``<name>.npz`` next to ``metrics.json``.
+
+    For per-item tables too large for metrics.json; ``pandas.DataFrame(dict(numpy.load(path)))``
+    reads it back in one line.
+    """
+
+    name: str
+    columns: dict[str, Any]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        lengths = {name: len(column) for name, column in self.columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"table {self.name!r}: columns differ in length: {lengths}")
+
+
+Artifact = Figure | View | Table
 P = TypeVar("P", bound=Params)
 R = TypeVar("R", bound=Result)
 

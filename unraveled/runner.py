@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
-from unraveled.experiment import Figure, View, WeightsKind, check_params  # noqa: E402
+from unraveled.experiment import Figure, Table, View, WeightsKind, check_params  # noqa: E402
 from unraveled.memory import PeakMemory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
@@ -215,8 +215,9 @@ def check_device(device: str) -> None:
 
 def _write_artifacts(
     config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    figure_records, view_records = [], []
+) -> dict[str, list[dict[str, Any]]]:
+    """Save every artifact into ``staging``; returns the manifest's records of each kind."""
+    figure_records, view_records, table_records = [], [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
             _stamp_model(artifact, loaded.label())
@@ -228,7 +229,11 @@ def _write_artifacts(
             facts = {"model": loaded.label(), **artifact.facts}
             path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html"), encoding="utf-8")
             view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
-    return figure_records, view_records
+        elif isinstance(artifact, Table):
+            path = staging / f"{artifact.name}.npz"
+            np.savez_compressed(path, **artifact.columns)
+            table_records.append({"file": path.name, "description": artifact.description, "bytes": path.stat().st_size})
+    return {"figures": figure_records, "views": view_records, "tables": table_records}
 
 
 def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: Sequence[str] = export.DEFAULT_FORMATS) -> Path:
@@ -244,7 +249,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
             result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
             staging = outputs.make_staging_dir(target)
-            figure_records, view_records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
+            records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
@@ -262,8 +267,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
                 # Peak resident memory of the process while this config computed and rendered,
                 # the loaded model included (sampled: see unraveled.memory).
                 "peak_rss_mb": round(peak.mb, 1),
-                "figures": figure_records,
-                "views": view_records,
+                **records,
                 "versions": _package_versions(),
                 "git_commit": _git_commit(),
             },

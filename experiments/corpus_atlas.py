@@ -1,0 +1,348 @@
+"""Corpus atlas: what every MLP neuron, residual dimension and attention head does across a real
+corpus, streamed in bounded memory (locally or on Ray), with an offline neuron browser."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from jaxtyping import Bool, Float, Int
+from numpy.typing import NDArray
+from pydantic import Field, field_validator
+
+from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
+from unraveled.errors import ConfigError
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Table, View
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from transformer_lens import HookedTransformer
+
+    from unraveled.engines.state import AtlasSettings, AtlasState
+
+# Validating a config imports this module: torch, transformer_lens and matplotlib are imported
+# inside the functions that need them.
+HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
+
+DENSE_FRACTION = 0.5
+TOP_HEADS = 5
+MASSIVE_SHOWN_PER_LAYER = 5
+DEFINITIONS = {
+    "neuron_value": "blocks.L.mlp.hook_post: the neuron's output, what it writes through W_out; mean, std, max and top-k are of this",
+    "active": "pre-activation > 0 (blocks.L.mlp.hook_pre): for gated MLPs (SmolLM2, Llama) the gate's pre-activation, for GPT-2 the GELU's input",
+    "dead": "never active on the corpus",
+    "dense": f"active on more than {DENSE_FRACTION:.0%} of the corpus tokens",
+    "bos": "when the model prepends BOS to each window, that position is left out of the neuron statistics (it is the same in every window); residual and head statistics keep it",
+    "residual": "blocks.L.hook_resid_post, absolute values per dimension",
+    "massive_activation": "a residual dimension whose largest |value| is at least massive_ratio times the median over the layer's dimensions of their mean |value|; massive_activations lists the strongest 5 per layer, massive_dimensions_per_layer counts them all",
+    "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token (queries 1.., as query 0 can only attend to itself), previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
+    "corpus_markup": MARKDOWN_HANDLING,
+}
+
+
+class CorpusAtlasParams(Params):
+    corpus: list[str] = Field(default_factory=list, description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.")
+    context_tokens: int = Field(128, ge=2, description="Tokens per window.")
+    max_tokens: int | None = Field(2048, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
+    top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
+    context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
+    context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")
+    batch_windows: int = Field(4, ge=1, description="Windows per forward pass.")
+    browser_samples: int = Field(5, ge=1, description="Top contexts per neuron in the neuron browser (keeps each page a few MB).")
+    massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
+    engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
+    ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
+
+    @field_validator("corpus")
+    @classmethod
+    def _sources_exist(cls, sources: list[str]) -> list[str]:
+        try:
+            resolve_sources(sources, "corpus")
+        except ConfigError as error:
+            raise ValueError(error.problem) from None
+        return sources
+
+
+@dataclass(frozen=True)
+class CorpusAtlasResult:
+    corpus: dict[str, Any]
+    settings: AtlasSettings
+    neuron_count: int
+    neuron_mean: Float[NDArray, "layer neuron"]
+    neuron_std: Float[NDArray, "layer neuron"]
+    neuron_max: Float[NDArray, "layer neuron"]
+    active_fraction: Float[NDArray, "layer neuron"]
+    top_values: Float[NDArray, "layer k neuron"]
+    top_context_ids: Int[NDArray, "layer k neuron context"]
+    top_context_values: Float[NDArray, "layer k neuron context"]
+    residual_mean_abs: Float[NDArray, "layer d_model"]
+    residual_max_abs: Float[NDArray, "layer d_model"]
+    residual_top_index: Int[NDArray, "layer k_residual d_model"]
+    residual_top_context_ids: Int[NDArray, "layer k_residual d_model context"]
+    head_scores: dict[str, Float[NDArray, "layer head"]]
+    vocab: dict[int, str]
+    massive_ratio: float
+    browser_samples: int
+    sequence_length: int
+    tokens_per_second: float
+
+    @property
+    def dead(self) -> Bool[NDArray, "layer neuron"]:
+        return self.active_fraction == 0
+
+    @property
+    def dense(self) -> Bool[NDArray, "layer neuron"]:
+        return self.active_fraction > DENSE_FRACTION
+
+    def _context_text(self, ids: Int[NDArray, " context"]) -> str:
+        return "".join(self.vocab[int(i)] for i in ids if i >= 0)
+
+    def massive_activations(self) -> list[dict[str, Any]]:
+        """Residual dimensions with massive activations, and the tokens they peak on."""
+        found = []
+        median = np.median(self.residual_mean_abs, axis=1)
+        first = 1 if self.settings.prepend_bos else 0
+        centre = self.settings.context_before
+        for layer, dim in zip(*np.nonzero(self.massive_mask())):
+            tokens = []
+            for slot in range(self.residual_top_index.shape[1]):
+                ids = self.residual_top_context_ids[layer, slot, dim]
+                if ids[centre] < 0:
+                    continue
+                position = int(self.residual_top_index[layer, slot, dim] % self.sequence_length)
+                tokens.append({"token": self.vocab[int(ids[centre])], "position_in_window": position - first if position >= first else "BOS", "context": self._context_text(ids)})
+            found.append({
+                "layer": int(layer), "dim": int(dim), "max_abs": float(self.residual_max_abs[layer, dim]),
+                "ratio_to_median": float(self.residual_max_abs[layer, dim] / median[layer]), "top_tokens": tokens,
+            })
+        # The strongest few per layer: later layers can have dozens of dimensions over the bar.
+        found.sort(key=lambda entry: (entry["layer"], -entry["ratio_to_median"]))
+        shown: list[dict[str, Any]] = []
+        for entry in found:
+            if sum(kept["layer"] == entry["layer"] for kept in shown) < MASSIVE_SHOWN_PER_LAYER:
+                shown.append(entry)
+        return shown
+
+    def massive_mask(self) -> Bool[NDArray, "layer d_model"]:
+        median = np.median(self.residual_mean_abs, axis=1)
+        return self.residual_max_abs >= self.massive_ratio * median[:, None]
+
+    def metrics(self) -> dict[str, Any]:
+        from unraveled.heads import top_heads
+
+        n_neurons = self.active_fraction.shape[1]
+        order = np.argsort(-self.residual_max_abs, axis=1)[:, :3]
+        return {
+            "definitions": DEFINITIONS,
+            "corpus": self.corpus,
+            "tokens_per_second": self.tokens_per_second,
+            "neurons_per_layer": n_neurons,
+            "tokens_per_neuron_statistic": self.neuron_count,
+            "dead_neurons_per_layer": self.dead.sum(axis=1),
+            "dense_neurons_per_layer": self.dense.sum(axis=1),
+            "dead_neurons_total": int(self.dead.sum()),
+            "dense_neurons_total": int(self.dense.sum()),
+            "mean_active_fraction_per_layer": self.active_fraction.mean(axis=1),
+            "median_active_fraction_per_layer": np.median(self.active_fraction, axis=1),
+            "residual_largest_dims_per_layer": [
+                [{"dim": int(d), "max_abs": float(self.residual_max_abs[layer, d])} for d in dims] for layer, dims in enumerate(order)
+            ],
+            "residual_median_mean_abs_per_layer": np.median(self.residual_mean_abs, axis=1),
+            "massive_dimensions_per_layer": self.massive_mask().sum(axis=1),
+            "massive_activations": self.massive_activations(),
+            "head_scores": self.head_scores,
+            "top_heads": {name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy") for name in HEAD_SCORES},
+            "neuron_table": "neurons.npz: one row per (layer, neuron); pandas.DataFrame(dict(numpy.load('neurons.npz')))",
+        }
+
+
+def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> CorpusAtlasResult:
+    from unraveled.corpus import corpus_windows
+    from unraveled.engines import run_engine
+    from unraveled.engines.state import AtlasSettings
+
+    prepend_bos = bool(model.cfg.default_prepend_bos)
+    if params.context_tokens + prepend_bos > model.cfg.n_ctx:
+        raise ConfigError("corpus_atlas", "params.context_tokens", f"{params.context_tokens} tokens (+ BOS) exceed the model's context of {model.cfg.n_ctx}")
+    windows = corpus_windows(model.tokenizer, params.corpus, params.context_tokens, params.max_tokens, seed, origin="corpus_atlas")
+    settings = AtlasSettings(
+        top_k=params.top_k, context_before=params.context_before, context_after=params.context_after,
+        batch_windows=params.batch_windows, prepend_bos=prepend_bos,
+    )
+    started = time.perf_counter()
+    state = run_engine(params.engine, model, windows.tokens, settings, workers=params.ray_workers)
+    seconds = time.perf_counter() - started
+    return summarise(state, model, settings, params, {
+        "sources": windows.sources,
+        "documents": windows.n_documents,
+        "corpus_tokens": windows.corpus_tokens,
+        "windows": len(windows.tokens),
+        "tokens_analysed": windows.n_tokens,
+        "context_tokens": params.context_tokens,
+        "max_tokens": params.max_tokens,
+        "seed": seed,
+        "engine": params.engine,
+        "prepend_bos": prepend_bos,
+        "window_starts_first_10": windows.start[:10],
+    }, windows.n_tokens / seconds)
+
+
+def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettings, params: CorpusAtlasParams, corpus: dict[str, Any], tokens_per_second: float) -> CorpusAtlasResult:
+    """The merged state as arrays for rendering, with the text of every token shown."""
+    top_context_ids = np.stack([top.context_ids for top in state.neuron_top])
+    residual_top_context_ids = np.stack([top.context_ids for top in state.residual_top])
+    shown = np.unique(np.concatenate([top_context_ids[:, : params.browser_samples].ravel(), residual_top_context_ids.ravel()]))
+    vocab = {int(i): model.tokenizer.decode([int(i)]) for i in shown if i >= 0}
+    return CorpusAtlasResult(
+        corpus=corpus,
+        settings=settings,
+        neuron_count=state.neurons[0].count,
+        neuron_mean=np.stack([m.mean for m in state.neurons]),
+        neuron_std=np.stack([m.std for m in state.neurons]),
+        neuron_max=np.stack([m.maximum for m in state.neurons]),
+        active_fraction=np.stack([m.positive_fraction for m in state.neurons]),
+        top_values=np.stack([top.values for top in state.neuron_top]),
+        top_context_ids=top_context_ids,
+        top_context_values=np.stack([top.context_values for top in state.neuron_top]),
+        residual_mean_abs=np.stack([m.mean for m in state.residual]),
+        residual_max_abs=np.stack([m.maximum for m in state.residual]),
+        residual_top_index=np.stack([top.index for top in state.residual_top]),
+        residual_top_context_ids=residual_top_context_ids,
+        head_scores=state.heads.means(),
+        vocab=vocab,
+        massive_ratio=params.massive_ratio,
+        browser_samples=min(params.browser_samples, params.top_k),
+        sequence_length=params.context_tokens + settings.prepend_bos,
+        tokens_per_second=tokens_per_second,
+    )
+
+
+def render(result: CorpusAtlasResult) -> Iterator[Artifact]:
+    yield from atlas_figures(result)
+    for layer in range(result.active_fraction.shape[0]):
+        yield neuron_browser(result, layer)
+    yield neuron_table(result)
+
+
+def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
+    from unraveled.render.figures import heatmap, panels
+
+    n_layers, n_neurons = result.active_fraction.shape
+    n_tokens = result.neuron_count
+    # Feature-density plot, as for SAEs: log10 of the fraction of tokens a neuron is active on.
+    floor = np.log10(1 / max(n_tokens, 1))
+    edges = np.linspace(floor, 0, 31)
+    counts = np.stack([np.histogram(np.log10(row[row > 0]), bins=edges)[0] for row in result.active_fraction])
+    figure, (density, dead_axes, dense_axes) = panels(3, width_ratios=[1.6, 0.7, 0.7])
+    figure.set_size_inches(16, 6)
+    image = density.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis", extent=(edges[0], edges[-1], -0.5, n_layers - 0.5))
+    figure.colorbar(image, ax=density, label="log10(1 + neurons)")
+    density.axvline(np.log10(DENSE_FRACTION), color="white", linestyle="--", linewidth=1)
+    density.set(title=f"Activation frequency of every neuron ({n_tokens:,} tokens; dead not shown)",
+                xlabel="log10(fraction of tokens on which the neuron is active)", ylabel="Layer")
+    layers = np.arange(n_layers)
+    # Separate panels: dead counts are often a handful where dense ones are hundreds.
+    for axes, counted, color, what in ((dead_axes, result.dead, "black", "Dead (never active)"), (dense_axes, result.dense, "tab:orange", f"Dense (active on > {DENSE_FRACTION:.0%})")):
+        per_layer = counted.sum(axis=1)
+        axes.barh(layers, per_layer, color=color)
+        axes.set_xlim(0, max(1, per_layer.max()) * 1.1)
+        if per_layer.max() == 0:
+            axes.text(0.5, 0.5, "none", transform=axes.transAxes, ha="center", color="gray")
+        axes.set(title=f"{what}\nper layer, of {n_neurons}", xlabel="Neurons", ylabel="Layer", ylim=(-0.7, n_layers - 0.3))
+    _integer_ticks(density, dead_axes, dense_axes)
+    figure.suptitle("MLP neurons over the corpus (active: pre-activation > 0)")
+    yield Figure("01_neuron_activation_frequency", figure, "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer")
+
+    figure, (grid, peaks) = panels(2, width_ratios=[1.6, 1.0])
+    figure.set_size_inches(14, 6)
+    image = grid.imshow(np.log10(result.residual_max_abs), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
+    figure.colorbar(image, ax=grid, label="log10 max |value|")
+    grid.set(title="Largest |value| of each residual dimension over the corpus", xlabel="Residual dimension", ylabel="Layer (resid_post)")
+    median = np.median(result.residual_mean_abs, axis=1)
+    top_dim = result.residual_max_abs.argmax(axis=1)
+    peaks.semilogx(result.residual_max_abs.max(axis=1), layers, "o-", color="crimson", label="largest |value| (dimension labelled)")
+    peaks.semilogx(median, layers, "s-", color="gray", label="median over dimensions of mean |value|")
+    peaks.semilogx(result.massive_ratio * median, layers, ":", color="gray", label=f"massive threshold ({result.massive_ratio:g} x median)")
+    for layer in range(n_layers):
+        peaks.annotate(str(top_dim[layer]), (result.residual_max_abs[layer].max(), layer), fontsize=7, xytext=(4, -3), textcoords="offset points")
+    peaks.set(title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer")
+    peaks.legend(fontsize=8, loc="lower right")
+    _integer_ticks(grid, peaks)
+    figure.suptitle("Residual stream: massive activations")
+    yield Figure("02_residual_massive_activations", figure, "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations")
+
+    figure, axes_list = panels(3, 2)
+    for axes, name in zip(axes_list, HEAD_SCORES):
+        unit = " (nats)" if name == "entropy" else ""
+        heatmap(axes, result.head_scores[name], f"{name.replace('_', '-')}{unit}", "Head", "Layer", cmap="viridis", colorbar_label="mean over corpus windows")
+        axes.invert_yaxis()
+        _integer_ticks(axes)
+    axes_list[-1].set_visible(False)
+    figure.suptitle(f"Attention heads over {result.corpus['windows']} corpus windows of {result.corpus['context_tokens']} tokens")
+    yield Figure("03_head_statistics", figure, "Per head over the corpus: attention entropy, first-token (sink), previous-token, duplicate-token and induction scores")
+
+
+def _integer_ticks(*axes_list: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in axes_list:
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
+    """circuitsvis's top-k samples view of one layer: every neuron's top contexts, top token centred."""
+    from unraveled.render.views import Element
+
+    samples = result.browser_samples
+    ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
+    values = result.top_context_values[layer, :samples]
+    dead, dense = result.dead[layer], result.dense[layer]
+    tokens_per_neuron, values_per_neuron, labels = [], [], []
+    for neuron in range(ids.shape[1]):
+        kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
+        tokens_per_neuron.append([[result.vocab[int(i)] for i in ids[slot, neuron] if i >= 0] for slot in kept])
+        values_per_neuron.append([np.round(values[slot, neuron][ids[slot, neuron] >= 0], 3).tolist() for slot in kept])
+        status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
+        labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
+    element = Element(
+        "TopkSamples",
+        {
+            "tokens": [tokens_per_neuron], "activations": [values_per_neuron],
+            "zerothDimensionName": "Layer", "firstDimensionName": "Neuron",
+            "zerothDimensionLabels": [str(layer)], "firstDimensionLabels": labels,
+        },
+        f"Top {samples} contexts of each neuron in layer {layer}",
+    )
+    facts = {
+        "layer": str(layer),
+        "corpus": f"{', '.join(result.corpus['sources'])}: {result.corpus['tokens_analysed']:,} tokens in windows of {result.corpus['context_tokens']}",
+        "value shown": "hook_post; context: the top token with the tokens before and after it in its window",
+    }
+    return View(f"neurons_layer_{layer:02d}", f"Neuron browser: layer {layer}", [element], facts)
+
+
+def neuron_table(result: CorpusAtlasResult) -> Table:
+    n_layers, n_neurons = result.active_fraction.shape
+    centre = result.settings.context_before
+    top_ids = result.top_context_ids[:, 0, :, centre]
+    return Table(
+        "neurons",
+        {
+            "layer": np.repeat(np.arange(n_layers), n_neurons),
+            "neuron": np.tile(np.arange(n_neurons), n_layers),
+            "mean": result.neuron_mean.ravel(),
+            "std": result.neuron_std.ravel(),
+            "max": result.neuron_max.ravel(),
+            "active_fraction": result.active_fraction.ravel(),
+            "dead": result.dead.ravel(),
+            "dense": result.dense.ravel(),
+            "top_token_id": top_ids.ravel(),
+            "top_value": result.top_values[:, 0].ravel(),
+        },
+        f"per (layer, neuron) over {result.neuron_count} tokens; value = hook_post, active = hook_pre > 0",
+    )
+
+
+EXPERIMENT = Experiment(title="Corpus atlas: neurons, residual dimensions and heads over a corpus", params=CorpusAtlasParams, compute=compute, render=render)

@@ -1,0 +1,301 @@
+"""The IOI circuit by edge attribution patching, and how faithful it is.
+
+Edge attribution patching (Syed, Rager and Conmy 2023) scores every edge between components (the
+embeddings, each head through its query, key and value inputs, each MLP, the logits) with one
+forward and one backward pass on the clean prompts: (corrupted - clean output of the upstream
+component) . gradient of the logit difference at the downstream input, summed over positions and
+averaged over prompts. A large negative score is an edge whose corruption would cost the clean
+answer. Edges are ranked by absolute score, as in the paper.
+
+Faithfulness, node level: the clean prompts run with only the circuit's components computed
+normally, and every other component's output (embeddings, heads, MLPs) replaced by its output on
+the corrupted prompts. The share of the clean logit difference this keeps is reported for
+circuits of growing size: the embeddings first (the input every circuit computes on; their
+first-order score is poor, as the swap of a whole token is far from linear), then heads and MLPs
+ranked by their own attribution (the sum of their outgoing edges), beside circuits of the same
+sizes whose heads and MLPs are drawn at random. Everything kept gives exactly the clean run (1),
+nothing kept exactly the corrupted run (0).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+from jaxtyping import Float
+from numpy.typing import NDArray
+from pydantic import Field
+
+from unraveled.datasets.ioi import IOIParams
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+    from unraveled.patching import PromptPairs
+
+Count = Annotated[int, Field(ge=1, le=1_000_000)]
+
+INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "tab:orange", "logits": "black"}
+
+
+class IOICircuitParams(Params):
+    ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs.")
+    top_edges: int = Field(30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics.")
+    circuit_sizes: list[Count] = Field(
+        max_length=32,
+        default_factory=lambda: [1, 2, 3, 5, 10, 20, 40, 80, 160],
+        description="Numbers of components kept for the faithfulness curve (0 and all are always added).",
+    )
+    edge_counts: list[Count] = Field(
+        max_length=16,
+        default_factory=lambda: [30, 300, 3000],
+        description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
+    )
+
+
+@dataclass(frozen=True)
+class IOICircuitResult:
+    n_pairs: int
+    clean: dict[str, float]
+    corrupted: dict[str, float]
+    nodes: list[str]
+    node_scores: Float[NDArray, " node"]
+    edges: list[dict[str, Any]]
+    edge_sum_error: float
+    n_edges: int
+    sizes: list[int]
+    faithfulness: Float[NDArray, " size"]
+    random_faithfulness: Float[NDArray, " size"]
+    edge_counts: list[int]
+    edge_faithfulness: Float[NDArray, " count"]
+    n_layers: int
+    n_heads: int
+    seconds: dict[str, float]
+
+    def metrics(self) -> dict[str, Any]:
+        ranked = np.argsort(-np.abs(self.node_scores), kind="stable")
+        reached = [size for size, kept in zip(self.sizes, self.faithfulness) if kept >= 0.8]
+        return {
+            "n_pairs": self.n_pairs,
+            "clean": self.clean,
+            "corrupted": self.corrupted,
+            "scores": "estimated change of the mean logit difference when the edge (or component) alone is corrupted, in logits",
+            "n_edges_scored": self.n_edges,
+            "top_edges": self.edges,
+            "top_components": [{"component": self.nodes[i], "score": float(self.node_scores[i])} for i in ranked[:20]],
+            "edge_scores_sum_to_component_scores_max_error": self.edge_sum_error,
+            "faithfulness": {
+                "method": "components outside the circuit take their outputs on the corrupted prompts",
+                "circuit_sizes": self.sizes,
+                "share_of_clean_logit_difference_kept": self.faithfulness,
+                "random_circuits_of_the_same_sizes": self.random_faithfulness,
+                "smallest_circuit_keeping_80_percent": reached[0] if reached else None,
+            },
+            "edge_faithfulness": {
+                "method": "each head's query/key/value input, each MLP's input and the logits' input get the corrupted "
+                "value plus the current minus corrupted output of the upstream components whose edge is kept",
+                "edges_kept": self.edge_counts,
+                "share_of_clean_logit_difference_kept": self.edge_faithfulness,
+            },
+            "seconds": self.seconds,
+        }
+
+
+def circuit_faithfulness(
+    model: HookedTransformer, pairs: PromptPairs, nodes: list[str], orders: list[list[int]], sizes: list[int], corrupted_cache: Any
+) -> Float[Tensor, "order size batch"]:
+    """The clean prompts' logit differences with only the first ``size`` components of each order
+    kept, every other one patched from the corrupted run."""
+    from unraveled.patching import component_patches, patched_logit_differences
+
+    patch_sets = []
+    for order in orders:
+        for size in sizes:
+            dropped = order[size:]
+            patch_sets.append([patch for index in dropped for patch in component_patches(nodes[index], model)])
+    differences = patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean")
+    return differences.reshape(len(orders), len(sizes), pairs.size)
+
+
+def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
+    import torch
+
+    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.patching import answer_summary, edge_attribution, edge_circuit_logit_differences, run_cache
+
+    batch = ioi_batch(model, params.ioi, seed)
+    pairs = batch.tokens
+    n_layers = model.cfg.n_layers
+    hooks = [
+        "hook_embed",
+        *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
+        *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
+        *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
+        *[f"blocks.{layer}.hook_resid_{point}" for layer in range(n_layers) for point in ("pre", "mid")],
+        f"blocks.{n_layers - 1}.hook_resid_post",
+    ]
+    clean_logits, _ = run_cache(model, pairs, "clean", [])
+    started = time.perf_counter()
+    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
+    scores = edge_attribution(model, pairs, corrupted_cache, base="clean")
+    edge_seconds = time.perf_counter() - started
+    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs)
+    low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
+    if abs(span) < 1e-6:
+        raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")
+
+    matrix = scores.scores.numpy()
+    valid = ~np.isnan(matrix)
+    flat = np.flatnonzero(valid)
+    top = flat[np.argsort(-np.abs(matrix.flat[flat]), kind="stable")[: params.top_edges]]
+    edges = []
+    for index in top:
+        up, down = np.unravel_index(index, matrix.shape)
+        target = scores.downstream[down]
+        kind = target.rsplit(".", 1)[1] if target.count(".") == 2 else ("logits" if target == "logits" else "mlp")
+        edges.append({"from": scores.upstream[up], "to": target.rsplit(".", 1)[0] if kind in "qkv" else target, "input": kind, "score": float(matrix[up, down])})
+    edge_sum_error = float(np.abs(np.nansum(matrix, axis=1) - scores.nodes.numpy()).max())
+
+    nodes, node_scores = scores.upstream, scores.nodes.numpy()
+    sizes = sorted({0, len(nodes), *[size for size in params.circuit_sizes if 0 < size < len(nodes)]})
+    # The embeddings come first in every circuit: they are the input the circuit computes on.
+    ranked = [0, *[index for index in np.argsort(-np.abs(node_scores), kind="stable").tolist() if index != 0]]
+    shuffled = list(range(1, len(nodes)))
+    random.Random(seed).shuffle(shuffled)
+    shuffled = [0, *shuffled]
+    started = time.perf_counter()
+    kept = circuit_faithfulness(model, pairs, nodes, [ranked, shuffled], sizes, corrupted_cache)
+    faithfulness_seconds = time.perf_counter() - started
+    shares = ((kept.mean(-1) - low) / span).numpy()
+
+    edge_counts = sorted({0, len(flat), *[count for count in params.edge_counts if 0 < count < len(flat)]}) if params.edge_counts else []
+    edge_shares, edge_faithfulness_seconds = np.zeros(len(edge_counts)), 0.0
+    if edge_counts:
+        started = time.perf_counter()
+        by_score = flat[np.argsort(-np.abs(matrix.flat[flat]), kind="stable")]
+        masks = torch.zeros(len(edge_counts), *matrix.shape, dtype=torch.bool)
+        for row, count in enumerate(edge_counts):
+            masks[row].view(-1)[torch.from_numpy(by_score[:count])] = True
+        edge_kept = edge_circuit_logit_differences(model, pairs, corrupted_cache, masks)
+        edge_shares = ((edge_kept.mean(-1) - low) / span).numpy()
+        edge_faithfulness_seconds = time.perf_counter() - started
+    return IOICircuitResult(
+        n_pairs=pairs.size,
+        clean=clean,
+        corrupted=corrupted,
+        nodes=nodes,
+        node_scores=node_scores,
+        edges=edges,
+        edge_sum_error=edge_sum_error,
+        n_edges=int(valid.sum()),
+        sizes=sizes,
+        faithfulness=shares[0],
+        random_faithfulness=shares[1],
+        edge_counts=edge_counts,
+        edge_faithfulness=edge_shares,
+        n_layers=n_layers,
+        n_heads=model.cfg.n_heads,
+        seconds={"edge_attribution": edge_seconds, "node_faithfulness": faithfulness_seconds, "edge_faithfulness": edge_faithfulness_seconds},
+    )
+
+
+def _position(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
+    """Where a component sits in the circuit figure: layer upwards, head across, MLPs on the right."""
+    if node == "embed":
+        return (n_heads - 1) / 2, -1.0
+    if node == "logits":
+        return (n_heads - 1) / 2, float(n_layers)
+    if node.startswith("m"):
+        return float(n_heads) + 0.5, int(node[1:]) + 0.35
+    layer, head = node.split(".")
+    return float(head), float(layer)
+
+
+def _label(node: str) -> str:
+    return f"MLP {node[1:]}" if node.startswith("m") else node
+
+
+def render(result: IOICircuitResult) -> Iterator[Artifact]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch
+
+    from unraveled.render.figures import panels
+
+    figure, (axes,) = panels(1)
+    figure.set_size_inches(11, max(8.0, 0.42 * result.n_layers + 3))
+    largest = max(abs(edge["score"]) for edge in result.edges) or 1.0
+    shown = {edge["from"] for edge in result.edges} | {edge["to"] for edge in result.edges}
+    for edge in result.edges:
+        start = _position(edge["from"], result.n_layers, result.n_heads)
+        end = _position(edge["to"], result.n_layers, result.n_heads)
+        axes.add_patch(
+            FancyArrowPatch(
+                start, end, arrowstyle="-|>", mutation_scale=9, connectionstyle="arc3,rad=0.12",
+                color=INPUT_COLOURS[edge["input"]], linewidth=0.6 + 3.5 * abs(edge["score"]) / largest,
+                linestyle="-" if edge["score"] < 0 else "--", alpha=0.75, shrinkA=7, shrinkB=7,
+            )
+        )
+    for node in shown:
+        x, y = _position(node, result.n_layers, result.n_heads)
+        axes.text(x, y, _label(node), ha="center", va="center", fontsize=8, zorder=3,
+                  bbox={"boxstyle": "round,pad=0.25", "facecolor": "lightyellow" if "." in node else "lightgrey", "edgecolor": "grey"})
+    axes.set_xlim(-1, result.n_heads + 1.5)
+    axes.set_ylim(-1.8, result.n_layers + 0.8)
+    axes.set_yticks(range(result.n_layers), [str(layer) for layer in range(result.n_layers)], fontsize=7)
+    axes.set_xticks([*range(result.n_heads), result.n_heads + 0.5], [*[str(h) for h in range(result.n_heads)], "MLP"], fontsize=7)
+    axes.set(xlabel="Head", ylabel="Layer", title=f"The top {len(result.edges)} edges by |edge attribution| (width: |score|)")
+    axes.grid(alpha=0.2)
+    handles = [Line2D([], [], color=colour, label=f"into {kind}") for kind, colour in INPUT_COLOURS.items()]
+    handles += [Line2D([], [], color="grey", linestyle="-", label="corrupting it lowers the logit difference"),
+                Line2D([], [], color="grey", linestyle="--", label="corrupting it raises the logit difference")]
+    axes.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4)
+    yield Figure("01_circuit_edges", figure, "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the head)")
+
+    figure, axes_list = panels(2 if result.edge_counts else 1)
+    axes = axes_list[0]
+    figure.set_size_inches(13 if result.edge_counts else 8, 4.5)
+    sizes = np.array(result.sizes)
+    axes.plot(np.maximum(sizes, 0.5), result.faithfulness, marker="o", label="top components by |attribution|")
+    axes.plot(np.maximum(sizes, 0.5), result.random_faithfulness, marker="x", color="grey", label="random components")
+    axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xscale("log")
+    axes.set(title="Faithfulness: share of the clean logit difference kept by the circuit alone\n(everything outside it takes its corrupted output)",
+             xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)", ylabel="share kept (1 clean, 0 corrupted)")
+    axes.legend(fontsize=8)
+    if result.edge_counts:
+        edges_axes = axes_list[1]
+        edges_axes.plot(np.maximum(result.edge_counts, 0.5), result.edge_faithfulness, marker="o", color="tab:red")
+        edges_axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
+        edges_axes.axhline(0, color="black", linewidth=0.6)
+        edges_axes.set_xscale("log")
+        edges_axes.set(title="Edge level: only the top edges carry clean information",
+                       xlabel=f"edges kept, by |edge attribution| (of {result.n_edges}; 0 plotted at 0.5)", ylabel="share kept")
+    yield Figure("02_faithfulness", figure, "Faithfulness of circuits of growing size, against random circuits of the same sizes")
+
+    figure, (axes,) = panels(1)
+    heads = np.array([[result.node_scores[result.nodes.index(f"{layer}.{head}")] for head in range(result.n_heads)] for layer in range(result.n_layers)])
+    mlps = np.array([result.node_scores[result.nodes.index(f"m{layer}")] for layer in range(result.n_layers)])
+    values = np.c_[heads, np.full(result.n_layers, np.nan), mlps]
+    bound = float(np.nanmax(np.abs(values))) or 1.0
+    image = axes.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="estimated change of the logit difference when corrupted")
+    axes.set_xticks([*range(result.n_heads), result.n_heads + 1], [*[str(h) for h in range(result.n_heads)], "MLP"])
+    axes.set(title=f"Component attribution (embeddings: {result.node_scores[0]:.2f})", xlabel="Head", ylabel="Layer")
+    yield Figure("03_component_scores", figure, "Each head's and MLP's attribution: the sum of its outgoing edges")
+
+
+def check(model: HookedTransformer, params: IOICircuitParams) -> None:
+    """Every IOI name must be one token for this model."""
+    from unraveled.datasets.ioi import check_ioi_names
+
+    check_ioi_names(model, params.ioi)
+
+
+EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render)

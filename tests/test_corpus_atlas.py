@@ -1,0 +1,100 @@
+"""The corpus_atlas experiment end to end on the tiny models: figures, metrics, the neuron table,
+massive activations on a hand-wired model, and the neuron browser in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute, render
+from tests.test_browser import CHROMIUM, chromium, console_messages
+from tests.test_corpus_engine import TEXT, load_tiny
+from unraveled.cli import main
+from unraveled.experiment import Table
+
+FIGURES = {"01_neuron_activation_frequency", "02_residual_massive_activations", "03_head_statistics"}
+
+
+@pytest.fixture(scope="module")
+def atlas_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("atlas_corpus")
+    (folder / "caesar.txt").write_text(TEXT * 2, encoding="utf-8")
+    (folder / "more.jsonl").write_text("\n".join(json.dumps({"text": line}) for line in TEXT.split(". ")), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def atlas_runs(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path, atlas_corpus: Path) -> Path:
+    out = tmp_path_factory.mktemp("atlas") / "out"
+    with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(tmp_path_factory.mktemp("atlas_cache"))}):
+        for folder in (tiny_gpt2_dir, tiny_llama_dir):
+            args = ["run", "corpus_atlas", "--model", str(folder), "--out", str(out), "--set", f"params.corpus=[{atlas_corpus}]",
+                    "--set", "params.context_tokens=16", "--set", "params.top_k=6", "--set", "params.browser_samples=4"]
+            assert main(args) == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_corpus_atlas_runs_through_cli_smoke(atlas_runs: Path, model: str) -> None:
+    run_dir = atlas_runs / model / "corpus_atlas"
+    assert {p.stem for p in (run_dir / "figures").glob("*.png")} == FIGURES
+    assert sorted(p.name for p in (run_dir / "views").glob("*.html")) == ["neurons_layer_00.html", "neurons_layer_01.html"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["definitions"]["active"].startswith("pre-activation > 0")
+    assert metrics["corpus"]["documents"] == 1 + sum(1 for line in TEXT.split(". ") if line.strip())  # blank lines are no documents
+    assert metrics["corpus"]["tokens_analysed"] == metrics["corpus"]["windows"] * 16
+    assert len(metrics["dead_neurons_per_layer"]) == 2 and len(metrics["head_scores"]["induction"]) == 2
+    assert len(metrics["head_scores"]["entropy"][0]) == 4
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {view["file"] for view in manifest["views"]} == {"views/neurons_layer_00.html", "views/neurons_layer_01.html"}
+    assert [table["file"] for table in manifest["tables"]] == ["neurons.npz"]
+    d_mlp = {"tiny-gpt2": 4 * 64, "tiny-llama": 128}[model]  # the checkpoints' MLP widths (conftest)
+    assert len(pd.DataFrame(dict(np.load(run_dir / "neurons.npz")))) == 2 * d_mlp
+
+
+def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tmp_path: Path, atlas_corpus: Path) -> None:
+    model = load_tiny(tiny_llama_dir, tmp_path / "cache")
+    params = CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=3)
+    result = compute(model, params, seed=0)
+    (table,) = [artifact for artifact in render(result) if isinstance(artifact, Table)]
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **table.columns)  # what the runner writes
+    buffer.seek(0)
+    frame = pd.DataFrame(dict(np.load(buffer)))
+    assert len(frame) == 2 * model.cfg.d_mlp
+    row = frame[(frame.layer == 1) & (frame.neuron == 5)].iloc[0]
+    assert row["mean"] == result.neuron_mean[1, 5] and row["active_fraction"] == result.active_fraction[1, 5]
+    assert frame.dead.sum() == sum(json.loads(json.dumps(result.metrics()["dead_neurons_per_layer"].tolist())))
+
+
+def test_massive_activation_on_a_hand_wired_dimension(tiny_gpt2_dir: Path, tmp_path: Path, atlas_corpus: Path) -> None:
+    model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
+    (target,) = model.tokenizer.encode(" Caesar", add_special_tokens=False)
+    dim = 7
+    with torch.no_grad():
+        model.embed.W_E[target, dim] = 5000.0  # the residual's dim 7 is huge at " Caesar", ordinary elsewhere
+    result = compute(model, CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16), seed=0)
+    massive = result.metrics()["massive_activations"]
+    assert {(entry["layer"], entry["dim"]) for entry in massive} == {(0, dim), (1, dim)}
+    assert all(token["token"] == " Caesar" for entry in massive for token in entry["top_tokens"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it")
+def test_neuron_browser_renders_offline(atlas_runs: Path, tmp_path: Path) -> None:
+    page = atlas_runs / "tiny-gpt2" / "corpus_atlas" / "views" / "neurons_layer_01.html"
+    assert page.stat().st_size < 5_000_000
+    dumped = chromium(page, tmp_path / "dom", "--dump-dom")
+    assert console_messages(dumped) == []
+    dom = dumped.stdout
+    # The neuron picker lists every neuron with its active fraction, and samples were drawn.
+    assert len(re.findall(r"<option[^>]*>\d+ \(active [\d.]+%", dom)) == 256
+    assert "Top 4 contexts of each neuron in layer 1" in dom and "Caesar" in dom

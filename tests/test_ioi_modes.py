@@ -1,0 +1,53 @@
+"""activation_patching and logit_attribution over the IOI dataset agree with the same experiments
+run one pair at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unraveled.experiments import activation_patching, logit_attribution
+from unraveled.datasets.ioi import ROLES, IOIParams, ioi_pairs
+from unraveled.models import load_model
+
+IOI = IOIParams(n_pairs=3)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return load_model(str(tiny_llama_dir), "processed", fallback=None).model
+
+
+def test_logit_attribution_over_ioi_is_the_mean_of_single_prompts(model) -> None:  # type: ignore[no-untyped-def]
+    over = logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompts="ioi", ioi=IOI), seed=0)
+    singles = [
+        logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=pair.clean, correct=f" {pair.io}", incorrect=f" {pair.s}"), seed=0)
+        for pair in ioi_pairs(IOI, seed=0)
+    ]
+    assert over.n_prompts == 3 and over.total() == pytest.approx(over.logit_difference, abs=1e-4)
+    assert over.logit_difference == pytest.approx(np.mean([s.logit_difference for s in singles]), abs=1e-4)
+    np.testing.assert_allclose(over.heads, np.mean([s.heads for s in singles], axis=0), atol=1e-5)
+    np.testing.assert_allclose(over.mlp, np.mean([s.mlp for s in singles], axis=0), atol=1e-5)
+
+
+def test_activation_patching_over_ioi_is_the_mean_of_single_pairs(model) -> None:  # type: ignore[no-untyped-def]
+    over = activation_patching.compute(model, activation_patching.ActivationPatchingParams(prompts="ioi", ioi=IOI), seed=0)
+    assert over.tokens == list(ROLES) and over.residual.shape == (model.cfg.n_layers + 1, len(ROLES))
+    assert over.residual[-1, ROLES.index("end")] == pytest.approx(1.0, abs=1e-4)
+    singles = [
+        activation_patching.compute(
+            model,
+            activation_patching.ActivationPatchingParams(clean=pair.clean, corrupted=pair.corrupted, clean_answer=f" {pair.io}", corrupted_answer=f" {pair.s}"),
+            seed=0,
+        )
+        for pair in ioi_pairs(IOI, seed=0)
+    ]
+    # Undo each pair's normalisation, average the logit differences, normalise by the means.
+    patched = np.mean([s.heads * (s.clean_difference - s.corrupted_difference) + s.corrupted_difference for s in singles], axis=0)
+    clean, corrupted = np.mean([s.clean_difference for s in singles]), np.mean([s.corrupted_difference for s in singles])
+    assert over.clean_difference == pytest.approx(clean, abs=1e-4)
+    np.testing.assert_allclose(over.heads, (patched - corrupted) / (clean - corrupted), atol=1e-4)

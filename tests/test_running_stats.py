@@ -1,0 +1,89 @@
+"""Running statistics against direct computation over the whole tensor, and split-merge equality."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
+
+WINDOWS, LENGTH, FEATURES, K, BEFORE, AFTER = 20, 7, 5, 4, 2, 1
+
+
+def _data(ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(WINDOWS, LENGTH, FEATURES)).astype(np.float32)
+    if ties:  # few distinct values: the k-th largest is shared by many tokens
+        values = np.round(values).astype(np.float32)
+    token_ids = rng.integers(0, 1000, size=(WINDOWS, LENGTH))
+    return values, token_ids
+
+
+def _state(values: np.ndarray, token_ids: np.ndarray, windows: np.ndarray) -> tuple[Moments, TopK]:
+    flat = values.reshape(-1, FEATURES)
+    top = top_k_of_batch(values, token_ids, windows * LENGTH, K, BEFORE, AFTER)
+    return Moments.of(flat), top
+
+
+def _split_run(values: np.ndarray, token_ids: np.ndarray, parts: int) -> tuple[Moments, TopK]:
+    states = [
+        _state(values[chunk], token_ids[chunk], chunk)
+        for chunk in np.array_split(np.arange(WINDOWS), parts)
+    ]
+    return functools.reduce(lambda a, b: (a[0].merge(b[0]), a[1].merge(b[1])), states)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_split_and_merge_equals_direct_computation(parts: int, ties: bool) -> None:
+    values, token_ids = _data(ties)
+    moments, top = _split_run(values, token_ids, parts)
+    flat = values.reshape(-1, FEATURES).astype(np.float64)
+    assert moments.count == WINDOWS * LENGTH
+    np.testing.assert_allclose(moments.mean, flat.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.std, flat.std(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(moments.maximum, flat.max(axis=0))
+    np.testing.assert_array_equal(moments.positive_fraction, (flat > 0).mean(axis=0))
+    for feature in range(FEATURES):
+        # Independent ranking: Python's sort over (-value, global index) of every token.
+        ranked = sorted(range(len(flat)), key=lambda i: (-flat[i, feature], i))[:K]
+        assert top.index[:, feature].tolist() == ranked
+        assert top.values[:, feature].tolist() == [flat[i, feature] for i in ranked]
+        for slot, i in enumerate(ranked):
+            window, pos = divmod(i, LENGTH)
+            for offset in range(-BEFORE, AFTER + 1):
+                column = offset + BEFORE
+                if 0 <= pos + offset < LENGTH:
+                    assert top.context_ids[slot, feature, column] == token_ids[window, pos + offset]
+                    assert top.context_values[slot, feature, column] == values[window, pos + offset, feature]
+                else:
+                    assert top.context_ids[slot, feature, column] == -1
+
+
+def test_splits_agree_with_each_other_exactly_on_top_k() -> None:
+    values, token_ids = _data(ties=True)
+    one, five = _split_run(values, token_ids, 1)[1], _split_run(values, token_ids, 5)[1]
+    for name in ("values", "index", "context_ids", "context_values"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(five, name))
+
+
+def test_top_k_keeps_eligible_positions_only_and_fills_short_batches() -> None:
+    values = np.arange(6, dtype=np.float32).reshape(1, 3, 2)  # one window, 3 tokens, 2 features
+    top = top_k_of_batch(values, np.array([[7, 8, 9]]), np.array([30]), k=4, before=0, after=0, eligible=slice(1, None))
+    assert top.index[:, 0].tolist() == [32, 31, TopK.empty(1, 1, 1).index[0, 0], TopK.empty(1, 1, 1).index[0, 0]]
+    assert top.values[:2, 1].tolist() == [5.0, 3.0] and np.isneginf(top.values[2:]).all()
+
+
+def test_moments_positive_count_can_follow_another_tensor() -> None:
+    values = np.array([[1.0], [2.0], [3.0]])
+    gate = np.array([[-1.0], [0.0], [0.5]])
+    assert Moments.of(values, positive_of=gate).positive.tolist() == [1]
+
+
+def test_sums_merge_to_the_mean_over_all_windows() -> None:
+    scores = np.random.default_rng(1).normal(size=(6, 2, 3))
+    parts = [Sums({"s": part.sum(axis=0)}, len(part)) for part in np.array_split(scores, 3)]
+    merged = functools.reduce(Sums.merge, parts, Sums({}, 0))
+    np.testing.assert_allclose(merged.means()["s"], scores.mean(axis=0), rtol=1e-12)

@@ -1,0 +1,212 @@
+"""What the corpus engines accumulate: the running state of every neuron, residual dimension and
+head, updated one batch of windows at a time and merged exactly across shards.
+
+Definitions (also written into the atlas's metrics):
+
+- A neuron's value is ``blocks.L.mlp.hook_post`` (what it writes through ``W_out``); it is
+  *active* on a token when its pre-activation ``blocks.L.mlp.hook_pre`` is > 0 (for gated MLPs
+  such as SmolLM2's, the gate's pre-activation; for GPT-2's GELU, its input).
+- The residual stream is ``blocks.L.hook_resid_post``; its statistics are of absolute values.
+- Head scores are per-window means over query positions, averaged over windows.
+- When the model prepends a BOS token to each window, that position (identical in every
+  window) is left out of the neuron statistics and top-k; residual and head statistics keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from unraveled.analysis import attention_entropy_by_head
+from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
+
+HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
+
+
+@dataclass(frozen=True)
+class AtlasSettings:
+    """How much the state keeps; shared by every shard of one run so that states merge.
+
+    Attributes:
+        top_k: Top activating tokens kept per neuron.
+        context_before: Tokens of context kept before each top token.
+        context_after: Tokens of context kept after it.
+        residual_top_k: Largest-magnitude tokens kept per residual dimension.
+        batch_windows: Windows per forward pass.
+        prepend_bos: Whether each window gets the model's BOS token in front.
+    """
+
+    top_k: int = 20
+    context_before: int = 12
+    context_after: int = 3
+    residual_top_k: int = 3
+    batch_windows: int = 4
+    prepend_bos: bool = False
+
+    @property
+    def context(self) -> int:
+        return self.context_before + 1 + self.context_after
+
+
+@dataclass
+class AtlasState:
+    """Running statistics over the windows seen so far; ``merge`` combines two shards' states."""
+
+    neurons: list[Moments]
+    neuron_top: list[TopK]
+    residual: list[Moments]
+    residual_top: list[TopK]
+    heads: Sums
+    n_windows: int
+
+    @classmethod
+    def empty(cls, n_layers: int, d_mlp: int, d_model: int, settings: AtlasSettings) -> AtlasState:
+        return cls(
+            neurons=[Moments.empty(d_mlp) for _ in range(n_layers)],
+            neuron_top=[TopK.empty(settings.top_k, d_mlp, settings.context) for _ in range(n_layers)],
+            residual=[Moments.empty(d_model) for _ in range(n_layers)],
+            residual_top=[TopK.empty(settings.residual_top_k, d_model, settings.context) for _ in range(n_layers)],
+            heads=Sums({}, 0),
+            n_windows=0,
+        )
+
+    @classmethod
+    def for_model(cls, model: HookedTransformer, settings: AtlasSettings) -> AtlasState:
+        cfg = model.cfg
+        assert cfg.d_mlp is not None, "the corpus atlas needs MLP layers"
+        return cls.empty(cfg.n_layers, cfg.d_mlp, cfg.d_model, settings)
+
+    def merge(self, other: AtlasState) -> AtlasState:
+        return AtlasState(
+            neurons=[a.merge(b) for a, b in zip(self.neurons, other.neurons)],
+            neuron_top=[a.merge(b) for a, b in zip(self.neuron_top, other.neuron_top)],
+            residual=[a.merge(b) for a, b in zip(self.residual, other.residual)],
+            residual_top=[a.merge(b) for a, b in zip(self.residual_top, other.residual_top)],
+            heads=self.heads.merge(other.heads),
+            n_windows=self.n_windows + other.n_windows,
+        )
+
+
+def hook_names(n_layers: int) -> list[str]:
+    """Every hook the atlas reads; nothing after the last block (the unembedding) is run."""
+    names = []
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.attn.hook_pattern"]
+    return names
+
+
+@dataclass(frozen=True)
+class RepeatMasks:
+    """Where each window's tokens repeat: computed once per batch, used by every layer.
+
+    Attributes:
+        earlier: ``[window, query, key]`` key < query holds the query's token.
+        has_earlier: ``[window, query]`` the query's token occurred before.
+        induction_target: ``[window, query]`` the position after the latest earlier occurrence
+            ``j`` with ``j + 1 < query`` (0 where there is none).
+        has_target: ``[window, query]`` such an occurrence exists.
+    """
+
+    earlier: Bool[Tensor, "window query_pos key_pos"]
+    has_earlier: Bool[Tensor, "window query_pos"]
+    induction_target: Int[Tensor, "window query_pos"]
+    has_target: Bool[Tensor, "window query_pos"]
+
+    @classmethod
+    def of(cls, tokens: Int[Tensor, "window pos"]) -> RepeatMasks:
+        same = tokens[:, :, None] == tokens[:, None, :]
+        with_successor = torch.tril(same, diagonal=-2)  # earlier j with j + 1 < q
+        latest = (with_successor * torch.arange(tokens.shape[1])).argmax(dim=-1)
+        has_target = with_successor.any(dim=-1)
+        earlier = torch.tril(same, diagonal=-1)
+        return cls(earlier, earlier.any(dim=-1), torch.where(has_target, latest + 1, 0), has_target)
+
+
+def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_pos"], masks: RepeatMasks) -> dict[str, Float[Tensor, "window head"]]:
+    """Each head's scores in each window (see ``HEAD_SCORES``), computed for the whole batch.
+
+    ``first_token``, ``previous_token`` and ``duplicate_token`` follow ``unraveled.analysis`` and
+    ``unraveled.heads`` (which take one prompt); ``induction`` is the natural-text version of
+    ``unraveled.heads.induction_score``, which needs a repeated random segment: attention from
+    each token to the token right after the latest earlier occurrence of the same token,
+    averaged over the tokens that have one whose successor is not the query itself (zero when
+    none has).
+    """
+    duplicate_mass = torch.einsum("whqk,wqk->whq", patterns, masks.earlier.to(patterns.dtype))
+    target = masks.induction_target[:, None, :, None].expand(-1, patterns.shape[1], -1, 1)
+    induction_mass = patterns.gather(-1, target)[..., 0]
+    return {
+        "entropy": attention_entropy_by_head(patterns),
+        # As unraveled.analysis.attention_sink_by_head: query 0 can only attend to itself, so it is left out.
+        "first_token": patterns[..., 1:, 0].mean(dim=-1),
+        "previous_token": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1),
+        "duplicate_token": _mean_where(duplicate_mass, masks.has_earlier),
+        "induction": _mean_where(induction_mass, masks.has_target),
+    }
+
+
+def _mean_where(values: Float[Tensor, "window head query"], mask: Bool[Tensor, "window query"]) -> Float[Tensor, "window head"]:
+    """Mean over the queries where ``mask`` holds, 0 for a window where it never does."""
+    weights = mask[:, None, :].to(values.dtype)
+    return (values * weights).sum(dim=-1) / weights.sum(dim=-1).clamp_min(1)
+
+
+def model_inputs(model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings) -> Int[Tensor, "window seq"]:
+    """The windows as model input: token ids, with the BOS token in front when the model wants one."""
+    tokens = torch.as_tensor(windows, dtype=torch.long)
+    if settings.prepend_bos:
+        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
+        tokens = torch.cat([torch.full((len(tokens), 1), bos, dtype=torch.long), tokens], dim=1)
+    return tokens.to(model.cfg.device)
+
+
+def update(
+    state: AtlasState,
+    model: HookedTransformer,
+    windows: Int[np.ndarray, "window pos"],
+    window_numbers: Int[np.ndarray, " window"],
+    settings: AtlasSettings,
+) -> AtlasState:
+    """Run one batch of windows and fold its statistics into ``state``; the batch is dropped after.
+
+    Args:
+        state: The state so far.
+        model: The model.
+        windows: Token ids of the batch's windows (without BOS).
+        window_numbers: Each window's number in the run, which makes every token's global
+            index (``number * sequence length + position``) the same in any shard.
+        settings: What to keep.
+    """
+    n_layers = model.cfg.n_layers
+    tokens = model_inputs(model, windows, settings)
+    seq_len = tokens.shape[1]
+    wanted = set(hook_names(n_layers))
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, stop_at_layer=n_layers)
+    token_ids = tokens.cpu().numpy()
+    offsets = np.asarray(window_numbers, dtype=np.int64) * seq_len
+    first = 1 if settings.prepend_bos else 0
+    batch = AtlasState.empty(0, 0, 0, settings)
+    head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
+    masks = RepeatMasks.of(tokens.cpu())
+    for layer in range(n_layers):
+        pre = cache[f"blocks.{layer}.mlp.hook_pre"].float().cpu().numpy()
+        post = cache[f"blocks.{layer}.mlp.hook_post"].float().cpu().numpy()
+        batch.neurons.append(Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1])))
+        batch.neuron_top.append(top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None)))
+        magnitude = np.abs(cache[f"blocks.{layer}.hook_resid_post"].float().cpu().numpy())
+        batch.residual.append(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
+        batch.residual_top.append(top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after))
+        patterns = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
+        for name, per_window in head_scores_per_window(patterns, masks).items():
+            head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
+        del pre, post, magnitude, patterns
+    del cache
+    batch.heads = Sums(head_totals, len(windows))
+    batch.n_windows = len(windows)
+    return state.merge(batch)
