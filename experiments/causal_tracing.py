@@ -38,8 +38,8 @@ KINDS = {"residual": ("one residual-stream state", "Purples"), "mlp": ("the MLP 
 class CausalTracingParams(Params):
     # Upper bounds keep a typo from asking for hours: each traced fact costs about
     # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
-    n_facts: int = Field(4, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
-    noise_samples: int = Field(2, ge=1, le=50, description="Noise draws per prompt; every restoration uses the same draws.")
+    n_facts: int = Field(3, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
+    noise_samples: int = Field(1, ge=1, le=50, description="Noise draws per prompt; every restoration uses the same draws.")
     noise_multiplier: float = Field(3.0, ge=0.0, le=100.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
     window: int | None = Field(None, ge=1, le=128, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
     example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")

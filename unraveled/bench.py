@@ -146,6 +146,13 @@ def all_configs_bundled() -> list[Row]:
 
 
 @bench_group
+def causal_tracing() -> list[Row]:
+    from unraveled.bench_tracing import causal_tracing_rows
+
+    return causal_tracing_rows(Row)
+
+
+@bench_group
 def corpus_atlas() -> list[Row]:
     from unraveled.bench_corpus import bench_rows
 
@@ -157,13 +164,6 @@ def causal() -> list[Row]:
     from unraveled.bench_causal import bench_rows
 
     return bench_rows(Row)
-
-
-@bench_group
-def causal_tracing() -> list[Row]:
-    from unraveled.bench_tracing import causal_tracing_rows
-
-    return causal_tracing_rows()
 
 
 @bench_group

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
     from transformer_lens import HookedTransformer
 
-    from unraveled.bench import Row
+T = TypeVar("T")
 
 
 def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor, window: int) -> float:
@@ -48,11 +49,12 @@ def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject
     return time.perf_counter() - started
 
 
-def causal_tracing_rows() -> list[Row]:
-    """causal_tracing's default compute, and one fact's batched restorations against plain ones."""
+def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
+    """causal_tracing's default compute, and one fact's batched restorations against plain ones,
+    as rows of ``make bench``'s table (``row`` is ``unraveled.bench.Row``: passed in, as
+    ``python -m unraveled.bench`` runs that module as ``__main__``)."""
     import torch
 
-    from unraveled.bench import Row
     from unraveled.datasets.facts import FACTS, tokenize_fact
     from unraveled.experiments import causal_tracing
     from unraveled.models import BUNDLED_SMOLLM2, load_model
@@ -72,9 +74,9 @@ def causal_tracing_rows() -> list[Row]:
     plain_s = _plain_trace_seconds(model, tokens, subject, noise, window)
     group = f"causal_tracing, {BUNDLED_SMOLLM2}"
     return [
-        Row(group, "compute with the default params (finding known facts, noise scale, traces)", default_s,
+        row(group, "compute with the default params (finding known facts, noise scale, traces)", default_s,
             ratio=result.seconds / default_s, ratio_meaning="share spent tracing"),
-        Row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
-        Row(group, "one fact, one noise sample: trace_fact's batched restorations", batched_s,
+        row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
+        row(group, "one fact, one noise sample: trace_fact's batched restorations", batched_s,
             ratio=plain_s / batched_s, ratio_meaning="speed-up over one forward pass per restoration"),
     ]
