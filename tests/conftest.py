@@ -120,6 +120,29 @@ def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: P
     return home
 
 
+def _gpt2_small_or_skip(weights: str):  # type: ignore[no-untyped-def]
+    """GPT-2 small from the (session's) Hugging Face cache or the hub; the test is skipped, saying why, where neither works."""
+    from unraveled.errors import ModelUnavailableError
+    from unraveled.models import load_model
+
+    try:
+        return load_model("gpt2", weights, fallback=None).model  # type: ignore[arg-type]
+    except ModelUnavailableError as error:
+        pytest.skip(f"GPT-2 small can't be loaded here: {error}")
+
+
+@pytest.fixture(scope="session")
+def gpt2():  # type: ignore[no-untyped-def]
+    """GPT-2 small with processed weights, for the tests of published GPT-2 facts."""
+    return _gpt2_small_or_skip("processed")
+
+
+@pytest.fixture(scope="session")
+def gpt2_raw():  # type: ignore[no-untyped-def]
+    """GPT-2 small with the checkpoint's own weights."""
+    return _gpt2_small_or_skip("raw")
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One converted-weights cache shared by the tests that load the bundled SmolLM2 (a conversion

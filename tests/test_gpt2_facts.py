@@ -6,22 +6,12 @@ is skipped and says why. No package ships GPT-2's weights, so CI here skips it.
 
 from __future__ import annotations
 
-import pytest
 
 from unraveled.experiments import embeddings
-from unraveled.errors import ModelUnavailableError
-from unraveled.models import checkpoint_parameters, load_model
+from unraveled.models import checkpoint_parameters
 
 # wte 50257x768 + wpe 1024x768 + 12 blocks of 7,087,872 + ln_f 2x768; lm_head is tied to wte.
 GPT2_SMALL_PARAMETERS = 124_439_808
-
-
-@pytest.fixture(scope="module")
-def gpt2_raw():  # type: ignore[no-untyped-def]
-    try:
-        return load_model("gpt2", "raw", fallback=None).model
-    except ModelUnavailableError as error:
-        pytest.skip(f"GPT-2 small can't be loaded here: {error}")
 
 
 def test_gpt2_small_parameter_count_and_dimension_pairs(gpt2_raw) -> None:  # type: ignore[no-untyped-def]

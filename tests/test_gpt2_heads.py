@@ -6,22 +6,11 @@ is skipped and says why. No package ships GPT-2's weights, so CI here skips it.
 
 from __future__ import annotations
 
-import pytest
 
 from unraveled.experiments import head_taxonomy
-from unraveled.errors import ModelUnavailableError
 from unraveled.heads import top_heads
-from unraveled.models import load_model
 
 PUBLISHED_INDUCTION_HEADS = {"5.1", "5.5", "6.9", "7.2", "7.10"}
-
-
-@pytest.fixture(scope="module")
-def gpt2():  # type: ignore[no-untyped-def]
-    try:
-        return load_model("gpt2", "processed", fallback=None).model
-    except ModelUnavailableError as error:
-        pytest.skip(f"GPT-2 small can't be loaded here: {error}")
 
 
 def test_published_gpt2_heads_top_the_rankings(gpt2) -> None:  # type: ignore[no-untyped-def]

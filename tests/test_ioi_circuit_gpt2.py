@@ -9,24 +9,13 @@ is skipped and says why. No package ships GPT-2's weights, so CI here skips it.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from unraveled.experiments import ioi_circuit
 from unraveled.datasets.ioi import IOIParams
-from unraveled.errors import ModelUnavailableError
-from unraveled.models import load_model
 
 NAME_MOVERS = {"9.6", "9.9", "10.0"}
 S_INHIBITION = {"7.3", "7.9", "8.6", "8.10"}
 PUBLISHED = NAME_MOVERS | S_INHIBITION | {"5.5", "6.9", "0.1", "3.0", "2.2", "4.11"}
-
-
-@pytest.fixture(scope="module")
-def gpt2():  # type: ignore[no-untyped-def]
-    try:
-        return load_model("gpt2", "processed", fallback=None).model
-    except ModelUnavailableError as error:
-        pytest.skip(f"GPT-2 small can't be loaded here: {error}")
 
 
 def test_edge_attribution_finds_the_published_ioi_heads(gpt2) -> None:  # type: ignore[no-untyped-def]
