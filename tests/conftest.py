@@ -56,6 +56,22 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_torch() -> Iterator[None]:
+    """One torch thread in the test process and in every process a test starts.
+
+    The tests' models are tiny: a second intra-op thread costs more than it gives on them, and on
+    shared cores an op often waits for a descheduled thread (a tiny model's forward pass then takes
+    20 times as long). Results are the same up to float rounding, which every tolerance allows.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # read when a subprocess imports torch
+        yield
+    torch.set_num_threads(threads)
+
+
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
     """Make every LayerNorm/RMSNorm weight and bias non-trivial, so folding them is really tested."""
     generator = torch.Generator().manual_seed(seed)
