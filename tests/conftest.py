@@ -161,9 +161,40 @@ def gpt2_raw():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One converted-weights cache shared by the tests that load the bundled SmolLM2 (a conversion
-    takes about 30 s; the cache itself is under test elsewhere)."""
-    return tmp_path_factory.mktemp("smollm2_weight_cache")
+    """A converted-weights cache holding the bundled SmolLM2's raw weights, converted from its GGUF
+    file once per session (about 30 s): every test that loads SmolLM2, in this process or through
+    the CLI, reads this cache instead of converting again (the cache itself is under test
+    elsewhere). Every SmolLM2 test reads raw weights, so one conversion serves them all."""
+    from unraveled.models import load_model
+
+    folder = tmp_path_factory.mktemp("smollm2_weight_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(folder))
+        converted = load_model("smollm2-135m", "raw", fallback=None)
+    assert not converted.from_weight_cache, "the session's SmolLM2 cache should start empty"
+    return folder
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One ``python -m unraveled`` invocation: where it wrote, and what it returned and printed."""
+
+    out: Path
+    done: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def smollm2_fallback_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> CliRun:
+    """``unraveled run embeddings`` (``model: gpt2``) in a fresh process where gpt2 can't be had
+    (an empty Hugging Face cache, a hub that refuses at once): it falls back to the bundled SmolLM2.
+    Run once, for the tests of the fallback and of the console's progress lines; the sizes are cut,
+    as nothing checked depends on them."""
+    root = tmp_path_factory.mktemp("smollm2_fallback")
+    out = root / "out"
+    env = {"HF_HOME": str(root / "empty-hf-home"), "UNRAVELED_CACHE": str(smollm2_cache)}
+    small = ["params.local_subsets=2", "params.local_neighbours=100", "params.chunk_tokens=50", "params.first_dims=4"]
+    done = run_cli(["run", "embeddings", "--out", str(out), *(arg for setting in small for arg in ("--set", setting))], env)
+    return CliRun(out, done)
 
 
 @pytest.fixture(scope="session")

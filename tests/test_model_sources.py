@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, run_cli
+from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, CliRun, run_cli
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
 
@@ -78,15 +78,14 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
 
 
 @pytest.mark.slow
-def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(tmp_path: Path, smollm2_cache: Path) -> None:
-    out = tmp_path / "out"
-    env = {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(smollm2_cache)}
-    done = run_cli(["run", "embeddings", "--out", str(out), "--set", "params.local_subsets=2"], env)
+def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallback_run: CliRun) -> None:
+    out, done = smollm2_fallback_run.out, smollm2_fallback_run.done
     assert done.returncode == 0, done.stderr
     assert "Falling back to the bundled smollm2-135m" in " ".join(done.stderr.split())
     manifest = json.loads((out / "smollm2-135m" / "embeddings" / "manifest.json").read_text())
     assert manifest["model"]["is_fallback"] and manifest["model"]["requested"] == "gpt2"
     assert manifest["model"]["label"] == "smollm2-135m (fallback: gpt2 unavailable)"
+    assert manifest["model"]["from_weight_cache"]  # converted once, in another process
     metrics = json.loads((out / "smollm2-135m" / "embeddings" / "metrics.json").read_text())
     assert "rotary" in metrics["not_applicable"]["position embeddings"]
     index = (out / "index.html").read_text()
