@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, CliRun, run_cli
+from unraveled.cli import main
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
 
@@ -46,7 +47,8 @@ def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> 
 def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     run_dir = out / "gpt2" / "embeddings"
-    args = ["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200", "--set", "params.local_subsets=2"]
+    small = ["params.local_neighbours=200", "params.local_subsets=2", "params.chunk_tokens=50", "params.first_dims=4"]
+    args = ["run", "embeddings", "--out", str(out), "--no-fallback", *(arg for setting in small for arg in ("--set", setting))]
     done = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -56,10 +58,11 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["parameter_count"] == sum(p.numel() for p in hf.parameters()) == 3_320_640
-    # The second invocation reads the converted-weights cache instead.
-    again = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
+    # The second invocation reads the converted-weights cache instead (layernorm reads the same
+    # raw weights as embeddings, and draws fewer figures).
+    again = run_cli(["run", "layernorm", "--out", str(out), "--no-fallback"], {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert again.returncode == 0, again.stderr
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = json.loads((out / "gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
     # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2 any more.
     empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
@@ -92,14 +95,25 @@ def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallbac
     assert "Fallback model." in index and "Not applicable: position embeddings" in index
 
 
-@pytest.mark.parametrize("how", [["--no-fallback"], []])
-def test_no_fallback_exits_3_and_writes_nothing(how: list[str], tmp_path: Path) -> None:
+def test_no_fallback_exits_3_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(tmp_path / "cache")}
-    if not how:
-        env["UNRAVELED_NO_FALLBACK"] = "1"
-    done = run_cli(["run", "embeddings", "--out", str(out), *how], env)
+    done = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback"], env)
     assert done.returncode == 3, done.stderr
     stderr = " ".join(done.stderr.split())
+    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
+    assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_no_fallback_from_the_environment_exits_3_and_writes_nothing(
+    tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process: the exit status through a real process is the test above's.
+    out = tmp_path / "out"
+    monkeypatch.setenv("UNRAVELED_NO_FALLBACK", "1")
+    monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    assert main(["run", "embeddings", "--out", str(out)]) == 3
+    stderr = " ".join(capsys.readouterr().err.split())
     assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
     assert not out.exists() or not any(out.rglob("*.json"))
