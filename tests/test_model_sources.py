@@ -64,10 +64,14 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     assert again.returncode == 0, again.stderr
     manifest = json.loads((out / "gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
-    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2 any more.
+    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2
+    # any more, and with --no-fallback the process exits 3 saying why, leaving the outputs as they were.
+    before = _tree(out)
     empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
     assert empty.returncode == 3, empty.stderr
-    assert "not in the Hugging Face cache" in " ".join(empty.stderr.split())
+    stderr = " ".join(empty.stderr.split())
+    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
+    assert _tree(out) == before
     # Another revision of gpt2: a miss, converted from its own weights, and the manifest says which.
     other_revision = "fedcba9876543210fedcba9876543210fedcba98"
     other_home = _hf_home_with_other_gpt2(tiny_gpt2_dir, tmp_path / "other-hf-home", other_revision)
@@ -95,25 +99,22 @@ def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallbac
     assert "Fallback model." in index and "Not applicable: position embeddings" in index
 
 
-def test_no_fallback_exits_3_and_writes_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    env = {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(tmp_path / "cache")}
-    done = run_cli(["run", "embeddings", "--out", str(out), "--no-fallback"], env)
-    assert done.returncode == 3, done.stderr
-    stderr = " ".join(done.stderr.split())
-    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
-    assert not out.exists() or not any(out.rglob("*.json"))
-
-
-def test_no_fallback_from_the_environment_exits_3_and_writes_nothing(
-    tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("how", [["--no-fallback"], []])
+def test_no_fallback_exits_3_and_writes_nothing(
+    how: list[str], tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # In this process: the exit status through a real process is the test above's.
+    # In this process (gpt2 neither cached nor downloadable); a real process's exit status 3 is
+    # checked in test_converted_weights_follow_the_hugging_face_cache_and_its_revision.
     out = tmp_path / "out"
-    monkeypatch.setenv("UNRAVELED_NO_FALLBACK", "1")
     monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
-    assert main(["run", "embeddings", "--out", str(out)]) == 3
+    if not how:
+        monkeypatch.setenv("UNRAVELED_NO_FALLBACK", "1")
+    assert main(["run", "embeddings", "--out", str(out), *how]) == 3
     stderr = " ".join(capsys.readouterr().err.split())
     assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
