@@ -58,10 +58,13 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["parameter_count"] == sum(p.numel() for p in hf.parameters()) == 3_320_640
-    # The second invocation reads the converted-weights cache instead (layernorm reads the same
-    # raw weights as embeddings, and draws fewer figures).
-    again = run_cli(["run", "layernorm", "--out", str(out), "--no-fallback"], {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
-    assert again.returncode == 0, again.stderr
+    # The second invocation reads the converted-weights cache instead. It runs in this process: a
+    # cache hit reads the Hugging Face cache only through huggingface_hub's HF_HUB_CACHE, patched
+    # here. Layernorm reads the same raw weights as embeddings, and draws fewer figures.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", cache)
+        patch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hf_home_with_gpt2 / "hub"))
+        assert main(["run", "layernorm", "--out", str(out), "--no-fallback"]) == 0
     manifest = json.loads((out / "gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
     # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2
