@@ -154,14 +154,16 @@ def superposition_toy(
     # bitwise autograd's gradients, without indexing the million off-diagonal entries through a
     # boolean mask and scattering them back every step.
     grad_dots = torch.empty(n_vectors, n_vectors)
+    grad_off_diagonal = _off_diagonal(grad_dots)
     losses = []
     with torch.no_grad():
         for _ in range(steps):
             dots = vectors @ vectors.T
-            hinge = _off_diagonal(dots).abs() - cutoff
+            off_diagonal = _off_diagonal(dots)
+            hinge = off_diagonal.abs().sub_(cutoff)
             deviation = dots.diagonal() - 1
             loss = hinge.relu().sum() + norm_weight * (deviation**2).sum()
-            _off_diagonal(grad_dots).copy_(torch.sign(_off_diagonal(dots)) * (hinge > 0))
+            torch.sign(off_diagonal, out=grad_off_diagonal).mul_(hinge > 0)
             grad_dots.diagonal().copy_(norm_weight * (2 * deviation))
             vectors.grad = grad_dots.mm(vectors) + grad_dots.T.mm(vectors)
             optimiser.step()
