@@ -148,11 +148,11 @@ def superposition_toy(
     vectors = torch.randn(n_vectors, n_dims, generator=generator)
     vectors = (vectors / vectors.norm(dim=1, keepdim=True)).requires_grad_(True)
     optimiser = torch.optim.Adam([vectors], lr=lr)
-    # The gradient is written by hand: d loss / d dots is sign(dot) where the hinge is active and
-    # 2 norm_weight (dot - 1) on the diagonal, and d loss / d vectors = G V + G^T V, the two
-    # products autograd's matmul backward forms (G^T as a transposed view, as it passes it). The same operations in the same order give
-    # bitwise autograd's gradients, without indexing the million off-diagonal entries through a
-    # boolean mask and scattering them back every step.
+    # The gradient is written by hand: G = d loss / d dots is sign(dot) where the hinge is active
+    # and 2 norm_weight (dot - 1) on the diagonal, and d loss / d vectors = G V + G^T V, the two
+    # products autograd's matmul backward forms (G^T as a transposed view, as it passes it). The
+    # same operations in the same order give autograd's gradients bit for bit, without gathering
+    # the million off-diagonal entries through a boolean mask and scattering them back each step.
     grad_dots = torch.empty(n_vectors, n_vectors)
     grad_off_diagonal = _off_diagonal(grad_dots)
     losses = []
