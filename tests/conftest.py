@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,6 +55,29 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
         patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
         yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_torch() -> Iterator[None]:
+    """One torch thread in the test process and in every process a test starts.
+
+    The tests' models are tiny: a second intra-op thread costs more than it gives on them, and on
+    shared cores an op often waits for a descheduled thread (a tiny model's forward pass then takes
+    20 times as long). Results are the same up to float rounding, which every tolerance allows.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # read when a subprocess imports torch
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_again() -> None:
+    """UMAP (numba's OpenMP layer) sets OpenMP's thread count back to the number of cores after a
+    fit, which torch follows: each test starts on one thread again."""
+    torch.set_num_threads(1)
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
@@ -145,14 +169,95 @@ def gpt2_raw():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One converted-weights cache shared by the tests that load the bundled SmolLM2 (a conversion
-    takes about 30 s; the cache itself is under test elsewhere)."""
-    return tmp_path_factory.mktemp("smollm2_weight_cache")
+    """A converted-weights cache holding the bundled SmolLM2's raw weights, converted from its GGUF
+    file once per session (about 30 s): every test that loads SmolLM2, in this process or through
+    the CLI, reads this cache instead of converting again (the cache itself is under test
+    elsewhere). Every SmolLM2 test reads raw weights, so one conversion serves them all."""
+    from unraveled.models import load_model
+
+    folder = tmp_path_factory.mktemp("smollm2_weight_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(folder))
+        converted = load_model("smollm2-135m", "raw", fallback=None)
+    assert not converted.from_weight_cache, "the session's SmolLM2 cache should start empty"
+    return folder
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One ``python -m unraveled`` invocation: where it wrote, and what it returned and printed."""
+
+    out: Path
+    done: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def smollm2_fallback_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> CliRun:
+    """``unraveled run embeddings`` (``model: gpt2``) in a fresh process where gpt2 can't be had
+    (an empty Hugging Face cache, a hub that refuses at once): it falls back to the bundled SmolLM2.
+    Run once, for the tests of the fallback and of the console's progress lines; the sizes are cut,
+    as nothing checked depends on them."""
+    root = tmp_path_factory.mktemp("smollm2_fallback")
+    out = root / "out"
+    env = {"HF_HOME": str(root / "empty-hf-home"), "UNRAVELED_CACHE": str(smollm2_cache)}
+    small = ["params.local_subsets=2", "params.local_neighbours=100", "params.chunk_tokens=50", "params.first_dims=4"]
+    done = run_cli(["run", "embeddings", "--out", str(out), *(arg for setting in small for arg in ("--set", setting))], env)
+    return CliRun(out, done)
 
 
 @pytest.fixture(scope="session")
 def shared_weight_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shared_weight_cache")
+
+
+class SharedTinyModels:
+    """The tiny checkpoints' HookedTransformers, each loaded through ``load_model`` once per session
+    (into the shared converted-weights cache) and handed to every test that asks.
+
+    For tests of what is computed from a model. Tests of loading itself load their own, and so do
+    tests that change a model (hand-wired weights, permanent hooks): after each test that used a
+    shared model, ``check_unchanged`` fails it if it left the model otherwise than it found it.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        self._cache = cache
+        self._loaded: dict[tuple[Path, str], tuple[Any, dict[str, Any], dict[str, torch.Tensor]]] = {}
+
+    def __call__(self, folder: Path, weights: str) -> Any:
+        from unraveled.models import load_model
+
+        if (folder, weights) not in self._loaded:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("UNRAVELED_CACHE", str(self._cache))
+                model = load_model(str(folder), weights, fallback=None).model  # type: ignore[arg-type]
+            weights_copy = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            self._loaded[folder, weights] = (model, model.cfg.to_dict(), weights_copy)
+        return self._loaded[folder, weights][0]
+
+    def check_unchanged(self) -> None:
+        for (folder, weights), (model, cfg, weights_copy) in self._loaded.items():
+            what = f"the shared {folder.name} ({weights} weights)"
+            assert model.cfg.to_dict() == cfg, f"a test changed the config of {what}"
+            hooked = [name for name, point in model.hook_dict.items() if point.fwd_hooks or point.bwd_hooks]
+            assert not hooked, f"a test left hooks on {what}: {hooked}"
+            assert not any(p.requires_grad for p in model.parameters()), f"a test made {what} require gradients"
+            changed = [name for name, value in model.state_dict().items() if not torch.equal(value, weights_copy[name])]
+            assert not changed, f"a test changed the weights of {what}: {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(shared_weight_cache_dir: Path) -> SharedTinyModels:
+    """``tiny_model(folder, weights)``: a tiny checkpoint's model, loaded once per session (see
+    ``SharedTinyModels``)."""
+    return SharedTinyModels(shared_weight_cache_dir)
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    shared = getattr(request.node, "funcargs", {}).get("tiny_model")  # set up for this test, directly or not
+    if shared is not None:
+        shared.check_unchanged()
 
 
 @pytest.fixture

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SharedTinyModels
 from unraveled.activations import collect_activations
-from unraveled.models import load_model
 
 PROMPTS = ["A short one.", "A rather longer prompt, with several more tokens in it than the first."]
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_padded_batch_equals_single_prompt_runs(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
-    model = load_model(str(request.getfixturevalue(checkpoint)), "processed", fallback=None).model
+def test_padded_batch_equals_single_prompt_runs(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
+    model = tiny_model(request.getfixturevalue(checkpoint), "processed")
     hooks = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
     batch = collect_activations(model, PROMPTS, hooks)
     assert set(batch.cache.keys()) == set(hooks)
@@ -29,8 +29,8 @@ def test_padded_batch_equals_single_prompt_runs(checkpoint: str, request: pytest
         assert batch.str_tokens[index] == single.str_tokens[0]
 
 
-def test_no_gradients_and_unknown_hooks_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def test_no_gradients_and_unknown_hooks_refused(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels) -> None:
+    model = tiny_model(tiny_gpt2_dir, "processed")
     acts = collect_activations(model, ["hello"], ["blocks.0.hook_resid_pre"])
     assert not acts.cache["blocks.0.hook_resid_pre"].requires_grad and not acts.logits.requires_grad
     with pytest.raises(KeyError, match="unknown hook names"):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments.layernorm import layer_norm_toy
 from unraveled.activations import collect_activations
 from unraveled.analysis import (
@@ -22,7 +22,6 @@ from unraveled.analysis import (
     last_token_attention,
     spread_across_layers,
 )
-from unraveled.models import load_model
 
 
 def _causal_uniform(n: int) -> torch.Tensor:
@@ -68,9 +67,9 @@ def test_spread_ignores_padding_and_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_hidden_states_match_transformers_output_hidden_states(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
+def test_hidden_states_match_transformers_output_hidden_states(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
     folder = request.getfixturevalue(checkpoint)
-    model = load_model(str(folder), "raw", fallback=None).model
+    model = tiny_model(folder, "raw")
     text = "He killed two birds with one stone"
     acts = collect_activations(model, [text], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
     ours = hidden_states(model, acts.cache)[:, 0]

@@ -11,18 +11,16 @@ import torch
 from matplotlib.colors import to_rgba
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import attention
 from unraveled.config import load_config
-from unraveled.models import load_model
 
 PROMPT = "Alice gave Bob a goose, and he gave her a duck."
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("attention-cache")))
-        return load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def tiny_gpt2(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
+    return tiny_model(tiny_gpt2_dir, "processed")
 
 
 def test_default_tokenisation_is_the_originals_without_bos(tiny_gpt2, tiny_gpt2_dir: Path, gpt2_tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import attribution_patching
 from unraveled.cli import main
 from unraveled.errors import ParamError
 from unraveled.datasets.ioi import ROLES, IOIParams
-from unraveled.models import load_model
 
 
-def test_estimates_sit_beside_exact_values(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def test_estimates_sit_beside_exact_values(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels) -> None:
+    model = tiny_model(tiny_gpt2_dir, "processed")
     result = attribution_patching.compute(model, attribution_patching.AttributionPatchingParams(ioi=IOIParams(n_pairs=4), exact_residual=True), seed=0)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     assert result.heads_estimate.shape == result.heads_exact.shape == (n_layers, n_heads)
@@ -39,7 +39,7 @@ def test_estimates_sit_beside_exact_values(tiny_gpt2_dir: Path, weight_cache: Pa
     assert gaps == sorted(gaps, reverse=True)
 
 
-def test_attribution_patching_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_attribution_patching_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "attribution_patching", "--model", str(tiny_llama_dir), "--out", str(out), "--set", "params.ioi.n_pairs=3"]) == 0
     run_dir = out / tiny_llama_dir.name / "attribution_patching"
@@ -51,8 +51,8 @@ def test_attribution_patching_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_p
     assert metrics["residual_exact"] is None and len(metrics["residual_estimate"]) == len(metrics["residual_points"])
 
 
-def test_names_that_are_not_one_token_fail_the_model_check(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def test_names_that_are_not_one_token_fail_the_model_check(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels) -> None:
+    model = tiny_model(tiny_gpt2_dir, "processed")
     names = ["Mary", "John", "Tom", "Xylophonicus"]
     assert len(model.to_tokens(" Xylophonicus", prepend_bos=False)[0]) > 1
     params = attribution_patching.AttributionPatchingParams(ioi=IOIParams(names=names))

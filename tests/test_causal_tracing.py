@@ -11,10 +11,10 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, GPT2TokenizerFast
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import causal_tracing
 from unraveled.cli import main
 from unraveled.datasets.facts import FACTS, Fact, tokenize_fact
-from unraveled.models import load_model
 from unraveled.tracing import (
     POSITION_GROUPS,
     embedding_noise_scale,
@@ -34,10 +34,8 @@ def checkpoint(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> HookedTransformer:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("tracing_cache")))
-        return load_model(str(checkpoint), "raw", fallback=None).model
+def model(checkpoint: Path, tiny_model: SharedTinyModels) -> HookedTransformer:
+    return tiny_model(checkpoint, "raw")
 
 
 def _fact_inputs(model: HookedTransformer) -> tuple[torch.Tensor, tuple[int, int], int]:
@@ -196,7 +194,7 @@ def test_multi_token_answer_in_compute_is_refused(model: HookedTransformer) -> N
         causal_tracing.compute(model, params, seed=0)
 
 
-def test_causal_tracing_runs_through_cli_smoke(model: HookedTransformer, checkpoint: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_causal_tracing_runs_through_cli_smoke(model: HookedTransformer, checkpoint: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     facts = json.dumps([_known_fact(model).model_dump()])
     out = tmp_path / "out"
     args = ["run", "causal_tracing", "--model", str(checkpoint), "--out", str(out), "--set", f"params.facts={facts}", "--set", "params.noise_samples=2"]
@@ -222,7 +220,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     ids=["multi_token_answer", "subject_cuts_a_token", "subject_not_in_prompt"],
 )
 def test_bad_fact_exits_2_naming_the_field_before_anything_is_written(
-    fact: dict[str, str], expected: str, tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    fact: dict[str, str], expected: str, tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     (out / "earlier").mkdir(parents=True)
@@ -240,7 +238,7 @@ def test_bad_fact_exits_2_naming_the_field_before_anything_is_written(
     [("params.n_facts=100000", "n_facts"), ("params.noise_samples=100000", "noise_samples"), ("params.window=100000", "window"),
      ("params.example=4", "example")],
 )
-def test_sizes_past_their_bounds_exit_2(override: str, field: str, tmp_path: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sizes_past_their_bounds_exit_2(override: str, field: str, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "causal_tracing", "--out", str(tmp_path / "out"), "--set", override]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

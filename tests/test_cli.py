@@ -12,7 +12,7 @@ import pytest
 import unraveled.experiments.layernorm as layernorm_module
 from unraveled.cli import main
 
-SMALL = ["--set", "params.local_neighbours=100", "--set", "params.chunk_tokens=50", "--set", "params.local_subsets=2"]
+SMALL = ["--set", "params.local_neighbours=100", "--set", "params.chunk_tokens=50", "--set", "params.local_subsets=2", "--set", "params.first_dims=4"]
 
 
 class _Links(HTMLParser):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CliRun
 from unraveled.cli import main
-from unraveled.models import hub
 
 
 def test_log_lines_are_not_wrapped_off_a_terminal(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,12 +20,9 @@ def test_log_lines_are_not_wrapped_off_a_terminal(tiny_gpt2_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_progress_names_the_model_actually_used(smollm2_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
-    # gpt2 is neither cached nor downloadable: the run falls back to the bundled model.
-    monkeypatch.setattr(hub, "cached_snapshot", lambda repo_id: None)
-    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "the hub is unreachable (test)")
-    # layernorm reads raw weights, as the other SmolLM2 tests do: one conversion per session.
-    assert main(["run", "layernorm", "--model", "gpt2", "--out", str(tmp_path / "out")]) == 0
-    progress = [line for line in capsys.readouterr().err.splitlines() if "[1/1] layernorm: LayerNorm geometry and gammas on" in line]
-    assert len(progress) == 1 and progress[0].endswith("on smollm2-135m (fallback: gpt2 unavailable)")
+def test_progress_names_the_model_actually_used(smollm2_fallback_run: CliRun) -> None:
+    # gpt2 is neither cached nor downloadable: the run fell back to the bundled model.
+    done = smollm2_fallback_run.done
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if "[1/1] embeddings: Token and position embeddings on" in line]
+    assert len(progress) == 1 and progress[0].endswith("on smollm2-135m (fallback: gpt2 unavailable)"), done.stderr

@@ -101,7 +101,7 @@ def _bad_corpora(tmp_path: Path) -> dict[str, tuple[str, str]]:
 
 @pytest.mark.parametrize("case", ["missing", "empty", "encoding", "jsonl_field", "jsonl_syntax", "file_type", "empty_folder", "glob", "typo"])
 def test_bad_corpus_exits_2_naming_the_path_and_writes_nothing(
-    case: str, tmp_path: Path, tiny_gpt2_dir: Path, weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    case: str, tmp_path: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source, message = _bad_corpora(tmp_path)[case]
     out = tmp_path / "out"

@@ -33,9 +33,9 @@ def atlas_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def atlas_runs(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path, atlas_corpus: Path) -> Path:
+def atlas_runs(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path, atlas_corpus: Path, shared_weight_cache_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("atlas") / "out"
-    with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(tmp_path_factory.mktemp("atlas_cache"))}):
+    with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)}):
         for folder in (tiny_gpt2_dir, tiny_llama_dir):
             args = ["run", "corpus_atlas", "--model", str(folder), "--out", str(out), "--set", f"params.corpus=[{atlas_corpus}]",
                     "--set", "params.context_tokens=16", "--set", "params.top_k=6", "--set", "params.browser_samples=4"]
@@ -61,8 +61,8 @@ def test_corpus_atlas_runs_through_cli_smoke(atlas_runs: Path, model: str) -> No
     assert len(pd.DataFrame(dict(np.load(run_dir / "neurons.npz")))) == 2 * d_mlp
 
 
-def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tmp_path: Path, atlas_corpus: Path) -> None:
-    model = load_tiny(tiny_llama_dir, tmp_path / "cache")
+def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
+    model = tiny_model(tiny_llama_dir, "processed")
     params = CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=3)
     result = compute(model, params, seed=0)
     (table,) = [artifact for artifact in render(result) if isinstance(artifact, Table)]
@@ -76,8 +76,8 @@ def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tmp_path
     assert frame.dead.sum() == sum(json.loads(json.dumps(result.metrics()["dead_neurons_per_layer"].tolist())))
 
 
-def test_massive_activation_on_a_hand_wired_dimension(tiny_gpt2_dir: Path, tmp_path: Path, atlas_corpus: Path) -> None:
-    model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
+def test_massive_activation_on_a_hand_wired_dimension(tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, atlas_corpus: Path) -> None:
+    model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)  # a model of its own: this test rewires it
     (target,) = model.tokenizer.encode(" Caesar", add_special_tokens=False)
     dim = 7
     with torch.no_grad():

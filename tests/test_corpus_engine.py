@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
+from tests.conftest import SharedTinyModels
 from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
@@ -44,9 +45,8 @@ def load_tiny(folder: Path, cache: Path) -> HookedTransformer:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_gpt2_dir: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, HookedTransformer]:
-    cache = tmp_path_factory.mktemp("engine_cache")
-    return {"gpt2": load_tiny(tiny_gpt2_dir, cache), "llama": load_tiny(tiny_llama_dir, cache)}
+def tiny_models(tiny_gpt2_dir: Path, tiny_llama_dir: Path, tiny_model: SharedTinyModels) -> dict[str, HookedTransformer]:
+    return {"gpt2": tiny_model(tiny_gpt2_dir, "processed"), "llama": tiny_model(tiny_llama_dir, "processed")}
 
 
 def full_activations(model: HookedTransformer, tokens: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
@@ -139,8 +139,8 @@ def test_induction_and_duplicate_scores_on_a_known_pattern() -> None:
     assert scores["duplicate_token"].item() == pytest.approx(0.4 / 4)
 
 
-def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, tmp_path: Path, corpus_file: Path) -> None:
-    model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
+def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, corpus_file: Path) -> None:
+    model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)  # a model of its own: this test rewires it
     (target,) = model.tokenizer.encode(" Caesar", add_special_tokens=False)
     layer, neuron, dim = 0, 11, 5
     with torch.no_grad():

@@ -8,15 +8,13 @@ import pydantic
 import pytest
 from transformers import GPT2TokenizerFast
 
+from tests.conftest import SharedTinyModels
 from unraveled.datasets.facts import FACTS, Fact, tokenize_fact
-from unraveled.models import load_model
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("facts_cache")))
-        return load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
+def tiny_gpt2(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
+    return tiny_model(tiny_gpt2_dir, "raw")
 
 
 def test_bundled_answers_are_single_gpt2_tokens(gpt2_tokenizer: GPT2TokenizerFast) -> None:

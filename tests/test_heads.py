@@ -43,8 +43,8 @@ def test_top_heads_ranks_and_names() -> None:
     assert top_heads(scores, 1, lowest=True) == [{"head": "1.1", "score": pytest.approx(-0.2)}]
 
 
-def test_wired_induction_head_ranks_first(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def test_wired_induction_head_ranks_first(tiny_gpt2_dir: Path, warm_weight_cache: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model  # a model of its own: this test wires a head
     params = head_taxonomy.HeadTaxonomyParams(repeat_batch=2, repeat_length=10, prompts=["a b c a b c"])
     wired_layer, wired_head, period = 1, 2, params.repeat_length
 

@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import SharedTinyModels
 from unraveled.cli import main
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch, ioi_pairs
-from unraveled.models import load_model
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return load_model(str(tiny_llama_dir), "processed", fallback=None).model
+def model(tiny_llama_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
+    return tiny_model(tiny_llama_dir, "processed")
 
 
 def test_pairs_are_deterministic_and_balanced() -> None:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import ioi_circuit
 from unraveled.cli import main
 from unraveled.datasets.ioi import IOIParams
-from unraveled.models import load_model
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
-    model = load_model(str(request.getfixturevalue(checkpoint)), "processed", fallback=None).model
+def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
+    model = tiny_model(request.getfixturevalue(checkpoint), "processed")
     params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[1, 3], edge_counts=[5])
     result = ioi_circuit.compute(model, params, seed=0)
     n_nodes = 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
@@ -35,7 +35,7 @@ def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, req
     assert result.edge_sum_error < 1e-4
 
 
-def test_ioi_circuit_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_ioi_circuit_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "ioi_circuit", "--model", str(tiny_llama_dir), "--out", str(out), "--set", "params.ioi.n_pairs=3"]) == 0
     run_dir = out / tiny_llama_dir.name / "ioi_circuit"

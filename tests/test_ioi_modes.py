@@ -8,18 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import activation_patching, logit_attribution
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_pairs
-from unraveled.models import load_model
 
 IOI = IOIParams(n_pairs=3)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return load_model(str(tiny_llama_dir), "processed", fallback=None).model
+def model(tiny_llama_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
+    return tiny_model(tiny_llama_dir, "processed")
 
 
 def test_logit_attribution_over_ioi_is_the_mean_of_single_prompts(model) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,6 @@ prompts, and how its gammas correlate with the embeddings' spread."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +10,16 @@ import torch
 from scipy.stats import pearsonr
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import layernorm
-from unraveled.models import load_model
 
 PROMPTS = ["Alice gave Bob a goose, and he gave her a duck.", "The capital of France is Paris."]
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_applied_scale_and_gamma_correlation_match_transformers(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
+def test_applied_scale_and_gamma_correlation_match_transformers(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
     folder = request.getfixturevalue(checkpoint)
-    model = load_model(str(folder), "raw", fallback=None).model
+    model = tiny_model(folder, "raw")
     summary = layernorm.compute(model, layernorm.LayerNormParams(prompts=PROMPTS), seed=0).metrics()
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     gpt2 = hasattr(hf, "transformer")

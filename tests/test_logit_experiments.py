@@ -11,6 +11,7 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.errors import ParamError
 from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
@@ -27,8 +28,8 @@ def checkpoint(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def model(checkpoint: Path, weight_cache: Path):  # type: ignore[no-untyped-def]
-    return load_model(str(checkpoint), "processed", fallback=None).model
+def model(checkpoint: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
+    return tiny_model(checkpoint, "processed")
 
 
 class HfRun:
@@ -89,8 +90,8 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     assert [entry["token"] for entry in result.top5_last[0]] == [model.tokenizer.decode([i]) for i in log_probs[0].topk(5).indices]
 
 
-def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, warm_weight_cache: Path) -> None:
+    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model  # a model of its own: this test changes a bias
     with torch.no_grad():  # make the last block write a huge vector, so residual norms differ a lot between layers
         model.blocks[1].mlp.b_out += 50.0 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     acts = collect_activations(model, [PROMPT], [*residual_hook_names(2), "ln_final.hook_scale"])

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import mlp
-from unraveled.models import load_model
 
 
 def test_pair_angles_counts_every_pair_of_a_known_set() -> None:
@@ -77,9 +76,9 @@ def test_superposition_toy_takes_the_steps_autograd_takes_on_the_originals_loss(
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_active_fraction_matches_the_neurons_firing_in_transformers(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
+def test_active_fraction_matches_the_neurons_firing_in_transformers(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
     folder = request.getfixturevalue(checkpoint)
-    model = load_model(str(folder), "processed", fallback=None).model
+    model = tiny_model(folder, "processed")
     prompts = ["Alice gave Bob a goose, and he gave her a duck.", "def add(a, b): return a + b"]
     params = mlp.MlpParams(prompts=prompts, toy_vectors=8, toy_dims=4, toy_steps=1)
     result = mlp.compute(model, params, seed=0)

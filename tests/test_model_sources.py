@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, run_cli
+from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, CliRun, run_cli
+from unraveled.cli import main
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
 
@@ -46,7 +47,8 @@ def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> 
 def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     run_dir = out / "gpt2" / "embeddings"
-    args = ["run", "embeddings", "--out", str(out), "--no-fallback", "--set", "params.local_neighbours=200", "--set", "params.local_subsets=2"]
+    small = ["params.local_neighbours=200", "params.local_subsets=2", "params.chunk_tokens=50", "params.first_dims=4"]
+    args = ["run", "embeddings", "--out", str(out), "--no-fallback", *(arg for setting in small for arg in ("--set", setting))]
     done = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -56,15 +58,23 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["parameter_count"] == sum(p.numel() for p in hf.parameters()) == 3_320_640
-    # The second invocation reads the converted-weights cache instead.
-    again = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
-    assert again.returncode == 0, again.stderr
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    # The second invocation reads the converted-weights cache instead. It runs in this process: a
+    # cache hit reads the Hugging Face cache only through huggingface_hub's HF_HUB_CACHE, patched
+    # here. Layernorm reads the same raw weights as embeddings, and draws fewer figures.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", cache)
+        patch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hf_home_with_gpt2 / "hub"))
+        assert main(["run", "layernorm", "--out", str(out), "--no-fallback"]) == 0
+    manifest = json.loads((out / "gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
-    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2 any more.
+    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2
+    # any more, and with --no-fallback the process exits 3 saying why, leaving the outputs as they were.
+    before = _tree(out)
     empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
     assert empty.returncode == 3, empty.stderr
-    assert "not in the Hugging Face cache" in " ".join(empty.stderr.split())
+    stderr = " ".join(empty.stderr.split())
+    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
+    assert _tree(out) == before
     # Another revision of gpt2: a miss, converted from its own weights, and the manifest says which.
     other_revision = "fedcba9876543210fedcba9876543210fedcba98"
     other_home = _hf_home_with_other_gpt2(tiny_gpt2_dir, tmp_path / "other-hf-home", other_revision)
@@ -78,15 +88,14 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
 
 
 @pytest.mark.slow
-def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(tmp_path: Path, smollm2_cache: Path) -> None:
-    out = tmp_path / "out"
-    env = {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(smollm2_cache)}
-    done = run_cli(["run", "embeddings", "--out", str(out), "--set", "params.local_subsets=2"], env)
+def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallback_run: CliRun) -> None:
+    out, done = smollm2_fallback_run.out, smollm2_fallback_run.done
     assert done.returncode == 0, done.stderr
     assert "Falling back to the bundled smollm2-135m" in " ".join(done.stderr.split())
     manifest = json.loads((out / "smollm2-135m" / "embeddings" / "manifest.json").read_text())
     assert manifest["model"]["is_fallback"] and manifest["model"]["requested"] == "gpt2"
     assert manifest["model"]["label"] == "smollm2-135m (fallback: gpt2 unavailable)"
+    assert manifest["model"]["from_weight_cache"]  # converted once, in another process
     metrics = json.loads((out / "smollm2-135m" / "embeddings" / "metrics.json").read_text())
     assert "rotary" in metrics["not_applicable"]["position embeddings"]
     index = (out / "index.html").read_text()
@@ -94,13 +103,21 @@ def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(tmp_path: Path,
 
 
 @pytest.mark.parametrize("how", [["--no-fallback"], []])
-def test_no_fallback_exits_3_and_writes_nothing(how: list[str], tmp_path: Path) -> None:
+def test_no_fallback_exits_3_and_writes_nothing(
+    how: list[str], tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process (gpt2 neither cached nor downloadable); a real process's exit status 3 is
+    # checked in test_converted_weights_follow_the_hugging_face_cache_and_its_revision.
     out = tmp_path / "out"
-    env = {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     if not how:
-        env["UNRAVELED_NO_FALLBACK"] = "1"
-    done = run_cli(["run", "embeddings", "--out", str(out), *how], env)
-    assert done.returncode == 3, done.stderr
-    stderr = " ".join(done.stderr.split())
+        monkeypatch.setenv("UNRAVELED_NO_FALLBACK", "1")
+    assert main(["run", "embeddings", "--out", str(out), *how]) == 3
+    stderr = " ".join(capsys.readouterr().err.split())
     assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -11,8 +11,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer
 
+from tests.conftest import SharedTinyModels
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch
-from unraveled.models import load_model
 from unraveled.patching import (
     Patch,
     attribution,
@@ -33,10 +33,8 @@ N_PAIRS = 4
 
 
 @pytest.fixture(scope="module", params=["tiny_gpt2_dir", "tiny_llama_dir"])
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HookedTransformer:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return load_model(str(request.getfixturevalue(request.param)), "processed", fallback=None).model
+def loaded(request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> HookedTransformer:
+    return tiny_model(request.getfixturevalue(request.param), "processed")
 
 
 def _hand_built(tiny_gpt2_dir: Path, attn_only: bool) -> HookedTransformer:

@@ -12,9 +12,10 @@ from unraveled.models import load_model
 @pytest.mark.slow
 def test_smollm2_predicts_paris(smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
-    # Raw weights: the same conversion the fallback tests use (one SmolLM2 conversion per session);
-    # the prediction doesn't depend on the weight processing.
+    # The session's one conversion from GGUF, as cached (raw weights, as the fallback tests read;
+    # the prediction doesn't depend on the weight processing).
     loaded = load_model("smollm2-135m", "raw", fallback=None)
+    assert loaded.from_weight_cache
     model = loaded.model
     cfg = model.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (30, 9, 3, 576)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import SharedTinyModels
 from unraveled.experiments import logit_lens, token_journey
 from unraveled.analysis import state_labels
 from unraveled.config import load_config
-from unraveled.models import load_model
 
 # The five sentences of the original analysis's spread figure (ORIGINAL-DEFAULTS.md).
 ORIGINAL_SENTENCES = [
@@ -36,8 +36,8 @@ def test_state_labels_follow_one_convention() -> None:
     assert state_labels(2, final_norm=True) == ["embeddings", "after block 0", "after block 1 + final norm"]
 
 
-def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(tiny_gpt2_dir: Path, gpt2_tokenizer, weight_cache: Path) -> None:  # type: ignore[no-untyped-def]
-    model = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
+def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(tiny_gpt2_dir: Path, gpt2_tokenizer, tiny_model: SharedTinyModels) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model(tiny_gpt2_dir, "raw")
     sentence = "He killed two birds with one stone"
     params = token_journey.TokenJourneyParams(sentence=sentence, token_index=2, umap_fit_tokens=60, spread_sentences=["A short one", "And another"])
     journey = token_journey.compute(model, params, seed=0)

@@ -9,7 +9,7 @@ from unraveled.cli import main
 from unraveled.render.views import circuitsvis_bundle
 
 
-def test_attention_views_are_self_contained(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_attention_views_are_self_contained(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     views = out / "tiny-gpt2" / "attention" / "views"
