@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from unraveled.config import BUILTIN, DEFAULT_MODEL, LoadedConfig, config_names, load_config
 from unraveled.errors import ConfigError, UnraveledError
@@ -71,7 +71,7 @@ def _print_table(table: Table) -> None:
 @app.command("list")
 def list_configs(config_dir: ConfigDirOption = None) -> None:
     """List the configs, where each comes from, its experiment and description."""
-    table = Table("config", "source", "experiment", "model", "description")
+    table = Table(Column("config", no_wrap=True), Column("source", no_wrap=True), "experiment", "model", "description")
     for name in config_names(config_dir):
         config = load_config(name, config_dir)
         table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
