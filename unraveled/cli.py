@@ -26,7 +26,7 @@ from unraveled.render.export import parse_formats
 SET_HELP = (
     "Override a config value: KEY=VALUE, e.g. params.head=3 or seed=1. A value for a text field "
     "(a prompt, a description, a model name) is taken exactly as written; any other value is read "
-    "as YAML (3, 0.5, true, [a, b])."
+    "as YAML (3, 0.5, true, \\[a, b])."  # \[: a literal bracket in rich markup
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Take GPT-2 apart: figures and views of its insides.")

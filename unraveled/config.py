@@ -102,6 +102,14 @@ def builtin_config_dir() -> Path:
     return folder
 
 
+def _within_working_folder(path: Path) -> Path:
+    """``path`` relative to the working folder when inside it (``configs/x.yaml`` in a checkout), else as is."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 @dataclass(frozen=True)
 class ConfigSources:
     """Where config names are looked up: the built-in configs, then a folder of your own.
@@ -120,7 +128,7 @@ class ConfigSources:
         Raises:
             ConfigError: When ``config_dir`` is given but is not a folder holding configs.
         """
-        builtin = builtin_config_dir()
+        builtin = _within_working_folder(builtin_config_dir())
         folder = config_dir
         if folder is None:
             folder = DEFAULT_CONFIG_DIR if DEFAULT_CONFIG_DIR.is_dir() else None
