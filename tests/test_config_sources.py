@@ -56,6 +56,7 @@ def test_list_from_a_folder_without_configs_shows_every_builtin(elsewhere: Path)
     rows = _rows(done.stdout)
     assert sorted(rows) == SHIPPED
     assert all(row.startswith("built-in |") for row in rows.values()), rows
+    assert f"built-in configs: {REPO_ROOT / 'configs'}/ · your folder: none (give --config-dir DIR, or make ./configs)" in done.stdout
     assert list(elsewhere.iterdir()) == []
 
 
@@ -98,12 +99,13 @@ def test_config_dir_adds_configs_and_overrides_builtins(tmp_path: Path, elsewher
     assert rows["layernorm"].startswith(f"{mine}/ (overrides built-in) | layernorm |") and "My own layernorm run." in rows["layernorm"]
     assert rows["extra_norms"].startswith(f"{mine}/ | layernorm |")
     assert rows["embeddings"].startswith("built-in |")
+    assert f"your folder: {mine}/" in listing.stdout
 
     out = elsewhere / "out"
     args = ["run", "layernorm", "extra_norms", "--config-dir", str(mine), "--model", str(tiny_gpt2_dir), "--out", str(out)]
     done = run_cli(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)}, cwd=elsewhere)
     assert done.returncode == 0, done.stderr
-    assert f"layernorm: {mine / 'layernorm.yaml'} ({mine}/ (overrides built-in))" in done.stderr
+    assert f"layernorm: {mine / 'layernorm.yaml'}, which overrides the built-in config" in done.stderr
     for name, seed, description in [("layernorm", 7, "My own layernorm run."), ("extra_norms", 5, "A config only my folder has.")]:
         manifest = json.loads((out / "tiny-gpt2" / name / "manifest.json").read_text())
         assert manifest["config_file"] == str(mine / f"{name}.yaml")
@@ -197,3 +199,4 @@ def test_the_wheel_ships_every_config_where_the_loader_reads_it(tmp_path: Path) 
     assert listing.returncode == 0, listing.stderr
     rows = _rows(listing.stdout)
     assert sorted(rows) == SHIPPED and all(row.startswith("built-in |") for row in rows.values())
+    assert f"built-in configs: {tmp_path / 'site' / package_folder}/ ·" in listing.stdout

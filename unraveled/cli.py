@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from unraveled.config import BUILTIN, DEFAULT_MODEL, LoadedConfig, config_names, load_config
+from unraveled.config import DEFAULT_MODEL, OVERRIDES_BUILTIN, ConfigSources, LoadedConfig, config_names, load_config
 from unraveled.errors import ConfigError, UnraveledError
 from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
 from unraveled.render.export import parse_formats
@@ -71,8 +71,10 @@ def _print_table(table: Table) -> None:
 @app.command("list")
 def list_configs(config_dir: ConfigDirOption = None) -> None:
     """List the configs, where each comes from, its experiment and description."""
-    table = Table(Column("config", no_wrap=True), Column("source", no_wrap=True), "experiment", "model", "description")
-    for name in config_names(config_dir):
+    sources = ConfigSources.locate(config_dir)
+    columns = (Column("config", no_wrap=True), Column("source", no_wrap=True), "experiment", "model", "description")
+    table = Table(*columns, caption=sources.describe(), caption_justify="left")
+    for name in sources.files():
         config = load_config(name, config_dir)
         table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
     _print_table(table)
@@ -130,8 +132,8 @@ def run(
     # Validate everything, every model name included, before loading a model or writing a file.
     configs: list[LoadedConfig] = [load_config(name, config_dir, overrides) for name in selected]
     for config in configs:
-        if config.source not in (BUILTIN, "file"):
-            logger.info("%s: %s (%s)", config.name, config.path, config.source)
+        if config.source.endswith(OVERRIDES_BUILTIN):
+            logger.info("%s: %s, which overrides the built-in config", config.name, config.path)
     try:
         formats = parse_formats(figure_format or [])
     except ValueError as error:

@@ -34,6 +34,7 @@ from unraveled.experiment import Experiment, Params, available_experiments, load
 # The package the built-in configs install as (pyproject.toml maps it to configs/).
 BUILTIN_CONFIGS = "unraveled.configs"
 BUILTIN = "built-in"
+OVERRIDES_BUILTIN = "(overrides built-in)"
 # Read when no --config-dir is given and it is a folder: a project's own configs/ keeps working.
 DEFAULT_CONFIG_DIR = Path("configs")
 DEFAULT_MODEL = "gpt2"
@@ -157,12 +158,23 @@ class ConfigSources:
         """Where the config ``name`` comes from, as ``unraveled list`` shows it."""
         if name not in self.folder_files():
             return BUILTIN
-        return f"{self.folder}/" + (" (overrides built-in)" if name in self.builtin_files() else "")
+        return f"{self.folder}/" + (f" {OVERRIDES_BUILTIN}" if name in self.builtin_files() else "")
+
+    def _yours(self) -> str:
+        if self.folder:
+            return f"{self.folder}/"
+        # In a checkout installed editable, ./configs is the built-in folder: only --config-dir adds.
+        in_checkout = DEFAULT_CONFIG_DIR.resolve() == self.builtin.resolve()
+        return "none (give --config-dir DIR" + (")" if in_checkout else ", or make ./configs)")
+
+    def describe(self) -> str:
+        """Both sources in a line, for ``unraveled list``: where to copy a built-in config from."""
+        return f"built-in configs: {self.builtin}/ · your folder: {self._yours()}"
 
     def unknown_name_problem(self, name: str) -> str:
         """Why ``name`` is not a config: both sources listed, and the closest name suggested."""
         builtin, own = self.builtin_files(), self.folder_files()
-        yours = f"in {self.folder}/: {', '.join(own)}" if self.folder else "no folder of your own: give --config-dir DIR, or make ./configs"
+        yours = f"in {self.folder}/: {', '.join(own)}" if self.folder else f"your folder: {self._yours()}"
         return f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
 
 
