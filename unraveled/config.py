@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from unraveled.errors import ConfigError
+from unraveled.errors import ConfigError, UnraveledError
 from unraveled.experiment import Experiment, Params, available_experiments, load_experiment
 
 # The package the built-in configs install as (pyproject.toml maps it to configs/).
@@ -89,17 +89,15 @@ def builtin_config_dir() -> Path:
     """The folder holding the built-in configs, as installed with the package.
 
     Raises:
-        ConfigError: When the installed package lacks them (an editable install made before
-            they shipped: reinstall it).
+        UnraveledError: When the installation lacks them (exit status 1: an editable install
+            made before they shipped; reinstall it).
     """
     try:
         folder = importlib.resources.files(BUILTIN_CONFIGS)
     except ModuleNotFoundError:
-        raise ConfigError(
-            BUILTIN_CONFIGS, None, "the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)"
-        ) from None
+        raise UnraveledError(f"{BUILTIN_CONFIGS}: the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)") from None
     if not isinstance(folder, Path):  # a zipped install; configs are named by their file path everywhere
-        raise ConfigError(BUILTIN_CONFIGS, None, f"installed as {folder!r}, not a folder; install unraveled unzipped (pip install)")
+        raise UnraveledError(f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; install unraveled unzipped (pip install)")
     return folder
 
 
