@@ -1,8 +1,9 @@
 """Where configs come from: the built-in ones shipped in the package, and a folder of your own.
 
-Through the CLI in a fresh process, from a temporary folder that is not the checkout, as a user
-who ran ``pip install unraveled`` would; and the wheel built from the repository, checked to hold
-every config where the loader reads it.
+Through the CLI, from a temporary folder that is not the checkout, as a user who ran
+``pip install unraveled`` would: in a fresh process, except where a test must replace the runner
+or a second run would only repeat the seconds a new process takes to import torch. And the wheel
+built from the repository, checked to hold every config where the loader reads it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ OVERRIDE = "experiment: layernorm\ndescription: My own layernorm run.\nseed: 7\n
 ADDITION = "experiment: layernorm\ndescription: A config only my folder has.\nseed: 5\n"
 
 
-def test_config_dir_adds_configs_and_overrides_builtins(tmp_path: Path, elsewhere: Path, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> None:
+def test_config_dir_adds_configs_and_overrides_builtins(
+    tmp_path: Path, elsewhere: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     mine = tmp_path / "my-configs"
     _write(mine, "layernorm", OVERRIDE)
     _write(mine, "extra_norms", ADDITION)
@@ -101,11 +104,12 @@ def test_config_dir_adds_configs_and_overrides_builtins(tmp_path: Path, elsewher
     assert rows["embeddings"].startswith("built-in |")
     assert f"your folder: {mine}/" in listing.stdout
 
+    # The run in this process (torch is imported once per session; a new process takes seconds
+    # to import it), from the same working folder: listing above went through a fresh process.
+    monkeypatch.chdir(elsewhere)
     out = elsewhere / "out"
-    args = ["run", "layernorm", "extra_norms", "--config-dir", str(mine), "--model", str(tiny_gpt2_dir), "--out", str(out)]
-    done = run_cli(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)}, cwd=elsewhere)
-    assert done.returncode == 0, done.stderr
-    assert f"layernorm: {mine / 'layernorm.yaml'}, which overrides the built-in config" in done.stderr
+    assert main(["run", "layernorm", "extra_norms", "--config-dir", str(mine), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
+    assert f"layernorm: {mine / 'layernorm.yaml'}, which overrides the built-in config" in " ".join(capsys.readouterr().err.split())
     for name, seed, description in [("layernorm", 7, "My own layernorm run."), ("extra_norms", 5, "A config only my folder has.")]:
         manifest = json.loads((out / "tiny-gpt2" / name / "manifest.json").read_text())
         assert manifest["config_file"] == str(mine / f"{name}.yaml")
