@@ -138,11 +138,12 @@ def test_the_checkouts_own_configs_folder_is_the_builtin_one(monkeypatch: pytest
 def test_unknown_name_lists_both_sources_and_suggests_the_close_name(tmp_path: Path, elsewhere: Path) -> None:
     mine = tmp_path / "my-configs"
     _write(mine, "extra_norms", ADDITION)
+    (mine / "extra_norm.yml").write_text(ADDITION)
     done = run_cli(["run", "extra_norm", "--config-dir", str(mine), "--out", "out"], {}, cwd=elsewhere)
     assert done.returncode == 2
     message = " ".join(done.stderr.split())
     assert "no config named 'extra_norm'; did you mean 'extra_norms'?" in message
-    assert f"(built-in: {', '.join(SHIPPED)}; in {mine}/: extra_norms)" in message
+    assert f"(built-in: {', '.join(SHIPPED)}; in {mine}/: extra_norms); {mine / 'extra_norm.yml'} is not read: config files end in .yaml" in message
     alone = run_cli(["run", "embedings", "--out", "out"], {}, cwd=elsewhere)
     assert alone.returncode == 2 and "did you mean 'embeddings'?" in alone.stderr and "--config-dir" in alone.stderr
     assert list(elsewhere.iterdir()) == []

@@ -107,7 +107,7 @@ def _check_model_name(name: str, source: str) -> None:
 @app.command()
 def run(
     names: Annotated[list[str] | None, typer.Argument(help="Config names (built-in, or NAME.yaml in --config-dir) or YAML paths.")] = None,
-    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and those of the config folder.")] = False,
+    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and your folder's (--config-dir, or ./configs).")] = False,
     model: Annotated[
         list[str] | None,
         typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),

@@ -173,7 +173,9 @@ class ConfigSources:
         """Why ``name`` is not a config: both sources listed, and the closest name suggested."""
         builtin, own = self.builtin_files(), self.folder_files()
         yours = f"in {self.folder}/: {', '.join(own)}" if self.folder else f"your folder: {self._yours()}"
-        return f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
+        problem = f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
+        misnamed = self.folder / f"{name}.yml" if self.folder else None
+        return problem + (f"; {misnamed} is not read: config files end in .yaml" if misnamed and misnamed.is_file() else "")
 
 
 def config_names(config_dir: Path | None = None) -> list[str]:
