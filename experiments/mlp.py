@@ -20,6 +20,7 @@ from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figu
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from matplotlib.axes import Axes
+    from torch import Tensor
     from transformer_lens import HookedTransformer
 
 # How "active" is measured, shortly (figures) and in full (metrics).
@@ -120,6 +121,16 @@ def pair_angles(vectors: Float[NDArray, "n d"]) -> PairAngles:
     )
 
 
+def _off_diagonal(square: Float[Tensor, "n n"]) -> Float[Tensor, "n_minus_1 n"]:
+    """The off-diagonal entries of a contiguous square matrix, in row-major order, as a view.
+
+    Dropping the first entry of the flattened matrix puts every diagonal entry at the end of a
+    row of n + 1; without that last column, the rows hold exactly the off-diagonal entries.
+    """
+    n = square.shape[0]
+    return square.view(-1)[1:].view(n - 1, n + 1)[:, :-1]
+
+
 def superposition_toy(
     n_vectors: int, n_dims: int, steps: int, lr: float, cutoff: float, seed: int, norm_weight: float = 1000.0
 ) -> SuperpositionToy:
@@ -137,14 +148,24 @@ def superposition_toy(
     vectors = torch.randn(n_vectors, n_dims, generator=generator)
     vectors = (vectors / vectors.norm(dim=1, keepdim=True)).requires_grad_(True)
     optimiser = torch.optim.Adam([vectors], lr=lr)
-    off_diagonal = ~torch.eye(n_vectors, dtype=torch.bool)
+    # The gradient is written by hand: G = d loss / d dots is sign(dot) where the hinge is active
+    # and 2 norm_weight (dot - 1) on the diagonal, and d loss / d vectors = G V + G^T V, the two
+    # products autograd's matmul backward forms (G^T as a transposed view, as it passes it). The
+    # same operations in the same order give autograd's gradients bit for bit, without gathering
+    # the million off-diagonal entries through a boolean mask and scattering them back each step.
+    grad_dots = torch.empty(n_vectors, n_vectors)
+    grad_off_diagonal = _off_diagonal(grad_dots)
     losses = []
-    with torch.enable_grad():
+    with torch.no_grad():
         for _ in range(steps):
             dots = vectors @ vectors.T
-            loss = (dots[off_diagonal].abs() - cutoff).relu().sum() + norm_weight * ((dots.diagonal() - 1) ** 2).sum()
-            optimiser.zero_grad()
-            loss.backward()
+            off_diagonal = _off_diagonal(dots)
+            hinge = off_diagonal.abs().sub_(cutoff)
+            deviation = dots.diagonal() - 1
+            loss = hinge.relu().sum() + norm_weight * (deviation**2).sum()
+            torch.sign(off_diagonal, out=grad_off_diagonal).mul_(hinge > 0)
+            grad_dots.diagonal().copy_(norm_weight * (2 * deviation))
+            vectors.grad = grad_dots.mm(vectors) + grad_dots.T.mm(vectors)
             optimiser.step()
             losses.append(loss.item())
     final = vectors.detach().numpy()

@@ -39,6 +39,16 @@ def test_cumulative_variance_of_exactly_planar_points() -> None:
     assert cumulative[1] > 1 - 1e-9 and intrinsic_dimension(cumulative, 0.9) <= 2
 
 
+@pytest.mark.parametrize("shape", [(400, 30), (20, 30)])
+def test_cumulative_variance_matches_the_squared_singular_values(shape: tuple[int, int]) -> None:
+    points = np.random.default_rng(2).standard_normal(shape) * np.linspace(3.0, 0.1, shape[1])
+    singular = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    expected = np.cumsum(singular**2) / np.sum(singular**2)
+    cumulative = cumulative_explained_variance(points.astype(np.float32))
+    assert cumulative.shape == (min(shape),)  # fewer points than dimensions: one value per point
+    np.testing.assert_allclose(cumulative, expected, rtol=0, atol=1e-6)
+
+
 def test_local_neighbourhoods_are_nearest_points() -> None:
     line = np.arange(100, dtype=float)[:, None]
     (indices,) = local_neighbourhoods(line, 1, 5, np.random.default_rng(0))

@@ -51,6 +51,31 @@ def test_superposition_toy_follows_the_original_and_respects_the_welch_bound() -
     assert np.abs(np.linalg.norm(toy.vectors, axis=1) - 1).max() < 0.02  # the penalty keeps rows unit length
 
 
+def _toy_by_autograd(n: int, d: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The original's optimisation as written there: the loss through autograd, Adam on the rows."""
+    vectors = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    vectors = (vectors / vectors.norm(dim=1, keepdim=True)).requires_grad_(True)
+    optimiser = torch.optim.Adam([vectors], lr=0.01)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            dots = vectors @ vectors.T
+            loss = (dots[off_diagonal].abs() - 0.01).relu().sum() + 1000.0 * ((dots.diagonal() - 1) ** 2).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+    return np.array(losses), vectors.detach().numpy()
+
+
+def test_superposition_toy_takes_the_steps_autograd_takes_on_the_originals_loss() -> None:
+    losses, vectors = _toy_by_autograd(n=50, d=8, steps=40, seed=5)
+    toy = mlp.superposition_toy(n_vectors=50, n_dims=8, steps=40, lr=0.01, cutoff=0.01, seed=5)
+    np.testing.assert_allclose(toy.loss, losses, rtol=1e-6)
+    np.testing.assert_allclose(toy.vectors, vectors, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
 def test_active_fraction_matches_the_neurons_firing_in_transformers(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
     folder = request.getfixturevalue(checkpoint)

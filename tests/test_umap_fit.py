@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -22,3 +23,17 @@ def test_umap_places_points_by_cluster_without_warnings() -> None:
     distances = np.linalg.norm(placed[:, None] - placed[None], axis=-1)
     within = max(distances[:5, :5].max(), distances[5:, 5:].max())
     assert distances[:5, 5:].min() > within
+
+
+def test_umap_kernels_compiled_by_a_fit_are_kept_on_disk() -> None:
+    from umap import layouts, umap_
+
+    rng = np.random.default_rng(1)
+    umap_3d(rng.standard_normal((120, 8)), rng.standard_normal((3, 8)), neighbours=5, seed=0)
+    for kernel in (umap_.smooth_knn_dist, umap_.compute_membership_strengths, layouts._nb_optimize_layout_euclidean_single_epoch):
+        folder = Path(kernel.stats.cache_path)
+        name = f"{kernel.py_func.__module__.rsplit('.', 1)[-1]}.{kernel.py_func.__name__}-"
+        kept = [path.suffix for path in folder.glob(f"{name}*")]
+        assert ".nbi" in kept and ".nbc" in kept, f"{kernel.py_func.__name__}: no compiled code kept in {folder}"
+    # The parallel layout kernel shares the serial one's Python function and cache key: it must stay uncached.
+    assert layouts._nb_optimize_layout_euclidean_single_epoch_parallel.stats.cache_path is None
