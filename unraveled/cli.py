@@ -16,9 +16,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
-from unraveled.config import DEFAULT_CONFIG_DIR, DEFAULT_MODEL, LoadedConfig, config_names, load_config
+from unraveled.config import DEFAULT_MODEL, OVERRIDES_BUILTIN, ConfigSources, LoadedConfig, config_names, load_config
 from unraveled.errors import ConfigError, UnraveledError
 from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
 from unraveled.render.export import parse_formats
@@ -26,13 +26,20 @@ from unraveled.render.export import parse_formats
 SET_HELP = (
     "Override a config value: KEY=VALUE, e.g. params.head=3 or seed=1. A value for a text field "
     "(a prompt, a description, a model name) is taken exactly as written; any other value is read "
-    "as YAML (3, 0.5, true, [a, b])."
+    "as YAML (3, 0.5, true, \\[a, b])."  # \[: a literal bracket in rich markup
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Take GPT-2 apart: figures and views of its insides.")
 console = Console(stderr=True)
 
-ConfigDirOption = Annotated[Path, typer.Option("--config-dir", help="Where config names are looked up.")]
+CONFIG_DIR_HELP = (
+    "A folder of your own configs (NAME.yaml). They add to the built-in configs, and one named like a "
+    "built-in config overrides it. Without --config-dir, ./configs is read if it is a folder; "
+    "otherwise only the built-in configs are used."
+)
+
+ConfigDirOption = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP, show_default=False)]
+logger = logging.getLogger(__name__)
 
 
 def _log_handler() -> logging.Handler:
@@ -62,12 +69,14 @@ def _print_table(table: Table) -> None:
 
 
 @app.command("list")
-def list_configs(config_dir: ConfigDirOption = DEFAULT_CONFIG_DIR) -> None:
-    """List the configs with their experiment and description."""
-    table = Table("config", "experiment", "model", "description")
-    for name in config_names(config_dir):
+def list_configs(config_dir: ConfigDirOption = None) -> None:
+    """List the configs, where each comes from, its experiment and description."""
+    sources = ConfigSources.locate(config_dir)
+    columns = (Column("config", no_wrap=True), Column("source", no_wrap=True), "experiment", "model", "description")
+    table = Table(*columns, caption=sources.describe(), caption_justify="left")
+    for name in sources.files():
         config = load_config(name, config_dir)
-        table.add_row(name, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
+        table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
     _print_table(table)
 
 
@@ -97,8 +106,8 @@ def _check_model_name(name: str, source: str) -> None:
 
 @app.command()
 def run(
-    names: Annotated[list[str] | None, typer.Argument(help="Config names (configs/NAME.yaml) or YAML paths.")] = None,
-    run_all: Annotated[bool, typer.Option("--all", help="Run every config in the config folder.")] = False,
+    names: Annotated[list[str] | None, typer.Argument(help="Config names (built-in, or NAME.yaml in --config-dir) or YAML paths.")] = None,
+    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and your folder's (--config-dir, or ./configs).")] = False,
     model: Annotated[
         list[str] | None,
         typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),
@@ -113,7 +122,7 @@ def run(
         bool,
         typer.Option("--no-fallback", envvar="UNRAVELED_NO_FALLBACK", help="Fail (exit 3) instead of falling back to the bundled model."),
     ] = False,
-    config_dir: ConfigDirOption = DEFAULT_CONFIG_DIR,
+    config_dir: ConfigDirOption = None,
 ) -> None:
     """Run configs and write figures, views, metrics and the index under --out."""
     if run_all == bool(names):
@@ -122,6 +131,9 @@ def run(
     selected = config_names(config_dir) if run_all else list(dict.fromkeys(names or []))
     # Validate everything, every model name included, before loading a model or writing a file.
     configs: list[LoadedConfig] = [load_config(name, config_dir, overrides) for name in selected]
+    for config in configs:
+        if config.source.endswith(OVERRIDES_BUILTIN):
+            logger.info("%s: %s, which overrides the built-in config", config.name, config.path)
     try:
         formats = parse_formats(figure_format or [])
     except ValueError as error:

@@ -1,4 +1,11 @@
-"""YAML run configs: one file per run in ``configs/``, validated strictly.
+"""YAML run configs: the built-in ones and a folder of your own, validated strictly.
+
+Config names are looked up in two places. The built-in configs are the YAML files of the
+repository's ``configs/`` folder, installed with the package as ``unraveled.configs`` and read
+through ``importlib.resources`` (an editable install reads the checkout's folder itself), so
+``unraveled run embeddings`` works from any folder. A folder of your own (``--config-dir DIR``;
+without it ``./configs``, when that folder exists) adds its configs, and one named like a
+built-in config overrides it.
 
 A config names an experiment and its params; every error names the file, the field, what was
 expected and, for a misspelt name, what was probably meant. Validation reads YAML and the
@@ -9,6 +16,7 @@ reported in well under a second.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import re
 import reprlib
 import types
@@ -20,9 +28,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from unraveled.errors import ConfigError
+from unraveled.errors import ConfigError, UnraveledError
 from unraveled.experiment import Experiment, Params, available_experiments, load_experiment
 
+# The package the built-in configs install as (pyproject.toml maps it to configs/).
+BUILTIN_CONFIGS = "unraveled.configs"
+BUILTIN = "built-in"
+OVERRIDES_BUILTIN = "(overrides built-in)"
+# Read when no --config-dir is given and it is a folder: a project's own configs/ keeps working.
 DEFAULT_CONFIG_DIR = Path("configs")
 DEFAULT_MODEL = "gpt2"
 # A config's name becomes a folder name under OUT/<model>/: plain identifiers only, so no name
@@ -65,30 +78,116 @@ class LoadedConfig:
     run: RunConfig
     params: Params
     experiment: Experiment[Any, Any]
+    source: str  # as `unraveled list` shows it: built-in, DIR/, DIR/ (overrides built-in) or file
 
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""
         return {**self.run.model_dump(), "params": self.params.model_dump(mode="json")}
 
 
-def config_names(config_dir: Path = DEFAULT_CONFIG_DIR) -> list[str]:
-    """Names of the configs in ``config_dir`` (file names without ``.yaml``).
+def builtin_config_dir() -> Path:
+    """The folder holding the built-in configs, as installed with the package.
 
     Raises:
-        ConfigError: When ``config_dir`` is not a folder or holds no configs.
+        UnraveledError: When the installation lacks them (exit status 1: an editable install
+            made before they shipped; reinstall it).
     """
-    if not config_dir.is_dir():
-        problem = "is a file, not a folder" if config_dir.exists() else "no such folder"
-        raise ConfigError(
-            str(config_dir),
-            None,
-            f"{problem} (config names are looked up in {config_dir.resolve()}; "
-            "run from the project folder or give --config-dir FOLDER)",
-        )
-    names = sorted(path.stem for path in config_dir.glob("*.yaml"))
-    if not names:
-        raise ConfigError(str(config_dir), None, f"no configs (*.yaml) in {config_dir.resolve()}; give --config-dir FOLDER")
-    return names
+    try:
+        folder = importlib.resources.files(BUILTIN_CONFIGS)
+    except ModuleNotFoundError:
+        raise UnraveledError(f"{BUILTIN_CONFIGS}: the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)") from None
+    if not isinstance(folder, Path):  # a zipped install; configs are named by their file path everywhere
+        raise UnraveledError(f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; install unraveled unzipped (pip install)")
+    return folder
+
+
+def _within_working_folder(path: Path) -> Path:
+    """``path`` relative to the working folder when inside it (``configs/x.yaml`` in a checkout), else as is."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where config names are looked up: the built-in configs, then a folder of your own.
+
+    Build it with ``ConfigSources.locate``: it checks the folder, and drops it when it is the
+    built-in folder itself (``./configs`` of a checkout installed editable).
+    """
+
+    builtin: Path
+    folder: Path | None
+
+    @classmethod
+    def locate(cls, config_dir: Path | None = None) -> ConfigSources:
+        """The built-in configs plus ``config_dir`` or, when it is None, ``./configs`` if that is a folder.
+
+        Raises:
+            ConfigError: When ``config_dir`` is given but is not a folder holding configs.
+        """
+        builtin = _within_working_folder(builtin_config_dir())
+        folder = config_dir
+        if folder is None:
+            folder = DEFAULT_CONFIG_DIR if DEFAULT_CONFIG_DIR.is_dir() else None
+        elif not folder.is_dir():
+            problem = "is a file, not a folder" if folder.exists() else "no such folder"
+            raise ConfigError("--config-dir", None, f"{folder}: {problem} (looked for {folder.resolve()}); give a folder of NAME.yaml configs")
+        elif not any(folder.glob("*.yaml")):
+            raise ConfigError("--config-dir", None, f"{folder}: no configs (*.yaml) in {folder.resolve()}; give a folder of NAME.yaml configs")
+        if folder is not None and folder.resolve() == builtin.resolve():
+            folder = None
+        return cls(builtin, folder)
+
+    def builtin_files(self) -> dict[str, Path]:
+        """The built-in configs by name."""
+        return {path.stem: path for path in sorted(self.builtin.glob("*.yaml"))}
+
+    def folder_files(self) -> dict[str, Path]:
+        """The folder's configs by name (none without a folder)."""
+        return {path.stem: path for path in sorted(self.folder.glob("*.yaml"))} if self.folder else {}
+
+    def files(self) -> dict[str, Path]:
+        """Every config by name, sorted; a folder's config replaces the built-in one of its name."""
+        return dict(sorted((self.builtin_files() | self.folder_files()).items()))
+
+    def source(self, name: str) -> str:
+        """Where the config ``name`` comes from, as ``unraveled list`` shows it."""
+        if name not in self.folder_files():
+            return BUILTIN
+        return f"{self.folder}/" + (f" {OVERRIDES_BUILTIN}" if name in self.builtin_files() else "")
+
+    def _yours(self) -> str:
+        if self.folder:
+            return f"{self.folder}/"
+        # In a checkout installed editable, ./configs is the built-in folder: only --config-dir adds.
+        in_checkout = DEFAULT_CONFIG_DIR.resolve() == self.builtin.resolve()
+        return "none (give --config-dir DIR" + (")" if in_checkout else ", or make ./configs)")
+
+    def describe(self) -> str:
+        """Both sources in a line, for ``unraveled list``: where to copy a built-in config from."""
+        return f"built-in configs: {self.builtin}/ · your folder: {self._yours()}"
+
+    def unknown_name_problem(self, name: str) -> str:
+        """Why ``name`` is not a config: both sources listed, and the closest name suggested."""
+        builtin, own = self.builtin_files(), self.folder_files()
+        yours = f"in {self.folder}/: {', '.join(own)}" if self.folder else f"your folder: {self._yours()}"
+        problem = f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
+        misnamed = self.folder / f"{name}.yml" if self.folder else None
+        return problem + (f"; {misnamed} is not read: config files end in .yaml" if misnamed and misnamed.is_file() else "")
+
+
+def config_names(config_dir: Path | None = None) -> list[str]:
+    """Names of the configs (file names without ``.yaml``): the built-in ones and ``config_dir``'s.
+
+    Args:
+        config_dir: A folder of your own configs; None reads ``./configs`` if it is a folder.
+
+    Raises:
+        ConfigError: When ``config_dir`` is given but is not a folder holding configs.
+    """
+    return list(ConfigSources.locate(config_dir).files())
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -106,24 +205,19 @@ def _check_name(name: str, source: str) -> None:
         )
 
 
-def _config_path(name: str, config_dir: Path) -> Path:
+def _config_path(name: str, sources: ConfigSources) -> tuple[Path, str]:
+    """The file a config name or YAML path stands for, and where it comes from."""
     as_path = Path(name)
     if as_path.suffix in {".yaml", ".yml"}:
         _check_name(as_path.stem, str(as_path))
         if not as_path.is_file():
             raise ConfigError(str(as_path), None, "no such file")
-        return as_path
+        return as_path, "file"
     _check_name(name, name)
-    path = config_dir / f"{name}.yaml"
-    if not path.is_file():
-        known = config_names(config_dir)
-        raise ConfigError(
-            name,
-            None,
-            f"no config named {name!r} in {config_dir}/{_did_you_mean(name, known)} "
-            f"(available: {', '.join(known) or 'none'})",
-        )
-    return path
+    path = sources.files().get(name)
+    if path is None:
+        raise ConfigError(name, None, sources.unknown_name_problem(name))
+    return path, sources.source(name)
 
 
 def _expanded_chars(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -233,12 +327,14 @@ def _format_validation_error(error: ValidationError, source: str, prefix: str, s
     return ConfigError(source, first_field, first_problem + rest)
 
 
-def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: list[str] | None = None) -> LoadedConfig:
+def load_config(name: str, config_dir: Path | None = None, overrides: list[str] | None = None) -> LoadedConfig:
     """Read, override and validate one config.
 
     Args:
-        name: A config name (``embeddings`` for ``configs/embeddings.yaml``) or a YAML path.
-        config_dir: Where config names are looked up.
+        name: A config name (``embeddings``: ``DIR/embeddings.yaml`` if the folder has it, else
+            the built-in one) or a YAML path.
+        config_dir: A folder of your own configs, adding to and overriding the built-in ones;
+            None reads ``./configs`` if it is a folder.
         overrides: ``KEY=VALUE`` strings (``params.layer=3``, ``seed=1``). A value for a text
             field is taken as written (``--set 'params.prompt=Item #1: yes'`` is that prompt);
             any other value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``).
@@ -247,10 +343,10 @@ def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: lis
         The validated config with its experiment and typed params.
 
     Raises:
-        ConfigError: For a bad name, a missing or unreadable file, invalid YAML, an unknown key,
+        ConfigError: For a bad name or ``config_dir``, a missing or unreadable file, invalid YAML, an unknown key,
             a wrong type or value, or an unknown experiment.
     """
-    path = _config_path(name, config_dir)
+    path, origin = _config_path(name, ConfigSources.locate(config_dir))
     source = str(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -286,4 +382,4 @@ def load_config(name: str, config_dir: Path = DEFAULT_CONFIG_DIR, overrides: lis
     except ValidationError as error:
         raise _format_validation_error(error, source, "params", experiment.params) from None
     run = run.model_copy(update={"params": raw_params})
-    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment)
+    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin)
