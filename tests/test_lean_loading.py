@@ -1,0 +1,86 @@
+"""The memory-lean conversion and cache read give exactly what TransformerLens's own path gives.
+
+``hooked_from_hf`` skips the whole-state-dict copies TransformerLens's weight processing makes at
+each step, and ``weight_cache`` copies stored tensors into the model one at a time. The reference
+here is TransformerLens's stock ``load_and_process_state_dict`` (copies included) on the same
+converted state dict, and the tensors as written to the cache file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unraveled.models import load_model
+from unraveled.models import weight_cache as converted_weights
+from unraveled.models.convert import _hf_config_dict, hooked_from_hf, processing_flags
+
+
+def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
+    """The conversion as TransformerLens does it, its defensive copies included."""
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    flags = processing_flags(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = Path(tmp) / "checkpoint"
+        config_dir.mkdir()
+        (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
+        cfg = tl_loading.get_pretrained_model_config(str(config_dir), fold_ln=flags["fold_ln"], dtype=torch.float32)
+        state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
+    return model.eval()
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("weights", ["processed", "raw"])
+def test_lean_conversion_equals_transformer_lens_stock_processing(
+    checkpoint: str, weights: str, request: pytest.FixtureRequest
+) -> None:
+    folder = request.getfixturevalue(checkpoint)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    hf_before = {name: tensor.clone() for name, tensor in hf_model.state_dict().items()}
+    lean = hooked_from_hf(hf_model, AutoTokenizer.from_pretrained(folder), weights, model_name="lean")
+    stock = _stock_transformer_lens(folder, weights)
+
+    lean_state, stock_state = lean.state_dict(), stock.state_dict()
+    assert lean_state.keys() == stock_state.keys()
+    for name, tensor in stock_state.items():
+        assert type(lean_state[name]) is torch.Tensor, name  # no tensor subclass leaks into the model
+        assert torch.equal(lean_state[name], tensor), name
+    assert lean.cfg.normalization_type == stock.cfg.normalization_type
+    # The processing is functional: the transformers model it read from is left as it was.
+    for name, tensor in hf_model.state_dict().items():
+        assert torch.equal(tensor, hf_before[name]), name
+
+
+def test_cache_read_restores_every_stored_tensor(tiny_llama_dir: Path, weight_cache: Path) -> None:
+    first = load_model(str(tiny_llama_dir), "processed", fallback=None)
+    second = load_model(str(tiny_llama_dir), "processed", fallback=None)
+    assert second.from_weight_cache
+    (stored_file,) = weight_cache.glob("weights/tiny-llama-processed-*/model.safetensors")
+    stored = safetensors.torch.load_file(stored_file)
+    loaded = second.model.state_dict()
+    for name, tensor in stored.items():
+        assert torch.equal(loaded[name], tensor), name
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_cache_file_that_does_not_match_the_model_is_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
+    load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+    (entry,) = weight_cache.glob("weights/tiny-gpt2-raw-*")
+    stored = safetensors.torch.load_file(entry / "model.safetensors")
+    dropped = next(name for name in stored if name.endswith("attn.W_Q"))
+    del stored[dropped]
+    safetensors.torch.save_file(stored, entry / "model.safetensors")
+    with pytest.raises(RuntimeError, match=dropped.replace(".", r"\.")):
+        converted_weights.load_entry(entry.name, "cpu")
