@@ -486,8 +486,10 @@ def edge_circuit_logit_differences(
     kept = kept.to(torch.float32)
     # Per upstream component, in upstream order, what it writes now minus on the corrupted prompts;
     # filled as the forward pass reaches it (one buffer: stacking at every input would copy it all).
+    # Upstream is the last axis, so each input's sum over kept edges is one batched matrix product
+    # on a view of the filled part; with upstream first, einsum copied the whole buffer per input.
     n_upstream = 1 + n_layers * (n_heads + 1)
-    deltas = torch.zeros(n_upstream, circuits, batch, pairs.clean.shape[1], cfg.d_model)
+    deltas = torch.zeros(circuits, batch, pairs.clean.shape[1], cfg.d_model, n_upstream)
     filled = [0]
     embedding_hooks = _embedding_hooks(model)
     embedded: dict[str, Tensor] = {}
@@ -496,29 +498,32 @@ def edge_circuit_logit_differences(
         return tensor.reshape(circuits, batch, *tensor.shape[1:])
 
     def append(values: Tensor) -> None:
-        deltas[filled[0] : filled[0] + values.shape[0]] = values
-        filled[0] += values.shape[0]
+        """``values``: [circuit, batch, pos, d_model, component], components in upstream order."""
+        deltas[..., filled[0] : filled[0] + values.shape[-1]] = values
+        filled[0] += values.shape[-1]
 
     def record_embedding(activation: Tensor, hook: HookPoint) -> Tensor:
         embedded[hook.name] = rows(activation) - corrupted_cache[hook.name]
         if len(embedded) == len(embedding_hooks):
-            append(sum(embedded.values())[None])  # type: ignore[index]
+            append(sum(embedded.values())[..., None])  # type: ignore[index]
         return activation
 
     def record_heads(activation: Tensor, hook: HookPoint) -> Tensor:
         z = rows(activation) - corrupted_cache[hook.name]
-        append(torch.einsum("cbphd,hdm->hcbpm", z, model.W_O[hook_layer(hook.name)]))
+        append(torch.einsum("cbphd,hdm->cbpmh", z, model.W_O[hook_layer(hook.name)]))
         return activation
 
     def record_mlp(activation: Tensor, hook: HookPoint) -> Tensor:
-        append((rows(activation) - corrupted_cache[hook.name])[None])
+        append((rows(activation) - corrupted_cache[hook.name])[..., None])
         return activation
 
     def rebuild(corrupted_name: str, columns: slice, per_head: bool):
         def hook(activation: Tensor, hook: HookPoint) -> Tensor:
             n = filled[0]
-            added = torch.einsum("ucbpd,cuv->cbpvd", deltas[:n], kept[:, :n, columns])
+            written = deltas[..., :n].reshape(circuits, -1, n)  # a view: the leading axes are contiguous
+            added = torch.bmm(written, kept[:, :n, columns]).reshape(*deltas.shape[:4], -1)  # [c, b, p, d, v]
             base = corrupted_cache[corrupted_name][None, :, :, None]
+            added = added.movedim(-1, 3)  # [c, b, p, v, d]
             rebuilt = base + added if per_head else (base + added)[:, :, :, 0]
             return rebuilt.reshape(activation.shape)
 
