@@ -84,3 +84,48 @@ def test_cache_file_that_does_not_match_the_model_is_refused(tiny_gpt2_dir: Path
     safetensors.torch.save_file(stored, entry / "model.safetensors")
     with pytest.raises(RuntimeError, match=dropped.replace(".", r"\.")):
         converted_weights.load_entry(entry.name, "cpu")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
+    checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
+    from transformer_lens.components import GatedMLP
+
+    from unraveled.models.layout import store_rearranged
+
+    folder = request.getfixturevalue(checkpoint)
+    loaded = load_model(str(folder), "processed", fallback=None).model
+    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name, "cpu")[0]
+    assert all(parameter.is_contiguous() for parameter in plain.parameters())
+    assert loaded.state_dict().keys() == plain.state_dict().keys()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+    # What TransformerLens rearranges in its forward pass is already laid out that way: a view.
+    attention = loaded.blocks[0].attn
+    assert attention.W_Q.permute(0, 2, 1).is_contiguous() and not attention.W_Q.is_contiguous()
+    assert attention.W_O.permute(2, 0, 1).is_contiguous()
+    assert loaded.unembed.W_U.T.is_contiguous()
+    if isinstance(loaded.blocks[0].mlp, GatedMLP):
+        assert loaded.blocks[0].mlp.W_in.T.is_contiguous() and loaded.blocks[0].mlp.W_gate.T.is_contiguous()
+    assert store_rearranged(loaded) is loaded  # a second pass changes nothing
+
+    tokens = loaded.to_tokens(["The quick brown fox jumps over the lazy dog"])
+    assert torch.equal(loaded(tokens), plain(tokens))
+
+    def gradient(model: HookedTransformer) -> torch.Tensor:
+        embedded: list[torch.Tensor] = []
+
+        def keep(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            tracked = activation.detach().requires_grad_(True)
+            embedded.append(tracked)
+            return tracked
+
+        with torch.enable_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", keep)])[0, -1, 0].backward()
+        return embedded[0].grad
+
+    embed_grad = gradient(plain)
+    assert embed_grad is not None and embed_grad.abs().sum() > 0
+    assert torch.equal(gradient(loaded), embed_grad)

@@ -36,6 +36,16 @@ from unraveled.logits import residual_hook_names
 MAX_ROWS = 128
 """Rows (copies of prompts) run through the model at once: bounds memory, keeps batches efficient."""
 
+GRADIENT_TOKENS = 32
+"""Tokens per forward-and-backward pass. Autograd keeps every intermediate activation of the pass
+(with split head inputs, each head's own copy of the residual stream), so a gradient pass holds
+many times what a plain forward pass does; rows are independent, so passes over fewer rows give
+the same gradients."""
+
+EDGE_BUFFER_BYTES = 128 * 1024 * 1024
+"""Upper bound of the per-component delta buffer of one edge-faithfulness pass (see
+``edge_circuit_logit_differences``); circuits beyond it run in further passes."""
+
 
 @dataclass(frozen=True)
 class PromptPairs:
@@ -61,6 +71,10 @@ class PromptPairs:
 
     def tokens(self, which: Literal["clean", "corrupted"]) -> Int[Tensor, "batch pos"]:
         return self.clean if which == "clean" else self.corrupted
+
+    def rows(self, selected: slice) -> PromptPairs:
+        """The pairs in rows ``selected``."""
+        return PromptPairs(self.clean[selected], self.corrupted[selected], self.last[selected], self.correct[selected], self.incorrect[selected])
 
 
 def single_pair(model: HookedTransformer, clean: str, corrupted: str, correct: int, incorrect: int, field: str = "params") -> PromptPairs:
@@ -267,11 +281,23 @@ def _with_gradients(
         return activation
 
     tracked = [(name, track) for name in _embedding_hooks(model)]
-    with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[*tracked, *[(name, keep) for name in hooks]])
-        differences = logit_differences(logits, pairs)
-        grads = torch.autograd.grad(differences.sum(), [kept[name] for name in hooks])
-    return differences.detach(), {name: kept[name].detach() for name in hooks}, dict(zip(hooks, grads))
+    rows_per_pass = max(1, GRADIENT_TOKENS // tokens.shape[1])
+    differences, activations, grads = [], [], []
+    for start in range(0, tokens.shape[0], rows_per_pass):
+        rows = slice(start, start + rows_per_pass)
+        with torch.enable_grad():
+            logits = model.run_with_hooks(tokens[rows], fwd_hooks=[*tracked, *[(name, keep) for name in hooks]])
+            part = logit_differences(logits, pairs.rows(rows))
+            grads.append(torch.autograd.grad(part.sum(), [kept[name] for name in hooks]))
+        differences.append(part.detach())
+        activations.append([kept[name].detach() for name in hooks])
+        del logits, part
+        kept.clear()
+    return (
+        torch.cat(differences),
+        {name: torch.cat([part[index] for part in activations]) for index, name in enumerate(hooks)},
+        {name: torch.cat([part[index] for part in grads]) for index, name in enumerate(hooks)},
+    )
 
 
 def attribution(
@@ -480,6 +506,19 @@ def edge_circuit_logit_differences(
     ``corrupted_cache`` must hold the embeddings, every ``attn.hook_z``, ``hook_mlp_out``,
     ``hook_resid_pre`` and ``hook_resid_mid``, and the last ``hook_resid_post``.
     """
+    cfg = model.cfg
+    n_upstream = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    bytes_per_circuit = pairs.size * pairs.clean.shape[1] * cfg.d_model * n_upstream * 4
+    per_pass = max(1, EDGE_BUFFER_BYTES // bytes_per_circuit)
+    return torch.cat([_edge_circuits_in_one_pass(model, pairs, corrupted_cache, kept[start : start + per_pass]) for start in range(0, kept.shape[0], per_pass)])
+
+
+def _edge_circuits_in_one_pass(
+    model: HookedTransformer,
+    pairs: PromptPairs,
+    corrupted_cache: ActivationCache | dict[str, Tensor],
+    kept: Bool[Tensor, "circuit upstream downstream"],
+) -> Float[Tensor, "circuit batch"]:
     cfg = model.cfg
     n_layers, n_heads, batch = cfg.n_layers, cfg.n_heads, pairs.size
     circuits = kept.shape[0]

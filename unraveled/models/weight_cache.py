@@ -115,6 +115,20 @@ def load_entry(key: str, device: str) -> tuple[HookedTransformer, int] | None:
     return model.eval(), int(source["checkpoint_parameters"])
 
 
+def _tensors_to_store(model: HookedTransformer) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors takes it: each tensor shared under several names (the
+    layers' common rotary tables) once, and contiguous (``store_rearranged`` gives some weights
+    another layout; those are copied)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if identity not in seen:
+            seen.add(identity)
+            tensors[name] = tensor.contiguous()
+    return tensors
+
+
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
     """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count; returns
     the entry's folder."""
@@ -122,7 +136,7 @@ def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
-        safetensors.torch.save_model(model, str(staging / _WEIGHTS_FILE))
+        safetensors.torch.save_file(_tensors_to_store(model), str(staging / _WEIGHTS_FILE))
         (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
         (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))
