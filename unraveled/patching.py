@@ -281,23 +281,17 @@ def _with_gradients(
         return activation
 
     tracked = [(name, track) for name in _embedding_hooks(model)]
-    rows_per_pass = max(1, GRADIENT_TOKENS // tokens.shape[1])
-    differences, activations, grads = [], [], []
-    for start in range(0, tokens.shape[0], rows_per_pass):
-        rows = slice(start, start + rows_per_pass)
-        with torch.enable_grad():
-            logits = model.run_with_hooks(tokens[rows], fwd_hooks=[*tracked, *[(name, keep) for name in hooks]])
-            part = logit_differences(logits, pairs.rows(rows))
-            grads.append(torch.autograd.grad(part.sum(), [kept[name] for name in hooks]))
-        differences.append(part.detach())
-        activations.append([kept[name].detach() for name in hooks])
-        del logits, part
-        kept.clear()
-    return (
-        torch.cat(differences),
-        {name: torch.cat([part[index] for part in activations]) for index, name in enumerate(hooks)},
-        {name: torch.cat([part[index] for part in grads]) for index, name in enumerate(hooks)},
-    )
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[*tracked, *[(name, keep) for name in hooks]])
+        differences = logit_differences(logits, pairs)
+        grads = torch.autograd.grad(differences.sum(), [kept[name] for name in hooks])
+    return differences.detach(), {name: kept[name].detach() for name in hooks}, dict(zip(hooks, grads))
+
+
+def _gradient_passes(pairs: PromptPairs) -> list[slice]:
+    """The rows of each gradient pass: at most ``GRADIENT_TOKENS`` tokens, at least one row."""
+    rows = max(1, GRADIENT_TOKENS // pairs.clean.shape[1])
+    return [slice(start, start + rows) for start in range(0, pairs.size, rows)]
 
 
 def attribution(
@@ -319,8 +313,15 @@ def attribution(
         The base run's logit differences, and per hook the elementwise estimate (same shape as
         the activation, batch first).
     """
-    differences, activations, grads = _with_gradients(model, pairs.tokens(base), pairs, hooks)
-    return differences, {name: (source[name] - activations[name]) * grads[name] for name in hooks}
+    differences = torch.empty(pairs.size)
+    estimates: dict[str, Tensor] = {}
+    for rows in _gradient_passes(pairs):
+        part = pairs.rows(rows)
+        differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, hooks)
+        for name in hooks:
+            estimate = (source[name][rows] - activations[name]) * grads[name]
+            estimates.setdefault(name, torch.empty(pairs.size, *estimate.shape[1:]))[rows] = estimate
+    return differences, estimates
 
 
 @contextmanager
@@ -399,60 +400,80 @@ def edge_attribution(
     ``source`` must cache ``hook_embed`` (and ``hook_pos_embed`` if the model has one), every
     ``attn.hook_z`` and ``hook_mlp_out``.
     """
-    cfg = model.cfg
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    n_layers = model.cfg.n_layers
     outputs = [*_embedding_hooks(model), *[f"blocks.{l}.attn.hook_z" for l in range(n_layers)], *[f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]]
     inputs = [f"blocks.{l}.hook_{kind}_input" for l in range(n_layers) for kind in ("q", "k", "v")]
     inputs += [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    with split_head_inputs(model):
-        differences, activations, grads = _with_gradients(model, pairs.tokens(base), pairs, [*outputs, *inputs])
-    batch = pairs.size
+    differences = torch.empty(pairs.size)
+    scores: Tensor | None = None
+    nodes: Tensor | None = None
+    # Every score is a sum over prompts: each gradient pass adds its rows' share.
+    for rows in _gradient_passes(pairs):
+        part = pairs.rows(rows)
+        with split_head_inputs(model):
+            differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, [*outputs, *inputs])
+        deltas = {name: source[name][rows] - activations[name] for name in outputs}
+        del activations
+        part_scores, part_nodes = _edge_score_sums(model, deltas, grads)
+        scores = part_scores if scores is None else scores + part_scores
+        nodes = part_nodes if nodes is None else nodes + part_nodes
+    assert scores is not None and nodes is not None
+    return EdgeScores(
+        upstream=upstream_names(model),
+        downstream=downstream_names(model),
+        scores=scores / pairs.size,
+        nodes=nodes / pairs.size,
+        base_difference=float(differences.mean()),
+    )
 
-    def delta(name: str) -> Tensor:
-        return source[name] - activations[name]
 
+def downstream_names(model: HookedTransformer) -> list[str]:
+    """Edge targets in ``EdgeScores.scores``' column order: every head's q, k and v input layer by
+    layer, then every MLP's input, then the logits."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads = [f"{layer}.{head}.{kind}" for layer in range(n_layers) for head in range(n_heads) for kind in ("q", "k", "v")]
+    return [*heads, *[f"m{layer}" for layer in range(n_layers)], "logits"]
+
+
+def _edge_score_sums(
+    model: HookedTransformer, deltas: dict[str, Tensor], grads: dict[str, Tensor]
+) -> tuple[Float[Tensor, "upstream downstream"], Float[Tensor, " upstream"]]:
+    """Edge and node scores summed over the rows of one gradient pass (not yet averaged)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     # What each upstream component adds to the residual stream, source minus base: [batch, pos, up, d_model]
-    upstream = [sum(delta(name) for name in _embedding_hooks(model))]
+    upstream = [sum(deltas[name] for name in _embedding_hooks(model))]
     for layer in range(n_layers):
-        z = delta(f"blocks.{layer}.attn.hook_z")  # [batch, pos, head, d_head]
-        upstream += list(torch.einsum("bphd,hdm->hbpm", z, model.W_O[layer]))
-        upstream.append(delta(f"blocks.{layer}.hook_mlp_out"))
+        z = deltas[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
+        upstream += list(torch.einsum("bphd,hdm->hbpm", z, model.blocks[layer].attn.W_O))
+        upstream.append(deltas[f"blocks.{layer}.hook_mlp_out"])
     up = torch.stack(upstream, dim=2)
+    del upstream
     up_layers = torch.tensor([-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)])
     up_is_mlp = torch.tensor([False] + [h == n_heads for _ in range(n_layers) for h in range(n_heads + 1)])
 
-    down_names, columns = [], []
+    columns = []
     for layer in range(n_layers):
         # Per layer: [batch, pos, 3 * head, d_model] in the order head 0 q, k, v, head 1 q, ...
         qkv = torch.stack([grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3).flatten(2, 3)
-        scores = torch.einsum("bpud,bpvd->uv", up, qkv) / batch
+        scores = torch.einsum("bpud,bpvd->uv", up, qkv)
         feeds = up_layers < layer
         scores[~feeds] = torch.nan
         columns.append(scores)
-        down_names += [f"{layer}.{head}.{kind}" for head in range(n_heads) for kind in ("q", "k", "v")]
     for layer in range(n_layers):
-        scores = torch.einsum("bpud,bpd->u", up, grads[f"blocks.{layer}.hook_mlp_in"])[:, None] / batch
+        scores = torch.einsum("bpud,bpd->u", up, grads[f"blocks.{layer}.hook_mlp_in"])[:, None]
         feeds = (up_layers < layer) | ((up_layers == layer) & ~up_is_mlp)
         scores[~feeds] = torch.nan
         columns.append(scores)
-        down_names.append(f"m{layer}")
-    columns.append(torch.einsum("bpud,bpd->u", up, grads[f"blocks.{n_layers - 1}.hook_resid_post"])[:, None] / batch)
-    down_names.append("logits")
+    columns.append(torch.einsum("bpud,bpd->u", up, grads[f"blocks.{n_layers - 1}.hook_resid_post"])[:, None])
 
     # Each component's own attribution, from the gradient at its output.
-    node_scores = [(sum(delta(name) * grads[name] for name in _embedding_hooks(model))).sum() / batch]
+    node_scores = [(sum(deltas[name] * grads[name] for name in _embedding_hooks(model))).sum()]
     for layer in range(n_layers):
         name = f"blocks.{layer}.attn.hook_z"
-        node_scores += list((delta(name) * grads[name]).sum(dim=(0, 1, 3)) / batch)
+        node_scores += list((deltas[name] * grads[name]).sum(dim=(0, 1, 3)))
         name = f"blocks.{layer}.hook_mlp_out"
-        node_scores.append((delta(name) * grads[name]).sum() / batch)
-    return EdgeScores(
-        upstream=upstream_names(model),
-        downstream=down_names,
-        scores=torch.cat(columns, dim=1),
-        nodes=torch.stack([torch.as_tensor(s) for s in node_scores]),
-        base_difference=float(differences.mean()),
-    )
+        node_scores.append((deltas[name] * grads[name]).sum())
+    return torch.cat(columns, dim=1), torch.stack([torch.as_tensor(s) for s in node_scores])
 
 
 def head_patches(model: HookedTransformer) -> list[list[Patch]]:
@@ -549,7 +570,7 @@ def _edge_circuits_in_one_pass(
 
     def record_heads(activation: Tensor, hook: HookPoint) -> Tensor:
         z = rows(activation) - corrupted_cache[hook.name]
-        append(torch.einsum("cbphd,hdm->cbpmh", z, model.W_O[hook_layer(hook.name)]))
+        append(torch.einsum("cbphd,hdm->cbpmh", z, model.blocks[hook_layer(hook.name)].attn.W_O))
         return activation
 
     def record_mlp(activation: Tensor, hook: HookPoint) -> Tensor:
