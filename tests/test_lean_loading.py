@@ -48,8 +48,9 @@ def test_lean_conversion_equals_transformer_lens_stock_processing(
     folder = request.getfixturevalue(checkpoint)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     hf_before = {name: tensor.clone() for name, tensor in hf_model.state_dict().items()}
-    lean = hooked_from_hf(hf_model, AutoTokenizer.from_pretrained(folder), weights, model_name="lean")
+    lean, n_parameters = hooked_from_hf(lambda: hf_model, AutoTokenizer.from_pretrained(folder), weights, model_name="lean")
     stock = _stock_transformer_lens(folder, weights)
+    assert n_parameters == sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(folder).parameters())
 
     lean_state, stock_state = lean.state_dict(), stock.state_dict()
     assert lean_state.keys() == stock_state.keys()
@@ -57,6 +58,18 @@ def test_lean_conversion_equals_transformer_lens_stock_processing(
         assert type(lean_state[name]) is torch.Tensor, name  # no tensor subclass leaks into the model
         assert torch.equal(lean_state[name], tensor), name
     assert lean.cfg.normalization_type == stock.cfg.normalization_type
+    assert [type(module) for module in lean.modules()] == [type(module) for module in stock.modules()]
+    # Each parameter has storage of its own, as the parameters TransformerLens allocates do
+    # (GPT-2's query, key and value come out of one fused checkpoint matrix).
+    storages = [parameter.untyped_storage() for parameter in lean.parameters()]
+    assert all(storage.nbytes() == parameter.numel() * 4 for storage, parameter in zip(storages, lean.parameters()))
+    assert len({storage.data_ptr() for storage in storages}) == len(storages)
+    tokens = stock.to_tokens("The quick brown fox jumps over the lazy dog")
+    _, lean_cache = lean.run_with_cache(tokens)
+    _, stock_cache = stock.run_with_cache(tokens)
+    assert lean_cache.keys() == stock_cache.keys()
+    for name in stock_cache:
+        assert torch.equal(lean_cache[name], stock_cache[name]), name
     # The processing is functional: the transformers model it read from is left as it was.
     for name, tensor in hf_model.state_dict().items():
         assert torch.equal(tensor, hf_before[name]), name
