@@ -16,9 +16,6 @@ import psutil
 
 SAMPLE_SECONDS = 0.005
 MB = 1024 * 1024
-# glibc's mallopt parameter number for the mmap threshold (malloc.h's M_MMAP_THRESHOLD).
-_M_MMAP_THRESHOLD = -3
-LARGE_BLOCK_BYTES = 4 * MB
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -26,23 +23,9 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc (e.g. musl)
         return None
-
-
-def return_large_blocks_when_freed() -> None:
-    """Have glibc map every block of ``LARGE_BLOCK_BYTES`` or more on its own, so freeing it
-    returns it to the system at once.
-
-    By default glibc raises its mmap threshold each time such a block is freed (up to 32 MiB), and
-    from then on serves tensors of that size from its heap, where freed ones stay resident and
-    each new config's activations pile up on the last one's. A fixed threshold also turns that
-    adjustment off. The cost is a page fault per fresh page of a large tensor.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def return_freed_memory() -> None:

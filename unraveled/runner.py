@@ -37,7 +37,7 @@ from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params  # noqa: E402
-from unraveled.memory import PeakMemory, return_freed_memory, return_large_blocks_when_freed  # noqa: E402
+from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
@@ -291,7 +291,6 @@ def run_configs(
     Raises:
         ConfigError: A param a model can't take, before any file is written.
     """
-    return_large_blocks_when_freed()
     pool = ModelPool(device=device, allow_fallback=allow_fallback)
     if models:
         planned = [(config, model, "--model") for model in models for config in configs]
