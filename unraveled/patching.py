@@ -440,31 +440,33 @@ def _edge_score_sums(
 ) -> tuple[Float[Tensor, "upstream downstream"], Float[Tensor, " upstream"]]:
     """Edge and node scores summed over the rows of one gradient pass (not yet averaged)."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    # What each upstream component adds to the residual stream, source minus base: [batch, pos, up, d_model]
+    # What each upstream component adds to the residual stream, source minus base, one row per
+    # component: [up, batch * pos * d_model]. Every edge score is then a matrix product with the
+    # gradients laid out as [batch * pos * d_model, input] (einsum would permute ``up`` anew per input).
     upstream = [sum(deltas[name] for name in _embedding_hooks(model))]
     for layer in range(n_layers):
         z = deltas[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
         upstream += list(torch.einsum("bphd,hdm->hbpm", z, model.blocks[layer].attn.W_O))
         upstream.append(deltas[f"blocks.{layer}.hook_mlp_out"])
-    up = torch.stack(upstream, dim=2)
+    up = torch.stack(upstream).flatten(1)
     del upstream
     up_layers = torch.tensor([-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)])
     up_is_mlp = torch.tensor([False] + [h == n_heads for _ in range(n_layers) for h in range(n_heads + 1)])
 
     columns = []
     for layer in range(n_layers):
-        # Per layer: [batch, pos, 3 * head, d_model] in the order head 0 q, k, v, head 1 q, ...
+        # Per layer: [batch, pos, d_model, 3 * head] in the order head 0 q, k, v, head 1 q, ...
         qkv = torch.stack([grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3).flatten(2, 3)
-        scores = torch.einsum("bpud,bpvd->uv", up, qkv)
+        scores = up @ qkv.movedim(2, 3).reshape(up.shape[1], -1)
         feeds = up_layers < layer
         scores[~feeds] = torch.nan
         columns.append(scores)
     for layer in range(n_layers):
-        scores = torch.einsum("bpud,bpd->u", up, grads[f"blocks.{layer}.hook_mlp_in"])[:, None]
+        scores = (up @ grads[f"blocks.{layer}.hook_mlp_in"].reshape(-1))[:, None]
         feeds = (up_layers < layer) | ((up_layers == layer) & ~up_is_mlp)
         scores[~feeds] = torch.nan
         columns.append(scores)
-    columns.append(torch.einsum("bpud,bpd->u", up, grads[f"blocks.{n_layers - 1}.hook_resid_post"])[:, None])
+    columns.append((up @ grads[f"blocks.{n_layers - 1}.hook_resid_post"].reshape(-1))[:, None])
 
     # Each component's own attribution, from the gradient at its output.
     node_scores = [(sum(deltas[name] * grads[name] for name in _embedding_hooks(model))).sum()]
