@@ -129,11 +129,15 @@ def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[Tokeniz
     tokens = torch.zeros((len(facts), longest), dtype=torch.long)
     for row, fact in enumerate(facts):
         tokens[row, : len(fact.tokens)] = torch.tensor(fact.tokens)
-    with torch.inference_mode():
-        logits = model(tokens)
+    from unraveled.logits import logit_lens
+
     # Causal attention: the padding after a prompt never reaches its own last position.
     last = torch.tensor([len(f.tokens) - 1 for f in facts])
-    predictions = logits[torch.arange(len(facts)), last].argmax(dim=-1)
+    with torch.inference_mode():
+        # Decoded at each prompt's last position only: logits at every position of every fact
+        # would be the largest tensor of the whole experiment.
+        residual = model(tokens, stop_at_layer=model.cfg.n_layers)
+        predictions = logit_lens(model, residual[torch.arange(len(facts)), last][:, None])[:, 0].argmax(dim=-1)
     return [fact for fact, prediction in zip(facts, predictions.tolist()) if prediction == fact.answer]
 
 

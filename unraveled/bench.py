@@ -13,7 +13,9 @@ Row groups, each a function decorated with ``@bench_group``:
   local checkpoint (GPT-2's weights can't be had here; the amount of computation and memory
   doesn't depend on their values). Per config: compute + render seconds and the peak RSS from
   its manifest; for the invocation: wall seconds and the process's peak RSS.
-- ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way.
+- ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way; and
+  every config but causal tracing on the GPT-2-small-shaped checkpoint (memory as ``make all`` on
+  GPT-2 small would use it).
 - ``activation_patching``: its config on the same GPT-2-small-shaped checkpoint.
 - ``causal_tracing``: its default compute on the bundled SmolLM2, and one fact's batched
   restorations against one forward pass per restoration (``unraveled.bench_tracing``).
@@ -143,6 +145,16 @@ def activation_patching() -> list[Row]:
 @bench_group
 def all_configs_bundled() -> list[Row]:
     return _config_rows("all configs, bundled smollm2-135m", ["--all", "--model", "smollm2-135m"])
+
+
+@bench_group
+def all_configs_gpt2_small_shaped() -> list[Row]:
+    from unraveled.config import DEFAULT_CONFIG_DIR, config_names
+
+    # Random weights know no facts, so causal tracing has nothing to trace on them.
+    names = [name for name in config_names(DEFAULT_CONFIG_DIR) if name != "causal_tracing"]
+    checkpoint = _gpt2_small_shaped_checkpoint()
+    return _config_rows("all configs but causal_tracing, GPT-2-small-shaped random weights", [*names, "--model", str(checkpoint)])
 
 
 @bench_group

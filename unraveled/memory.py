@@ -1,4 +1,4 @@
-"""Peak resident memory of this process over a stretch of code, for manifests and ``make bench``.
+"""This process's memory: its peak over a stretch of code, and handing freed memory back.
 
 ``getrusage``'s maximum RSS only ever grows over a process's life, so it can't tell one config
 from the next; a thread samples the RSS instead (every 5 ms: allocations that come and go
@@ -7,6 +7,8 @@ faster than that can be missed, so the figure is a lower bound of the true peak)
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import threading
 from types import TracebackType
 
@@ -14,6 +16,24 @@ import psutil
 
 SAMPLE_SECONDS = 0.005
 MB = 1024 * 1024
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (e.g. musl)
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them otherwise, and the next
+    model or config would count them in the process's resident memory)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class PeakMemory:

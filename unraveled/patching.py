@@ -36,6 +36,16 @@ from unraveled.logits import residual_hook_names
 MAX_ROWS = 128
 """Rows (copies of prompts) run through the model at once: bounds memory, keeps batches efficient."""
 
+GRADIENT_TOKENS = 32
+"""Tokens per forward-and-backward pass. Autograd keeps every intermediate activation of the pass
+(with split head inputs, each head's own copy of the residual stream), so a gradient pass holds
+many times what a plain forward pass does; rows are independent, so passes over fewer rows give
+the same gradients."""
+
+EDGE_BUFFER_BYTES = 128 * 1024 * 1024
+"""Upper bound of the per-component delta buffer of one edge-faithfulness pass (see
+``edge_circuit_logit_differences``); circuits beyond it run in further passes."""
+
 
 @dataclass(frozen=True)
 class PromptPairs:
@@ -61,6 +71,10 @@ class PromptPairs:
 
     def tokens(self, which: Literal["clean", "corrupted"]) -> Int[Tensor, "batch pos"]:
         return self.clean if which == "clean" else self.corrupted
+
+    def rows(self, selected: slice) -> PromptPairs:
+        """The pairs in rows ``selected``."""
+        return PromptPairs(self.clean[selected], self.corrupted[selected], self.last[selected], self.correct[selected], self.incorrect[selected])
 
 
 def single_pair(model: HookedTransformer, clean: str, corrupted: str, correct: int, incorrect: int, field: str = "params") -> PromptPairs:
@@ -274,6 +288,12 @@ def _with_gradients(
     return differences.detach(), {name: kept[name].detach() for name in hooks}, dict(zip(hooks, grads))
 
 
+def _gradient_passes(pairs: PromptPairs) -> list[slice]:
+    """The rows of each gradient pass: at most ``GRADIENT_TOKENS`` tokens, at least one row."""
+    rows = max(1, GRADIENT_TOKENS // pairs.clean.shape[1])
+    return [slice(start, start + rows) for start in range(0, pairs.size, rows)]
+
+
 def attribution(
     model: HookedTransformer,
     pairs: PromptPairs,
@@ -293,8 +313,15 @@ def attribution(
         The base run's logit differences, and per hook the elementwise estimate (same shape as
         the activation, batch first).
     """
-    differences, activations, grads = _with_gradients(model, pairs.tokens(base), pairs, hooks)
-    return differences, {name: (source[name] - activations[name]) * grads[name] for name in hooks}
+    differences = torch.empty(pairs.size)
+    estimates: dict[str, Tensor] = {}
+    for rows in _gradient_passes(pairs):
+        part = pairs.rows(rows)
+        differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, hooks)
+        for name in hooks:
+            estimate = (source[name][rows] - activations[name]) * grads[name]
+            estimates.setdefault(name, torch.empty(pairs.size, *estimate.shape[1:]))[rows] = estimate
+    return differences, estimates
 
 
 @contextmanager
@@ -373,60 +400,82 @@ def edge_attribution(
     ``source`` must cache ``hook_embed`` (and ``hook_pos_embed`` if the model has one), every
     ``attn.hook_z`` and ``hook_mlp_out``.
     """
-    cfg = model.cfg
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    n_layers = model.cfg.n_layers
     outputs = [*_embedding_hooks(model), *[f"blocks.{l}.attn.hook_z" for l in range(n_layers)], *[f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]]
     inputs = [f"blocks.{l}.hook_{kind}_input" for l in range(n_layers) for kind in ("q", "k", "v")]
     inputs += [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    with split_head_inputs(model):
-        differences, activations, grads = _with_gradients(model, pairs.tokens(base), pairs, [*outputs, *inputs])
-    batch = pairs.size
+    differences = torch.empty(pairs.size)
+    scores: Tensor | None = None
+    nodes: Tensor | None = None
+    # Every score is a sum over prompts: each gradient pass adds its rows' share.
+    for rows in _gradient_passes(pairs):
+        part = pairs.rows(rows)
+        with split_head_inputs(model):
+            differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, [*outputs, *inputs])
+        deltas = {name: source[name][rows] - activations[name] for name in outputs}
+        del activations
+        part_scores, part_nodes = _edge_score_sums(model, deltas, grads)
+        scores = part_scores if scores is None else scores + part_scores
+        nodes = part_nodes if nodes is None else nodes + part_nodes
+    assert scores is not None and nodes is not None
+    return EdgeScores(
+        upstream=upstream_names(model),
+        downstream=downstream_names(model),
+        scores=scores / pairs.size,
+        nodes=nodes / pairs.size,
+        base_difference=float(differences.mean()),
+    )
 
-    def delta(name: str) -> Tensor:
-        return source[name] - activations[name]
 
-    # What each upstream component adds to the residual stream, source minus base: [batch, pos, up, d_model]
-    upstream = [sum(delta(name) for name in _embedding_hooks(model))]
+def downstream_names(model: HookedTransformer) -> list[str]:
+    """Edge targets in ``EdgeScores.scores``' column order: every head's q, k and v input layer by
+    layer, then every MLP's input, then the logits."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads = [f"{layer}.{head}.{kind}" for layer in range(n_layers) for head in range(n_heads) for kind in ("q", "k", "v")]
+    return [*heads, *[f"m{layer}" for layer in range(n_layers)], "logits"]
+
+
+def _edge_score_sums(
+    model: HookedTransformer, deltas: dict[str, Tensor], grads: dict[str, Tensor]
+) -> tuple[Float[Tensor, "upstream downstream"], Float[Tensor, " upstream"]]:
+    """Edge and node scores summed over the rows of one gradient pass (not yet averaged)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    # What each upstream component adds to the residual stream, source minus base, one row per
+    # component: [up, batch * pos * d_model]. Every edge score is then a matrix product with the
+    # gradients laid out as [batch * pos * d_model, input] (einsum would permute ``up`` anew per input).
+    upstream = [sum(deltas[name] for name in _embedding_hooks(model))]
     for layer in range(n_layers):
-        z = delta(f"blocks.{layer}.attn.hook_z")  # [batch, pos, head, d_head]
-        upstream += list(torch.einsum("bphd,hdm->hbpm", z, model.W_O[layer]))
-        upstream.append(delta(f"blocks.{layer}.hook_mlp_out"))
-    up = torch.stack(upstream, dim=2)
+        z = deltas[f"blocks.{layer}.attn.hook_z"]  # [batch, pos, head, d_head]
+        upstream += list(torch.einsum("bphd,hdm->hbpm", z, model.blocks[layer].attn.W_O))
+        upstream.append(deltas[f"blocks.{layer}.hook_mlp_out"])
+    up = torch.stack(upstream).flatten(1)
+    del upstream
     up_layers = torch.tensor([-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)])
     up_is_mlp = torch.tensor([False] + [h == n_heads for _ in range(n_layers) for h in range(n_heads + 1)])
 
-    down_names, columns = [], []
+    columns = []
     for layer in range(n_layers):
-        # Per layer: [batch, pos, 3 * head, d_model] in the order head 0 q, k, v, head 1 q, ...
+        # Per layer: [batch, pos, d_model, 3 * head] in the order head 0 q, k, v, head 1 q, ...
         qkv = torch.stack([grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3).flatten(2, 3)
-        scores = torch.einsum("bpud,bpvd->uv", up, qkv) / batch
+        scores = up @ qkv.movedim(2, 3).reshape(up.shape[1], -1)
         feeds = up_layers < layer
         scores[~feeds] = torch.nan
         columns.append(scores)
-        down_names += [f"{layer}.{head}.{kind}" for head in range(n_heads) for kind in ("q", "k", "v")]
     for layer in range(n_layers):
-        scores = torch.einsum("bpud,bpd->u", up, grads[f"blocks.{layer}.hook_mlp_in"])[:, None] / batch
+        scores = (up @ grads[f"blocks.{layer}.hook_mlp_in"].reshape(-1))[:, None]
         feeds = (up_layers < layer) | ((up_layers == layer) & ~up_is_mlp)
         scores[~feeds] = torch.nan
         columns.append(scores)
-        down_names.append(f"m{layer}")
-    columns.append(torch.einsum("bpud,bpd->u", up, grads[f"blocks.{n_layers - 1}.hook_resid_post"])[:, None] / batch)
-    down_names.append("logits")
+    columns.append((up @ grads[f"blocks.{n_layers - 1}.hook_resid_post"].reshape(-1))[:, None])
 
     # Each component's own attribution, from the gradient at its output.
-    node_scores = [(sum(delta(name) * grads[name] for name in _embedding_hooks(model))).sum() / batch]
+    node_scores = [(sum(deltas[name] * grads[name] for name in _embedding_hooks(model))).sum()]
     for layer in range(n_layers):
         name = f"blocks.{layer}.attn.hook_z"
-        node_scores += list((delta(name) * grads[name]).sum(dim=(0, 1, 3)) / batch)
+        node_scores += list((deltas[name] * grads[name]).sum(dim=(0, 1, 3)))
         name = f"blocks.{layer}.hook_mlp_out"
-        node_scores.append((delta(name) * grads[name]).sum() / batch)
-    return EdgeScores(
-        upstream=upstream_names(model),
-        downstream=down_names,
-        scores=torch.cat(columns, dim=1),
-        nodes=torch.stack([torch.as_tensor(s) for s in node_scores]),
-        base_difference=float(differences.mean()),
-    )
+        node_scores.append((deltas[name] * grads[name]).sum())
+    return torch.cat(columns, dim=1), torch.stack([torch.as_tensor(s) for s in node_scores])
 
 
 def head_patches(model: HookedTransformer) -> list[list[Patch]]:
@@ -481,13 +530,28 @@ def edge_circuit_logit_differences(
     ``hook_resid_pre`` and ``hook_resid_mid``, and the last ``hook_resid_post``.
     """
     cfg = model.cfg
+    n_upstream = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    bytes_per_circuit = pairs.size * pairs.clean.shape[1] * cfg.d_model * n_upstream * 4
+    per_pass = max(1, EDGE_BUFFER_BYTES // bytes_per_circuit)
+    return torch.cat([_edge_circuits_in_one_pass(model, pairs, corrupted_cache, kept[start : start + per_pass]) for start in range(0, kept.shape[0], per_pass)])
+
+
+def _edge_circuits_in_one_pass(
+    model: HookedTransformer,
+    pairs: PromptPairs,
+    corrupted_cache: ActivationCache | dict[str, Tensor],
+    kept: Bool[Tensor, "circuit upstream downstream"],
+) -> Float[Tensor, "circuit batch"]:
+    cfg = model.cfg
     n_layers, n_heads, batch = cfg.n_layers, cfg.n_heads, pairs.size
     circuits = kept.shape[0]
     kept = kept.to(torch.float32)
     # Per upstream component, in upstream order, what it writes now minus on the corrupted prompts;
     # filled as the forward pass reaches it (one buffer: stacking at every input would copy it all).
+    # Upstream is the last axis, so each input's sum over kept edges is one batched matrix product
+    # on a view of the filled part; with upstream first, einsum copied the whole buffer per input.
     n_upstream = 1 + n_layers * (n_heads + 1)
-    deltas = torch.zeros(n_upstream, circuits, batch, pairs.clean.shape[1], cfg.d_model)
+    deltas = torch.zeros(circuits, batch, pairs.clean.shape[1], cfg.d_model, n_upstream)
     filled = [0]
     embedding_hooks = _embedding_hooks(model)
     embedded: dict[str, Tensor] = {}
@@ -496,29 +560,32 @@ def edge_circuit_logit_differences(
         return tensor.reshape(circuits, batch, *tensor.shape[1:])
 
     def append(values: Tensor) -> None:
-        deltas[filled[0] : filled[0] + values.shape[0]] = values
-        filled[0] += values.shape[0]
+        """``values``: [circuit, batch, pos, d_model, component], components in upstream order."""
+        deltas[..., filled[0] : filled[0] + values.shape[-1]] = values
+        filled[0] += values.shape[-1]
 
     def record_embedding(activation: Tensor, hook: HookPoint) -> Tensor:
         embedded[hook.name] = rows(activation) - corrupted_cache[hook.name]
         if len(embedded) == len(embedding_hooks):
-            append(sum(embedded.values())[None])  # type: ignore[index]
+            append(sum(embedded.values())[..., None])  # type: ignore[index]
         return activation
 
     def record_heads(activation: Tensor, hook: HookPoint) -> Tensor:
         z = rows(activation) - corrupted_cache[hook.name]
-        append(torch.einsum("cbphd,hdm->hcbpm", z, model.W_O[hook_layer(hook.name)]))
+        append(torch.einsum("cbphd,hdm->cbpmh", z, model.blocks[hook_layer(hook.name)].attn.W_O))
         return activation
 
     def record_mlp(activation: Tensor, hook: HookPoint) -> Tensor:
-        append((rows(activation) - corrupted_cache[hook.name])[None])
+        append((rows(activation) - corrupted_cache[hook.name])[..., None])
         return activation
 
     def rebuild(corrupted_name: str, columns: slice, per_head: bool):
         def hook(activation: Tensor, hook: HookPoint) -> Tensor:
             n = filled[0]
-            added = torch.einsum("ucbpd,cuv->cbpvd", deltas[:n], kept[:, :n, columns])
+            written = deltas[..., :n].reshape(circuits, -1, n)  # a view: the leading axes are contiguous
+            added = torch.bmm(written, kept[:, :n, columns]).reshape(*deltas.shape[:4], -1)  # [c, b, p, d, v]
             base = corrupted_cache[corrupted_name][None, :, :, None]
+            added = added.movedim(-1, 3)  # [c, b, p, v, d]
             rebuilt = base + added if per_head else (base + added)[:, :, :, 0]
             return rebuilt.reshape(activation.shape)
 

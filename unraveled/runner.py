@@ -11,7 +11,6 @@ everything, calls the experiment's ``compute`` and ``render``, writes figures, v
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import gc
 import importlib.metadata
@@ -38,7 +37,7 @@ from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params  # noqa: E402
-from unraveled.memory import PeakMemory  # noqa: E402
+from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
@@ -71,7 +70,7 @@ class ModelPool:
             return held[1]
         self.release(name)
         loaded = self._load(name, weights, source_label)
-        _return_freed_memory()  # the conversion's temporary copies
+        return_freed_memory()  # the conversion's temporary copies
         self._loaded[name] = (weights, loaded)
         return loaded
 
@@ -91,7 +90,7 @@ class ModelPool:
         elif self._loaded.pop(name, None) is None:
             return
         gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
         fallback = FALLBACK_MODEL if self.allow_fallback else None
@@ -112,16 +111,6 @@ class ModelPool:
             self._unavailable[name] = loaded.fallback_reason
         logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
         return loaded
-
-
-def _return_freed_memory() -> None:
-    # glibc keeps freed blocks in its arenas, so a freed model still counts in the process's
-    # resident memory, and the next model loads on top of it; malloc_trim gives them back.
-    if platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl)
-            pass
 
 
 def _seed_everything(seed: int) -> None:
@@ -327,7 +316,7 @@ def run_configs(
             logger.info("[%d/%d] %s: %s on %s", number, len(planned), config.name, config.experiment.title, loaded.label())
             started = time.perf_counter()
             target = run_one(config, loaded, out_dir, formats)
-            _return_freed_memory()  # the config's activations and figures
+            return_freed_memory()  # the config's activations and figures
             if target in written:  # e.g. two models that both fell back to the bundled one
                 logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
             written.append(target)

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from unraveled.engines.local import run_windows
 from unraveled.engines.state import AtlasSettings, AtlasState
 from unraveled.models import weight_cache
+from unraveled.models.layout import store_rearranged
 from unraveled.models.loading import checkpoint_parameters
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class AtlasWorker:
                 f"converted-weights entry {key} is not in {cache_root} on this node: on a cluster, "
                 "point UNRAVELED_CACHE at storage every node can read"
             )
-        self.model = entry[0].requires_grad_(False)
+        self.model = store_rearranged(entry[0]).requires_grad_(False)
 
     def run(self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings) -> AtlasState:
         return run_windows(self.model, windows, numbers, settings, progress=False)

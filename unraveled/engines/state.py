@@ -14,6 +14,7 @@ Definitions (also written into the atlas's metrics):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from unraveled.analysis import attention_entropy_by_head
 from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
@@ -90,14 +92,6 @@ class AtlasState:
             heads=self.heads.merge(other.heads),
             n_windows=self.n_windows + other.n_windows,
         )
-
-
-def hook_names(n_layers: int) -> list[str]:
-    """Every hook the atlas reads; nothing after the last block (the unembedding) is run."""
-    names = []
-    for layer in range(n_layers):
-        names += [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.attn.hook_pattern"]
-    return names
 
 
 @dataclass(frozen=True)
@@ -184,29 +178,40 @@ def update(
     """
     n_layers = model.cfg.n_layers
     tokens = model_inputs(model, windows, settings)
-    seq_len = tokens.shape[1]
-    wanted = set(hook_names(n_layers))
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, stop_at_layer=n_layers)
     token_ids = tokens.cpu().numpy()
-    offsets = np.asarray(window_numbers, dtype=np.int64) * seq_len
+    offsets = np.asarray(window_numbers, dtype=np.int64) * tokens.shape[1]
     first = 1 if settings.prepend_bos else 0
-    batch = AtlasState.empty(0, 0, 0, settings)
-    head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
     masks = RepeatMasks.of(tokens.cpu())
-    for layer in range(n_layers):
-        pre = cache[f"blocks.{layer}.mlp.hook_pre"].float().cpu().numpy()
-        post = cache[f"blocks.{layer}.mlp.hook_post"].float().cpu().numpy()
-        batch.neurons.append(Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1])))
-        batch.neuron_top.append(top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None)))
-        magnitude = np.abs(cache[f"blocks.{layer}.hook_resid_post"].float().cpu().numpy())
-        batch.residual.append(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
-        batch.residual_top.append(top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after))
-        patterns = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
-        for name, per_window in head_scores_per_window(patterns, masks).items():
+    merged = AtlasState(list(state.neurons), list(state.neuron_top), list(state.residual), list(state.residual_top), state.heads, state.n_windows)
+    head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
+    held: dict[str, Tensor] = {}
+
+    def hold(activation: Tensor, hook: HookPoint) -> None:
+        held[hook.name.rsplit(".", 1)[-1]] = activation  # type: ignore[union-attr]
+
+    def fold_layer(residual: Tensor, hook: HookPoint) -> None:
+        # hook_resid_post is the layer's last hook: its statistics are folded in here, so only
+        # one layer's activations are ever held (not a cache of every layer's).
+        layer = int(hook.name.split(".")[1])  # type: ignore[union-attr]
+        pre = held.pop("hook_pre").float().cpu().numpy()
+        post = held.pop("hook_post").float().cpu().numpy()
+        neurons = Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1]))
+        merged.neurons[layer] = merged.neurons[layer].merge(neurons)
+        top = top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None))
+        merged.neuron_top[layer] = merged.neuron_top[layer].merge(top)
+        magnitude = np.abs(residual.float().cpu().numpy())
+        merged.residual[layer] = merged.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
+        top = top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after)
+        merged.residual_top[layer] = merged.residual_top[layer].merge(top)
+        for name, per_window in head_scores_per_window(held.pop("hook_pattern").float().cpu(), masks).items():
             head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
-        del pre, post, magnitude, patterns
-    del cache
-    batch.heads = Sums(head_totals, len(windows))
-    batch.n_windows = len(windows)
-    return state.merge(batch)
+
+    hooks: list[tuple[str, Callable[[Tensor, HookPoint], None]]] = []
+    for layer in range(n_layers):
+        hooks += [(f"blocks.{layer}.mlp.hook_pre", hold), (f"blocks.{layer}.mlp.hook_post", hold), (f"blocks.{layer}.attn.hook_pattern", hold)]
+        hooks.append((f"blocks.{layer}.hook_resid_post", fold_layer))
+    with torch.inference_mode():
+        model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=n_layers)  # type: ignore[arg-type]
+    merged.heads = state.heads.merge(Sums(head_totals, len(windows)))
+    merged.n_windows = state.n_windows + len(windows)
+    return merged

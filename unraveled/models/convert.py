@@ -13,9 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.components import LayerNormPre, RMSNormPre
+from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from unraveled.experiment import WeightsKind
@@ -48,24 +53,50 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     return config
 
 
+class _CloneFreeTensor(torch.Tensor):
+    """A tensor whose ``clone()`` is itself, and whose results are clone-free tensors too.
+
+    TransformerLens's weight processing copies the whole state dict at each of its steps (fold
+    LayerNorm, centre the unembedding, fold value biases), although every step is functional: it
+    builds new tensors for what it changes and modifies nothing in place. Those defensive copies
+    were the peak of a conversion (about 2 GB above the model itself for SmolLM2-135M).
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.clone:
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 def hooked_from_hf(
-    hf_model: PreTrainedModel,
+    load_hf: Callable[[], PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
     weights: WeightsKind,
     model_name: str,
     default_prepend_bos: bool | None = None,
-) -> HookedTransformer:
-    """Convert ``hf_model`` with TransformerLens's own converters and processing.
+) -> tuple[HookedTransformer, int]:
+    """Convert a transformers model with TransformerLens's own converters and processing.
+
+    The transformers model is loaded here (``load_hf``) and dropped as soon as its weights are in
+    TransformerLens's layout, so that each of its tensors is freed once processing has replaced
+    it: a conversion holds little more than one copy of the weights.
 
     Args:
-        hf_model: A GPT-2, Llama or other TransformerLens-supported causal LM, in float32.
+        load_hf: Loads a GPT-2, Llama or other TransformerLens-supported causal LM, in float32.
         tokenizer: Its tokenizer.
         weights: ``processed`` or ``raw`` (see ``processing_flags``).
         model_name: Name recorded in the HookedTransformer's config.
         default_prepend_bos: Whether string inputs get a BOS token; None keeps TransformerLens's
             default (True).
+
+    Returns:
+        The model, and the checkpoint's own parameter count as transformers counts it (tied
+        embeddings once).
     """
     flags = processing_flags(weights)
+    hf_model = load_hf()
+    n_parameters = sum(parameter.numel() for parameter in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         # TransformerLens guesses the architecture from the path when it contains "llama" or
         # "gemma" (and then has no config to read); a neutral folder name makes it read config.json.
@@ -78,12 +109,82 @@ def hooked_from_hf(
             dtype=torch.float32,
             default_prepend_bos=default_prepend_bos,
         )
-        state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
+        converted = [
+            {key: value.as_subclass(_CloneFreeTensor) for key, value in tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model).items()}
+        ]
+    del hf_model
     cfg.model_name = model_name
     cfg.tokenizer_name = None
-    # Every weight is overwritten from the state dict: skip the random initialisation, whose
-    # pages would otherwise all be touched (memory and time) only to be replaced.
+    # Every weight is replaced from the state dict: skip the random initialisation, whose pages
+    # would otherwise all be touched (memory and time) only to be dropped.
     cfg.init_weights = False
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
-    return model.eval()
+    _load_and_process(model, converted, flags)
+    return model.eval(), n_parameters
+
+
+def _load_and_process(model: HookedTransformer, converted: list[dict[str, torch.Tensor]], flags: dict[str, bool]) -> None:
+    """TransformerLens's ``load_and_process_state_dict``, step for step, without holding copies.
+
+    The state dict is handed over in a one-element list and taken out of it straight into the
+    processing, so nothing keeps an unprocessed tensor alive once processing has replaced it; the
+    processed tensors then become the model's parameters (``assign``) instead of being copied into
+    parameters allocated beside them.
+    """
+    converted[0] = model.fill_missing_keys(converted[0])
+    fold_ln = (
+        flags["fold_ln"]
+        and model.cfg.normalization_type in ("LN", "LNPre", "RMS", "RMSPre")
+        and any(key.endswith((".ln1.w", ".ln2.w", "ln_final.w")) for key in converted[0])
+    )
+    if fold_ln:
+        _use_prenorm(model)
+    processed = ProcessWeights.process_weights(
+        converted.pop(),
+        model.cfg,
+        fold_ln=fold_ln,
+        center_writing_weights=flags["center_writing_weights"],
+        center_unembed=flags["center_unembed"],
+        fold_value_biases=flags["fold_value_biases"],
+    )
+    plain = {key: processed.pop(key).as_subclass(torch.Tensor) for key in list(processed)}
+    missing = model.load_state_dict(plain, strict=False, assign=True).missing_keys
+    if missing:
+        raise ValueError(f"the converted checkpoint has no weights for {missing[:5]}")
+    del plain
+    _own_dense_storage(model)
+    if fold_ln:
+        model.setup()
+
+
+def _use_prenorm(model: HookedTransformer) -> None:
+    """Norms without weights, once their weights are folded into the next layer (as
+    ``load_and_process_state_dict`` does)."""
+    prenorm = {"LN": (LayerNormPre, "LNPre"), "RMS": (RMSNormPre, "RMSPre")}.get(model.cfg.normalization_type)
+    if prenorm is None:
+        return
+    module, model.cfg.normalization_type = prenorm
+    model.ln_final = module(model.cfg)
+    for block in model.blocks:
+        block.ln1 = module(model.cfg)
+        block.ln2 = module(model.cfg)
+        if model.cfg.is_layer_norm_activation():
+            block.mlp.ln = module(model.cfg)
+
+
+def _own_dense_storage(model: HookedTransformer) -> None:
+    """Give each parameter and buffer that is a view (of another, or of a checkpoint tensor that
+    held several, as GPT-2's fused query/key/value matrix) its own contiguous storage."""
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is None:
+                        continue
+                    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+                        continue
+                    own = tensor.detach().clone(memory_format=torch.contiguous_format)
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = own
+                    else:
+                        tensors[name] = own

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from unraveled.errors import BadCheckpointError, ModelUnavailableError
 from unraveled.experiment import WeightsKind
 from unraveled.models import hub, weight_cache
 from unraveled.models.convert import hooked_from_hf, processing_flags
+from unraveled.models.layout import store_rearranged
 from unraveled.models.sources import (
     FALLBACK_MODEL,
     BundledModel,
@@ -92,12 +93,12 @@ def checkpoint_parameters(model: HookedTransformer) -> int | None:
     return getattr(model, _CHECKPOINT_PARAMETERS, None)
 
 
-def _count_parameters(hf: PreTrainedModel | PretrainedConfig) -> int:
-    """``hf_model.parameters()`` counted as transformers does; from a config, without weights."""
-    if isinstance(hf, PretrainedConfig):
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(hf)
-    return sum(p.numel() for p in hf.parameters())
+def _count_parameters(config: PretrainedConfig) -> int:
+    """The parameters of a checkpoint with ``config``, counted as transformers counts them (tied
+    embeddings once), without loading its weights."""
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in hf_model.parameters())
 
 
 def _fingerprint(source: ModelSource) -> dict[str, Any] | None:
@@ -146,11 +147,15 @@ def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[Hook
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
-        model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.slug)
+        model, n_parameters = hooked_from_hf(
+            lambda: AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True),
+            tokenizer,
+            weights,
+            model_name=source.slug,
+        )
     except Exception as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}") from None
-    return model, f"local checkpoint ({source.path})", _count_parameters(hf_model)
+    return model, f"local checkpoint ({source.path})", n_parameters
 
 
 def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
@@ -161,9 +166,14 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
         )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # SmolLM2's tokenizer adds no BOS and the model was trained without one.
-    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = hooked_from_hf(hf_model, tokenizer, weights, model_name=source.name, default_prepend_bos=False)
-    return model, f"bundled GGUF, dequantized ({gguf})", _count_parameters(hf_model)
+    model, n_parameters = hooked_from_hf(
+        lambda: AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32),
+        tokenizer,
+        weights,
+        model_name=source.name,
+        default_prepend_bos=False,
+    )
+    return model, f"bundled GGUF, dequantized ({gguf})", n_parameters
 
 
 def _revision(source: ModelSource, fingerprint: dict[str, Any] | None) -> str | None:
@@ -201,6 +211,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
         if fingerprint is not None:
             weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
         model = model.to(device)
+    store_rearranged(model)
     model.requires_grad_(False)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(

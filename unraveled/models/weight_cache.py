@@ -79,6 +79,28 @@ def _config_from_json(encoded: dict[str, Any], device: str) -> HookedTransformer
     return HookedTransformerConfig.from_dict({**decoded, "device": device})
 
 
+def _read_weights(model: HookedTransformer, path: Path, device: str) -> None:
+    """Copy the stored tensors into ``model``'s parameters and buffers one at a time.
+
+    ``safetensors.torch.load_model`` reads the whole file into memory before copying it into the
+    model, so a load briefly held the weights twice. Names missing from the file are allowed only
+    where ``save_model`` dropped them: tensors sharing storage with a stored one.
+    """
+    own = model.state_dict()
+    with safetensors.safe_open(str(path), framework="pt", device=device, backend="pread") as stored:
+        names = set(stored.keys())
+        unexpected = sorted(names - own.keys())
+        stored_storages = {own[name].untyped_storage().data_ptr() for name in names & own.keys()}
+        missing = sorted(
+            name for name in own.keys() - names if own[name].untyped_storage().data_ptr() not in stored_storages
+        )
+        if missing or unexpected:
+            raise RuntimeError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name in names:
+                own[name].copy_(stored.get_tensor(name))
+
+
 def load_entry(key: str, device: str) -> tuple[HookedTransformer, int] | None:
     """The cached model for ``key`` on ``device`` and its checkpoint's parameter count, or None
     when there is no entry."""
@@ -88,9 +110,23 @@ def load_entry(key: str, device: str) -> tuple[HookedTransformer, int] | None:
     cfg = _config_from_json(json.loads((entry / _CONFIG_FILE).read_text()), device)
     tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    safetensors.torch.load_model(model, entry / _WEIGHTS_FILE, strict=True, device=device)
+    _read_weights(model, entry / _WEIGHTS_FILE, device)
     source = json.loads((entry / _SOURCE_FILE).read_text())
     return model.eval(), int(source["checkpoint_parameters"])
+
+
+def _tensors_to_store(model: HookedTransformer) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors takes it: each tensor shared under several names (the
+    layers' common rotary tables) once, and contiguous (``store_rearranged`` gives some weights
+    another layout; those are copied)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if identity not in seen:
+            seen.add(identity)
+            tensors[name] = tensor.contiguous()
+    return tensors
 
 
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
@@ -100,7 +136,7 @@ def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
-        safetensors.torch.save_model(model, str(staging / _WEIGHTS_FILE))
+        safetensors.torch.save_file(_tensors_to_store(model), str(staging / _WEIGHTS_FILE))
         (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
         (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))

@@ -1,0 +1,144 @@
+"""The memory-lean conversion and cache read give exactly what TransformerLens's own path gives.
+
+``hooked_from_hf`` skips the whole-state-dict copies TransformerLens's weight processing makes at
+each step, and ``weight_cache`` copies stored tensors into the model one at a time. The reference
+here is TransformerLens's stock ``load_and_process_state_dict`` (copies included) on the same
+converted state dict, and the tensors as written to the cache file.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unraveled.models import load_model
+from unraveled.models import weight_cache as converted_weights
+from unraveled.models.convert import _hf_config_dict, hooked_from_hf, processing_flags
+
+
+def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
+    """The conversion as TransformerLens does it, its defensive copies included."""
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    flags = processing_flags(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_dir = Path(tmp) / "checkpoint"
+        config_dir.mkdir()
+        (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
+        cfg = tl_loading.get_pretrained_model_config(str(config_dir), fold_ln=flags["fold_ln"], dtype=torch.float32)
+        state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
+    return model.eval()
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.mark.parametrize("weights", ["processed", "raw"])
+def test_lean_conversion_equals_transformer_lens_stock_processing(
+    checkpoint: str, weights: str, request: pytest.FixtureRequest
+) -> None:
+    folder = request.getfixturevalue(checkpoint)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    hf_before = {name: tensor.clone() for name, tensor in hf_model.state_dict().items()}
+    lean, n_parameters = hooked_from_hf(lambda: hf_model, AutoTokenizer.from_pretrained(folder), weights, model_name="lean")
+    stock = _stock_transformer_lens(folder, weights)
+    assert n_parameters == sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+    lean_state, stock_state = lean.state_dict(), stock.state_dict()
+    assert lean_state.keys() == stock_state.keys()
+    for name, tensor in stock_state.items():
+        assert type(lean_state[name]) is torch.Tensor, name  # no tensor subclass leaks into the model
+        assert torch.equal(lean_state[name], tensor), name
+    assert lean.cfg.normalization_type == stock.cfg.normalization_type
+    assert [type(module) for module in lean.modules()] == [type(module) for module in stock.modules()]
+    # Each parameter has storage of its own, as the parameters TransformerLens allocates do
+    # (GPT-2's query, key and value come out of one fused checkpoint matrix).
+    storages = [parameter.untyped_storage() for parameter in lean.parameters()]
+    assert all(storage.nbytes() == parameter.numel() * 4 for storage, parameter in zip(storages, lean.parameters()))
+    assert len({storage.data_ptr() for storage in storages}) == len(storages)
+    tokens = stock.to_tokens("The quick brown fox jumps over the lazy dog")
+    _, lean_cache = lean.run_with_cache(tokens)
+    _, stock_cache = stock.run_with_cache(tokens)
+    assert lean_cache.keys() == stock_cache.keys()
+    for name in stock_cache:
+        assert torch.equal(lean_cache[name], stock_cache[name]), name
+    # The processing is functional: the transformers model it read from is left as it was.
+    for name, tensor in hf_model.state_dict().items():
+        assert torch.equal(tensor, hf_before[name]), name
+
+
+def test_cache_read_restores_every_stored_tensor(tiny_llama_dir: Path, weight_cache: Path) -> None:
+    first = load_model(str(tiny_llama_dir), "processed", fallback=None)
+    second = load_model(str(tiny_llama_dir), "processed", fallback=None)
+    assert second.from_weight_cache
+    (stored_file,) = weight_cache.glob("weights/tiny-llama-processed-*/model.safetensors")
+    stored = safetensors.torch.load_file(stored_file)
+    loaded = second.model.state_dict()
+    for name, tensor in stored.items():
+        assert torch.equal(loaded[name], tensor), name
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_cache_file_that_does_not_match_the_model_is_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
+    load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+    (entry,) = weight_cache.glob("weights/tiny-gpt2-raw-*")
+    stored = safetensors.torch.load_file(entry / "model.safetensors")
+    dropped = next(name for name in stored if name.endswith("attn.W_Q"))
+    del stored[dropped]
+    safetensors.torch.save_file(stored, entry / "model.safetensors")
+    with pytest.raises(RuntimeError, match=dropped.replace(".", r"\.")):
+        converted_weights.load_entry(entry.name, "cpu")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
+    checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
+    from transformer_lens.components import GatedMLP
+
+    from unraveled.models.layout import store_rearranged
+
+    folder = request.getfixturevalue(checkpoint)
+    loaded = load_model(str(folder), "processed", fallback=None).model
+    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name, "cpu")[0]
+    assert all(parameter.is_contiguous() for parameter in plain.parameters())
+    assert loaded.state_dict().keys() == plain.state_dict().keys()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+    # What TransformerLens rearranges in its forward pass is already laid out that way: a view.
+    attention = loaded.blocks[0].attn
+    assert attention.W_Q.permute(0, 2, 1).is_contiguous() and not attention.W_Q.is_contiguous()
+    assert attention.W_O.permute(2, 0, 1).is_contiguous()
+    assert loaded.unembed.W_U.T.is_contiguous()
+    if isinstance(loaded.blocks[0].mlp, GatedMLP):
+        assert loaded.blocks[0].mlp.W_in.T.is_contiguous() and loaded.blocks[0].mlp.W_gate.T.is_contiguous()
+    assert store_rearranged(loaded) is loaded  # a second pass changes nothing
+
+    tokens = loaded.to_tokens(["The quick brown fox jumps over the lazy dog"])
+    assert torch.equal(loaded(tokens), plain(tokens))
+
+    def gradient(model: HookedTransformer) -> torch.Tensor:
+        embedded: list[torch.Tensor] = []
+
+        def keep(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            tracked = activation.detach().requires_grad_(True)
+            embedded.append(tracked)
+            return tracked
+
+        with torch.enable_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", keep)])[0, -1, 0].backward()
+        return embedded[0].grad
+
+    embed_grad = gradient(plain)
+    assert embed_grad is not None and embed_grad.abs().sum() > 0
+    assert torch.equal(gradient(loaded), embed_grad)

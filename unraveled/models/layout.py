@@ -1,0 +1,48 @@
+"""Store the weights TransformerLens rearranges at every forward pass already rearranged.
+
+TransformerLens keeps its weights in the shapes interpretability reads (``W_Q``: head, d_model,
+d_head; ``W_U``: d_model, d_vocab) and, in its forward pass, hands ``F.linear`` a transposed copy:
+``W_U.T.contiguous()``, ``rearrange(W_Q, "h m d -> (h d) m")``, ``rearrange(W_O, "h d m -> m (h
+d)").contiguous()``. That copies nearly every weight of the model at every forward pass: time,
+and, when gradients flow, memory (autograd keeps each copy until the backward pass).
+
+``store_rearranged`` gives those parameters the memory layout of the rearranged form. Their shapes
+and values are unchanged (``model.W_Q`` reads as before); the rearrangement in the forward pass
+becomes a view, and ``contiguous()`` returns it without copying. ``F.linear`` then receives the
+same values in the same layout as before, so outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformer_lens import HookedTransformer
+from transformer_lens.components import GatedMLP, Unembed
+from transformer_lens.components.abstract_attention import AbstractAttention
+
+# Per module kind: parameter name -> the permutation TransformerLens applies before F.linear.
+_REARRANGED: list[tuple[type[nn.Module], dict[str, tuple[int, ...]]]] = [
+    (GatedMLP, {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)}),
+    (Unembed, {"W_U": (1, 0)}),
+    # Grouped-query attention reads its own key and value weights as _W_K and _W_V.
+    (AbstractAttention, {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1), "W_O": (2, 0, 1)}),
+]
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
+def store_rearranged(model: HookedTransformer) -> HookedTransformer:
+    """Re-store ``model``'s rearranged weights in place (see the module docstring); returns it."""
+    with torch.no_grad():
+        for module in model.modules():
+            for kind, orders in _REARRANGED:
+                if not isinstance(module, kind):
+                    continue
+                for name, order in orders.items():
+                    parameter = module._parameters.get(name)
+                    if parameter is None or parameter.dim() != len(order) or parameter.permute(order).is_contiguous():
+                        continue
+                    parameter.data = parameter.data.permute(order).contiguous().permute(_inverse(order))
+    return model
