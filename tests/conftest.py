@@ -54,6 +54,10 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             patch.setattr(hf_constants, name, str(hf_home / "hub"))
         patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
         patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
+        # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told otherwise.
+        patch.setenv("NUMBA_CACHE_DIR", str(root / "numba"))
+        if "numba" in sys.modules:  # its config was read at import
+            patch.setattr(sys.modules["numba"].config, "CACHE_DIR", str(root / "numba"))
         yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}
 
 
