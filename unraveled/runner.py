@@ -65,9 +65,8 @@ class ModelPool:
     _unavailable: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
-        held = self._loaded.get(name)
-        if held is not None and held[0] == weights:
-            return held[1]
+        if self.held_kind(name) == weights:
+            return self._loaded[name][1]
         self.release(name)
         loaded = self._load(name, weights, source_label)
         return_freed_memory()  # the conversion's temporary copies
@@ -301,9 +300,10 @@ def run_configs(
     model_names = list(dict.fromkeys(name for _, name, _ in planned))
     for model_name in model_names:
         users = [(config, label) for config, name, label in planned if name == model_name]
-        loaded = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
+        first = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
         for config, _ in users:
-            check_config(config, loaded)
+            check_config(config, first)
+        del first  # the pool holds it; a name here would keep it alive when the pool frees it
     written: list[Path] = []
     number = 0
     for model_name in model_names:
@@ -322,6 +322,9 @@ def run_configs(
             written.append(target)
             write_pages(out_dir)
             logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(planned), config.name, time.perf_counter() - started, target)
+            # The next config may want the other kind of weights: the pool frees this model then,
+            # which it can only do if nothing else still refers to it.
+            del loaded
         pool.release(model_name)  # done with this model: free it before the next one runs
     pool.release()
     return written

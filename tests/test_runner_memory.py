@@ -1,0 +1,32 @@
+"""The runner holds one model at a time: a model is freed before the other kind of its weights loads."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+
+from unraveled import runner
+from unraveled.config import load_config
+
+
+def test_processed_weights_are_freed_before_the_raw_weights_load(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded_models: list[tuple[str, weakref.ref]] = []
+    alive_at_each_load: list[list[str]] = []
+    real_load_model = runner.load_model
+
+    def recording_load_model(name: str, weights: str, *args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive_at_each_load.append([kind for kind, model in loaded_models if model() is not None])
+        loaded = real_load_model(name, weights, *args, **kwargs)
+        loaded_models.append((weights, weakref.ref(loaded.model)))
+        return loaded
+
+    monkeypatch.setattr(runner, "load_model", recording_load_model)
+    configs = [load_config("logit_lens"), load_config("layernorm")]  # processed, then raw weights
+    assert [config.experiment.weights for config in configs] == ["processed", "raw"]
+    runner.run_configs(configs, tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    assert [kind for kind, _ in loaded_models] == ["processed", "raw"]
+    assert alive_at_each_load == [[], []], "a model was still alive when the next one loaded"
