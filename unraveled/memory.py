@@ -8,6 +8,7 @@ faster than that can be missed, so the figure is a lower bound of the true peak)
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 import threading
 from types import TracebackType
@@ -29,8 +30,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc keeps them otherwise, and the next
-    model or config would count them in the process's resident memory)."""
+    """Free what only reference cycles still hold (figures, caches), then hand the heap's free
+    pages back to the system (glibc keeps them otherwise, and the next model or config would
+    count them in the process's resident memory)."""
+    gc.collect()
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -12,7 +12,6 @@ everything, calls the experiment's ``compute`` and ``render``, writes figures, v
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import importlib.metadata
 import logging
 import os
@@ -88,7 +87,6 @@ class ModelPool:
             self._loaded.clear()
         elif self._loaded.pop(name, None) is None:
             return
-        gc.collect()
         return_freed_memory()
 
     def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
