@@ -12,6 +12,9 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 
+GRAM_BLOCK_ROWS = 4096
+
+
 def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArray, " components"]:
     """Cumulative fraction of variance explained by the first k principal components, k = 1..min(n, d).
 
@@ -20,8 +23,17 @@ def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArra
     would give, in float64 to within about 1e-16 of the SVD's fractions, at a fraction of its
     cost (50,257 x 768: about 8 times less).
     """
-    centred = (points - points.mean(axis=0, keepdims=True)).astype(np.float64)
-    gram = centred.T @ centred if centred.shape[0] >= centred.shape[1] else centred @ centred.T
+    mean = points.mean(axis=0, keepdims=True)
+    if len(points) < points.shape[1]:
+        centred = (points - mean).astype(np.float64)
+        gram = centred @ centred.T
+    else:
+        # Summed over blocks of rows: a float64 copy of every point (50,257 x 768: 309 MB) is
+        # never held at once.
+        gram = np.zeros((points.shape[1], points.shape[1]))
+        for start in range(0, len(points), GRAM_BLOCK_ROWS):
+            block = (points[start : start + GRAM_BLOCK_ROWS] - mean).astype(np.float64)
+            gram += block.T @ block
     # Ascending from eigvalsh; rounding can leave the null directions a hair below zero.
     variance = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
     return np.cumsum(variance) / variance.sum()
