@@ -19,24 +19,16 @@ SAMPLE_SECONDS = 0.005
 MB = 1024 * 1024
 
 
-def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (e.g. musl)
-        return None
-
-
 def return_freed_memory() -> None:
     """Free what only reference cycles still hold (figures, caches), then hand the heap's free
     pages back to the system (glibc keeps them otherwise, and the next model or config would
     count them in the process's resident memory)."""
     gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    if platform.system() == "Linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 class PeakMemory:
