@@ -149,10 +149,10 @@ def all_configs_bundled() -> list[Row]:
 
 @bench_group
 def all_configs_gpt2_small_shaped() -> list[Row]:
-    from unraveled.config import DEFAULT_CONFIG_DIR, config_names
+    from unraveled.config import config_names
 
     # Random weights know no facts, so causal tracing has nothing to trace on them.
-    names = [name for name in config_names(DEFAULT_CONFIG_DIR) if name != "causal_tracing"]
+    names = [name for name in config_names() if name != "causal_tracing"]
     checkpoint = _gpt2_small_shaped_checkpoint()
     return _config_rows("all configs but causal_tracing, GPT-2-small-shaped random weights", [*names, "--model", str(checkpoint)])
 
