@@ -455,7 +455,7 @@ def _edge_score_sums(
 
     columns = []
     for layer in range(n_layers):
-        # Per layer: [batch, pos, d_model, 3 * head] in the order head 0 q, k, v, head 1 q, ...
+        # Per layer: [batch, pos, 3 * head, d_model] in the order head 0 q, k, v, head 1 q, ...
         qkv = torch.stack([grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3).flatten(2, 3)
         scores = up @ qkv.movedim(2, 3).reshape(up.shape[1], -1)
         feeds = up_layers < layer
@@ -529,9 +529,7 @@ def edge_circuit_logit_differences(
     ``corrupted_cache`` must hold the embeddings, every ``attn.hook_z``, ``hook_mlp_out``,
     ``hook_resid_pre`` and ``hook_resid_mid``, and the last ``hook_resid_post``.
     """
-    cfg = model.cfg
-    n_upstream = 1 + cfg.n_layers * (cfg.n_heads + 1)
-    bytes_per_circuit = pairs.size * pairs.clean.shape[1] * cfg.d_model * n_upstream * 4
+    bytes_per_circuit = pairs.size * pairs.clean.shape[1] * model.cfg.d_model * kept.shape[1] * 4
     per_pass = max(1, EDGE_BUFFER_BYTES // bytes_per_circuit)
     return torch.cat([_edge_circuits_in_one_pass(model, pairs, corrupted_cache, kept[start : start + per_pass]) for start in range(0, kept.shape[0], per_pass)])
 
@@ -550,8 +548,7 @@ def _edge_circuits_in_one_pass(
     # filled as the forward pass reaches it (one buffer: stacking at every input would copy it all).
     # Upstream is the last axis, so each input's sum over kept edges is one batched matrix product
     # on a view of the filled part; with upstream first, einsum copied the whole buffer per input.
-    n_upstream = 1 + n_layers * (n_heads + 1)
-    deltas = torch.zeros(circuits, batch, pairs.clean.shape[1], cfg.d_model, n_upstream)
+    deltas = torch.zeros(circuits, batch, pairs.clean.shape[1], cfg.d_model, kept.shape[1])
     filled = [0]
     embedding_hooks = _embedding_hooks(model)
     embedded: dict[str, Tensor] = {}
