@@ -142,3 +142,106 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
     embed_grad = gradient(plain)
     assert embed_grad is not None and embed_grad.abs().sum() > 0
     assert torch.equal(gradient(loaded), embed_grad)
+
+
+@pytest.mark.parametrize("weights", ["processed", "raw"])
+def test_hugging_face_cache_model_converts_as_transformer_lens_from_pretrained_does(
+    weights: str, hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gpt2`` from the Hugging Face cache: the lean conversion against TransformerLens's own
+    ``from_pretrained`` of the same cached snapshot (here, the tiny checkpoint laid out as ``gpt2``)."""
+    from unraveled.models import hub
+
+    hub_cache = hf_home_with_gpt2 / "hub"
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    loaded = load_model("gpt2", weights, fallback=None)
+    assert loaded.loaded_from.startswith("Hugging Face cache") and not loaded.from_weight_cache
+    snapshot = hub.cached_snapshot("gpt2")
+    with pytest.warns(DeprecationWarning):
+        stock = HookedTransformer.from_pretrained(
+            "gpt2", tokenizer=AutoTokenizer.from_pretrained(snapshot), cache_dir=str(hub_cache), local_files_only=True, **processing_flags(weights)
+        ).eval()
+
+    lean_cfg, stock_cfg = loaded.model.cfg.to_dict(), stock.cfg.to_dict()
+    different = {field for field in stock_cfg if lean_cfg.get(field) != stock_cfg[field]}
+    assert different <= {"tokenizer_name"}, {field: (lean_cfg.get(field), stock_cfg[field]) for field in different}
+    lean_state, stock_state = loaded.model.state_dict(), stock.state_dict()
+    assert lean_state.keys() == stock_state.keys()
+    for name, tensor in stock_state.items():
+        assert torch.equal(lean_state[name], tensor), name
+    tokens = stock.to_tokens("The quick brown fox jumps over the lazy dog")
+    assert torch.equal(loaded.model(tokens), stock(tokens))
+
+
+def test_conversion_frees_each_checkpoint_tensor_once_processing_has_replaced_it(
+    tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By the last processing step, the checkpoint's tensors are gone (processing has replaced
+    them all): nothing (a caller's reference, an autograd graph) keeps them beside the model."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from transformer_lens.weight_processing import ProcessWeights
+
+    folded_into: list[tuple[StorageWeakRef, int]] = []  # the blocks' weights that LayerNorm folds into
+    everything: list[tuple[StorageWeakRef, int]] = []
+
+    def load_hf() -> torch.nn.Module:
+        hf_model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, dtype=torch.float32)
+        for name, parameter in hf_model.named_parameters():
+            reference = (StorageWeakRef(parameter.untyped_storage()), parameter.untyped_storage().nbytes())
+            everything.append(reference)
+            if any(part in name for part in (".ln_1.", ".ln_2.", ".attn.c_attn.", ".mlp.c_fc.")):
+                folded_into.append(reference)
+        return hf_model
+
+    def alive(references: list[tuple[StorageWeakRef, int]]) -> int:
+        return sum(nbytes for storage, nbytes in references if not storage.expired())
+
+    alive_after_folding_the_blocks: list[int] = []
+    alive_at_the_last_step: list[int] = []
+
+    def spy(function, seen: list[int], references: list[tuple[StorageWeakRef, int]]):  # type: ignore[no-untyped-def]
+        def measured(*args: object, **kwargs: object) -> object:
+            seen.append(alive(references))
+            return function(*args, **kwargs)
+
+        return staticmethod(measured)
+
+    # Folding the final norm into the unembedding comes after every block is folded, inside the
+    # same step: the blocks' checkpoint tensors it replaced must be gone already, not at the end of the step.
+    monkeypatch.setattr(ProcessWeights, "_fold_unembed_layer_norm", spy(ProcessWeights._fold_unembed_layer_norm, alive_after_folding_the_blocks, folded_into))
+    monkeypatch.setattr(ProcessWeights, "center_unembed", spy(ProcessWeights.center_unembed, alive_at_the_last_step, everything))
+    hooked_from_hf(load_hf, AutoTokenizer.from_pretrained(tiny_gpt2_dir), "processed", model_name="lean")
+    assert alive_after_folding_the_blocks == [0] and alive_at_the_last_step == [0]
+
+
+def test_model_downloaded_from_the_hub_is_converted_from_its_snapshot(
+    tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the hub answers, the checkpoint's files are downloaded into the Hugging Face cache
+    (safetensors weights, not the same weights again as ``.bin``) and converted from there. The
+    hub itself can't be reached here: ``snapshot_download`` is replaced by a copy of the tiny
+    checkpoint into an empty cache."""
+    import shutil
+
+    from unraveled.models import hub
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        snapshot = hub_cache / f"models--{repo_id}" / "snapshots" / ("f" * 40)
+        shutil.copytree(tiny_gpt2_dir, snapshot, dirs_exist_ok=True)
+        (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text("f" * 40)
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    loaded = load_model("gpt2", "processed", fallback=None)
+    assert loaded.loaded_from == "Hugging Face hub (gpt2)" and loaded.revision == "f" * 40
+    assert len(asked) == 1 and not any(pattern.endswith(".bin") for pattern in asked[0])
+    from_folder = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    for name, tensor in from_folder.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
