@@ -245,3 +245,23 @@ def test_model_downloaded_from_the_hub_is_converted_from_its_snapshot(
     from_folder = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
     for name, tensor in from_folder.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(("checkpoint", "weights", "shared"), [("tiny_gpt2_dir", "raw", True), ("tiny_gpt2_dir", "processed", False), ("tiny_llama_dir", "raw", False)])
+def test_unembedding_shares_the_embedding_storage_where_the_checkpoint_ties_them(
+    checkpoint: str, weights: str, shared: bool, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
+    """GPT-2 ties its unembedding to its embedding; raw weights keep that tie (one storage), and
+    the model computes what it computed with a copy of its own."""
+    folder = request.getfixturevalue(checkpoint)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for source in ("converted", "converted-weights cache"):
+        loaded = load_model(str(folder), weights, fallback=None)
+        assert loaded.from_weight_cache == (source == "converted-weights cache")
+        model = loaded.model
+        assert (model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()) == shared
+        if weights == "raw":
+            assert torch.equal(model.unembed.W_U, hf_model.get_output_embeddings().weight.T)
+    untied = converted_weights.load_entry(next(weight_cache.glob(f"weights/*-{weights}-*")).name, "cpu")[0]
+    tokens = model.to_tokens("The quick brown fox jumps over the lazy dog")
+    assert torch.equal(model(tokens), untied(tokens))

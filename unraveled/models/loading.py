@@ -30,7 +30,7 @@ from unraveled.errors import BadCheckpointError, ModelUnavailableError
 from unraveled.experiment import WeightsKind
 from unraveled.models import hub, weight_cache
 from unraveled.models.convert import hooked_from_hf, processing_flags
-from unraveled.models.layout import store_rearranged
+from unraveled.models.layout import share_tied_unembedding, store_rearranged
 from unraveled.models.sources import (
     FALLBACK_MODEL,
     BundledModel,
@@ -241,6 +241,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
             weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
         model = model.to(device)
     store_rearranged(model)
+    share_tied_unembedding(model)
     model.requires_grad_(False)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
