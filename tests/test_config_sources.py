@@ -57,7 +57,7 @@ def test_list_from_a_folder_without_configs_shows_every_builtin(elsewhere: Path)
     rows = _rows(done.stdout)
     assert sorted(rows) == SHIPPED
     assert all(row.startswith("built-in |") for row in rows.values()), rows
-    assert f"built-in configs: {REPO_ROOT / 'configs'}/ · your folder: none (give --config-dir DIR, or make ./configs)" in done.stdout
+    assert f"built-in configs: {REPO_ROOT / 'configs'}/ · your folder: none (give --config-dir DIR)" in done.stdout
     assert list(elsewhere.iterdir()) == []
 
 
@@ -116,15 +116,44 @@ def test_config_dir_adds_configs_and_overrides_builtins(
         assert manifest["resolved_config"]["seed"] == seed and manifest["resolved_config"]["description"] == description
 
 
-def test_configs_folder_in_the_working_folder_is_read_without_config_dir(elsewhere: Path) -> None:
-    _write(elsewhere / "configs", "mlp", "experiment: mlp\ndescription: The project's own mlp run.\n")
-    _write(elsewhere / "configs", "project_run", ADDITION)
-    done = run_cli(["list"], {"COLUMNS": "240"}, cwd=elsewhere)
+HYDRA_TRAIN = "defaults:\n  - model: resnet\n  - _self_\ntrainer:\n  max_epochs: 10\n"
+
+
+@pytest.fixture
+def foreign_project(elsewhere: Path) -> Path:
+    """A working folder whose configs/ belongs to another tool (Hydra), with a file named like a built-in config."""
+    _write(elsewhere / "configs", "train", HYDRA_TRAIN)
+    _write(elsewhere / "configs", "mlp", "experiment: mlp\ndescription: Another project's mlp file.\n")
+    return elsewhere
+
+
+def test_a_foreign_configs_folder_is_not_read_without_config_dir(foreign_project: Path) -> None:
+    done = run_cli(["list"], {"COLUMNS": "240"}, cwd=foreign_project)
     assert done.returncode == 0, done.stderr
     rows = _rows(done.stdout)
-    assert sorted(rows) == sorted([*SHIPPED, "project_run"])
-    assert rows["mlp"].startswith("configs/ (overrides built-in) | mlp |") and "The project's own mlp run." in rows["mlp"]
-    assert rows["project_run"].startswith("configs/ | layernorm |")
+    assert sorted(rows) == SHIPPED and all(row.startswith("built-in |") for row in rows.values()), rows
+    assert "Another project's mlp file." not in done.stdout
+    assert "your folder: none (give --config-dir DIR; ./configs is read only as --config-dir configs)" in " ".join(done.stdout.split())
+
+
+def test_run_all_beside_a_foreign_configs_folder_runs_the_builtins(foreign_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    selected: list[tuple[str, str]] = []
+    monkeypatch.chdir(foreign_project)
+    monkeypatch.setattr("unraveled.runner.run_configs", lambda configs, *args, **kwargs: selected.extend((c.name, c.source) for c in configs) or [])
+    assert main(["run", "--all", "--out", "out"]) == 0
+    assert selected == [(name, "built-in") for name in SHIPPED]
+    assert sorted(path.name for path in foreign_project.iterdir()) == ["configs"]  # nothing written: run_configs was replaced
+
+
+def test_a_configs_folder_named_with_config_dir_is_read(foreign_project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(foreign_project)
+    # Named, it is read: the Hydra file is then a config, and not a valid one.
+    assert main(["list", "--config-dir", "configs"]) == 2
+    assert "configs/train.yaml: " in " ".join(capsys.readouterr().err.split())
+    (foreign_project / "configs" / "train.yaml").unlink()
+    assert main(["list", "--config-dir", "configs"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["mlp"].startswith("configs/ (overrides built-in) | mlp |") and "Another project's mlp file." in rows["mlp"]
     assert rows["attention"].startswith("built-in |")
 
 

@@ -34,8 +34,8 @@ console = Console(stderr=True)
 
 CONFIG_DIR_HELP = (
     "A folder of your own configs (NAME.yaml). They add to the built-in configs, and one named like a "
-    "built-in config overrides it. Without --config-dir, ./configs is read if it is a folder; "
-    "otherwise only the built-in configs are used."
+    "built-in config overrides it. Without --config-dir only the built-in configs are used "
+    "(a ./configs folder is read only when named: --config-dir configs)."
 )
 
 ConfigDirOption = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP, show_default=False)]
@@ -107,7 +107,7 @@ def _check_model_name(name: str, source: str) -> None:
 @app.command()
 def run(
     names: Annotated[list[str] | None, typer.Argument(help="Config names (built-in, or NAME.yaml in --config-dir) or YAML paths.")] = None,
-    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and your folder's (--config-dir, or ./configs).")] = False,
+    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and, with --config-dir, your folder's.")] = False,
     model: Annotated[
         list[str] | None,
         typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),

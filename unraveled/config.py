@@ -3,9 +3,10 @@
 Config names are looked up in two places. The built-in configs are the YAML files of the
 repository's ``configs/`` folder, installed with the package as ``unraveled.configs`` and read
 through ``importlib.resources`` (an editable install reads the checkout's folder itself), so
-``unraveled run embeddings`` works from any folder. A folder of your own (``--config-dir DIR``;
-without it ``./configs``, when that folder exists) adds its configs, and one named like a
-built-in config overrides it.
+``unraveled run embeddings`` works from any folder. A folder of your own is read only when named
+(``--config-dir DIR``): it adds its configs, and one named like a built-in config overrides it.
+A ``./configs`` folder is never read implicitly: in another project it may hold anything (a Hydra
+``train.yaml``), and in a checkout it is the built-in folder already.
 
 A config names an experiment and its params; every error names the file, the field, what was
 expected and, for a misspelt name, what was probably meant. Validation reads YAML and the
@@ -35,8 +36,8 @@ from unraveled.experiment import Experiment, Params, available_experiments, load
 BUILTIN_CONFIGS = "unraveled.configs"
 BUILTIN = "built-in"
 OVERRIDES_BUILTIN = "(overrides built-in)"
-# Read when no --config-dir is given and it is a folder: a project's own configs/ keeps working.
-DEFAULT_CONFIG_DIR = Path("configs")
+# Not read unless named with --config-dir; mentioned by `unraveled list` when it exists.
+WORKING_CONFIG_DIR = Path("configs")
 DEFAULT_MODEL = "gpt2"
 # A config's name becomes a folder name under OUT/<model>/: plain identifiers only, so no name
 # can point at the model's folder itself ("..yaml" has the stem ".") or outside it.
@@ -114,7 +115,7 @@ class ConfigSources:
     """Where config names are looked up: the built-in configs, then a folder of your own.
 
     Build it with ``ConfigSources.locate``: it checks the folder, and drops it when it is the
-    built-in folder itself (``./configs`` of a checkout installed editable).
+    built-in folder itself (``--config-dir configs`` in a checkout installed editable).
     """
 
     builtin: Path
@@ -122,7 +123,7 @@ class ConfigSources:
 
     @classmethod
     def locate(cls, config_dir: Path | None = None) -> ConfigSources:
-        """The built-in configs plus ``config_dir`` or, when it is None, ``./configs`` if that is a folder.
+        """The built-in configs, plus ``config_dir`` when given (None: the built-in configs only).
 
         Raises:
             ConfigError: When ``config_dir`` is given but is not a folder holding configs.
@@ -130,15 +131,13 @@ class ConfigSources:
         builtin = _within_working_folder(builtin_config_dir())
         folder = config_dir
         if folder is None:
-            folder = DEFAULT_CONFIG_DIR if DEFAULT_CONFIG_DIR.is_dir() else None
-        elif not folder.is_dir():
+            return cls(builtin, None)
+        if not folder.is_dir():
             problem = "is a file, not a folder" if folder.exists() else "no such folder"
             raise ConfigError("--config-dir", None, f"{folder}: {problem} (looked for {folder.resolve()}); give a folder of NAME.yaml configs")
-        elif not any(folder.glob("*.yaml")):
+        if not any(folder.glob("*.yaml")):
             raise ConfigError("--config-dir", None, f"{folder}: no configs (*.yaml) in {folder.resolve()}; give a folder of NAME.yaml configs")
-        if folder is not None and folder.resolve() == builtin.resolve():
-            folder = None
-        return cls(builtin, folder)
+        return cls(builtin, None if folder.resolve() == builtin.resolve() else folder)
 
     def builtin_files(self) -> dict[str, Path]:
         """The built-in configs by name."""
@@ -161,9 +160,9 @@ class ConfigSources:
     def _yours(self) -> str:
         if self.folder:
             return f"{self.folder}/"
-        # In a checkout installed editable, ./configs is the built-in folder: only --config-dir adds.
-        in_checkout = DEFAULT_CONFIG_DIR.resolve() == self.builtin.resolve()
-        return "none (give --config-dir DIR" + (")" if in_checkout else ", or make ./configs)")
+        # A ./configs of another project is not read: say so, since it used to be.
+        unread = WORKING_CONFIG_DIR.is_dir() and WORKING_CONFIG_DIR.resolve() != self.builtin.resolve()
+        return "none (give --config-dir DIR" + ("; ./configs is read only as --config-dir configs)" if unread else ")")
 
     def describe(self) -> str:
         """Both sources in a line, for ``unraveled list``: where to copy a built-in config from."""
@@ -182,7 +181,7 @@ def config_names(config_dir: Path | None = None) -> list[str]:
     """Names of the configs (file names without ``.yaml``): the built-in ones and ``config_dir``'s.
 
     Args:
-        config_dir: A folder of your own configs; None reads ``./configs`` if it is a folder.
+        config_dir: A folder of your own configs; None: the built-in configs only.
 
     Raises:
         ConfigError: When ``config_dir`` is given but is not a folder holding configs.
@@ -334,7 +333,7 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
         name: A config name (``embeddings``: ``DIR/embeddings.yaml`` if the folder has it, else
             the built-in one) or a YAML path.
         config_dir: A folder of your own configs, adding to and overriding the built-in ones;
-            None reads ``./configs`` if it is a folder.
+            None: the built-in configs only.
         overrides: ``KEY=VALUE`` strings (``params.layer=3``, ``seed=1``). A value for a text
             field is taken as written (``--set 'params.prompt=Item #1: yes'`` is that prompt);
             any other value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``).
