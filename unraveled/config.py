@@ -80,6 +80,12 @@ class LoadedConfig:
     params: Params
     experiment: Experiment[Any, Any]
     source: str  # as `unraveled list` shows it: built-in, DIR/, DIR/ (overrides built-in) or file
+    set_keys: frozenset[str] = frozenset()  # the keys --set gave values to: params.prompt, seed, ...
+
+    def field_label(self, key: str) -> str:
+        """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
+        from_set = any(key == set_key or set_key.startswith(f"{key}.") for set_key in self.set_keys)
+        return f"{key} (from --set)" if from_set else key
 
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""
@@ -381,4 +387,5 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     except ValidationError as error:
         raise _format_validation_error(error, source, "params", experiment.params) from None
     run = run.model_copy(update={"params": raw_params})
-    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin)
+    set_keys = frozenset(".".join(parts) for parts, _ in split)
+    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)

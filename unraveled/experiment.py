@@ -12,8 +12,10 @@ annotations are imported under ``if TYPE_CHECKING or RESOLVE_ANNOTATIONS:`` so t
 jaxtyping/beartype checks still see them (see ``RESOLVE_ANNOTATIONS``).
 
 Params that depend on the model are marked in the schema (``Prompt``, ``Answer``, ``HeadIndex``,
-``LayerIndex``) and checked by the runner right after the model loads and before anything is
-written; anything else model-dependent goes in the experiment's optional ``check``.
+``LayerIndex``). Prompts are checked against the model's tokenizer and context before any model
+is loaded (``check_prompt_lengths``); the rest, and prompts again, by the runner right after the
+model loads and before anything is written. Anything else model-dependent goes in the
+experiment's optional ``check``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import importlib
 import pkgutil
 import sys
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar
 
@@ -35,6 +37,7 @@ __all__ = ["ParamError"]  # re-exported: experiments raise it from their check
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
     from unraveled.render.views import Element
 
@@ -157,9 +160,13 @@ class Experiment(Generic[P, R]):
     check: Callable[[HookedTransformer, P], None] | None = None
 
 
+def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False)) + 1
+
+
 def prompt_token_count(model: HookedTransformer, text: str) -> int:
     """Tokens ``text`` takes in a forward pass, counting a BOS token whether or not one is prepended."""
-    return len(model.tokenizer.encode(text, add_special_tokens=False)) + 1
+    return _tokens_with_bos(model.tokenizer, text)
 
 
 def _markers(annotation: Any) -> list[ModelBound]:
@@ -177,6 +184,37 @@ def _values(value: Any) -> list[Any]:
     return [] if value is None else [value]
 
 
+def _model_bound_values(params: Params) -> Iterator[tuple[str, set[str], Any]]:
+    """Each value of a model-bound param: the param's name, its marker kinds and the value."""
+    for name, info in type(params).model_fields.items():
+        kinds = {marker.kind for marker in [*_markers(info.annotation), *[m for m in info.metadata if isinstance(m, ModelBound)]]}
+        if kinds:
+            for value in _values(getattr(params, name)):
+                yield name, kinds, value
+
+
+def check_prompt_lengths(experiment: Experiment[Any, Any], params: Params, tokenizer: PreTrainedTokenizerBase, n_ctx: int | None) -> None:
+    """Check every ``Prompt`` param's token count against the context and ``max_prompt_tokens``.
+
+    Needs only the tokenizer and the context length, so the runner calls it before loading any
+    weights (``unraveled.models.shape``); ``check_params`` calls it again on the loaded model.
+
+    Args:
+        n_ctx: The model's context length; None when not known yet (only the experiment's cap
+            is checked then).
+
+    Raises:
+        ParamError: Naming the param, its token count and the limit it exceeds.
+    """
+    by_context = n_ctx is not None and n_ctx <= experiment.max_prompt_tokens
+    cap, limit = (n_ctx, "the model's context") if by_context else (experiment.max_prompt_tokens, "this experiment's max_prompt_tokens")
+    for name, kinds, value in _model_bound_values(params):
+        if "prompt" in kinds:
+            count = _tokens_with_bos(tokenizer, value)
+            if count > cap:
+                raise ParamError(name, f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; shorten the prompt")
+
+
 def check_params(experiment: Experiment[Any, Any], params: Params, model: HookedTransformer) -> None:
     """Check every model-bound param against ``model``; the experiment's own ``check`` last.
 
@@ -184,26 +222,17 @@ def check_params(experiment: Experiment[Any, Any], params: Params, model: Hooked
         ParamError: Naming the param and what the model can take.
     """
     cfg = model.cfg
-    prompt_cap = min(experiment.max_prompt_tokens, cfg.n_ctx)
-    for name, info in type(params).model_fields.items():
-        kinds = {marker.kind for marker in [*_markers(info.annotation), *[m for m in info.metadata if isinstance(m, ModelBound)]]}
-        for value in _values(getattr(params, name)):
-            if "head" in kinds and value >= cfg.n_heads:
-                raise ParamError(name, f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})")
-            if "layer" in kinds and value >= cfg.n_layers:
-                raise ParamError(name, f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})")
-            if "prompt" in kinds:
-                count = prompt_token_count(model, value)
-                if count > prompt_cap:
-                    limit = "the model's context" if cfg.n_ctx <= experiment.max_prompt_tokens else "this experiment's max_prompt_tokens"
-                    raise ParamError(
-                        name, f"{count} tokens (BOS included), more than the {prompt_cap} allowed by {limit}; shorten the prompt"
-                    )
-            if "single_token" in kinds:
-                ids = model.tokenizer.encode(value, add_special_tokens=False)
-                if len(ids) != 1:
-                    pieces = [model.tokenizer.decode([i]) for i in ids]
-                    raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
+    check_prompt_lengths(experiment, params, model.tokenizer, cfg.n_ctx)
+    for name, kinds, value in _model_bound_values(params):
+        if "head" in kinds and value >= cfg.n_heads:
+            raise ParamError(name, f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})")
+        if "layer" in kinds and value >= cfg.n_layers:
+            raise ParamError(name, f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})")
+        if "single_token" in kinds:
+            ids = model.tokenizer.encode(value, add_special_tokens=False)
+            if len(ids) != 1:
+                pieces = [model.tokenizer.decode([i]) for i in ids]
+                raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
     if experiment.check is not None:
         experiment.check(model, params)
 

@@ -1,0 +1,111 @@
+"""A model's tokenizer and context length, read without its weights.
+
+For the checks that must come before any model is loaded: a prompt's token count against the
+model's context and the experiment's cap. Loading converts the weights (seconds to minutes, and a
+new entry in the converted-weights cache); the tokenizer and the config are small files. They are
+read from the places loading reads the model from, in the same order: the converted-weights cache
+entry, then the checkpoint folder, the Hugging Face cache's snapshot or the bundled GGUF file.
+The tokenizer is the one loading would build, so the counts are the loaded model's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from unraveled.models import hub, weight_cache
+from unraveled.models.loading import _fingerprint  # what the cache keys a source's weights by
+from unraveled.models.sources import FALLBACK_MODEL, BundledModel, HubModel, LocalCheckpoint, ModelSource, resolve_model
+
+# Where checkpoint configs give the context length (TransformerLens reads one of them per
+# architecture, and caps some lower; the loaded model's own n_ctx is checked again after it loads).
+_CONTEXT_KEYS = ("n_ctx", "n_positions", "max_position_embeddings", "seq_length")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a prompt check needs of a model, without its weights.
+
+    Attributes:
+        label: The model as messages name it (a fallback says what it stands in for).
+        tokenizer: The tokenizer loading gives the model.
+        n_ctx: Its context length, at most what the checkpoint declares; None where reading it
+            would cost as much as the tokenizer again (a bundled GGUF not yet converted: its
+            context, 8192 for SmolLM2, is checked once the model loads).
+    """
+
+    label: str
+    tokenizer: PreTrainedTokenizerBase
+    n_ctx: int | None
+
+
+def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int] | None:
+    fingerprint = _fingerprint(source)
+    if fingerprint is None:
+        return None
+    for weights in ("processed", "raw"):  # both kinds hold the same tokenizer and config
+        key = weight_cache.cache_key(source.slug, weights, fingerprint)
+        if weight_cache.has_entry(key):
+            # The entry's files as load_entry reads them, without its weights.
+            entry = weight_cache._entry(key)
+            n_ctx = json.loads((entry / weight_cache._CONFIG_FILE).read_text())["n_ctx"]
+            return AutoTokenizer.from_pretrained(entry / weight_cache._TOKENIZER_DIR, local_files_only=True), int(n_ctx)
+    return None
+
+
+def _from_checkpoint_folder(folder: Path) -> tuple[PreTrainedTokenizerBase, int | None] | None:
+    """The folder's tokenizer and declared context; None when it can't be read (loading then
+    reports the folder as bad input)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception:  # transformers raises OSError, ValueError, KeyError, ...; loading says what is wrong
+        return None
+    declared = [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)]
+    return tokenizer, max(declared) if declared else None
+
+
+def _from_gguf(source: BundledModel) -> tuple[PreTrainedTokenizerBase, None] | None:
+    gguf = source.gguf_path()
+    if gguf is None:
+        return None
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), None
+
+
+def _read(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int | None] | None:
+    found = _from_cache_entry(source)
+    if found is not None:
+        return found
+    if isinstance(source, LocalCheckpoint):
+        return _from_checkpoint_folder(source.path)
+    if isinstance(source, HubModel):
+        snapshot = hub.cached_snapshot(source.repo_id)
+        return _from_checkpoint_folder(snapshot) if snapshot is not None else None
+    return _from_gguf(source)
+
+
+def model_shape(name: str, source_label: str = "--model", allow_fallback: bool = True) -> ModelShape | None:
+    """The tokenizer and context of the model that loading ``name`` will give, without loading it.
+
+    Args:
+        name: A model name, as for ``load_model``.
+        source_label: Where the name came from, for error messages.
+        allow_fallback: Whether loading may fall back to the bundled model when ``name`` can't be had.
+
+    Returns:
+        Its shape; the fallback's, labelled as such, for a hub model that is in no cache while
+        the hub can't be reached; None when it can't be known without the network or a load
+        (a hub model not cached, the hub reachable; a folder that is not a checkpoint).
+    """
+    source = resolve_model(name, source_label)
+    found = _read(source)
+    if found is not None:
+        return ModelShape(source.slug if isinstance(source, LocalCheckpoint) else source.name, *found)
+    if isinstance(source, HubModel) and allow_fallback and hub.hub_unreachable_reason() is not None:
+        fallback = _read(resolve_model(FALLBACK_MODEL))
+        if fallback is not None:
+            return ModelShape(f"{FALLBACK_MODEL} (fallback: {name} unavailable)", *fallback)
+    return None
