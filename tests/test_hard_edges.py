@@ -108,7 +108,10 @@ def test_model_dependent_params_refused_before_anything_is_written(
     config: str, setting: str, fragments: list[str], published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = _tree(published)
-    _refused(["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting], capsys, f"configs/{config}.yaml", *fragments)
+    key = setting.partition("=")[0]
+    # The value came from --set, and the message says so (the file alone would point at a value it doesn't hold).
+    where = f"configs/{config}.yaml: {key} (from --set): "
+    _refused(["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting], capsys, where, *fragments)
     assert _tree(published) == before
 
 
