@@ -51,8 +51,11 @@ def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int
         if weight_cache.has_entry(key):
             # The entry's files as load_entry reads them, without its weights.
             entry = weight_cache._entry(key)
-            n_ctx = json.loads((entry / weight_cache._CONFIG_FILE).read_text())["n_ctx"]
-            return AutoTokenizer.from_pretrained(entry / weight_cache._TOKENIZER_DIR, local_files_only=True), int(n_ctx)
+            try:
+                n_ctx = int(json.loads((entry / weight_cache._CONFIG_FILE).read_text())["n_ctx"])
+                return AutoTokenizer.from_pretrained(entry / weight_cache._TOKENIZER_DIR, local_files_only=True), n_ctx
+            except Exception:  # a damaged entry: loading removes it and converts again; read the source meanwhile
+                return None
     return None
 
 
