@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from unraveled.models import load_model
 from unraveled.models import weight_cache as converted_weights
@@ -40,7 +40,18 @@ def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.fixture(scope="module")
+def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama with its unembedding tied to its embedding, as SmolLM2's is."""
+    from tests.conftest import _save_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    return _save_checkpoint(LlamaForCausalLM(config), AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path_factory.mktemp("tied") / "tiny-tied", norm_seed=3)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir", "tiny_tied_llama_dir"])
 @pytest.mark.parametrize("weights", ["processed", "raw"])
 def test_lean_conversion_equals_transformer_lens_stock_processing(
     checkpoint: str, weights: str, request: pytest.FixtureRequest
@@ -88,15 +99,59 @@ def test_cache_read_restores_every_stored_tensor(tiny_llama_dir: Path, weight_ca
         assert torch.equal(loaded[name], tensor), name
 
 
-def test_cache_file_that_does_not_match_the_model_is_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+@pytest.mark.parametrize("damage", ["a stored tensor dropped", "the weights file truncated", "the config not JSON"])
+def test_damaged_cache_entry_is_converted_again_saying_so(
+    damage: str, tiny_gpt2_dir: Path, weight_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
     (entry,) = weight_cache.glob("weights/tiny-gpt2-raw-*")
-    stored = safetensors.torch.load_file(entry / "model.safetensors")
-    dropped = next(name for name in stored if name.endswith("attn.W_Q"))
-    del stored[dropped]
-    safetensors.torch.save_file(stored, entry / "model.safetensors")
-    with pytest.raises(RuntimeError, match=dropped.replace(".", r"\.")):
-        converted_weights.load_entry(entry.name, "cpu")
+    weights_file = entry / "model.safetensors"
+    if damage == "a stored tensor dropped":
+        stored = safetensors.torch.load_file(weights_file)
+        del stored[next(name for name in stored if name.endswith("attn.W_Q"))]
+        safetensors.torch.save_file(stored, weights_file)
+    elif damage == "the weights file truncated":
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    else:
+        (entry / "hooked_config.json").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        again = load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+    assert not again.from_weight_cache and str(entry) in caplog.text and "converting again" in caplog.text
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    assert load_model(str(tiny_gpt2_dir), "raw", fallback=None).from_weight_cache  # the entry is whole again
+
+
+def test_model_is_moved_to_the_device_asked_for_whether_converted_or_cached(
+    tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: ``HookedTransformer.to`` records where it was asked to go (and stays on the CPU)."""
+    moved_to: list[str] = []
+    to = HookedTransformer.to
+
+    def recording_to(self: HookedTransformer, device: str, *args: object, **kwargs: object) -> HookedTransformer:
+        moved_to.append(device)
+        return to(self, "cpu", *args, **kwargs)
+
+    monkeypatch.setattr(HookedTransformer, "to", recording_to)
+    assert not load_model(str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None).from_weight_cache
+    assert load_model(str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None).from_weight_cache
+    assert moved_to == ["cuda:1", "cuda:1"]
+
+
+def test_lean_conversion_refuses_processing_that_edits_a_clone_in_place(tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean conversion's clones are the tensors themselves: an in-place edit of one (as
+    TransformerLens does to value biases in one branch) would change the checkpoint's tensor."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    def edits_in_place(state_dict: dict[str, torch.Tensor], *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        b_V = state_dict["blocks.0.attn.b_V"].clone()
+        b_V[0] = 0
+        return state_dict
+
+    monkeypatch.setattr(ProcessWeights, "fold_value_biases", staticmethod(edits_in_place))
+    with pytest.raises(RuntimeError, match="in place"):
+        hooked_from_hf(lambda: AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), AutoTokenizer.from_pretrained(tiny_gpt2_dir), "processed", model_name="lean")
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
@@ -109,7 +164,7 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
 
     folder = request.getfixturevalue(checkpoint)
     loaded = load_model(str(folder), "processed", fallback=None).model
-    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name, "cpu")[0]
+    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name)[0]
     assert all(parameter.is_contiguous() for parameter in plain.parameters())
     assert loaded.state_dict().keys() == plain.state_dict().keys()
     for name, tensor in plain.state_dict().items():
@@ -262,6 +317,6 @@ def test_unembedding_shares_the_embedding_storage_where_the_checkpoint_ties_them
         assert (model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()) == shared
         if weights == "raw":
             assert torch.equal(model.unembed.W_U, hf_model.get_output_embeddings().weight.T)
-    untied = converted_weights.load_entry(next(weight_cache.glob(f"weights/*-{weights}-*")).name, "cpu")[0]
+    untied = converted_weights.load_entry(next(weight_cache.glob(f"weights/*-{weights}-*")).name)[0]
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog")
     assert torch.equal(model(tokens), untied(tokens))

@@ -68,6 +68,9 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     return config
 
 
+_IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")} | {"__setitem__"}
+
+
 class _CloneFreeTensor(torch.Tensor):
     """A tensor whose ``clone()`` is itself, and whose results are clone-free tensors too.
 
@@ -81,6 +84,11 @@ class _CloneFreeTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func is torch.Tensor.clone:
             return args[0]
+        # An in-place edit of a "clone" would edit the tensor it came from (in the transformers
+        # model, or another step's input): refuse it rather than give wrong weights silently.
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS or (kwargs or {}).get("out") is not None:
+            raise RuntimeError(f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow")
         return super().__torch_function__(func, types, args, kwargs)
 
 

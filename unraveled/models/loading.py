@@ -216,6 +216,18 @@ def _revision(source: ModelSource, fingerprint: dict[str, Any] | None) -> str | 
     return None
 
 
+def prepare_for_experiments(model: HookedTransformer, device: str) -> HookedTransformer:
+    """Put a loaded model on ``device``, its weights laid out as the forward pass reads them, the
+    unembedding tied where the checkpoint ties it, and no gradients for weights.
+
+    The layout and the tie come after the move: moving copies each parameter on its own.
+    """
+    model = model.to(device)
+    store_rearranged(model)
+    share_tied_unembedding(model)
+    return model.requires_grad_(False)
+
+
 def _load_source(source: ModelSource, requested: str, weights: WeightsKind, device: str) -> LoadedModel:
     """Load ``source``, from the converted-weights cache when it holds these very weights.
 
@@ -224,7 +236,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
     """
     started = time.perf_counter()
     fingerprint = _fingerprint(source)
-    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint), device) if fingerprint else None
+    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint)) if fingerprint else None
     from_cache = cached is not None
     if cached is not None:
         model, n_parameters = cached
@@ -239,10 +251,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
             model, loaded_from, n_parameters = _from_bundled(source, weights)
         if fingerprint is not None:
             weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
-        model = model.to(device)
-    store_rearranged(model)
-    share_tied_unembedding(model)
-    model.requires_grad_(False)
+    model = prepare_for_experiments(model, device)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
         model=model,
