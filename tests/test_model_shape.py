@@ -56,6 +56,19 @@ def test_checkpoint_folder_shape_matches_the_loaded_model(folder: str, request: 
     _same_tokens(shape.tokenizer, model.tokenizer)
 
 
+def test_cache_entry_shape_and_a_damaged_entry(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
+    loaded = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model  # writes the entry
+    (entry,) = (weight_cache / "weights").iterdir()
+    shape = model_shape(str(tiny_gpt2_dir))
+    assert shape is not None and shape.n_ctx == loaded.cfg.n_ctx == 64
+    _same_tokens(shape.tokenizer, loaded.tokenizer)
+    # A damaged entry is loading's to remove and replace; the check reads the folder meanwhile.
+    (entry / "hooked_config.json").write_text("{not json")
+    shape = model_shape(str(tiny_gpt2_dir))
+    assert shape is not None and shape.n_ctx == 64
+    _same_tokens(shape.tokenizer, loaded.tokenizer)
+
+
 def test_hugging_face_snapshot_shape_matches_the_loaded_model(hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hf_home_with_gpt2 / "hub"))
     shape = model_shape("gpt2", allow_fallback=False)
