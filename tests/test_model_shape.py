@@ -131,3 +131,15 @@ def test_overlong_prompt_on_the_fallback_is_refused_before_the_bundled_model_con
     assert "configs/logit_lens.yaml: params.prompt (from --set): 701 tokens (BOS included), more than the 64 allowed by this experiment's max_prompt_tokens" in message
     assert "(smollm2-135m (fallback: gpt2 unavailable))" in message
     assert no_loading == [] and not out.exists() and not weight_cache.exists()
+
+
+def test_answer_of_several_tokens_is_refused_before_any_model_loads(
+    tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, no_loading: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    status = main(["run", "logit_attribution", "--set", "params.correct= Marylebone", "--model", str(tiny_gpt2_dir), "--out", str(out)])
+    message = " ".join(capsys.readouterr().err.split())
+    assert status == 2, message
+    # GPT-2's tokenizer splits " Marylebone" in three: " Mary", "le", "bone".
+    assert "configs/logit_attribution.yaml: params.correct (from --set): ' Marylebone' is 3 tokens for this model ([' Mary', 'le', 'bone']); expected one token" in message
+    assert no_loading == [] and not out.exists() and not weight_cache.exists()

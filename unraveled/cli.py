@@ -144,10 +144,10 @@ def run(
     if not models:
         for config in configs:
             _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
-    from unraveled.runner import check_device, check_prompts_before_loading, run_configs  # heavy imports only once the input is valid
+    from unraveled.runner import check_device, check_text_params_before_loading, run_configs  # heavy imports only once the input is valid
 
     check_device(device)
-    check_prompts_before_loading(configs, models, allow_fallback=not no_fallback)
+    check_text_params_before_loading(configs, models, allow_fallback=not no_fallback)
     written = run_configs(configs, out_dir, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
     console.print(f"wrote {len(written)} run(s); open {out_dir / 'index.html'}", soft_wrap=True, markup=False, highlight=False)
 

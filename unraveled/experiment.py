@@ -12,9 +12,9 @@ annotations are imported under ``if TYPE_CHECKING or RESOLVE_ANNOTATIONS:`` so t
 jaxtyping/beartype checks still see them (see ``RESOLVE_ANNOTATIONS``).
 
 Params that depend on the model are marked in the schema (``Prompt``, ``Answer``, ``HeadIndex``,
-``LayerIndex``). Prompts are checked against the model's tokenizer and context before any model
-is loaded (``check_prompt_lengths``); the rest, and prompts again, by the runner right after the
-model loads and before anything is written. Anything else model-dependent goes in the
+``LayerIndex``). Prompts and answers are checked against the model's tokenizer and context
+before any model is loaded (``check_text_params``); everything, those again, by the runner right
+after the model loads and before anything is written. Anything else model-dependent goes in the
 experiment's optional ``check``.
 """
 
@@ -193,8 +193,9 @@ def _model_bound_values(params: Params) -> Iterator[tuple[str, set[str], Any]]:
                 yield name, kinds, value
 
 
-def check_prompt_lengths(experiment: Experiment[Any, Any], params: Params, tokenizer: PreTrainedTokenizerBase, n_ctx: int | None) -> None:
-    """Check every ``Prompt`` param's token count against the context and ``max_prompt_tokens``.
+def check_text_params(experiment: Experiment[Any, Any], params: Params, tokenizer: PreTrainedTokenizerBase, n_ctx: int | None) -> None:
+    """Check the params the tokenizer decides: prompts fit the context and ``max_prompt_tokens``,
+    answers are one token.
 
     Needs only the tokenizer and the context length, so the runner calls it before loading any
     weights (``unraveled.models.shape``); ``check_params`` calls it again on the loaded model.
@@ -204,7 +205,7 @@ def check_prompt_lengths(experiment: Experiment[Any, Any], params: Params, token
             is checked then).
 
     Raises:
-        ParamError: Naming the param, its token count and the limit it exceeds.
+        ParamError: Naming the param and what the model can take.
     """
     by_context = n_ctx is not None and n_ctx <= experiment.max_prompt_tokens
     cap, limit = (n_ctx, "the model's context") if by_context else (experiment.max_prompt_tokens, "this experiment's max_prompt_tokens")
@@ -213,6 +214,11 @@ def check_prompt_lengths(experiment: Experiment[Any, Any], params: Params, token
             count = _tokens_with_bos(tokenizer, value)
             if count > cap:
                 raise ParamError(name, f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; shorten the prompt")
+        if "single_token" in kinds:
+            ids = tokenizer.encode(value, add_special_tokens=False)
+            if len(ids) != 1:
+                pieces = [tokenizer.decode([i]) for i in ids]
+                raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
 
 
 def check_params(experiment: Experiment[Any, Any], params: Params, model: HookedTransformer) -> None:
@@ -222,17 +228,12 @@ def check_params(experiment: Experiment[Any, Any], params: Params, model: Hooked
         ParamError: Naming the param and what the model can take.
     """
     cfg = model.cfg
-    check_prompt_lengths(experiment, params, model.tokenizer, cfg.n_ctx)
+    check_text_params(experiment, params, model.tokenizer, cfg.n_ctx)
     for name, kinds, value in _model_bound_values(params):
         if "head" in kinds and value >= cfg.n_heads:
             raise ParamError(name, f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})")
         if "layer" in kinds and value >= cfg.n_layers:
             raise ParamError(name, f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})")
-        if "single_token" in kinds:
-            ids = model.tokenizer.encode(value, add_special_tokens=False)
-            if len(ids) != 1:
-                pieces = [model.tokenizer.decode([i]) for i in ids]
-                raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
     if experiment.check is not None:
         experiment.check(model, params)
 

@@ -1,14 +1,13 @@
 """Run configs: load each model once, check, compute, render, and own every file written.
 
-Prompts are checked first, against each model's tokenizer and context read without its weights
-(``check_prompts_before_loading``, ``unraveled.models.shape``): an overlong prompt costs no
-conversion. Then every model is loaded once and every config's model-dependent params are checked
-against it, so a bad config stops the whole invocation before any file is written. Then, model by model
-(and within a model by kind of weights, each loaded once, each model freed once its configs are
-done), the runner seeds
-everything, calls the experiment's ``compute`` and ``render``, writes figures, views,
-``metrics.json`` and ``manifest.json`` into a staging folder, swaps it in as
-``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
+Prompts and answers are checked first, against each model's tokenizer and context read without
+its weights (``check_text_params_before_loading``, ``unraveled.models.shape``): an overlong prompt
+costs no conversion. Then every model is loaded once and every config's model-dependent params
+are checked against it, so a bad config stops the whole invocation before any file is written.
+Then, model by model (and within a model by kind of weights, each loaded once, each model freed
+once its configs are done), the runner seeds everything, calls the experiment's ``compute`` and
+``render``, writes figures, views, ``metrics.json`` and ``manifest.json`` into a staging folder,
+swaps it in as ``OUT/<model>/<config>/``, and rebuilds the pages (``unraveled.render.pages``).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
-from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_prompt_lengths  # noqa: E402
+from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params  # noqa: E402
 from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.models.shape import ModelShape, model_shape  # noqa: E402
@@ -176,9 +175,10 @@ def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
         raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({loaded.label()})") from None
 
 
-def check_prompts_before_loading(configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True) -> None:
-    """Check every config's prompts against the tokenizer and context of the model it will run
-    on, read without the weights, so an overlong prompt costs no conversion and writes nothing.
+def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True) -> None:
+    """Check every config's prompts (and one-token answers) against the tokenizer and context of
+    the model it will run on, read without the weights, so an overlong prompt costs no conversion
+    and writes nothing.
 
     Args:
         configs, models, allow_fallback: As for ``run_configs``, which checks prompts again on
@@ -186,8 +186,8 @@ def check_prompts_before_loading(configs: Sequence[LoadedConfig], models: Sequen
             without loading it: a hub model in no cache, the hub reachable).
 
     Raises:
-        ConfigError: Naming the config file, the param (and whether ``--set`` gave it), its token
-            count and the limit.
+        ConfigError: Naming the config file, the param (and whether ``--set`` gave it) and what
+            the model takes: the token count and the limit, or the answer's tokens.
     """
     shapes: dict[str, ModelShape | None] = {}
     for config in configs:
@@ -199,7 +199,7 @@ def check_prompts_before_loading(configs: Sequence[LoadedConfig], models: Sequen
             if shape is None:
                 continue
             try:
-                check_prompt_lengths(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
+                check_text_params(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
             except ParamError as error:
                 raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({shape.label})") from None
 
