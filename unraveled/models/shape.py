@@ -32,9 +32,11 @@ class ModelShape:
     Attributes:
         label: The model as messages name it (a fallback says what it stands in for).
         tokenizer: The tokenizer loading gives the model.
-        n_ctx: Its context length, at most what the checkpoint declares; None where reading it
-            would cost as much as the tokenizer again (a bundled GGUF not yet converted: its
-            context, 8192 for SmolLM2, is checked once the model loads).
+        n_ctx: Its context length: the converted model's own (from a cache entry), else the
+            largest the checkpoint's config declares (TransformerLens caps some architectures
+            lower, which the check after loading catches); None where reading it would parse the
+            file a second time (a bundled GGUF not yet converted: its context, 8192 for SmolLM2,
+            far above every experiment's cap, is checked once the model loads).
     """
 
     label: str
