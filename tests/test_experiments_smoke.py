@@ -120,5 +120,5 @@ def test_experiment_runs_through_cli_smoke(
 
 def test_out_of_range_head_is_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out"), "--set", "params.head=7"]) == 2
-    assert "params.head: 7 is out of range: the model has 4 heads" in capsys.readouterr().err
+    assert "configs/attention.yaml: params.head (from --set): 7 is out of range: the model has 4 heads" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
