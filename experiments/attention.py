@@ -1,5 +1,11 @@
 """Attention: one head's pattern in every layer, attention to the first token and from the last,
-and per-head entropy and attention-sink strength."""
+and per-head entropy and attention-sink strength.
+
+It reads raw weights, as the original analysis does: folding and centring change no attention
+pattern and no next-token loss (the folded LayerNorm and the centred residual give the same
+queries, keys and log-probabilities), so the processed copy would only cost a second conversion
+when the other seed-parity configs already hold the raw one.
+"""
 
 from __future__ import annotations
 
@@ -162,4 +168,4 @@ def attention_views(result: AttentionResult) -> Iterator[View]:
                {"prompt": result.prompt, "tokenised": result.tokenisation})
 
 
-EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render)
+EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render, weights="raw")

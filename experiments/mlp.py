@@ -3,6 +3,10 @@
 The toy packs far more vectors than dimensions and pushes them apart, as the original analysis
 does: most pairs end up nearly orthogonal, but not all (the Welch bound forbids it), so the whole
 angle distribution is reported, not only the 89-91 degree window.
+
+It reads raw weights, as the original analysis does: folding the LayerNorm into the MLP's input
+weights and centring the weights that write to the residual change neither ``mlp.hook_pre`` nor
+``mlp.hook_post``, so the processed copy would only cost a second conversion.
 """
 
 from __future__ import annotations
@@ -263,4 +267,4 @@ def render(result: MlpResult) -> Iterator[Artifact]:
     yield Figure("07_mlp_activations", figure, f"Distribution of MLP activations and fraction of neurons active ({result.active_rule}), per layer")
 
 
-EXPERIMENT = Experiment(title="MLPs and superposition", params=MlpParams, compute=compute, render=render)
+EXPERIMENT = Experiment(title="MLPs and superposition", params=MlpParams, compute=compute, render=render, weights="raw")

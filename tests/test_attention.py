@@ -20,7 +20,20 @@ PROMPT = "Alice gave Bob a goose, and he gave her a duck."
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[no-untyped-def]
-    return tiny_model(tiny_gpt2_dir, "processed")
+    return tiny_model(tiny_gpt2_dir, attention.EXPERIMENT.weights)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_raw_weights_give_what_folded_and_centred_weights_give(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
+    # The experiment reads raw weights (as the original does, and as the other seed-parity configs
+    # do, so a run converts the model once); folding and centring must not change what it reports.
+    assert attention.EXPERIMENT.weights == "raw"
+    folder = request.getfixturevalue(checkpoint)
+    params = attention.AttentionParams(prompt=PROMPT)
+    raw, processed = (attention.compute(tiny_model(folder, kind), params, seed=0) for kind in ("raw", "processed"))
+    assert raw.tokens == processed.tokens
+    for field in ("patterns", "to_first_token", "from_last_token", "entropy", "sink", "next_token_loss"):
+        np.testing.assert_allclose(getattr(raw, field), getattr(processed, field), rtol=1e-4, atol=1e-5, err_msg=field)
 
 
 def test_default_tokenisation_is_the_originals_without_bos(tiny_gpt2, tiny_gpt2_dir: Path, gpt2_tokenizer) -> None:  # type: ignore[no-untyped-def]

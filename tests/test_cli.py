@@ -91,6 +91,26 @@ def test_interrupted_swap_is_recovered(tmp_path: Path) -> None:
     assert (target / "metrics.json").read_text() == "{}" and staging.parent == target.parent
 
 
+def test_run_hides_the_imports_from_the_garbage_collector_only_while_it_runs(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import unraveled.runner as runner
+
+    seen: dict[str, object] = {}
+
+    def run_configs(*args: object, **kwargs: object) -> list[Path]:
+        seen.update(frozen=gc.get_freeze_count(), enabled=gc.isenabled())
+        return []
+
+    monkeypatch.setattr(runner, "run_configs", run_configs)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out")]) == 0
+    # torch, transformers and TransformerLens's objects out of the collector's sight during the run...
+    assert seen["enabled"] is True and isinstance(seen["frozen"], int) and seen["frozen"] > 100_000
+    # ... and back in it afterwards, so a caller's later garbage is collected as before.
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_list_and_models_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     assert "embeddings" in capsys.readouterr().out

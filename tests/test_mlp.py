@@ -78,7 +78,7 @@ def test_superposition_toy_takes_the_steps_autograd_takes_on_the_originals_loss(
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
 def test_active_fraction_matches_the_neurons_firing_in_transformers(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
     folder = request.getfixturevalue(checkpoint)
-    model = tiny_model(folder, "processed")
+    model = tiny_model(folder, mlp.EXPERIMENT.weights)
     prompts = ["Alice gave Bob a goose, and he gave her a duck.", "def add(a, b): return a + b"]
     params = mlp.MlpParams(prompts=prompts, toy_vectors=8, toy_dims=4, toy_steps=1)
     result = mlp.compute(model, params, seed=0)
@@ -98,3 +98,17 @@ def test_active_fraction_matches_the_neurons_firing_in_transformers(checkpoint: 
     np.testing.assert_allclose(result.active_fraction, expected, atol=1e-3)
     assert result.summary["gated_mlp"] is gated
     assert result.summary["active_measured_at"] == ("blocks.L.mlp.hook_pre" if gated else "blocks.L.mlp.hook_post")
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_raw_weights_give_the_activations_folded_and_centred_weights_give(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
+    # The experiment reads raw weights (as the original does, and as the other seed-parity configs
+    # do, so a run converts the model once); folding the norm into W_in and centring the weights
+    # that write to the residual must not change mlp.hook_pre or mlp.hook_post.
+    assert mlp.EXPERIMENT.weights == "raw"
+    folder = request.getfixturevalue(checkpoint)
+    params = mlp.MlpParams(prompts=["Alice gave Bob a goose, and he gave her a duck.", "def add(a, b): return a + b"], toy_vectors=8, toy_dims=4, toy_steps=1)
+    raw, processed = (mlp.compute(tiny_model(folder, kind), params, seed=0) for kind in ("raw", "processed"))
+    np.testing.assert_array_equal(raw.active_fraction, processed.active_fraction)
+    for layer, (from_raw, from_processed) in enumerate(zip(raw.post_samples, processed.post_samples, strict=True)):
+        np.testing.assert_allclose(from_raw, from_processed, rtol=1e-4, atol=1e-5, err_msg=f"layer {layer}")

@@ -21,8 +21,13 @@ MB = 1024 * 1024
 
 def return_freed_memory() -> None:
     """Free what only reference cycles still hold (figures, caches), then hand the heap's free
-    pages back to the system (glibc keeps them otherwise, and the next model or config would
-    count them in the process's resident memory)."""
+    pages back to the system.
+
+    glibc keeps freed blocks smaller than its mmap threshold (which grows to 32 MB once a large
+    block is freed) for reuse, but the next step often allocates in other sizes and grows the heap
+    instead: without this, the process's resident memory climbs step after step, and the next
+    model or config counts what the last one freed.
+    """
     gc.collect()
     if platform.system() == "Linux":
         try:

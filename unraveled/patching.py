@@ -32,6 +32,7 @@ from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from unraveled.logits import residual_hook_names
+from unraveled.memory import return_freed_memory
 
 MAX_ROWS = 128
 """Rows (copies of prompts) run through the model at once: bounds memory, keeps batches efficient."""
@@ -210,6 +211,7 @@ def patched_logit_differences(
                 residual = model.run_with_hooks(start, start_at_layer=start_at, stop_at_layer=n_layers, fwd_hooks=hooks)
                 results[chunk] = _final_logit_differences(model, residual, pairs).reshape(len(chunk), batch)
     results[unchanged] = results[-1].clone()
+    return_freed_memory()
     return results[:-1]
 
 
@@ -321,6 +323,7 @@ def attribution(
         for name in hooks:
             estimate = (source[name][rows] - activations[name]) * grads[name]
             estimates.setdefault(name, torch.empty(pairs.size, *estimate.shape[1:]))[rows] = estimate
+    return_freed_memory()
     return differences, estimates
 
 
@@ -415,8 +418,10 @@ def edge_attribution(
         deltas = {name: source[name][rows] - activations[name] for name in outputs}
         del activations
         part_scores, part_nodes = _edge_score_sums(model, deltas, grads)
+        del deltas, grads
         scores = part_scores if scores is None else scores + part_scores
         nodes = part_nodes if nodes is None else nodes + part_nodes
+        return_freed_memory()
     assert scores is not None and nodes is not None
     return EdgeScores(
         upstream=upstream_names(model),
@@ -531,7 +536,9 @@ def edge_circuit_logit_differences(
     """
     bytes_per_circuit = pairs.size * pairs.clean.shape[1] * model.cfg.d_model * kept.shape[1] * 4
     per_pass = max(1, EDGE_BUFFER_BYTES // bytes_per_circuit)
-    return torch.cat([_edge_circuits_in_one_pass(model, pairs, corrupted_cache, kept[start : start + per_pass]) for start in range(0, kept.shape[0], per_pass)])
+    differences = torch.cat([_edge_circuits_in_one_pass(model, pairs, corrupted_cache, kept[start : start + per_pass]) for start in range(0, kept.shape[0], per_pass)])
+    return_freed_memory()
+    return differences
 
 
 def _edge_circuits_in_one_pass(
