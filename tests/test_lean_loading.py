@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from unraveled.models import load_model
 from unraveled.models import weight_cache as converted_weights
@@ -40,7 +40,18 @@ def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
+@pytest.fixture(scope="module")
+def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama with its unembedding tied to its embedding, as SmolLM2's is."""
+    from tests.conftest import _save_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    return _save_checkpoint(LlamaForCausalLM(config), AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path_factory.mktemp("tied") / "tiny-tied", norm_seed=3)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir", "tiny_tied_llama_dir"])
 @pytest.mark.parametrize("weights", ["processed", "raw"])
 def test_lean_conversion_equals_transformer_lens_stock_processing(
     checkpoint: str, weights: str, request: pytest.FixtureRequest
@@ -88,15 +99,59 @@ def test_cache_read_restores_every_stored_tensor(tiny_llama_dir: Path, weight_ca
         assert torch.equal(loaded[name], tensor), name
 
 
-def test_cache_file_that_does_not_match_the_model_is_refused(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+@pytest.mark.parametrize("damage", ["a stored tensor dropped", "the weights file truncated", "the config not JSON"])
+def test_damaged_cache_entry_is_converted_again_saying_so(
+    damage: str, tiny_gpt2_dir: Path, weight_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
     (entry,) = weight_cache.glob("weights/tiny-gpt2-raw-*")
-    stored = safetensors.torch.load_file(entry / "model.safetensors")
-    dropped = next(name for name in stored if name.endswith("attn.W_Q"))
-    del stored[dropped]
-    safetensors.torch.save_file(stored, entry / "model.safetensors")
-    with pytest.raises(RuntimeError, match=dropped.replace(".", r"\.")):
-        converted_weights.load_entry(entry.name, "cpu")
+    weights_file = entry / "model.safetensors"
+    if damage == "a stored tensor dropped":
+        stored = safetensors.torch.load_file(weights_file)
+        del stored[next(name for name in stored if name.endswith("attn.W_Q"))]
+        safetensors.torch.save_file(stored, weights_file)
+    elif damage == "the weights file truncated":
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    else:
+        (entry / "hooked_config.json").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        again = load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+    assert not again.from_weight_cache and str(entry) in caplog.text and "converting again" in caplog.text
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    assert load_model(str(tiny_gpt2_dir), "raw", fallback=None).from_weight_cache  # the entry is whole again
+
+
+def test_model_is_moved_to_the_device_asked_for_whether_converted_or_cached(
+    tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: ``HookedTransformer.to`` records where it was asked to go (and stays on the CPU)."""
+    moved_to: list[str] = []
+    to = HookedTransformer.to
+
+    def recording_to(self: HookedTransformer, device: str, *args: object, **kwargs: object) -> HookedTransformer:
+        moved_to.append(device)
+        return to(self, "cpu", *args, **kwargs)
+
+    monkeypatch.setattr(HookedTransformer, "to", recording_to)
+    assert not load_model(str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None).from_weight_cache
+    assert load_model(str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None).from_weight_cache
+    assert moved_to == ["cuda:1", "cuda:1"]
+
+
+def test_lean_conversion_refuses_processing_that_edits_a_clone_in_place(tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean conversion's clones are the tensors themselves: an in-place edit of one (as
+    TransformerLens does to value biases in one branch) would change the checkpoint's tensor."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    def edits_in_place(state_dict: dict[str, torch.Tensor], *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        b_V = state_dict["blocks.0.attn.b_V"].clone()
+        b_V[0] = 0
+        return state_dict
+
+    monkeypatch.setattr(ProcessWeights, "fold_value_biases", staticmethod(edits_in_place))
+    with pytest.raises(RuntimeError, match="in place"):
+        hooked_from_hf(lambda: AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), AutoTokenizer.from_pretrained(tiny_gpt2_dir), "processed", model_name="lean")
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
@@ -109,7 +164,7 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
 
     folder = request.getfixturevalue(checkpoint)
     loaded = load_model(str(folder), "processed", fallback=None).model
-    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name, "cpu")[0]
+    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name)[0]
     assert all(parameter.is_contiguous() for parameter in plain.parameters())
     assert loaded.state_dict().keys() == plain.state_dict().keys()
     for name, tensor in plain.state_dict().items():
@@ -142,3 +197,126 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
     embed_grad = gradient(plain)
     assert embed_grad is not None and embed_grad.abs().sum() > 0
     assert torch.equal(gradient(loaded), embed_grad)
+
+
+@pytest.mark.parametrize("weights", ["processed", "raw"])
+def test_hugging_face_cache_model_converts_as_transformer_lens_from_pretrained_does(
+    weights: str, hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gpt2`` from the Hugging Face cache: the lean conversion against TransformerLens's own
+    ``from_pretrained`` of the same cached snapshot (here, the tiny checkpoint laid out as ``gpt2``)."""
+    from unraveled.models import hub
+
+    hub_cache = hf_home_with_gpt2 / "hub"
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    loaded = load_model("gpt2", weights, fallback=None)
+    assert loaded.loaded_from.startswith("Hugging Face cache") and not loaded.from_weight_cache
+    snapshot = hub.cached_snapshot("gpt2")
+    with pytest.warns(DeprecationWarning):
+        stock = HookedTransformer.from_pretrained(
+            "gpt2", tokenizer=AutoTokenizer.from_pretrained(snapshot), cache_dir=str(hub_cache), local_files_only=True, **processing_flags(weights)
+        ).eval()
+
+    lean_cfg, stock_cfg = loaded.model.cfg.to_dict(), stock.cfg.to_dict()
+    different = {field for field in stock_cfg if lean_cfg.get(field) != stock_cfg[field]}
+    assert different <= {"tokenizer_name"}, {field: (lean_cfg.get(field), stock_cfg[field]) for field in different}
+    lean_state, stock_state = loaded.model.state_dict(), stock.state_dict()
+    assert lean_state.keys() == stock_state.keys()
+    for name, tensor in stock_state.items():
+        assert torch.equal(lean_state[name], tensor), name
+    tokens = stock.to_tokens("The quick brown fox jumps over the lazy dog")
+    assert torch.equal(loaded.model(tokens), stock(tokens))
+
+
+def test_conversion_frees_each_checkpoint_tensor_once_processing_has_replaced_it(
+    tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By the last processing step, the checkpoint's tensors are gone (processing has replaced
+    them all): nothing (a caller's reference, an autograd graph) keeps them beside the model."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from transformer_lens.weight_processing import ProcessWeights
+
+    folded_into: list[tuple[StorageWeakRef, int]] = []  # the blocks' weights that LayerNorm folds into
+    everything: list[tuple[StorageWeakRef, int]] = []
+
+    def load_hf() -> torch.nn.Module:
+        hf_model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, dtype=torch.float32)
+        for name, parameter in hf_model.named_parameters():
+            reference = (StorageWeakRef(parameter.untyped_storage()), parameter.untyped_storage().nbytes())
+            everything.append(reference)
+            if any(part in name for part in (".ln_1.", ".ln_2.", ".attn.c_attn.", ".mlp.c_fc.")):
+                folded_into.append(reference)
+        return hf_model
+
+    def alive(references: list[tuple[StorageWeakRef, int]]) -> int:
+        return sum(nbytes for storage, nbytes in references if not storage.expired())
+
+    alive_after_folding_the_blocks: list[int] = []
+    alive_at_the_last_step: list[int] = []
+
+    def spy(function, seen: list[int], references: list[tuple[StorageWeakRef, int]]):  # type: ignore[no-untyped-def]
+        def measured(*args: object, **kwargs: object) -> object:
+            seen.append(alive(references))
+            return function(*args, **kwargs)
+
+        return staticmethod(measured)
+
+    # Folding the final norm into the unembedding comes after every block is folded, inside the
+    # same step: the blocks' checkpoint tensors it replaced must be gone already, not at the end of the step.
+    monkeypatch.setattr(ProcessWeights, "_fold_unembed_layer_norm", spy(ProcessWeights._fold_unembed_layer_norm, alive_after_folding_the_blocks, folded_into))
+    monkeypatch.setattr(ProcessWeights, "center_unembed", spy(ProcessWeights.center_unembed, alive_at_the_last_step, everything))
+    hooked_from_hf(load_hf, AutoTokenizer.from_pretrained(tiny_gpt2_dir), "processed", model_name="lean")
+    assert alive_after_folding_the_blocks == [0] and alive_at_the_last_step == [0]
+
+
+def test_model_downloaded_from_the_hub_is_converted_from_its_snapshot(
+    tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the hub answers, the checkpoint's files are downloaded into the Hugging Face cache
+    (safetensors weights, not the same weights again as ``.bin``) and converted from there. The
+    hub itself can't be reached here: ``snapshot_download`` is replaced by a copy of the tiny
+    checkpoint into an empty cache."""
+    import shutil
+
+    from unraveled.models import hub
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        snapshot = hub_cache / f"models--{repo_id}" / "snapshots" / ("f" * 40)
+        shutil.copytree(tiny_gpt2_dir, snapshot, dirs_exist_ok=True)
+        (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text("f" * 40)
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    loaded = load_model("gpt2", "processed", fallback=None)
+    assert loaded.loaded_from == "Hugging Face hub (gpt2)" and loaded.revision == "f" * 40
+    assert len(asked) == 1 and not any(pattern.endswith(".bin") for pattern in asked[0])
+    from_folder = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    for name, tensor in from_folder.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(("checkpoint", "weights", "shared"), [("tiny_gpt2_dir", "raw", True), ("tiny_gpt2_dir", "processed", False), ("tiny_llama_dir", "raw", False)])
+def test_unembedding_shares_the_embedding_storage_where_the_checkpoint_ties_them(
+    checkpoint: str, weights: str, shared: bool, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
+    """GPT-2 ties its unembedding to its embedding; raw weights keep that tie (one storage), and
+    the model computes what it computed with a copy of its own."""
+    folder = request.getfixturevalue(checkpoint)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for source in ("converted", "converted-weights cache"):
+        loaded = load_model(str(folder), weights, fallback=None)
+        assert loaded.from_weight_cache == (source == "converted-weights cache")
+        model = loaded.model
+        assert (model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()) == shared
+        if weights == "raw":
+            assert torch.equal(model.unembed.W_U, hf_model.get_output_embeddings().weight.T)
+    untied = converted_weights.load_entry(next(weight_cache.glob(f"weights/*-{weights}-*")).name)[0]
+    tokens = model.to_tokens("The quick brown fox jumps over the lazy dog")
+    assert torch.equal(model(tokens), untied(tokens))

@@ -28,8 +28,7 @@ from transformer_lens import HookedTransformer
 from unraveled.engines.local import run_windows
 from unraveled.engines.state import AtlasSettings, AtlasState
 from unraveled.models import weight_cache
-from unraveled.models.layout import store_rearranged
-from unraveled.models.loading import checkpoint_parameters
+from unraveled.models.loading import checkpoint_parameters, prepare_for_experiments
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +68,13 @@ class AtlasWorker:
 
     def __init__(self, cache_root: str, key: str, device: str) -> None:
         os.environ["UNRAVELED_CACHE"] = cache_root
-        entry = weight_cache.load_entry(key, device)
+        entry = weight_cache.load_entry(key)
         if entry is None:
             raise RuntimeError(
                 f"converted-weights entry {key} is not in {cache_root} on this node: on a cluster, "
                 "point UNRAVELED_CACHE at storage every node can read"
             )
-        self.model = store_rearranged(entry[0]).requires_grad_(False)
+        self.model = prepare_for_experiments(entry[0], device)
 
     def run(self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings) -> AtlasState:
         return run_windows(self.model, windows, numbers, settings, progress=False)

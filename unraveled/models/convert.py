@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
-
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.components import LayerNormPre, RMSNormPre
+from transformer_lens.utilities.activation_functions import softcap_enabled
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -41,6 +42,20 @@ def processing_flags(weights: WeightsKind) -> dict[str, bool]:
     }
 
 
+def _applicable_flags(flags: dict[str, bool], cfg: HookedTransformerConfig) -> dict[str, bool]:
+    """The processing ``from_pretrained`` actually applies to a model of ``cfg``: it skips folding
+    and centring where they would change the model's function (shortformer positions, post-norm
+    blocks, soft-capped logits)."""
+    shortformer = cfg.positional_embedding_type == "shortformer"
+    post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
+    return {
+        **flags,
+        "fold_ln": flags["fold_ln"] and not (shortformer or post_norm),
+        "center_writing_weights": flags["center_writing_weights"] and not (shortformer or post_norm),
+        "center_unembed": flags["center_unembed"] and not shortformer and not softcap_enabled(cfg.output_logits_soft_cap),
+    }
+
+
 def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     config = hf_model.config.to_dict()
     # GGUF checkpoints are dequantized on load; the marker would make TransformerLens refuse them.
@@ -51,6 +66,9 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])
     return config
+
+
+_IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")} | {"__setitem__"}
 
 
 class _CloneFreeTensor(torch.Tensor):
@@ -66,6 +84,11 @@ class _CloneFreeTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func is torch.Tensor.clone:
             return args[0]
+        # An in-place edit of a "clone" would edit the tensor it came from (in the transformers
+        # model, or another step's input): refuse it rather than give wrong weights silently.
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS or (kwargs or {}).get("out") is not None:
+            raise RuntimeError(f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow")
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -75,6 +98,7 @@ def hooked_from_hf(
     weights: WeightsKind,
     model_name: str,
     default_prepend_bos: bool | None = None,
+    official_name: str | None = None,
 ) -> tuple[HookedTransformer, int]:
     """Convert a transformers model with TransformerLens's own converters and processing.
 
@@ -89,28 +113,36 @@ def hooked_from_hf(
         model_name: Name recorded in the HookedTransformer's config.
         default_prepend_bos: Whether string inputs get a BOS token; None keeps TransformerLens's
             default (True).
+        official_name: The model's TransformerLens name (``gpt2``), whose config TransformerLens
+            builds by name, read from the local Hugging Face cache; None for a checkpoint known
+            only by its ``config.json``.
 
     Returns:
         The model, and the checkpoint's own parameter count as transformers counts it (tied
         embeddings once).
     """
-    flags = processing_flags(weights)
-    hf_model = load_hf()
+    # Frozen, so that processing builds no autograd graph: each result would keep the tensors it
+    # was computed from alive, the whole checkpoint over.
+    hf_model = load_hf().requires_grad_(False)
     n_parameters = sum(parameter.numel() for parameter in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        # TransformerLens guesses the architecture from the path when it contains "llama" or
-        # "gemma" (and then has no config to read); a neutral folder name makes it read config.json.
-        config_dir = Path(tmp) / "checkpoint"
-        config_dir.mkdir()
-        (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
+        if official_name is None:
+            # TransformerLens guesses the architecture from the path when it contains "llama" or
+            # "gemma" (and then has no config to read); a neutral folder name makes it read config.json.
+            config_dir = Path(tmp) / "checkpoint"
+            config_dir.mkdir()
+            (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
+        name = official_name or str(config_dir)
         cfg = tl_loading.get_pretrained_model_config(
-            str(config_dir),
-            fold_ln=flags["fold_ln"],
+            name,
+            fold_ln=processing_flags(weights)["fold_ln"],
             dtype=torch.float32,
             default_prepend_bos=default_prepend_bos,
+            local_files_only=True,
         )
+        flags = _applicable_flags(processing_flags(weights), cfg)
         converted = [
-            {key: value.as_subclass(_CloneFreeTensor) for key, value in tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model).items()}
+            {key: value.as_subclass(_CloneFreeTensor) for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()}
         ]
     del hf_model
     cfg.model_name = model_name
@@ -139,14 +171,7 @@ def _load_and_process(model: HookedTransformer, converted: list[dict[str, torch.
     )
     if fold_ln:
         _use_prenorm(model)
-    processed = ProcessWeights.process_weights(
-        converted.pop(),
-        model.cfg,
-        fold_ln=fold_ln,
-        center_writing_weights=flags["center_writing_weights"],
-        center_unembed=flags["center_unembed"],
-        fold_value_biases=flags["fold_value_biases"],
-    )
+    processed = _process_weights(converted, model.cfg, {**flags, "fold_ln": fold_ln})
     plain = {key: processed.pop(key).as_subclass(torch.Tensor) for key in list(processed)}
     missing = model.load_state_dict(plain, strict=False, assign=True).missing_keys
     if missing:
@@ -155,6 +180,34 @@ def _load_and_process(model: HookedTransformer, converted: list[dict[str, torch.
     _own_dense_storage(model)
     if fold_ln:
         model.setup()
+
+
+def _process_weights(holder: list[dict[str, torch.Tensor]], cfg: HookedTransformerConfig, flags: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """``ProcessWeights.process_weights``, step for step, handing each step the only reference to
+    the state dict (taken from ``holder``).
+
+    ``process_weights`` keeps its argument while each step builds the next dict, so every tensor a
+    step replaces stayed alive until the step returned: half a model more at the peak. Float32
+    weights only (the loaders ask transformers for float32), where its upcasting does nothing.
+    """
+    if any(tensor.is_floating_point() and tensor.dtype != torch.float32 for tensor in holder[0].values()):
+        raise ValueError("weight processing expects float32 weights")
+    layer_norm = cfg.normalization_type in ("LN", "LNPre")
+    if flags["fold_ln"]:
+        holder.append(ProcessWeights.fold_layer_norm(holder.pop(), cfg, fold_biases=layer_norm, center_weights=layer_norm))
+    center_writing_weights = flags["center_writing_weights"] and layer_norm and not getattr(cfg, "final_rms", False)
+    if center_writing_weights:
+        holder.append(ProcessWeights.center_writing_weights(holder.pop(), cfg))
+    if flags["center_unembed"]:
+        holder.append(ProcessWeights.center_unembed(holder.pop(), cfg=cfg))
+    if flags["fold_value_biases"]:
+        holder.append(ProcessWeights.fold_value_biases(holder.pop(), cfg))
+        if flags["center_writing_weights"] and layer_norm:
+            for layer in range(cfg.n_layers):
+                key = f"blocks.{layer}.attn.b_O"
+                if key in holder[0]:
+                    holder[0][key] = holder[0][key] - holder[0][key].mean()
+    return holder.pop()
 
 
 def _use_prenorm(model: HookedTransformer) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,23 @@ def cached_snapshot(repo_id: str) -> Path | None:
 def snapshot_revision(snapshot: Path) -> str:
     """The commit hash a snapshot folder holds: the hub cache names each snapshot after it."""
     return snapshot.name
+
+
+# What a conversion reads: the configs, the tokenizer and the safetensors weights, not the same
+# weights again in other frameworks' formats.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_BIN_WEIGHTS = ["pytorch_model*.bin"]
+
+
+def download_snapshot(repo_id: str) -> Path:
+    """Download ``repo_id``'s checkpoint into the Hugging Face cache; its snapshot folder.
+
+    PyTorch ``.bin`` weights are fetched only for a repository that has no safetensors weights.
+    """
+    snapshot = Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES))
+    if not any(snapshot.glob("*.safetensors")):
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=[*_CHECKPOINT_FILES, *_BIN_WEIGHTS]))
+    return snapshot
 
 
 def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:

@@ -12,20 +12,25 @@ When a model can't be had, ``load_model`` falls back to the bundled model if all
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from transformer_lens import HookedTransformer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformer_lens.loading_from_pretrained import get_official_model_name
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from unraveled.errors import BadCheckpointError, ModelUnavailableError
 from unraveled.experiment import WeightsKind
 from unraveled.models import hub, weight_cache
 from unraveled.models.convert import hooked_from_hf, processing_flags
-from unraveled.models.layout import store_rearranged
+from unraveled.models.layout import share_tied_unembedding, store_rearranged
 from unraveled.models.sources import (
     FALLBACK_MODEL,
     BundledModel,
@@ -93,14 +98,6 @@ def checkpoint_parameters(model: HookedTransformer) -> int | None:
     return getattr(model, _CHECKPOINT_PARAMETERS, None)
 
 
-def _count_parameters(config: PretrainedConfig) -> int:
-    """The parameters of a checkpoint with ``config``, counted as transformers counts them (tied
-    embeddings once), without loading its weights."""
-    with torch.device("meta"):
-        hf_model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in hf_model.parameters())
-
-
 def _fingerprint(source: ModelSource) -> dict[str, Any] | None:
     """What identifies the source's weights; None when it can't be known without loading them
     (a hub model not in the local Hugging Face cache)."""
@@ -120,23 +117,60 @@ def _fingerprint(source: ModelSource) -> dict[str, Any] | None:
     return {"gguf": str(gguf), "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None}
 
 
-def _from_hub(source: HubModel, weights: WeightsKind, device: str) -> tuple[HookedTransformer, str, int]:
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors weight files (one, or the shards its index names); empty for
+    a checkpoint stored as ``.bin``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _hf_from_folder(folder: Path) -> PreTrainedModel:
+    """The transformers model of a checkpoint folder, in float32, its weights in memory of its own.
+
+    transformers maps safetensors files into memory, and the pages it reads count as the process's
+    memory until every tensor of the file is gone: converting GPT-2 small held the whole file
+    (0.5 GB) on top of the converted weights. Read one tensor at a time instead, so each is freed
+    as soon as conversion has replaced it. ``.bin`` checkpoints load as transformers loads them.
+    """
+    files = _safetensors_files(folder)
+    if not files:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ValueError(f"transformers has no causal language model for model_type {config.model_type!r}")
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safetensors.safe_open(str(file), framework="pt", backend="pread") as stored:
+            for name in stored.keys():
+                state_dict[name] = stored.get_tensor(name)
+    return model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
+
+
+def _from_hub(source: HubModel, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
     snapshot = hub.cached_snapshot(source.repo_id)
     if snapshot is not None:
-        # Read only the cache: with local_files_only nothing waits on an unreachable hub.
-        tokenizer = AutoTokenizer.from_pretrained(source.repo_id, local_files_only=True)
-        model = HookedTransformer.from_pretrained(
-            source.name, tokenizer=tokenizer, device=device, local_files_only=True, **processing_flags(weights)
-        )
-        return model, f"Hugging Face cache ({snapshot})", _count_parameters(AutoConfig.from_pretrained(snapshot))
-    reason = hub.hub_unreachable_reason()
-    if reason is not None:
-        raise ModelUnavailableError(
-            f"model {source.name!r} ({source.repo_id}) is not in the Hugging Face cache "
-            f"({hub.hf_cache_dir()}) and {reason}"
-        )
-    model = HookedTransformer.from_pretrained(source.name, device=device, **processing_flags(weights))
-    return model, f"Hugging Face hub ({source.repo_id})", _count_parameters(AutoConfig.from_pretrained(source.repo_id))
+        loaded_from = f"Hugging Face cache ({snapshot})"
+    else:
+        reason = hub.hub_unreachable_reason()
+        if reason is not None:
+            raise ModelUnavailableError(
+                f"model {source.name!r} ({source.repo_id}) is not in the Hugging Face cache "
+                f"({hub.hf_cache_dir()}) and {reason}"
+            )
+        snapshot = hub.download_snapshot(source.repo_id)
+        loaded_from = f"Hugging Face hub ({source.repo_id})"
+    model, n_parameters = hooked_from_hf(
+        lambda: _hf_from_folder(snapshot),
+        AutoTokenizer.from_pretrained(snapshot, local_files_only=True),
+        weights,
+        model_name=source.name,
+        official_name=get_official_model_name(source.name),
+    )
+    return model, loaded_from, n_parameters
 
 
 def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
@@ -147,12 +181,7 @@ def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[Hook
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-        model, n_parameters = hooked_from_hf(
-            lambda: AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True),
-            tokenizer,
-            weights,
-            model_name=source.slug,
-        )
+        model, n_parameters = hooked_from_hf(lambda: _hf_from_folder(source.path), tokenizer, weights, model_name=source.slug)
     except Exception as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}") from None
     return model, f"local checkpoint ({source.path})", n_parameters
@@ -187,6 +216,18 @@ def _revision(source: ModelSource, fingerprint: dict[str, Any] | None) -> str | 
     return None
 
 
+def prepare_for_experiments(model: HookedTransformer, device: str) -> HookedTransformer:
+    """Put a loaded model on ``device``, its weights laid out as the forward pass reads them, the
+    unembedding tied where the checkpoint ties it, and no gradients for weights.
+
+    The layout and the tie come after the move: moving copies each parameter on its own.
+    """
+    model = model.to(device)
+    store_rearranged(model)
+    share_tied_unembedding(model)
+    return model.requires_grad_(False)
+
+
 def _load_source(source: ModelSource, requested: str, weights: WeightsKind, device: str) -> LoadedModel:
     """Load ``source``, from the converted-weights cache when it holds these very weights.
 
@@ -195,14 +236,14 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
     """
     started = time.perf_counter()
     fingerprint = _fingerprint(source)
-    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint), device) if fingerprint else None
+    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint)) if fingerprint else None
     from_cache = cached is not None
     if cached is not None:
         model, n_parameters = cached
         loaded_from = f"converted-weights cache ({weight_cache.cache_root()})"
     else:
         if isinstance(source, HubModel):
-            model, loaded_from, n_parameters = _from_hub(source, weights, device)
+            model, loaded_from, n_parameters = _from_hub(source, weights)
             fingerprint = _fingerprint(source)  # a download has just put the snapshot in the cache
         elif isinstance(source, LocalCheckpoint):
             model, loaded_from, n_parameters = _from_directory(source, weights)
@@ -210,9 +251,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
             model, loaded_from, n_parameters = _from_bundled(source, weights)
         if fingerprint is not None:
             weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
-        model = model.to(device)
-    store_rearranged(model)
-    model.requires_grad_(False)
+    model = prepare_for_experiments(model, device)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
         model=model,

@@ -32,7 +32,9 @@ _CONFIG_FILE = "hooked_config.json"
 _TOKENIZER_DIR = "tokenizer"
 _SOURCE_FILE = "source.json"
 # 2: keyed by the hub snapshot's commit; source.json added.
-_FORMAT_VERSION = 2
+# 3: a tensor shared under several names is stored once, under the first (older readers expect
+#    another of its names).
+_FORMAT_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -71,15 +73,15 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return encoded
 
 
-def _config_from_json(encoded: dict[str, Any], device: str) -> HookedTransformerConfig:
+def _config_from_json(encoded: dict[str, Any]) -> HookedTransformerConfig:
     decoded = {
         field: getattr(torch, value["torch_dtype"]) if isinstance(value, dict) and "torch_dtype" in value else value
         for field, value in encoded.items()
     }
-    return HookedTransformerConfig.from_dict({**decoded, "device": device})
+    return HookedTransformerConfig.from_dict({**decoded, "device": "cpu"})
 
 
-def _read_weights(model: HookedTransformer, path: Path, device: str) -> None:
+def _read_weights(model: HookedTransformer, path: Path) -> None:
     """Copy the stored tensors into ``model``'s parameters and buffers one at a time.
 
     ``safetensors.torch.load_model`` reads the whole file into memory before copying it into the
@@ -87,7 +89,7 @@ def _read_weights(model: HookedTransformer, path: Path, device: str) -> None:
     where ``save_model`` dropped them: tensors sharing storage with a stored one.
     """
     own = model.state_dict()
-    with safetensors.safe_open(str(path), framework="pt", device=device, backend="pread") as stored:
+    with safetensors.safe_open(str(path), framework="pt", device="cpu", backend="pread") as stored:
         names = set(stored.keys())
         unexpected = sorted(names - own.keys())
         stored_storages = {own[name].untyped_storage().data_ptr() for name in names & own.keys()}
@@ -95,24 +97,30 @@ def _read_weights(model: HookedTransformer, path: Path, device: str) -> None:
             name for name in own.keys() - names if own[name].untyped_storage().data_ptr() not in stored_storages
         )
         if missing or unexpected:
-            raise RuntimeError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name in names:
                 own[name].copy_(stored.get_tensor(name))
 
 
-def load_entry(key: str, device: str) -> tuple[HookedTransformer, int] | None:
-    """The cached model for ``key`` on ``device`` and its checkpoint's parameter count, or None
-    when there is no entry."""
+def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
+    """The cached model for ``key``, on the CPU, and its checkpoint's parameter count; None when
+    there is no entry, or when the entry can't be read (it is then removed, saying so, and the
+    caller converts the weights again)."""
     entry = _entry(key)
     if not has_entry(key):
         return None
-    cfg = _config_from_json(json.loads((entry / _CONFIG_FILE).read_text()), device)
-    tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-    _read_weights(model, entry / _WEIGHTS_FILE, device)
-    source = json.loads((entry / _SOURCE_FILE).read_text())
-    return model.eval(), int(source["checkpoint_parameters"])
+    try:
+        cfg = _config_from_json(json.loads((entry / _CONFIG_FILE).read_text()))
+        tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+        _read_weights(model, entry / _WEIGHTS_FILE)
+        checkpoint_parameters = int(json.loads((entry / _SOURCE_FILE).read_text())["checkpoint_parameters"])
+    except Exception as error:  # a damaged file: safetensors, json, tokenizers and torch each raise their own
+        logger.warning("the converted-weights cache entry %s can't be read (%s: %s); removing it and converting again", entry, type(error).__name__, error)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return model.eval(), checkpoint_parameters
 
 
 def _tensors_to_store(model: HookedTransformer) -> dict[str, torch.Tensor]:
