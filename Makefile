@@ -25,8 +25,9 @@ setup: $(READY)
 all: $(READY)
 	$(PY) -m unraveled run --all --out $(OUT)
 
+# Two pytest-xdist workers: one per core of the machines this runs on.
 test: $(READY)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: $(READY)
 	$(PY) -m unraveled.bench

@@ -30,6 +30,25 @@ UNREACHABLE_HUB = "http://127.0.0.1:9"
 FAKE_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
+# `make test` runs the tests on two pytest-xdist workers (--dist loadgroup). A session- or
+# module-scoped fixture is set up once per worker that needs it, so the tests sharing an expensive
+# one are sent to the same worker: the bundled SmolLM2 is converted once per run, the two-model
+# report and the atlas runs are made once, and one Ray starts. Tests marked ``umap`` share a worker
+# too, as numba compiles UMAP's kernels in each process that first fits one (10-20 s).
+# tests/test_xdist_groups.py checks that the groups reach xdist's scheduler.
+SHARED_EXPENSIVE_FIXTURES = ("smollm2_cache", "two_model_report", "atlas_runs", "local_ray")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the tests' ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if item.get_closest_marker("umap") is not None:
+            shared.append("umap")
+        if shared:  # one group per test: xdist would make a new group of a test in two
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 # Variables that would send Hugging Face's caches somewhere else than HF_HOME.
 _HF_CACHE_OVERRIDES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE")
 

@@ -36,6 +36,7 @@ def test_state_labels_follow_one_convention() -> None:
     assert state_labels(2, final_norm=True) == ["embeddings", "after block 0", "after block 1 + final norm"]
 
 
+@pytest.mark.umap
 def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(tiny_gpt2_dir: Path, gpt2_tokenizer, tiny_model: SharedTinyModels) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model(tiny_gpt2_dir, "raw")
     sentence = "He killed two birds with one stone"

@@ -6,8 +6,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from unraveled.umap_fit import umap_3d
+
+pytestmark = pytest.mark.umap
 
 
 def test_umap_places_points_by_cluster_without_warnings() -> None:
