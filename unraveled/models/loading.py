@@ -98,7 +98,7 @@ def checkpoint_parameters(model: HookedTransformer) -> int | None:
     return getattr(model, _CHECKPOINT_PARAMETERS, None)
 
 
-def _fingerprint(source: ModelSource) -> dict[str, Any] | None:
+def fingerprint(source: ModelSource) -> dict[str, Any] | None:
     """What identifies the source's weights; None when it can't be known without loading them
     (a hub model not in the local Hugging Face cache)."""
     if isinstance(source, HubModel):
@@ -205,9 +205,9 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
     return model, f"bundled GGUF, dequantized ({gguf})", n_parameters
 
 
-def _revision(source: ModelSource, fingerprint: dict[str, Any] | None) -> str | None:
+def _revision(source: ModelSource, identity: dict[str, Any] | None) -> str | None:
     if isinstance(source, HubModel):
-        return fingerprint["revision"] if fingerprint else None
+        return identity["revision"] if identity else None
     if isinstance(source, BundledModel):
         try:
             return f"{source.package} {importlib.metadata.version(source.package)}"
@@ -235,8 +235,8 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
     sizes and times, the GGUF file's), so a different source is a miss, never a stale hit.
     """
     started = time.perf_counter()
-    fingerprint = _fingerprint(source)
-    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, fingerprint)) if fingerprint else None
+    identity = fingerprint(source)
+    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, identity)) if identity else None
     from_cache = cached is not None
     if cached is not None:
         model, n_parameters = cached
@@ -244,13 +244,13 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
     else:
         if isinstance(source, HubModel):
             model, loaded_from, n_parameters = _from_hub(source, weights)
-            fingerprint = _fingerprint(source)  # a download has just put the snapshot in the cache
+            identity = fingerprint(source)  # a download has just put the snapshot in the cache
         elif isinstance(source, LocalCheckpoint):
             model, loaded_from, n_parameters = _from_directory(source, weights)
         else:
             model, loaded_from, n_parameters = _from_bundled(source, weights)
-        if fingerprint is not None:
-            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, fingerprint), model, n_parameters)
+        if identity is not None:
+            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, identity), model, n_parameters)
     model = prepare_for_experiments(model, device)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
@@ -262,7 +262,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
         weights=weights,
         load_seconds=time.perf_counter() - started,
         from_weight_cache=from_cache,
-        revision=_revision(source, fingerprint),
+        revision=_revision(source, identity),
     )
 
 
@@ -300,9 +300,9 @@ def load_model(
 def availability(name: str) -> tuple[str, str]:
     """What ``name`` resolves to, and whether and from where it can be loaded now (no weights read)."""
     source = resolve_model(name)
-    fingerprint = _fingerprint(source)
-    cached = fingerprint is not None and any(
-        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, fingerprint)) for kind in ("processed", "raw")
+    identity = fingerprint(source)
+    cached = identity is not None and any(
+        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, identity)) for kind in ("processed", "raw")
     )
     if isinstance(source, HubModel):
         resolves_to = f"TransformerLens / Hugging Face {source.repo_id}"

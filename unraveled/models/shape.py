@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from unraveled.models import hub, weight_cache
-from unraveled.models.loading import _fingerprint  # what the cache keys a source's weights by
+from unraveled.models.loading import fingerprint
 from unraveled.models.sources import FALLBACK_MODEL, BundledModel, HubModel, LocalCheckpoint, ModelSource, resolve_model
 
 # Where checkpoint configs give the context length (TransformerLens reads one of them per
@@ -45,19 +45,13 @@ class ModelShape:
 
 
 def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int] | None:
-    fingerprint = _fingerprint(source)
-    if fingerprint is None:
+    identity = fingerprint(source)
+    if identity is None:
         return None
     for weights in ("processed", "raw"):  # both kinds hold the same tokenizer and config
-        key = weight_cache.cache_key(source.slug, weights, fingerprint)
-        if weight_cache.has_entry(key):
-            # The entry's files as load_entry reads them, without its weights.
-            entry = weight_cache._entry(key)
-            try:
-                n_ctx = int(json.loads((entry / weight_cache._CONFIG_FILE).read_text())["n_ctx"])
-                return AutoTokenizer.from_pretrained(entry / weight_cache._TOKENIZER_DIR, local_files_only=True), n_ctx
-            except Exception:  # a damaged entry: loading removes it and converts again; read the source meanwhile
-                return None
+        found = weight_cache.read_tokenizer_and_context(weight_cache.cache_key(source.slug, weights, identity))
+        if found is not None:
+            return found
     return None
 
 

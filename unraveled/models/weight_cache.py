@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 import transformer_lens
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,18 @@ def _config_from_json(encoded: dict[str, Any]) -> HookedTransformerConfig:
         for field, value in encoded.items()
     }
     return HookedTransformerConfig.from_dict({**decoded, "device": "cpu"})
+
+
+def read_tokenizer_and_context(key: str) -> tuple[PreTrainedTokenizerBase, int] | None:
+    """The tokenizer and context length of the entry for ``key``, without its weights; None when
+    there is no entry or it can't be read (``load_entry`` then removes it)."""
+    if not has_entry(key):
+        return None
+    try:
+        n_ctx = int(json.loads((_entry(key) / _CONFIG_FILE).read_text())["n_ctx"])
+        return AutoTokenizer.from_pretrained(_entry(key) / _TOKENIZER_DIR, local_files_only=True), n_ctx
+    except Exception:  # a damaged entry: json, tokenizers and the file system each raise their own
+        return None
 
 
 def _read_weights(model: HookedTransformer, path: Path) -> None:
