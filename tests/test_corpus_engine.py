@@ -167,3 +167,30 @@ def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, shared_w
     assert (top.values[:occurrences, neuron] > 0).all() and (top.values[occurrences:, neuron] <= 0).all()
     # The top token of every firing entry, at the centre of its context, is the target token.
     assert (top.context_ids[:occurrences, neuron, settings.context_before] == target).all()
+
+
+def test_each_layers_old_statistics_are_freed_as_soon_as_they_are_merged(tiny_models: dict[str, HookedTransformer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state is updated in place: while a batch is folded in, the previous statistics of the
+    layers already done are gone, rather than the whole previous state kept beside the new one."""
+    import weakref
+
+    from unraveled.engines.state import AtlasState, update
+    from unraveled.running_stats import TopK
+
+    model = tiny_models["gpt2"]
+    settings = AtlasSettings()
+    windows = np.random.default_rng(0).integers(0, model.cfg.d_vocab, size=(4, 16))
+    state = update(AtlasState.for_model(model, settings), model, windows[:2], np.arange(2), settings)
+    previous = [weakref.ref(top) for top in state.neuron_top]
+    alive_at_each_merge: list[int] = []
+    merge = TopK.merge
+
+    def counting_merge(self: TopK, other: TopK) -> TopK:
+        alive_at_each_merge.append(sum(reference() is not None for reference in previous))
+        return merge(self, other)
+
+    monkeypatch.setattr(TopK, "merge", counting_merge)
+    updated = update(state, model, windows[2:], np.arange(2, 4), settings)
+    assert updated is state and updated.n_windows == 4
+    # One neuron-top merge and one residual-top merge per layer, layer by layer.
+    assert alive_at_each_merge[::2] == list(range(model.cfg.n_layers, 0, -1))

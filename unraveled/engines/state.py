@@ -166,10 +166,14 @@ def update(
     window_numbers: Int[np.ndarray, " window"],
     settings: AtlasSettings,
 ) -> AtlasState:
-    """Run one batch of windows and fold its statistics into ``state``; the batch is dropped after.
+    """Run one batch of windows and fold its statistics into ``state``, in place; returns it.
+
+    In place, so that each layer's old statistics are freed as soon as they are merged: a copy
+    of the state beside the old one was the corpus atlas's largest allocation (0.1 GB for GPT-2
+    small, whose top contexts it holds for 37k neurons).
 
     Args:
-        state: The state so far.
+        state: The state so far; updated.
         model: The model.
         windows: Token ids of the batch's windows (without BOS).
         window_numbers: Each window's number in the run, which makes every token's global
@@ -182,7 +186,6 @@ def update(
     offsets = np.asarray(window_numbers, dtype=np.int64) * tokens.shape[1]
     first = 1 if settings.prepend_bos else 0
     masks = RepeatMasks.of(tokens.cpu())
-    merged = AtlasState(list(state.neurons), list(state.neuron_top), list(state.residual), list(state.residual_top), state.heads, state.n_windows)
     head_totals = {name: np.zeros((n_layers, model.cfg.n_heads)) for name in HEAD_SCORES}
     held: dict[str, Tensor] = {}
 
@@ -196,13 +199,13 @@ def update(
         pre = held.pop("hook_pre").float().cpu().numpy()
         post = held.pop("hook_post").float().cpu().numpy()
         neurons = Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1]))
-        merged.neurons[layer] = merged.neurons[layer].merge(neurons)
+        state.neurons[layer] = state.neurons[layer].merge(neurons)
         top = top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None))
-        merged.neuron_top[layer] = merged.neuron_top[layer].merge(top)
+        state.neuron_top[layer] = state.neuron_top[layer].merge(top)
         magnitude = np.abs(residual.float().cpu().numpy())
-        merged.residual[layer] = merged.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
+        state.residual[layer] = state.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
         top = top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after)
-        merged.residual_top[layer] = merged.residual_top[layer].merge(top)
+        state.residual_top[layer] = state.residual_top[layer].merge(top)
         for name, per_window in head_scores_per_window(held.pop("hook_pattern").float().cpu(), masks).items():
             head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
 
@@ -212,6 +215,6 @@ def update(
         hooks.append((f"blocks.{layer}.hook_resid_post", fold_layer))
     with torch.inference_mode():
         model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=n_layers)  # type: ignore[arg-type]
-    merged.heads = state.heads.merge(Sums(head_totals, len(windows)))
-    merged.n_windows = state.n_windows + len(windows)
-    return merged
+    state.heads = state.heads.merge(Sums(head_totals, len(windows)))
+    state.n_windows += len(windows)
+    return state
