@@ -100,8 +100,8 @@ def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> 
 
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
-    repeated = collect_activations(model, repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed), hooks)
-    natural = collect_activations(model, params.prompts, hooks)
+    repeated = collect_activations(model, repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed), hooks, logits=False)
+    natural = collect_activations(model, params.prompts, hooks, logits=False)
     induction = torch.stack(
         [induction_score(patterns, params.repeat_length) for patterns, _ in _per_prompt_patterns(repeated, n_layers)]
     ).mean(dim=0)

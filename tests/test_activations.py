@@ -35,3 +35,16 @@ def test_no_gradients_and_unknown_hooks_refused(tiny_gpt2_dir: Path, tiny_model:
     assert not acts.cache["blocks.0.hook_resid_pre"].requires_grad and not acts.logits.requires_grad
     with pytest.raises(KeyError, match="unknown hook names"):
         collect_activations(model, ["hello"], ["blocks.9.hook_resid_pre"])
+
+
+def test_activations_without_logits_are_the_same_activations(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels) -> None:
+    """Leaving the logits out (they skip the unembedding) changes no cached activation; the
+    logits asked for are the model's own."""
+    model = tiny_model(tiny_gpt2_dir, "processed")
+    hooks = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern"]
+    with_logits = collect_activations(model, PROMPTS, hooks)
+    without = collect_activations(model, PROMPTS, hooks, logits=False)
+    assert without.logits is None
+    for name in hooks:
+        assert torch.equal(without.cache[name], with_logits.cache[name]), name
+    assert torch.equal(with_logits.logits, model(with_logits.tokens))

@@ -21,14 +21,14 @@ class Activations:
 
     Attributes:
         cache: Only the requested hooks, each with a leading batch dimension.
-        logits: The model's output logits.
+        logits: The model's output logits; None when not asked for.
         tokens: Token ids, right-padded.
         mask: True at real tokens, False at padding.
         str_tokens: Per prompt, the text of its real tokens (BOS included when prepended).
     """
 
     cache: ActivationCache
-    logits: Float[Tensor, "batch pos d_vocab"]
+    logits: Float[Tensor, "batch pos d_vocab"] | None
     tokens: Int[Tensor, "batch pos"]
     mask: Bool[Tensor, "batch pos"]
     str_tokens: list[list[str]]
@@ -65,6 +65,7 @@ def collect_activations(
     prompts: Sequence[str] | Int[Tensor, "batch pos"],
     hook_names: Iterable[str],
     prepend_bos: bool | None = None,
+    logits: bool = True,
 ) -> Activations:
     """Run ``model`` on ``prompts`` and cache only ``hook_names``, with gradients off.
 
@@ -73,6 +74,8 @@ def collect_activations(
         prompts: Strings (padded into one batch) or a ready tensor of token ids (no padding).
         hook_names: Full hook names, e.g. ``blocks.3.attn.hook_pattern``.
         prepend_bos: Override the model's default for string prompts.
+        logits: Whether to compute the output logits too (the largest activation a pass makes:
+            d_vocab floats per token, 0.13 GB for 8 GPT-2 prompts of 81 tokens).
 
     Raises:
         KeyError: A hook name the model doesn't have (names the first few it does have).
@@ -86,9 +89,9 @@ def collect_activations(
     else:
         tokens, mask = tokenize_batch(model, prompts, prepend_bos)
     with torch.inference_mode():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+        output, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, return_type="logits" if logits else None)
     str_tokens = [
         [model.tokenizer.decode([token]) for token in row[: int(length)].tolist()]
         for row, length in zip(tokens, mask.sum(dim=1))
     ]
-    return Activations(cache=cache, logits=logits, tokens=tokens, mask=mask, str_tokens=str_tokens)
+    return Activations(cache=cache, logits=output, tokens=tokens, mask=mask, str_tokens=str_tokens)
