@@ -49,7 +49,7 @@ class CorpusAtlasParams(Params):
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
     context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
     context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")
-    batch_windows: int = Field(4, ge=1, description="Windows per forward pass.")
+    batch_windows: int = Field(2, ge=1, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
     browser_samples: int = Field(5, ge=1, description="Top contexts per neuron in the neuron browser (keeps each page a few MB).")
     massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
