@@ -125,12 +125,12 @@ def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[Tokeniz
     """The facts whose answer is the model's top prediction (one right-padded batch)."""
     import torch
 
+    from unraveled.logits import logit_lens
+
     longest = max(len(f.tokens) for f in facts)
     tokens = torch.zeros((len(facts), longest), dtype=torch.long)
     for row, fact in enumerate(facts):
         tokens[row, : len(fact.tokens)] = torch.tensor(fact.tokens)
-    from unraveled.logits import logit_lens
-
     # Causal attention: the padding after a prompt never reaches its own last position.
     last = torch.tensor([len(f.tokens) - 1 for f in facts])
     with torch.inference_mode():

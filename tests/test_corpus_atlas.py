@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute, render
+from tests.conftest import SharedTinyModels
 from tests.test_browser import CHROMIUM, chromium, console_messages
 from tests.test_corpus_engine import TEXT, load_tiny
 from unraveled.cli import main
