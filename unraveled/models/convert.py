@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,6 +124,7 @@ def hooked_from_hf(
     # Frozen, so that processing builds no autograd graph: each result would keep the tensors it
     # was computed from alive, the whole checkpoint over.
     hf_model = load_hf().requires_grad_(False)
+    requested = processing_flags(weights)
     n_parameters = sum(parameter.numel() for parameter in hf_model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         if official_name is None:
@@ -135,12 +136,12 @@ def hooked_from_hf(
         name = official_name or str(config_dir)
         cfg = tl_loading.get_pretrained_model_config(
             name,
-            fold_ln=processing_flags(weights)["fold_ln"],
+            fold_ln=requested["fold_ln"],
             dtype=torch.float32,
             default_prepend_bos=default_prepend_bos,
             local_files_only=True,
         )
-        flags = _applicable_flags(processing_flags(weights), cfg)
+        flags = _applicable_flags(requested, cfg)
         converted = [
             {key: value.as_subclass(_CloneFreeTensor) for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()}
         ]

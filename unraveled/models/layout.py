@@ -48,18 +48,15 @@ def store_rearranged(model: HookedTransformer) -> HookedTransformer:
     return model
 
 
-def share_tied_unembedding(model: HookedTransformer) -> bool:
+def share_tied_unembedding(model: HookedTransformer) -> None:
     """Make ``W_U`` a view of ``W_E`` when the checkpoint ties them and its weights are raw.
 
     TransformerLens gives the unembedding a copy of its own, even where the checkpoint ties it to
     the embedding (GPT-2, SmolLM2): 0.15 GB for GPT-2 small. Processing (LayerNorm folded into
     ``W_U``, both centred) makes them differ; raw weights keep them equal, and then one storage
-    serves both, as in the checkpoint: an in-place edit of one is an edit of the other. Returns
-    whether they now share it.
+    serves both, as in the checkpoint: an in-place edit of one is an edit of the other.
     """
     embedding, unembedding = model.embed.W_E, model.unembed.W_U
     if embedding.shape != unembedding.T.shape or embedding.dtype != unembedding.dtype or not torch.equal(embedding, unembedding.T):
-        return False
+        return
     unembedding.data = embedding.data.T
-    return True
-
