@@ -36,7 +36,10 @@ def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArra
             gram += block.T @ block
     # Ascending from eigvalsh; rounding can leave the null directions a hair below zero.
     variance = np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
-    return np.cumsum(variance) / variance.sum()
+    # Divided by the cumulative sum's own last term, so all components explain exactly 1 (numpy's
+    # pairwise ``sum`` and the sequential ``cumsum`` can differ in the last bit).
+    cumulative = np.cumsum(variance)
+    return cumulative / cumulative[-1]
 
 
 def intrinsic_dimension(cumulative: Float[NDArray, " components"], threshold: float = 0.9) -> int:
