@@ -20,6 +20,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from unraveled.models import load_model
+from unraveled.models.loading import arrange_weights
 from unraveled.models import weight_cache as converted_weights
 from unraveled.models.convert import _hf_config_dict, hooked_from_hf, processing_flags
 
@@ -71,10 +72,13 @@ def test_lean_conversion_equals_transformer_lens_stock_processing(
     assert lean.cfg.normalization_type == stock.cfg.normalization_type
     assert [type(module) for module in lean.modules()] == [type(module) for module in stock.modules()]
     # Each parameter has storage of its own, as the parameters TransformerLens allocates do
-    # (GPT-2's query, key and value come out of one fused checkpoint matrix).
+    # (GPT-2's query, key and value come out of one fused checkpoint matrix), but for raw weights
+    # of a checkpoint that ties its unembedding to its embedding: one storage, as in the checkpoint.
     storages = [parameter.untyped_storage() for parameter in lean.parameters()]
     assert all(storage.nbytes() == parameter.numel() * 4 for storage, parameter in zip(storages, lean.parameters()))
-    assert len({storage.data_ptr() for storage in storages}) == len(storages)
+    tied = weights == "raw" and hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+    assert len({storage.data_ptr() for storage in storages}) == len(storages) - tied
+    assert (lean.unembed.W_U.untyped_storage().data_ptr() == lean.embed.W_E.untyped_storage().data_ptr()) == tied
     tokens = stock.to_tokens("The quick brown fox jumps over the lazy dog")
     _, lean_cache = lean.run_with_cache(tokens)
     _, stock_cache = stock.run_with_cache(tokens)
@@ -86,17 +90,51 @@ def test_lean_conversion_equals_transformer_lens_stock_processing(
         assert torch.equal(tensor, hf_before[name]), name
 
 
-def test_cache_read_restores_every_stored_tensor(tiny_llama_dir: Path, weight_cache: Path) -> None:
-    first = load_model(str(tiny_llama_dir), "processed", fallback=None)
-    second = load_model(str(tiny_llama_dir), "processed", fallback=None)
+@pytest.mark.parametrize(("checkpoint", "weights"), [("tiny_llama_dir", "processed"), ("tiny_gpt2_dir", "raw")])
+def test_cache_read_restores_every_tensor_in_its_layout_each_storage_stored_once(
+    checkpoint: str, weights: str, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
+    """A cached load is the converted model again, weights laid out as the forward pass reads them
+    and the raw unembedding tied as before, so nothing is copied after the read; the file holds
+    each storage once (GPT-2's tied embedding once, not again as the unembedding)."""
+    folder = request.getfixturevalue(checkpoint)
+    first = load_model(str(folder), weights, fallback=None).model
+    second = load_model(str(folder), weights, fallback=None)
     assert second.from_weight_cache
-    (stored_file,) = weight_cache.glob("weights/tiny-llama-processed-*/model.safetensors")
-    stored = safetensors.torch.load_file(stored_file)
     loaded = second.model.state_dict()
-    for name, tensor in stored.items():
-        assert torch.equal(loaded[name], tensor), name
-    for name, tensor in first.model.state_dict().items():
-        assert torch.equal(loaded[name], tensor), name
+    assert loaded.keys() == first.state_dict().keys()
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].stride() == tensor.stride(), name
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in first.state_dict().values()}
+    (stored_file,) = weight_cache.glob(f"weights/*-{weights}-*/model.safetensors")
+    stored = safetensors.torch.load_file(stored_file)
+    assert sum(tensor.numel() * tensor.element_size() for tensor in stored.values()) == sum(storages.values())
+    model = second.model
+    tied = model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    assert tied == (weights == "raw" and checkpoint == "tiny_gpt2_dir")
+    before = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    arrange_weights(model)
+    assert {name: tensor.data_ptr() for name, tensor in model.state_dict().items()} == before
+
+
+def test_processed_unembedding_is_the_tensor_processing_made(tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processing leaves the folded, centred unembedding transposed in memory, the layout the
+    forward pass reads: the model keeps that very tensor, without a copy (each was 0.15 GB for
+    GPT-2 small), and the cache stores it as laid out."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    made: list[int] = []
+    center_unembed = ProcessWeights.center_unembed
+
+    def recording(state_dict: dict[str, torch.Tensor], *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        centred = center_unembed(state_dict, *args, **kwargs)
+        made.append(centred["unembed.W_U"].untyped_storage().data_ptr())
+        return centred
+
+    monkeypatch.setattr(ProcessWeights, "center_unembed", staticmethod(recording))
+    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    assert made == [model.unembed.W_U.untyped_storage().data_ptr()]
+    assert model.unembed.W_U.T.is_contiguous()
 
 
 @pytest.mark.parametrize("damage", ["a stored tensor dropped", "the weights file truncated", "the config not JSON"])
@@ -164,7 +202,7 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
 
     folder = request.getfixturevalue(checkpoint)
     loaded = load_model(str(folder), "processed", fallback=None).model
-    plain = converted_weights.load_entry(next(weight_cache.glob("weights/*-processed-*")).name)[0]
+    plain = _stock_transformer_lens(folder, "processed")
     assert all(parameter.is_contiguous() for parameter in plain.parameters())
     assert loaded.state_dict().keys() == plain.state_dict().keys()
     for name, tensor in plain.state_dict().items():
@@ -317,6 +355,7 @@ def test_unembedding_shares_the_embedding_storage_where_the_checkpoint_ties_them
         assert (model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()) == shared
         if weights == "raw":
             assert torch.equal(model.unembed.W_U, hf_model.get_output_embeddings().weight.T)
-    untied = converted_weights.load_entry(next(weight_cache.glob(f"weights/*-{weights}-*")).name)[0]
+    untied = _stock_transformer_lens(folder, weights)
+    assert untied.unembed.W_U.untyped_storage().data_ptr() != untied.embed.W_E.untyped_storage().data_ptr()
     tokens = model.to_tokens("The quick brown fox jumps over the lazy dog")
     assert torch.equal(model(tokens), untied(tokens))

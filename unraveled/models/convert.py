@@ -25,6 +25,7 @@ from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from unraveled.experiment import WeightsKind
+from unraveled.models.layout import fills_its_storage
 
 
 def processing_flags(weights: WeightsKind) -> dict[str, bool]:
@@ -227,15 +228,20 @@ def _use_prenorm(model: HookedTransformer) -> None:
 
 
 def _own_dense_storage(model: HookedTransformer) -> None:
-    """Give each parameter and buffer that is a view (of another, or of a checkpoint tensor that
-    held several, as GPT-2's fused query/key/value matrix) its own contiguous storage."""
+    """Give each parameter and buffer that is a view into a larger tensor (a checkpoint tensor
+    that held several, as GPT-2's fused query/key/value matrix) its own contiguous storage.
+
+    A tensor that fills its storage keeps it, in whatever memory order it has: the folded
+    unembedding comes out of processing transposed, which is the layout ``store_rearranged``
+    wants (a contiguous copy here was undone by another copy there, 0.15 GB each for GPT-2
+    small); and a raw unembedding tied to the embedding stays the view of it that the checkpoint's
+    tie makes it.
+    """
     with torch.no_grad():
         for module in model.modules():
             for tensors in (module._parameters, module._buffers):
                 for name, tensor in tensors.items():
-                    if tensor is None:
-                        continue
-                    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+                    if tensor is None or fills_its_storage(tensor):
                         continue
                     own = tensor.detach().clone(memory_format=torch.contiguous_format)
                     if isinstance(tensor, nn.Parameter):

@@ -29,12 +29,32 @@ _REARRANGED: list[tuple[type[nn.Module], dict[str, tuple[int, ...]]]] = [
 ]
 
 
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+def inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``order``."""
     return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
+def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation under which ``tensor`` is contiguous, or None when no permutation makes it
+    so (a strided view, an expanded tensor): its dimensions from the outermost in memory."""
+    order = tuple(sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim)))
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def fills_its_storage(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the whole of its storage, element for element, in some memory order:
+    not a view into a larger tensor (it may share the storage with an equal view, as a tied
+    unembedding does with its embedding)."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return whole and tensor.storage_offset() == 0 and memory_order(tensor) is not None
+
+
 def store_rearranged(model: HookedTransformer) -> HookedTransformer:
-    """Re-store ``model``'s rearranged weights in place (see the module docstring); returns it."""
+    """Re-store ``model``'s rearranged weights in place (see the module docstring); returns it.
+
+    Weights already stored that way (read from the converted-weights cache, or left so by weight
+    processing, as the folded unembedding is) are not copied.
+    """
     with torch.no_grad():
         for module in model.modules():
             for kind, orders in _REARRANGED:
@@ -44,7 +64,7 @@ def store_rearranged(model: HookedTransformer) -> HookedTransformer:
                     parameter = module._parameters.get(name)
                     if parameter is None or parameter.dim() != len(order) or parameter.permute(order).is_contiguous():
                         continue
-                    parameter.data = parameter.data.permute(order).contiguous().permute(_inverse(order))
+                    parameter.data = parameter.data.permute(order).contiguous().permute(inverse(order))
     return model
 
 
@@ -57,6 +77,8 @@ def share_tied_unembedding(model: HookedTransformer) -> None:
     serves both, as in the checkpoint: an in-place edit of one is an edit of the other.
     """
     embedding, unembedding = model.embed.W_E, model.unembed.W_U
+    if unembedding.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr():
+        return  # tied already: converted from the tied checkpoint, or read from the cache
     if embedding.shape != unembedding.T.shape or embedding.dtype != unembedding.dtype or not torch.equal(embedding, unembedding.T):
         return
     unembedding.data = embedding.data.T

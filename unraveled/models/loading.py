@@ -216,14 +216,26 @@ def _revision(source: ModelSource, identity: dict[str, Any] | None) -> str | Non
     return None
 
 
-def prepare_for_experiments(model: HookedTransformer, device: str) -> HookedTransformer:
-    """Put a loaded model on ``device``, its weights laid out as the forward pass reads them, the
-    unembedding tied where the checkpoint ties it, and no gradients for weights.
+def arrange_weights(model: HookedTransformer) -> HookedTransformer:
+    """Tie the unembedding to the embedding where the checkpoint ties them, then lay the weights
+    out as the forward pass reads them (``unraveled.models.layout``); returns ``model``.
 
-    The layout and the tie come after the move: moving copies each parameter on its own.
+    Tied first: the tied unembedding is the embedding transposed, already in the layout the
+    forward pass wants, so no copy of it is made only to be dropped. A model read from the
+    converted-weights cache is arranged already (the cache stores this layout and the tie), and
+    nothing is copied.
     """
-    model = model.to(device)
-    store_rearranged(model)
+    share_tied_unembedding(model)
+    return store_rearranged(model)
+
+
+def prepare_for_experiments(model: HookedTransformer, device: str) -> HookedTransformer:
+    """Put a loaded model on ``device``, arranged (``arrange_weights``), with no gradients for
+    weights.
+
+    Moving keeps each weight's layout but copies tied weights apart: they are tied again there.
+    """
+    model = arrange_weights(model).to(device)
     share_tied_unembedding(model)
     return model.requires_grad_(False)
 
@@ -250,7 +262,7 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
         else:
             model, loaded_from, n_parameters = _from_bundled(source, weights)
         if identity is not None:
-            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, identity), model, n_parameters)
+            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, identity), arrange_weights(model), n_parameters)
     model = prepare_for_experiments(model, device)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(

@@ -25,6 +25,8 @@ import transformer_lens
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from unraveled.models.layout import inverse, memory_order
+
 logger = logging.getLogger(__name__)
 
 _WEIGHTS_FILE = "model.safetensors"
@@ -34,7 +36,12 @@ _SOURCE_FILE = "source.json"
 # 2: keyed by the hub snapshot's commit; source.json added.
 # 3: a tensor shared under several names is stored once, under the first (older readers expect
 #    another of its names).
-_FORMAT_VERSION = 3
+# 4: tensors stored in their memory order, with the layout in the file's metadata: a tied
+#    unembedding is stored as the embedding it is a view of, and rearranged weights as laid out.
+_FORMAT_VERSION = 4
+# The safetensors metadata key: for each tensor not stored as itself, [the stored tensor whose
+# storage it is, the permutation of the stored tensor's dimensions that gives it].
+_LAYOUT_KEY = "unraveled_layout"
 
 
 def cache_root() -> Path:
@@ -94,25 +101,34 @@ def read_tokenizer_and_context(key: str) -> tuple[PreTrainedTokenizerBase, int] 
 
 
 def _read_weights(model: HookedTransformer, path: Path) -> None:
-    """Copy the stored tensors into ``model``'s parameters and buffers one at a time.
+    """Make the stored tensors ``model``'s parameters and buffers, one tensor at a time, each in
+    the layout and with the ties it was stored with (``_tensors_to_store``).
 
-    ``safetensors.torch.load_model`` reads the whole file into memory before copying it into the
-    model, so a load briefly held the weights twice. Names missing from the file are allowed only
-    where ``save_model`` dropped them: tensors sharing storage with a stored one.
+    Each tensor read becomes the parameter itself rather than being copied into the one the model
+    was built with, whose memory was never written (``init_weights`` is off) and so never held:
+    a cached load holds one copy of the weights, and no layout needs copying afterwards.
     """
     own = model.state_dict()
     with safetensors.safe_open(str(path), framework="pt", device="cpu", backend="pread") as stored:
-        names = set(stored.keys())
-        unexpected = sorted(names - own.keys())
-        stored_storages = {own[name].untyped_storage().data_ptr() for name in names & own.keys()}
-        missing = sorted(
-            name for name in own.keys() - names if own[name].untyped_storage().data_ptr() not in stored_storages
-        )
+        layout = json.loads((stored.metadata() or {}).get(_LAYOUT_KEY, "{}"))
+        names = set(stored.keys()) | layout.keys()
+        missing, unexpected = sorted(own.keys() - names), sorted(names - own.keys())
         if missing or unexpected:
             raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name in names:
-                own[name].copy_(stored.get_tensor(name))
+        read: dict[str, torch.Tensor] = {}
+        for name in own:
+            source, order = layout.get(name, (name, list(range(own[name].dim()))))
+            if source not in read:
+                read[source] = stored.get_tensor(source)
+            tensor = read[source].permute(inverse(tuple(order)))
+            if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
+                raise ValueError(f"{path}: {name} is stored as {tuple(tensor.shape)} {tensor.dtype}, the model has {tuple(own[name].shape)} {own[name].dtype}")
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attribute in module._parameters:
+                module._parameters[attribute].data = tensor
+            else:
+                module._buffers[attribute] = tensor
 
 
 def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
@@ -135,18 +151,28 @@ def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
     return model.eval(), checkpoint_parameters
 
 
-def _tensors_to_store(model: HookedTransformer) -> dict[str, torch.Tensor]:
-    """The state dict as safetensors takes it: each tensor shared under several names (the
-    layers' common rotary tables) once, and contiguous (``store_rearranged`` gives some weights
-    another layout; those are copied)."""
+def _tensors_to_store(model: HookedTransformer) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, tuple[int, ...]]]]:
+    """The state dict as safetensors takes it (contiguous tensors, each storage once), and the
+    layout that rebuilds the rest: for each tensor not stored as itself, the stored tensor that
+    holds its storage and the permutation of that tensor's dimensions that gives it.
+
+    Each tensor is stored in its memory order, so a rearranged weight is written as laid out and
+    nothing is copied; a tensor shared under several names (the tied unembedding, the layers'
+    common rotary tables) is written once.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    first_name: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for name, tensor in model.state_dict().items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if identity not in seen:
-            seen.add(identity)
-            tensors[name] = tensor.contiguous()
-    return tensors
+        order = memory_order(tensor) or tuple(range(tensor.dim()))
+        as_stored = tensor.permute(order).contiguous()  # a copy only for a tensor no order makes contiguous
+        identity = (as_stored.untyped_storage().data_ptr(), as_stored.storage_offset(), tuple(as_stored.shape), as_stored.dtype)
+        source = first_name.setdefault(identity, name)
+        if source == name:
+            tensors[name] = as_stored
+        if source != name or order != tuple(range(tensor.dim())):
+            layout[name] = (source, order)
+    return tensors, layout
 
 
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
@@ -156,7 +182,8 @@ def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
-        safetensors.torch.save_file(_tensors_to_store(model), str(staging / _WEIGHTS_FILE))
+        tensors, layout = _tensors_to_store(model)
+        safetensors.torch.save_file(tensors, str(staging / _WEIGHTS_FILE), metadata={_LAYOUT_KEY: json.dumps(layout)})
         (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
         (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))
