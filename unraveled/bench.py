@@ -15,7 +15,7 @@ Row groups, each a function decorated with ``@bench_group``:
   its manifest; for the invocation: wall seconds and the process's peak RSS.
 - ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way; and
   every config but causal tracing on the GPT-2-small-shaped checkpoint (memory as ``make all`` on
-  GPT-2 small would use it).
+  GPT-2 small would use it), twice: converting into an empty cache, then from that cache.
 - ``activation_patching``: its config on the same GPT-2-small-shaped checkpoint.
 - ``causal_tracing``: its default compute on the bundled SmolLM2, and one fact's batched
   restorations against one forward pass per restoration (``unraveled.bench_tracing``).
@@ -107,18 +107,26 @@ def _run_cli(args: list[str], cache: Path) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
-def _config_rows(group: str, args: list[str]) -> list[Row]:
-    """Run configs in one ``unraveled run`` and read back each config's time and peak memory."""
+def _config_rows(group: str, args: list[str], again_from_cache: bool = False) -> list[Row]:
+    """Run configs in one ``unraveled run`` and read back each config's time and peak memory.
+
+    With ``again_from_cache``, the same invocation runs a second time on the converted-weights
+    cache the first one filled (as a second ``make all`` does), and its whole-invocation row
+    follows.
+    """
     with tempfile.TemporaryDirectory() as work:
         out, cache = Path(work) / "out", Path(work) / "cache"
         wall, peak = _run_cli(["run", *args, "--out", str(out)], cache)
         manifests = [json.loads(path.read_text()) for path in sorted(out.glob("*/*/manifest.json"))]
+        again = _run_cli(["run", *args, "--out", str(Path(work) / "again")], cache) if again_from_cache else None
     rows = [
         Row(group, manifest["config"], manifest["timings_seconds"]["total"], manifest["peak_rss_mb"],
             manifest["timings_seconds"]["total"] / wall, "share of the invocation's wall time")
         for manifest in manifests
     ]
     rows.append(Row(group, "whole invocation (process start, model loads, index)", wall, peak))
+    if again is not None:
+        rows.append(Row(group, "whole invocation again, models from the converted-weights cache", *again, ratio=again[1] / peak, ratio_meaning="peak over the first invocation's"))
     return rows
 
 
@@ -154,7 +162,7 @@ def all_configs_gpt2_small_shaped() -> list[Row]:
     # Random weights know no facts, so causal tracing has nothing to trace on them.
     names = [name for name in config_names() if name != "causal_tracing"]
     checkpoint = _gpt2_small_shaped_checkpoint()
-    return _config_rows("all configs but causal_tracing, GPT-2-small-shaped random weights", [*names, "--model", str(checkpoint)])
+    return _config_rows("all configs but causal_tracing, GPT-2-small-shaped random weights", [*names, "--model", str(checkpoint)], again_from_cache=True)
 
 
 @bench_group
