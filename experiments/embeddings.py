@@ -126,7 +126,7 @@ def _position_geometry(
 
 
 def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> EmbeddingsResult:
-    from unraveled.geometry import cumulative_explained_variance, intrinsic_dimension, local_neighbourhoods
+    from unraveled.geometry import column_mean_std, cumulative_explained_variance, intrinsic_dimension, local_neighbourhoods
     from unraveled.models import checkpoint_parameters
 
     rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     positions = None
     if has_positions:
         positions = _position_geometry(model.W_pos.detach().float().cpu().numpy(), w_e, chunk_dims, params, rng)
-    token_dim_mean, token_dim_std = w_e.mean(axis=0), w_e.std(axis=0)
+    token_dim_mean, token_dim_std = column_mean_std(w_e)
     pairs, pairs_rule = (params.dimension_pairs, "params.dimension_pairs") if params.dimension_pairs else default_dimension_pairs(
         model.cfg, token_dim_mean, positions.dim_std if positions else None
     )

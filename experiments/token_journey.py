@@ -92,32 +92,40 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
     from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers, state_labels
     from unraveled.umap_fit import umap_3d
 
-    acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False)
+    # No logits: only the sentence's last prediction is read, unembedded below from its final
+    # state; the batch's logits (50,257 floats a token) would be the largest array of the pass.
+    acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False, logits=False)
     n_tokens = acts.lengths[0]
     states = hidden_states(model, acts.cache)  # [state, batch, pos, d_model]
     sentence_states = states[:, 0, :n_tokens]
     token_ids = acts.tokens[0, :n_tokens]
     w_e = model.W_E.detach()
-    predicted = int(acts.logits[0, n_tokens - 1].argmax())
+    # The last state has the final norm applied, so unembedding it is what the forward pass does.
+    predicted = int(model.unembed(sentence_states[-1:, -1:])[0, 0].argmax())
     cos_last = torch.nn.functional.cosine_similarity(sentence_states, sentence_states[:, -1:, :], dim=-1)
     distance, trace = spread_across_layers(states[:, 1:], acts.mask[1:])
+    cos_own = cosine_to_targets(sentence_states, w_e[token_ids]).numpy()
+    cos_next = cosine_to_targets(sentence_states[:, :-1], w_e[token_ids[1:]]).numpy()
+    cos_predicted = cosine_to_targets(sentence_states, w_e[predicted].expand(n_tokens, -1)).numpy()
+    place = torch.cat([w_e[token_ids], sentence_states[:, params.token_index]]).numpy()
+    str_tokens, spread_lengths = acts.str_tokens[0], acts.lengths[1:]
+    del acts, states, sentence_states  # freed before UMAP's fit, which would add its memory to theirs
     started = time.perf_counter()
-    fit_on = w_e[: params.umap_fit_tokens].numpy()
-    placed = umap_3d(fit_on, torch.cat([w_e[token_ids], sentence_states[:, params.token_index]]).numpy(), params.umap_neighbours, seed)
+    placed = umap_3d(w_e[: params.umap_fit_tokens].numpy(), place, params.umap_neighbours, seed)
     umap_seconds = time.perf_counter() - started
     return TokenJourneyResult(
-        tokens=acts.str_tokens[0],
+        tokens=str_tokens,
         token_index=params.token_index,
         predicted_token=model.tokenizer.decode([predicted]),
         initial_umap=placed[:n_tokens],
         trajectory_umap=placed[n_tokens:],
-        cos_own=cosine_to_targets(sentence_states, w_e[token_ids]).numpy(),
-        cos_next=cosine_to_targets(sentence_states[:, :-1], w_e[token_ids[1:]]).numpy(),
+        cos_own=cos_own,
+        cos_next=cos_next,
         cos_last_state=cos_last.numpy(),
-        cos_predicted=cosine_to_targets(sentence_states, w_e[predicted].expand(n_tokens, -1)).numpy(),
+        cos_predicted=cos_predicted,
         spread_distance=distance.numpy(),
         spread_trace=trace.numpy(),
-        spread_lengths=acts.lengths[1:],
+        spread_lengths=spread_lengths,
         state_labels=state_labels(model.cfg.n_layers, final_norm=True),
         umap_seconds=umap_seconds,
     )

@@ -188,6 +188,14 @@ def test_compute_keeps_known_facts_and_finds_the_peaks(model: HookedTransformer)
     np.testing.assert_array_equal(again.traced[0].trace.residual, trace.residual)
 
 
+def test_top_predictions_over_several_batches_are_each_prompts_own(model: HookedTransformer) -> None:
+    facts = [tokenize_fact(model, fact, f"facts[{index}]") for index, fact in enumerate(FACTS)]
+    assert len(facts) > 2 * causal_tracing.PREDICTION_BATCH + 1  # full batches, and a last partial one
+    with torch.inference_mode():
+        alone = [int(model(torch.tensor([fact.tokens]))[0, -1].argmax()) for fact in facts]  # no padding, no batch
+    assert causal_tracing.top_predictions(model, facts) == alone
+
+
 def test_multi_token_answer_in_compute_is_refused(model: HookedTransformer) -> None:
     params = causal_tracing.CausalTracingParams(facts=[Fact(prompt=PROMPT, subject="Eiffel Tower", answer=" Parisville-sur-Seine")])
     with pytest.raises(ValueError, match=r"params.facts\[0\].answer=' Parisville-sur-Seine' is \d+ tokens"):

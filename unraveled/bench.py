@@ -14,8 +14,12 @@ Row groups, each a function decorated with ``@bench_group``:
   doesn't depend on their values). Per config: compute + render seconds and the peak RSS from
   its manifest; for the invocation: wall seconds and the process's peak RSS.
 - ``all configs``: every config on the bundled SmolLM2 (``make all``'s job), the same way; and
-  every config but causal tracing on the GPT-2-small-shaped checkpoint (memory as ``make all`` on
-  GPT-2 small would use it), twice: converting into an empty cache, then from that cache.
+  every config on the GPT-2-small-shaped checkpoint (memory as ``make all`` on GPT-2 small would
+  use it), twice: converting into an empty cache, then from that cache. Random weights know no facts, so there causal tracing gets ``params.facts`` (through a
+  ``--config-dir`` copy of its config): the bundled facts, each answer replaced by the random
+  model's own top prediction after its prompt, found by the experiment's own batched pass
+  (``known_facts_of``). They count as known, and the run traces as many facts, of the same
+  prompts, with the same default sizes as on GPT-2 small: the same work and memory.
 - ``activation_patching``: its config on the same GPT-2-small-shaped checkpoint.
 - ``causal_tracing``: its default compute on the bundled SmolLM2, and one fact's batched
   restorations against one forward pass per restoration (``unraveled.bench_tracing``).
@@ -155,14 +159,47 @@ def all_configs_bundled() -> list[Row]:
     return _config_rows("all configs, bundled smollm2-135m", ["--all", "--model", "smollm2-135m"])
 
 
+def known_facts_of(checkpoint: Path) -> list[dict[str, str]]:
+    """The bundled facts with each answer replaced by the model's own top prediction after its prompt.
+
+    Predictions come from causal tracing's own pass over the whole set (``top_predictions``), so
+    the run finds the same ones. A prediction whose text does not tokenize back to that one
+    token can't be an answer: its fact keeps the bundled answer (and stays unknown).
+    """
+    from unittest import mock
+
+    from unraveled.datasets.facts import FACTS, tokenize_fact
+    from unraveled.experiments.causal_tracing import top_predictions
+    from unraveled.logits import answer_token_id
+    from unraveled.models import load_model
+
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}):
+        model = load_model(str(checkpoint), "raw", fallback=None).model
+    tokenized = [tokenize_fact(model, fact, f"facts[{index}]") for index, fact in enumerate(FACTS)]
+    facts = []
+    for fact, prediction in zip(FACTS, top_predictions(model, tokenized)):
+        text = model.tokenizer.decode([prediction])
+        try:
+            answer = text if answer_token_id(model, text, "answer") == prediction else fact.answer
+        except ValueError:  # several tokens
+            answer = fact.answer
+        facts.append({"prompt": fact.prompt, "subject": fact.subject, "answer": answer})
+    return facts
+
+
 @bench_group
 def all_configs_gpt2_small_shaped() -> list[Row]:
-    from unraveled.config import config_names
+    import yaml
 
-    # Random weights know no facts, so causal tracing has nothing to trace on them.
-    names = [name for name in config_names() if name != "causal_tracing"]
+    from unraveled.config import config_names, load_config
+
     checkpoint = _gpt2_small_shaped_checkpoint()
-    return _config_rows("all configs but causal_tracing, GPT-2-small-shaped random weights", [*names, "--model", str(checkpoint)], again_from_cache=True)
+    with tempfile.TemporaryDirectory() as configs:
+        config = yaml.safe_load(load_config("causal_tracing").path.read_text(encoding="utf-8"))
+        config["params"]["facts"] = known_facts_of(checkpoint)
+        (Path(configs) / "causal_tracing.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+        return _config_rows("all configs, GPT-2-small-shaped random weights (causal tracing: facts it knows)",
+                            [*config_names(), "--model", str(checkpoint), "--config-dir", configs], again_from_cache=True)
 
 
 @bench_group

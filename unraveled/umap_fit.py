@@ -9,7 +9,8 @@ initialisation, once) and the transform are UMAP's own.
 
 UMAP's other numba kernels (the fuzzy graph's and the layout's) are compiled afresh in every
 process too, 4-8 s here; ``cache_umap_kernels`` keeps them on disk, as numba's ``cache=True``
-would, so only the first run on a machine compiles them.
+would, so only the first run on a machine compiles them. ``make setup`` makes that first run
+(``python -m unraveled.umap_fit``, ``compile_kernels``), as pip compiles bytecode at install.
 """
 
 from __future__ import annotations
@@ -82,3 +83,20 @@ def umap_3d(fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbo
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", category=UserWarning)
         reducer.fit(fit_on)
     return reducer.transform(np.ascontiguousarray(place, dtype=np.float32))
+
+
+def compile_kernels() -> None:
+    """Compile every numba kernel a fit and a transform run, and keep them on disk.
+
+    A small fit calls the same kernels with the same argument types as a full one (the types
+    depend on dtypes, not sizes), so a later process loads all of them, pynndescent's (compiled
+    at its import) included, and compiles none. Compiling them takes about 40 s and 130-190 MiB
+    that stay with the process; ``make setup`` pays that in its own short process once, and every
+    run after it (``make all``) loads the compiled code instead.
+    """
+    rng = np.random.default_rng(0)
+    umap_3d(rng.standard_normal((300, 16)), rng.standard_normal((3, 16)), neighbours=15, seed=0)
+
+
+if __name__ == "__main__":
+    compile_kernels()
