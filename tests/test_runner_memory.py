@@ -30,3 +30,28 @@ def test_processed_weights_are_freed_before_the_raw_weights_load(tiny_gpt2_dir: 
     runner.run_configs(configs, tmp_path / "out", models=[str(tiny_gpt2_dir)])
     assert [kind for kind, _ in loaded_models] == ["processed", "raw"]
     assert alive_at_each_load == [[], []], "a model was still alive when the next one loaded"
+
+
+def test_memory_compute_dropped_is_handed_back_before_rendering(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing starts from the memory the result needs, not from the heap compute left behind."""
+    events: list[str] = []
+    real_write_artifacts, real_seed, real_trim = runner._write_artifacts, runner._seed_everything, runner.return_freed_memory
+
+    def seeding(seed: int) -> None:
+        events.append("compute")
+        real_seed(seed)
+
+    def drawing(*args: object, **kwargs: object) -> object:
+        events.append("render")
+        return real_write_artifacts(*args, **kwargs)
+
+    def trimming() -> None:
+        events.append("hand back")
+        real_trim()
+
+    monkeypatch.setattr(runner, "_seed_everything", seeding)
+    monkeypatch.setattr(runner, "_write_artifacts", drawing)
+    monkeypatch.setattr(runner, "return_freed_memory", trimming)
+    runner.run_configs([load_config("layernorm")], tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    drawn = events.index("render")
+    assert events.index("compute") < drawn and events[drawn - 1] == "hand back"

@@ -265,6 +265,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
             _seed_everything(config.run.seed)
             result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
+            return_freed_memory()  # the activations compute dropped, before drawing adds its own
             staging = outputs.make_staging_dir(target)
             records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
             rendered = time.perf_counter()
