@@ -30,3 +30,25 @@ def test_processed_weights_are_freed_before_the_raw_weights_load(tiny_gpt2_dir: 
     runner.run_configs(configs, tmp_path / "out", models=[str(tiny_gpt2_dir)])
     assert [kind for kind, _ in loaded_models] == ["processed", "raw"]
     assert alive_at_each_load == [[], []], "a model was still alive when the next one loaded"
+
+
+def test_freeing_memory_frees_the_buffers_mkl_keeps() -> None:
+    import ctypes
+
+    import torch
+
+    from unraveled.memory import return_freed_memory
+
+    try:
+        mem_stat = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_mem_stat
+    except (OSError, AttributeError):
+        pytest.skip("this torch does not link MKL")
+    mem_stat.restype = ctypes.c_int64
+    buffers = ctypes.c_int()
+    matrix = torch.randn(256, 256)
+    matrix @ matrix
+    assert mem_stat(ctypes.byref(buffers)) > 0, "MKL kept no buffer after a product: nothing left to test"
+    return_freed_memory()
+    # MKL's own count of the bytes its allocator holds, not the function's return value.
+    assert mem_stat(ctypes.byref(buffers)) == 0
+    assert buffers.value == 0
