@@ -123,6 +123,23 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
         assert result.attention_per_layer[layer] == pytest.approx(run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4)
 
 
+def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """``model.W_O`` stacks every layer's W_O anew on each read (28 MB for GPT-2 small): read per
+    layer, that was a stack per layer, freed at once and heaped up by the allocator."""
+    from transformer_lens import HookedTransformer
+
+    stacked_reads = []
+    stack_all_layers = HookedTransformer.W_O.fget
+
+    def counting(self: HookedTransformer) -> torch.Tensor:
+        stacked_reads.append(1)
+        return stack_all_layers(self)
+
+    monkeypatch.setattr(HookedTransformer, "W_O", property(counting))
+    logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0)
+    assert stacked_reads == []  # the values: test_attribution_matches_what_transformers_blocks_write
+
+
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="params.correct=' Maryanne-Louise' is .* tokens"):
         answer_token_id(model, " Maryanne-Louise", "params.correct")
