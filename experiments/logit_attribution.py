@@ -113,8 +113,12 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
         def at_last(hook: str) -> torch.Tensor:
             return cache[hook][rows, pairs.last]
 
+        # Each block's own W_O, not model.W_O[layer]: model.W_O stacks every layer's (28 MB for
+        # GPT-2 small) on each read. contiguous(): the layout of a row of that stack (the weight is
+        # stored rearranged for the forward pass), so einsum sums in the same order as before.
         head_outputs = torch.stack(
-            [torch.einsum("bhd,hdm->bhm", at_last(f"blocks.{layer}.attn.hook_z"), model.W_O[layer]) for layer in range(n_layers)], dim=1
+            [torch.einsum("bhd,hdm->bhm", at_last(f"blocks.{layer}.attn.hook_z"), model.blocks[layer].attn.W_O.contiguous()) for layer in range(n_layers)],
+            dim=1,
         )  # [batch, layer, head, d_model]
         components = torch.cat(
             [

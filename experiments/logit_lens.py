@@ -64,14 +64,20 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
 
     n_layers = model.cfg.n_layers
     hooks = residual_hook_names(n_layers)
-    acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos)
-    residuals = torch.stack([acts.cache[hook][0] for hook in hooks])  # [point, pos, d_model]
+    acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos, logits=False)
+    # One point at a time: each point's [pos, d_vocab] distributions are reduced to its top-1 and
+    # its last position, so no full-vocabulary tensor of every point is held (three of them, 42 MB
+    # each for GPT-2 small on this prompt, were the config's peak).
+    top1_probs, top1_ids, last_rows = [], [], []
     with torch.inference_mode():
-        log_probs = logit_lens(model, residuals).log_softmax(dim=-1)
-    probs = log_probs.exp()
-    top1_prob, top1_id = probs.max(dim=-1)
+        for hook in hooks:
+            log_probs = logit_lens(model, acts.cache[hook][:1])[0].log_softmax(dim=-1)  # [pos, d_vocab]
+            top1_prob, top1_id = log_probs.exp().max(dim=-1)
+            top1_probs.append(top1_prob)
+            top1_ids.append(top1_id)
+            last_rows.append(log_probs[-1].clone())  # not a view, which would keep the whole point alive
+    top1_prob, top1_id, last = torch.stack(top1_probs), torch.stack(top1_ids), torch.stack(last_rows)  # [point, pos], [point, d_vocab]
     decode = model.tokenizer.decode
-    last = log_probs[:, -1]
     final_token = int(last[-1].argmax())
     top_probs, top_ids = last.exp().topk(TOP_K, dim=-1)
     return LogitLensResult(

@@ -77,6 +77,32 @@ def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tiny_mod
     assert frame.dead.sum() == sum(json.loads(json.dumps(result.metrics()["dead_neurons_per_layer"].tolist())))
 
 
+def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
+    from unraveled.corpus import corpus_windows
+    from unraveled.engines.local import run_local
+    from unraveled.engines.state import AtlasSettings
+    from unraveled.experiments.corpus_atlas import summarise
+
+    model = tiny_model(tiny_gpt2_dir, "processed")
+    params = CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=3)
+    settings = AtlasSettings(top_k=3, context_before=params.context_before, context_after=params.context_after, prepend_bos=True)
+    state = run_local(model, corpus_windows(model.tokenizer, params.corpus, 16, None, seed=0).tokens, settings, progress=False)
+    fields = {
+        "top_values": (state.neuron_top, "values"), "top_context_ids": (state.neuron_top, "context_ids"),
+        "top_context_values": (state.neuron_top, "context_values"),
+        "residual_top_index": (state.residual_top, "index"), "residual_top_context_ids": (state.residual_top, "context_ids"),
+    }
+    expected = {field: np.stack([getattr(top, name) for top in tops]) for field, (tops, name) in fields.items()}
+    result = summarise(state, model, settings, params, {}, 1.0)
+    for field, (tops, name) in fields.items():
+        np.testing.assert_array_equal(getattr(result, field), expected[field])
+        assert getattr(result, field).dtype == expected[field].dtype
+        # One copy of each array, held by both: the state's layers are rows of the result's.
+        for layer, top in enumerate(tops):
+            assert np.shares_memory(getattr(top, name), getattr(result, field)[layer])
+            np.testing.assert_array_equal(getattr(top, name), expected[field][layer])
+
+
 def test_massive_activation_on_a_hand_wired_dimension(tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, atlas_corpus: Path) -> None:
     model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)  # a model of its own: this test rewires it
     (target,) = model.tokenizer.encode(" Caesar", add_special_tokens=False)

@@ -90,6 +90,39 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     assert [entry["token"] for entry in result.top5_last[0]] == [model.tokenizer.decode([i]) for i in log_probs[0].topk(5).indices]
 
 
+def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_at_once(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import unraveled.logits
+
+    decoded_shapes = []
+    real_decode = unraveled.logits.logit_lens
+
+    def recording_decode(model, residuals):  # type: ignore[no-untyped-def]
+        decoded_shapes.append(tuple(residuals.shape))
+        return real_decode(model, residuals)
+
+    monkeypatch.setattr(unraveled.logits, "logit_lens", recording_decode)
+    result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
+    n_points, n_pos = model.cfg.n_layers + 1, len(result.tokens)
+    assert decoded_shapes == [(1, n_pos, model.cfg.d_model)] * n_points  # never every point's vocabulary at once
+    # The route it replaced: every point decoded in one tensor.
+    acts = collect_activations(model, [PROMPT], residual_hook_names(model.cfg.n_layers))
+    with torch.inference_mode():
+        log_probs = real_decode(model, torch.stack([acts.cache[hook][0] for hook in residual_hook_names(model.cfg.n_layers)])).log_softmax(-1)
+    top1_prob, top1_id = log_probs.exp().max(dim=-1)
+    last = log_probs[:, -1]
+    np.testing.assert_array_equal(result.top1_prob, top1_prob.numpy())
+    assert result.top1_token == [[model.tokenizer.decode([token]) for token in row] for row in top1_id.tolist()]
+    final = int(last[-1].argmax())
+    np.testing.assert_array_equal(result.final_prediction_prob, last[:, final].exp().numpy())
+    np.testing.assert_array_equal(result.final_prediction_rank, (last > last[:, final : final + 1]).sum(-1).numpy())
+    np.testing.assert_array_equal(result.kl_from_final, (last[-1].exp() * (last[-1] - last)).sum(-1).numpy())
+    top_probs, top_ids = last.exp().topk(5, dim=-1)
+    assert result.top5_last == [
+        [{"token": model.tokenizer.decode([token]), "probability": float(p)} for token, p in zip(ids, ps)]
+        for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
+    ]
+
+
 def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, warm_weight_cache: Path) -> None:
     model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model  # a model of its own: this test changes a bias
     with torch.no_grad():  # make the last block write a huge vector, so residual norms differ a lot between layers
@@ -121,6 +154,23 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
     for layer in range(model.cfg.n_layers):
         assert result.mlp[layer] == pytest.approx(run.direct_effect(run.captured[f"mlp{layer}"][-1], direction), abs=1e-4)
         assert result.attention_per_layer[layer] == pytest.approx(run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4)
+
+
+def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """``model.W_O`` stacks every layer's W_O anew on each read (28 MB for GPT-2 small): read per
+    layer, that was a stack per layer, freed at once and heaped up by the allocator."""
+    from transformer_lens import HookedTransformer
+
+    stacked_reads = []
+    stack_all_layers = HookedTransformer.W_O.fget
+
+    def counting(self: HookedTransformer) -> torch.Tensor:
+        stacked_reads.append(1)
+        return stack_all_layers(self)
+
+    monkeypatch.setattr(HookedTransformer, "W_O", property(counting))
+    logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0)
+    assert stacked_reads == []  # the values: test_attribution_matches_what_transformers_blocks_write
 
 
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]

@@ -55,3 +55,25 @@ def test_memory_compute_dropped_is_handed_back_before_rendering(tiny_gpt2_dir: P
     runner.run_configs([load_config("layernorm")], tmp_path / "out", models=[str(tiny_gpt2_dir)])
     drawn = events.index("render")
     assert events.index("compute") < drawn and events[drawn - 1] == "hand back"
+
+
+def test_freeing_memory_frees_the_buffers_mkl_keeps() -> None:
+    import ctypes
+
+    import torch
+
+    from unraveled.memory import return_freed_memory
+
+    try:
+        mem_stat = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_mem_stat
+    except (OSError, AttributeError):
+        pytest.skip("this torch does not link MKL")
+    mem_stat.restype = ctypes.c_int64
+    buffers = ctypes.c_int()
+    matrix = torch.randn(256, 256)
+    matrix @ matrix
+    assert mem_stat(ctypes.byref(buffers)) > 0, "MKL kept no buffer after a product: nothing left to test"
+    return_freed_memory()
+    # MKL's own count of the bytes its allocator holds, not the function's return value.
+    assert mem_stat(ctypes.byref(buffers)) == 0
+    assert buffers.value == 0
