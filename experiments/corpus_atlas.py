@@ -51,7 +51,7 @@ class CorpusAtlasParams(Params):
     context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
     context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")
     batch_windows: int = Field(2, ge=1, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
-    browser_samples: int = Field(5, ge=1, description="Top contexts per neuron in the neuron browser (keeps each page a few MB).")
+    browser_samples: int = Field(5, ge=1, description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).")
     massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
     ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
@@ -76,8 +76,9 @@ class CorpusAtlasResult:
     neuron_max: Float[NDArray, "layer neuron"]
     active_fraction: Float[NDArray, "layer neuron"]
     top_values: Float[NDArray, "layer k neuron"]
-    top_context_ids: Int[NDArray, "layer k neuron context"]
-    top_context_values: Float[NDArray, "layer k neuron context"]
+    # Contexts of the first browser_samples top tokens only: the neuron browser's.
+    top_context_ids: Int[NDArray, "layer samples neuron context"]
+    top_context_values: Float[NDArray, "layer samples neuron context"]
     residual_mean_abs: Float[NDArray, "layer d_model"]
     residual_max_abs: Float[NDArray, "layer d_model"]
     residual_top_index: Int[NDArray, "layer k_residual d_model"]
@@ -171,7 +172,7 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
     windows = corpus_windows(model.tokenizer, params.corpus, params.context_tokens, params.max_tokens, seed, origin="corpus_atlas")
     settings = AtlasSettings(
         top_k=params.top_k, context_before=params.context_before, context_after=params.context_after,
-        batch_windows=params.batch_windows, prepend_bos=prepend_bos,
+        batch_windows=params.batch_windows, prepend_bos=prepend_bos, neuron_contexts=params.browser_samples,
     )
     started = time.perf_counter()
     state = run_engine(params.engine, model, windows.tokens, settings, workers=params.ray_workers)
@@ -238,7 +239,7 @@ def _stack_layers(tops: list[TopK], name: str) -> NDArray[Any]:
 
     Each layer's array is copied into the stack and replaced by its row of it (the same values),
     so the old one is freed at once: ``np.stack`` would hold the state's arrays and the result's
-    side by side (a second 0.07 GB for GPT-2 small's top contexts).
+    side by side (a second copy of the top contexts, the state's largest arrays).
     """
     first = getattr(tops[0], name)
     stacked = np.empty((len(tops), *first.shape), dtype=first.dtype)

@@ -87,3 +87,30 @@ def test_sums_merge_to_the_mean_over_all_windows() -> None:
     parts = [Sums({"s": part.sum(axis=0)}, len(part)) for part in np.array_split(scores, 3)]
     merged = functools.reduce(Sums.merge, parts, Sums({}, 0))
     np.testing.assert_allclose(merged.means()["s"], scores.mean(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("parts", [1, 3, WINDOWS])
+@pytest.mark.parametrize("payload_rows", [1, 2])
+def test_payloads_of_the_first_rows_only_merge_to_the_full_payloads_first_rows(parts: int, ties: bool, payload_rows: int) -> None:
+    """Contexts kept for the first rows only, merged over any split (windows of one token and
+    batches shorter than ``k`` included), are the first rows of the contexts kept for all ``k``."""
+    values, token_ids = _data(ties)
+    full = _split_run(values, token_ids, 1)[1]
+    tops = [
+        top_k_of_batch(values[chunk], token_ids[chunk], chunk * LENGTH, K, BEFORE, AFTER, payload_rows=payload_rows)
+        for chunk in np.array_split(np.arange(WINDOWS), parts)
+    ]
+    merged = functools.reduce(TopK.merge, tops, TopK.empty(K, FEATURES, BEFORE + 1 + AFTER, payload_rows))
+    assert merged.context_ids.shape[0] == payload_rows
+    np.testing.assert_array_equal(merged.values, full.values)
+    np.testing.assert_array_equal(merged.index, full.index)
+    np.testing.assert_array_equal(merged.context_ids, full.context_ids[:payload_rows])
+    np.testing.assert_array_equal(merged.context_values, full.context_values[:payload_rows])
+
+
+def test_merging_into_more_payload_rows_than_a_part_kept_is_refused() -> None:
+    values, token_ids = _data(ties=False)
+    narrow = top_k_of_batch(values, token_ids, np.arange(WINDOWS) * LENGTH, K, BEFORE, AFTER, payload_rows=1)
+    with pytest.raises(ValueError, match="payload"):
+        TopK.empty(K, FEATURES, BEFORE + 1 + AFTER).merge(narrow)

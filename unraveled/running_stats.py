@@ -78,49 +78,65 @@ class Moments:
 
 @dataclass
 class TopK:
-    """Per feature, the ``k`` largest values, their global token index and a payload.
+    """Per feature, the ``k`` largest values and their global token index, and for the first
+    ``payload_rows`` of them a payload (the context around the token).
 
     Rows are sorted by value (descending), then index (ascending); unfilled rows have value
-    ``-inf`` and index ``NO_INDEX``.
+    ``-inf`` and index ``NO_INDEX``. Payloads merge exactly however the data was split: a row
+    among the first ``payload_rows`` of the merged order is among the first ``payload_rows`` of
+    its own part (fewer rows than that beat it overall, so fewer beat it there).
 
     Attributes:
         values: ``[k, feature]``.
         index: ``[k, feature]`` global index of the token (``window * window_length + pos``).
-        context_ids: ``[k, feature, context]`` token ids around the token, ``-1`` outside the window.
-        context_values: ``[k, feature, context]`` the feature's values on those tokens.
+        context_ids: ``[payload_rows, feature, context]`` token ids around the token, ``-1``
+            outside the window.
+        context_values: ``[payload_rows, feature, context]`` the feature's values on those tokens.
     """
 
     values: Float[NDArray, "k feature"]
     index: Int[NDArray, "k feature"]
-    context_ids: Int[NDArray, "k feature context"]
-    context_values: Float[NDArray, "k feature context"]
+    context_ids: Int[NDArray, "payload_rows feature context"]
+    context_values: Float[NDArray, "payload_rows feature context"]
 
     @classmethod
-    def empty(cls, k: int, n_features: int, context: int) -> TopK:
+    def empty(cls, k: int, n_features: int, context: int, payload_rows: int | None = None) -> TopK:
+        rows = k if payload_rows is None else min(payload_rows, k)
         return cls(
             values=np.full((k, n_features), -np.inf, dtype=np.float32),
             index=np.full((k, n_features), NO_INDEX, dtype=np.int64),
-            context_ids=np.full((k, n_features, context), -1, dtype=np.int32),
-            context_values=np.zeros((k, n_features, context), dtype=np.float32),
+            context_ids=np.full((rows, n_features, context), -1, dtype=np.int32),
+            context_values=np.zeros((rows, n_features, context), dtype=np.float32),
         )
 
     @property
     def k(self) -> int:
         return self.values.shape[0]
 
+    @property
+    def payload_rows(self) -> int:
+        return self.context_ids.shape[0]
+
     def merge(self, other: TopK) -> TopK:
-        """The ``k`` best of both, in the canonical order."""
+        """The ``k`` best of both, in the canonical order, with ``self``'s number of payload rows."""
         values = np.concatenate([self.values, other.values])
         index = np.concatenate([self.index, other.index])
         # lexsort sorts by the last key first: by -value, then by index.
         order = np.lexsort((index, -values.astype(np.float64)), axis=0)[: self.k]
+        # Row r of the merged order came from row r of self, or row r - k of other: its payload
+        # row in the two payloads one after the other.
+        source = order[: self.payload_rows]
+        from_other = source >= self.k
+        payload_row = np.where(from_other, self.payload_rows + source - self.k, source)
+        if (np.where(from_other, source - self.k, source) >= np.where(from_other, other.payload_rows, self.payload_rows)).any():
+            raise ValueError("a merged row's payload was not kept: both parts need payloads for at least as many rows as the result")
         context_ids = np.concatenate([self.context_ids, other.context_ids])
         context_values = np.concatenate([self.context_values, other.context_values])
         return TopK(
             values=np.take_along_axis(values, order, axis=0),
             index=np.take_along_axis(index, order, axis=0),
-            context_ids=np.take_along_axis(context_ids, order[..., None], axis=0),
-            context_values=np.take_along_axis(context_values, order[..., None], axis=0),
+            context_ids=np.take_along_axis(context_ids, payload_row[..., None], axis=0),
+            context_values=np.take_along_axis(context_values, payload_row[..., None], axis=0),
         )
 
 
@@ -132,6 +148,7 @@ def top_k_of_batch(
     before: int,
     after: int,
     eligible: slice = slice(None),
+    payload_rows: int | None = None,
 ) -> TopK:
     """The batch's own top ``k`` per feature, with contexts, in the canonical order.
 
@@ -144,7 +161,9 @@ def top_k_of_batch(
         after: Context tokens kept after it.
         eligible: The positions that may be top tokens (e.g. all but a BOS at 0); the context
             still shows every position.
+        payload_rows: For how many of the top rows a context is kept (default ``k``).
     """
+    payload_rows = k if payload_rows is None else min(payload_rows, k)
     n_windows, length, n_features = values.shape
     positions = np.arange(length)[eligible]
     flat = values[:, positions, :].reshape(-1, n_features)
@@ -160,10 +179,10 @@ def top_k_of_batch(
     top_values = np.take_along_axis(flat, rows, axis=0)
     order = np.lexsort((global_index[rows], -top_values.astype(np.float64)), axis=0)
     rows = np.take_along_axis(rows, order, axis=0)
-    window = rows // len(positions)
-    pos = positions[rows % len(positions)]
+    window = rows[:payload_rows] // len(positions)
+    pos = positions[rows[:payload_rows] % len(positions)]
     offsets = np.arange(-before, after + 1)
-    at = pos[..., None] + offsets  # [k_batch, feature, context]
+    at = pos[..., None] + offsets  # [payload rows, feature, context]
     inside = (at >= 0) & (at < length)
     at_clipped = np.clip(at, 0, length - 1)
     feature = np.arange(n_features)[None, :, None]
@@ -175,7 +194,7 @@ def top_k_of_batch(
         context_ids=context_ids,
         context_values=context_values,
     )
-    return top if k_batch == k else TopK.empty(k, n_features, len(offsets)).merge(top)
+    return top if k_batch == k else TopK.empty(k, n_features, len(offsets), payload_rows).merge(top)
 
 
 @dataclass

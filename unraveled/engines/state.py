@@ -41,6 +41,9 @@ class AtlasSettings:
         residual_top_k: Largest-magnitude tokens kept per residual dimension.
         batch_windows: Windows per forward pass.
         prepend_bos: Whether each window gets the model's BOS token in front.
+        neuron_contexts: For how many of each neuron's top tokens the context is kept (None:
+            all ``top_k``). Contexts are most of the state (GPT-2 small, 20 of them: 65 MB),
+            and the neuron browser shows only its first few.
     """
 
     top_k: int = 20
@@ -49,6 +52,7 @@ class AtlasSettings:
     residual_top_k: int = 3
     batch_windows: int = 4
     prepend_bos: bool = False
+    neuron_contexts: int | None = None
 
     @property
     def context(self) -> int:
@@ -70,7 +74,7 @@ class AtlasState:
     def empty(cls, n_layers: int, d_mlp: int, d_model: int, settings: AtlasSettings) -> AtlasState:
         return cls(
             neurons=[Moments.empty(d_mlp) for _ in range(n_layers)],
-            neuron_top=[TopK.empty(settings.top_k, d_mlp, settings.context) for _ in range(n_layers)],
+            neuron_top=[TopK.empty(settings.top_k, d_mlp, settings.context, settings.neuron_contexts) for _ in range(n_layers)],
             residual=[Moments.empty(d_model) for _ in range(n_layers)],
             residual_top=[TopK.empty(settings.residual_top_k, d_model, settings.context) for _ in range(n_layers)],
             heads=Sums({}, 0),
@@ -200,7 +204,7 @@ def update(
         post = held.pop("hook_post").float().cpu().numpy()
         neurons = Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1]))
         state.neurons[layer] = state.neurons[layer].merge(neurons)
-        top = top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None))
+        top = top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None), settings.neuron_contexts)
         state.neuron_top[layer] = state.neuron_top[layer].merge(top)
         magnitude = np.abs(residual.float().cpu().numpy())
         state.residual[layer] = state.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
