@@ -92,28 +92,60 @@ def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "l
     return {name: torch.stack([scores[name] for scores in per_prompt]).mean(dim=0) for name in per_prompt[0]}
 
 
+REPEATED_ROWS_PER_PASS = 2
+"""Repeated sequences run through the model at once: each pass's scores are kept and its cache
+freed, so the patterns of all of them are never held together (8 sequences of 81 tokens in one
+pass peaked at +0.13 GB on GPT-2 small); rows are independent, so the scores are the same."""
+
+
+def _repeated_pass_scores(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], hooks: list[str], repeat_length: int
+) -> tuple[dict[str, Float[Tensor, "layer head"]], Float[Tensor, "layer head query_pos key_pos"], list[str]]:
+    """Every score of each repeated sequence, averaged over them, with the first sequence's
+    patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per forward pass."""
+    import torch
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import attention_sink_by_head, stack_patterns
+    from unraveled.heads import duplicate_token_score, induction_score, previous_token_score
+
+    n_layers = model.cfg.n_layers
+    per_row: list[dict[str, Tensor]] = []
+    first_row, first_tokens = None, []
+    for start in range(0, tokens.shape[0], REPEATED_ROWS_PER_PASS):
+        acts = collect_activations(model, tokens[start : start + REPEATED_ROWS_PER_PASS], hooks, logits=False)
+        for patterns, row_tokens in _per_prompt_patterns(acts, n_layers):
+            per_row.append(
+                {
+                    "induction": induction_score(patterns, repeat_length),
+                    "previous_token": previous_token_score(patterns),
+                    "duplicate_token": duplicate_token_score(patterns, row_tokens),
+                    "first_token": attention_sink_by_head(patterns),
+                }
+            )
+        if first_row is None:
+            first_row, first_tokens = stack_patterns(acts.cache, n_layers, 0), acts.str_tokens[0]
+        del acts
+    assert first_row is not None
+    return {name: torch.stack([scores[name] for scores in per_row]).mean(dim=0) for name in per_row[0]}, first_row, first_tokens
+
+
 def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
     import torch
     from unraveled.activations import collect_activations
-    from unraveled.analysis import stack_patterns
-    from unraveled.heads import induction_score, top_heads
+    from unraveled.heads import top_heads
 
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
-    repeated = collect_activations(model, repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed), hooks, logits=False)
-    natural = collect_activations(model, params.prompts, hooks, logits=False)
-    induction = torch.stack(
-        [induction_score(patterns, params.repeat_length) for patterns, _ in _per_prompt_patterns(repeated, n_layers)]
-    ).mean(dim=0)
-    on_repeated, on_natural = _mean_scores(repeated, n_layers), _mean_scores(natural, n_layers)
-    scores = {"induction": induction, **{name: (on_repeated[name] + on_natural[name]) / 2 for name in on_repeated}}
+    tokens = repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed)
+    on_repeated, first_row, first_tokens = _repeated_pass_scores(model, tokens, hooks, params.repeat_length)
+    on_natural = _mean_scores(collect_activations(model, params.prompts, hooks, logits=False), n_layers)
+    scores = {"induction": on_repeated["induction"], **{name: (on_repeated[name] + on_natural[name]) / 2 for name in on_natural}}
     scores_np = {name: scores[name].numpy() for name in SCORES}
     viewed = [entry["head"] for entry in top_heads(scores_np["induction"], VIEWED_INDUCTION_HEADS)]
-    first_row = stack_patterns(repeated.cache, n_layers, 0)
     viewed_patterns = torch.stack([first_row[int(layer), int(head)] for layer, head in (name.split(".") for name in viewed)])
     return HeadTaxonomyResult(
         scores=scores_np,
-        repeated_tokens=repeated.str_tokens[0],
+        repeated_tokens=first_tokens,
         repeated_patterns=viewed_patterns.numpy(),
         viewed_heads=viewed,
     )

@@ -65,3 +65,44 @@ def test_wired_induction_head_ranks_first(tiny_gpt2_dir: Path, warm_weight_cache
     assert result.scores["induction"][wired_layer, wired_head] == pytest.approx(1.0)
     assert top_heads(result.scores["induction"], 1)[0]["head"] == "1.2"
     assert result.viewed_heads[0] == "1.2"
+
+
+def test_repeated_sequences_in_small_passes_equal_one_pass(tiny_model, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The repeated sequences run a few per pass (never all patterns at once), with every score,
+    the viewed patterns and tokens equal to the bit to one pass over all of them."""
+    from unraveled.activations import collect_activations
+    from unraveled.analysis import attention_sink_by_head, stack_patterns
+
+    model = tiny_model(tiny_gpt2_dir, "processed")
+    params = head_taxonomy.HeadTaxonomyParams(repeat_batch=5, repeat_length=12, prompts=["a b c a b c", "one two one"])
+    monkeypatch.setattr(head_taxonomy, "REPEATED_ROWS_PER_PASS", 2)
+    rows_seen: list[int] = []
+    model.add_hook("blocks.0.attn.hook_pattern", lambda pattern, hook: rows_seen.append(pattern.shape[0]))
+    try:
+        result = head_taxonomy.compute(model, params, seed=3)
+    finally:
+        model.reset_hooks()
+    assert rows_seen == [2, 2, 1, 2]  # the repeated sequences, then the natural prompts
+
+    n_layers = model.cfg.n_layers
+    hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    tokens = head_taxonomy.repeated_random_tokens(model, params.repeat_batch, params.repeat_length, 3)
+    everything = collect_activations(model, tokens, hooks, logits=False)
+    natural = collect_activations(model, params.prompts, hooks, logits=False)
+    patterns = [stack_patterns(everything.cache, n_layers, row) for row in range(params.repeat_batch)]
+    natural_patterns = [(stack_patterns(natural.cache, n_layers, row)[..., :n, :n], natural.tokens[row, :n]) for row, n in enumerate(natural.lengths)]
+
+    def mean(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values).mean(dim=0)
+
+    expected = {
+        "induction": mean([induction_score(p, params.repeat_length) for p in patterns]),
+        "previous_token": (mean([previous_token_score(p) for p in patterns]) + mean([previous_token_score(p) for p, _ in natural_patterns])) / 2,
+        "duplicate_token": (mean([duplicate_token_score(p, t) for p, t in zip(patterns, tokens)]) + mean([duplicate_token_score(p, t) for p, t in natural_patterns])) / 2,
+        "first_token": (mean([attention_sink_by_head(p) for p in patterns]) + mean([attention_sink_by_head(p) for p, _ in natural_patterns])) / 2,
+    }
+    for name, values in expected.items():
+        np.testing.assert_array_equal(result.scores[name], values.numpy())
+    viewed = [tuple(int(part) for part in name.split(".")) for name in result.viewed_heads]
+    np.testing.assert_array_equal(result.repeated_patterns, torch.stack([patterns[0][layer, head] for layer, head in viewed]).numpy())
+    assert result.repeated_tokens == everything.str_tokens[0]

@@ -64,3 +64,31 @@ def test_edge_scores_from_uneven_gradient_passes(loaded: HookedTransformer, monk
 def test_attribution_from_uneven_gradient_passes(tiny_gpt2_dir: Path, attn_only: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     _three_rows_per_pass(_hand_built(tiny_gpt2_dir, attn_only), seed=0, monkeypatch=monkeypatch)
     attribution_is_exact(tiny_gpt2_dir, attn_only)
+
+
+def test_edge_circuits_a_few_prompts_per_pass_equal_one_pass(loaded: HookedTransformer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A circuit whose delta buffer exceeds the bound runs a few prompts per pass, each pass's
+    buffer within the bound, with the logit differences of all prompts in one pass to the bit."""
+    pairs = ioi_batch(loaded, IOIParams(n_pairs=5), seed=1).tokens
+    n_layers = loaded.cfg.n_layers
+    hooks = ["hook_embed", *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else [])]
+    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    _, corrupted_cache = patching.run_cache(loaded, pairs, "corrupted", hooks)
+    valid = ~torch.isnan(patching.edge_attribution(loaded, pairs, corrupted_cache, base="clean").scores)
+    kept = torch.stack([valid, torch.zeros_like(valid), valid & (torch.rand(valid.shape, generator=torch.Generator().manual_seed(0)) < 0.5)])
+    monkeypatch.setattr(patching, "EDGE_BUFFER_BYTES", 2**40)
+    one_pass = patching.edge_circuit_logit_differences(loaded, pairs, corrupted_cache, kept)
+    row_bytes = pairs.clean.shape[1] * loaded.cfg.d_model * kept.shape[1] * 4
+    monkeypatch.setattr(patching, "EDGE_BUFFER_BYTES", 2 * row_bytes + 1)
+    passes: list[tuple[int, int]] = []
+    in_one_pass = patching._edge_circuits_in_one_pass
+
+    def recorded(model, pairs, cache, kept):  # type: ignore[no-untyped-def]
+        passes.append((kept.shape[0], pairs.size))
+        return in_one_pass(model, pairs, cache, kept)
+
+    monkeypatch.setattr(patching, "_edge_circuits_in_one_pass", recorded)
+    split = patching.edge_circuit_logit_differences(loaded, pairs, corrupted_cache, kept)
+    assert passes == [(1, 2), (1, 2), (1, 1)] * 3
+    torch.testing.assert_close(split, one_pass, rtol=1e-5, atol=1e-6)  # float32 sums of other shapes: not always to the bit (GPT-2 small: equal)
