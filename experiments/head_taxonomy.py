@@ -76,20 +76,26 @@ def _per_prompt_patterns(acts: Activations, n_layers: int) -> Iterator[tuple[Flo
         yield stack_patterns(acts.cache, n_layers, index)[..., :length, :length], acts.tokens[index, :length]
 
 
-def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "layer head"]]:
-    import torch
+def _prompt_scores(patterns: Float[Tensor, "layer head q k"], tokens: Int[Tensor, " pos"]) -> dict[str, Float[Tensor, "layer head"]]:
+    """The scores every prompt gets, repeated or natural."""
     from unraveled.analysis import attention_sink_by_head
     from unraveled.heads import duplicate_token_score, previous_token_score
 
-    per_prompt = [
-        {
-            "previous_token": previous_token_score(patterns),
-            "duplicate_token": duplicate_token_score(patterns, tokens),
-            "first_token": attention_sink_by_head(patterns),
-        }
-        for patterns, tokens in _per_prompt_patterns(acts, n_layers)
-    ]
+    return {
+        "previous_token": previous_token_score(patterns),
+        "duplicate_token": duplicate_token_score(patterns, tokens),
+        "first_token": attention_sink_by_head(patterns),
+    }
+
+
+def _mean_over_prompts(per_prompt: list[dict[str, Tensor]]) -> dict[str, Float[Tensor, "layer head"]]:
+    import torch
+
     return {name: torch.stack([scores[name] for scores in per_prompt]).mean(dim=0) for name in per_prompt[0]}
+
+
+def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "layer head"]]:
+    return _mean_over_prompts([_prompt_scores(patterns, tokens) for patterns, tokens in _per_prompt_patterns(acts, n_layers)])
 
 
 REPEATED_ROWS_PER_PASS = 2
@@ -103,10 +109,9 @@ def _repeated_pass_scores(
 ) -> tuple[dict[str, Float[Tensor, "layer head"]], Float[Tensor, "layer head query_pos key_pos"], list[str]]:
     """Every score of each repeated sequence, averaged over them, with the first sequence's
     patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per forward pass."""
-    import torch
     from unraveled.activations import collect_activations
-    from unraveled.analysis import attention_sink_by_head, stack_patterns
-    from unraveled.heads import duplicate_token_score, induction_score, previous_token_score
+    from unraveled.analysis import stack_patterns
+    from unraveled.heads import induction_score
 
     n_layers = model.cfg.n_layers
     per_row: list[dict[str, Tensor]] = []
@@ -114,19 +119,12 @@ def _repeated_pass_scores(
     for start in range(0, tokens.shape[0], REPEATED_ROWS_PER_PASS):
         acts = collect_activations(model, tokens[start : start + REPEATED_ROWS_PER_PASS], hooks, logits=False)
         for patterns, row_tokens in _per_prompt_patterns(acts, n_layers):
-            per_row.append(
-                {
-                    "induction": induction_score(patterns, repeat_length),
-                    "previous_token": previous_token_score(patterns),
-                    "duplicate_token": duplicate_token_score(patterns, row_tokens),
-                    "first_token": attention_sink_by_head(patterns),
-                }
-            )
+            per_row.append({"induction": induction_score(patterns, repeat_length), **_prompt_scores(patterns, row_tokens)})
         if first_row is None:
             first_row, first_tokens = stack_patterns(acts.cache, n_layers, 0), acts.str_tokens[0]
         del acts
     assert first_row is not None
-    return {name: torch.stack([scores[name] for scores in per_row]).mean(dim=0) for name in per_row[0]}, first_row, first_tokens
+    return _mean_over_prompts(per_row), first_row, first_tokens
 
 
 def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
