@@ -541,18 +541,13 @@ def edge_circuit_logit_differences(
     bytes_per_row = pairs.clean.shape[1] * model.cfg.d_model * kept.shape[1] * 4
     rows_per_pass = min(pairs.size, max(1, EDGE_BUFFER_BYTES // bytes_per_row))
     per_pass = max(1, EDGE_BUFFER_BYTES // (bytes_per_row * pairs.size)) if rows_per_pass == pairs.size else 1
-    differences = torch.cat(
-        [
-            torch.cat(
-                [
-                    _edge_circuits_in_one_pass(model, pairs.rows(rows), _RowsOf(corrupted_cache, rows), kept[start : start + per_pass])
-                    for rows in (slice(first, first + rows_per_pass) for first in range(0, pairs.size, rows_per_pass))
-                ],
-                dim=1,
-            )
-            for start in range(0, kept.shape[0], per_pass)
-        ]
-    )
+    row_slices = [slice(first, first + rows_per_pass) for first in range(0, pairs.size, rows_per_pass)]
+    circuit_passes = []
+    for start in range(0, kept.shape[0], per_pass):
+        circuits = kept[start : start + per_pass]
+        by_rows = [_edge_circuits_in_one_pass(model, pairs.rows(rows), _RowsOf(corrupted_cache, rows), circuits) for rows in row_slices]
+        circuit_passes.append(torch.cat(by_rows, dim=1))
+    differences = torch.cat(circuit_passes)
     return_freed_memory()
     return differences
 
