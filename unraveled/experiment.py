@@ -149,6 +149,10 @@ class Experiment(Generic[P, R]):
             grow with it); the model's context length caps it too.
         check: ``(model, params) -> None``, raising ``ParamError`` for a param the model can't
             take that the field markers don't cover (e.g. a token index beyond the prompt).
+        check_before_loading: ``(params, tokenizer, n_ctx) -> None``, raising ``ParamError`` for
+            input that can be refused before the model loads (the files a param names); the
+            runner calls it with the model's tokenizer and context read without its weights,
+            each None when they can't be had without loading.
     """
 
     title: str
@@ -158,6 +162,7 @@ class Experiment(Generic[P, R]):
     weights: WeightsKind = "processed"
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     check: Callable[[HookedTransformer, P], None] | None = None
+    check_before_loading: Callable[[P, PreTrainedTokenizerBase | None, int | None], None] | None = None
 
 
 def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:

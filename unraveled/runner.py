@@ -178,7 +178,8 @@ def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
 def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True) -> None:
     """Check every config's prompts (and one-token answers) against the tokenizer and context of
     the model it will run on, read without the weights, so an overlong prompt costs no conversion
-    and writes nothing.
+    and writes nothing; and whatever else an experiment checks before loading (its
+    ``check_before_loading``: a corpus's files).
 
     Args:
         configs, models, allow_fallback: As for ``run_configs``, which checks prompts again on
@@ -196,12 +197,17 @@ def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Se
             if name not in shapes:
                 shapes[name] = model_shape(name, source_label, allow_fallback)
             shape = shapes[name]
-            if shape is None:
-                continue
-            try:
-                check_text_params(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
-            except ParamError as error:
-                raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({shape.label})") from None
+            if shape is not None:
+                try:
+                    check_text_params(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
+                except ParamError as error:
+                    raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({shape.label})") from None
+            if config.experiment.check_before_loading is not None:
+                tokenizer, n_ctx = (shape.tokenizer, shape.n_ctx) if shape is not None else (None, None)
+                try:
+                    config.experiment.check_before_loading(config.params, tokenizer, n_ctx)
+                except ParamError as error:
+                    raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), error.problem) from None
 
 
 def check_device(device: str) -> None:
