@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -147,6 +148,21 @@ def test_jsonl_lines_end_at_newline_only(tmp_path: Path) -> None:
     assert read_documents([str(path)]) == [(f"{path}:1", "one"), (f"{path}:2", separators)]
 
 
+def test_a_jsonl_line_longer_than_the_cap_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus, "MAX_JSONL_LINE_BYTES", 100)
+    short, long = json.dumps({"text": "fits"}), json.dumps({"text": "x" * 200})
+    # Reads of 64 bytes: the line is refused before it is whole; of 1000: once it is.
+    for read_bytes, ending in itertools.product((64, 1000), ("\n", "")):
+        monkeypatch.setattr(corpus, "READ_BYTES", read_bytes)
+        path = tmp_path / f"long{len(ending)}.jsonl"
+        path.write_text(f"{short}\n{short}\n{long}{ending}", encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"long{len(ending)}.jsonl:3: longer than 100 bytes, the most a JSONL line may take"):
+            read_documents([str(path)])
+    path = tmp_path / "fits.jsonl"
+    path.write_text(f"{short}\n" * 20, encoding="utf-8")
+    assert len(read_documents([str(path)])) == 20
+
+
 def test_folders_and_globs_take_each_file_once_and_never_follow_folder_links(tmp_path: Path) -> None:
     (tmp_path / "data" / "sub").mkdir(parents=True)
     (tmp_path / "data" / "a.txt").write_text("a", encoding="utf-8")
@@ -274,4 +290,5 @@ def test_memory_does_not_grow_with_a_documents_length(tmp_path: Path, tiny_gpt2_
         peaks[path.stem] = _peak_rss_mb(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)})
     metrics = json.loads((tmp_path / "large" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())
     assert metrics["corpus"]["corpus_tokens"] > 4_000_000 and metrics["corpus"]["tokens_analysed"] == 256
+    print(f"peak RSS, MiB: {peaks}")  # for the record: pytest -s shows it
     assert peaks["large"] < 1.1 * peaks["small"], peaks

@@ -8,19 +8,22 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import GPT2TokenizerFast
 
-from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute, render
+from unraveled.experiments.corpus_atlas import CorpusAtlasParams, check_before_loading, compute, render
 from tests.conftest import SharedTinyModels
 from tests.test_browser import CHROMIUM, chromium, console_messages
 from tests.test_corpus_engine import TEXT, load_tiny
 from unraveled.cli import main
-from unraveled.experiment import Table
+from unraveled.corpus import TOKENIZE_CHARS
+from unraveled.experiment import ParamError, Table
 
 FIGURES = {"01_neuron_activation_frequency", "02_residual_massive_activations", "03_head_statistics"}
 
@@ -125,3 +128,36 @@ def test_neuron_browser_renders_offline(atlas_runs: Path, tmp_path: Path) -> Non
     # The neuron picker lists every neuron with its active fraction, and samples were drawn.
     assert len(re.findall(r"<option[^>]*>\d+ \(active [\d.]+%", dom)) == 256
     assert "Top 4 contexts of each neuron in layer 1" in dom and "Caesar" in dom
+
+
+def test_corpus_is_checked_before_loading_reading_every_file_and_tokenising_one_window(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = tmp_path / "long.txt"
+    long.write_bytes((TEXT * 2000).encode("utf-8") + b"\xff")  # 0.9 MB, bad UTF-8 at the very end
+    tokenised: list[int] = []
+    tokenize = GPT2TokenizerFast.__call__
+
+    def counting(self: GPT2TokenizerFast, text: str, **kwargs: Any) -> Any:
+        tokenised.append(len(text))
+        return tokenize(self, text, **kwargs)
+
+    monkeypatch.setattr(GPT2TokenizerFast, "__call__", counting)
+    with pytest.raises(ParamError, match=r"long.txt: not UTF-8 text \(invalid start byte at byte 9\d{5}\)") as error:
+        check_before_loading(CorpusAtlasParams(corpus=[str(long)], context_tokens=16), gpt2_tokenizer, 64)
+    assert error.value.field == "corpus"
+    assert len(tokenised) == 1 and tokenised[0] <= TOKENIZE_CHARS  # one piece tokenised, not the whole file
+    monkeypatch.undo()
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.", encoding="utf-8")
+    params = CorpusAtlasParams(corpus=[str(short)], context_tokens=16)
+    check_before_loading(params, None, None)  # the model's tokenizer unknown: its length can't be judged yet
+    with pytest.raises(ParamError, match="the corpus has 3 tokens, fewer than one window of context_tokens=16"):
+        check_before_loading(params, gpt2_tokenizer, 64)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(ParamError, match="bad.jsonl:2: expected an object with a string field 'text'"):
+        check_before_loading(CorpusAtlasParams(corpus=[str(bad)], context_tokens=16), None, None)
+    with pytest.raises(ParamError, match="100 tokens exceed the model's context of 64") as error:
+        check_before_loading(CorpusAtlasParams(corpus=[str(long)], context_tokens=100), gpt2_tokenizer, 64)
+    assert error.value.field == "context_tokens"

@@ -278,7 +278,7 @@ def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
     with _open(path, origin) as file:
         for block in itertools.chain(_blocks(file, path, origin), [b""]):  # b"": the end
             held += block
-            end = held.rfind(b"\n") + 1 if block else len(held)
+            end = held.rfind(b"\n", len(held) - len(block)) + 1 if block else len(held)
             lines = bytes(held[:end]).split(b"\n")
             del held[:end]
             if block:
@@ -286,11 +286,15 @@ def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
             for line in lines:
                 number += 1
                 if len(line) > MAX_JSONL_LINE_BYTES:
-                    raise ConfigError(origin, _FIELD, f"{path}:{number}: a line of {len(line):,} bytes; a JSONL line takes at most {MAX_JSONL_LINE_BYTES >> 20} MiB")
+                    raise _line_too_long(f"{path}:{number}", origin)
                 if line.strip():
                     yield number, _jsonl_text(line, f"{path}:{number}", origin)
             if len(held) > MAX_JSONL_LINE_BYTES:
-                raise ConfigError(origin, _FIELD, f"{path}:{number + 1}: a line of more than {MAX_JSONL_LINE_BYTES >> 20} MiB; a JSONL line takes at most that")
+                raise _line_too_long(f"{path}:{number + 1}", origin)
+
+
+def _line_too_long(where: str, origin: str) -> ConfigError:
+    return ConfigError(origin, _FIELD, f"{where}: longer than {MAX_JSONL_LINE_BYTES:,} bytes, the most a JSONL line may take; split the document")
 
 
 def _jsonl_text(line: bytes, where: str, origin: str) -> str:
