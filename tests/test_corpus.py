@@ -119,6 +119,18 @@ def test_pieces_for_the_tokenizer_give_the_whole_texts_tokens(limit: int, gpt2_t
     assert chunked == gpt2_tokenizer.encode(text)
 
 
+@pytest.mark.slow
+def test_pieces_for_the_tokenizer_give_smollm2s_tokens_too() -> None:
+    from unraveled.models.shape import model_shape
+
+    shape = model_shape("smollm2-135m")  # its tokenizer only, read from the bundled GGUF file
+    assert shape is not None
+    text = "".join(TRICKY[i:] + TRICKY[:i] for i in range(0, len(TRICKY), 7)) + TEXT * 3
+    pieces = list(_tokenizer_pieces([text], 97))
+    chunked = [token for piece in pieces for token in shape.tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    assert chunked == shape.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def test_text_with_no_place_to_cut_is_cut_at_the_limit() -> None:
     text = "x" * 1000 + "\u4e2d" * 500
     pieces = list(_tokenizer_pieces([text], 64))
