@@ -11,7 +11,16 @@ The estimate is first order: exact where the metric is linear in the activation 
 layers, the final residual stream), off where it is not. Known failures: the residual stream in
 the first layers at the changed token (patching swaps a whole token's embedding, far beyond a
 linear step) and heads whose attention saturates (a softmax at 0 or 1 has no gradient for a
-change that moves it all the way). The largest disagreements are listed in the metrics.
+change that moves it all the way). So the residual stream at the changed token is always patched
+exactly too (one column of the residual grid); the other columns are estimates only unless
+``exact_residual`` is on, and the figures mark them so. The largest disagreements are listed in
+the metrics.
+
+Agreement is reported over every component and over the ones that matter: most heads do nearly
+nothing (exact and estimate both near 0), and their agreement alone makes a rank correlation over
+all heads look high. So the metrics and figures also give the top-k overlap (of the k components
+with the largest |exact| effect, how many are among the k largest |estimates|) and the
+correlations over the components whose |exact| effect reaches each of ``EFFECT_THRESHOLDS``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from numpy.typing import NDArray
 from pydantic import Field
 
@@ -33,7 +42,14 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from torch import Tensor
     from transformer_lens import HookedTransformer
 
+    from unraveled.patching import PromptPairs
+
 TOP_K = 10
+OVERLAP_KS = (5, 10)
+"""The k of the top-k overlaps between the largest |exact| and the largest |estimated| effects."""
+EFFECT_THRESHOLDS = (0.01, 0.05)
+"""|exact| share recovered from which a component counts as having an effect (1% and 5% of the
+clean-minus-corrupted difference); the figures quote the last."""
 
 
 class AttributionPatchingParams(Params):
@@ -41,9 +57,46 @@ class AttributionPatchingParams(Params):
     # SmolLM2; 4 pairs took 212 s for the heads alone under load): 2 pairs (one ABBA, one BABA) by
     # default; the estimate alone is cheap. More pairs: --set params.ioi.n_pairs=16.
     ioi: IOIParams = Field(default_factory=lambda: IOIParams(n_pairs=2), description="The IOI prompt pairs.")
-    # Exact residual patching is 31 points x 6 position groups more partial forwards per pair: off by
-    # default (its estimate is still computed and drawn, marked as having no exact values).
-    exact_residual: bool = Field(False, description="Also patch the residual stream exactly (every layer and position group).")
+    # Exact residual patching costs one partial forward per residual point and position group that
+    # differs between the prompts: at the changed token (S2) always, since the estimate is known to
+    # fail there (31 more on SmolLM2); at every group only on request (31 x 3). Groups before the
+    # changed token restore nothing and are known without a forward pass.
+    exact_residual: bool = Field(
+        False,
+        description="Patch the residual stream exactly at every position group; off, only at the changed token and the positions before it (the rest is an estimate only, marked on the figures).",
+    )
+
+
+def _correlations(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> dict[str, float | None]:
+    """Pearson and Spearman correlation; ``None`` where undefined (fewer than 3 values, or a
+    constant side)."""
+    from scipy import stats
+
+    if len(exact) < 3 or np.ptp(exact) == 0 or np.ptp(estimate) == 0:
+        return {"pearson": None, "spearman": None}
+    return {"pearson": float(stats.pearsonr(estimate, exact)[0]), "spearman": float(stats.spearmanr(estimate, exact)[0])}
+
+
+def agreement(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> dict[str, Any]:
+    """How well estimates agree with exact values, over every component and over those that matter.
+
+    Returns:
+        ``pearson``, ``spearman`` and ``n`` over every component; ``top_k_overlap``: for each of
+        ``OVERLAP_KS``, how many of the k largest |exact| values are among the k largest
+        |estimates|; ``above_threshold``: per threshold of ``EFFECT_THRESHOLDS``, the number and
+        share of components whose |exact| reaches it, and the correlations over them.
+    """
+    magnitude_exact, magnitude_estimate = np.argsort(-np.abs(exact), kind="stable"), np.argsort(-np.abs(estimate), kind="stable")
+    above = []
+    for threshold in EFFECT_THRESHOLDS:
+        kept = np.abs(exact) >= threshold
+        above.append({"threshold": threshold, "n": int(kept.sum()), "share": float(kept.mean()), **_correlations(estimate[kept], exact[kept])})
+    return {
+        **_correlations(estimate, exact),
+        "n": len(exact),
+        "top_k_overlap": {str(k): len(set(magnitude_exact[:k].tolist()) & set(magnitude_estimate[:k].tolist())) for k in OVERLAP_KS if k <= len(exact)},
+        "above_threshold": above,
+    }
 
 
 @dataclass(frozen=True)
@@ -58,25 +111,37 @@ class AttributionPatchingResult:
     mlps_estimate: Float[NDArray, " layer"]
     mlps_exact: Float[NDArray, " layer"]
     residual_estimate: Float[NDArray, "point role"]
-    residual_exact: Float[NDArray, "point role"] | None
+    residual_exact: Float[NDArray, "point role"]
+    """NaN in the position groups patched by the estimate only (``exact_residual`` off)."""
     attribution_seconds: float
     exact_seconds: dict[str, float]
 
-    def correlations(self) -> dict[str, dict[str, float]]:
-        """Pearson and Spearman correlation of estimate and exact value, per kind of component."""
-        from scipy import stats
+    def residual_has_exact(self) -> Bool[NDArray, " role"]:
+        """Which position groups of the residual stream were patched exactly."""
+        return ~np.isnan(self.residual_exact).any(axis=0)
 
+    def agreements(self) -> dict[str, dict[str, Any]]:
+        """``agreement`` of estimate and exact value per kind of component (the residual stream
+        over its exactly patched cells)."""
+        exact_cells = ~np.isnan(self.residual_exact)
         pairs = {
             "heads": (self.heads_estimate.ravel(), self.heads_exact.ravel()),
             "mlps": (self.mlps_estimate, self.mlps_exact),
             "heads_and_mlps": (np.r_[self.heads_estimate.ravel(), self.mlps_estimate], np.r_[self.heads_exact.ravel(), self.mlps_exact]),
+            "residual": (self.residual_estimate[exact_cells], self.residual_exact[exact_cells]),
         }
-        if self.residual_exact is not None:
-            pairs["residual"] = (self.residual_estimate.ravel(), self.residual_exact.ravel())
-        return {
-            kind: {"pearson": float(stats.pearsonr(estimate, exact)[0]), "spearman": float(stats.spearmanr(estimate, exact)[0]), "n": len(exact)}
-            for kind, (estimate, exact) in pairs.items()
-        }
+        return {kind: agreement(estimate, exact) for kind, (estimate, exact) in pairs.items()}
+
+    def top_heads_by_exact_magnitude(self) -> list[dict[str, Any]]:
+        """The ``TOP_K`` heads with the largest |exact| effect, each with its estimate and the
+        rank of the estimate's magnitude among all heads (1 = largest)."""
+        estimate_rank = np.empty(self.heads_estimate.size, dtype=int)
+        estimate_rank[np.argsort(-np.abs(self.heads_estimate), axis=None, kind="stable")] = np.arange(1, self.heads_estimate.size + 1)
+        n_heads = self.heads_exact.shape[1]
+        return [
+            {"head": f"{index // n_heads}.{index % n_heads}", "exact": float(self.heads_exact.flat[index]), "estimate": float(self.heads_estimate.flat[index]), "estimate_rank": int(estimate_rank[index])}
+            for index in np.argsort(-np.abs(self.heads_exact), axis=None, kind="stable")[:TOP_K]
+        ]
 
     def largest_errors(self) -> list[dict[str, Any]]:
         """The components whose estimate is furthest from the exact value."""
@@ -85,11 +150,11 @@ class AttributionPatchingResult:
             for layer, head in np.ndindex(self.heads_exact.shape)
         ]
         rows += [{"component": f"MLP {layer}", "estimate": float(e), "exact": float(x)} for layer, (e, x) in enumerate(zip(self.mlps_estimate, self.mlps_exact))]
-        if self.residual_exact is not None:
-            rows += [
-                {"component": f"residual {self.residual_labels[point]}, {self.roles[role]}", "estimate": float(self.residual_estimate[point, role]), "exact": float(self.residual_exact[point, role])}
-                for point, role in np.ndindex(self.residual_exact.shape)
-            ]
+        rows += [
+            {"component": f"residual {self.residual_labels[point]}, {self.roles[role]}", "estimate": float(self.residual_estimate[point, role]), "exact": float(self.residual_exact[point, role])}
+            for point, role in np.ndindex(self.residual_exact.shape)
+            if not np.isnan(self.residual_exact[point, role])
+        ]
         return sorted(rows, key=lambda row: -abs(row["estimate"] - row["exact"]))[:TOP_K]
 
     def metrics(self) -> dict[str, Any]:
@@ -100,8 +165,15 @@ class AttributionPatchingResult:
             "example_pairs": self.examples[:4],
             "clean": self.clean,
             "corrupted": self.corrupted,
+            "answers": "correct: the indirect object, the clean prompts' answer; incorrect: the subject. Clean prompts are scored against the correct answer, corrupted ones against their own (with corruption swap, the subject; with abc, which has none, against the clean answer)",
             "units": "share of the clean-minus-corrupted mean logit difference recovered (0 corrupted, 1 clean)",
-            "correlation_estimate_vs_exact": self.correlations(),
+            "agreement_estimate_vs_exact": self.agreements(),
+            "agreement_definitions": {
+                "pearson, spearman, n": "over every component of the kind (the residual stream: over its exactly patched cells)",
+                "top_k_overlap": "of the k components with the largest |exact|, how many are among the k with the largest |estimate|",
+                "above_threshold": "pearson and spearman over the components whose |exact| reaches the threshold; share: their share of all",
+            },
+            "top_heads_by_exact_magnitude": self.top_heads_by_exact_magnitude(),
             "largest_errors": self.largest_errors(),
             "heads_estimate": self.heads_estimate,
             "heads_exact": self.heads_exact,
@@ -113,6 +185,7 @@ class AttributionPatchingResult:
             "residual_position_groups": self.roles,
             "residual_estimate": self.residual_estimate,
             "residual_exact": self.residual_exact,
+            "residual_position_groups_patched_exactly": [role for role, exact in zip(self.roles, self.residual_has_exact()) if exact],
             "seconds": {"attribution_patching": self.attribution_seconds, "exact_patching": self.exact_seconds},
         }
 
@@ -142,7 +215,8 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
     heads_estimate, mlps_estimate, residual_estimate = estimates_per_component(model, estimates, groups)
     attribution_seconds = time.perf_counter() - started
 
-    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs)
+    clean = answer_summary(clean_logits, pairs)
+    corrupted = answer_summary(corrupted_logits, pairs, answer="incorrect" if params.ioi.corruption == "swap" else "correct")
     low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
     if abs(span) < 1e-6:
         raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")
@@ -157,13 +231,13 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
     started = time.perf_counter()
     mlps_exact = recovered(patched_logit_differences(model, pairs, mlp_patches(model), clean_cache, "corrupted", corrupted_cache))
     exact_seconds["mlps"] = time.perf_counter() - started
-    residual_exact = None
     n_points = model.cfg.n_layers + 1
-    if params.exact_residual:
-        started = time.perf_counter()
-        residual = patched_logit_differences(model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache)
-        residual_exact = recovered(residual).reshape(n_points, len(ROLES))
-        exact_seconds["residual"] = time.perf_counter() - started
+    exact_groups = [index for index, group in enumerate(groups) if params.exact_residual or _estimate_known_to_fail_or_free(group, pairs)]
+    started = time.perf_counter()
+    residual = patched_logit_differences(model, pairs, residual_patches(model, [groups[index] for index in exact_groups]), clean_cache, "corrupted", corrupted_cache)
+    residual_exact = np.full((n_points, len(ROLES)), np.nan, dtype=np.float32)
+    residual_exact[:, exact_groups] = recovered(residual).reshape(n_points, len(exact_groups))
+    exact_seconds["residual"] = time.perf_counter() - started
     return AttributionPatchingResult(
         examples=[{"clean": p.clean, "corrupted": p.corrupted, "correct": f" {p.io}", "incorrect": f" {p.s}", "order": p.order} for p in batch.pairs],
         clean=clean,
@@ -179,6 +253,18 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
         attribution_seconds=attribution_seconds,
         exact_seconds=exact_seconds,
     )
+
+
+def _estimate_known_to_fail_or_free(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -> bool:
+    """Whether a position group holds a token that differs between the prompts (where the
+    residual stream's estimate is known to fail: restoring it swaps a whole token), or lies
+    wholly before the first difference (restoring it changes nothing, known without a run)."""
+    import torch
+
+    changed = pairs.clean != pairs.corrupted
+    first_change = torch.where(changed.any(1), changed.int().argmax(1), changed.shape[1])
+    before = torch.arange(changed.shape[1])[None] < first_change[:, None]
+    return bool((group & changed).any() or not (group & ~before).any())
 
 
 def _scatter(axes, estimate: NDArray, exact: NDArray, labels: list[str], colour: str, name: str, marker: str = "o") -> None:
@@ -199,59 +285,104 @@ def _diagonal(axes, values: NDArray) -> None:
     axes.axvline(0, color="black", linewidth=0.4)
 
 
+ESTIMATE_OFF = 0.1
+"""|estimate - exact| (share recovered) from which figure 03 outlines a residual cell."""
+AGREEMENT_BOX = {"facecolor": "white", "alpha": 0.85, "edgecolor": "lightgrey"}
+
+
+def _agreement_text(name: str, found: dict[str, Any]) -> str:
+    """One component kind's agreement in a few lines: all, above the quoted threshold, top k."""
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    above = found["above_threshold"][-1]
+    overlaps = ", ".join(f"top {k}: {shared} of {k}" for k, shared in found["top_k_overlap"].items())
+    return (
+        f"{name}: Pearson {number(found['pearson'])}, Spearman {number(found['spearman'])} (all {found['n']})\n"
+        f"  |exact| >= {above['threshold']:g} ({above['n']}): Pearson {number(above['pearson'])}, Spearman {number(above['spearman'])}\n"
+        f"  largest |exact| among largest |estimate|: {overlaps or 'n/a'}"
+    )
+
+
+def _mark_cells(axes, cells: Bool[NDArray, "row col"], gid: str, **style: Any) -> None:
+    """A rectangle over each marked cell of a heatmap, tagged ``gid`` (the figure's own legend
+    names it; tests find the marks by it)."""
+    from matplotlib.patches import Rectangle
+
+    for row, col in zip(*np.nonzero(cells)):
+        axes.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, gid=gid, **style))
+
+
 def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
+    from matplotlib.patches import Patch as LegendPatch
+
     from unraveled.render.figures import heatmap, panels
 
-    correlations = result.correlations()
+    agreements = result.agreements()
     n_layers, n_heads = result.heads_exact.shape
     head_labels = [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
+    exact_cells = ~np.isnan(result.residual_exact)
+    estimate_only = [role for role, exact in zip(result.roles, result.residual_has_exact()) if not exact]
 
-    def caption(kind: str) -> str:
-        found = correlations[kind]
-        return f"Pearson {found['pearson']:.3f}, Spearman {found['spearman']:.3f}"
-
-    figure, axes = panels(2 if result.residual_exact is not None else 1)
+    figure, axes = panels(2)
     _diagonal(axes[0], np.r_[result.heads_exact.ravel(), result.heads_estimate.ravel(), result.mlps_exact, result.mlps_estimate])
-    _scatter(axes[0], result.heads_estimate.ravel(), result.heads_exact.ravel(), head_labels, "royalblue", f"heads ({caption('heads')})")
-    _scatter(axes[0], result.mlps_estimate, result.mlps_exact, [f"MLP {layer}" for layer in range(n_layers)], "darkorange", f"MLPs ({caption('mlps')})", marker="s")
+    _scatter(axes[0], result.heads_estimate.ravel(), result.heads_exact.ravel(), head_labels, "royalblue", "heads")
+    _scatter(axes[0], result.mlps_estimate, result.mlps_exact, [f"MLP {layer}" for layer in range(n_layers)], "darkorange", "MLPs", marker="s")
     axes[0].set(title="Heads and MLPs", xlabel="exact activation patching (share recovered)", ylabel="attribution patching estimate")
-    axes[0].legend(fontsize=7, loc="upper left")
-    if result.residual_exact is not None:
-        _diagonal(axes[1], np.r_[result.residual_exact.ravel(), result.residual_estimate.ravel()])
-        layers = np.repeat(np.arange(len(result.residual_labels)), len(result.roles))
-        points = axes[1].scatter(result.residual_exact.ravel(), result.residual_estimate.ravel(), c=layers, cmap="viridis", s=14)
-        axes[1].figure.colorbar(points, ax=axes[1], label="residual point (0 = before block 0)")
-        labels = [f"L{point} {role}" for point in range(len(result.residual_labels)) for role in result.roles]
-        worst = np.argsort(-np.abs(result.residual_estimate.ravel() - result.residual_exact.ravel()))[:4]
-        for index in worst:
-            axes[1].annotate(labels[index], (result.residual_exact.flat[index], result.residual_estimate.flat[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axes[1].set(title=f"Residual stream per layer and position group\n{caption('residual')}", xlabel="exact activation patching (share recovered)", ylabel="attribution patching estimate")
+    axes[0].legend(fontsize=7, loc="lower right")
+    text = "\n".join([_agreement_text("Heads", agreements["heads"]), _agreement_text("MLPs", agreements["mlps"])])
+    axes[0].text(0.02, 0.98, text, transform=axes[0].transAxes, fontsize=6, ha="left", va="top", family="monospace", bbox=AGREEMENT_BOX)
+    exact_residual, estimated_residual = result.residual_exact[exact_cells], result.residual_estimate[exact_cells]
+    _diagonal(axes[1], np.r_[exact_residual, estimated_residual])
+    layers = np.nonzero(exact_cells)[0]
+    points = axes[1].scatter(exact_residual, estimated_residual, c=layers, cmap="viridis", s=14)
+    axes[1].figure.colorbar(points, ax=axes[1], label="residual point (0 = before block 0)")
+    labels = [f"L{point} {result.roles[role]}" for point, role in zip(*np.nonzero(exact_cells))]
+    for index in np.argsort(-np.abs(estimated_residual - exact_residual))[:4]:
+        axes[1].annotate(labels[index], (exact_residual[index], estimated_residual[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    patched = ", ".join(role for role in result.roles if role not in estimate_only)
+    axes[1].set(title=f"Residual stream, exactly patched groups ({patched})", xlabel="exact activation patching (share recovered)", ylabel="attribution patching estimate")
+    axes[1].text(0.02, 0.98, _agreement_text("Residual", agreements["residual"]), transform=axes[1].transAxes, fontsize=6, ha="left", va="top", family="monospace", bbox=AGREEMENT_BOX)
     seconds = sum(result.exact_seconds.values())
     figure.suptitle(
         f"Attribution patching against exact patching, {len(result.examples)} IOI pairs "
         f"(attribution {result.attribution_seconds:.1f} s, exact {seconds:.1f} s)"
     )
-    compared = "every head, MLP and residual point" if result.residual_exact is not None else "every head and MLP (the residual stream has no exact values: exact_residual is off)"
+    compared = "every head and MLP, and the residual stream at " + (patched if not estimate_only else f"{patched} ({', '.join(estimate_only)}: estimate only, exact_residual is off)")
     yield Figure("01_estimate_vs_exact", figure, f"Attribution-patching estimate against exact activation patching: {compared}")
 
     figure, axes = panels(2)
     bound = float(np.abs(np.r_[result.heads_exact.ravel(), result.heads_estimate.ravel()]).max()) or 1.0
+    overlaps = ", ".join(f"{shared} of the top {k}" for k, shared in agreements["heads"]["top_k_overlap"].items())
     for panel, values, name in ((axes[0], result.heads_exact, "exact patching"), (axes[1], result.heads_estimate, "attribution estimate")):
         heatmap(panel, values, f"Heads, {name}", "Head", "Layer", cmap="RdBu_r", colorbar_label="share recovered", centre_zero=True)
         panel.images[0].set_clim(-bound, bound)
+    figure.suptitle(f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its own largest")
     yield Figure("02_heads_exact_and_estimate", figure, "Every head restored from the clean run: exact and estimated share recovered")
 
-    figure, axes = panels(2 if result.residual_exact is not None else 1)
-    shown = [(result.residual_estimate, "attribution estimate")] + ([(result.residual_exact, "exact patching")] if result.residual_exact is not None else [])
-    bound = max(float(np.abs(values).max()) for values, _ in shown) or 1.0
-    for panel, (values, name) in zip(axes, shown[::-1]):
-        unpatched = "" if result.residual_exact is not None else " (no exact values: exact_residual is off)"
-        heatmap(panel, values, f"Residual stream, {name}{unpatched}", "Position group", "", cmap="RdBu_r", colorbar_label="share recovered", centre_zero=True)
-        panel.images[0].set_clim(-bound, bound)
+    figure, axes = panels(2)
+    bound = max(float(np.nanmax(np.abs(values))) for values in (result.residual_estimate, result.residual_exact)) or 1.0
+    off = exact_cells & (np.abs(np.nan_to_num(result.residual_exact) - result.residual_estimate) > ESTIMATE_OFF)
+    for panel, values, name in ((axes[0], result.residual_exact, "exact patching"), (axes[1], result.residual_estimate, "attribution estimate")):
+        heatmap(panel, values, f"Residual stream, {name}", "Position group", "", cmap="RdBu_r", colorbar_label="share recovered", centre_zero=True)
+        image = panel.images[0]
+        image.set_cmap(image.get_cmap().with_extremes(bad="lightgrey"))
+        image.set_clim(-bound, bound)
         panel.set_xticks(range(len(result.roles)), result.roles)
         panel.set_yticks(range(0, len(result.residual_labels), 2), result.residual_labels[::2], fontsize=6)
-    figure.set_size_inches(10, 7)
-    yield Figure("03_residual_exact_and_estimate", figure, "The residual stream restored per layer and position group: exact and estimated")
+    legend = []
+    if estimate_only:
+        _mark_cells(axes[0], ~exact_cells, "estimate_only", facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
+        _mark_cells(axes[1], ~exact_cells, "estimate_only", facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
+        legend.append(LegendPatch(facecolor="white", edgecolor="grey", hatch="//", label="estimate only: not patched exactly (exact_residual is off)"))
+    if off.any():
+        _mark_cells(axes[1], off, "estimate_off", facecolor="none", edgecolor="black", linewidth=1.2)
+        legend.append(LegendPatch(facecolor="none", edgecolor="black", linewidth=1.2, label=f"estimate off by more than {ESTIMATE_OFF:g} from exact"))
+    if legend:
+        figure.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8)
+    figure.set_size_inches(11, 7.5)
+    yield Figure("03_residual_exact_and_estimate", figure, "The residual stream restored per layer and position group: exact (where patched) and estimated")
 
 
 def check(model: HookedTransformer, params: AttributionPatchingParams) -> None:

@@ -79,3 +79,15 @@ def test_template_without_a_name_slot_exits_2_through_the_cli(tmp_path: Path, ca
 def test_multi_token_name_is_refused(model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=r"params.ioi.names: 'Xylophonist' is \d tokens"):
         ioi_batch(model, IOIParams(names=["Mary", "John", "Xylophonist"]), seed=0)
+
+
+def test_pairs_are_dealt_across_templates() -> None:
+    """Every template once before any repeats, whatever the seed: two pairs never share one."""
+    templates = IOIParams().templates
+    for seed in range(5):
+        pairs = ioi_pairs(IOIParams(n_pairs=2 * len(templates) + 1), seed=seed)
+        used = [pair.template for pair in pairs]
+        assert sorted(used[: len(templates)]) == sorted(used[len(templates) : 2 * len(templates)]) == list(range(len(templates)))
+        for pair in pairs:
+            assert pair.clean.startswith(templates[pair.template].split("{")[0])
+    assert len({tuple(pair.template for pair in ioi_pairs(IOIParams(n_pairs=6), seed=seed)) for seed in range(5)}) > 1  # the order is drawn

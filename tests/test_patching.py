@@ -4,8 +4,10 @@ scores against each component's own gradient."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -15,6 +17,8 @@ from tests.conftest import SharedTinyModels
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch
 from unraveled.patching import (
     Patch,
+    PromptPairs,
+    answer_summary,
     attribution,
     component_patches,
     edge_attribution,
@@ -156,6 +160,80 @@ def test_edge_scores_add_up_to_each_components_own_attribution(loaded: HookedTra
     torch.testing.assert_close(torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4)
 
 
+def _closed_form_edge_scores(model: HookedTransformer, pairs: PromptPairs) -> dict[tuple[str, str], float]:
+    """Edge scores of a one-layer model without norms or MLP, by hand in float64 numpy.
+
+    The metric at the last position L is M = (x_L + sum_h sum_j A_hj (x_j W_V + b_V) W_O + b_O) . d,
+    d = W_U[correct] - W_U[incorrect], x the embeddings, A_h = softmax(q_L . k_j / sqrt(d_head)).
+    Its gradients at the clean run: the value input at j, A_hj W_V W_O d; the key input at j,
+    dM/ds_j W_K q_L / sqrt(d_head); the query input (at L only), W_Q sum_j dM/ds_j k_j / sqrt(d_head);
+    with dM/ds_j = A_j (o_j - sum_i A_i o_i), o_j = (x_j W_V + b_V) W_O . d. An edge's score is the
+    embeddings' change (corrupted - clean) dotted with the gradient, summed over positions; a head's
+    edge to the logits is its output's change at L dotted with d. Mean over prompts.
+    """
+    weights = {name: getattr(model, name).detach().double().numpy() for name in ("W_E", "W_pos", "W_U")}
+    attn = model.blocks[0].attn
+    W_Q, W_K, W_V, W_O = (getattr(attn, name).detach().double().numpy() for name in ("W_Q", "W_K", "W_V", "W_O"))
+    b_Q, b_K, b_V = (getattr(attn, name).detach().double().numpy() for name in ("b_Q", "b_K", "b_V"))
+    scale = np.sqrt(model.cfg.d_head)
+    scores: dict[tuple[str, str], float] = defaultdict(float)
+    for row in range(pairs.size):
+        last = int(pairs.last[row])
+        d = weights["W_U"][:, int(pairs.correct[row])] - weights["W_U"][:, int(pairs.incorrect[row])]
+        x, x_corrupted = ((weights["W_E"][tokens[row, : last + 1].numpy()] + weights["W_pos"][: last + 1]) for tokens in (pairs.clean, pairs.corrupted))
+        delta = x_corrupted - x
+        for head in range(model.cfg.n_heads):
+            outputs = []
+            for inputs in (x, x_corrupted):
+                q, k, v = inputs[last] @ W_Q[head] + b_Q[head], inputs @ W_K[head] + b_K[head], inputs @ W_V[head] + b_V[head]
+                s = k @ q / scale
+                a = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+                outputs.append((a, q, k, (v @ W_O[head]) @ d, (a @ v) @ W_O[head]))
+            a, q, k, o, head_out = outputs[0]
+            ds = a * (o - a @ o)
+            grad_q = W_Q[head] @ (ds @ k) / scale
+            grad_k = np.outer(ds, W_K[head] @ q) / scale
+            grad_v = np.outer(a, W_V[head] @ W_O[head] @ d)
+            scores["embed", f"0.{head}.q"] += delta[last] @ grad_q / pairs.size
+            scores["embed", f"0.{head}.k"] += (delta * grad_k).sum() / pairs.size
+            scores["embed", f"0.{head}.v"] += (delta * grad_v).sum() / pairs.size
+            scores[f"0.{head}", "logits"] += (outputs[1][4] - head_out) @ d / pairs.size
+        scores["embed", "logits"] += delta[last] @ d / pairs.size
+    return scores
+
+
+def test_edge_scores_match_a_closed_form_per_query_key_and_value_input(tiny_gpt2_dir: Path) -> None:
+    """A one-layer model whose MLP writes nothing, so every edge score has a closed form; the
+    prompts differ at two positions, one of them the last, so that the query path (read only at
+    the last position) has an effect of its own beside the key and value paths. Swapping two of a
+    head's input labels, or two heads, moves a value into the wrong column."""
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16, d_vocab=50257, n_ctx=64, act_fn="gelu",
+        normalization_type=None, seed=3, initializer_range=0.4,
+    )
+    model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir)).eval().requires_grad_(False)
+    for name in ("W_in", "b_in", "W_out", "b_out"):
+        getattr(model.blocks[0].mlp, name).zero_()
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, cfg.d_vocab, (2, 7), generator=generator)
+    corrupted = clean.clone()
+    corrupted[:, 3] = torch.randint(0, cfg.d_vocab, (2,), generator=generator)
+    corrupted[:, -1] = torch.randint(0, cfg.d_vocab, (2,), generator=generator)
+    pairs = PromptPairs(clean, corrupted, torch.tensor([6, 6]), torch.tensor([11, 22]), torch.tensor([33, 44]))
+    hooks = ["hook_embed", "hook_pos_embed", "blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"]
+    _, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
+    found = edge_attribution(model, pairs, corrupted_cache, base="clean")
+    expected = _closed_form_edge_scores(model, pairs)
+    for (upstream, downstream), value in expected.items():
+        ours = float(found.scores[found.upstream.index(upstream), found.downstream.index(downstream)])
+        assert ours == pytest.approx(value, rel=1e-3, abs=1e-5), (upstream, downstream)
+    # The paths' effects differ enough that any swap of two labels would be seen.
+    values = sorted(abs(value) for key, value in expected.items() if key[0] == "embed" and key[1] != "logits")
+    assert values[0] > 1e-3 and min(b - a for a, b in zip(values, values[1:])) > 1e-3 + 1e-3 * values[-1]
+    # The MLP reads nothing and writes nothing.
+    assert float(found.scores[found.upstream.index("embed"), found.downstream.index("m0")]) == pytest.approx(0.0, abs=1e-7)
+
+
 def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> None:
     """Keeping every edge out of a set of components is keeping those components (everything else
     corrupted): two different routes through the model must agree."""
@@ -181,3 +259,22 @@ def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> No
     node_sets = [[p for name in scores.upstream if name not in keep for p in component_patches(name, loaded)] for keep in keep_sets]
     expected = patched_logit_differences(loaded, pairs, node_sets, corrupted_cache, base="clean")
     torch.testing.assert_close(ours[2:], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_answer_summary_scores_each_prompt_set_against_its_own_answer() -> None:
+    """Hand-made last-token logits of three prompts: the shares counted by hand."""
+    zeros = torch.zeros(3, 4, dtype=torch.long)
+    pairs = PromptPairs(zeros, zeros, torch.full((3,), 3), correct=torch.tensor([1, 1, 2]), incorrect=torch.tensor([2, 3, 1]))
+    logits = torch.tensor(
+        [
+            [0.0, 1.0, 3.0, 0.0, 0.0],  # prefers the incorrect answer (2), its top prediction
+            [0.0, 2.0, 0.0, 1.0, 5.0],  # prefers the correct answer (1); top prediction 4, neither
+            [0.0, 4.0, 1.0, 0.0, 0.0],  # prefers the incorrect answer (1), its top prediction
+        ]
+    )
+    assert answer_summary(logits, pairs) == pytest.approx(
+        {"mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3, "share_correct_over_incorrect": 1 / 3, "share_correct_is_top_prediction": 0.0}
+    )
+    assert answer_summary(logits, pairs, answer="incorrect") == pytest.approx(
+        {"mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3, "share_incorrect_over_correct": 2 / 3, "share_incorrect_is_top_prediction": 2 / 3}
+    )

@@ -245,15 +245,24 @@ def run_cache(
     return logits[torch.arange(pairs.size), pairs.last], cache
 
 
-def answer_summary(last_logits: Float[Tensor, "batch d_vocab"], pairs: PromptPairs) -> dict[str, float]:
-    """Mean logit difference, the share of prompts preferring the correct answer to the incorrect
-    one, and the share whose top prediction is the correct answer."""
+def answer_summary(
+    last_logits: Float[Tensor, "batch d_vocab"], pairs: PromptPairs, answer: Literal["correct", "incorrect"] = "correct"
+) -> dict[str, float]:
+    """Mean logit difference (correct minus incorrect: the patching metric), and how often the
+    prompts give ``answer``: the share preferring it to the other answer, and the share whose top
+    prediction it is.
+
+    Score each prompt set against its own answer: the clean prompts against ``"correct"``, and
+    corrupted prompts whose answer flips (IOI's ``swap``) against ``"incorrect"``; scored against
+    the clean answer, a corrupted run that answers right reads 0.
+    """
     rows = torch.arange(pairs.size)
     differences = last_logits[rows, pairs.correct] - last_logits[rows, pairs.incorrect]
+    own, other, preferred = (pairs.correct, "incorrect", differences > 0) if answer == "correct" else (pairs.incorrect, "correct", differences < 0)
     return {
         "mean_logit_difference": float(differences.mean()),
-        "share_correct_over_incorrect": float((differences > 0).float().mean()),
-        "share_correct_is_top_prediction": float((last_logits.argmax(-1) == pairs.correct).float().mean()),
+        f"share_{answer}_over_{other}": float(preferred.float().mean()),
+        f"share_{answer}_is_top_prediction": float((last_logits.argmax(-1) == own).float().mean()),
     }
 
 

@@ -125,14 +125,19 @@ class IOIPair:
 def ioi_pairs(params: IOIParams, seed: int) -> list[IOIPair]:
     """The prompt pairs as text: deterministic given ``params`` and ``seed``.
 
-    Pairs alternate ABBA and BABA; the template, the names, the place and the object of each are
-    drawn with ``random.Random(seed)``.
+    Pairs alternate ABBA and BABA. Templates are dealt across the pairs: every template once, in
+    an order shuffled with ``random.Random(seed)``, before any is used again (drawn independently,
+    a few pairs often share one template, and a result would be that template's). The names, the
+    place and the object of each pair are drawn with the same generator.
     """
     rng = random.Random(seed)
     pairs = []
+    dealt: list[int] = []
     for index in range(params.n_pairs):
         order: Literal["ABBA", "BABA"] = "ABBA" if index % 2 == 0 else "BABA"
-        template_index = rng.randrange(len(params.templates))
+        if not dealt:
+            dealt = rng.sample(range(len(params.templates)), len(params.templates))
+        template_index = dealt.pop()
         io, s, c = rng.sample(params.names, 3)
         place, thing = rng.choice(params.places), rng.choice(params.objects)
         a, b = (io, s) if order == "ABBA" else (s, io)
