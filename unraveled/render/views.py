@@ -1,13 +1,19 @@
-"""Self-contained circuitsvis pages: the JavaScript bundle inlined once per page, no network.
+"""circuitsvis pages that open offline: one shared copy of the JavaScript bundle, data per page.
 
 circuitsvis's usual ``str(html)`` imports its code from a CDN, which shows a blank page offline
-(and did for everyone during the unpkg outage, circuitsvis issue #47). Here every page inlines
-the bundle that ships inside the circuitsvis package, once, and renders each view from it.
+(and did for everyone during the unpkg outage, circuitsvis issue #47). Here the bundle that
+ships inside the circuitsvis package is written once into the output folder,
+``OUT/assets/circuitsvis-<hash>.js`` (named by its content, so runs with another circuitsvis,
+or two runs at once, never overwrite each other's), and every view loads it with a relative
+``<script src>``: the pages still need no network and no server. A view copied out of its output
+folder without ``assets/`` says where its script went; ``unraveled export`` makes a single
+self-contained file of any view or run page for sharing, the bundle inlined.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,9 @@ def colored_tokens(tokens: list[str], values: list[float], heading: str) -> Elem
     return Element("ColoredTokens", {"tokens": tokens, "values": values}, heading)
 
 
+ASSETS_FOLDER = "assets"
+
+
 @functools.cache
 def circuitsvis_bundle() -> str:
     """The circuitsvis IIFE bundle from the installed package, safe to inline in a script tag."""
@@ -47,19 +56,44 @@ def circuitsvis_bundle() -> str:
     return bundle.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
 
 
+def shared_bundle_name() -> str:
+    """``circuitsvis-<first 16 hex digits of the bundle's SHA-256>.js``."""
+    return f"circuitsvis-{hashlib.sha256(circuitsvis_bundle().encode()).hexdigest()[:16]}.js"
+
+
+def write_shared_bundle(assets_dir: Path) -> Path:
+    """The bundle as ``assets_dir/<shared_bundle_name()>``, written (atomically) unless it is there.
+
+    A file of that name with other contents (a truncated copy, say) is replaced.
+    """
+    from unraveled.outputs import write_text_atomic
+
+    path = assets_dir / shared_bundle_name()
+    text = circuitsvis_bundle()
+    if not (path.is_file() and path.read_text(encoding="utf-8", errors="replace") == text):
+        write_text_atomic(path, text)
+    return path
+
+
 def _script_json(props: dict[str, Any]) -> str:
     """Props as JSON that can sit inside a script tag: a token like ``</script>`` can't end it."""
     return convert_props(props).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None) -> str:
+def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None, bundle_href: str | None = None) -> str:
     """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top,
-    linking back to the index and, given ``run_href``, to the page of the run it belongs to."""
+    linking back to the index and, given ``run_href``, to the page of the run it belongs to.
+
+    Args:
+        bundle_href: Relative URL of the shared bundle (see :func:`write_shared_bundle`); None
+            inlines the bundle, for a page that stands alone.
+    """
     return templating.environment().get_template("view.html.j2").render(
         title=title,
         facts=facts,
         index_href=index_href,
         run_href=run_href,
-        bundle=circuitsvis_bundle(),
+        bundle_href=bundle_href,
+        bundle=None if bundle_href else circuitsvis_bundle(),
         elements=[(element, _script_json(element.props)) for element in elements],
     )
