@@ -369,11 +369,16 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
     values = result.top_context_values[layer, :samples]
     dead, dense = result.dead[layer], result.dense[layer]
+    # Each distinct token once in a table; the contexts hold indices into it.
+    shown_ids = np.unique(ids[ids >= 0])
+    table = [result.vocab[int(i)] for i in shown_ids]
+    table_index = np.searchsorted(shown_ids, np.maximum(ids, 0))
     tokens_per_neuron, values_per_neuron, labels = [], [], []
     for neuron in range(ids.shape[1]):
         kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
-        tokens_per_neuron.append([[result.vocab[int(i)] for i in ids[slot, neuron] if i >= 0] for slot in kept])
-        values_per_neuron.append([np.round(values[slot, neuron][ids[slot, neuron] >= 0], 3).tolist() for slot in kept])
+        tokens_per_neuron.append([table_index[slot, neuron][ids[slot, neuron] >= 0].tolist() for slot in kept])
+        # Rounded in float64: a float32 0.123 is 0.12300000339746475 in JSON. + 0.0 makes -0.0 0.0.
+        values_per_neuron.append([(np.round(values[slot, neuron][ids[slot, neuron] >= 0].astype(np.float64), 3) + 0.0).tolist() for slot in kept])
         status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
         labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
     element = Element(
@@ -384,6 +389,7 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
             "zerothDimensionLabels": [str(layer)], "firstDimensionLabels": labels,
         },
         f"Top {samples} contexts of each neuron in layer {layer}",
+        string_tables={"tokens": table},
     )
     facts = {
         "layer": str(layer),

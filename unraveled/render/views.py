@@ -15,22 +15,30 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuitsvis.utils.convert_props import convert_props
+import numpy as np
+from circuitsvis.utils.convert_props import convert_prop_type
 
 from unraveled.render import templating
 
 
 @dataclass(frozen=True)
 class Element:
-    """One circuitsvis component on a page, e.g. ``AttentionHeads`` with its props."""
+    """One circuitsvis component on a page, e.g. ``AttentionHeads`` with its props.
+
+    ``string_tables`` names props whose leaves are indices into a table of strings (each
+    distinct token written once, not once per occurrence); the page looks them up before
+    drawing. A neuron browser repeats a few thousand tokens in tens of thousands of contexts.
+    """
 
     component: str
     props: dict[str, Any]
     heading: str = ""
+    string_tables: dict[str, list[str]] = field(default_factory=dict)
 
 
 def attention_heads(patterns: Any, tokens: list[str], heading: str, head_names: list[str] | None = None) -> Element:
@@ -75,9 +83,24 @@ def write_shared_bundle(assets_dir: Path) -> Path:
     return path
 
 
+def _shortest_floats(value: Any) -> Any:
+    """A float32 (or float16) array or tensor as float64 holding each value's shortest decimal.
+
+    In JSON a float32 0.123 becomes 0.12300000339746475 (its exact float64 value); the shortest
+    decimal that reads back as the same float32 is 0.123: same values, a third of the bytes.
+    """
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype.itemsize < 8:
+        return value.astype(str).astype(np.float64)
+    return value
+
+
 def _script_json(props: dict[str, Any]) -> str:
-    """Props as JSON that can sit inside a script tag: a token like ``</script>`` can't end it."""
-    return convert_props(props).replace("</", "<\\/").replace("<!--", "<\\!--")
+    """Props as compact JSON (circuitsvis's conversion of arrays, no spaces) that can sit inside
+    a script tag: a token like ``</script>`` can't end it."""
+    converted = {key: convert_prop_type(_shortest_floats(value)) for key, value in props.items() if value is not None}
+    return json.dumps(converted, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
 def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None, bundle_href: str | None = None) -> str:
@@ -95,5 +118,5 @@ def page(title: str, facts: dict[str, str], elements: list[Element], index_href:
         run_href=run_href,
         bundle_href=bundle_href,
         bundle=None if bundle_href else circuitsvis_bundle(),
-        elements=[(element, _script_json(element.props)) for element in elements],
+        elements=[(element, _script_json(element.props), _script_json(element.string_tables)) for element in elements],
     )
