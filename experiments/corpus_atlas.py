@@ -369,32 +369,39 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
     values = result.top_context_values[layer, :samples]
     dead, dense = result.dead[layer], result.dense[layer]
-    # Each distinct token once in a table; the contexts hold indices into it.
+    # Each distinct token once, each distinct context once (as indices into the tokens): the
+    # neurons' top tokens share a few thousand corpus positions. Each neuron's values in
+    # hundredths of its largest |value| shown, which is all the shading resolves.
     shown_ids = np.unique(ids[ids >= 0])
-    table = [result.vocab[int(i)] for i in shown_ids]
+    token_table = [result.vocab[int(i)] for i in shown_ids]
     table_index = np.searchsorted(shown_ids, np.maximum(ids, 0))
-    tokens_per_neuron, values_per_neuron, labels = [], [], []
+    contexts: dict[tuple[int, ...], int] = {}
+    context_refs, values_per_neuron, scales, labels = [], [], [], []
     for neuron in range(ids.shape[1]):
         kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
-        tokens_per_neuron.append([table_index[slot, neuron][ids[slot, neuron] >= 0].tolist() for slot in kept])
-        # Rounded in float64: a float32 0.123 is 0.12300000339746475 in JSON. + 0.0 makes -0.0 0.0.
-        values_per_neuron.append([(np.round(values[slot, neuron][ids[slot, neuron] >= 0].astype(np.float64), 3) + 0.0).tolist() for slot in kept])
+        inside = [ids[slot, neuron] >= 0 for slot in kept]
+        context_refs.append([contexts.setdefault(tuple(table_index[slot, neuron][mask].tolist()), len(contexts)) for slot, mask in zip(kept, inside)])
+        shown = [values[slot, neuron][mask].astype(np.float64) for slot, mask in zip(kept, inside)]
+        largest = max((float(np.abs(row).max()) for row in shown if row.size), default=0.0) or 1.0
+        scales.append(float(f"{largest / 100:.4g}"))
+        values_per_neuron.append([np.round(row / scales[-1]).astype(int).tolist() for row in shown])
         status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
         labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
     element = Element(
         "TopkSamples",
         {
-            "tokens": [tokens_per_neuron], "activations": [values_per_neuron],
+            "tokens": [context_refs], "activations": [values_per_neuron],
             "zerothDimensionName": "Layer", "firstDimensionName": "Neuron",
             "zerothDimensionLabels": [str(layer)], "firstDimensionLabels": labels,
         },
         f"Top {samples} contexts of each neuron in layer {layer}",
-        string_tables={"tokens": table},
+        tables={"tokens": [[list(context) for context in contexts], token_table]},
+        scales={"activations": scales},
     )
     facts = {
         "layer": str(layer),
         "corpus": f"{', '.join(result.corpus['sources'])}: {result.corpus['tokens_analysed']:,} tokens in windows of {result.corpus['context_tokens']}",
-        "value shown": "hook_post; context: the top token with the tokens before and after it in its window",
+        "value shown": "hook_post, to 1% of the neuron's largest value on this page; context: the top token with the tokens before and after it in its window",
     }
     return View(f"neurons_layer_{layer:02d}", f"Neuron browser: layer {layer}", [element], facts)
 

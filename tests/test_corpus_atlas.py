@@ -78,6 +78,24 @@ def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tiny_mod
     assert frame.dead.sum() == sum(json.loads(json.dumps(result.metrics()["dead_neurons_per_layer"].tolist())))
 
 
+def test_neuron_browser_data_decodes_to_the_top_contexts(tiny_llama_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
+    from unraveled.experiments.corpus_atlas import neuron_browser
+
+    model = tiny_model(tiny_llama_dir, "processed")
+    result = compute(model, CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=4, browser_samples=3), seed=0)
+    (element,) = neuron_browser(result, 1).elements
+    contexts, strings = element.tables["tokens"]
+    for neuron in range(0, model.cfg.d_mlp, 5):
+        refs, quantised = element.props["tokens"][0][neuron], element.props["activations"][0][neuron]
+        assert len(refs) == 3
+        for slot, (ref, values) in enumerate(zip(refs, quantised)):
+            ids = result.top_context_ids[1, slot, neuron]
+            assert [strings[i] for i in contexts[ref]] == [model.tokenizer.decode([int(i)]) for i in ids if i >= 0]
+            expected = result.top_context_values[1, slot, neuron][ids >= 0]
+            largest = np.abs(result.top_context_values[1, :3, neuron][result.top_context_ids[1, :3, neuron] >= 0]).max()
+            np.testing.assert_allclose(np.array(values) * element.scales["activations"][neuron], expected, atol=0.0051 * largest)
+
+
 def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
     from unraveled.corpus import corpus_windows
     from unraveled.engines.local import run_local

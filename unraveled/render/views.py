@@ -30,15 +30,21 @@ from unraveled.render import templating
 class Element:
     """One circuitsvis component on a page, e.g. ``AttentionHeads`` with its props.
 
-    ``string_tables`` names props whose leaves are indices into a table of strings (each
-    distinct token written once, not once per occurrence); the page looks them up before
-    drawing. A neuron browser repeats a few thousand tokens in tens of thousands of contexts.
+    Two ways to keep a page's data small, undone by the page before drawing:
+
+    - ``tables``: a prop's leaves are indices into the first table, whose entries' leaves are
+      indices into the next, and so on (a neuron browser's contexts: each distinct context once,
+      as indices into each distinct token once; it repeats a few thousand tokens in tens of
+      thousands of contexts).
+    - ``scales``: a prop's leaves under ``prop[0][i]`` are integers in units of ``scales[prop][i]``
+      (a neuron's values in hundredths of its largest); shown to 3 decimals.
     """
 
     component: str
     props: dict[str, Any]
     heading: str = ""
-    string_tables: dict[str, list[str]] = field(default_factory=dict)
+    tables: dict[str, list[list[Any]]] = field(default_factory=dict)
+    scales: dict[str, list[float]] = field(default_factory=dict)
 
 
 def attention_heads(patterns: Any, tokens: list[str], heading: str, head_names: list[str] | None = None) -> Element:
@@ -118,5 +124,5 @@ def page(title: str, facts: dict[str, str], elements: list[Element], index_href:
         run_href=run_href,
         bundle_href=bundle_href,
         bundle=None if bundle_href else circuitsvis_bundle(),
-        elements=[(element, _script_json(element.props), _script_json(element.string_tables)) for element in elements],
+        elements=[(element, _script_json(element.props), _script_json(element.tables), _script_json(element.scales)) for element in elements],
     )
