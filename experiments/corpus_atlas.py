@@ -328,7 +328,7 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     figure.set_size_inches(14, 6)
     image = grid.imshow(np.log10(result.residual_max_abs), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
     figure.colorbar(image, ax=grid, label="log10 max |value|")
-    grid.set(title="Largest |value| of each residual dimension over the corpus", xlabel="Residual dimension", ylabel="Layer (resid_post)")
+    grid.set(title="Largest |value| of each residual dimension over the corpus (all positions)", xlabel="Residual dimension", ylabel="Layer (resid_post)")
     first_name = "BOS (position 0)" if result.settings.prepend_bos else "first position (the window's first token)"
     for peak, marker, color, where in ((result.residual_first_max_abs, "o-", "crimson", first_name), (result.residual_other_max_abs, "^-", "tab:blue", "every other position")):
         peaks.semilogx(peak.max(axis=1), layers, marker, color=color, label=f"largest |value| at {where} (dimension labelled)")
@@ -338,7 +338,7 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     peaks.semilogx(result.massive_threshold, layers, ":", color="gray",
                    label=f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median (Sun et al. 2024)")
     peaks.set(title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer")
-    peaks.legend(fontsize=8, loc="lower right")
+    peaks.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the curves fill the panel
     _integer_ticks(grid, peaks)
     figure.suptitle("Residual stream: massive activations, at the first position and elsewhere")
     yield Figure("02_residual_massive_activations", figure, "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations")
