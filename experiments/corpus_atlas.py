@@ -36,6 +36,7 @@ HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "i
 DENSE_FRACTION = 0.5
 TOP_HEADS = 5
 MASSIVE_SHOWN_PER_LAYER = 5
+MASSIVE_WHERE = ("first_position", "other_positions")
 DEFINITIONS = {
     "neuron_value": "blocks.L.mlp.hook_post: the neuron's output, what it writes through W_out; mean, std, max and top-k are of this",
     "active": "pre-activation > 0 (blocks.L.mlp.hook_pre): for gated MLPs (SmolLM2, Llama) the gate's pre-activation, for GPT-2 the GELU's input",
@@ -43,7 +44,15 @@ DEFINITIONS = {
     "dense": f"active on more than {DENSE_FRACTION:.0%} of the corpus tokens",
     "bos": "when the model prepends BOS to each window, that position is left out of the neuron statistics (it is the same in every window); residual and head statistics keep it",
     "residual": "blocks.L.hook_resid_post, absolute values per dimension",
-    "massive_activation": "a residual dimension whose largest |value| is at least massive_ratio times the median over the layer's dimensions of their mean |value|; massive_activations lists the strongest 5 per layer, massive_dimensions_per_layer counts them all",
+    "massive_activation": (
+        "Sun et al. 2024, 'Massive Activations in Large Language Models' (arXiv:2402.17762), section 2: an activation whose |value| is above "
+        "massive_min_abs (default 100) and at least massive_ratio (default 1000) times the median |value| of the layer's activations (every dimension at every "
+        "position of every window; the median read from a histogram of |value| with 100 bins per decade, so within 1.2%). A residual dimension "
+        "is massive where its largest |value| passes. first_position is the sequence's position 0 (BOS where the model prepends one, else the "
+        "window's first token, which differs from window to window): massive activations sit there whatever its token, so it is counted "
+        "apart from every other position, and top tokens come from the other positions only. massive_activations lists the strongest 5 per "
+        "layer of each, massive_dimensions_per_layer counts them all"
+    ),
     "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token (queries 1.., as query 0 can only attend to itself), previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
     "corpus_markup": MARKDOWN_HANDLING,
 }
@@ -58,7 +67,8 @@ class CorpusAtlasParams(Params):
     context_after: int = Field(2, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown after a top token.")
     batch_windows: int = Field(2, ge=1, le=64, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
     browser_samples: int = Field(5, ge=1, le=20, description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).")
-    massive_ratio: float = Field(100.0, gt=1, description="See metrics' definitions.massive_activation.")
+    massive_ratio: float = Field(1000.0, gt=1, description="Times the layer's median |value| (Sun et al. 2024); see metrics' definitions.massive_activation.")
+    massive_min_abs: float = Field(100.0, ge=0, description="Smallest |value| that can be massive (Sun et al. 2024); see metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
     ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
 
@@ -105,13 +115,20 @@ class CorpusAtlasResult:
     # Contexts of the first browser_samples top tokens only: the neuron browser's.
     top_context_ids: Int[NDArray, "layer samples neuron context"]
     top_context_values: Float[NDArray, "layer samples neuron context"]
-    residual_mean_abs: Float[NDArray, "layer d_model"]
     residual_max_abs: Float[NDArray, "layer d_model"]
+    # At the sequence's first position, and the largest at any other (residual_top's first row).
+    residual_first_mean_abs: Float[NDArray, "layer d_model"]
+    residual_first_max_abs: Float[NDArray, "layer d_model"]
+    residual_other_max_abs: Float[NDArray, "layer d_model"]
+    # Median |value| of each layer's activations, from a histogram: within median_tolerance.
+    residual_median_abs: Float[NDArray, " layer"]
+    median_tolerance: float
     residual_top_index: Int[NDArray, "layer k_residual d_model"]
     residual_top_context_ids: Int[NDArray, "layer k_residual d_model context"]
     head_scores: dict[str, Float[NDArray, "layer head"]]
     vocab: dict[int, str]
     massive_ratio: float
+    massive_min_abs: float
     browser_samples: int
     sequence_length: int
     tokens_per_second: float
@@ -127,35 +144,47 @@ class CorpusAtlasResult:
     def _context_text(self, ids: Int[NDArray, " context"]) -> str:
         return "".join(self.vocab[int(i)] for i in ids if i >= 0)
 
-    def massive_activations(self) -> list[dict[str, Any]]:
-        """Residual dimensions with massive activations, and the tokens they peak on."""
+    @property
+    def massive_threshold(self) -> Float[NDArray, " layer"]:
+        """Per layer, the |value| a massive activation must reach (Sun et al. 2024's criterion)."""
+        return np.maximum(self.massive_min_abs, self.massive_ratio * self.residual_median_abs)
+
+    def massive_mask(self, where: Literal["first_position", "other_positions"]) -> Bool[NDArray, "layer d_model"]:
+        """The residual dimensions whose largest |value| at ``where`` is massive."""
+        peak = self.residual_first_max_abs if where == "first_position" else self.residual_other_max_abs
+        return (peak > self.massive_min_abs) & (peak >= self.massive_ratio * self.residual_median_abs[:, None])
+
+    def massive_activations(self, where: Literal["first_position", "other_positions"]) -> list[dict[str, Any]]:
+        """The massive residual dimensions at ``where``, strongest few per layer; at the other
+        positions, with the tokens they peak on (the first position is every window's, so no token
+        of its own is a trigger)."""
         found = []
-        median = np.median(self.residual_mean_abs, axis=1)
         first = 1 if self.settings.prepend_bos else 0
         centre = self.settings.context_before
-        for layer, dim in zip(*np.nonzero(self.massive_mask())):
-            tokens = []
-            for slot in range(self.residual_top_index.shape[1]):
-                ids = self.residual_top_context_ids[layer, slot, dim]
-                if ids[centre] < 0:
-                    continue
-                position = int(self.residual_top_index[layer, slot, dim] % self.sequence_length)
-                tokens.append({"token": self.vocab[int(ids[centre])], "position_in_window": position - first if position >= first else "BOS", "context": self._context_text(ids)})
-            found.append({
-                "layer": int(layer), "dim": int(dim), "max_abs": float(self.residual_max_abs[layer, dim]),
-                "ratio_to_median": float(self.residual_max_abs[layer, dim] / median[layer]), "top_tokens": tokens,
-            })
-        # The strongest few per layer: later layers can have dozens of dimensions over the bar.
-        found.sort(key=lambda entry: (entry["layer"], -entry["ratio_to_median"]))
+        for layer, dim in zip(*np.nonzero(self.massive_mask(where))):
+            entry: dict[str, Any] = {"layer": int(layer), "dim": int(dim)}
+            if where == "first_position":
+                peak = float(self.residual_first_max_abs[layer, dim])
+                entry |= {"max_abs": peak, "mean_abs": float(self.residual_first_mean_abs[layer, dim])}
+            else:
+                peak = float(self.residual_other_max_abs[layer, dim])
+                tokens = []
+                for slot in range(self.residual_top_index.shape[1]):
+                    ids = self.residual_top_context_ids[layer, slot, dim]
+                    if ids[centre] < 0:
+                        continue
+                    position = int(self.residual_top_index[layer, slot, dim] % self.sequence_length)
+                    tokens.append({"token": self.vocab[int(ids[centre])], "position_in_window": position - first, "context": self._context_text(ids)})
+                entry |= {"max_abs": peak, "top_tokens": tokens}
+            entry["ratio_to_median"] = peak / self.residual_median_abs[layer] if self.residual_median_abs[layer] > 0 else float("inf")
+            found.append(entry)
+        # The strongest few per layer.
+        found.sort(key=lambda entry: (entry["layer"], -entry["max_abs"]))
         shown: list[dict[str, Any]] = []
         for entry in found:
             if sum(kept["layer"] == entry["layer"] for kept in shown) < MASSIVE_SHOWN_PER_LAYER:
                 shown.append(entry)
         return shown
-
-    def massive_mask(self) -> Bool[NDArray, "layer d_model"]:
-        median = np.median(self.residual_mean_abs, axis=1)
-        return self.residual_max_abs >= self.massive_ratio * median[:, None]
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -177,9 +206,14 @@ class CorpusAtlasResult:
             "residual_largest_dims_per_layer": [
                 [{"dim": int(d), "max_abs": float(self.residual_max_abs[layer, d])} for d in dims] for layer, dims in enumerate(order)
             ],
-            "residual_median_mean_abs_per_layer": np.median(self.residual_mean_abs, axis=1),
-            "massive_dimensions_per_layer": self.massive_mask().sum(axis=1),
-            "massive_activations": self.massive_activations(),
+            "residual_median_abs_per_layer": self.residual_median_abs,
+            "residual_median_abs_relative_tolerance": self.median_tolerance,
+            "massive_criterion": {"min_abs": self.massive_min_abs, "ratio_to_median": self.massive_ratio},
+            "massive_threshold_per_layer": self.massive_threshold,
+            "residual_largest_first_position_per_layer": self.residual_first_max_abs.max(axis=1),
+            "residual_largest_other_positions_per_layer": self.residual_other_max_abs.max(axis=1),
+            "massive_dimensions_per_layer": {where: self.massive_mask(where).sum(axis=1) for where in MASSIVE_WHERE},
+            "massive_activations": {where: self.massive_activations(where) for where in MASSIVE_WHERE},
             "head_scores": self.head_scores,
             "top_heads": {name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy") for name in HEAD_SCORES},
             "neuron_table": "neurons.npz: one row per (layer, neuron); pandas.DataFrame(dict(numpy.load('neurons.npz')))",
@@ -232,7 +266,7 @@ def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettin
     The top-k arrays move into the result (see ``_stack_layers``): state and result share them.
     """
     neuron_top = {name: _stack_layers(state.neuron_top, name) for name in ("values", "context_ids", "context_values")}
-    residual_top = {name: _stack_layers(state.residual_top, name) for name in ("index", "context_ids")}
+    residual_top = {name: _stack_layers(state.residual_top, name) for name in ("values", "index", "context_ids")}
     top_context_ids, residual_top_context_ids = neuron_top["context_ids"], residual_top["context_ids"]
     shown = np.unique(np.concatenate([top_context_ids[:, : params.browser_samples].ravel(), residual_top_context_ids.ravel()]))
     vocab = {int(i): model.tokenizer.decode([int(i)]) for i in shown if i >= 0}
@@ -247,13 +281,18 @@ def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettin
         top_values=neuron_top["values"],
         top_context_ids=top_context_ids,
         top_context_values=neuron_top["context_values"],
-        residual_mean_abs=np.stack([m.mean for m in state.residual]),
         residual_max_abs=np.stack([m.maximum for m in state.residual]),
+        residual_first_mean_abs=np.stack([m.mean for m in state.residual_first]),
+        residual_first_max_abs=np.stack([m.maximum for m in state.residual_first]),
+        residual_other_max_abs=residual_top["values"][:, 0].astype(np.float64),
+        residual_median_abs=np.array([histogram.median() for histogram in state.residual_histogram]),
+        median_tolerance=state.residual_histogram[0].relative_tolerance,
         residual_top_index=residual_top["index"],
         residual_top_context_ids=residual_top_context_ids,
         head_scores=state.heads.means(),
         vocab=vocab,
         massive_ratio=params.massive_ratio,
+        massive_min_abs=params.massive_min_abs,
         browser_samples=min(params.browser_samples, params.top_k),
         sequence_length=params.context_tokens + settings.prepend_bos,
         tokens_per_second=tokens_per_second,
@@ -315,18 +354,19 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     figure.set_size_inches(14, 6)
     image = grid.imshow(np.log10(result.residual_max_abs), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
     figure.colorbar(image, ax=grid, label="log10 max |value|")
-    grid.set(title="Largest |value| of each residual dimension over the corpus", xlabel="Residual dimension", ylabel="Layer (resid_post)")
-    median = np.median(result.residual_mean_abs, axis=1)
-    top_dim = result.residual_max_abs.argmax(axis=1)
-    peaks.semilogx(result.residual_max_abs.max(axis=1), layers, "o-", color="crimson", label="largest |value| (dimension labelled)")
-    peaks.semilogx(median, layers, "s-", color="gray", label="median over dimensions of mean |value|")
-    peaks.semilogx(result.massive_ratio * median, layers, ":", color="gray", label=f"massive threshold ({result.massive_ratio:g} x median)")
-    for layer in range(n_layers):
-        peaks.annotate(str(top_dim[layer]), (result.residual_max_abs[layer].max(), layer), fontsize=7, xytext=(4, -3), textcoords="offset points")
+    grid.set(title="Largest |value| of each residual dimension over the corpus (all positions)", xlabel="Residual dimension", ylabel="Layer (resid_post)")
+    first_name = "BOS (position 0)" if result.settings.prepend_bos else "first position (the window's first token)"
+    for peak, marker, color, where in ((result.residual_first_max_abs, "o-", "crimson", first_name), (result.residual_other_max_abs, "^-", "tab:blue", "every other position")):
+        peaks.semilogx(peak.max(axis=1), layers, marker, color=color, label=f"largest |value| at {where} (dimension labelled)")
+        for layer, dim in enumerate(peak.argmax(axis=1)):
+            peaks.annotate(str(dim), (peak[layer, dim], layer), fontsize=7, color=color, xytext=(4, -3), textcoords="offset points")
+    peaks.semilogx(result.residual_median_abs, layers, "s-", color="gray", label="median |value| of the layer's activations")
+    peaks.semilogx(result.massive_threshold, layers, ":", color="gray",
+                   label=f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median (Sun et al. 2024)")
     peaks.set(title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer")
-    peaks.legend(fontsize=8, loc="lower right")
+    peaks.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the curves fill the panel
     _integer_ticks(grid, peaks)
-    figure.suptitle("Residual stream: massive activations")
+    figure.suptitle("Residual stream: massive activations, at the first position and elsewhere")
     yield Figure("02_residual_massive_activations", figure, "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations")
 
     figure, axes_list = panels(3, 2)
@@ -355,26 +395,39 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     ids = result.top_context_ids[layer, :samples]  # [sample, neuron, context]
     values = result.top_context_values[layer, :samples]
     dead, dense = result.dead[layer], result.dense[layer]
-    tokens_per_neuron, values_per_neuron, labels = [], [], []
+    # Each distinct token once, each distinct context once (as indices into the tokens): the
+    # neurons' top tokens share a few thousand corpus positions. Each neuron's values in
+    # hundredths of its largest |value| shown, which is all the shading resolves.
+    shown_ids = np.unique(ids[ids >= 0])
+    token_table = [result.vocab[int(i)] for i in shown_ids]
+    table_index = np.searchsorted(shown_ids, np.maximum(ids, 0))
+    contexts: dict[tuple[int, ...], int] = {}
+    context_refs, values_per_neuron, scales, labels = [], [], [], []
     for neuron in range(ids.shape[1]):
         kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
-        tokens_per_neuron.append([[result.vocab[int(i)] for i in ids[slot, neuron] if i >= 0] for slot in kept])
-        values_per_neuron.append([np.round(values[slot, neuron][ids[slot, neuron] >= 0], 3).tolist() for slot in kept])
+        inside = [ids[slot, neuron] >= 0 for slot in kept]
+        context_refs.append([contexts.setdefault(tuple(table_index[slot, neuron][mask].tolist()), len(contexts)) for slot, mask in zip(kept, inside)])
+        shown = [values[slot, neuron][mask].astype(np.float64) for slot, mask in zip(kept, inside)]
+        largest = max((float(np.abs(row).max()) for row in shown if row.size), default=0.0) or 1.0
+        scales.append(float(f"{largest / 100:.4g}"))
+        values_per_neuron.append([np.round(row / scales[-1]).astype(int).tolist() for row in shown])
         status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
         labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
     element = Element(
         "TopkSamples",
         {
-            "tokens": [tokens_per_neuron], "activations": [values_per_neuron],
+            "tokens": [context_refs], "activations": [values_per_neuron],
             "zerothDimensionName": "Layer", "firstDimensionName": "Neuron",
             "zerothDimensionLabels": [str(layer)], "firstDimensionLabels": labels,
         },
         f"Top {samples} contexts of each neuron in layer {layer}",
+        tables={"tokens": [[list(context) for context in contexts], token_table]},
+        scales={"activations": scales},
     )
     facts = {
         "layer": str(layer),
         "corpus": f"{', '.join(result.corpus['sources'])}: {result.corpus['tokens_analysed']:,} tokens in windows of {result.corpus['context_tokens']}",
-        "value shown": "hook_post; context: the top token with the tokens before and after it in its window",
+        "value shown": "hook_post, to 1% of the neuron's largest value on this page; context: the top token with the tokens before and after it in its window",
     }
     return View(f"neurons_layer_{layer:02d}", f"Neuron browser: layer {layer}", [element], facts)
 

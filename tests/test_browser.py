@@ -57,6 +57,30 @@ def test_attention_view_renders_offline(two_model_report: TwoModelReport, tmp_pa
     assert_not_blank(page, tmp_path)
 
 
+def test_exported_view_renders_alone_offline(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+    from unraveled.cli import main
+
+    view = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
+    alone = tmp_path / "elsewhere" / "shared.html"  # far from the output folder and its assets/
+    alone.parent.mkdir()
+    assert main(["export", str(view), "--to", str(alone)]) == 0
+    dumped = chromium(alone, tmp_path / "dom", "--dump-dom")
+    assert console_messages(dumped) == []
+    assert len(re.findall(r"<canvas", dumped.stdout)) == 4 + 1
+    assert_not_blank(alone, tmp_path)
+
+
+def test_view_copied_without_its_assets_says_where_its_script_is(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+    view = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
+    copied = tmp_path / "copied.html"
+    copied.write_text(view.read_text())
+    dom = chromium(copied, tmp_path / "dom", "--dump-dom").stdout
+    assert re.search(r'<p id="missing-script" class="missing">', dom)  # shown: no longer hidden
+    assert "<canvas" not in dom and "unraveled export" in dom
+    shown = chromium(view, tmp_path / "dom2", "--dump-dom").stdout  # in place, the notice stays hidden
+    assert re.search(r'<p id="missing-script" class="missing" hidden', shown)
+
+
 class _Page(HTMLParser):
     """Links and element ids of a page as the browser built it."""
 

@@ -3,6 +3,7 @@ massive activations on a hand-wired model, and the neuron browser in headless Ch
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -80,6 +81,24 @@ def test_neuron_table_loads_in_one_line_of_pandas(tiny_llama_dir: Path, tiny_mod
     assert frame.dead.sum() == sum(json.loads(json.dumps(result.metrics()["dead_neurons_per_layer"].tolist())))
 
 
+def test_neuron_browser_data_decodes_to_the_top_contexts(tiny_llama_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
+    from unraveled.experiments.corpus_atlas import neuron_browser
+
+    model = tiny_model(tiny_llama_dir, "processed")
+    result = compute(model, CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=4, browser_samples=3), seed=0)
+    (element,) = neuron_browser(result, 1).elements
+    contexts, strings = element.tables["tokens"]
+    for neuron in range(0, model.cfg.d_mlp, 5):
+        refs, quantised = element.props["tokens"][0][neuron], element.props["activations"][0][neuron]
+        assert len(refs) == 3
+        for slot, (ref, values) in enumerate(zip(refs, quantised)):
+            ids = result.top_context_ids[1, slot, neuron]
+            assert [strings[i] for i in contexts[ref]] == [model.tokenizer.decode([int(i)]) for i in ids if i >= 0]
+            expected = result.top_context_values[1, slot, neuron][ids >= 0]
+            largest = np.abs(result.top_context_values[1, :3, neuron][result.top_context_ids[1, :3, neuron] >= 0]).max()
+            np.testing.assert_allclose(np.array(values) * element.scales["activations"][neuron], expected, atol=0.0051 * largest)
+
+
 def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path) -> None:
     from unraveled.corpus import corpus_windows
     from unraveled.engines.local import run_local
@@ -113,9 +132,64 @@ def test_massive_activation_on_a_hand_wired_dimension(tiny_gpt2_dir: Path, share
     with torch.no_grad():
         model.embed.W_E[target, dim] = 5000.0  # the residual's dim 7 is huge at " Caesar", ordinary elsewhere
     result = compute(model, CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16), seed=0)
-    massive = result.metrics()["massive_activations"]
+    massive = result.metrics()["massive_activations"]["other_positions"]
     assert {(entry["layer"], entry["dim"]) for entry in massive} == {(0, dim), (1, dim)}
-    assert all(token["token"] == " Caesar" for entry in massive for token in entry["top_tokens"])
+    assert all(token["token"] == " Caesar" and token["position_in_window"] > 0 for entry in massive for token in entry["top_tokens"])
+
+
+def test_massive_criterion_is_sun_et_al_s_with_a_dimension_just_above_and_one_just_below(
+    tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, atlas_corpus: Path
+) -> None:
+    """Sun et al. 2024: |value| > 100 and >= 1000 x the median |value| of the layer's activations.
+
+    The floor is lowered to 1 for the tiny model. Layer 0's residual gets, at window position 5, dimension 7 at 1.05 and dimension 9 at 0.95
+    times 1000 x the median (numpy's, over every activation of the layer), and dimension 13 at
+    the first position; any other statistic than that median, 5% off, flips one of 7 and 9."""
+    from unraveled.corpus import corpus_windows
+
+    model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)
+    # The tiny model's activations are small: a floor of 1 instead of 100 lets the ratio decide.
+    params = CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, massive_min_abs=1.0)
+    windows = torch.as_tensor(corpus_windows(model.tokenizer, params.corpus, 16, params.max_tokens, seed=0).tokens)
+    bos = torch.full((len(windows), 1), model.tokenizer.bos_token_id)
+    inputs = torch.cat([bos, windows], dim=1) if model.cfg.default_prepend_bos else windows
+    first = int(model.cfg.default_prepend_bos)
+    hook = "blocks.0.hook_resid_post"
+
+    def layer_magnitudes() -> np.ndarray:  # every |value| of layer 0, as the model computes it
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(inputs, names_filter=hook)
+        return cache[hook].abs().numpy()
+
+    bar = 1000 * float(np.median(layer_magnitudes()))
+    above, below = 1.05 * bar, 0.95 * bar
+    assert below > params.massive_min_abs
+
+    def plant(residual: torch.Tensor, hook: object) -> torch.Tensor:
+        residual[:, first + 5, 7], residual[:, first + 5, 9], residual[:, 0, 13] = above, below, 3 * bar
+        return residual
+
+    model.add_hook(hook, plant, is_permanent=True)
+    magnitudes = layer_magnitudes()
+    median = float(np.median(magnitudes))
+    assert above > 1000 * median * 1.02 and below < 1000 * median * 0.98  # planting moved the median < 2%
+    result = compute(model, params, seed=0)
+    assert result.residual_median_abs[0] == pytest.approx(median, rel=result.median_tolerance)
+
+    metrics = result.metrics()
+    other = [entry for entry in metrics["massive_activations"]["other_positions"] if entry["layer"] == 0]
+    assert [entry["dim"] for entry in other] == [7]
+    assert {token["position_in_window"] for token in other[0]["top_tokens"]} == {5}
+    assert other[0]["max_abs"] == pytest.approx(above, rel=1e-6)
+    assert other[0]["ratio_to_median"] == pytest.approx(above / median, rel=result.median_tolerance)
+    first_position = [entry for entry in metrics["massive_activations"]["first_position"] if entry["layer"] == 0]
+    assert [entry["dim"] for entry in first_position] == [13]
+    assert first_position[0]["mean_abs"] == pytest.approx(3 * bar, rel=1e-6)
+    assert metrics["massive_dimensions_per_layer"]["other_positions"][0] == 1
+    assert metrics["massive_dimensions_per_layer"]["first_position"][0] == 1
+    # The floor (here raised above dimension 7's peak) holds as well.
+    raised = dataclasses.replace(result, massive_min_abs=above * 1.01)
+    assert not raised.massive_mask("other_positions")[0].any() and raised.massive_mask("first_position")[0, 13]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it")

@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import pytest
 
-from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
+from unraveled.running_stats import LogHistogram, Moments, Sums, TopK, top_k_of_batch
 
 WINDOWS, LENGTH, FEATURES, K, BEFORE, AFTER = 20, 7, 5, 4, 2, 1
 
@@ -114,3 +114,40 @@ def test_merging_into_more_payload_rows_than_a_part_kept_is_refused() -> None:
     narrow = top_k_of_batch(values, token_ids, np.arange(WINDOWS) * LENGTH, K, BEFORE, AFTER, payload_rows=1)
     with pytest.raises(ValueError, match="payload"):
         TopK.empty(K, FEATURES, BEFORE + 1 + AFTER).merge(narrow)
+
+
+@pytest.mark.parametrize("size", [1, 2, 999, 10_000])
+def test_log_histogram_median_is_numpys_within_its_stated_tolerance(size: int) -> None:
+    rng = np.random.default_rng(size)
+    # Magnitudes over eight decades, with exact zeros among them, as residual |values| can be.
+    values = np.abs(rng.lognormal(mean=0.0, sigma=4.0, size=size)) * (rng.random(size) > 0.05)
+    histogram = LogHistogram.of(values.astype(np.float32))
+    middle = float(np.sort(values.astype(np.float32))[(size - 1) // 2])  # the lower middle value
+    assert histogram.count == size
+    if middle == 0:
+        assert histogram.median() == 0
+    else:
+        assert abs(np.log10(histogram.median() / middle)) <= 0.5 / histogram.bins_per_decade + 1e-12
+    if size > 100:  # numpy's median (the mean of the two middle values for an even count) is as close
+        assert histogram.median() == pytest.approx(float(np.median(values.astype(np.float32))), rel=histogram.relative_tolerance)
+    assert histogram.relative_tolerance == pytest.approx(10 ** (0.005) - 1)
+
+
+def test_log_histogram_median_of_known_values_and_its_ends() -> None:
+    # Odd count: the middle value is 3.0; its bin's centre is within 1.2%.
+    assert LogHistogram.of(np.array([0.0, 1.0, 3.0, 50.0, 7e3])).median() == pytest.approx(3.0, rel=0.012)
+    assert LogHistogram.of(np.array([0.0, 0.0, 5.0])).median() == 0.0  # zeros are the underflow
+    assert LogHistogram.of(np.array([1e9, 1e10, 1.0])).median() == np.inf  # past the top bin
+    assert np.isnan(LogHistogram.empty().median())
+
+
+@pytest.mark.parametrize("parts", [2, 7])
+def test_log_histogram_split_and_merged_equals_one_pass(parts: int) -> None:
+    values = np.abs(np.random.default_rng(3).standard_cauchy(size=5_000)).astype(np.float32)
+    whole = LogHistogram.of(values)
+    merged = functools.reduce(LogHistogram.merge, [LogHistogram.of(part) for part in np.array_split(values, parts)], LogHistogram.empty())
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert merged.median() == whole.median()
+    assert abs(np.log10(merged.median() / np.median(values))) <= 1.5 / whole.bins_per_decade
+    with pytest.raises(ValueError, match="bins"):
+        whole.merge(LogHistogram.empty(bins_per_decade=10))

@@ -1,4 +1,4 @@
-"""The command line: routing only. ``unraveled list | run | models``.
+"""The command line: routing only. ``unraveled list | run | models | export``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
 0 ok, 2 bad input (config, name or option), 3 model unavailable with the fallback off,
@@ -191,6 +191,29 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Model names t
         resolves_to, loadable = availability(name)
         table.add_row(name, resolves_to, loadable)
     _print_table(table)
+
+
+@app.command()
+def export(
+    page: Annotated[Path, typer.Argument(help="A view (OUT/<model>/<config>/views/*.html) or a report page of the outputs.", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", "-o", help="The single file to write; must not exist yet.", show_default=False)],
+) -> None:
+    """Write PAGE as one self-contained HTML file to share: its script and images inlined, no other file needed."""
+    from unraveled.outputs import write_text_atomic
+    from unraveled.render.export import self_contained_page
+
+    if not page.is_file() or page.suffix.lower() not in {".html", ".htm"}:
+        raise ConfigError(str(page), None, "expected an HTML page of the outputs (a view or a report page)")
+    if to.exists() or to.is_symlink():
+        raise ConfigError("--to", None, f"{to} exists; give a new file name (export never overwrites a file)")
+    if not to.parent.is_dir():
+        raise ConfigError("--to", None, f"{to.parent} is not a folder")
+    try:
+        text = self_contained_page(page)
+    except (FileNotFoundError, UnicodeDecodeError) as error:
+        raise ConfigError(str(page), None, str(error)) from None
+    write_text_atomic(to, text)
+    console.print(f"wrote {to} ({len(text.encode()) / 1e6:.1f} MB), a single file: it opens anywhere, offline", soft_wrap=True, markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

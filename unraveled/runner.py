@@ -237,9 +237,10 @@ def check_device(device: str) -> None:
 
 
 def _write_artifacts(
-    config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str]
+    config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str], out_dir: Path, href_to_out: str
 ) -> dict[str, list[dict[str, Any]]]:
-    """Save every artifact into ``staging``; returns the manifest's records of each kind."""
+    """Save every artifact into ``staging``, and the views' shared script into ``out_dir``'s
+    assets (``href_to_out`` leads there from the views); returns the manifest's records of each kind."""
     figure_records, view_records, table_records = [], [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
@@ -250,7 +251,9 @@ def _write_artifacts(
             path = staging / "views" / f"{artifact.name}.html"
             path.parent.mkdir(exist_ok=True)
             facts = {"model": loaded.label(), **artifact.facts}
-            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html"), encoding="utf-8")
+            bundle = views.write_shared_bundle(out_dir / views.ASSETS_FOLDER)
+            bundle_href = f"{href_to_out}/{views.ASSETS_FOLDER}/{bundle.name}"
+            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html", bundle_href=bundle_href), encoding="utf-8")
             view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
         elif isinstance(artifact, Table):
             path = staging / f"{artifact.name}.npz"
@@ -273,7 +276,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
             computed = time.perf_counter()
             return_freed_memory()  # the activations compute dropped, before drawing adds its own
             staging = outputs.make_staging_dir(target)
-            records = _write_artifacts(config, result, loaded, staging, href_to_index, formats)
+            records = _write_artifacts(config, result, loaded, staging, href_to_index, formats, out_dir, Path(os.path.relpath(out_dir, target / "views")).as_posix())
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(

@@ -6,7 +6,10 @@ Definitions (also written into the atlas's metrics):
 - A neuron's value is ``blocks.L.mlp.hook_post`` (what it writes through ``W_out``); it is
   *active* on a token when its pre-activation ``blocks.L.mlp.hook_pre`` is > 0 (for gated MLPs
   such as SmolLM2's, the gate's pre-activation; for GPT-2's GELU, its input).
-- The residual stream is ``blocks.L.hook_resid_post``; its statistics are of absolute values.
+- The residual stream is ``blocks.L.hook_resid_post``; its statistics are of absolute values:
+  per dimension over all positions, per dimension at the sequence's first position alone (where
+  massive activations sit), a histogram of every |value| of the layer (for its median), and
+  each dimension's top tokens among the other positions.
 - Head scores are per-window means over query positions, averaged over windows.
 - When the model prepends a BOS token to each window, that position (identical in every
   window) is left out of the neuron statistics and top-k; residual and head statistics keep it.
@@ -25,7 +28,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from unraveled.analysis import attention_entropy_by_head
-from unraveled.running_stats import Moments, Sums, TopK, top_k_of_batch
+from unraveled.running_stats import LogHistogram, Moments, Sums, TopK, top_k_of_batch
 
 HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
 
@@ -66,6 +69,8 @@ class AtlasState:
     neurons: list[Moments]
     neuron_top: list[TopK]
     residual: list[Moments]
+    residual_first: list[Moments]
+    residual_histogram: list[LogHistogram]
     residual_top: list[TopK]
     heads: Sums
     n_windows: int
@@ -76,6 +81,8 @@ class AtlasState:
             neurons=[Moments.empty(d_mlp) for _ in range(n_layers)],
             neuron_top=[TopK.empty(settings.top_k, d_mlp, settings.context, settings.neuron_contexts) for _ in range(n_layers)],
             residual=[Moments.empty(d_model) for _ in range(n_layers)],
+            residual_first=[Moments.empty(d_model) for _ in range(n_layers)],
+            residual_histogram=[LogHistogram.empty() for _ in range(n_layers)],
             residual_top=[TopK.empty(settings.residual_top_k, d_model, settings.context) for _ in range(n_layers)],
             heads=Sums({}, 0),
             n_windows=0,
@@ -92,6 +99,8 @@ class AtlasState:
             neurons=[a.merge(b) for a, b in zip(self.neurons, other.neurons)],
             neuron_top=[a.merge(b) for a, b in zip(self.neuron_top, other.neuron_top)],
             residual=[a.merge(b) for a, b in zip(self.residual, other.residual)],
+            residual_first=[a.merge(b) for a, b in zip(self.residual_first, other.residual_first)],
+            residual_histogram=[a.merge(b) for a, b in zip(self.residual_histogram, other.residual_histogram)],
             residual_top=[a.merge(b) for a, b in zip(self.residual_top, other.residual_top)],
             heads=self.heads.merge(other.heads),
             n_windows=self.n_windows + other.n_windows,
@@ -208,7 +217,11 @@ def update(
         state.neuron_top[layer] = state.neuron_top[layer].merge(top)
         magnitude = np.abs(residual.float().cpu().numpy())
         state.residual[layer] = state.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
-        top = top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after)
+        state.residual_first[layer] = state.residual_first[layer].merge(Moments.of(magnitude[:, 0]))
+        state.residual_histogram[layer] = state.residual_histogram[layer].merge(LogHistogram.of(magnitude))
+        # Position 0 (BOS, or the window's first token where there is none) carries the largest
+        # values in every window whatever its token: its top tokens would be the windows' starts.
+        top = top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after, slice(1, None))
         state.residual_top[layer] = state.residual_top[layer].merge(top)
         for name, per_window in head_scores_per_window(held.pop("hook_pattern").float().cpu(), masks).items():
             head_totals[name][layer] = per_window.double().sum(dim=0).numpy()

@@ -1,4 +1,5 @@
-"""Saving a figure in every format asked for (``--format png,svg,pdf``), plus a small thumbnail.
+"""Saving a figure in every format asked for (``--format png,svg,pdf``), plus a small thumbnail;
+and one page of the outputs as a single self-contained file to share (``unraveled export``).
 
 The runner calls :func:`save_figure` for each figure; the record it returns goes into the
 manifest, where the pages find the files: ``file`` is the one shown on the pages (PNG, else
@@ -8,8 +9,12 @@ is a small JPEG for the index, so the index never loads full-size figures.
 
 from __future__ import annotations
 
+import base64
 import io
+import mimetypes
+import re
 from collections.abc import Iterable, Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,3 +90,77 @@ def save_figure(figure: MplFigure, run_dir: Path, name: str, caption: str, forma
             _thumbnail(png, run_dir / "thumbs" / f"{name}.jpg")
     shown = next((files[fmt] for fmt in SHOWN_FORMATS if fmt in files), files[formats[0]])
     return {"file": shown, "caption": caption, "formats": files, "thumbnail": f"thumbs/{name}.jpg"}
+
+
+class _LocalReferences(HTMLParser):
+    """Where a page's start tags are (as character offsets) and which local files they name."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self._line_starts = [0] + [match.end() for match in re.finditer("\n", text)]
+        # (offset, length of the start tag, tag, attributes)
+        self.tags: list[tuple[int, int, str, dict[str, str | None]]] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in {"script", "img", "a", "link"}:
+            line, column = self.getpos()
+            raw = self.get_starttag_text() or ""
+            self.tags.append((self._line_starts[line - 1] + column, len(raw), tag, dict(attrs)))
+
+
+def _is_local(url: str | None) -> bool:
+    return bool(url) and not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:|//|#", url or "")
+
+
+def _attributes(attrs: dict[str, str | None]) -> str:
+    from html import escape
+
+    return "".join(f" {name}" if value is None else f' {name}="{escape(value)}"' for name, value in attrs.items())
+
+
+def self_contained_page(page: Path) -> str:
+    """``page`` (a view or a report page of the outputs) as one HTML file that needs nothing else.
+
+    Scripts and stylesheets the page loads from local files are inlined, local images become
+    ``data:`` URLs, and links to other local files (other pages, ``metrics.json``) are dropped,
+    as a lone file can't follow them (links within the page stay).
+
+    Raises:
+        FileNotFoundError: A script, stylesheet or image the page loads is missing; the message
+            names it and the page.
+    """
+    from urllib.parse import unquote
+
+    text = page.read_text(encoding="utf-8")
+
+    def local_file(url: str) -> Path:
+        path = (page.parent / unquote(url.split("#", 1)[0].split("?", 1)[0])).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{page} loads {url}, which is not there ({path})")
+        return path
+
+    pieces, done = [], 0
+    for offset, length, tag, attrs in _LocalReferences(text).tags:
+        if tag == "script" and _is_local(attrs.get("src")):
+            code = local_file(str(attrs.pop("src"))).read_text(encoding="utf-8")
+            # The closing tag already follows the element's (empty) body.
+            replacement = f"<script{_attributes(attrs)}>" + re.sub(r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE)
+        elif tag == "link" and "stylesheet" in (attrs.get("rel") or "") and _is_local(attrs.get("href")):
+            css = local_file(str(attrs["href"])).read_text(encoding="utf-8")
+            replacement = "<style>" + re.sub(r"</(style)", r"<\\/\1", css, flags=re.IGNORECASE) + "</style>"
+        elif tag == "img" and _is_local(attrs.get("src")):
+            image = local_file(str(attrs["src"]))
+            mime = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+            attrs["src"] = f"data:{mime};base64," + base64.b64encode(image.read_bytes()).decode("ascii")
+            attrs.pop("loading", None)
+            replacement = f"<img{_attributes(attrs)}>"
+        elif tag == "a" and _is_local(attrs.get("href")):
+            attrs.pop("href")
+            replacement = f"<a{_attributes(attrs)}>"
+        else:
+            continue
+        pieces += [text[done:offset], replacement]
+        done = offset + length
+    return "".join(pieces) + text[done:]
