@@ -2,12 +2,12 @@
 
 A local Ray's processes are the driver's descendants that appear once Ray starts (GCS, raylet,
 the raylet's agents, workers). ``stop`` kills those still running; ``sweep`` also kills any
-process that still carries ``UNRAVELED_RAY_SESSION`` (set to the run's own Ray folder while Ray
-starts, inherited by the processes that keep their environment; those Ray retitles lose it) and
-removes the folder. The driver does both after ``ray.shutdown``; this file, run as a script
-beside the driver (``python ray_watchdog.py PID FOLDER``), notes the driver's descendants while it
-lives and does both when it dies without doing so (kill -9): Ray's own reaper stops the GCS and
-the raylet then, but the raylet's two agents, orphaned, wait a minute on a GCS that is gone.
+process of the session found otherwise (``session_processes``: its log files are in the run's
+own Ray folder) and removes the folder. The driver does both after ``ray.shutdown``; this file,
+run as a script beside the driver (``python ray_watchdog.py PID FOLDER``), notes the driver's
+descendants while it lives and does both when it dies without doing so (kill -9): Ray's own
+reaper stops the GCS and the raylet then, but the raylet's two agents, orphaned, wait a minute
+on a GCS that is gone.
 
 Run by path, not as ``-m unraveled...``, so that it imports nothing of the toolkit (torch,
 TransformerLens): only the standard library and psutil.
@@ -29,13 +29,20 @@ POLL_SECONDS = 0.5
 
 
 def session_processes(folder: str) -> list[psutil.Process]:
-    """This user's processes that carry ``SESSION_MARKER=folder`` in their environment."""
+    """This user's processes of the Ray session in ``folder``: those that carry
+    ``SESSION_MARKER=folder`` in their environment, work in the folder or hold a file open in it
+    (every Ray process holds its log files there, whatever it was retitled to)."""
+    inside = os.path.join(os.path.realpath(folder), "")
     found = []
     for process in psutil.process_iter():
         if process.pid == os.getpid():
             continue
         try:
-            if process.environ().get(SESSION_MARKER) == folder:
+            if (
+                process.environ().get(SESSION_MARKER) == folder
+                or os.path.join(process.cwd(), "").startswith(inside)
+                or any(opened.path.startswith(inside) for opened in process.open_files())
+            ):
                 found.append(process)
         except (psutil.Error, OSError):  # gone, or another user's
             continue
