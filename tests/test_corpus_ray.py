@@ -113,11 +113,19 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, die_once: Path | None) -> No
     monkeypatch.setattr(ray_engine, "RemoteAtlasWorker", remote)
 
 
+def _wait_for_free_cpus(n_cpus: int, budget_s: float = 30) -> None:
+    """An earlier test's workers give their CPUs back a moment after it ends; this test wants them all."""
+    started = time.perf_counter()
+    while ray.available_resources().get("CPU", 0) < n_cpus and time.perf_counter() - started < budget_s:
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def tiny_run(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path) -> tuple[object, np.ndarray, AtlasSettings]:
     monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path / "cache"))
     model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
     windows = corpus_windows(model.tokenizer, [str(corpus_file)], CONTEXT, None, seed=0).tokens
+    _wait_for_free_cpus(2)
     return model, windows, SETTINGS
 
 
