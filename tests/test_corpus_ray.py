@@ -1,4 +1,5 @@
-"""The Ray engine on a local Ray with 2 workers gives the local engine's result.
+"""The Ray engine on a local Ray with 2 workers gives the local engine's result, also when a
+worker dies in the middle of the run.
 
 Ray starts once for this module, with 2 CPUs, no dashboard, its session files in a temporary
 folder, and is shut down after; the workers read the model from a temporary weights cache.
@@ -6,7 +7,10 @@ folder, and is shut down after; the workers read the model from a temporary weig
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,9 +22,11 @@ import ray
 
 from tests.test_corpus_engine import CONTEXT, SETTINGS, corpus_file, load_tiny  # noqa: F401 (fixture)
 from unraveled.corpus import corpus_windows
+from unraveled.engines import ray as ray_engine
 from unraveled.engines.local import run_local
-from unraveled.engines.ray import run_ray, shard_ranges
-from unraveled.engines.state import AtlasSettings
+from unraveled.engines.ray import AtlasWorker, run_ray, shard_ranges
+from unraveled.engines.ray_cluster import RayEngineError
+from unraveled.engines.state import AtlasSettings, AtlasState
 
 RAY_START_BUDGET_S = 120
 
@@ -60,7 +66,14 @@ def test_ray_engine_equals_local_engine(local_ray: None, tiny_gpt2_dir: Path, tm
     local = run_local(model, windows, settings, progress=False)
     distributed = run_ray(model, windows, settings, workers=2, progress=False)
 
-    assert distributed.n_windows == local.n_windows == len(windows)
+    assert_same_state(local, distributed, len(windows))
+    # The workers loaded the model from the temporary cache, and nothing else was written there.
+    assert [entry.name.split("-atlas-")[0] for entry in (tmp_path / "cache" / "weights").iterdir() if "-atlas-" in entry.name] == ["tiny-gpt2"]
+
+
+def assert_same_state(local: AtlasState, distributed: AtlasState, n_windows: int) -> None:
+    """Top-k sets, contexts and counts exactly; moments up to the float rounding of the merge order."""
+    assert distributed.n_windows == local.n_windows == n_windows
     for ours, theirs in zip(local.neuron_top + local.residual_top, distributed.neuron_top + distributed.residual_top):
         np.testing.assert_array_equal(ours.index, theirs.index)
         np.testing.assert_array_equal(ours.context_ids, theirs.context_ids)
@@ -72,5 +85,72 @@ def test_ray_engine_equals_local_engine(local_ray: None, tiny_gpt2_dir: Path, tm
         np.testing.assert_array_equal(ours.positive, theirs.positive)
     for name, value in local.heads.means().items():
         np.testing.assert_allclose(value, distributed.heads.means()[name], rtol=1e-5, atol=1e-7)
-    # The workers loaded the model from the temporary cache, and nothing else was written there.
-    assert [entry.name.split("-atlas-")[0] for entry in (tmp_path / "cache" / "weights").iterdir() if "-atlas-" in entry.name] == ["tiny-gpt2"]
+
+
+class DyingWorker(AtlasWorker):
+    """A worker whose process is killed (SIGKILL, as the OOM killer would) when it is given the
+    shard holding window ``DOOMED_WINDOW``: only the first such worker when ``DIE_ONCE`` names a
+    file that doesn't exist yet (and creates it), every time otherwise."""
+
+    def run(self, windows: np.ndarray, numbers: range, settings: AtlasSettings) -> AtlasState:
+        if DOOMED_WINDOW in numbers:
+            once = os.environ.get("DIE_ONCE")
+            try:
+                if once:
+                    os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+                os.kill(os.getpid(), signal.SIGKILL)
+            except FileExistsError:
+                pass
+        return super().run(windows, numbers, settings)
+
+
+DOOMED_WINDOW = 5
+
+
+def _dying_workers(monkeypatch: pytest.MonkeyPatch, die_once: Path | None) -> None:
+    # Workers inherit the driver's environment only through runtime_env.
+    remote = ray.remote(num_cpus=1, runtime_env={"env_vars": {"DIE_ONCE": str(die_once or "")}})(DyingWorker)
+    monkeypatch.setattr(ray_engine, "RemoteAtlasWorker", remote)
+
+
+def _wait_for_free_cpus(n_cpus: int, budget_s: float = 30) -> None:
+    """An earlier test's workers give their CPUs back a moment after it ends; this test wants them all."""
+    started = time.perf_counter()
+    while ray.available_resources().get("CPU", 0) < n_cpus and time.perf_counter() - started < budget_s:
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def tiny_run(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path) -> tuple[object, np.ndarray, AtlasSettings]:
+    monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path / "cache"))
+    model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
+    windows = corpus_windows(model.tokenizer, [str(corpus_file)], CONTEXT, None, seed=0).tokens
+    _wait_for_free_cpus(2)
+    return model, windows, SETTINGS
+
+
+def test_a_killed_worker_s_shard_is_computed_again_on_the_others(
+    local_ray: None, tiny_run: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, windows, settings = tiny_run
+    assert len(windows) > DOOMED_WINDOW
+    _dying_workers(monkeypatch, tmp_path / "died")
+    local = run_local(model, windows, settings, progress=False)
+    with caplog.at_level(logging.WARNING, logger="unraveled.engines.ray"):
+        distributed = run_ray(model, windows, settings, workers=2, progress=False)
+
+    assert (tmp_path / "died").exists()  # a worker really was killed
+    assert_same_state(local, distributed, len(windows))
+    said = caplog.text
+    shard = next(s for s in shard_ranges(len(windows), settings.batch_windows, 2 * ray_engine.SHARDS_PER_WORKER) if DOOMED_WINDOW in s)
+    assert f"died while computing windows {shard.start}..{shard.stop - 1}" in said and "1 of 2 workers left" in said
+    assert "1 of 2 workers died; their 1 shard(s) were computed again on the others" in said
+
+
+def test_when_every_worker_dies_the_run_stops_saying_so(local_ray: None, tiny_run: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, windows, settings = tiny_run
+    _dying_workers(monkeypatch, None)
+    started = time.perf_counter()
+    with pytest.raises(RayEngineError, match=r"every Ray worker died \(the last on windows \d+\.\.\d+: ActorDiedError"):
+        run_ray(model, windows, settings, workers=2, progress=False)
+    assert time.perf_counter() - started < RAY_START_BUDGET_S

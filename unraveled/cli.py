@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from unraveled.config import DEFAULT_MODEL, OVERRIDES_BUILTIN, ConfigSources, LoadedConfig, config_names, load_config
+from unraveled.engines.ray_cluster import check_engines
 from unraveled.errors import ConfigError, UnraveledError
 from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
 from unraveled.render.export import parse_formats
@@ -172,6 +173,7 @@ def run(
     if not models:
         for config in configs:
             _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
+    check_engines(configs)  # before the slow imports: an unreachable Ray cluster fails in seconds
     with _long_lived_imports():
         from unraveled.runner import check_device, check_text_params_before_loading, run_configs  # heavy imports only once the input is valid
 

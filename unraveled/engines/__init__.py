@@ -2,17 +2,23 @@
 
 ``local`` runs in this process; ``ray`` shards the windows over Ray workers and merges their
 states with the same merge, so both give the same result.
+
+Importing this package imports neither torch nor TransformerLens nor Ray: the CLI checks the
+Ray engine's cluster (``unraveled.engines.ray_cluster``) before those slow imports.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-from jaxtyping import Int
-from transformer_lens import HookedTransformer
+from unraveled.experiment import RESOLVE_ANNOTATIONS
 
-from unraveled.engines.state import AtlasSettings, AtlasState
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    import numpy as np
+    from jaxtyping import Int
+    from transformer_lens import HookedTransformer
+
+    from unraveled.engines.state import AtlasSettings, AtlasState
 
 EngineName = Literal["local", "ray"]
 

@@ -7,6 +7,11 @@ must be storage every node can read), under a key derived from the model's confi
 so a worker can't load a different model than the one the run was given. Shards are runs of
 whole batches, cut as the local engine cuts them, so each window is computed in the same batch
 as locally.
+
+The workers are as many as the cluster can place when the run starts (``params.ray_workers``
+caps them; fewer is said in a warning), reserved together in a placement group so none waits
+for room that never comes. Each worker is given one shard at a time; a shard whose worker dies
+is computed again on a surviving worker, and the run says so.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -23,9 +29,12 @@ import ray
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformer_lens import HookedTransformer
 
 from unraveled.engines.local import run_windows
+from unraveled.engines.ray_cluster import RayEngineError, local_ray, ray_address
 from unraveled.engines.state import AtlasSettings, AtlasState
 from unraveled.models import weight_cache
 from unraveled.models.loading import checkpoint_parameters, prepare_for_experiments
@@ -33,6 +42,8 @@ from unraveled.models.loading import checkpoint_parameters, prepare_for_experime
 logger = logging.getLogger(__name__)
 
 SHARDS_PER_WORKER = 4
+PLACEMENT_TIMEOUT_S = 30
+MAX_SHARD_ATTEMPTS = 3
 
 
 def model_cache_key(model: HookedTransformer) -> str:
@@ -85,16 +96,118 @@ class AtlasWorker:
 RemoteAtlasWorker = ray.remote(num_cpus=1)(AtlasWorker)
 
 
-def _start_ray(workers: int | None) -> bool:
-    """Join ``RAY_ADDRESS`` or start Ray locally, unless the caller already did; True if we did."""
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or None
-    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address is None and workers is not None:
-        options["num_cpus"] = workers
-    ray.init(address=address, **options)
-    return True
+def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
+    """How many workers the cluster can place now: ``workers`` (default: all it can), or fewer, said out loud.
+
+    Raises:
+        RayEngineError: Not even one.
+    """
+    free = ray.available_resources()
+    placeable = int(free.get("CPU", 0))
+    if on_gpu:
+        placeable = min(placeable, int(free.get("GPU", 0)))
+    where = ray.get_runtime_context().gcs_address
+    needs = "1 CPU and 1 GPU" if on_gpu else "1 CPU"
+    if placeable == 0:
+        raise RayEngineError(f"the Ray cluster at {where} has no room for a worker ({needs} each) now: {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free")
+    if workers is not None and workers > placeable:
+        logger.warning("ray: params.ray_workers=%d, but the cluster at %s can place %d worker(s) now (%s each): running %d", workers, where, placeable, needs, placeable)
+    return min(workers or placeable, placeable)
+
+
+def _reserve(n_workers: int, on_gpu: bool) -> PlacementGroup:
+    """A placement group with one bundle per worker, reserved within ``PLACEMENT_TIMEOUT_S``.
+
+    Raises:
+        RayEngineError: The cluster could not reserve them in time (others took the room).
+    """
+    group = placement_group([{"CPU": 1, **({"GPU": 1} if on_gpu else {})} for _ in range(n_workers)])
+    if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+        remove_placement_group(group)
+        raise RayEngineError(f"the Ray cluster could not place {n_workers} worker(s) within {PLACEMENT_TIMEOUT_S} s (other jobs took the room?); set params.ray_workers lower")
+    return group
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _run_shards(
+    actors: list[Any], windows_ref: Any, shards: list[range], settings: AtlasSettings, state: AtlasState, bar: tqdm, sequence_length: int
+) -> AtlasState:
+    """Give each worker one shard at a time and merge the results into ``state``.
+
+    A shard whose worker dies is given to a surviving worker; the run fails only when every
+    worker has died, a shard has killed ``MAX_SHARD_ATTEMPTS`` workers, or a worker could not
+    even start.
+    """
+    queue = deque(shards)
+    idle = list(range(len(actors)))
+    alive = set(idle)
+    running: dict[Any, tuple[int, range]] = {}
+    failures: Counter[range] = Counter()
+    while queue or running:
+        while queue and idle:
+            number, shard = idle.pop(), queue.popleft()
+            running[actors[number].run.remote(windows_ref, shard, settings)] = (number, shard)
+        done, _ = ray.wait(list(running), num_returns=1)
+        number, shard = running.pop(done[0])
+        try:
+            part = ray.get(done[0])
+        except ray.exceptions.RayActorError as error:
+            if error.actor_init_failed:
+                raise RayEngineError(f"a Ray worker could not start: {_first_line(error)}") from None
+            alive.discard(number)
+            failures[shard] += 1
+            logger.warning(
+                "ray: worker %d died while computing windows %d..%d (%s); %d of %d workers left",
+                number, shard.start, shard.stop - 1, _first_line(error), len(alive), len(actors),
+            )
+            if not alive:
+                raise RayEngineError(f"every Ray worker died (the last on windows {shard.start}..{shard.stop - 1}: {_first_line(error)})") from None
+            if failures[shard] >= MAX_SHARD_ATTEMPTS:
+                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} were on {failures[shard]} workers that died (out of memory?); last: {_first_line(error)}") from None
+            queue.appendleft(shard)
+            continue
+        idle.append(number)
+        state = state.merge(part)
+        bar.update(len(shard) * sequence_length)
+    if len(alive) < len(actors):
+        logger.warning(
+            "ray: %d of %d workers died; their %d shard(s) were computed again on the others, so every window is in the result once",
+            len(actors) - len(alive), len(actors), sum(failures.values()),
+        )
+    return state
+
+
+def _run_on_ray(
+    model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings, workers: int | None, progress: bool
+) -> AtlasState:
+    """``run_ray`` on the Ray this process is connected to."""
+    key = publish_model(model)
+    device = str(model.cfg.device)
+    # One GPU per worker when the run is on CUDA (--device cuda), so Ray places them on GPU nodes.
+    on_gpu = device.startswith("cuda")
+    n_workers = _placeable_workers(workers, on_gpu)
+    shards = shard_ranges(len(windows), settings.batch_windows, n_workers * SHARDS_PER_WORKER)
+    n_workers = min(n_workers, len(shards))
+    logger.info("ray: %d shards on %d workers (%s)", len(shards), n_workers, ray.get_runtime_context().gcs_address)
+    group = _reserve(n_workers, on_gpu)
+    actors: list[Any] = []
+    try:
+        for number in range(n_workers):
+            placed = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=number)
+            worker = RemoteAtlasWorker.options(num_gpus=1 if on_gpu else 0, scheduling_strategy=placed)
+            actors.append(worker.remote(str(weight_cache.cache_root()), key, device))
+        windows_ref = ray.put(windows)
+        state = AtlasState.for_model(model, settings)
+        with tqdm(total=windows.size, unit="tok", unit_scale=True, desc=f"corpus atlas (ray, {n_workers} workers)", disable=not progress) as bar:
+            return _run_shards(actors, windows_ref, shards, settings, state, bar, windows.shape[1])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(group)
 
 
 def run_ray(
@@ -104,35 +217,21 @@ def run_ray(
     workers: int | None = None,
     progress: bool = True,
 ) -> AtlasState:
-    """Every window, sharded over ``workers`` Ray actors (default: every CPU Ray has), merged.
+    """Every window, sharded over ``workers`` Ray actors (default: every CPU Ray can place), merged.
 
-    Shards are merged as they finish; the merge is exact, so the order changes nothing beyond
-    float rounding of the moments.
+    On the Ray the caller initialised, else on the cluster at ``RAY_ADDRESS`` (which
+    ``unraveled.engines.ray_cluster.check_ray`` reached before the model loaded), else on a Ray
+    started here for this run and stopped afterwards. Shards are merged as they finish; the
+    merge is exact, so the order changes nothing beyond float rounding of the moments.
     """
-    started_here = _start_ray(workers)
-    actors: list[Any] = []
+    if ray.is_initialized():
+        return _run_on_ray(model, windows, settings, workers, progress)
+    address = ray_address()
+    if address is None:
+        with local_ray(workers):
+            return _run_on_ray(model, windows, settings, workers, progress)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        key = publish_model(model)
-        n_workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        shards = shard_ranges(len(windows), settings.batch_windows, n_workers * SHARDS_PER_WORKER)
-        n_workers = min(n_workers, len(shards))
-        logger.info("ray: %d shards on %d workers (%s)", len(shards), n_workers, ray.get_runtime_context().gcs_address)
-        device = str(model.cfg.device)
-        # One GPU per worker when the run is on CUDA (--device cuda), so Ray places them on GPU nodes.
-        worker = RemoteAtlasWorker.options(num_gpus=1 if device.startswith("cuda") else 0)
-        actors = [worker.remote(str(weight_cache.cache_root()), key, device) for _ in range(n_workers)]
-        windows_ref = ray.put(windows)
-        pending = {actors[i % n_workers].run.remote(windows_ref, shard, settings): shard for i, shard in enumerate(shards)}
-        state = AtlasState.for_model(model, settings)
-        with tqdm(total=windows.size, unit="tok", unit_scale=True, desc=f"corpus atlas (ray, {n_workers} workers)", disable=not progress) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                shard = pending.pop(done[0])
-                state = state.merge(ray.get(done[0]))
-                bar.update(len(shard) * windows.shape[1])
-        return state
+        return _run_on_ray(model, windows, settings, workers, progress)
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
+        ray.shutdown()

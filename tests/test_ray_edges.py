@@ -1,0 +1,239 @@
+"""The Ray engine's hard edges, through the CLI where a user meets them: a ``RAY_ADDRESS`` that
+isn't a reachable Ray cluster fails in seconds with exit status 2 before any model loads;
+``ray_workers`` above what a real 1-CPU cluster can place runs on what it can place, saying so;
+a local Ray leaves no folder and no process behind, even when its driver is killed with -9.
+
+Only loopback addresses. The 1-CPU cluster is started with ``ray start`` in a temporary folder
+and stopped by its processes' marker (never ``ray stop``, which would stop every Ray of the user
+on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT, run_cli
+from tests.test_corpus_engine import CONTEXT, SETTINGS, TEXT, corpus_file, load_tiny  # noqa: F401 (fixture)
+from unraveled.corpus import corpus_windows
+from unraveled.engines.local import run_local
+from unraveled.engines.ray_cluster import CONNECT_BUDGET_S
+from unraveled.engines.ray_watchdog import SESSION_MARKER, session_processes, sweep
+
+DEAD_ADDRESS_BUDGET_S = 10  # the issue's bound for a dead RAY_ADDRESS, Python's start-up included
+RAY_IMPORT_SLACK_S = 30  # a child process importing Ray on a busy machine
+CLEANUP_BUDGET_S = 20  # after kill -9 of the driver (Ray's agents alone linger ~60 s)
+NO_AUTH = {"RAY_AUTH_MODE": "disabled"}  # token authentication would write ~/.ray/auth_token
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _atlas_args(model: Path, corpus: Path, out: Path, *settings: str) -> list[str]:
+    small = ["params.engine=ray", f"params.corpus=[{corpus}]", "params.context_tokens=16", "params.max_tokens=96", "params.top_k=4", "params.browser_samples=2", *settings]
+    return ["run", "corpus_atlas", "--model", str(model), "--out", str(out), *(arg for setting in small for arg in ("--set", setting))]
+
+
+@pytest.fixture(scope="module")
+def ray_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ray_corpus") / "caesar.txt"
+    path.write_text(TEXT * 2, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary folder with a short path: Ray's Unix socket paths below it must stay < 108 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="u-ray-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("address", "said"),
+    [
+        ("127.0.0.1:1", "connecting to 127.0.0.1:1 failed: Connection refused (tried a TCP connection to 127.0.0.1:1)"),
+        ("not an address", "is not an address (tried reading it as an address)"),
+        ("http://127.0.0.1:8265", "is a http:// URL (a Ray Jobs or dashboard address?)"),
+    ],
+)
+def test_a_dead_or_malformed_ray_address_exits_2_in_seconds_before_the_model_loads(
+    address: str, said: str, tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    started = time.perf_counter()
+    done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH})
+    seconds = time.perf_counter() - started
+
+    assert done.returncode == 2, done.stderr
+    assert f"error: RAY_ADDRESS: {address!r}: {said}" in done.stderr
+    assert "params.engine=ray (" in done.stderr and "from --set" in done.stderr and "Traceback" not in done.stderr
+    assert seconds < DEAD_ADDRESS_BUDGET_S, f"{address}: {seconds:.1f} s to the error"
+    # Nothing written, and the model never loaded: loading converts it into the weights cache.
+    assert not out.exists() and not cache.exists()
+    print(f"time to the error for RAY_ADDRESS={address}: {seconds:.2f} s")
+
+
+def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_budget(tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path) -> None:
+    # Accepts connections (the kernel completes them) and never says a word, as a wrong service would.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        out, cache = tmp_path / "out", tmp_path / "cache"
+        started = time.perf_counter()
+        done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH})
+        seconds = time.perf_counter() - started
+
+    assert done.returncode == 2, done.stderr
+    assert f"error: RAY_ADDRESS: {address!r}: no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s" in done.stderr
+    assert f"tried ray.init(address={address!r}) in a child process" in done.stderr
+    assert CONNECT_BUDGET_S <= seconds < CONNECT_BUDGET_S + RAY_IMPORT_SLACK_S, f"{seconds:.1f} s"
+    assert not out.exists() and not cache.exists()
+    print(f"time to the error for a silent port: {seconds:.2f} s")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_cluster() -> Iterator[str]:
+    """``ray start --head --num-cpus=1`` on loopback ports, its files in a temporary folder; its
+    processes carry the session marker, by which they are all stopped afterwards."""
+    folder = tempfile.mkdtemp(prefix="u-rc-", dir="/tmp")
+    port = _free_port()
+    env = {**os.environ, **NO_AUTH, SESSION_MARKER: folder}
+    command = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=1", f"--port={port}", f"--temp-dir={folder}",
+        "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
+    ]
+    try:
+        subprocess.run(command, env=env, cwd=folder, check=True, capture_output=True, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        sweep(folder)
+        assert session_processes(folder) == []
+
+
+def test_ray_workers_above_what_the_cluster_can_place_run_on_what_it_can(
+    one_cpu_cluster: str, tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path
+) -> None:
+    env = {"UNRAVELED_CACHE": str(tmp_path / "cache"), **NO_AUTH}
+    on_ray = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "ray", "params.ray_workers=2"), {"RAY_ADDRESS": one_cpu_cluster, **env}, timeout=300)
+    assert on_ray.returncode == 0, on_ray.stderr
+    said = " ".join(on_ray.stderr.split())  # the log handler wraps long lines
+    assert f"params.ray_workers=2 but the cluster at {one_cpu_cluster} has 1 free CPU(s) of 1 now" in said  # before the model loaded
+    assert "params.ray_workers=2, but the cluster at" in said and "can place 1 worker(s) now (1 CPU each): running 1" in said
+    assert "corpus atlas (ray, 1 workers)" in on_ray.stderr
+
+    local = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "local", "params.engine=local"), env)
+    assert local.returncode == 0, local.stderr
+    ray_run, local_run = tmp_path / "ray" / "tiny-gpt2" / "corpus_atlas", tmp_path / "local" / "tiny-gpt2" / "corpus_atlas"
+    ray_corpus_facts = json.loads((ray_run / "metrics.json").read_text())["corpus"]
+    assert {k: v for k, v in ray_corpus_facts.items() if k != "engine"} == {k: v for k, v in json.loads((local_run / "metrics.json").read_text())["corpus"].items() if k != "engine"}
+    with np.load(ray_run / "neurons.npz") as ours, np.load(local_run / "neurons.npz") as theirs:
+        assert sorted(ours.files) == sorted(theirs.files)
+        for column in ours.files:
+            np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-5, atol=1e-6, err_msg=column)
+
+
+def test_a_local_ray_keeps_its_files_in_the_run_s_own_temporary_folder_and_removes_them(
+    tiny_gpt2_dir: Path, tmp_path: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path
+) -> None:
+    import ray
+
+    from unraveled.engines.ray import run_ray
+
+    assert not ray.is_initialized()
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))  # the system temporary folder, for this test
+    for name, value in NO_AUTH.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path / "cache"))
+    model = load_tiny(tiny_gpt2_dir, tmp_path / "cache")
+    windows = corpus_windows(model.tokenizer, [str(corpus_file)], CONTEXT, None, seed=0).tokens
+    seen: list[str] = []
+    started: list[psutil.Process] = []
+    commands: list[str] = []  # read while they run
+    real_init = ray.init
+
+    def watching_init(*args: object, **kwargs: object) -> object:
+        seen.append(str(kwargs["_temp_dir"]))
+        before = {process.pid for process in psutil.Process().children(recursive=True)}
+        try:
+            return real_init(*args, **kwargs)
+        finally:
+            time.sleep(5)  # the raylet starts its agents a moment after ray.init returns
+            started.extend(process for process in psutil.Process().children(recursive=True) if process.pid not in before)
+            commands.extend(_command(process) for process in started)
+
+    monkeypatch.setattr(ray, "init", watching_init)
+    state = run_ray(model, windows, SETTINGS, workers=1, progress=False)
+
+    assert state.n_windows == len(windows) == run_local(model, windows, SETTINGS, progress=False).n_windows
+    assert len(seen) == 1 and Path(seen[0]).parent == short_tmp and Path(seen[0]).name == f"unraveled-ray-{os.getpid()}"
+    assert not ray.is_initialized()
+    assert list(short_tmp.iterdir()) == []  # no session_* folder, no ray/ folder left
+    assert any("raylet" in command for command in commands) and "ray::DashboardAgent" in commands  # the processes that used to linger were watched
+    assert [_command(process) for process in started if process.is_running()] == []
+
+
+def test_kill_9_of_the_driver_leaves_no_ray_process_or_folder_for_long(tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, short_tmp: Path) -> None:
+    env = {
+        **os.environ, **NO_AUTH, "TMPDIR": str(short_tmp), "UNRAVELED_CACHE": str(tmp_path / "cache"),
+        "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    args = _atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "out", "params.ray_workers=1", "params.max_tokens=null")
+    with subprocess.Popen([sys.executable, "-m", "unraveled", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
+        try:
+            folder, ray_processes = _wait_for_local_ray(short_tmp, driver)
+        finally:
+            driver.kill()  # SIGKILL: nothing of the driver's own cleanup runs
+        driver.wait()
+        killed = time.perf_counter()
+
+    def left() -> list[str]:
+        return [_command(process) for process in ray_processes if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
+
+    while (left() or folder.exists()) and time.perf_counter() - killed < CLEANUP_BUDGET_S:
+        time.sleep(0.5)
+    still = left()
+    sweep(str(folder), ray_processes)  # whatever the test found, nothing outlives it
+    assert still == [] and not folder.exists(), f"after {CLEANUP_BUDGET_S} s: {still}, folder exists: {folder.exists()}"
+    print(f"Ray gone {time.perf_counter() - killed:.1f} s after kill -9 of the driver")
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline()).strip()[:80]
+    except psutil.Error:
+        return "(gone)"
+
+
+def _wait_for_local_ray(root: Path, driver: subprocess.Popen[bytes], budget_s: float = 240) -> tuple[Path, list[psutil.Process]]:
+    """The driver's Ray folder and processes once its raylet's agents (the ones that used to linger) run."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < budget_s:
+        assert driver.poll() is None, "the run ended before its Ray was up"
+        processes = psutil.Process(driver.pid).children(recursive=True)
+        commands = " ".join(_command(process) for process in processes)
+        folders = list(root.glob("unraveled-ray-*"))
+        if folders and "raylet" in commands and "ray::DashboardAgent" in commands and "ray::RuntimeEnvAgent" in commands:
+            return folders[0], processes
+        time.sleep(0.5)
+    raise AssertionError(f"no local Ray with its agents within {budget_s} s")
