@@ -303,4 +303,4 @@ def check(model: HookedTransformer, params: IOICircuitParams) -> None:
     check_ioi_names(model, params.ioi)
 
 
-EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render)
+EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render, check=check)
