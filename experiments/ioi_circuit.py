@@ -131,7 +131,9 @@ def circuit_faithfulness(
     ``nodes``) of each circuit i patched from the corrupted run, every other one kept."""
     from unraveled.patching import component_patches, patched_logit_differences
 
-    patch_sets = [[patch for index in indices for patch in component_patches(nodes[index], model)] for indices in dropped]
+    # Each component's patches built once and shared by every circuit that drops it.
+    patches = [component_patches(node, model) for node in nodes]
+    patch_sets = [[patch for index in indices for patch in patches[index]] for indices in dropped]
     return patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS)
 
 
