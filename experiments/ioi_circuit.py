@@ -13,10 +13,10 @@ the corrupted prompts. The share of the clean logit difference this keeps is rep
 circuits of growing size: the embeddings first (the input every circuit computes on; their
 first-order score is poor, as the swap of a whole token is far from linear), then heads and MLPs
 ranked by their own attribution (the sum of their outgoing edges), beside circuits of the same
-sizes whose heads and MLPs are drawn at random, ``random_draws`` times: one draw is no baseline (on
-SmolLM2, 6 pairs, the share kept by single draws of 160 of 301 components ranges from -0.16 to
-0.47), so their mean and their spread are reported. Everything kept gives exactly the clean run
-(1), nothing kept exactly the corrupted run (0).
+sizes whose heads and MLPs are drawn at random, ``random_draws`` times: the share a single random
+circuit keeps depends on which components it happens to draw, so one draw is no baseline; their
+mean and their spread are reported. Everything kept gives exactly the clean run (1), nothing kept
+exactly the corrupted run (0).
 """
 
 from __future__ import annotations
