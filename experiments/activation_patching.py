@@ -54,10 +54,20 @@ class ActivationPatchingResult:
     seconds: float
     n_pairs: int = 1
     answers: dict[str, dict[str, float]] = field(default_factory=dict)
+    position_groups: bool = False
+    """Whether the residual's columns are groups of positions (``ROLES``, over IOI pairs) rather
+    than one pair's positions."""
 
     @property
     def position_kind(self) -> str:
-        return "Position" if self.n_pairs == 1 else "Position group"
+        return "Position group" if self.position_groups else "Position"
+
+    def _residual_patch(self, index: int, n_pos: int) -> dict[str, Any]:
+        """One residual patch by its flat index: one pair's position and token, or over IOI pairs a
+        group of positions (``ROLES``: the prompts' positions don't line up) and its index."""
+        column = index % n_pos
+        where = {"position_group": self.tokens[column], "position_group_index": column} if self.position_groups else {"position": column, "token": self.tokens[column]}
+        return {"point": self.residual_labels[index // n_pos], **where, "recovered": float(self.residual.flat[index])}
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -66,17 +76,14 @@ class ActivationPatchingResult:
         n_pos = self.residual.shape[1]
         return {
             "n_pairs": self.n_pairs,
-            "tokens" if self.n_pairs == 1 else "position_groups": self.tokens,
+            "position_groups" if self.position_groups else "tokens": self.tokens,
             "clean_logit_difference": self.clean_difference,
             "corrupted_logit_difference": self.corrupted_difference,
             "answers": self.answers,
             "residual_points": self.residual_labels,
             "residual_recovered": self.residual,
             "heads_recovered": self.heads,
-            "top_residual_patches": [
-                {"point": self.residual_labels[i // n_pos], "position": int(i % n_pos), "token": self.tokens[i % n_pos], "recovered": float(self.residual.flat[i])}
-                for i in order
-            ],
+            "top_residual_patches": [self._residual_patch(int(i), n_pos) for i in order],
             "top_heads": top_heads(self.heads, TOP_K),
             "bottom_heads": top_heads(self.heads, TOP_K, lowest=True),
             "patching_seconds": self.seconds,
@@ -124,6 +131,7 @@ def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: in
         seconds=seconds,
         n_pairs=pairs.size,
         answers={"clean": clean, "corrupted": corrupted},
+        position_groups=params.prompts == "ioi",
     )
 
 

@@ -13,8 +13,10 @@ the corrupted prompts. The share of the clean logit difference this keeps is rep
 circuits of growing size: the embeddings first (the input every circuit computes on; their
 first-order score is poor, as the swap of a whole token is far from linear), then heads and MLPs
 ranked by their own attribution (the sum of their outgoing edges), beside circuits of the same
-sizes whose heads and MLPs are drawn at random. Everything kept gives exactly the clean run (1),
-nothing kept exactly the corrupted run (0).
+sizes whose heads and MLPs are drawn at random, ``random_draws`` times: the share a single random
+circuit keeps depends on which components it happens to draw, so one draw is no baseline; their
+mean and their spread are reported. Everything kept gives exactly the clean run (1), nothing kept
+exactly the corrupted run (0).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class IOICircuitParams(Params):
         default_factory=lambda: [30, 300, 3000],
         description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
     )
+    random_draws: int = Field(10, ge=1, le=100, description="Random circuits drawn per size for the baseline; their mean and spread are shown.")
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class IOICircuitResult:
     n_edges: int
     sizes: list[int]
     faithfulness: Float[NDArray, " size"]
-    random_faithfulness: Float[NDArray, " size"]
+    random_faithfulness: Float[NDArray, "draw size"]
     edge_counts: list[int]
     edge_faithfulness: Float[NDArray, " count"]
     n_layers: int
@@ -86,6 +89,7 @@ class IOICircuitResult:
     def metrics(self) -> dict[str, Any]:
         ranked = np.argsort(-np.abs(self.node_scores), kind="stable")
         reached = [size for size, kept in zip(self.sizes, self.faithfulness) if kept >= 0.8]
+        draws = self.random_faithfulness
         return {
             "n_pairs": self.n_pairs,
             "clean": self.clean,
@@ -99,8 +103,16 @@ class IOICircuitResult:
                 "method": "components outside the circuit take their outputs on the corrupted prompts",
                 "circuit_sizes": self.sizes,
                 "share_of_clean_logit_difference_kept": self.faithfulness,
-                "random_circuits_of_the_same_sizes": self.random_faithfulness,
-                "smallest_circuit_keeping_80_percent": reached[0] if reached else None,
+                "random_circuits_of_the_same_sizes": {
+                    "draws": len(draws),
+                    "mean": draws.mean(0),
+                    "min": draws.min(0),
+                    "max": draws.max(0),
+                    "per_draw": draws,
+                },
+                "smallest_tested_size_keeping_80_percent": reached[0] if reached else None,
+                "smallest_tested_size_note": "the smallest of circuit_sizes whose share kept is at least 0.8; sizes between "
+                "those tested are not run, so a smaller circuit may also keep 80% (the curve need not rise steadily)",
             },
             "edge_faithfulness": {
                 "method": "each head's query/key/value input, each MLP's input and the logits' input get the corrupted "
@@ -113,19 +125,16 @@ class IOICircuitResult:
 
 
 def circuit_faithfulness(
-    model: HookedTransformer, pairs: PromptPairs, nodes: list[str], orders: list[list[int]], sizes: list[int], corrupted_cache: Any
-) -> Float[Tensor, "order size batch"]:
-    """The clean prompts' logit differences with only the first ``size`` components of each order
-    kept, every other one patched from the corrupted run."""
+    model: HookedTransformer, pairs: PromptPairs, nodes: list[str], dropped: list[list[int]], corrupted_cache: Any
+) -> Float[Tensor, "circuit batch"]:
+    """The clean prompts' logit differences with the components ``dropped[i]`` (indices into
+    ``nodes``) of each circuit i patched from the corrupted run, every other one kept."""
     from unraveled.patching import component_patches, patched_logit_differences
 
-    patch_sets = []
-    for order in orders:
-        for size in sizes:
-            dropped = order[size:]
-            patch_sets.append([patch for index in dropped for patch in component_patches(nodes[index], model)])
-    differences = patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS)
-    return differences.reshape(len(orders), len(sizes), pairs.size)
+    # Each component's patches built once and shared by every circuit that drops it.
+    patches = [component_patches(node, model) for node in nodes]
+    patch_sets = [[patch for index in indices for patch in patches[index]] for indices in dropped]
+    return patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS)
 
 
 def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
@@ -171,13 +180,23 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     sizes = sorted({0, len(nodes), *[size for size in params.circuit_sizes if 0 < size < len(nodes)]})
     # The embeddings come first in every circuit: they are the input the circuit computes on.
     ranked = [0, *[index for index in np.argsort(-np.abs(node_scores), kind="stable").tolist() if index != 0]]
-    shuffled = list(range(1, len(nodes)))
-    random.Random(seed).shuffle(shuffled)
-    shuffled = [0, *shuffled]
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(params.random_draws):
+        shuffled = list(range(1, len(nodes)))
+        rng.shuffle(shuffled)
+        draws.append([0, *shuffled])
+    # Nothing kept, the embeddings alone and everything kept are the same circuits in every
+    # order: run once, with the ranked ones; each draw runs only the sizes in between.
+    between = [index for index, size in enumerate(sizes) if 1 < size < len(nodes)]
     started = time.perf_counter()
-    kept = circuit_faithfulness(model, pairs, nodes, [ranked, shuffled], sizes, corrupted_cache)
+    dropped = [ranked[size:] for size in sizes] + [order[sizes[index]:] for order in draws for index in between]
+    kept = circuit_faithfulness(model, pairs, nodes, dropped, corrupted_cache)
     faithfulness_seconds = time.perf_counter() - started
     shares = ((kept.mean(-1) - low) / span).numpy()
+    ranked_shares = shares[: len(sizes)]
+    random_shares = np.tile(ranked_shares, (params.random_draws, 1))
+    random_shares[:, between] = shares[len(sizes) :].reshape(params.random_draws, len(between))
 
     edge_counts = sorted({0, len(flat), *[count for count in params.edge_counts if 0 < count < len(flat)]}) if params.edge_counts else []
     edge_shares, edge_faithfulness_seconds = np.zeros(len(edge_counts)), 0.0
@@ -200,8 +219,8 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         edge_sum_error=edge_sum_error,
         n_edges=int(valid.sum()),
         sizes=sizes,
-        faithfulness=shares[0],
-        random_faithfulness=shares[1],
+        faithfulness=ranked_shares,
+        random_faithfulness=random_shares,
         edge_counts=edge_counts,
         edge_faithfulness=edge_shares,
         n_layers=n_layers,
@@ -267,7 +286,10 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     figure.set_size_inches(13 if result.edge_counts else 8, 4.5)
     sizes = np.array(result.sizes)
     axes.plot(np.maximum(sizes, 0.5), result.faithfulness, marker="o", label="top components by |attribution|")
-    axes.plot(np.maximum(sizes, 0.5), result.random_faithfulness, marker="x", color="grey", label="random components")
+    draws = result.random_faithfulness
+    axes.fill_between(np.maximum(sizes, 0.5), draws.min(0), draws.max(0), color="grey", alpha=0.25, linewidth=0,
+                      label=f"random components: lowest to highest of {len(draws)} draws")
+    axes.plot(np.maximum(sizes, 0.5), draws.mean(0), marker="x", color="grey", label=f"random components: mean of {len(draws)} draws")
     axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xscale("log")
@@ -282,7 +304,7 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
         edges_axes.set_xscale("log")
         edges_axes.set(title="Edge level: only the top edges carry clean information",
                        xlabel=f"edges kept, by |edge attribution| (of {result.n_edges}; 0 plotted at 0.5)", ylabel="share kept")
-    yield Figure("02_faithfulness", figure, "Faithfulness of circuits of growing size, against random circuits of the same sizes")
+    yield Figure("02_faithfulness", figure, f"Faithfulness of circuits of growing size, against {len(draws)} random circuits of each size")
 
     figure, (axes,) = panels(1)
     heads = np.array([[result.node_scores[result.nodes.index(f"{layer}.{head}")] for head in range(result.n_heads)] for layer in range(result.n_layers)])
@@ -303,4 +325,4 @@ def check(model: HookedTransformer, params: IOICircuitParams) -> None:
     check_ioi_names(model, params.ioi)
 
 
-EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render)
+EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render, check=check)

@@ -3,7 +3,10 @@ split into what the embeddings, every attention head and every MLP write directl
 
 Each component's output at the last position goes through the final norm with the scale the
 model actually applied (cached), then onto the difference of the two answers' unembeddings. The
-components plus the bias terms add up to the model's own logit difference.
+components plus the bias terms add up to the model's own logit difference. A head is credited with
+what depends on where it attends: its value bias, which it writes wherever it attends, is folded
+into the layer's attention output bias by the processed weights (TransformerLens's
+``fold_value_biases``) and counted there.
 
 With ``prompts: ioi`` the attribution is averaged over a dataset of IOI prompts (the clean
 prompts of ``unraveled.datasets.ioi``; correct = the indirect object, incorrect = the subject),

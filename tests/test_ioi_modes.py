@@ -49,3 +49,28 @@ def test_activation_patching_over_ioi_is_the_mean_of_single_pairs(model) -> None
     clean, corrupted = np.mean([s.clean_difference for s in singles]), np.mean([s.corrupted_difference for s in singles])
     assert over.clean_difference == pytest.approx(clean, abs=1e-4)
     np.testing.assert_allclose(over.heads, (patched - corrupted) / (clean - corrupted), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_pairs", [1, 3])
+def test_activation_patching_over_ioi_names_its_top_residual_patches_by_position_group(model, n_pairs: int) -> None:  # type: ignore[no-untyped-def]
+    """Over IOI pairs a residual column is a group of positions (the prompts' positions don't line
+    up), even for one pair: the top patches say which group, never a position."""
+    result = activation_patching.compute(model, activation_patching.ActivationPatchingParams(prompts="ioi", ioi=IOIParams(n_pairs=n_pairs)), seed=0)
+    metrics = result.metrics()
+    assert metrics["position_groups"] == list(ROLES) and "tokens" not in metrics
+    top = metrics["top_residual_patches"]
+    assert len(top) == 10 and all(set(entry) == {"point", "position_group", "position_group_index", "recovered"} for entry in top)
+    for entry in top:
+        assert ROLES[entry["position_group_index"]] == entry["position_group"]
+        point = result.residual_labels.index(entry["point"])
+        assert entry["recovered"] == result.residual[point, ROLES.index(entry["position_group"])]
+    # The ten largest of the grid, largest first.
+    assert [entry["recovered"] for entry in top] == sorted(result.residual.flatten().tolist(), reverse=True)[:10]
+
+
+def test_activation_patching_of_one_pair_names_positions_and_tokens(model) -> None:  # type: ignore[no-untyped-def]
+    result = activation_patching.compute(model, activation_patching.ActivationPatchingParams(), seed=0)
+    metrics = result.metrics()
+    assert "position_groups" not in metrics and len(metrics["tokens"]) == result.residual.shape[1]
+    for entry in metrics["top_residual_patches"]:
+        assert set(entry) == {"point", "position", "token", "recovered"} and entry["token"] == metrics["tokens"][entry["position"]]

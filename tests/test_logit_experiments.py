@@ -46,9 +46,18 @@ class HfRun:
         def keep(name: str):  # type: ignore[no-untyped-def]
             return lambda _module, inputs, output: captured.__setitem__(name, (output[0] if isinstance(output, tuple) else output).detach())
 
+        def keep_input(name: str):  # type: ignore[no-untyped-def]
+            return lambda _module, inputs: captured.__setitem__(name, inputs[0].detach())
+
         handles = [self.final_norm.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("final_residual", inputs[0].detach()))]
+        self.out_projections = []
         for layer, block in enumerate(blocks):
-            handles.append((block.attn if self.is_gpt2 else block.self_attn).register_forward_hook(keep(f"attn{layer}")))
+            attention = block.attn if self.is_gpt2 else block.self_attn
+            handles.append(attention.register_forward_hook(keep(f"attn{layer}")))
+            # The heads' outputs side by side, before the output projection mixes them.
+            projection = attention.c_proj if self.is_gpt2 else attention.o_proj
+            self.out_projections.append(projection)
+            handles.append(projection.register_forward_pre_hook(keep_input(f"heads{layer}")))
             handles.append(block.mlp.register_forward_hook(keep(f"mlp{layer}")))
         with torch.no_grad():
             output = self.hf(tokens, output_hidden_states=True)
@@ -57,6 +66,28 @@ class HfRun:
         self.logits = output.logits[0]
         self.hidden_states = [h[0] for h in output.hidden_states]
         self.captured = {name: value[0] for name, value in captured.items()}
+
+    def head_output(self, layer: int, head: int, d_head: int) -> torch.Tensor:
+        """What one head writes to the residual stream at every position: its slice of the
+        attention output before the output projection, times that projection's slice for it
+        (without the projection's bias, which belongs to no head)."""
+        z = self.captured[f"heads{layer}"][:, head * d_head : (head + 1) * d_head]
+        weight = self.out_projections[layer].weight.detach()  # GPT-2's Conv1D: [in, out]; Linear: [out, in]
+        rows = slice(head * d_head, (head + 1) * d_head)
+        return z @ (weight[rows] if self.is_gpt2 else weight[:, rows].T)
+
+    def value_bias_output(self, layer: int, head: int, d_head: int) -> torch.Tensor:
+        """The part of a head's output that does not depend on where it attends: its values'
+        constant part (GPT-2: the value of an input equal to the norm's bias), which a head's
+        attention weights, summing to 1, pass on unchanged. Zero without biases (Llama)."""
+        if not self.is_gpt2:
+            return torch.zeros(self.hf.config.hidden_size)
+        block = self.hf.transformer.h[layer]
+        d_model = self.hf.config.hidden_size
+        with torch.no_grad():
+            values = block.attn.c_attn(block.ln_1.bias)[2 * d_model :]
+        rows = slice(head * d_head, (head + 1) * d_head)
+        return values[rows] @ block.attn.c_proj.weight.detach()[rows]
 
     def decode(self, residual: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -154,6 +185,38 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
     for layer in range(model.cfg.n_layers):
         assert result.mlp[layer] == pytest.approx(run.direct_effect(run.captured[f"mlp{layer}"][-1], direction), abs=1e-4)
         assert result.attention_per_layer[layer] == pytest.approx(run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4)
+
+
+def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_the_output_projection(model, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each head's own share, not only the layer's sum: a head order swapped within a layer
+    adds up to the same layer total and is caught only here.
+
+    The processed weights fold each head's value bias (what it writes wherever it attends) into
+    the layer's attention output bias (TransformerLens's ``fold_value_biases``): a head is
+    credited with what depends on its attention, the bias term with the rest."""
+    result = logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0)
+    run = HfRun(checkpoint, model.to_tokens(PROMPT))
+    correct, incorrect = answer_token_id(model, " Mary", "correct"), answer_token_id(model, " John", "incorrect")
+    direction = (run.hf.lm_head.weight[correct] - run.hf.lm_head.weight[incorrect]).detach()
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    expected = np.array(
+        [
+            [run.direct_effect(run.head_output(layer, head, d_head)[-1] - run.value_bias_output(layer, head, d_head), direction) for head in range(n_heads)]
+            for layer in range(n_layers)
+        ]
+    )
+    np.testing.assert_allclose(result.heads, expected, atol=1e-4)
+    for layer in range(n_layers):
+        bias = run.out_projections[layer].bias
+        constant = sum(run.value_bias_output(layer, head, d_head) for head in range(n_heads)) + (0 if bias is None else bias.detach())
+        assert result.attention_bias[layer] == pytest.approx(run.direct_effect(constant, direction), abs=1e-4)
+    # The heads' outputs and the projection's bias rebuild what transformers' attention wrote.
+    for layer in range(n_layers):
+        bias = run.out_projections[layer].bias
+        written = sum(run.head_output(layer, head, d_head) for head in range(n_heads)) + (0 if bias is None else bias.detach())
+        torch.testing.assert_close(written, run.captured[f"attn{layer}"], atol=1e-5, rtol=1e-4)
+    # Heads that differ from one another, so an order swapped within a layer can't pass.
+    assert np.abs(np.diff(expected, axis=1)).min() > 1e-3
 
 
 def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
