@@ -93,7 +93,7 @@ class ActivationPatchingResult:
 def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: int) -> ActivationPatchingResult:
     import torch
 
-    from unraveled.datasets.ioi import ROLES, ioi_batch
+    from unraveled.datasets.ioi import ROLES, corrupted_prompts_answer, ioi_batch
     from unraveled.logits import answer_token_id, residual_hook_names
     from unraveled.patching import answer_summary, head_patches, patched_logit_differences, residual_patches, run_cache, single_pair
 
@@ -111,7 +111,9 @@ def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: in
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     clean_logits, clean_cache = run_cache(model, pairs, "clean", [*residual_hooks, *z_hooks])
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", residual_hooks)
-    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs)
+    # The corrupted prompt of a single pair answers params.corrupted_answer, the pairs' incorrect token.
+    corrupted_answer = corrupted_prompts_answer(params.ioi) if params.prompts == "ioi" else "incorrect"
+    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs, corrupted_answer)
     clean_difference, corrupted_difference = clean["mean_logit_difference"], corrupted["mean_logit_difference"]
     span = clean_difference - corrupted_difference
     if abs(span) < 1e-6:

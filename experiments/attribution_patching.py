@@ -191,7 +191,7 @@ class AttributionPatchingResult:
 
 
 def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: int) -> AttributionPatchingResult:
-    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
     from unraveled.patching import (
         answer_summary,
         attribution,
@@ -216,7 +216,7 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
     attribution_seconds = time.perf_counter() - started
 
     clean = answer_summary(clean_logits, pairs)
-    corrupted = answer_summary(corrupted_logits, pairs, answer="incorrect" if params.ioi.corruption == "swap" else "correct")
+    corrupted = answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
     low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
     if abs(span) < 1e-6:
         raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")

@@ -140,7 +140,7 @@ def circuit_faithfulness(
 def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
     import torch
 
-    from unraveled.datasets.ioi import ioi_batch
+    from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
     from unraveled.patching import answer_summary, edge_attribution, edge_circuit_logit_differences, run_cache
 
     batch = ioi_batch(model, params.ioi, seed)
@@ -159,7 +159,7 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     scores = edge_attribution(model, pairs, corrupted_cache, base="clean")
     edge_seconds = time.perf_counter() - started
-    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs)
+    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
     low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
     if abs(span) < 1e-6:
         raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")

@@ -74,3 +74,30 @@ def test_activation_patching_of_one_pair_names_positions_and_tokens(model) -> No
     assert "position_groups" not in metrics and len(metrics["tokens"]) == result.residual.shape[1]
     for entry in metrics["top_residual_patches"]:
         assert set(entry) == {"point", "position", "token", "recovered"} and entry["token"] == metrics["tokens"][entry["position"]]
+
+
+@pytest.mark.parametrize("corruption", ["swap", "abc"])
+def test_corrupted_prompts_are_scored_against_their_own_answer(model, corruption: str) -> None:  # type: ignore[no-untyped-def]
+    """Each corrupted prompt run alone, its last-token logits compared by hand: with swap its own
+    answer is the subject (the clean run's incorrect name); abc has none, so the clean answer."""
+    ioi = IOIParams(n_pairs=3, corruption=corruption)
+    prefers_subject, prefers_io = [], []
+    for pair in ioi_pairs(ioi, seed=0):
+        logits = model(pair.corrupted)[0, -1]
+        io, subject = (model.to_single_token(f" {name}") for name in (pair.io, pair.s))
+        prefers_subject.append(float(logits[subject] > logits[io]))
+        prefers_io.append(float(logits[io] > logits[subject]))
+    corrupted = activation_patching.compute(model, activation_patching.ActivationPatchingParams(prompts="ioi", ioi=ioi), seed=0).metrics()["answers"]["corrupted"]
+    if corruption == "swap":
+        assert corrupted["share_incorrect_over_correct"] == pytest.approx(np.mean(prefers_subject))
+    else:
+        assert corrupted["share_correct_over_incorrect"] == pytest.approx(np.mean(prefers_io))
+
+
+def test_a_single_pairs_corrupted_prompt_is_scored_against_the_corrupted_answer(model) -> None:  # type: ignore[no-untyped-def]
+    pair = ioi_pairs(IOI, seed=0)[0]
+    params = activation_patching.ActivationPatchingParams(clean=pair.clean, corrupted=pair.corrupted, clean_answer=f" {pair.io}", corrupted_answer=f" {pair.s}")
+    logits = model(pair.corrupted)[0, -1]
+    io, subject = (model.to_single_token(f" {name}") for name in (pair.io, pair.s))
+    corrupted = activation_patching.compute(model, params, seed=0).metrics()["answers"]["corrupted"]
+    assert corrupted["share_incorrect_over_correct"] == float(logits[subject] > logits[io])

@@ -110,6 +110,15 @@ class IOIParams(Params):
         return names
 
 
+def corrupted_prompts_answer(params: IOIParams) -> Literal["correct", "incorrect"]:
+    """Which answer the corrupted prompts are scored against (``unraveled.patching.answer_summary``).
+
+    ``swap`` makes the clean run's incorrect name the corrupted prompts' own answer; ``abc`` leaves
+    them no answer of their own, so they are scored against the clean answer.
+    """
+    return "incorrect" if params.corruption == "swap" else "correct"
+
+
 @dataclass(frozen=True)
 class IOIPair:
     """One clean/corrupted pair as text."""
