@@ -70,7 +70,7 @@ class CorpusAtlasParams(Params):
     massive_ratio: float = Field(1000.0, gt=1, description="Times the layer's median |value| (Sun et al. 2024); see metrics' definitions.massive_activation.")
     massive_min_abs: float = Field(100.0, ge=0, description="Smallest |value| that can be massive (Sun et al. 2024); see metrics' definitions.massive_activation.")
     engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
-    ray_workers: int | None = Field(None, ge=1, description="Ray tasks running at once; None uses every CPU Ray has.")
+    ray_workers: int | None = Field(None, ge=1, description="Ray workers at once; None uses every CPU the cluster can place, and a larger number is capped at that (with a warning).")
 
     @field_validator("corpus")
     @classmethod
