@@ -186,12 +186,12 @@ class RunManifest(_Record):
     versions: dict[str, StrictStr | None] = Field(default_factory=dict)
 
 
-def read_manifest(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+def read_manifest(run_dir: Path, config: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest of ``run_dir`` as written, when the folder is one of the toolkit's runs;
     else None and why not (for a warning naming the file).
 
     A run folder is a real folder (not a link) whose ``manifest.json`` is a :class:`RunManifest`
-    for the config the folder is named after, of a schema version this toolkit reads.
+    for the config the folder is named after (or ``config``), of a schema version this toolkit reads.
     """
     path = run_dir / MANIFEST
     if run_dir.is_symlink() or not run_dir.is_dir():
@@ -212,8 +212,8 @@ def read_manifest(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path}: not a run's manifest ({where}: {first['msg']}; {error.error_count()} problem(s))"
     if manifest.schema_version is not None and manifest.schema_version > SCHEMA_VERSION:
         return None, f"{path}: written by a newer unraveled (schema_version {manifest.schema_version}; this one reads up to {SCHEMA_VERSION})"
-    if manifest.config != run_dir.name:
-        return None, f"{path}: its config is {manifest.config!r}, not the folder's name {run_dir.name!r}"
+    if manifest.config != (config or run_dir.name):
+        return None, f"{path}: its config is {manifest.config!r}, not the folder's name {config or run_dir.name!r}"
     return raw, None
 
 
@@ -267,6 +267,9 @@ def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
         if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
             kind = f"a link (to {os.readlink(model_dir)})" if model_dir.is_symlink() else "a file"
             problems.append(f"{model_dir} is {kind}; runs of this model are written in that folder, and never through links")
+            continue
+        if model_dir.is_dir() and not os.access(model_dir, os.W_OK | os.X_OK):
+            problems.append(f"{model_dir} is not writable (read-only folder or file system); runs of this model are written in that folder")
             continue
         problem = _not_replaceable(target)
         if problem is not None:
@@ -428,21 +431,23 @@ def publish(staging: Path, target: Path, out_dir: Path) -> None:
         raise ValueError(f"refusing to publish {staging} as {target}: runs are published as {out_dir}/<model>/<config>")
     previous = _previous(target)
     trash = None
-    with _locked(target.parent):
-        problem = _not_replaceable(target)
-        if problem is not None:
-            raise ConfigError("--out", None, f"{problem}; move it away or choose another --out (this run was not published)")
-        with _ctrl_c_deferred():
-            if previous.exists() or previous.is_symlink():  # a stale one: the lock is held, no swap is under way
-                os.replace(previous, _trash_name(previous))
-            if target.exists():
-                os.replace(target, previous)
-            os.replace(staging, target)
-            if previous.exists():
-                trash = _trash_name(previous)
-                os.replace(previous, trash)
-    if trash is not None:  # deleting can take a while: outside the lock
-        _remove(trash)
+    try:
+        with _locked(target.parent):
+            problem = _not_replaceable(target)
+            if problem is not None:
+                raise ConfigError("--out", None, f"{problem}; move it away or choose another --out (this run was not published)")
+            with _ctrl_c_deferred():
+                if previous.exists() or previous.is_symlink():  # a stale one: the lock is held, no swap is under way
+                    os.replace(previous, _trash_name(previous))
+                if target.exists():
+                    os.replace(target, previous)
+                os.replace(staging, target)
+                if previous.exists():
+                    trash = _trash_name(previous)
+                    os.replace(previous, trash)
+    finally:
+        if trash is not None:  # deleting can take a while: outside the lock (and after a held-back Ctrl-C)
+            _remove(trash)
 
 
 def _trash_name(path: Path) -> Path:
@@ -458,7 +463,7 @@ def recover(target: Path) -> None:
     if previous.exists() and not target.exists() and not target.is_symlink():
         os.replace(previous, target)
         logger.warning("restored %s, which an interrupted run had moved aside to %s", target, previous)
-    elif previous.is_dir() and not previous.is_symlink() and read_manifest(previous)[1] is None:  # killed after the new run was in place
+    elif previous.is_dir() and not previous.is_symlink() and read_manifest(previous, target.name)[1] is None:  # killed after the new run was in place
         shutil.rmtree(previous, ignore_errors=True)
     for stale in target.parent.glob(f".{target.name}.staging-*"):
         match = _STAGING.fullmatch(stale.name)
@@ -504,6 +509,8 @@ def recover_output_folder(out_dir: Path) -> bool:
         index = out_dir / PAGE
         newest_index = index.stat().st_mtime if index.is_file() else None
         for run_dir in run_dirs(out_dir):
+            if read_manifest(run_dir)[0] is None:  # not a run: never written into
+                continue
             rebuild |= _remove_dead_writers_files(run_dir, _TEMPORARY)
             if not (run_dir / PAGE).is_file() or newest_index is None or (run_dir / MANIFEST).stat().st_mtime > newest_index:
                 rebuild = True

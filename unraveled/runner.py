@@ -360,14 +360,15 @@ def _each_model_once(planned: list[tuple[LoadedConfig, str, str]]) -> list[tuple
     return list(kept.values())
 
 
-def _prepare_output_folder(out_dir: Path) -> None:
-    """Check ``out_dir``'s index and compare folder, undo what interrupted runs left (swaps,
-    temporary files), and rebuild the pages where a run was left without its page.
+def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
+    """Check ``out_dir``'s index, compare folder and the run folders ``targets``, undo what
+    interrupted runs left (swaps, temporary files), and rebuild the pages where a run was left
+    without its page.
 
     Raises:
-        ConfigError: Something else than the report's pages is in their place (exit 2).
+        ConfigError: Something else than a run or the report's pages is in their place (exit 2).
     """
-    outputs.check_output_folder(out_dir)
+    outputs.check_output_folder(out_dir, targets)
     try:
         if outputs.recover_output_folder(out_dir):
             logger.info("rebuilding the pages of %s, which an interrupted run left out of date", out_dir)
@@ -404,7 +405,8 @@ def run_configs(
     else:
         planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
     planned = _each_model_once(planned)
-    _prepare_output_folder(out_dir)
+    # Where each run goes unless its model falls back or shares its name: checked before loading.
+    _prepare_output_folder(out_dir, [outputs.run_target(out_dir, resolve_model(name).slug, config.name) for config, name, _ in planned])
     # Each model once, checking every config that uses it, before anything is written. The models
     # stay loaded until their configs have run (one model in the usual invocation).
     model_names = list(dict.fromkeys(name for _, name, _ in planned))
