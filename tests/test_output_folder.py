@@ -498,3 +498,27 @@ def test_a_run_waiting_for_a_lock_says_who_holds_it(out: Path, tiny_gpt2_dir: Pa
     message = _err(capsys)
     assert f"waiting for pid {holder.pid} (" in message and "import fcntl" in message and f"holds the lock on {out}" in message
     assert "got the lock" in message
+
+
+def test_a_page_rebuild_waits_for_another_runs_rebuild(out: Path, tmp_path: Path) -> None:
+    """Two rebuilds one after the other, never interleaved: an index written from what one run
+    read before the other published would lose the other's run."""
+    import threading
+
+    from unraveled.render.pages import write_pages
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        rebuilt = threading.Event()
+        rebuild = threading.Thread(target=lambda: (write_pages(out), rebuilt.set()))
+        rebuild.start()
+        assert not rebuilt.wait(1.0)  # still waiting for the other process
+        rebuild.join(timeout=60)
+        assert rebuilt.is_set()
+    finally:
+        holder.wait(timeout=30)
