@@ -96,6 +96,9 @@ def _output_folder(out: str) -> Path:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("--out", None, f"{out!r} can't be written: {existing} is not a writable folder")
+    from unraveled.outputs import check_output_folder  # numpy and pydantic only: answers before torch is imported
+
+    check_output_folder(path)  # the runner checks each run's folder once it knows the models'
     return path
 
 

@@ -5,6 +5,11 @@ if a run dies mid-swap, the previous outputs are restored on the next start. Sta
 carry their writer's process id, so a run never deletes the staging folder of another run that
 is still alive, and the swap itself holds a lock on the target. Files and folders follow the
 user's umask, like any other file they write.
+
+Only the toolkit's own runs are ever replaced: a run folder is recognised by its manifest
+(:class:`RunManifest`, schema-versioned), never by a file name alone, and nothing under
+``--out`` that is a link, a file where a folder belongs or a folder of someone else's is
+written into. A run waiting for another process's lock says which process holds it.
 """
 
 from __future__ import annotations
@@ -12,19 +17,41 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from unraveled.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _STAGING = re.compile(r"\.(?P<name>.+)\.staging-(?P<pid>\d+)-[^/]+")
+# A swapped-out run folder on its way to deletion, and a page's temporary file: both carry
+# their writer's process id, so only those of dead processes are cleaned up.
+_TRASH = re.compile(r"\.(?P<name>.+)\.trash-(?P<pid>\d+)-[^/]+")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+")
+_PREVIOUS = re.compile(r"\.(?P<name>.+)\.previous")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MANIFEST = "manifest.json"
+# The version of the manifest's shape, written into every manifest as ``schema_version``: a
+# folder is a run of this toolkit only if its manifest has this shape. Manifests written
+# before the field existed are read when they have the shape in full.
+SCHEMA_VERSION = 1
+PAGE = "index.html"
+COMPARE_DIR = "compare"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -59,7 +86,7 @@ def current_umask() -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
@@ -85,19 +112,284 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder, ignoring one already gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --- what a run is -----------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    """A manifest entry: the fields the pages read are typed; the runner may record more."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FigureRecord(_Record):
+    """A figure of a run: its file (relative to the run folder), caption, formats, thumbnail."""
+
+    file: StrictStr
+    caption: StrictStr = ""
+    formats: dict[str, StrictStr] = Field(default_factory=dict)
+    thumbnail: StrictStr | None = None
+
+
+class ViewRecord(_Record):
+    """An interactive view of a run: its HTML file, title and size."""
+
+    file: StrictStr
+    title: StrictStr = ""
+    bytes: StrictInt | None = None
+
+
+class ModelRecord(_Record):
+    """The model a run used, and the one it asked for."""
+
+    requested: StrictStr | None = None
+    used: StrictStr
+    label: StrictStr
+    is_fallback: StrictBool = False
+    fallback_reason: StrictStr | None = None
+
+
+class ResolvedConfig(_Record):
+    """The config as it ran."""
+
+    experiment: StrictStr
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunManifest(_Record):
+    """``manifest.json`` of a run: what makes a folder under ``--out`` one of the toolkit's runs.
+
+    ``schema_version`` is written by every run since version 1; a manifest without it (written
+    before) counts only when every typed field has its shape. ``model_identity`` says which
+    model the run folder belongs to (see ``model_identity``), so two models never share one.
+    """
+
+    schema_version: StrictInt | None = None
+    config: StrictStr
+    title: StrictStr
+    description: StrictStr = ""
+    resolved_config: ResolvedConfig
+    seed: StrictInt | None = None
+    model: ModelRecord
+    model_identity: StrictStr | None = None
+    created: StrictStr | None = None
+    timings_seconds: dict[str, StrictFloat | StrictInt] = Field(default_factory=dict)
+    figures: list[FigureRecord] = Field(default_factory=list)
+    views: list[ViewRecord] = Field(default_factory=list)
+    versions: dict[str, StrictStr | None] = Field(default_factory=dict)
+
+
+def read_manifest(run_dir: Path, config: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest of ``run_dir`` as written, when the folder is one of the toolkit's runs;
+    else None and why not (for a warning naming the file).
+
+    A run folder is a real folder (not a link) whose ``manifest.json`` is a :class:`RunManifest`
+    for the config the folder is named after (or ``config``), of a schema version this toolkit reads.
+    """
+    path = run_dir / MANIFEST
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return None, f"{run_dir} is not a folder"
+    if path.is_symlink() or not path.is_file():
+        return None, f"{path}: no such file"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{path}: not readable JSON ({error})"
+    if not isinstance(raw, dict):
+        return None, f"{path}: expected a JSON object, got {type(raw).__name__}"
+    try:
+        manifest = RunManifest.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        return None, f"{path}: not a run's manifest ({where}: {first['msg']}; {error.error_count()} problem(s))"
+    if manifest.schema_version is not None and manifest.schema_version > SCHEMA_VERSION:
+        return None, f"{path}: written by a newer unraveled (schema_version {manifest.schema_version}; this one reads up to {SCHEMA_VERSION})"
+    if manifest.config != (config or run_dir.name):
+        return None, f"{path}: its config is {manifest.config!r}, not the folder's name {config or run_dir.name!r}"
+    return raw, None
+
+
+def run_dirs(out_dir: Path) -> Iterator[Path]:
+    """Candidate run folders, ``OUT/<model>/<config>``: real folders, hidden ones (staging,
+    previous) and links left out, so nothing outside ``out_dir`` is ever read as a run."""
+    if not out_dir.is_dir():
+        return
+    for model_dir in sorted(out_dir.iterdir()):
+        if model_dir.name.startswith(".") or model_dir.is_symlink() or not model_dir.is_dir():
+            continue
+        for run_dir in sorted(model_dir.iterdir()):
+            if not run_dir.name.startswith(".") and not run_dir.is_symlink() and (run_dir / MANIFEST).is_file():
+                yield run_dir
+
+
+def _not_replaceable(path: Path) -> str | None:
+    """Why ``path`` (a run's target) may not be replaced by a run, or None when it may: it is
+    absent, an empty folder, or one of the toolkit's runs."""
+    if path.is_symlink():
+        return f"{path} is a link (to {os.readlink(path)}); runs never write through links"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{path} is a file, not a run folder"
+    if not any(path.iterdir()):
+        return None
+    _, problem = read_manifest(path)
+    return None if problem is None else f"{path} holds something that is not a run of unraveled ({problem})"
+
+
+def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
+    """Refuse, before anything is written, an ``out_dir`` the runs and pages can't be written
+    into without replacing something that isn't the toolkit's own.
+
+    Args:
+        out_dir: ``--out``.
+        targets: The run folders about to be written, ``OUT/<model>/<config>``.
+
+    Raises:
+        ConfigError: Naming ``--out``, the path and what is in the way (exit 2).
+    """
+    problems = []
+    index, compare = out_dir / PAGE, out_dir / COMPARE_DIR
+    if index.is_symlink() or (index.exists() and not index.is_file()):
+        problems.append(f"{index} is {'a link' if index.is_symlink() else 'a folder'}; the report's index is written there")
+    if compare.is_symlink() or (compare.exists() and not compare.is_dir()):
+        problems.append(f"{compare} is {'a link' if compare.is_symlink() else 'a file'}; the compare pages are written in that folder")
+    for target in dict.fromkeys(targets):
+        model_dir = target.parent
+        if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
+            kind = f"a link (to {os.readlink(model_dir)})" if model_dir.is_symlink() else "a file"
+            problems.append(f"{model_dir} is {kind}; runs of this model are written in that folder, and never through links")
+            continue
+        if model_dir.is_dir() and not os.access(model_dir, os.W_OK | os.X_OK):
+            problems.append(f"{model_dir} is not writable (read-only folder or file system); runs of this model are written in that folder")
+            continue
+        problem = _not_replaceable(target)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("--out", None, "; ".join(dict.fromkeys(problems)) + ". Move it away or choose another --out; nothing was written")
+
+
+# --- which folder each model writes ------------------------------------------------------------
+
+
+def folder_identities(model_dir: Path) -> set[str | None]:
+    """The ``model_identity`` of every run in ``model_dir`` (None for a run that predates it)."""
+    if model_dir.is_symlink() or not model_dir.is_dir():
+        return set()
+    found: set[str | None] = set()
+    for run_dir in model_dir.iterdir():
+        if run_dir.name.startswith("."):
+            continue
+        manifest, problem = read_manifest(run_dir)
+        if manifest is not None:
+            found.add(manifest.get("model_identity"))
+    return found
+
+
+def model_folder(out_dir: Path, slug: str, identity: str, taken: dict[str, str]) -> str:
+    """The folder under ``out_dir`` for the model ``identity``, whose plain name is ``slug``.
+
+    ``slug`` when it is free or already holds this model's runs; else ``slug-2``, ``slug-3``...,
+    the first free one or holding this model: two checkpoint folders both named ``tiny-gpt2``,
+    or a model that fell back beside the model it fell back to, each keep their own runs.
+    Runs from before identities were recorded count as any model's (they used to be replaced).
+
+    Args:
+        out_dir: ``--out``.
+        slug: The model's plain folder name.
+        identity: What tells this model from another of the same name (``model_identity``).
+        taken: Folders already given to models in this invocation, by name; updated.
+    """
+    number = 1
+    while True:
+        name = slug if number == 1 else f"{slug}-{number}"
+        number += 1
+        if name in taken:
+            if taken[name] == identity:
+                return name
+            continue
+        others = folder_identities(out_dir / name) - {None, identity}
+        if not others:
+            taken[name] = identity
+            return name
+
+
+# --- locks -------------------------------------------------------------------------------------
+
+
+def lock_holders(folder: Path) -> list[str]:
+    """Who holds a lock on ``folder``, as ``pid N (command line)``, read from ``/proc/locks``
+    (empty where that can't be read)."""
+    try:
+        stat = folder.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    holders = []
+    for line in locks.splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and inode in fields and "->" not in fields:
+            pid = fields[fields.index(inode) - 1]
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                command = ""
+            holders.append(f"pid {pid}" + (f" ({command[:200]})" if command else ""))
+    return holders
+
+
 @contextlib.contextmanager
-def _locked(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``target`` lives in while renaming in it.
+def _locked(folder: Path, purpose: str = "publishing runs") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while renaming or rebuilding pages in it.
 
     The lock is on the folder itself, so it leaves no file behind, and the kernel releases it if
-    the process dies.
+    the process dies. When another process holds it, say which one and that this run waits.
     """
-    handle = os.open(target.parent, os.O_RDONLY)
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = ", ".join(lock_holders(folder)) or "another process"
+            logger.warning("waiting for %s, which holds the lock on %s (%s there)", holders, folder, purpose)
+            started = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            logger.info("got the lock on %s after %.1f s", folder, time.perf_counter() - started)
         yield
     finally:
         os.close(handle)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done: a swap is two renames, and stopping
+    between them would leave the config's earlier outputs hidden."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+# --- staging and the swap ----------------------------------------------------------------------
 
 
 def run_target(out_dir: Path, model_slug: str, config_name: str) -> Path:
@@ -114,8 +406,10 @@ def run_target(out_dir: Path, model_slug: str, config_name: str) -> Path:
 
 def make_staging_dir(target: Path) -> Path:
     """A fresh hidden folder beside ``target`` to write a run into, named with this process's id."""
+    if target.parent.is_symlink():
+        raise ConfigError("--out", None, f"{target.parent} is a link; runs never write through links")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target):
+    with _locked(target.parent):
         recover(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     # mkdtemp creates 0700 folders; give it the permissions a plain mkdir would.
@@ -126,28 +420,106 @@ def make_staging_dir(target: Path) -> Path:
 def publish(staging: Path, target: Path, out_dir: Path) -> None:
     """Swap ``staging`` in as ``target`` (which must be ``out_dir/<model>/<config>``).
 
-    The old ``target`` is removed only once the new one is in place.
+    The old ``target`` is removed only once the new one is in place, and only if it is one of
+    the toolkit's runs. Ctrl-C is held back between the renames; a kill there is undone by the
+    next run's ``recover_output_folder``.
+
+    Raises:
+        ConfigError: When ``target`` is something else than a run (exit 2); nothing is replaced.
     """
     if run_target(out_dir, target.parent.name, target.name) != target or staging.parent != target.parent:
         raise ValueError(f"refusing to publish {staging} as {target}: runs are published as {out_dir}/<model>/<config>")
     previous = _previous(target)
-    with _locked(target):
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(target, previous)
-        os.replace(staging, target)
-        shutil.rmtree(previous, ignore_errors=True)
+    trash = None
+    try:
+        with _locked(target.parent):
+            problem = _not_replaceable(target)
+            if problem is not None:
+                raise ConfigError("--out", None, f"{problem}; move it away or choose another --out (this run was not published)")
+            with _ctrl_c_deferred():
+                if previous.exists() or previous.is_symlink():  # a stale one: the lock is held, no swap is under way
+                    os.replace(previous, _trash_name(previous))
+                if target.exists():
+                    os.replace(target, previous)
+                os.replace(staging, target)
+                if previous.exists():
+                    trash = _trash_name(previous)
+                    os.replace(previous, trash)
+    finally:
+        if trash is not None:  # deleting can take a while: outside the lock (and after a held-back Ctrl-C)
+            _remove(trash)
+
+
+def _trash_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.trash-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def recover(target: Path) -> None:
     """Undo a swap that was killed halfway, and drop staging folders whose writer has died.
 
-    Call with the target's lock held.
+    Call with the lock on the target's folder held.
     """
     previous = _previous(target)
-    if previous.exists() and not target.exists():
+    if previous.exists() and not target.exists() and not target.is_symlink():
         os.replace(previous, target)
+        logger.warning("restored %s, which an interrupted run had moved aside to %s", target, previous)
+    elif previous.is_dir() and not previous.is_symlink() and read_manifest(previous, target.name)[1] is None:  # killed after the new run was in place
+        shutil.rmtree(previous, ignore_errors=True)
     for stale in target.parent.glob(f".{target.name}.staging-*"):
         match = _STAGING.fullmatch(stale.name)
         if match is not None and match["name"] == target.name and not _is_alive(int(match["pid"])):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove_dead_writers_files(folder: Path, pattern: re.Pattern[str]) -> bool:
+    removed = False
+    for path in folder.glob(".*"):
+        match = pattern.fullmatch(path.name)
+        if match is not None and not _is_alive(int(match["pid"])):
+            _remove(path)
+            removed = True
+    return removed
+
+
+def recover_output_folder(out_dir: Path) -> bool:
+    """Put ``out_dir`` back in order after runs that were killed: restore every run an
+    interrupted swap had moved aside, remove what dead runs left (swapped-out folders, pages'
+    temporary files); returns whether the pages need rebuilding (something was recovered or
+    removed, a run has no page, or the index is older than a run).
+
+    Call at the start of every run into ``out_dir``, before anything is written.
+    """
+    if not out_dir.is_dir():
+        return False
+    rebuild = False
+    with _locked(out_dir, "recovering interrupted runs"):
+        rebuild |= _remove_dead_writers_files(out_dir, _TEMPORARY)
+        if (out_dir / COMPARE_DIR).is_dir() and not (out_dir / COMPARE_DIR).is_symlink():
+            rebuild |= _remove_dead_writers_files(out_dir / COMPARE_DIR, _TEMPORARY)
+        for model_dir in sorted(out_dir.iterdir()):
+            if model_dir.name.startswith(".") or model_dir.is_symlink() or not model_dir.is_dir():
+                continue
+            interrupted = [path for path in model_dir.glob(".*.previous") if _PREVIOUS.fullmatch(path.name) and not path.is_symlink()]
+            if interrupted:
+                with _locked(model_dir):
+                    for previous in interrupted:
+                        recover(model_dir / _PREVIOUS.fullmatch(previous.name)["name"])  # type: ignore[index]
+                rebuild = True
+            _remove_dead_writers_files(model_dir, _TRASH)
+        index = out_dir / PAGE
+        newest_index = index.stat().st_mtime if index.is_file() else None
+        for run_dir in run_dirs(out_dir):
+            if read_manifest(run_dir)[0] is None:  # not a run: never written into
+                continue
+            rebuild |= _remove_dead_writers_files(run_dir, _TEMPORARY)
+            if not (run_dir / PAGE).is_file() or newest_index is None or (run_dir / MANIFEST).stat().st_mtime > newest_index:
+                rebuild = True
+    return rebuild
+
+
+@contextlib.contextmanager
+def pages_locked(out_dir: Path) -> Iterator[None]:
+    """Hold the lock on ``out_dir`` while its pages are rebuilt: two runs into one folder then
+    rebuild one after the other, each from every run on disk, so neither index loses a run."""
+    with _locked(out_dir, "rebuilding the pages"):
+        yield

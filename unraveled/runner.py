@@ -35,11 +35,12 @@ import torch  # noqa: E402
 
 from unraveled import outputs  # noqa: E402
 from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
-from unraveled.errors import ConfigError, ModelUnavailableError, ParamError  # noqa: E402
+from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError  # noqa: E402
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params  # noqa: E402
 from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.models.shape import ModelShape, model_shape  # noqa: E402
+from unraveled.models.sources import HubModel, LocalCheckpoint, resolve_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
 
@@ -262,12 +263,53 @@ def _write_artifacts(
     return {"figures": figure_records, "views": view_records, "tables": table_records}
 
 
-def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: Sequence[str] = export.DEFAULT_FORMATS) -> Path:
-    """Run one config on one loaded model and publish its outputs; returns the run's folder."""
-    target = outputs.run_target(out_dir, loaded.slug, config.name)
+def _source_identity(name: str) -> str:
+    """What a model name stands for, whatever its spelling: a checkpoint folder's full path
+    (``ck/a`` and ``ck/a/`` are one model), a hub repository, or a bundled model."""
+    source = resolve_model(name)
+    if isinstance(source, LocalCheckpoint):
+        return f"checkpoint {source.path}"
+    if isinstance(source, HubModel):
+        return f"hub {source.repo_id}"
+    return f"bundled {source.name}"
+
+
+def model_identity(loaded: LoadedModel) -> str:
+    """Which model a run folder belongs to (the manifest's ``model_identity``): two checkpoints
+    named alike, or a fallback and the model it fell back to, are different models."""
+    if loaded.is_fallback:
+        return f"{_source_identity(loaded.name)} standing in for {_source_identity(loaded.requested)}"
+    return _source_identity(loaded.requested)
+
+
+def _unwritable(error: OSError, what: str) -> UnraveledError:
+    return UnraveledError(f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). Free space or fix the folder's permissions, then run again")
+
+
+def run_one(
+    config: LoadedConfig,
+    loaded: LoadedModel,
+    out_dir: Path,
+    formats: Sequence[str] = export.DEFAULT_FORMATS,
+    folder: str | None = None,
+    identity: str | None = None,
+) -> Path:
+    """Run one config on one loaded model and publish its outputs; returns the run's folder.
+
+    Args:
+        folder: The model's folder under ``out_dir`` (``outputs.model_folder``; default its slug).
+        identity: The model's ``model_identity`` (default worked out from ``loaded``).
+
+    Raises:
+        ConfigError: The run's folder is something else than a run (exit 2); nothing is replaced.
+        UnraveledError: The outputs can't be written (disk full, permissions): nothing of this
+            run is published and earlier outputs are untouched.
+    """
+    target = outputs.run_target(out_dir, folder or loaded.slug, config.name)
     # Relative to where the view pages will live once published, not to the staging folder.
     href_to_index = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
     staging: Path | None = None
+    writing = False  # an OSError from here on is the output folder's, not the experiment's
     try:
         with PeakMemory() as peak:
             started = time.perf_counter()
@@ -275,13 +317,15 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
             result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
             return_freed_memory()  # the activations compute dropped, before drawing adds its own
+            writing = True
             staging = outputs.make_staging_dir(target)
             records = _write_artifacts(config, result, loaded, staging, href_to_index, formats, out_dir, Path(os.path.relpath(out_dir, target / "views")).as_posix())
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
-            staging / "manifest.json",
+            staging / outputs.MANIFEST,
             {
+                "schema_version": outputs.SCHEMA_VERSION,
                 "config": config.name,
                 "config_file": str(config.path),
                 "title": config.experiment.title,
@@ -289,6 +333,7 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
                 "resolved_config": config.resolved(),
                 "seed": config.run.seed,
                 "model": _model_record(loaded),
+                "model_identity": identity or model_identity(loaded),
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "timings_seconds": {"compute": computed - started, "render": rendered - computed, "total": rendered - started},
                 # Peak resident memory of the process while this config computed and rendered,
@@ -300,11 +345,45 @@ def run_one(config: LoadedConfig, loaded: LoadedModel, out_dir: Path, formats: S
             },
         )
         outputs.publish(staging, target, out_dir)
+    except OSError as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not writing:
+            raise
+        raise _unwritable(error, f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was published, earlier outputs are untouched") from None
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _each_model_once(planned: list[tuple[LoadedConfig, str, str]]) -> list[tuple[LoadedConfig, str, str]]:
+    """``planned`` with each model under one name (its first spelling: ``ck/a`` and ``ck/a/``
+    are one model) and each config run once on it."""
+    spelling: dict[str, str] = {}
+    kept: dict[tuple[int, str], tuple[LoadedConfig, str, str]] = {}
+    for config, name, label in planned:
+        name = spelling.setdefault(_source_identity(name), name)
+        kept.setdefault((id(config), name), (config, name, label))
+    return list(kept.values())
+
+
+def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
+    """Check ``out_dir``'s index, compare folder and the run folders ``targets``, undo what
+    interrupted runs left (swaps, temporary files), and rebuild the pages where a run was left
+    without its page.
+
+    Raises:
+        ConfigError: Something else than a run or the report's pages is in their place (exit 2).
+    """
+    outputs.check_output_folder(out_dir, targets)
+    try:
+        if outputs.recover_output_folder(out_dir):
+            logger.info("rebuilding the pages of %s, which an interrupted run left out of date", out_dir)
+            write_pages(out_dir)
+    except OSError as error:
+        raise _unwritable(error, f"can't put {out_dir} back in order after an interrupted run") from None
 
 
 def run_configs(
@@ -334,15 +413,23 @@ def run_configs(
         planned = [(config, model, "--model") for model in models for config in configs]
     else:
         planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
+    planned = _each_model_once(planned)
+    # Where each run goes unless its model falls back or shares its name: checked before loading.
+    _prepare_output_folder(out_dir, [outputs.run_target(out_dir, resolve_model(name).slug, config.name) for config, name, _ in planned])
     # Each model once, checking every config that uses it, before anything is written. The models
     # stay loaded until their configs have run (one model in the usual invocation).
     model_names = list(dict.fromkeys(name for _, name, _ in planned))
+    folders: dict[str, tuple[str, str]] = {}  # model name -> its folder under out_dir, its identity
+    taken: dict[str, str] = {}
     for model_name in model_names:
         users = [(config, label) for config, name, label in planned if name == model_name]
         first = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
         for config, _ in users:
             check_config(config, first)
+        identity = model_identity(first)
+        folders[model_name] = (outputs.model_folder(out_dir, first.slug, identity, taken), identity)
         del first  # the pool holds it; a name here would keep it alive when the pool frees it
+    outputs.check_output_folder(out_dir, [outputs.run_target(out_dir, folders[name][0], config.name) for config, name, _ in planned])
     written: list[Path] = []
     number = 0
     for model_name in model_names:
@@ -354,12 +441,15 @@ def run_configs(
             loaded = pool.get(model_name, config.experiment.weights, source_label)
             logger.info("[%d/%d] %s: %s on %s", number, len(planned), config.name, config.experiment.title, loaded.label())
             started = time.perf_counter()
-            target = run_one(config, loaded, out_dir, formats)
+            target = run_one(config, loaded, out_dir, formats, *folders[model_name])
             return_freed_memory()  # the config's activations and figures
             if target in written:  # e.g. two models that both fell back to the bundled one
                 logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
             written.append(target)
-            write_pages(out_dir)
+            try:
+                write_pages(out_dir)
+            except OSError as error:
+                raise _unwritable(error, f"{target} is published, but the pages could not be rebuilt (the next run rebuilds them)") from None
             logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(planned), config.name, time.perf_counter() - started, target)
             # The next config may want the other kind of weights: the pool frees this model then,
             # which it can only do if nothing else still refers to it.

@@ -10,6 +10,7 @@ run never leaves a half-written entry behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -177,7 +178,8 @@ def _tensors_to_store(model: HookedTransformer) -> tuple[dict[str, torch.Tensor]
 
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
     """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count; returns
-    the entry's folder."""
+    the entry's folder. When another process stores the same entry at the same time, the first
+    one renamed into place is kept and the other's copy dropped."""
     entry = _entry(key)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
@@ -187,9 +189,18 @@ def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) 
         (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
         (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(staging, entry)
+        if entry.exists() and not has_entry(key):  # an incomplete entry from before entries were renamed into place
+            shutil.rmtree(entry, ignore_errors=True)
+        try:
+            os.replace(staging, entry)
+        except OSError as error:
+            # Another process converting the same model stored the same entry first: keep its copy
+            # (a complete entry is never replaced, as another run may be reading it).
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not has_entry(key):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            logger.info("converted weights already cached in %s by another run", entry)
+            return entry
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from unraveled.outputs import write_text_atomic
+from unraveled.outputs import COMPARE_DIR, pages_locked, read_manifest, run_dirs, write_text_atomic
 from unraveled.render import templating
 from unraveled.render.templating import format_number, summarise
 
@@ -50,14 +50,13 @@ STORY_ORDER = (
     "ioi_circuit",
     "causal_tracing",
 )
-COMPARE_DIR = "compare"
 SHORT_SCALAR_LIST = 4  # shapes and pairs: compared like scalars on the compare pages
 MAX_RECORD_ROWS = 50  # rows of a list of records (top heads, ...) shown on a run page
 # Manifest entries the run page shows in their own places; any other is listed with the facts,
 # so what a newer runner records shows up without a change here.
 _SHOWN_MANIFEST_KEYS = {
     "config", "config_file", "title", "description", "resolved_config", "seed", "model", "created",
-    "timings_seconds", "figures", "views", "versions", "git_commit",
+    "timings_seconds", "figures", "views", "versions", "git_commit", "schema_version", "model_identity",
 }
 _LAYER_VIEW = re.compile(r"^(?P<group>.+?)_?layer_?(?P<layer>\d+)$")
 _LAYER_IN_TITLE = re.compile(r"[\s,:]*(\bof\b\s+)?(\bthe\b\s+)?\blayer\s+\d+\b", re.IGNORECASE)
@@ -117,23 +116,25 @@ class Run:
 def read_runs(out_dir: Path) -> list[Run]:
     """Every published run under ``out_dir``, in the order of the story, then config, then model.
 
-    Hidden folders (staging, previous) are skipped; a run whose JSON can't be read is skipped
-    with a warning rather than taking the whole report down.
+    Only the toolkit's own runs count (``outputs.read_manifest``): hidden folders (staging,
+    previous), links and folders whose ``manifest.json`` is not a run's are skipped, the last
+    with a warning naming the file, rather than taking the whole report down.
     """
     runs = []
-    for manifest_path in sorted(out_dir.glob("*/*/manifest.json")):
-        run_dir = manifest_path.parent
-        if run_dir.name.startswith(".") or run_dir.parent.name.startswith("."):
-            continue
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for run_dir in run_dirs(out_dir):
+        manifest, problem = read_manifest(run_dir)
+        metrics: Any = {}
+        if manifest is not None:
             metrics_path = run_dir / "metrics.json"
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            logger.warning("skipping %s in the report: %s", run_dir, error)
-            continue
-        if not isinstance(manifest, dict) or not isinstance(metrics, dict):
-            logger.warning("skipping %s in the report: manifest.json or metrics.json is not a JSON object", run_dir)
+            try:
+                metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                problem = f"{metrics_path}: {error}"
+            else:
+                if not isinstance(metrics, dict):
+                    problem = f"{metrics_path}: not a JSON object"
+        if problem is not None or manifest is None:
+            logger.warning("skipping %s in the report: %s", run_dir, problem)
             continue
         runs.append(Run(run_dir.parent.name, run_dir.name, manifest, metrics))
     return sorted(runs, key=lambda run: (story_rank(run.experiment), run.config, run.slug))
@@ -360,8 +361,14 @@ def write_pages(out_dir: Path) -> Path:
     """Rebuild every page under ``out_dir`` from what is on disk; returns the index's path.
 
     Compare pages of configs no longer run on two models are removed with the rest of the
-    stale ones: they are derived files, rebuilt from the runs each time.
+    stale ones: they are derived files, rebuilt from the runs each time. The rebuild holds the
+    lock on ``out_dir``, so two runs into one folder never write an index missing the other's run.
     """
+    with pages_locked(out_dir):
+        return _rebuild_pages(out_dir)
+
+
+def _rebuild_pages(out_dir: Path) -> Path:
     runs = read_runs(out_dir)
     sections = _sections(runs)
     compared = [config for config, config_runs in sections if len(config_runs) > 1]
