@@ -22,6 +22,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,20 @@ class LoadedConfig:
 
     def field_label(self, key: str) -> str:
         """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
-        from_set = any(key == set_key or set_key.startswith(f"{key}.") for set_key in self.set_keys)
-        return f"{key} (from --set)" if from_set else key
+        return _field_label(key, self.set_keys)
 
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""
         return {**self.run.model_dump(), "params": self.params.model_dump(mode="json")}
+
+
+def _from_set(key: str, set_keys: Collection[str]) -> bool:
+    """Whether ``--set`` gave ``key``'s value, or part of it, or the value it is part of."""
+    return any(key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.") for set_key in set_keys)
+
+
+def _field_label(key: str, set_keys: Collection[str]) -> str:
+    return f"{key} (from --set)" if _from_set(key, set_keys) else key
 
 
 def builtin_config_dir() -> Path:
@@ -241,6 +250,32 @@ def _expanded_chars(node: yaml.Node, memo: dict[int, int]) -> int:
     return size
 
 
+def _duplicate_key(node: yaml.Node, path: str, seen: set[int]) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping under ``node``: its dotted name and both lines."""
+    if id(node) in seen:  # an alias of a node already checked
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{index}]", child) for index, child in enumerate(node.value)]
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        children = []
+        for key, value in node.value:
+            name = f"{path}.{key.value}" if path else str(key.value)
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    return name, lines[key.value], key.start_mark.line + 1
+                lines[key.value] = key.start_mark.line + 1
+            children.append((name, value))
+    else:
+        return None
+    for child_path, child in children:
+        found = _duplicate_key(child, child_path, seen)
+        if found is not None:
+            return found
+    return None
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -260,6 +295,11 @@ def parse_yaml(text: str, source: str, field: str | None = None) -> Any:
             raise ConfigError(
                 source, field, f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out"
             )
+        duplicate = _duplicate_key(node, field or "", set())
+        if duplicate is not None:
+            key, first, second = duplicate
+            # YAML parsers keep the last value silently; a config that says one thing twice is a mistake.
+            raise ConfigError(source, key, f"given twice, at lines {first} and {second}; keep one")
         return loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(source, field, _yaml_problem(error)) from None
@@ -315,7 +355,14 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, source: s
     node[parts[-1]] = value
 
 
-def _format_validation_error(error: ValidationError, source: str, prefix: str, schema: type[BaseModel]) -> ConfigError:
+def _format_validation_error(
+    error: ValidationError, source: str, prefix: str, schema: type[BaseModel], set_keys: Collection[str], set_source: str
+) -> ConfigError:
+    """The schema's complaints as one error: the first field in the headline, the rest below.
+
+    A field ``--set`` gave is labelled ``(from --set)`` and, when it comes first, the error is
+    ``set_source``'s, not the file's: the file's value is not the one at fault.
+    """
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
@@ -328,8 +375,9 @@ def _format_validation_error(error: ValidationError, source: str, prefix: str, s
             problem = f"{item['msg']}, got {shorten(item['input'])}"
         problems.append((field, problem))
     first_field, first_problem = problems[0]
-    rest = "".join(f"\n  {field}: {problem}" for field, problem in problems[1:])
-    return ConfigError(source, first_field, first_problem + rest)
+    rest = "".join(f"\n  {_field_label(field, set_keys)}: {problem}" for field, problem in problems[1:])
+    where = set_source if _from_set(first_field, set_keys) else source
+    return ConfigError(where, _field_label(first_field, set_keys), first_problem + rest)
 
 
 def load_config(name: str, config_dir: Path | None = None, overrides: list[str] | None = None) -> LoadedConfig:
@@ -357,15 +405,17 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     if not isinstance(raw, dict):
         raise ConfigError(source, None, "expected a mapping with keys experiment, description, params")
     split = [_split_override(override) for override in overrides or []]
+    set_keys = frozenset(".".join(parts) for parts, _ in split)
+    set_source = f"--set for {path.stem}"
     for parts, text in split:
         if parts[0] == "experiment":
             raise ConfigError("--set", "experiment", "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead")
         if parts[0] != "params":
-            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), source)
+            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), set_source)
     try:
         run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
     except ValidationError as error:
-        raise _format_validation_error(error, source, "", RunConfig) from None
+        raise _format_validation_error(error, source, "", RunConfig, set_keys, set_source) from None
     if not isinstance(raw.get("params") or {}, dict):
         raise ConfigError(source, "params", f"expected a mapping of the experiment's params, got {shorten(raw['params'])}")
     known = available_experiments()
@@ -381,11 +431,10 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
         if parts[0] == "params":
             if len(parts) == 1:
                 raise ConfigError("--set", "params", "set one param at a time: --set params.NAME=VALUE")
-            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), source)
+            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), set_source)
     try:
         params = experiment.params.model_validate(raw_params)
     except ValidationError as error:
-        raise _format_validation_error(error, source, "params", experiment.params) from None
+        raise _format_validation_error(error, source, "params", experiment.params, set_keys, set_source) from None
     run = run.model_copy(update={"params": raw_params})
-    set_keys = frozenset(".".join(parts) for parts, _ in split)
     return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
