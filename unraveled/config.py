@@ -22,6 +22,7 @@ import re
 import reprlib
 import types
 import typing
+import unicodedata
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 # ("billion laughs"); refuse documents whose aliases would expand beyond this many characters.
 MAX_EXPANDED_CHARS = 1_000_000
 SEED_LIMIT = 2**32
+# A description may quote what runs: {params.prompt}, {params.ioi.n_pairs}, {seed}. Rendered from
+# the resolved values, so a --set prompt is the one the page and the manifest quote.
+DESCRIPTION_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
@@ -90,6 +94,68 @@ class LoadedConfig:
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""
         return {**self.run.model_dump(), "params": self.params.model_dump(mode="json")}
+
+    @property
+    def description(self) -> str:
+        """The description with every ``{params.NAME}`` and ``{seed}`` replaced by the value that runs."""
+        return render_description(self.run.description, self.resolved(), str(self.path))
+
+    def overrides(self) -> dict[str, Any]:
+        """Each key ``--set`` gave (``params.prompt``), with the value it ran with."""
+        resolved = self.resolved()
+        return {key: _lookup(resolved, key) for key in sorted(self.set_keys)}
+
+
+def _lookup(values: dict[str, Any], dotted: str) -> Any:
+    """``values["params"]["ioi"]["n_pairs"]`` for ``params.ioi.n_pairs``; KeyError when absent."""
+    value: Any = values
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+# Bidirectional classes that can reorder the text around them: right-to-left letters and the
+# embedding, override and isolate controls (an unclosed U+202E reverses everything after it).
+_BIDI_CLASSES = {"R", "AL", "AN", "RLE", "RLO", "LRE", "LRO", "RLI", "LRI", "FSI", "PDF", "PDI"}
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        if any(unicodedata.bidirectional(char) in _BIDI_CLASSES for char in value):
+            # Isolated (FIRST STRONG ISOLATE ... POP DIRECTIONAL ISOLATE, the text form of <bdi>):
+            # a right-to-left prompt or a stray override reorders only itself, not the description.
+            return f"\u2068{value}\u2069"
+        return value
+    if isinstance(value, list):
+        return ", ".join(_as_text(item) for item in value)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def render_description(template: str, resolved: dict[str, Any], source: str, field: str = "description") -> str:
+    """``template`` with its placeholders filled from the resolved config (``LoadedConfig.resolved``).
+
+    Only ``{params.NAME}`` (dotted for nested params) and ``{seed}`` are placeholders; other
+    braces are text.
+
+    Raises:
+        ConfigError: For a placeholder naming no param, naming the params there are.
+    """
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        if name != "seed" and not name.startswith("params."):
+            raise ConfigError(source, field, f"{{{name}}} is not a placeholder: a description quotes {{params.NAME}} or {{seed}}")
+        try:
+            return _as_text(_lookup(resolved, name))
+        except KeyError:
+            known = list(resolved["params"])
+            raise ConfigError(
+                source, field, f"{{{name}}} names no param{_did_you_mean(name.removeprefix('params.'), known)} (params: {', '.join(known)})"
+            ) from None
+
+    return DESCRIPTION_PLACEHOLDER.sub(value, template)
 
 
 def _from_set(key: str, set_keys: Collection[str]) -> bool:
@@ -437,4 +503,8 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     except ValidationError as error:
         raise _format_validation_error(error, source, "params", experiment.params, set_keys, set_source) from None
     run = run.model_copy(update={"params": raw_params})
-    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
+    loaded = LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
+    # A placeholder naming no param is an error now, before any model loads, not on the page.
+    from_set = _from_set("description", set_keys)
+    render_description(run.description, loaded.resolved(), set_source if from_set else source, _field_label("description", set_keys))
+    return loaded
