@@ -13,9 +13,9 @@ from unraveled.render.figures import token_label
 
 @pytest.mark.parametrize(
     ("token", "label"),
-    [(" goose", " goose"), ("\n\n", "\\n\\n"), (" " + "-" * 40, " ----------…"), ("abcdefghijkl", "abcdefghijkl"), ("abcdefghijklm", "abcdefghijk…")],
+    [(" goose", " goose"), ("\n\n", "\\n\\n"), (" " + "-" * 40, " -----------…"), ("<|endoftext|>", "<|endoftext|>"), ("abcdefghijklmn", "abcdefghijkl…")],
 )
-def test_token_label_escapes_and_cuts_at_twelve_characters(token: str, label: str) -> None:
+def test_token_label_escapes_and_cuts_at_thirteen_characters(token: str, label: str) -> None:
     assert token_label(token) == label
 
 

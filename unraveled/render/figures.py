@@ -17,7 +17,8 @@ PANEL_INCHES = (5.0, 4.2)
 # Characters of a token shown as a tick label. GPT-2's longest tokens (runs of "-", "_", "=") are
 # over 60 characters: drawn whole, one label is wider than a heatmap panel and constrained layout
 # gives up; even at two dozen characters it squeezes the heatmaps into a corner of the figure.
-MAX_LABEL_CHARS = 12
+# 13 keeps GPT-2's BOS token, "<|endoftext|>", whole.
+MAX_LABEL_CHARS = 13
 
 
 def token_label(token: str, max_chars: int = MAX_LABEL_CHARS) -> str:
