@@ -64,7 +64,7 @@ _SHOWN_MANIFEST_KEYS = {
 ORIGINAL_ANALYSIS = {
     "title": "GPT-2 Unraveled",
     "author": "Massimiliano Viola",
-    "url": "https://github.com/massimilianoviola/gpt2-unraveled",
+    "repository": "github.com/massimilianoviola/gpt2-unraveled",
     "configs": ("embeddings", "layernorm", "attention", "mlp", "token_journey"),
 }
 _LAYER_VIEW = re.compile(r"^(?P<group>.+?)_?layer_?(?P<layer>\d+)$")
