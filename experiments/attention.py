@@ -108,10 +108,10 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
 def render(result: AttentionResult) -> Iterator[Artifact]:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
-    from unraveled.render.figures import heatmap, layer_grid, panels
+    from unraveled.render.figures import heatmap, layer_grid, panels, token_label
 
     n_layers = len(result.patterns)
-    labels = [repr(token)[1:-1] for token in result.tokens]
+    labels = [token_label(token) for token in result.tokens]
     figure, axes_list = layer_grid(n_layers)
     causal_future = np.triu(np.ones((len(labels), len(labels)), dtype=bool), k=1)
     for layer, axes in enumerate(axes_list):

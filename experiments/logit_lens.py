@@ -98,7 +98,7 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
 
 def render(result: LogitLensResult) -> Iterator[Artifact]:
     from unraveled.analysis import STATE_AXIS_LABEL
-    from unraveled.render.figures import panels
+    from unraveled.render.figures import panels, token_label
 
     n_points, n_pos = result.top1_prob.shape
     figure, (axes,) = panels(1)
@@ -108,7 +108,7 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
         for pos in range(n_pos):
             colour = "white" if result.top1_prob[point, pos] > 0.6 else "black"
             axes.text(pos, point, repr(result.top1_token[point][pos])[1:-1][:8], ha="center", va="center", fontsize=6, color=colour)
-    axes.set_xticks(range(n_pos), [repr(t)[1:-1] for t in result.tokens], rotation=60, fontsize=7)
+    axes.set_xticks(range(n_pos), [token_label(t) for t in result.tokens], rotation=60, fontsize=7)
     axes.set_yticks(range(n_points), result.point_labels, fontsize=6)
     axes.set(title="Logit lens: top-1 decoded token at every layer and position (colour: its probability)", xlabel="Input position")
     figure.colorbar(image, ax=axes, label="probability of the top-1 token")

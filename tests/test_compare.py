@@ -81,7 +81,7 @@ def test_compare_metrics_table_has_a_column_per_model(two_model_report: TwoModel
     row = re.search(r"<tr><td>mean_next_token_loss</td>(.*?)</tr>", html, re.S)
     assert row is not None
     losses = [json.loads((out / model / "attention" / "metrics.json").read_text())["mean_next_token_loss"] for model in MODELS]
-    assert re.findall(r"<td>([^<]*)</td>", row.group(1)) == [f"{loss:.4g}" for loss in losses]
+    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", row.group(1)) == [f"{loss:.4g}" for loss in losses]
     assert losses[0] != losses[1]
 
 

@@ -95,3 +95,50 @@ def test_shipped_configs_are_valid() -> None:
     assert "embeddings" in names
     for name in names:
         load_config(name)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("experiment: embeddings\ndescription: first\nparams: {}\ndescription: second\n", "description", (2, 4)),
+        ("experiment: embeddings\ndescription: d\nparams:\n  chunk_tokens: 5\n  chunk_dims: 5\n  chunk_tokens: 6\n", "params.chunk_tokens", (4, 6)),
+    ],
+)
+def test_cli_refuses_a_key_given_twice_naming_both_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, lines: tuple[int, int]) -> None:
+    path = _write(tmp_path / "configs", "twice", text)
+    out = tmp_path / "out"
+    assert main(["run", "twice", "--config-dir", str(tmp_path / "configs"), "--out", str(out)]) == 2
+    assert f"{path}: {key}: given twice, at lines {lines[0]} and {lines[1]}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_key_repeated_through_an_alias_or_merge_is_not_a_duplicate(tmp_path: Path) -> None:
+    _write(tmp_path, "merged", "experiment: embeddings\ndescription: d\nparams:\n  <<: {chunk_tokens: 5, chunk_dims: 4}\n  chunk_tokens: 6\n")
+    assert load_config("merged", tmp_path).params.chunk_tokens == 6  # a merge's key is overridden, not repeated
+    _write(tmp_path, "aliased", "experiment: embeddings\ndescription: d\nparams: {chunk_tokens: &n 5, chunk_dims: *n}\n")
+    assert load_config("aliased", tmp_path).params.chunk_dims == 5
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "fragment"),
+    [
+        ("params.chunk_tokens=0", "params.chunk_tokens", "greater than or equal to 1, got 0"),
+        ("params.chunk_token=5", "params.chunk_token", "did you mean 'chunk_tokens'"),
+        ("seed=-1", "seed", "greater than or equal to 0, got -1"),
+    ],
+)
+def test_cli_set_errors_say_from_set_and_not_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, field: str, fragment: str) -> None:
+    path = _write(tmp_path / "configs", "good", GOOD)
+    out = tmp_path / "out"
+    assert main(["run", "good", "--config-dir", str(tmp_path / "configs"), "--out", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert f"--set for good: {field} (from --set): " in err and fragment in err
+    assert str(path) not in err  # the file's value is fine
+    assert not out.exists()
+
+
+def test_file_errors_beside_a_set_value_still_name_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "bad", "experiment: embeddings\ndescription: d\nparams:\n  chunk_tokens: 0\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config("bad", tmp_path, ["params.chunk_dims=5"])
+    assert raised.value.source == str(path) and raised.value.field == "params.chunk_tokens"

@@ -100,6 +100,10 @@ def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallbac
     assert "rotary" in metrics["not_applicable"]["position embeddings"]
     index = (out / "index.html").read_text()
     assert "Fallback model." in index and "Not applicable: position embeddings" in index
+    # The embedding and weight analyses study the bundled weights: the banner says what they are.
+    note = manifest["model"]["weights_note"]
+    assert "SmolLM2-135M-Instruct" in note and "quantized to 4 bits (GGUF Q4_1)" in note
+    assert f"Note that {note}." in index
 
 
 @pytest.mark.parametrize("how", [["--no-fallback"], []])

@@ -151,7 +151,7 @@ def test_run_page_shows_figures_facts_metrics_and_files(tmp_path: Path) -> None:
     nested = html.split("<code>nested</code>")[1].split("</details>")[0]
     assert "<code>inner</code>" in nested and "deep_value" in nested
     records = html.split("<code>top_heads</code>")[1].split("</details>")[0]
-    assert re.findall(r"<td[^>]*>([^<]+)</td>", records) == ["3.1", "0.9", "0.2", "0.5"]
+    assert re.findall(r"<td[^>]*><bdi>([^<]+)</bdi></td>", records) == ["3.1", "0.9", "0.2", "0.5"]
     assert "Not applicable: position embeddings: rotary" in html
     assert_links_resolve(page)
 
@@ -177,7 +177,7 @@ def test_fallback_runs_are_marked_on_every_page(tmp_path: Path) -> None:
     write_pages(tmp_path)
     for page in ("index.html", "smollm2-135m/attention/index.html", "compare/attention.html"):
         html = (tmp_path / page).read_text()
-        assert "Fallback model." in html and REASON.replace("'", "&#39;") in html and "fallback for gpt2" in html, page
+        assert "Fallback model." in html and REASON.replace("'", "&#39;") in html and "fallback for <bdi>gpt2</bdi>" in html, page
     assert "Fallback model." not in (tmp_path / "tiny-gpt2/attention/index.html").read_text()
 
 
@@ -197,9 +197,9 @@ def test_compare_pairs_figures_by_name_and_shows_gaps(tmp_path: Path) -> None:
     assert cells(rows["03_pca"]) == ["../model-a/embeddings/figures/03_pca.png", "../model-b/embeddings/figures/03_pca.png"]
     assert cells(rows["04_extra"]) == ["gap", "../model-b/embeddings/figures/04_extra.png"]
     table = {name: values for name, values in re.findall(r"<tr><td>([a-z_]+)</td>(.*?)</tr>", html, re.S)}
-    assert re.findall(r"<td>([^<]*)</td>", table["rank"]) == ["3", "5"]
-    assert re.findall(r"<td>([^<]*)</td>", table["shape"]) == ["[10, 4]", "[20, 4]"]
-    assert re.findall(r"<td>([^<]*)</td>", table["only_a"]) == ["1", ""]
+    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", table["rank"]) == ["3", "5"]
+    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", table["shape"]) == ["[10, 4]", "[20, 4]"]
+    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", table["only_a"]) == ["1", ""]
     # Only configs present on two models get a compare page, and the index links it.
     assert not (tmp_path / "compare" / "mlp.html").exists()
     assert 'href="compare/embeddings.html"' in (tmp_path / "index.html").read_text()
@@ -307,3 +307,94 @@ def test_save_figure_writes_each_format_and_a_thumbnail(tmp_path: Path) -> None:
     assert only_pdf["file"] == "figures/03_pdf.pdf" and not (tmp_path / "figures/03_pdf.png").exists()
     with Image.open(tmp_path / only_pdf["thumbnail"]) as thumb:
         assert thumb.width == THUMBNAIL_WIDTH
+
+
+def _edit_manifest(run_dir: Path, **changes: Any) -> None:
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "model":
+            manifest["model"].update(value)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+class _Isolation(HTMLParser):
+    """Each text run holding a bidi control, with the tags open around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.found: list[tuple[str, list[str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in {"meta", "img", "link", "br", "input"}:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.stack:
+            del self.stack[len(self.stack) - 1 - self.stack[::-1].index(tag):]
+
+    def handle_data(self, data: str) -> None:
+        if "\u202e" in data:
+            self.found.append((data, list(self.stack)))
+
+
+def test_user_text_with_a_right_to_left_override_is_isolated(tmp_path: Path) -> None:
+    for slug in ("model-a", "model-b"):
+        run_dir = write_run(tmp_path, slug, "attention")
+        _edit_manifest(run_dir, model={"used": f"ck/\u202e{slug}", "requested": f"ck/\u202e{slug}", "loaded_from": f"local checkpoint (ck/\u202e{slug})"})
+    write_pages(tmp_path)
+    pages = [tmp_path / "model-a" / "attention" / "index.html", tmp_path / "compare" / "attention.html"]
+    for page in pages:
+        isolation = _Isolation()
+        isolation.feed(page.read_text())
+        assert isolation.found, page
+        # The override reverses only the text inside its <bdi>, never what follows in the cell.
+        assert all(stack[-1] == "bdi" for _, stack in isolation.found), (page, isolation.found)
+    html = pages[0].read_text()
+    assert "<td><bdi>local checkpoint (ck/\u202emodel-a)</bdi> <span class=\"muted\">(converted weights read from the cache)</span></td>" in html
+
+
+def test_overridden_runs_are_marked_and_described_as_they_ran(tmp_path: Path) -> None:
+    write_run(tmp_path, "model-a", "logit_lens", description='The logit lens on "When Mary".')
+    changed = write_run(tmp_path, "model-b", "logit_lens", description='The logit lens on "Paris".')
+    _edit_manifest(changed, overrides={"params.layer": 3})
+    write_pages(tmp_path)
+    run_page = (tmp_path / "model-b" / "logit_lens" / "index.html").read_text()
+    assert "overridden: params.layer from --set" in run_page and "<strong>Overridden.</strong>" in run_page
+    assert re.search(r'<tr class=overridden><td>params.layer</td><td><bdi>3</bdi> <span class="badge overridden">--set</span></td></tr>', run_page)
+    assert "overridden:" not in (tmp_path / "model-a" / "logit_lens" / "index.html").read_text()
+    # The runs differ: each row of the index and the compare page says what its own run shows.
+    for page in (tmp_path / "index.html", tmp_path / "compare" / "logit_lens.html"):
+        html = page.read_text()
+        assert html.count("The logit lens on &#34;When Mary&#34;.") == 1 and html.count("The logit lens on &#34;Paris&#34;.") == 1, page
+        assert "overridden: params.layer from --set" in html, page
+
+
+def test_shared_description_is_shown_once(tmp_path: Path) -> None:
+    for slug in ("model-a", "model-b"):
+        write_run(tmp_path, slug, "logit_lens", description="Same for both.")
+    write_pages(tmp_path)
+    assert (tmp_path / "index.html").read_text().count("Same for both.") == 1
+    assert (tmp_path / "compare" / "logit_lens.html").read_text().count("Same for both.") == 1
+
+
+def test_the_index_names_the_original_analysis_once(tmp_path: Path) -> None:
+    write_run(tmp_path, "gpt2", "embeddings")
+    html = write_pages(tmp_path).read_text()
+    assert html.count("GPT-2 Unraveled") == 1 and html.count("Massimiliano Viola") == 1
+    assert "github.com/massimilianoviola/gpt2-unraveled" in html
+
+
+def test_fallback_banner_says_what_the_bundled_weights_are(tmp_path: Path) -> None:
+    note = "the bundled weights are SmolLM2-135M-Instruct, quantized to 4 bits (GGUF Q4_1)"
+    _edit_manifest(write_run(tmp_path, "smollm2-135m", "embeddings", fallback=True), model={"weights_note": note})
+    _edit_manifest(write_run(tmp_path, "smollm2-135m", "mlp"), model={"weights_note": note})
+    write_pages(tmp_path)
+    banner = re.search(r'<div class="banner"><strong>Fallback model.</strong>(.*?)</div>', (tmp_path / "smollm2-135m" / "embeddings" / "index.html").read_text())
+    assert banner is not None and f", and {note}." in banner.group(1)
+    assert f"Note that {note}." in (tmp_path / "index.html").read_text()
+    # Not a fallback, the same weights: said as a note.
+    assert f"Weights: {note}." in (tmp_path / "smollm2-135m" / "mlp" / "index.html").read_text()

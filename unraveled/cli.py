@@ -80,7 +80,7 @@ def list_configs(config_dir: ConfigDirOption = None) -> None:
     table = Table(*columns, caption=sources.describe(), caption_justify="left")
     for name in sources.files():
         config = load_config(name, config_dir)
-        table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.run.description)
+        table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.description)
     _print_table(table)
 
 

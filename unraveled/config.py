@@ -22,6 +22,8 @@ import re
 import reprlib
 import types
 import typing
+import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,9 @@ CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 # ("billion laughs"); refuse documents whose aliases would expand beyond this many characters.
 MAX_EXPANDED_CHARS = 1_000_000
 SEED_LIMIT = 2**32
+# A description may quote what runs: {params.prompt}, {params.ioi.n_pairs}, {seed}. Rendered from
+# the resolved values, so a --set prompt is the one the page and the manifest quote.
+DESCRIPTION_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
 
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 80
@@ -84,12 +89,82 @@ class LoadedConfig:
 
     def field_label(self, key: str) -> str:
         """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
-        from_set = any(key == set_key or set_key.startswith(f"{key}.") for set_key in self.set_keys)
-        return f"{key} (from --set)" if from_set else key
+        return _field_label(key, self.set_keys)
 
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""
         return {**self.run.model_dump(), "params": self.params.model_dump(mode="json")}
+
+    @property
+    def description(self) -> str:
+        """The description with every ``{params.NAME}`` and ``{seed}`` replaced by the value that runs."""
+        return render_description(self.run.description, self.resolved(), str(self.path))
+
+    def overrides(self) -> dict[str, Any]:
+        """Each key ``--set`` gave (``params.prompt``), with the value it ran with."""
+        resolved = self.resolved()
+        return {key: _lookup(resolved, key) for key in sorted(self.set_keys)}
+
+
+def _lookup(values: dict[str, Any], dotted: str) -> Any:
+    """``values["params"]["ioi"]["n_pairs"]`` for ``params.ioi.n_pairs``; KeyError when absent."""
+    value: Any = values
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+# Bidirectional classes that can reorder the text around them: right-to-left letters and the
+# embedding, override and isolate controls (an unclosed U+202E reverses everything after it).
+_BIDI_CLASSES = {"R", "AL", "AN", "RLE", "RLO", "LRE", "LRO", "RLI", "LRI", "FSI", "PDF", "PDI"}
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        if any(unicodedata.bidirectional(char) in _BIDI_CLASSES for char in value):
+            # Isolated (FIRST STRONG ISOLATE ... POP DIRECTIONAL ISOLATE, the text form of <bdi>):
+            # a right-to-left prompt or a stray override reorders only itself, not the description.
+            return f"\u2068{value}\u2069"
+        return value
+    if isinstance(value, list):
+        return ", ".join(_as_text(item) for item in value)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def render_description(template: str, resolved: dict[str, Any], source: str, field: str = "description") -> str:
+    """``template`` with its placeholders filled from the resolved config (``LoadedConfig.resolved``).
+
+    Only ``{params.NAME}`` (dotted for nested params) and ``{seed}`` are placeholders; other
+    braces are text.
+
+    Raises:
+        ConfigError: For a placeholder naming no param, naming the params there are.
+    """
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        if name != "seed" and not name.startswith("params."):
+            raise ConfigError(source, field, f"{{{name}}} is not a placeholder: a description quotes {{params.NAME}} or {{seed}}")
+        try:
+            return _as_text(_lookup(resolved, name))
+        except KeyError:
+            known = list(resolved["params"])
+            raise ConfigError(
+                source, field, f"{{{name}}} names no param{_did_you_mean(name.removeprefix('params.'), known)} (params: {', '.join(known)})"
+            ) from None
+
+    return DESCRIPTION_PLACEHOLDER.sub(value, template)
+
+
+def _from_set(key: str, set_keys: Collection[str]) -> bool:
+    """Whether ``--set`` gave ``key``'s value, or part of it, or the value it is part of."""
+    return any(key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.") for set_key in set_keys)
+
+
+def _field_label(key: str, set_keys: Collection[str]) -> str:
+    return f"{key} (from --set)" if _from_set(key, set_keys) else key
 
 
 def builtin_config_dir() -> Path:
@@ -241,6 +316,32 @@ def _expanded_chars(node: yaml.Node, memo: dict[int, int]) -> int:
     return size
 
 
+def _duplicate_key(node: yaml.Node, path: str, seen: set[int]) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping under ``node``: its dotted name and both lines."""
+    if id(node) in seen:  # an alias of a node already checked
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{index}]", child) for index, child in enumerate(node.value)]
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        children = []
+        for key, value in node.value:
+            name = f"{path}.{key.value}" if path else str(key.value)
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    return name, lines[key.value], key.start_mark.line + 1
+                lines[key.value] = key.start_mark.line + 1
+            children.append((name, value))
+    else:
+        return None
+    for child_path, child in children:
+        found = _duplicate_key(child, child_path, seen)
+        if found is not None:
+            return found
+    return None
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -260,6 +361,11 @@ def parse_yaml(text: str, source: str, field: str | None = None) -> Any:
             raise ConfigError(
                 source, field, f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out"
             )
+        duplicate = _duplicate_key(node, field or "", set())
+        if duplicate is not None:
+            key, first, second = duplicate
+            # YAML parsers keep the last value silently; a config that says one thing twice is a mistake.
+            raise ConfigError(source, key, f"given twice, at lines {first} and {second}; keep one")
         return loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ConfigError(source, field, _yaml_problem(error)) from None
@@ -315,7 +421,14 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, source: s
     node[parts[-1]] = value
 
 
-def _format_validation_error(error: ValidationError, source: str, prefix: str, schema: type[BaseModel]) -> ConfigError:
+def _format_validation_error(
+    error: ValidationError, source: str, prefix: str, schema: type[BaseModel], set_keys: Collection[str], set_source: str
+) -> ConfigError:
+    """The schema's complaints as one error: the first field in the headline, the rest below.
+
+    A field ``--set`` gave is labelled ``(from --set)`` and, when it comes first, the error is
+    ``set_source``'s, not the file's: the file's value is not the one at fault.
+    """
     problems = []
     for item in error.errors():
         field = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
@@ -328,8 +441,9 @@ def _format_validation_error(error: ValidationError, source: str, prefix: str, s
             problem = f"{item['msg']}, got {shorten(item['input'])}"
         problems.append((field, problem))
     first_field, first_problem = problems[0]
-    rest = "".join(f"\n  {field}: {problem}" for field, problem in problems[1:])
-    return ConfigError(source, first_field, first_problem + rest)
+    rest = "".join(f"\n  {_field_label(field, set_keys)}: {problem}" for field, problem in problems[1:])
+    where = set_source if _from_set(first_field, set_keys) else source
+    return ConfigError(where, _field_label(first_field, set_keys), first_problem + rest)
 
 
 def load_config(name: str, config_dir: Path | None = None, overrides: list[str] | None = None) -> LoadedConfig:
@@ -357,15 +471,17 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     if not isinstance(raw, dict):
         raise ConfigError(source, None, "expected a mapping with keys experiment, description, params")
     split = [_split_override(override) for override in overrides or []]
+    set_keys = frozenset(".".join(parts) for parts, _ in split)
+    set_source = f"--set for {path.stem}"
     for parts, text in split:
         if parts[0] == "experiment":
             raise ConfigError("--set", "experiment", "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead")
         if parts[0] != "params":
-            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), source)
+            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), set_source)
     try:
         run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
     except ValidationError as error:
-        raise _format_validation_error(error, source, "", RunConfig) from None
+        raise _format_validation_error(error, source, "", RunConfig, set_keys, set_source) from None
     if not isinstance(raw.get("params") or {}, dict):
         raise ConfigError(source, "params", f"expected a mapping of the experiment's params, got {shorten(raw['params'])}")
     known = available_experiments()
@@ -381,11 +497,14 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
         if parts[0] == "params":
             if len(parts) == 1:
                 raise ConfigError("--set", "params", "set one param at a time: --set params.NAME=VALUE")
-            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), source)
+            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), set_source)
     try:
         params = experiment.params.model_validate(raw_params)
     except ValidationError as error:
-        raise _format_validation_error(error, source, "params", experiment.params) from None
+        raise _format_validation_error(error, source, "params", experiment.params, set_keys, set_source) from None
     run = run.model_copy(update={"params": raw_params})
-    set_keys = frozenset(".".join(parts) for parts, _ in split)
-    return LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
+    loaded = LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
+    # A placeholder naming no param is an error now, before any model loads, not on the page.
+    from_set = _from_set("description", set_keys)
+    render_description(run.description, loaded.resolved(), set_source if from_set else source, _field_label("description", set_keys))
+    return loaded

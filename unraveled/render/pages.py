@@ -55,8 +55,16 @@ MAX_RECORD_ROWS = 50  # rows of a list of records (top heads, ...) shown on a ru
 # Manifest entries the run page shows in their own places; any other is listed with the facts,
 # so what a newer runner records shows up without a change here.
 _SHOWN_MANIFEST_KEYS = {
-    "config", "config_file", "title", "description", "resolved_config", "seed", "model", "created",
+    "config", "config_file", "title", "description", "overrides", "resolved_config", "seed", "model", "created",
     "timings_seconds", "figures", "views", "versions", "git_commit", "schema_version", "model_identity",
+}
+# The analysis the first configs redo, named once on the index (and in the README); its address
+# is shown as text, not a link: the pages make no network requests, not even on a click.
+ORIGINAL_ANALYSIS = {
+    "title": "GPT-2 Unraveled",
+    "author": "Massimiliano Viola",
+    "repository": "github.com/massimilianoviola/gpt2-unraveled",
+    "configs": ("embeddings", "layernorm", "attention", "mlp", "token_journey"),
 }
 _LAYER_VIEW = re.compile(r"^(?P<group>.+?)_?layer_?(?P<layer>\d+)$")
 _LAYER_IN_TITLE = re.compile(r"[\s,:]*(\bof\b\s+)?(\bthe\b\s+)?\blayer\s+\d+\b", re.IGNORECASE)
@@ -102,6 +110,27 @@ class Run:
     def is_fallback(self) -> bool:
         """Whether the model used is not the one asked for."""
         return bool(self.model.get("is_fallback"))
+
+    @property
+    def description(self) -> str:
+        """What the run shows, as the runner rendered it from the params that ran."""
+        return str(self.manifest.get("description") or "")
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """What ``--set`` changed from the config file (``params.prompt``: its value); {} for none."""
+        overrides = self.manifest.get("overrides")
+        return dict(overrides) if isinstance(overrides, dict) else {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The params as they ran, defaults filled in."""
+        params = self.manifest.get("resolved_config", {}).get("params")
+        return dict(params) if isinstance(params, dict) else {}
+
+    def is_overridden(self, key: str) -> bool:
+        """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is part of."""
+        return any(key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.") for set_key in self.overrides)
 
     @property
     def figures(self) -> list[dict[str, Any]]:
@@ -291,6 +320,13 @@ def _render(template: str, page: str, **context: Any) -> str:
     return templating.environment().get_template(template).render(link=link, page=page, **context)
 
 
+def shared_description(runs: Sequence[Run]) -> str | None:
+    """The description every run of a config shares, or None when they differ (a ``--set``
+    prompt on one model): each run's own is shown then."""
+    descriptions = {run.description for run in runs}
+    return descriptions.pop() if len(descriptions) == 1 else None
+
+
 def _sections(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
     sections: dict[str, list[Run]] = {}
     for run in runs:  # already in story order
@@ -301,7 +337,9 @@ def _sections(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
 def _models(runs: Sequence[Run]) -> list[dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
     for run in sorted(runs, key=lambda run: run.slug):
-        entry = models.setdefault(run.slug, {"slug": run.slug, "runs": 0, "fallbacks": {}, "label": run.model.get("label", run.slug)})
+        entry = models.setdefault(
+            run.slug, {"slug": run.slug, "runs": 0, "fallbacks": {}, "label": run.model.get("label", run.slug), "weights_note": run.model.get("weights_note")}
+        )
         entry["runs"] += 1
         if run.is_fallback:
             entry["fallbacks"][run.model.get("requested")] = run.model.get("fallback_reason")
@@ -318,6 +356,8 @@ def render_index(out_dir: Path, runs: Sequence[Run], compared: Sequence[str]) ->
         sections=_sections(runs),
         models=_models(runs),
         compared=set(compared),
+        original=ORIGINAL_ANALYSIS,
+        shared_description=shared_description,
         compare_page=compare_page,
         view_groups=lambda run: view_groups(run.manifest.get("views", [])),
     )
@@ -347,6 +387,7 @@ def render_compare(config: str, runs: Sequence[Run]) -> str:
         runs=runs,
         title=runs[0].manifest.get("title", config),
         rows=paired_figures(runs),
+        description=shared_description(runs),
         metrics=compared_metrics(runs),
         groups=[view_groups(run.manifest.get("views", [])) for run in runs],
     )
