@@ -37,6 +37,22 @@ def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, req
     assert result.edge_sum_error < 1e-4
 
 
+def test_corrupted_prompts_are_scored_against_their_own_answer(tiny_llama_dir: Path, tiny_model: SharedTinyModels) -> None:
+    """Each swap-corrupted prompt run alone: its own answer is the subject, compared by hand."""
+    from unraveled.datasets.ioi import ioi_pairs
+
+    model = tiny_model(tiny_llama_dir, "processed")
+    ioi = IOIParams(n_pairs=3)
+    prefers_subject = []
+    for pair in ioi_pairs(ioi, seed=0):
+        logits = model(pair.corrupted)[0, -1]
+        io, subject = (model.to_single_token(f" {name}") for name in (pair.io, pair.s))
+        prefers_subject.append(float(logits[subject] > logits[io]))
+    params = ioi_circuit.IOICircuitParams(ioi=ioi, top_edges=5, circuit_sizes=[1], edge_counts=[5], random_draws=1)
+    corrupted = ioi_circuit.compute(model, params, seed=0).metrics()["corrupted"]
+    assert corrupted["share_incorrect_over_correct"] == pytest.approx(np.mean(prefers_subject))
+
+
 def test_ioi_circuit_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
     out = tmp_path / "out"
     assert main(["run", "ioi_circuit", "--model", str(tiny_llama_dir), "--out", str(out), "--set", "params.ioi.n_pairs=3"]) == 0
