@@ -239,6 +239,8 @@ def test_bad_corpus_exits_2_naming_the_path_before_loading_the_model(
 ) -> None:
     source, message = _bad_corpora(tmp_path)[case]
     monkeypatch.setattr("unraveled.runner.load_model", _no_model_load)
+    if case != "short":  # only counting a window's tokens needs the tokenizer, which can take half a minute to read
+        monkeypatch.setattr("unraveled.runner.model_shape", _no_tokenizer_read)
     out = tmp_path / "out"
     status = main(["run", "corpus_atlas", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "params.context_tokens=16", "--set", f"params.corpus={json.dumps([source])}"])
     assert status == 2
@@ -271,6 +273,10 @@ def test_sizes_are_bounded_before_loading_the_model(
 
 def _no_model_load(*args: object, **kwargs: object) -> None:
     raise AssertionError("a model was loaded before the corpus was checked")
+
+
+def _no_tokenizer_read(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the tokenizer was read before the corpus's files were checked")
 
 
 def _peak_rss_mb(args: list[str], env: dict[str, str]) -> float:

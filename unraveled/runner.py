@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -43,6 +43,9 @@ from unraveled.models.shape import ModelShape, model_shape  # noqa: E402
 from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model  # noqa: E402
 from unraveled.render import export, views  # noqa: E402
 from unraveled.render.pages import write_pages  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +196,9 @@ def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Se
         ConfigError: Naming the config file, the param (and whether ``--set`` gave it) and what
             the model takes: the token count and the limit, or the answer's tokens.
     """
+    # What needs no tokenizer first (a corpus's files): reading a tokenizer can take half a minute.
+    for config in configs:
+        _check_before_loading(config, None, None)
     shapes: dict[str, ModelShape | None] = {}
     for config in configs:
         labelled = [(name, "--model") for name in models] or [(config.run.model or DEFAULT_MODEL, str(config.path))]
@@ -205,12 +211,17 @@ def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Se
                     check_text_params(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
                 except ParamError as error:
                     raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({shape.label})") from None
-            if config.experiment.check_before_loading is not None:
-                tokenizer, n_ctx = (shape.tokenizer, shape.n_ctx) if shape is not None else (None, None)
-                try:
-                    config.experiment.check_before_loading(config.params, tokenizer, n_ctx)
-                except ParamError as error:
-                    raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), error.problem) from None
+            if shape is not None:
+                _check_before_loading(config, shape.tokenizer, shape.n_ctx)
+
+
+def _check_before_loading(config: LoadedConfig, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None) -> None:
+    """The experiment's own ``check_before_loading``, its ParamError named by the config file."""
+    if config.experiment.check_before_loading is not None:
+        try:
+            config.experiment.check_before_loading(config.params, tokenizer, n_ctx)
+        except ParamError as error:
+            raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), error.problem) from None
 
 
 def check_device(device: str) -> None:
