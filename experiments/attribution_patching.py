@@ -59,7 +59,7 @@ class AttributionPatchingParams(Params):
     ioi: IOIParams = Field(default_factory=lambda: IOIParams(n_pairs=2), description="The IOI prompt pairs.")
     # Exact residual patching costs one partial forward per residual point and position group that
     # differs between the prompts: at the changed token (S2) always, since the estimate is known to
-    # fail there (31 more on SmolLM2); at every group only on request (31 x 3). Groups before the
+    # fail there (31 more on SmolLM2); at every group only on request (31 x 2 more). Groups before the
     # changed token restore nothing and are known without a forward pass.
     exact_residual: bool = Field(
         False,
@@ -113,6 +113,9 @@ class AttributionPatchingResult:
     residual_estimate: Float[NDArray, "point role"]
     residual_exact: Float[NDArray, "point role"]
     """NaN in the position groups patched by the estimate only (``exact_residual`` off)."""
+    residual_groups_before_change: list[str]
+    """Position groups wholly before the first token the prompts differ in: restoring them
+    changes nothing, so exact and estimate are both 0 there by construction."""
     attribution_seconds: float
     exact_seconds: dict[str, float]
 
@@ -122,8 +125,10 @@ class AttributionPatchingResult:
 
     def agreements(self) -> dict[str, dict[str, Any]]:
         """``agreement`` of estimate and exact value per kind of component (the residual stream
-        over its exactly patched cells)."""
+        over its exactly patched cells, less the groups before the change, which would agree by
+        construction and inflate it)."""
         exact_cells = ~np.isnan(self.residual_exact)
+        exact_cells[:, [self.roles.index(role) for role in self.residual_groups_before_change]] = False
         pairs = {
             "heads": (self.heads_estimate.ravel(), self.heads_exact.ravel()),
             "mlps": (self.mlps_estimate, self.mlps_exact),
@@ -186,6 +191,7 @@ class AttributionPatchingResult:
             "residual_estimate": self.residual_estimate,
             "residual_exact": self.residual_exact,
             "residual_position_groups_patched_exactly": [role for role, exact in zip(self.roles, self.residual_has_exact()) if exact],
+            "residual_position_groups_before_the_change": self.residual_groups_before_change,
             "seconds": {"attribution_patching": self.attribution_seconds, "exact_patching": self.exact_seconds},
         }
 
@@ -232,7 +238,11 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
     mlps_exact = recovered(patched_logit_differences(model, pairs, mlp_patches(model), clean_cache, "corrupted", corrupted_cache))
     exact_seconds["mlps"] = time.perf_counter() - started
     n_points = model.cfg.n_layers + 1
-    exact_groups = [index for index, group in enumerate(groups) if params.exact_residual or _estimate_known_to_fail_or_free(group, pairs)]
+    before_change = [index for index, group in enumerate(groups) if _before_first_change(group, pairs)]
+    # The estimate is known to fail where a token differs (restoring it swaps a whole token).
+    exact_groups = [
+        index for index, group in enumerate(groups) if params.exact_residual or index in before_change or bool((group & (pairs.clean != pairs.corrupted)).any())
+    ]
     started = time.perf_counter()
     residual = patched_logit_differences(model, pairs, residual_patches(model, [groups[index] for index in exact_groups]), clean_cache, "corrupted", corrupted_cache)
     residual_exact = np.full((n_points, len(ROLES)), np.nan, dtype=np.float32)
@@ -250,21 +260,21 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
         mlps_exact=mlps_exact,
         residual_estimate=(residual_estimate / span).numpy(),
         residual_exact=residual_exact,
+        residual_groups_before_change=[ROLES[index] for index in before_change],
         attribution_seconds=attribution_seconds,
         exact_seconds=exact_seconds,
     )
 
 
-def _estimate_known_to_fail_or_free(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -> bool:
-    """Whether a position group holds a token that differs between the prompts (where the
-    residual stream's estimate is known to fail: restoring it swaps a whole token), or lies
-    wholly before the first difference (restoring it changes nothing, known without a run)."""
+def _before_first_change(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -> bool:
+    """Whether a position group lies wholly before the first token the prompts differ in:
+    restoring it changes nothing, so its exact value is known without a run."""
     import torch
 
     changed = pairs.clean != pairs.corrupted
     first_change = torch.where(changed.any(1), changed.int().argmax(1), changed.shape[1])
     before = torch.arange(changed.shape[1])[None] < first_change[:, None]
-    return bool((group & changed).any() or not (group & ~before).any())
+    return not bool((group & ~before).any())
 
 
 def _scatter(axes, estimate: NDArray, exact: NDArray, labels: list[str], colour: str, name: str, marker: str = "o") -> None:

@@ -54,7 +54,8 @@ def test_attribution_patching_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_p
     assert len(metrics["residual_exact"]) == len(metrics["residual_estimate"]) == len(metrics["residual_points"])
     for row in metrics["residual_exact"]:
         assert [value is None for value in row] == [False, False, False, False, True, True]
-    assert metrics["agreement_estimate_vs_exact"]["residual"]["n"] == 4 * len(metrics["residual_points"])
+    assert metrics["residual_position_groups_before_the_change"] == ["IO", "S1", "S1+1"]
+    assert metrics["agreement_estimate_vs_exact"]["residual"]["n"] == len(metrics["residual_points"])  # S2's column only
     # Corrupted prompts (swap) are scored against their own answer, the subject.
     assert set(metrics["corrupted"]) == {"mean_logit_difference", "share_incorrect_over_correct", "share_incorrect_is_top_prediction"}
 
@@ -81,9 +82,14 @@ def test_exact_residual_off_patches_the_changed_token_exactly(tiny_gpt2_dir: Pat
     assert np.isnan(default.residual_exact[:, [ROLES.index("end"), ROLES.index("other")]]).all()
     assert not np.isnan(full.residual_exact).any()
     assert abs(full.residual_exact[:, ROLES.index("S2")]).max() > 0.01  # the changed token carries something
+    # IO, S1 and S1+1 come before S2 in every template: restoring them changes nothing, and the
+    # agreement leaves them out (both sides 0 there by construction).
+    assert default.residual_groups_before_change == ["IO", "S1", "S1+1"]
+    np.testing.assert_array_equal(default.residual_exact[:, exact_groups[:3]], 0.0)
     found = default.agreements()["residual"]
-    assert found["n"] == 4 * (model.cfg.n_layers + 1)
-    cells = default.residual_exact[:, exact_groups].ravel(), default.residual_estimate[:, exact_groups].ravel()
+    assert found["n"] == model.cfg.n_layers + 1
+    changed = [ROLES.index("S2")]
+    cells = default.residual_exact[:, changed].ravel(), default.residual_estimate[:, changed].ravel()
     assert found["pearson"] == pytest.approx(stats.pearsonr(cells[1], cells[0])[0], abs=1e-6)
 
 
@@ -125,6 +131,7 @@ def _hand_made_result(residual_exact: np.ndarray) -> attribution_patching.Attrib
         mlps_exact=rng.normal(size=n_points - 1),
         residual_estimate=np.zeros_like(residual_exact),
         residual_exact=residual_exact,
+        residual_groups_before_change=[],
         attribution_seconds=1.0,
         exact_seconds={"heads": 1.0},
     )
