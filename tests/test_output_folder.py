@@ -294,6 +294,8 @@ def test_a_fallback_never_takes_the_folder_of_the_model_it_stands_in_with(tmp_pa
     assert outputs.model_folder(out, "smollm2-135m", genuine, {}) == "smollm2-135m"
     taken: dict[str, str] = {}
     assert [outputs.model_folder(tmp_path / "empty", "m", identity, taken) for identity in ("a", "b", "a")] == ["m", "m-2", "m"]
+    # The report's own folders are never a model's, whatever the model is called.
+    assert [outputs.model_folder(tmp_path / "empty", name, "c", {}) for name in ("compare", "assets")] == ["compare-2", "assets-2"]
 
 
 # 15. Output-folder faults: a clear message before computing, or nothing half-published.
@@ -303,6 +305,7 @@ def test_a_fallback_never_takes_the_folder_of_the_model_it_stands_in_with(tmp_pa
         ("index.html a folder", "index.html is a folder"),
         ("index.html a dangling link", "index.html is a link"),
         ("compare a file", "compare is a file"),
+        ("assets a link", "assets is a link"),
         ("model folder a dangling link", "tiny-gpt2 is a link"),
     ],
 )
@@ -319,6 +322,10 @@ def test_the_wrong_thing_in_the_pages_place_is_refused_before_loading(
         (out / "index.html").symlink_to(out / "nowhere.html")
     elif what == "compare a file":
         (out / "compare").write_text("mine")
+    elif what == "assets a link":
+        shutil.rmtree(out / "assets", ignore_errors=True)
+        (out.parent / "elsewhere").mkdir()
+        (out / "assets").symlink_to(out.parent / "elsewhere")
     else:
         shutil.rmtree(out / "tiny-gpt2")
         (out / "tiny-gpt2").symlink_to(out / "nowhere")

@@ -52,6 +52,7 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 PAGE = "index.html"
 COMPARE_DIR = "compare"
+ASSETS_DIR = "assets"  # the views' shared script (unraveled.render.views)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -260,8 +261,9 @@ def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
     index, compare = out_dir / PAGE, out_dir / COMPARE_DIR
     if index.is_symlink() or (index.exists() and not index.is_file()):
         problems.append(f"{index} is {'a link' if index.is_symlink() else 'a folder'}; the report's index is written there")
-    if compare.is_symlink() or (compare.exists() and not compare.is_dir()):
-        problems.append(f"{compare} is {'a link' if compare.is_symlink() else 'a file'}; the compare pages are written in that folder")
+    for folder, holds in ((compare, "the compare pages are"), (out_dir / ASSETS_DIR, "the views' shared script is")):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            problems.append(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}; {holds} written in that folder")
     for target in dict.fromkeys(targets):
         model_dir = target.parent
         if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
@@ -313,6 +315,8 @@ def model_folder(out_dir: Path, slug: str, identity: str, taken: dict[str, str])
     while True:
         name = slug if number == 1 else f"{slug}-{number}"
         number += 1
+        if name in (COMPARE_DIR, ASSETS_DIR):  # the report's own folders, never a model's
+            continue
         if name in taken:
             if taken[name] == identity:
                 return name

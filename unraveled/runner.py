@@ -265,8 +265,8 @@ def _write_artifacts(
             path = staging / "views" / f"{artifact.name}.html"
             path.parent.mkdir(exist_ok=True)
             facts = {"model": loaded.label(), **artifact.facts}
-            bundle = views.write_shared_bundle(out_dir / views.ASSETS_FOLDER)
-            bundle_href = f"{href_to_out}/{views.ASSETS_FOLDER}/{bundle.name}"
+            bundle = views.write_shared_bundle(out_dir / outputs.ASSETS_DIR)
+            bundle_href = f"{href_to_out}/{outputs.ASSETS_DIR}/{bundle.name}"
             path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html", bundle_href=bundle_href), encoding="utf-8")
             view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
         elif isinstance(artifact, Table):

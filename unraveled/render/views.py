@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from circuitsvis.utils.convert_props import convert_prop_type
 
+from unraveled.outputs import ASSETS_DIR
 from unraveled.render import templating
 
 
@@ -57,7 +58,6 @@ def colored_tokens(tokens: list[str], values: list[float], heading: str) -> Elem
     return Element("ColoredTokens", {"tokens": tokens, "values": values}, heading)
 
 
-ASSETS_FOLDER = "assets"
 
 
 @functools.cache
