@@ -107,6 +107,19 @@ def test_batched_restorations_equal_plain_hooked_runs(model: HookedTransformer) 
             assert getattr(trace, kind)[center, position] == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
+def test_restorations_split_into_small_passes_give_the_same_grids(model: HookedTransformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import unraveled.tracing
+
+    tokens, subject, answer = _fact_inputs(model)
+    noise = _noise(model, subject, 3, 1.0)
+    whole = trace_fact(model, tokens, subject, answer, noise, window=2)
+    monkeypatch.setattr(unraveled.tracing, "ROW_TOKENS_PER_PASS", 7)  # a few rows per pass, a pass per row near the start
+    split = trace_fact(model, tokens, subject, answer, noise, window=2)
+    for kind in ("residual", "mlp", "attn"):
+        np.testing.assert_allclose(split.restored[kind], whole.restored[kind], rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(split.corrupted_probabilities, whole.corrupted_probabilities)
+
+
 def test_noise_scale_is_three_standard_deviations_of_the_checkpoint_embeddings(
     model: HookedTransformer, checkpoint: Path, gpt2_tokenizer: GPT2TokenizerFast
 ) -> None:

@@ -125,7 +125,7 @@ KINDS = ("residual", "mlp", "attn")
 # Restored runs per pass are capped at this many (row, position) pairs: the transients of a pass
 # (MLP hidden activations, attention scores) grow with it, and ten noise samples of every
 # restoration at once would be several times that on a long prompt.
-ROW_TOKENS_PER_PASS = 2048
+ROW_TOKENS_PER_PASS = 1024
 
 
 def _restored_probabilities(
