@@ -39,7 +39,13 @@ class CausalTracingParams(Params):
     # Upper bounds keep a typo from asking for hours: each traced fact costs about
     # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
     n_facts: int = Field(3, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
-    noise_samples: int = Field(1, ge=1, le=50, description="Noise draws per prompt; every restoration uses the same draws.")
+    noise_samples: int = Field(10, ge=1, le=50, description="Noise draws per prompt, ROME's 10; every restoration uses the same draws.")
+    max_traced_tokens: int | None = Field(
+        7, ge=1, le=1024,
+        description="Only facts with at most this many tokens from the subject's first token to the end are traced (a fact's "
+        "time grows with the square of it); null traces any.",
+    )
+    prepend_bos: bool = Field(False, description="Put the BOS token before each prompt; ROME does not (GPT-2 prompts as its tokenizer encodes them).")
     noise_multiplier: float = Field(3.0, ge=0.0, le=100.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
     window: int | None = Field(None, ge=1, le=128, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
     example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")
@@ -53,6 +59,7 @@ class CausalTracingParams(Params):
 
 
 def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
+    """Where the facts come from (for error messages) and the facts."""
     return ("params.facts", params.facts) if params.facts is not None else ("bundled fact", list(FACTS))
 
 
@@ -60,6 +67,36 @@ def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
 class TracedFact:
     tokenized: TokenizedFact
     trace: FactTrace
+
+
+@dataclass(frozen=True)
+class GroupedEffects:
+    """Indirect effects (restored minus corrupted p(answer)) in the paper's position groups.
+
+    Attributes:
+        average: Over every traced (prompt, position) of each group and every noise sample.
+        per_fact: Each fact's own, over its positions of each group and its noise samples; NaN
+            for a group the fact lacks.
+        per_sample: The average for noise sample ``s`` of every fact alone (its mean over the
+            samples is ``average``).
+    """
+
+    average: Float[NDArray, "group layer"]
+    per_fact: Float[NDArray, "fact group layer"]
+    per_sample: Float[NDArray, "sample group layer"]
+
+
+def grouped_effects(traced: list[TracedFact], kind: str) -> GroupedEffects:
+    """``kind``'s indirect effects of the traced facts, averaged in position groups three ways."""
+    from unraveled.tracing import grouped_mean, position_groups
+
+    groups = [position_groups(len(t.tokenized.tokens), t.tokenized.subject_start, t.tokenized.subject_end) for t in traced]
+    effects = [t.trace.indirect_effects(kind) for t in traced]  # per fact [sample layer pos]
+    return GroupedEffects(
+        average=grouped_mean([effect.mean(axis=0) for effect in effects], groups),
+        per_fact=np.stack([grouped_mean([effect.mean(axis=0)], [fact_groups]) for effect, fact_groups in zip(effects, groups)]),
+        per_sample=np.stack([grouped_mean([effect[sample] for effect in effects], groups) for sample in range(effects[0].shape[0])]),
+    )
 
 
 @dataclass(frozen=True)
@@ -72,16 +109,37 @@ class CausalTracingResult:
     noise_scale: float
     window: int
     noise_samples: int
-    average_effects: dict[str, Float[NDArray, "group layer"]]
+    prepend_bos: bool
+    effects: dict[str, GroupedEffects]
     seconds: float
 
+    @property
+    def average_effects(self) -> dict[str, Float[NDArray, "group layer"]]:
+        return {kind: effects.average for kind, effects in self.effects.items()}
+
     def peak(self, kind: str) -> dict[str, Any]:
-        """Layer and position group of the largest average indirect effect of ``kind``."""
+        """Layer and position group of the largest average indirect effect of ``kind``, with its spread.
+
+        ``standard_error_over_samples`` is the standard deviation over noise samples of the
+        average with each sample alone, over the square root of their count (how much another
+        seed may move this cell); ``std_over_facts`` the standard deviation of the facts' own
+        values (how much the facts differ), over the facts that have this position group.
+        """
         from unraveled.tracing import POSITION_GROUPS
 
-        effects = self.average_effects[kind]
-        group, layer = np.unravel_index(np.nanargmax(effects), effects.shape)
-        return {"layer": int(layer), "position_group": POSITION_GROUPS[group], "average_indirect_effect": float(effects[group, layer])}
+        effects = self.effects[kind]
+        group, layer = np.unravel_index(np.nanargmax(effects.average), effects.average.shape)
+        samples = effects.per_sample[:, group, layer]
+        facts = effects.per_fact[:, group, layer]
+        facts = facts[~np.isnan(facts)]
+        return {
+            "layer": int(layer),
+            "position_group": POSITION_GROUPS[group],
+            "average_indirect_effect": float(effects.average[group, layer]),
+            "standard_error_over_samples": float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else None,
+            "std_over_facts": float(facts.std(ddof=1)) if len(facts) > 1 else None,
+            "per_fact": [float(value) for value in effects.per_fact[:, group, layer]],
+        }
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.tracing import POSITION_GROUPS
@@ -96,6 +154,7 @@ class CausalTracingResult:
             "known_facts": [f"{k.fact.prompt} ->{k.fact.answer}" for k in self.known],
             "traced_facts": [
                 {"prompt": t.tokenized.fact.prompt, "subject": t.tokenized.fact.subject, "answer": t.tokenized.fact.answer,
+                 "tokens": t.tokenized.str_tokens, "subject_span": [t.tokenized.subject_start, t.tokenized.subject_end],
                  "clean_probability": t.trace.clean_probability, "corrupted_probability": t.trace.corrupted_probability}
                 for t in self.traced
             ],
@@ -105,6 +164,7 @@ class CausalTracingResult:
             "embedding_std": self.embedding_std,
             "noise_scale": self.noise_scale,
             "noise_samples": self.noise_samples,
+            "prepend_bos": self.prepend_bos,
             "window": self.window,
             "position_groups": list(POSITION_GROUPS),
             "average_indirect_effect": self.average_effects,
@@ -158,14 +218,21 @@ def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) ->
     import torch
 
     from unraveled.datasets.facts import tokenize_fact
-    from unraveled.tracing import embedding_noise_scale, grouped_mean, position_groups, scaled_window, trace_fact
+    from unraveled.tracing import embedding_noise_scale, scaled_window, trace_fact
 
     source, facts = _facts_with_source(params)
-    tokenized = [tokenize_fact(model, fact, f"{source}[{index}]") for index, fact in enumerate(facts)]
+    tokenized = [tokenize_fact(model, fact, f"{source}[{index}]", prepend_bos=params.prepend_bos) for index, fact in enumerate(facts)]
     known = _known(model, tokenized)
     if not known:
         raise ValueError(f"{model.cfg.model_name} gets none of the {len(facts)} facts right: nothing to trace")
-    chosen = known[: params.n_facts]
+    cap = params.max_traced_tokens
+    short_enough = [fact for fact in known if cap is None or len(fact.tokens) - fact.subject_start <= cap]
+    if not short_enough:
+        raise ValueError(
+            f"none of the {len(known)} facts {model.cfg.model_name} knows has at most params.max_traced_tokens={cap} tokens "
+            "from its subject on; raise it or set it to null"
+        )
+    chosen = short_enough[: params.n_facts]
     if params.example >= len(chosen):
         raise ValueError(f"params.example={params.example} but only {len(chosen)} facts are traced; use 0..{len(chosen) - 1}")
     window = params.window or scaled_window(model.cfg.n_layers)
@@ -180,10 +247,7 @@ def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) ->
         noise = torch.randn((params.noise_samples, fact.subject_end - fact.subject_start, model.cfg.d_model), generator=generator)
         trace = trace_fact(model, torch.tensor(fact.tokens), (fact.subject_start, fact.subject_end), fact.answer, noise * noise_scale, window)
         traced.append(TracedFact(fact, trace))
-    groups = [position_groups(len(t.tokenized.tokens), t.tokenized.subject_start, t.tokenized.subject_end) for t in traced]
-    average_effects = {
-        kind: grouped_mean([getattr(t.trace, kind) - t.trace.corrupted_probability for t in traced], groups) for kind in KINDS
-    }
+    effects = {kind: grouped_effects(traced, kind) for kind in KINDS}
     return CausalTracingResult(
         n_candidates=len(facts),
         known=known,
@@ -193,7 +257,8 @@ def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) ->
         noise_scale=noise_scale,
         window=window,
         noise_samples=params.noise_samples,
-        average_effects=average_effects,
+        prepend_bos=params.prepend_bos,
+        effects=effects,
         seconds=time.perf_counter() - started,
     )
 
@@ -219,8 +284,9 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         values = getattr(trace, kind).T  # tokens as rows, as in the paper
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
         _trace_heatmap(ax, values, labels, title, cmap, f"p({fact.fact.answer.strip()})", trace.corrupted_probability, max(trace.clean_probability, float(values.max())))
+    bos = "BOS prepended, unlike ROME" if result.prepend_bos else "no BOS, as ROME"
     figure.suptitle(
-        f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised with {result.noise_samples} samples): "
+        f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised; mean over {result.noise_samples} noise samples; {bos}): "
         f"clean p = {trace.clean_probability:.3f}, corrupted p = {trace.corrupted_probability:.3f}"
     )
     yield Figure("01_example_trace", figure, "Probability of the answer with one state (or window) restored, for one prompt")
@@ -234,10 +300,42 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         _trace_heatmap(ax, result.average_effects[kind], group_labels, title, cmap, "average indirect effect on p(answer)", 0.0, bound)
     metrics = result.metrics()
     figure.suptitle(
-        f"Average indirect effect over {len(result.traced)} prompts the model gets right ({len(result.known)} of {result.n_candidates} known): "
+        f"Average indirect effect over {len(result.traced)} prompts the model gets right x {result.noise_samples} noise samples "
+        f"({len(result.known)} of {result.n_candidates} known): "
         f"mean clean p = {metrics['clean_probability_mean']:.3f}, corrupted p = {metrics['corrupted_probability_mean']:.3f}"
     )
     yield Figure("02_average_indirect_effect", figure, "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper")
+
+    figure, axes = panels(3)
+    figure.set_size_inches(17, 4.2)
+    layers = np.arange(result.average_effects["residual"].shape[1])
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+        peak = metrics[f"{kind}_peak"]
+        group = POSITION_GROUPS.index(peak["position_group"])
+        effects = result.effects[kind]
+        samples = effects.per_sample[:, group]
+        error = samples.std(axis=0, ddof=1) / np.sqrt(len(samples)) if len(samples) > 1 else np.zeros(len(layers))
+        color = _dark_shade(cmap)
+        for index, per_fact in enumerate(effects.per_fact[:, group]):
+            ax.plot(layers, per_fact, color=color, alpha=0.35, linewidth=1, label="each fact" if index == 0 else None)
+        ax.errorbar(layers, effects.average[group], yerr=error, color=color, linewidth=2, capsize=2,
+                    label=f"average, +-1 standard error over {len(samples)} noise samples")
+        ax.axvline(peak["layer"], color="grey", linestyle=":", linewidth=1)
+        title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
+        ax.set(title=f"{title}\nat the {peak['position_group']} (peak: layer {peak['layer']})",
+               xlabel="Layer (centre of the window)" if kind != "residual" else "Layer", ylabel="indirect effect on p(answer)")
+        ax.legend(fontsize=7, loc="upper left")
+    figure.suptitle(
+        f"Spread at each kind's peak position group: {len(result.traced)} facts (thin lines), {result.noise_samples} noise samples each (error bars)"
+    )
+    yield Figure("03_peak_spread", figure, "The average indirect effect at each peak's position group, with each fact's own curve and the standard error over noise samples")
+
+
+def _dark_shade(cmap: str) -> tuple[float, float, float, float]:
+    """A dark shade of a sequential colormap, for lines drawn in a heatmap's colours."""
+    from matplotlib import colormaps
+
+    return colormaps[cmap](0.8)
 
 
 def check(model: HookedTransformer, params: CausalTracingParams) -> None:

@@ -40,7 +40,8 @@ def test_subject_span_matches_the_tokenizer_offsets(tiny_gpt2, gpt2_tokenizer: G
 
 def test_known_layout_of_one_fact(tiny_gpt2) -> None:  # type: ignore[no-untyped-def]
     tokenized = tokenize_fact(tiny_gpt2, FACTS[0], "facts[0]")
-    assert tokenized.str_tokens[:5] == ["<|endoftext|>", "The", " E", "iff", "el"]
+    assert tokenized.str_tokens[:4] == ["The", " E", "iff", "el"]  # no BOS, as ROME
+    assert tokenize_fact(tiny_gpt2, FACTS[0], "facts[0]", prepend_bos=True).str_tokens[:2] == ["<|endoftext|>", "The"]
     assert "".join(tokenized.str_tokens[tokenized.subject_start : tokenized.subject_end]) == " Eiffel Tower"
 
 

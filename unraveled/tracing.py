@@ -81,24 +81,51 @@ def position_groups(n_tokens: int, subject_start: int, subject_end: int) -> list
 
 @dataclass(frozen=True)
 class FactTrace:
-    """Restored probabilities of the answer for one prompt.
+    """Restored probabilities of the answer for one prompt, per noise sample.
 
     Attributes:
         clean_probability: p(answer) on the clean prompt.
-        corrupted_probability: p(answer) with the subject corrupted, mean over noise samples.
-        residual: p(answer) with the residual stream after block ``layer`` restored at ``pos``.
-        mlp: p(answer) with the MLP outputs of the window centred on ``layer`` restored at ``pos``.
-        attn: The same for the attention outputs.
+        corrupted_probabilities: p(answer) with the subject corrupted, one per noise sample.
+        restored: Per kind (``KINDS``), p(answer) per noise sample with the residual stream after
+            block ``layer`` (``residual``), or the MLP or attention outputs of the window centred
+            on ``layer`` (``mlp``, ``attn``), restored at ``pos``.
     """
 
     clean_probability: float
-    corrupted_probability: float
-    residual: Float[NDArray, "layer pos"]
-    mlp: Float[NDArray, "layer pos"]
-    attn: Float[NDArray, "layer pos"]
+    corrupted_probabilities: Float[NDArray, " sample"]
+    restored: dict[str, Float[NDArray, "sample layer pos"]]
+
+    @property
+    def corrupted_probability(self) -> float:
+        """p(answer) with the subject corrupted, mean over the noise samples."""
+        return float(self.corrupted_probabilities.mean())
+
+    @property
+    def residual(self) -> Float[NDArray, "layer pos"]:
+        """Residual-stream restorations, mean over the noise samples."""
+        return self.restored["residual"].mean(axis=0)
+
+    @property
+    def mlp(self) -> Float[NDArray, "layer pos"]:
+        """MLP-window restorations, mean over the noise samples."""
+        return self.restored["mlp"].mean(axis=0)
+
+    @property
+    def attn(self) -> Float[NDArray, "layer pos"]:
+        """Attention-window restorations, mean over the noise samples."""
+        return self.restored["attn"].mean(axis=0)
+
+    def indirect_effects(self, kind: str) -> Float[NDArray, "sample layer pos"]:
+        """Restored minus corrupted p(answer), each noise sample against its own corrupted run."""
+        return self.restored[kind] - self.corrupted_probabilities[:, None, None]
 
 
 KINDS = ("residual", "mlp", "attn")
+
+# Restored runs per pass are capped at this many (row, position) pairs: the transients of a pass
+# (MLP hidden activations, attention scores) grow with it, and ten noise samples of every
+# restoration at once would be several times that on a long prompt.
+ROW_TOKENS_PER_PASS = 1024
 
 
 def _restored_probabilities(
@@ -154,10 +181,12 @@ def trace_fact(
 ) -> FactTrace:
     """Causal traces of one prompt: residual stream, MLP and attention restorations.
 
-    Restorations at one position run as one batch (kinds x layers x noise samples), block by block,
-    each row joining at its first block. A restoration at position ``t`` changes nothing before
-    ``t``, so only positions ``t..`` are computed, attending to the corrupted run's cached keys and
-    values of the earlier positions: the work is what each restoration really changes.
+    Restorations at one position run as batches of rows (kinds x layers x noise samples, the noise
+    samples side by side as ROME's batch does), block by block, each row joining at its first
+    block; a batch holds at most ``ROW_TOKENS_PER_PASS`` (row, position) pairs. A restoration at
+    position ``t`` changes nothing before ``t``, so only positions ``t..`` are computed, attending
+    to the corrupted run's cached keys and values of the earlier positions: the work is what each
+    restoration really changes.
 
     Args:
         model: The model.
@@ -191,7 +220,7 @@ def trace_fact(
                 batch, names_filter=lambda name: name in wanted, past_kv_cache=past_kv, attention_mask=torch.ones_like(batch)
             )
         clean_probability = float(clean_logits[0, -1].softmax(-1)[answer])
-        corrupted_probability = float(corrupted_logits[:, -1].softmax(-1)[:, answer].mean())
+        corrupted_probabilities = corrupted_logits[:, -1].softmax(-1)[:, answer]
         clean_states = torch.stack([clean[name][0] for name in state_names])  # [point pos d_model]; point p is before block p
         corrupted_states = torch.stack([corrupted[name] for name in state_names])  # [point sample pos d_model]
 
@@ -204,22 +233,27 @@ def trace_fact(
         starts = torch.cat([layers + 1, window_starts, window_starts])
         ends = torch.cat([layers + 1, window_ends, window_ends])
         kinds = torch.arange(len(KINDS)).repeat_interleave(n_layers * samples)
-        grids = torch.full((len(KINDS), n_layers, n_pos), corrupted_probability)
+        # Positions before the subject are never corrupted: there, restoring gives the corrupted run.
+        grids = corrupted_probabilities[sample_of_row][:, None].repeat(1, n_pos)
+        outputs_at = {name: clean[name][0] for name in output_names}
         for position in range(start, n_pos):  # earlier positions are never corrupted
-            states = corrupted_states[starts, sample_of_row, position:]
-            residual_rows = kinds == 0
-            # Restoring the state after block l at this position = the clean state before block l + 1.
-            states[residual_rows, 0] = clean_states[starts[residual_rows], position]
             past = [(entry.past_keys[:, :position], entry.past_values[:, :position]) for entry in past_kv.entries]
-            outputs = {name: clean[name][0, position] for name in output_names}
-            probabilities = _restored_probabilities(model, states, starts, ends, kinds, past, sample_of_row, outputs, answer)
-            grids[:, :, position] = probabilities.view(len(KINDS), n_layers, samples).mean(dim=-1)
+            outputs = {name: value[position] for name, value in outputs_at.items()}
+            rows_per_pass = max(1, ROW_TOKENS_PER_PASS // (n_pos - position))
+            for first in range(0, len(kinds), rows_per_pass):
+                chunk = slice(first, first + rows_per_pass)
+                states = corrupted_states[starts[chunk], sample_of_row[chunk], position:]
+                residual_rows = kinds[chunk] == 0
+                # Restoring the state after block l at this position = the clean state before block l + 1.
+                states[residual_rows, 0] = clean_states[starts[chunk][residual_rows], position]
+                grids[chunk, position] = _restored_probabilities(
+                    model, states, starts[chunk], ends[chunk], kinds[chunk], past, sample_of_row[chunk], outputs, answer
+                )
+    restored = grids.view(len(KINDS), n_layers, samples, n_pos).transpose(1, 2).numpy()
     return FactTrace(
         clean_probability=clean_probability,
-        corrupted_probability=corrupted_probability,
-        residual=grids[0].numpy(),
-        mlp=grids[1].numpy(),
-        attn=grids[2].numpy(),
+        corrupted_probabilities=corrupted_probabilities.numpy(),
+        restored={kind: restored[index] for index, kind in enumerate(KINDS)},
     )
 
 

@@ -48,7 +48,7 @@ class TokenizedFact:
 
     Attributes:
         fact: The fact.
-        tokens: Its prompt's token ids (with BOS when the model prepends one).
+        tokens: Its prompt's token ids (BOS first only when asked for).
         str_tokens: The text of each token.
         subject_start: Position of the subject's first token.
         subject_end: One past the subject's last token.
@@ -63,11 +63,13 @@ class TokenizedFact:
     answer: int
 
 
-def _token_ids(model: HookedTransformer, text: str) -> list[int]:
-    return [int(i) for i in model.to_tokens(text)[0]]
+def _token_ids(model: HookedTransformer, text: str, prepend_bos: bool) -> list[int]:
+    if not text and not prepend_bos:
+        return []
+    return [int(i) for i in model.to_tokens(text, prepend_bos=prepend_bos)[0]]
 
 
-def tokenize_fact(model: HookedTransformer, fact: Fact, field: str) -> TokenizedFact:
+def tokenize_fact(model: HookedTransformer, fact: Fact, field: str, prepend_bos: bool = False) -> TokenizedFact:
     """Tokenize a fact and find its subject's token span.
 
     The span comes from tokenizing the prompt up to the subject's start and up to its end: both
@@ -79,6 +81,8 @@ def tokenize_fact(model: HookedTransformer, fact: Fact, field: str) -> Tokenized
         model: Its tokenizer (and BOS convention) is used.
         fact: The fact.
         field: Where the fact came from, for error messages (``params.facts[3]``).
+        prepend_bos: Put the model's BOS token first. ROME does not: its ``make_inputs`` encodes
+            GPT-2 prompts as the tokenizer does, with no BOS.
 
     Raises:
         ValueError: The answer is several tokens, or the subject does not start and end on token
@@ -87,10 +91,10 @@ def tokenize_fact(model: HookedTransformer, fact: Fact, field: str) -> Tokenized
     from unraveled.logits import answer_token_id
 
     answer = answer_token_id(model, fact.answer, f"{field}.answer")
-    tokens = _token_ids(model, fact.prompt)
+    tokens = _token_ids(model, fact.prompt, prepend_bos)
     start_char = fact.prompt.find(fact.subject)
-    before = _token_ids(model, fact.prompt[:start_char].rstrip())
-    through = _token_ids(model, fact.prompt[: start_char + len(fact.subject)])
+    before = _token_ids(model, fact.prompt[:start_char].rstrip(), prepend_bos)
+    through = _token_ids(model, fact.prompt[: start_char + len(fact.subject)], prepend_bos)
     if tokens[: len(before)] != before or tokens[: len(through)] != through or len(through) == len(before):
         raise ValueError(
             f"{field}.subject={fact.subject!r} does not start and end on token boundaries of {fact.prompt!r} "
