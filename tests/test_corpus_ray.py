@@ -1,5 +1,5 @@
 """The Ray engine on a local Ray with 2 workers gives the local engine's result, also when a
-worker dies in the middle of the run.
+worker dies in the middle of the run; a lost result is computed again and merged once.
 
 Ray starts once for this module, with 2 CPUs, no dashboard, its session files in a temporary
 folder, and is shut down after; the workers read the model from a temporary weights cache.
@@ -63,21 +63,6 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ray_weights")
 
 
-def test_ray_engine_equals_local_engine(local_ray: None, tiny_gpt2_dir: Path, weights_cache: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path) -> None:
-    monkeypatch.setenv("UNRAVELED_CACHE", str(weights_cache))
-    model = load_tiny(tiny_gpt2_dir, weights_cache)
-    settings = AtlasSettings(**{**SETTINGS.__dict__, "prepend_bos": True})
-    windows = corpus_windows(model.tokenizer, [str(corpus_file)], CONTEXT, None, seed=0).tokens
-    assert len(shard_ranges(len(windows), settings.batch_windows, 2 * 4)) > 2  # really sharded
-
-    local = run_local(model, windows, settings, progress=False)
-    distributed = run_ray(model, windows, settings, workers=2, progress=False)
-
-    assert_same_state(local, distributed, len(windows))
-    # The workers loaded the model from the temporary cache, and nothing else was written there.
-    assert [entry.name.split("-atlas-")[0] for entry in (weights_cache / "weights").iterdir() if "-atlas-" in entry.name] == ["tiny-gpt2"]
-
-
 def assert_same_state(local: AtlasState, distributed: AtlasState, n_windows: int) -> None:
     """Top-k sets, contexts and counts exactly; moments up to the float rounding of the merge order."""
     assert distributed.n_windows == local.n_windows == n_windows
@@ -135,11 +120,15 @@ def tiny_run(tiny_gpt2_dir: Path, weights_cache: Path, monkeypatch: pytest.Monke
     return model, windows, SETTINGS
 
 
-def test_a_killed_worker_s_shard_is_computed_again_on_the_others(
-    local_ray: None, tiny_run: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_ray_engine_equals_local_engine_also_when_a_worker_is_killed(
+    local_ray: None, tiny_run: tuple, weights_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model, windows, settings = tiny_run
-    assert len(windows) > DOOMED_WINDOW
+    """One run on 2 workers proves both: the result equals the local engine's, and the shard of a
+    worker killed mid-run is computed again on the other (one run, as each worker's start is slow)."""
+    model, windows, _ = tiny_run
+    settings = AtlasSettings(**{**SETTINGS.__dict__, "prepend_bos": True})
+    shards = shard_ranges(len(windows), settings.batch_windows, 2 * ray_engine.SHARDS_PER_WORKER)
+    assert len(shards) > 2 and len(windows) > DOOMED_WINDOW  # really sharded
     _dying_workers(monkeypatch, tmp_path / "died")
     local = run_local(model, windows, settings, progress=False)
     with caplog.at_level(logging.WARNING, logger="unraveled.engines.ray"):
@@ -148,9 +137,11 @@ def test_a_killed_worker_s_shard_is_computed_again_on_the_others(
     assert (tmp_path / "died").exists()  # a worker really was killed
     assert_same_state(local, distributed, len(windows))
     said = caplog.text
-    shard = next(s for s in shard_ranges(len(windows), settings.batch_windows, 2 * ray_engine.SHARDS_PER_WORKER) if DOOMED_WINDOW in s)
+    shard = next(s for s in shards if DOOMED_WINDOW in s)
     assert f"died while computing windows {shard.start}..{shard.stop - 1}" in said and "1 of 2 workers left" in said
     assert "1 of 2 workers died; 1 shard(s) were computed again, so every window is in the result once" in said
+    # The workers loaded the model from the temporary cache, and nothing else was written there.
+    assert [entry.name.split("-atlas-")[0] for entry in (weights_cache / "weights").iterdir() if "-atlas-" in entry.name] == ["tiny-gpt2"]
 
 
 def test_when_every_worker_dies_the_run_stops_saying_so(local_ray: None, tiny_run: tuple, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -243,7 +243,7 @@ def test_ray_workers_above_what_the_cluster_can_place_run_on_what_it_can(
     assert "params.ray_workers=2, but the cluster at" in said and "can place 1 worker(s) now (1 CPU each): running 1" in said
     assert "corpus atlas (ray, 1 workers)" in on_ray.stderr
 
-    # The result equals the local engine's: test_corpus_ray.py::test_ray_engine_equals_local_engine.
+    # The result equals the local engine's: test_corpus_ray.py::test_ray_engine_equals_local_engine_also_when_a_worker_is_killed.
     assert json.loads((tmp_path / "ray" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())["corpus"]["engine"] == "ray"
 
 
