@@ -115,6 +115,30 @@ def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_bu
     print(f"time to the error for a silent port: {seconds:.2f} s")
 
 
+@pytest.mark.parametrize(
+    ("prints", "said"),
+    [
+        ('print("starting"); print("imported"); print("{not json")', "answered something unreadable: '{not json'"),
+        ('print("imported"); print("[1, 2]")', "ended without an answer"),
+        ('print("imported"); print("{\\"total\\": 3}")', "answered something unreadable"),
+    ],
+)
+def test_a_probe_that_prints_garbage_is_an_error_not_a_traceback(prints: str, said: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unraveled.engines import ray_cluster
+
+    monkeypatch.setattr(ray_cluster, "_PROBE", f"import os\n{prints.replace('; ', chr(10))}\nos._exit(0)\n")
+    answer = ray_cluster.probe_cluster("127.0.0.1:9")
+    assert said in answer["error"], answer
+
+
+def test_the_probe_s_answer_is_its_last_json_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from unraveled.engines import ray_cluster
+
+    script = 'import json, os\nprint("imported")\nprint("{ray log line")\nprint(json.dumps({"total": {"CPU": 2}, "free": {"CPU": 1}}))\nprint("bye")\nos._exit(0)\n'
+    monkeypatch.setattr(ray_cluster, "_PROBE", script)
+    assert ray_cluster.probe_cluster("127.0.0.1:9") == {"total": {"CPU": 2}, "free": {"CPU": 1}}
+
+
 def _running_gcs() -> list[str]:
     """Command lines of Ray GCS processes on this machine (any user's): ``RAY_ADDRESS=auto`` finds them."""
     found = []

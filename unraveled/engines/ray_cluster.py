@@ -119,10 +119,11 @@ def probe_cluster(address: str) -> dict[str, Any]:
         threading.Thread(target=read, daemon=True).start()
         try:
             try:
-                imported = lines.get(timeout=IMPORT_BUDGET_S)
+                while (imported := lines.get(timeout=max(started + IMPORT_BUDGET_S - time.monotonic(), 0.0))) not in ("imported", None):
+                    pass  # something else printed on start-up (a sitecustomize, say)
             except queue.Empty:
                 return {"error": f"the child process could not import Ray within {IMPORT_BUDGET_S:.0f} s"}
-            if imported != "imported":
+            if imported is None:
                 return {"error": f"the child process could not import Ray ({_last_line(errors)})"}
             deadline = max(started + CONNECT_BUDGET_S, time.monotonic() + MIN_CONNECT_S)
             try:
