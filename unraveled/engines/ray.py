@@ -138,9 +138,10 @@ def _run_shards(
 ) -> AtlasState:
     """Give each worker one shard at a time and merge the results into ``state``.
 
-    A shard whose worker dies is given to a surviving worker; the run fails only when every
-    worker has died, a shard has killed ``MAX_SHARD_ATTEMPTS`` workers, or a worker could not
-    even start.
+    A shard whose worker dies, or whose result is lost before it is read (its node or owner
+    gone), is given to a worker again; a shard is merged only from the one result that was read,
+    so exactly once. The run fails when every worker has died, a shard has failed
+    ``MAX_SHARD_ATTEMPTS`` times, or a worker could not even start.
     """
     queue = deque(shards)
     idle = list(range(len(actors)))
@@ -167,15 +168,23 @@ def _run_shards(
             if not alive:
                 raise RayEngineError(f"every Ray worker died (the last on windows {shard.start}..{shard.stop - 1}: {_first_line(error)})") from None
             if failures[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} were on {failures[shard]} workers that died (out of memory?); last: {_first_line(error)}") from None
+                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, their workers dying (out of memory?); last: {_first_line(error)}") from None
             queue.appendleft(shard)
+            continue
+        except ray.exceptions.ObjectLostError as error:  # also OwnerDiedError; the worker may live on
+            failures[shard] += 1
+            logger.warning("ray: the result of windows %d..%d was lost (%s); computing them again", shard.start, shard.stop - 1, _first_line(error))
+            if failures[shard] >= MAX_SHARD_ATTEMPTS:
+                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; last: {_first_line(error)}") from None
+            queue.appendleft(shard)
+            idle.append(number)
             continue
         idle.append(number)
         state = state.merge(part)
         bar.update(len(shard) * sequence_length)
-    if len(alive) < len(actors):
+    if failures:
         logger.warning(
-            "ray: %d of %d workers died; their %d shard(s) were computed again on the others, so every window is in the result once",
+            "ray: %d of %d workers died; %d shard(s) were computed again, so every window is in the result once",
             len(actors) - len(alive), len(actors), sum(failures.values()),
         )
     return state

@@ -25,18 +25,21 @@ from typing import Any
 import psutil
 
 from unraveled.config import LoadedConfig
-from unraveled.engines.ray_watchdog import SESSION_MARKER, descendants, sweep
+from unraveled.engines.ray_watchdog import SESSION_MARKER, descendants, is_own_folder, sweep
 from unraveled.errors import ConfigError, UnraveledError
 
 logger = logging.getLogger(__name__)
 
-CONNECT_BUDGET_S = 10.0  # for reaching the cluster, once Ray is imported
-IMPORT_BUDGET_S = 60.0  # for the child process to import Ray (slow on a busy machine, not the cluster's fault)
+CONNECT_BUDGET_S = 10.0  # for the child process, from its start: Python, Ray's import and reaching the cluster
+# Reaching the cluster gets at least this long after Ray's import, when that import alone was slow
+# (a busy machine, not the cluster's fault); the import itself gets IMPORT_BUDGET_S.
+MIN_CONNECT_S = 4.0
+IMPORT_BUDGET_S = 60.0
 TCP_TIMEOUT_S = 3.0
 ADDRESS_FORMS = "HOST:PORT of its head (the GCS port, 6379 by default), ray://HOST:PORT or auto"
 # Ray's Unix sockets live at FOLDER/session_<date>_<pid>/sockets/plasma_store, and a socket
 # path can't exceed 107 bytes.
-MAX_TEMP_ROOT_CHARS = 107 - len("/unraveled-ray-1234567/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+MAX_TEMP_ROOT_CHARS = 107 - len("/unraveled-ray-1234567-9/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
 
 _PROBE = r"""
 import json, os, sys
@@ -93,12 +96,14 @@ def _tcp_problem(host: str, port: int) -> str | None:
 
 
 def probe_cluster(address: str) -> dict[str, Any]:
-    """Join the cluster at ``address`` from a child process, within ``CONNECT_BUDGET_S``.
+    """Join the cluster at ``address`` from a child process, stopped ``CONNECT_BUDGET_S`` after it
+    started (or ``MIN_CONNECT_S`` after it imported Ray, when that alone took longer).
 
     Returns:
         ``{"total": resources, "free": resources}`` as Ray reports them, or ``{"error": why}``.
     """
     lines: queue.Queue[str | None] = queue.Queue()
+    started = time.monotonic()
     with tempfile.TemporaryFile() as errors, subprocess.Popen(
         [sys.executable, "-c", _PROBE, address],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True,
@@ -114,23 +119,45 @@ def probe_cluster(address: str) -> dict[str, Any]:
         threading.Thread(target=read, daemon=True).start()
         try:
             try:
-                imported = lines.get(timeout=IMPORT_BUDGET_S)
+                while (imported := lines.get(timeout=max(started + IMPORT_BUDGET_S - time.monotonic(), 0.0))) not in ("imported", None):
+                    pass  # something else printed on start-up (a sitecustomize, say)
             except queue.Empty:
                 return {"error": f"the child process could not import Ray within {IMPORT_BUDGET_S:.0f} s"}
-            if imported != "imported":
+            if imported is None:
                 return {"error": f"the child process could not import Ray ({_last_line(errors)})"}
+            deadline = max(started + CONNECT_BUDGET_S, time.monotonic() + MIN_CONNECT_S)
             try:
-                answer = lines.get(timeout=CONNECT_BUDGET_S)
+                answer = _answer(lines, deadline)
             except queue.Empty:
                 last = _last_line(errors)
-                return {"error": f"no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s" + (f" (Ray said: {last})" if last else "")}
+                return {"error": f"no Ray cluster answered within {time.monotonic() - started:.0f} s" + (f" (Ray said: {last})" if last else "")}
         finally:
             if child.poll() is None:
                 child.kill()
             child.wait()
         if answer is None:
             return {"error": f"the child process ended without an answer ({_last_line(errors)})"}
-        return json.loads(answer)
+        try:
+            found = json.loads(answer)
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or not ("error" in found or isinstance(found.get("total"), dict) and isinstance(found.get("free"), dict)):
+            return {"error": f"the child process answered something unreadable: {answer[:200]!r}"}
+        return found
+
+
+def _answer(lines: queue.Queue[str | None], deadline: float) -> str | None:
+    """The probe's answer: the last line starting with ``{`` it wrote before it ended (Ray may print
+    other lines around it); None when there was none.
+
+    Raises:
+        queue.Empty: The child had not ended by ``deadline`` (a ``time.monotonic()``).
+    """
+    answer = None
+    while (line := lines.get(timeout=max(deadline - time.monotonic(), 0.0))) is not None:
+        if line.startswith("{"):
+            answer = line
+    return answer
 
 
 def _last_line(stream: Any) -> str:
@@ -204,11 +231,27 @@ def _temp_root() -> str:
 
 
 def _remove_abandoned(root: str) -> None:
-    """Remove the Ray folders (and stop the processes) of earlier runs whose driver is gone."""
+    """Remove the Ray folders (and stop the Ray processes) of earlier runs whose driver is gone:
+    real folders of this user's only (``sweep`` leaves links and other users' entries alone)."""
     for folder in Path(root).glob("unraveled-ray-*"):
-        pid = folder.name.removeprefix("unraveled-ray-")
-        if pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid))):
+        pid = folder.name.removeprefix("unraveled-ray-").partition("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)) and is_own_folder(str(folder)):
             sweep(str(folder))
+
+
+def _new_folder(root: str) -> str:
+    """A new folder ``unraveled-ray-PID-N`` in ``root``: named after the driver, for
+    ``_remove_abandoned``, and numbered, as this process may have run Ray before or an earlier
+    process with this pid may have left its folder (kept until ``_remove_abandoned`` sees that
+    pid dead)."""
+    number = 0
+    while True:
+        folder = os.path.join(root, f"unraveled-ray-{os.getpid()}-{number}")
+        try:
+            os.mkdir(folder, 0o700)
+            return folder
+        except FileExistsError:
+            number += 1
 
 
 @contextmanager
@@ -216,22 +259,24 @@ def local_ray(workers: int | None) -> Iterator[None]:
     """Ray started on this machine with ``workers`` CPUs (default: all), for the ``with`` block.
 
     Its session files go into a folder of this run's own under the system's temporary folder,
-    removed afterwards; its processes, found by ``SESSION_MARKER``, are stopped afterwards, also
-    by a watchdog process when this one is killed.
+    removed afterwards; its processes (this process's descendants started since, and those marked
+    with ``SESSION_MARKER``, that are recognisably Ray's) are stopped afterwards, also by a
+    watchdog process when this one is killed.
     """
     import ray
 
     root = _temp_root()
-    _remove_abandoned(root)  # also an earlier process's with this one's pid: that process is gone
-    folder = os.path.join(root, f"unraveled-ray-{os.getpid()}")  # named after the driver, for _remove_abandoned
-    os.mkdir(folder, 0o700)
+    _remove_abandoned(root)
+    folder = _new_folder(root)
+    started = time.time()
     watchdog = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), str(os.getpid()), folder],
+        [sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), str(os.getpid()), folder, repr(started)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    started = time.time()
     previous = os.environ.get(SESSION_MARKER)
-    os.environ[SESSION_MARKER] = folder  # inherited by the processes Ray starts
+    # Inherited by the processes Ray starts (and by any another thread starts meanwhile: the
+    # cleanup stops only those that are recognisably Ray's).
+    os.environ[SESSION_MARKER] = folder
     try:
         try:
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=folder)
