@@ -14,7 +14,7 @@ OUT ?= outputs
 # Where pip finds torch; empty: pip's configured index (a mirror or a local wheel house works too).
 TORCH_INDEX_URL ?=
 
-.PHONY: all test bench clean setup list
+.PHONY: all test test-heavy bench clean setup list
 .DEFAULT_GOAL := all
 
 $(READY): pyproject.toml
@@ -34,7 +34,11 @@ all: $(READY)
 
 # Two pytest-xdist workers: one per core of the machines this runs on.
 test: $(READY)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 -m "not heavy"
+
+# Defaults checked at their full cost (causal tracing's peaks under two seeds): CI runs it after `make test`.
+test-heavy: $(READY)
+	$(PY) -m pytest -m heavy
 
 bench: $(READY)
 	$(PY) -m unraveled.bench

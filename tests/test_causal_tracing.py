@@ -335,6 +335,7 @@ def test_sizes_past_their_bounds_exit_2(override: str, field: str, tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_default_peaks_survive_a_change_of_seed_on_smollm2(smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A model that knows the facts is needed (the tiny ones know none), so the bundled SmolLM2, at
     # the config's own params: 3 facts x 10 noise samples. One noise sample moved the MLP peak from
