@@ -250,13 +250,13 @@ def test_bad_corpus_exits_2_naming_the_path_before_loading_the_model(
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    (["params.max_tokens=8"], "params: Value error, max_tokens=8 is less than one window of context_tokens=16"),
-    (["params.context_before=33"], "params.context_before: Input should be less than or equal to 32"),
-    (["params.context_after=1000000000"], "params.context_after: Input should be less than or equal to 32"),
-    (["params.context_tokens=2000"], "params.context_tokens: Input should be less than or equal to 1024"),
+    (["params.max_tokens=8"], "params (from --set): Value error, max_tokens=8 is less than one window of context_tokens=16"),
+    (["params.context_before=33"], "params.context_before (from --set): Input should be less than or equal to 32"),
+    (["params.context_after=1000000000"], "params.context_after (from --set): Input should be less than or equal to 32"),
+    (["params.context_tokens=2000"], "params.context_tokens (from --set): Input should be less than or equal to 1024"),
     (["params.context_tokens=100"], "params.context_tokens (from --set): 100 tokens exceed the model's context of 64"),
-    (["params.batch_windows=65"], "params.batch_windows: Input should be less than or equal to 64"),
-    (["params.browser_samples=21"], "params.browser_samples: Input should be less than or equal to 20"),
+    (["params.batch_windows=65"], "params.batch_windows (from --set): Input should be less than or equal to 64"),
+    (["params.browser_samples=21"], "params.browser_samples (from --set): Input should be less than or equal to 20"),
 ])
 def test_sizes_are_bounded_before_loading_the_model(
     settings: list[str], message: str, tmp_path: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
