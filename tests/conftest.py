@@ -336,3 +336,16 @@ def two_model_report(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Pa
         args = ["run", "attention", "logit_lens", "--model", str(tiny_gpt2_dir), "--model", str(tiny_llama_dir)]
         assert main([*args, "--out", str(out), "--format", "png,svg,pdf"]) == 0
     return TwoModelReport(out, loads)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> Path:
+    """An output folder holding one finished run of the tiny model (per test module); tests that
+    change it work on copies, and compare with it to prove nothing is lost."""
+    from unraveled.cli import main
+
+    out = tmp_path_factory.mktemp("published") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
+        assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
+    return out

@@ -39,16 +39,6 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *fragments: st
     return flat
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> Path:
-    """An output folder holding one finished run of the tiny model, to prove nothing is lost."""
-    out = tmp_path_factory.mktemp("published") / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
-        assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
-    return out
-
-
 # 1. Config names become folder names.
 @pytest.mark.parametrize("file_name", ["..yaml", "...yaml", "a b.yaml", "-x.yaml"])
 def test_config_names_must_be_plain_identifiers(file_name: str, published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

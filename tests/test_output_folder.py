@@ -56,16 +56,6 @@ def _config_named(folder: Path, name: str, experiment: str = "layernorm") -> Pat
     return path
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> Path:
-    """An output folder holding one finished run of the tiny model; tests work on copies."""
-    out = tmp_path_factory.mktemp("published") / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
-        assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
-    return out
-
-
 @pytest.fixture
 def out(published: Path, tmp_path: Path, warm_weight_cache: Path) -> Path:
     copy = tmp_path / "out"
