@@ -114,6 +114,7 @@ def test_restorations_split_into_small_passes_give_the_same_grids(model: HookedT
     noise = _noise(model, subject, 3, 1.0)
     whole = trace_fact(model, tokens, subject, answer, noise, window=2)
     monkeypatch.setattr(unraveled.tracing, "ROW_TOKENS_PER_PASS", 7)  # a few rows per pass, a pass per row near the start
+    monkeypatch.setattr(unraveled.tracing, "DECODED_ROWS", 2)  # and a pass's rows decoded two at a time
     split = trace_fact(model, tokens, subject, answer, noise, window=2)
     for kind in ("residual", "mlp", "attn"):
         np.testing.assert_allclose(split.restored[kind], whole.restored[kind], rtol=1e-5, atol=1e-8)

@@ -126,6 +126,7 @@ KINDS = ("residual", "mlp", "attn")
 # (MLP hidden activations, attention scores) grow with it, and ten noise samples of every
 # restoration at once would be several times that on a long prompt.
 ROW_TOKENS_PER_PASS = 1024
+DECODED_ROWS = 64
 
 
 def _restored_probabilities(
@@ -168,7 +169,12 @@ def _restored_probabilities(
             keys, values = past[layer]
             entry = TransformerLensKeyValueCacheEntry(keys[sample_of_row[active]], values[sample_of_row[active]], frozen=True)
             states[active] = block(states[active], past_kv_cache_entry=entry)
-    return logit_lens(model, states[:, -1:])[:, 0].softmax(dim=-1)[:, answer]
+    # Decoded a few rows at a time: a pass of short suffixes holds up to ROW_TOKENS_PER_PASS rows,
+    # and their full-vocabulary logits and softmax at once would be the experiment's largest tensors.
+    last = states[:, -1:]
+    return torch.cat(
+        [logit_lens(model, last[first : first + DECODED_ROWS])[:, 0].softmax(dim=-1)[:, answer] for first in range(0, len(last), DECODED_ROWS)]
+    )
 
 
 def trace_fact(
