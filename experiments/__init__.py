@@ -1,2 +1,3 @@
 """Experiment modules, installed as ``unraveled.experiments``: each defines ``EXPERIMENT`` (see
-``unraveled.experiment``)."""
+``unraveled.experiment``).
+"""

@@ -26,7 +26,17 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from unraveled.datasets.ioi import IOIParams
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, ParamError, Params, Prompt, prompt_token_count
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Answer,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+    Prompt,
+    prompt_token_count,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
@@ -38,9 +48,15 @@ class ActivationPatchingParams(Params):
     clean: Prompt = "When Mary and John went to the store, John gave a drink to"
     corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
     clean_answer: Answer = Field(" Mary", description="The clean prompt's answer (one token).")
-    corrupted_answer: Answer = Field(" John", description="The corrupted prompt's answer (one token).")
-    prompts: Literal["pair", "ioi"] = Field("pair", description="pair: the one pair above; ioi: the IOI dataset in params.ioi.")
-    ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs, when prompts is ioi.")
+    corrupted_answer: Answer = Field(
+        " John", description="The corrupted prompt's answer (one token)."
+    )
+    prompts: Literal["pair", "ioi"] = Field(
+        "pair", description="pair: the one pair above; ioi: the IOI dataset in params.ioi."
+    )
+    ioi: IOIParams = Field(
+        default_factory=IOIParams, description="The IOI prompt pairs, when prompts is ioi."
+    )
 
 
 @dataclass(frozen=True)
@@ -64,10 +80,19 @@ class ActivationPatchingResult:
 
     def _residual_patch(self, index: int, n_pos: int) -> dict[str, Any]:
         """One residual patch by its flat index: one pair's position and token, or over IOI pairs a
-        group of positions (``ROLES``: the prompts' positions don't line up) and its index."""
+        group of positions (``ROLES``: the prompts' positions don't line up) and its index.
+        """
         column = index % n_pos
-        where = {"position_group": self.tokens[column], "position_group_index": column} if self.position_groups else {"position": column, "token": self.tokens[column]}
-        return {"point": self.residual_labels[index // n_pos], **where, "recovered": float(self.residual.flat[index])}
+        where = (
+            {"position_group": self.tokens[column], "position_group_index": column}
+            if self.position_groups
+            else {"position": column, "token": self.tokens[column]}
+        )
+        return {
+            "point": self.residual_labels[index // n_pos],
+            **where,
+            "recovered": float(self.residual.flat[index]),
+        }
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -90,18 +115,30 @@ class ActivationPatchingResult:
         }
 
 
-def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: int) -> ActivationPatchingResult:
+def compute(
+    model: HookedTransformer, params: ActivationPatchingParams, seed: int
+) -> ActivationPatchingResult:
     import torch
 
     from unraveled.datasets.ioi import ROLES, corrupted_prompts_answer, ioi_batch
     from unraveled.logits import answer_token_id, residual_hook_names
-    from unraveled.patching import answer_summary, head_patches, patched_logit_differences, residual_patches, run_cache, single_pair
+    from unraveled.patching import (
+        answer_summary,
+        head_patches,
+        patched_logit_differences,
+        residual_patches,
+        run_cache,
+        single_pair,
+    )
 
     if params.prompts == "ioi":
         batch = ioi_batch(model, params.ioi, seed, "params.ioi")
         pairs, groups, labels = batch.tokens, [batch.roles[role] for role in ROLES], list(ROLES)
     else:
-        answers = (answer_token_id(model, params.clean_answer, "params.clean_answer"), answer_token_id(model, params.corrupted_answer, "params.corrupted_answer"))
+        answers = (
+            answer_token_id(model, params.clean_answer, "params.clean_answer"),
+            answer_token_id(model, params.corrupted_answer, "params.corrupted_answer"),
+        )
         pairs = single_pair(model, params.clean, params.corrupted, *answers)
         n_pos = pairs.clean.shape[1]
         groups = list(torch.eye(n_pos, dtype=torch.bool)[:, None, :])  # one group per position
@@ -112,21 +149,40 @@ def compute(model: HookedTransformer, params: ActivationPatchingParams, seed: in
     clean_logits, clean_cache = run_cache(model, pairs, "clean", [*residual_hooks, *z_hooks])
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", residual_hooks)
     # The corrupted prompt of a single pair answers params.corrupted_answer, the pairs' incorrect token.
-    corrupted_answer = corrupted_prompts_answer(params.ioi) if params.prompts == "ioi" else "incorrect"
-    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs, corrupted_answer)
-    clean_difference, corrupted_difference = clean["mean_logit_difference"], corrupted["mean_logit_difference"]
+    corrupted_answer = (
+        corrupted_prompts_answer(params.ioi) if params.prompts == "ioi" else "incorrect"
+    )
+    clean, corrupted = (
+        answer_summary(clean_logits, pairs),
+        answer_summary(corrupted_logits, pairs, corrupted_answer),
+    )
+    clean_difference, corrupted_difference = (
+        clean["mean_logit_difference"],
+        corrupted["mean_logit_difference"],
+    )
     span = clean_difference - corrupted_difference
     if abs(span) < 1e-6:
-        raise ValueError("the clean and corrupted prompts give the same logit difference: nothing to recover")
+        raise ValueError(
+            "the clean and corrupted prompts give the same logit difference: nothing to recover"
+        )
     started = time.perf_counter()
     # Point p of the residual stream is the input to block p (the last point feeds the unembedding).
-    residual = patched_logit_differences(model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache)
-    heads = patched_logit_differences(model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache)
+    residual = patched_logit_differences(
+        model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache
+    )
+    heads = patched_logit_differences(
+        model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache
+    )
     seconds = time.perf_counter() - started
     return ActivationPatchingResult(
         tokens=labels,
-        residual_labels=[*[f"before block {layer}" for layer in range(n_layers)], "after the last block"],
-        residual=((residual.mean(-1).reshape(n_layers + 1, len(groups)) - corrupted_difference) / span).numpy(),
+        residual_labels=[
+            *[f"before block {layer}" for layer in range(n_layers)],
+            "after the last block",
+        ],
+        residual=(
+            (residual.mean(-1).reshape(n_layers + 1, len(groups)) - corrupted_difference) / span
+        ).numpy(),
         heads=((heads.mean(-1).reshape(n_layers, n_heads) - corrupted_difference) / span).numpy(),
         clean_difference=clean_difference,
         corrupted_difference=corrupted_difference,
@@ -141,17 +197,39 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     from unraveled.render.figures import heatmap, panels
 
     figure, (axes,) = panels(1)
-    figure.set_size_inches(max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels)))
+    figure.set_size_inches(
+        max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels))
+    )
     over = "" if result.n_pairs == 1 else f", mean over {result.n_pairs} IOI pairs"
-    heatmap(axes, result.residual, f"Residual stream patched from the clean run: share of the logit difference recovered{over}",
-            result.position_kind, "", cmap="RdBu_r", colorbar_label="recovered (0 corrupted, 1 clean)", centre_zero=True)
-    axes.set_xticks(range(len(result.tokens)), [repr(t)[1:-1] for t in result.tokens], rotation=60, fontsize=7)
+    heatmap(
+        axes,
+        result.residual,
+        f"Residual stream patched from the clean run: share of the logit difference recovered{over}",
+        result.position_kind,
+        "",
+        cmap="RdBu_r",
+        colorbar_label="recovered (0 corrupted, 1 clean)",
+        centre_zero=True,
+    )
+    axes.set_xticks(
+        range(len(result.tokens)), [repr(t)[1:-1] for t in result.tokens], rotation=60, fontsize=7
+    )
     axes.set_yticks(range(len(result.residual_labels)), result.residual_labels, fontsize=6)
-    yield Figure("01_residual_patching", figure, "Patching the residual stream, per layer and position")
+    yield Figure(
+        "01_residual_patching", figure, "Patching the residual stream, per layer and position"
+    )
 
     figure, (axes,) = panels(1)
-    heatmap(axes, result.heads, f"Head outputs patched from the clean run: share recovered{over}", "Head", "Layer",
-            cmap="RdBu_r", colorbar_label="recovered (0 corrupted, 1 clean)", centre_zero=True)
+    heatmap(
+        axes,
+        result.heads,
+        f"Head outputs patched from the clean run: share recovered{over}",
+        "Head",
+        "Layer",
+        cmap="RdBu_r",
+        colorbar_label="recovered (0 corrupted, 1 clean)",
+        centre_zero=True,
+    )
     yield Figure("02_head_patching", figure, "Patching each head's output at every position")
 
 
@@ -162,9 +240,21 @@ def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
     if params.prompts == "ioi":
         check_ioi_names(model, params.ioi)
         return
-    clean, corrupted = prompt_token_count(model, params.clean), prompt_token_count(model, params.corrupted)
+    clean, corrupted = (
+        prompt_token_count(model, params.clean),
+        prompt_token_count(model, params.corrupted),
+    )
     if clean != corrupted:
-        raise ParamError("corrupted", f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length")
+        raise ParamError(
+            "corrupted",
+            f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length",
+        )
 
 
-EXPERIMENT = Experiment(title="Activation patching", params=ActivationPatchingParams, compute=compute, render=render, check=check)
+EXPERIMENT = Experiment(
+    title="Activation patching",
+    params=ActivationPatchingParams,
+    compute=compute,
+    render=render,
+    check=check,
+)

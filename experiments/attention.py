@@ -18,7 +18,16 @@ from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
 
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, HeadIndex, Params, Prompt, View
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    HeadIndex,
+    Params,
+    Prompt,
+    View,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from matplotlib.colors import ListedColormap
@@ -29,7 +38,9 @@ class AttentionParams(Params):
     prompt: Prompt = "Alice gave Bob a goose, and he gave her a duck."
     head: HeadIndex = Field(0, description="The head drawn in every layer's heatmap.")
     # The original analysis tokenises without BOS: position 0 is the prompt's first word.
-    prepend_bos: bool = Field(False, description="Prepend the BOS token (the original analysis does not).")
+    prepend_bos: bool = Field(
+        False, description="Prepend the BOS token (the original analysis does not)."
+    )
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,11 @@ class AttentionResult:
     @property
     def tokenisation(self) -> str:
         """How the prompt was tokenised, in words, for titles and captions."""
-        return f"with BOS: position 0 is {self.tokens[0]!r}" if self.prepend_bos else "without BOS, as the original"
+        return (
+            f"with BOS: position 0 is {self.tokens[0]!r}"
+            if self.prepend_bos
+            else "without BOS, as the original"
+        )
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -67,7 +82,9 @@ class AttentionResult:
             "strongest_sink_heads": top_heads(self.sink, 5),
             "lowest_entropy_heads": top_heads(self.entropy, 5, lowest=True),
             "next_token_loss": self.next_token_loss,
-            "mean_next_token_loss": float(self.next_token_loss.mean()) if len(self.next_token_loss) else None,
+            "mean_next_token_loss": float(self.next_token_loss.mean())
+            if len(self.next_token_loss)
+            else None,
         }
 
 
@@ -78,12 +95,20 @@ def layer_colours(cmap_name: str, n_layers: int) -> ListedColormap:
 
     # Start the gradient a little below layer 0 so that early layers are pale but visible.
     shade = Normalize(vmin=-0.3 * n_layers, vmax=n_layers - 1)
-    return ListedColormap(colormaps[cmap_name](shade(np.arange(n_layers))), name=f"{cmap_name}_{n_layers}_layers")
+    return ListedColormap(
+        colormaps[cmap_name](shade(np.arange(n_layers))), name=f"{cmap_name}_{n_layers}_layers"
+    )
 
 
 def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> AttentionResult:
     from unraveled.activations import collect_activations
-    from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head, attention_to_first_token, last_token_attention, stack_patterns
+    from unraveled.analysis import (
+        attention_entropy_by_head,
+        attention_sink_by_head,
+        attention_to_first_token,
+        last_token_attention,
+        stack_patterns,
+    )
 
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
@@ -108,6 +133,7 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
 def render(result: AttentionResult) -> Iterator[Artifact]:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
+
     from unraveled.render.figures import heatmap, layer_grid, panels, token_label
 
     n_layers = len(result.patterns)
@@ -115,13 +141,24 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     figure, axes_list = layer_grid(n_layers)
     causal_future = np.triu(np.ones((len(labels), len(labels)), dtype=bool), k=1)
     for layer, axes in enumerate(axes_list):
-        image = axes.imshow(np.ma.masked_array(result.patterns[layer, result.head], causal_future), cmap="viridis", vmin=0, vmax=1)
+        image = axes.imshow(
+            np.ma.masked_array(result.patterns[layer, result.head], causal_future),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+        )
         axes.set_title(f"Layer {layer}, head {result.head}", fontsize=9)
         axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axes.set_yticks(range(len(labels)), labels, fontsize=6)
     figure.colorbar(image, ax=axes_list, shrink=0.6, label="attention weight")
-    figure.suptitle(f"Attention pattern of one head in every layer (rows: queries, columns: keys); prompt tokenised {result.tokenisation}")
-    yield Figure("04_attention_heatmaps", figure, f"Head {result.head} of every layer on the prompt, tokenised {result.tokenisation}")
+    figure.suptitle(
+        f"Attention pattern of one head in every layer (rows: queries, columns: keys); prompt tokenised {result.tokenisation}"
+    )
+    yield Figure(
+        "04_attention_heatmaps",
+        figure,
+        f"Head {result.head} of every layer on the prompt, tokenised {result.tokenisation}",
+    )
 
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 6)
@@ -129,23 +166,52 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     for layer in range(n_layers):
         axes.plot(result.to_first_token[layer], color=blues.colors[layer])
         axes.plot(result.from_last_token[layer], color=reds.colors[layer], linestyle="--")
-    axes.set(title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)"
-             f"\nprompt tokenised {result.tokenisation}",
-             xlabel="Token index", ylabel="Attention weight, mean over heads")
+    axes.set(
+        title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)"
+        f"\nprompt tokenised {result.tokenisation}",
+        xlabel="Token index",
+        ylabel="Attention weight, mean over heads",
+    )
     axes.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
     # The colour bars use the very colours of the lines: one discrete colour per layer.
     layers = BoundaryNorm(np.arange(-0.5, n_layers), n_layers)
     ticks = range(0, n_layers, max(1, n_layers // 10))
-    for cmap, label in ((reds, "layer (attention of the last token)"), (blues, "layer (attention to the first token)")):
+    for cmap, label in (
+        (reds, "layer (attention of the last token)"),
+        (blues, "layer (attention to the first token)"),
+    ):
         figure.colorbar(ScalarMappable(norm=layers, cmap=cmap), ax=axes, label=label, ticks=ticks)
-    yield Figure("05_layer_wise_attention", figure, f"Attention to the first token and from the last token, per layer; tokenised {result.tokenisation}")
+    yield Figure(
+        "05_layer_wise_attention",
+        figure,
+        f"Attention to the first token and from the last token, per layer; tokenised {result.tokenisation}",
+    )
 
     figure, (left, right) = panels(2)
-    heatmap(left, result.entropy, "Attention entropy per head (nats)", "Head", "Layer", cmap="viridis", colorbar_label="mean entropy over queries")
-    heatmap(right, result.sink, "Attention to the first token per head (sink)", "Head", "Layer", cmap="magma",
-            colorbar_label="mean attention to position 0, queries 1..")
+    heatmap(
+        left,
+        result.entropy,
+        "Attention entropy per head (nats)",
+        "Head",
+        "Layer",
+        cmap="viridis",
+        colorbar_label="mean entropy over queries",
+    )
+    heatmap(
+        right,
+        result.sink,
+        "Attention to the first token per head (sink)",
+        "Head",
+        "Layer",
+        cmap="magma",
+        colorbar_label="mean attention to position 0, queries 1..",
+    )
     figure.suptitle(f"Prompt tokenised {result.tokenisation}")
-    yield Figure("06_head_entropy_and_sink", figure, f"Per-head attention entropy and attention-sink strength; tokenised {result.tokenisation}")
+    yield Figure(
+        "06_head_entropy_and_sink",
+        figure,
+        f"Per-head attention entropy and attention-sink strength; tokenised {result.tokenisation}",
+    )
     yield from attention_views(result)
 
 
@@ -156,16 +222,45 @@ def attention_views(result: AttentionResult) -> Iterator[View]:
     n_layers, n_heads = result.patterns.shape[:2]
     names = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
     per_layer = [
-        views.attention_heads(result.patterns[layer], result.tokens, f"Layer {layer}", names[layer * n_heads : (layer + 1) * n_heads])
+        views.attention_heads(
+            result.patterns[layer],
+            result.tokens,
+            f"Layer {layer}",
+            names[layer * n_heads : (layer + 1) * n_heads],
+        )
         for layer in range(n_layers)
     ]
     for layer, element in enumerate(per_layer):
-        yield View(f"attention_layer_{layer:02d}", f"Attention heads of layer {layer}", [element], {"prompt": result.prompt, "tokenised": result.tokenisation, "layer": str(layer)})
-    yield View("attention_all_layers", "Attention heads of every layer", per_layer, {"prompt": result.prompt, "tokenised": result.tokenisation, "layers": f"0..{n_layers - 1}"})
+        yield View(
+            f"attention_layer_{layer:02d}",
+            f"Attention heads of layer {layer}",
+            [element],
+            {"prompt": result.prompt, "tokenised": result.tokenisation, "layer": str(layer)},
+        )
+    yield View(
+        "attention_all_layers",
+        "Attention heads of every layer",
+        per_layer,
+        {"prompt": result.prompt, "tokenised": result.tokenisation, "layers": f"0..{n_layers - 1}"},
+    )
     # The first token has no prediction to score; show it with loss 0.
     loss = [0.0, *result.next_token_loss.tolist()]
-    yield View("token_loss", "Per-token loss (nats) of the prompt", [views.colored_tokens(result.tokens, loss, "Loss of predicting each token from the ones before it")],
-               {"prompt": result.prompt, "tokenised": result.tokenisation})
+    yield View(
+        "token_loss",
+        "Per-token loss (nats) of the prompt",
+        [
+            views.colored_tokens(
+                result.tokens, loss, "Loss of predicting each token from the ones before it"
+            )
+        ],
+        {"prompt": result.prompt, "tokenised": result.tokenisation},
+    )
 
 
-EXPERIMENT = Experiment(title="Attention patterns, sinks and entropy", params=AttentionParams, compute=compute, render=render, weights="raw")
+EXPERIMENT = Experiment(
+    title="Attention patterns, sinks and entropy",
+    params=AttentionParams,
+    compute=compute,
+    render=render,
+    weights="raw",
+)

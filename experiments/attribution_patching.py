@@ -56,7 +56,9 @@ class AttributionPatchingParams(Params):
     # The exact side costs one partial forward per component and pair (270 heads and 30 MLPs on
     # SmolLM2; 4 pairs took 212 s for the heads alone under load): 2 pairs (one ABBA, one BABA) by
     # default; the estimate alone is cheap. More pairs: --set params.ioi.n_pairs=16.
-    ioi: IOIParams = Field(default_factory=lambda: IOIParams(n_pairs=2), description="The IOI prompt pairs.")
+    ioi: IOIParams = Field(
+        default_factory=lambda: IOIParams(n_pairs=2), description="The IOI prompt pairs."
+    )
     # Exact residual patching costs one partial forward per residual point and position group that
     # differs between the prompts: at the changed token (S2) always, since the estimate is known to
     # fail there (31 more on SmolLM2); at every group only on request (31 x 2 more). Groups before the
@@ -67,14 +69,20 @@ class AttributionPatchingParams(Params):
     )
 
 
-def _correlations(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> dict[str, float | None]:
+def _correlations(
+    estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]
+) -> dict[str, float | None]:
     """Pearson and Spearman correlation; ``None`` where undefined (fewer than 3 values, or a
-    constant side)."""
+    constant side).
+    """
     from scipy import stats
 
     if len(exact) < 3 or np.ptp(exact) == 0 or np.ptp(estimate) == 0:
         return {"pearson": None, "spearman": None}
-    return {"pearson": float(stats.pearsonr(estimate, exact)[0]), "spearman": float(stats.spearmanr(estimate, exact)[0])}
+    return {
+        "pearson": float(stats.pearsonr(estimate, exact)[0]),
+        "spearman": float(stats.spearmanr(estimate, exact)[0]),
+    }
 
 
 def agreement(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> dict[str, Any]:
@@ -86,15 +94,29 @@ def agreement(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> di
         |estimates|; ``above_threshold``: per threshold of ``EFFECT_THRESHOLDS``, the number and
         share of components whose |exact| reaches it, and the correlations over them.
     """
-    magnitude_exact, magnitude_estimate = np.argsort(-np.abs(exact), kind="stable"), np.argsort(-np.abs(estimate), kind="stable")
+    magnitude_exact, magnitude_estimate = (
+        np.argsort(-np.abs(exact), kind="stable"),
+        np.argsort(-np.abs(estimate), kind="stable"),
+    )
     above = []
     for threshold in EFFECT_THRESHOLDS:
         kept = np.abs(exact) >= threshold
-        above.append({"threshold": threshold, "n": int(kept.sum()), "share": float(kept.mean()), **_correlations(estimate[kept], exact[kept])})
+        above.append(
+            {
+                "threshold": threshold,
+                "n": int(kept.sum()),
+                "share": float(kept.mean()),
+                **_correlations(estimate[kept], exact[kept]),
+            }
+        )
     return {
         **_correlations(estimate, exact),
         "n": len(exact),
-        "top_k_overlap": {str(k): len(set(magnitude_exact[:k].tolist()) & set(magnitude_estimate[:k].tolist())) for k in OVERLAP_KS if k <= len(exact)},
+        "top_k_overlap": {
+            str(k): len(set(magnitude_exact[:k].tolist()) & set(magnitude_estimate[:k].tolist()))
+            for k in OVERLAP_KS
+            if k <= len(exact)
+        },
         "above_threshold": above,
     }
 
@@ -126,37 +148,62 @@ class AttributionPatchingResult:
     def agreements(self) -> dict[str, dict[str, Any]]:
         """``agreement`` of estimate and exact value per kind of component (the residual stream
         over its exactly patched cells, less the groups before the change, which would agree by
-        construction and inflate it)."""
+        construction and inflate it).
+        """
         exact_cells = ~np.isnan(self.residual_exact)
-        exact_cells[:, [self.roles.index(role) for role in self.residual_groups_before_change]] = False
+        exact_cells[:, [self.roles.index(role) for role in self.residual_groups_before_change]] = (
+            False
+        )
         pairs = {
             "heads": (self.heads_estimate.ravel(), self.heads_exact.ravel()),
             "mlps": (self.mlps_estimate, self.mlps_exact),
-            "heads_and_mlps": (np.r_[self.heads_estimate.ravel(), self.mlps_estimate], np.r_[self.heads_exact.ravel(), self.mlps_exact]),
+            "heads_and_mlps": (
+                np.r_[self.heads_estimate.ravel(), self.mlps_estimate],
+                np.r_[self.heads_exact.ravel(), self.mlps_exact],
+            ),
             "residual": (self.residual_estimate[exact_cells], self.residual_exact[exact_cells]),
         }
         return {kind: agreement(estimate, exact) for kind, (estimate, exact) in pairs.items()}
 
     def top_heads_by_exact_magnitude(self) -> list[dict[str, Any]]:
         """The ``TOP_K`` heads with the largest |exact| effect, each with its estimate and the
-        rank of the estimate's magnitude among all heads (1 = largest)."""
+        rank of the estimate's magnitude among all heads (1 = largest).
+        """
         estimate_rank = np.empty(self.heads_estimate.size, dtype=int)
-        estimate_rank[np.argsort(-np.abs(self.heads_estimate), axis=None, kind="stable")] = np.arange(1, self.heads_estimate.size + 1)
+        estimate_rank[np.argsort(-np.abs(self.heads_estimate), axis=None, kind="stable")] = (
+            np.arange(1, self.heads_estimate.size + 1)
+        )
         n_heads = self.heads_exact.shape[1]
         return [
-            {"head": f"{index // n_heads}.{index % n_heads}", "exact": float(self.heads_exact.flat[index]), "estimate": float(self.heads_estimate.flat[index]), "estimate_rank": int(estimate_rank[index])}
+            {
+                "head": f"{index // n_heads}.{index % n_heads}",
+                "exact": float(self.heads_exact.flat[index]),
+                "estimate": float(self.heads_estimate.flat[index]),
+                "estimate_rank": int(estimate_rank[index]),
+            }
             for index in np.argsort(-np.abs(self.heads_exact), axis=None, kind="stable")[:TOP_K]
         ]
 
     def largest_errors(self) -> list[dict[str, Any]]:
         """The components whose estimate is furthest from the exact value."""
         rows = [
-            {"component": f"head {layer}.{head}", "estimate": float(self.heads_estimate[layer, head]), "exact": float(self.heads_exact[layer, head])}
+            {
+                "component": f"head {layer}.{head}",
+                "estimate": float(self.heads_estimate[layer, head]),
+                "exact": float(self.heads_exact[layer, head]),
+            }
             for layer, head in np.ndindex(self.heads_exact.shape)
         ]
-        rows += [{"component": f"MLP {layer}", "estimate": float(e), "exact": float(x)} for layer, (e, x) in enumerate(zip(self.mlps_estimate, self.mlps_exact))]
         rows += [
-            {"component": f"residual {self.residual_labels[point]}, {self.roles[role]}", "estimate": float(self.residual_estimate[point, role]), "exact": float(self.residual_exact[point, role])}
+            {"component": f"MLP {layer}", "estimate": float(e), "exact": float(x)}
+            for layer, (e, x) in enumerate(zip(self.mlps_estimate, self.mlps_exact))
+        ]
+        rows += [
+            {
+                "component": f"residual {self.residual_labels[point]}, {self.roles[role]}",
+                "estimate": float(self.residual_estimate[point, role]),
+                "exact": float(self.residual_exact[point, role]),
+            }
             for point, role in np.ndindex(self.residual_exact.shape)
             if not np.isnan(self.residual_exact[point, role])
         ]
@@ -190,13 +237,20 @@ class AttributionPatchingResult:
             "residual_position_groups": self.roles,
             "residual_estimate": self.residual_estimate,
             "residual_exact": self.residual_exact,
-            "residual_position_groups_patched_exactly": [role for role, exact in zip(self.roles, self.residual_has_exact()) if exact],
+            "residual_position_groups_patched_exactly": [
+                role for role, exact in zip(self.roles, self.residual_has_exact()) if exact
+            ],
             "residual_position_groups_before_the_change": self.residual_groups_before_change,
-            "seconds": {"attribution_patching": self.attribution_seconds, "exact_patching": self.exact_seconds},
+            "seconds": {
+                "attribution_patching": self.attribution_seconds,
+                "exact_patching": self.exact_seconds,
+            },
         }
 
 
-def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: int) -> AttributionPatchingResult:
+def compute(
+    model: HookedTransformer, params: AttributionPatchingParams, seed: int
+) -> AttributionPatchingResult:
     from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
     from unraveled.patching import (
         answer_summary,
@@ -218,41 +272,81 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
     clean_logits, clean_cache = run_cache(model, pairs, "clean", hooks)
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     _, estimates = attribution(model, pairs, hooks, clean_cache, base="corrupted")
-    heads_estimate, mlps_estimate, residual_estimate = estimates_per_component(model, estimates, groups)
+    heads_estimate, mlps_estimate, residual_estimate = estimates_per_component(
+        model, estimates, groups
+    )
     attribution_seconds = time.perf_counter() - started
 
     clean = answer_summary(clean_logits, pairs)
     corrupted = answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
-    low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
+    low, span = (
+        corrupted["mean_logit_difference"],
+        clean["mean_logit_difference"] - corrupted["mean_logit_difference"],
+    )
     if abs(span) < 1e-6:
-        raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")
+        raise ValueError(
+            "params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover"
+        )
 
     def recovered(patched: Tensor) -> NDArray:
         return ((patched.mean(-1) - low) / span).numpy()
 
     exact_seconds = {}
     started = time.perf_counter()
-    heads_exact = recovered(patched_logit_differences(model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache))
+    heads_exact = recovered(
+        patched_logit_differences(
+            model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache
+        )
+    )
     exact_seconds["heads"] = time.perf_counter() - started
     started = time.perf_counter()
-    mlps_exact = recovered(patched_logit_differences(model, pairs, mlp_patches(model), clean_cache, "corrupted", corrupted_cache))
+    mlps_exact = recovered(
+        patched_logit_differences(
+            model, pairs, mlp_patches(model), clean_cache, "corrupted", corrupted_cache
+        )
+    )
     exact_seconds["mlps"] = time.perf_counter() - started
     n_points = model.cfg.n_layers + 1
-    before_change = [index for index, group in enumerate(groups) if _before_first_change(group, pairs)]
+    before_change = [
+        index for index, group in enumerate(groups) if _before_first_change(group, pairs)
+    ]
     # The estimate is known to fail where a token differs (restoring it swaps a whole token).
     exact_groups = [
-        index for index, group in enumerate(groups) if params.exact_residual or index in before_change or bool((group & (pairs.clean != pairs.corrupted)).any())
+        index
+        for index, group in enumerate(groups)
+        if params.exact_residual
+        or index in before_change
+        or bool((group & (pairs.clean != pairs.corrupted)).any())
     ]
     started = time.perf_counter()
-    residual = patched_logit_differences(model, pairs, residual_patches(model, [groups[index] for index in exact_groups]), clean_cache, "corrupted", corrupted_cache)
+    residual = patched_logit_differences(
+        model,
+        pairs,
+        residual_patches(model, [groups[index] for index in exact_groups]),
+        clean_cache,
+        "corrupted",
+        corrupted_cache,
+    )
     residual_exact = np.full((n_points, len(ROLES)), np.nan, dtype=np.float32)
     residual_exact[:, exact_groups] = recovered(residual).reshape(n_points, len(exact_groups))
     exact_seconds["residual"] = time.perf_counter() - started
     return AttributionPatchingResult(
-        examples=[{"clean": p.clean, "corrupted": p.corrupted, "correct": f" {p.io}", "incorrect": f" {p.s}", "order": p.order} for p in batch.pairs],
+        examples=[
+            {
+                "clean": p.clean,
+                "corrupted": p.corrupted,
+                "correct": f" {p.io}",
+                "incorrect": f" {p.s}",
+                "order": p.order,
+            }
+            for p in batch.pairs
+        ],
         clean=clean,
         corrupted=corrupted,
-        residual_labels=[*[f"before block {layer}" for layer in range(model.cfg.n_layers)], "after the last block"],
+        residual_labels=[
+            *[f"before block {layer}" for layer in range(model.cfg.n_layers)],
+            "after the last block",
+        ],
         roles=list(ROLES),
         heads_estimate=(heads_estimate / span).numpy(),
         heads_exact=heads_exact.reshape(model.cfg.n_layers, model.cfg.n_heads),
@@ -268,7 +362,8 @@ def compute(model: HookedTransformer, params: AttributionPatchingParams, seed: i
 
 def _before_first_change(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -> bool:
     """Whether a position group lies wholly before the first token the prompts differ in:
-    restoring it changes nothing, so its exact value is known without a run."""
+    restoring it changes nothing, so its exact value is known without a run.
+    """
     import torch
 
     changed = pairs.clean != pairs.corrupted
@@ -277,20 +372,43 @@ def _before_first_change(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -
     return not bool((group & ~before).any())
 
 
-def _scatter(axes, estimate: NDArray, exact: NDArray, labels: list[str], colour: str, name: str, marker: str = "o") -> None:
+def _scatter(
+    axes,
+    estimate: NDArray,
+    exact: NDArray,
+    labels: list[str],
+    colour: str,
+    name: str,
+    marker: str = "o",
+) -> None:
     axes.scatter(exact, estimate, s=14, alpha=0.7, color=colour, marker=marker, label=name)
     worst = np.argsort(-np.abs(estimate - exact))[:4]
     strongest = np.argsort(-np.abs(exact))[:3]
-    visible = 0.05 * float(np.abs(np.r_[estimate, exact]).max())  # labels near the origin would only overlap
+    visible = 0.05 * float(
+        np.abs(np.r_[estimate, exact]).max()
+    )  # labels near the origin would only overlap
     for index in {*worst.tolist(), *strongest.tolist()}:
         if max(abs(estimate[index]), abs(exact[index])) < visible:
             continue
-        axes.annotate(labels[index], (exact[index], estimate[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes.annotate(
+            labels[index],
+            (exact[index], estimate[index]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
 
 
 def _diagonal(axes, values: NDArray) -> None:
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    axes.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--", label="estimate = exact")
+    axes.plot(
+        [low, high],
+        [low, high],
+        color="grey",
+        linewidth=0.8,
+        linestyle="--",
+        label="estimate = exact",
+    )
     axes.axhline(0, color="black", linewidth=0.4)
     axes.axvline(0, color="black", linewidth=0.4)
 
@@ -307,7 +425,9 @@ def _agreement_text(name: str, found: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
     above = found["above_threshold"][-1]
-    overlaps = ", ".join(f"top {k}: {shared} of {k}" for k, shared in found["top_k_overlap"].items())
+    overlaps = ", ".join(
+        f"top {k}: {shared} of {k}" for k, shared in found["top_k_overlap"].items()
+    )
     return (
         f"{name}: Pearson {number(found['pearson'])}, Spearman {number(found['spearman'])} (all {found['n']})\n"
         f"  |exact| >= {above['threshold']:g} ({above['n']}): Pearson {number(above['pearson'])}, Spearman {number(above['spearman'])}\n"
@@ -317,7 +437,8 @@ def _agreement_text(name: str, found: dict[str, Any]) -> str:
 
 def _mark_cells(axes, cells: Bool[NDArray, "row col"], gid: str, **style: Any) -> None:
     """A rectangle over each marked cell of a heatmap, tagged ``gid`` (the figure's own legend
-    names it; tests find the marks by it)."""
+    names it; tests find the marks by it).
+    """
     from matplotlib.patches import Rectangle
 
     for row, col in zip(*np.nonzero(cells)):
@@ -333,66 +454,218 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     n_layers, n_heads = result.heads_exact.shape
     head_labels = [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
     exact_cells = ~np.isnan(result.residual_exact)
-    estimate_only = [role for role, exact in zip(result.roles, result.residual_has_exact()) if not exact]
+    estimate_only = [
+        role for role, exact in zip(result.roles, result.residual_has_exact()) if not exact
+    ]
 
     figure, axes = panels(2)
-    _diagonal(axes[0], np.r_[result.heads_exact.ravel(), result.heads_estimate.ravel(), result.mlps_exact, result.mlps_estimate])
-    _scatter(axes[0], result.heads_estimate.ravel(), result.heads_exact.ravel(), head_labels, "royalblue", "heads")
-    _scatter(axes[0], result.mlps_estimate, result.mlps_exact, [f"MLP {layer}" for layer in range(n_layers)], "darkorange", "MLPs", marker="s")
-    axes[0].set(title="Heads and MLPs", xlabel="exact activation patching (share recovered)", ylabel="attribution patching estimate")
+    _diagonal(
+        axes[0],
+        np.r_[
+            result.heads_exact.ravel(),
+            result.heads_estimate.ravel(),
+            result.mlps_exact,
+            result.mlps_estimate,
+        ],
+    )
+    _scatter(
+        axes[0],
+        result.heads_estimate.ravel(),
+        result.heads_exact.ravel(),
+        head_labels,
+        "royalblue",
+        "heads",
+    )
+    _scatter(
+        axes[0],
+        result.mlps_estimate,
+        result.mlps_exact,
+        [f"MLP {layer}" for layer in range(n_layers)],
+        "darkorange",
+        "MLPs",
+        marker="s",
+    )
+    axes[0].set(
+        title="Heads and MLPs",
+        xlabel="exact activation patching (share recovered)",
+        ylabel="attribution patching estimate",
+    )
     axes[0].legend(fontsize=7, loc="lower right")
-    text = "\n".join([_agreement_text("Heads", agreements["heads"]), _agreement_text("MLPs", agreements["mlps"])])
-    axes[0].text(0.02, 0.98, text, transform=axes[0].transAxes, fontsize=6, ha="left", va="top", family="monospace", bbox=AGREEMENT_BOX)
-    exact_residual, estimated_residual = result.residual_exact[exact_cells], result.residual_estimate[exact_cells]
+    text = "\n".join(
+        [_agreement_text("Heads", agreements["heads"]), _agreement_text("MLPs", agreements["mlps"])]
+    )
+    axes[0].text(
+        0.02,
+        0.98,
+        text,
+        transform=axes[0].transAxes,
+        fontsize=6,
+        ha="left",
+        va="top",
+        family="monospace",
+        bbox=AGREEMENT_BOX,
+    )
+    exact_residual, estimated_residual = (
+        result.residual_exact[exact_cells],
+        result.residual_estimate[exact_cells],
+    )
     _diagonal(axes[1], np.r_[exact_residual, estimated_residual])
     layers = np.nonzero(exact_cells)[0]
     points = axes[1].scatter(exact_residual, estimated_residual, c=layers, cmap="viridis", s=14)
     axes[1].figure.colorbar(points, ax=axes[1], label="residual point (0 = before block 0)")
     labels = [f"L{point} {result.roles[role]}" for point, role in zip(*np.nonzero(exact_cells))]
     for index in np.argsort(-np.abs(estimated_residual - exact_residual))[:4]:
-        axes[1].annotate(labels[index], (exact_residual[index], estimated_residual[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes[1].annotate(
+            labels[index],
+            (exact_residual[index], estimated_residual[index]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     patched = ", ".join(role for role in result.roles if role not in estimate_only)
-    axes[1].set(title=f"Residual stream, exactly patched groups ({patched})", xlabel="exact activation patching (share recovered)", ylabel="attribution patching estimate")
-    axes[1].text(0.02, 0.98, _agreement_text("Residual", agreements["residual"]), transform=axes[1].transAxes, fontsize=6, ha="left", va="top", family="monospace", bbox=AGREEMENT_BOX)
+    axes[1].set(
+        title=f"Residual stream, exactly patched groups ({patched})",
+        xlabel="exact activation patching (share recovered)",
+        ylabel="attribution patching estimate",
+    )
+    axes[1].text(
+        0.02,
+        0.98,
+        _agreement_text("Residual", agreements["residual"]),
+        transform=axes[1].transAxes,
+        fontsize=6,
+        ha="left",
+        va="top",
+        family="monospace",
+        bbox=AGREEMENT_BOX,
+    )
     seconds = sum(result.exact_seconds.values())
     figure.suptitle(
         f"Attribution patching against exact patching, {len(result.examples)} IOI pairs "
         f"(attribution {result.attribution_seconds:.1f} s, exact {seconds:.1f} s)"
     )
-    compared = "every head and MLP, and the residual stream at " + (patched if not estimate_only else f"{patched} ({', '.join(estimate_only)}: estimate only, exact_residual is off)")
-    yield Figure("01_estimate_vs_exact", figure, f"Attribution-patching estimate against exact activation patching: {compared}")
+    compared = "every head and MLP, and the residual stream at " + (
+        patched
+        if not estimate_only
+        else f"{patched} ({', '.join(estimate_only)}: estimate only, exact_residual is off)"
+    )
+    yield Figure(
+        "01_estimate_vs_exact",
+        figure,
+        f"Attribution-patching estimate against exact activation patching: {compared}",
+    )
 
     figure, axes = panels(2)
-    bound = float(np.abs(np.r_[result.heads_exact.ravel(), result.heads_estimate.ravel()]).max()) or 1.0
-    overlaps = ", ".join(f"{shared} of the top {k}" for k, shared in agreements["heads"]["top_k_overlap"].items())
-    for panel, values, name in ((axes[0], result.heads_exact, "exact patching"), (axes[1], result.heads_estimate, "attribution estimate")):
-        heatmap(panel, values, f"Heads, {name}", "Head", "Layer", cmap="RdBu_r", colorbar_label="share recovered", centre_zero=True)
+    bound = (
+        float(np.abs(np.r_[result.heads_exact.ravel(), result.heads_estimate.ravel()]).max()) or 1.0
+    )
+    overlaps = ", ".join(
+        f"{shared} of the top {k}" for k, shared in agreements["heads"]["top_k_overlap"].items()
+    )
+    for panel, values, name in (
+        (axes[0], result.heads_exact, "exact patching"),
+        (axes[1], result.heads_estimate, "attribution estimate"),
+    ):
+        heatmap(
+            panel,
+            values,
+            f"Heads, {name}",
+            "Head",
+            "Layer",
+            cmap="RdBu_r",
+            colorbar_label="share recovered",
+            centre_zero=True,
+        )
         panel.images[0].set_clim(-bound, bound)
-    figure.suptitle(f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its own largest")
-    yield Figure("02_heads_exact_and_estimate", figure, "Every head restored from the clean run: exact and estimated share recovered")
+    figure.suptitle(
+        f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its own largest"
+    )
+    yield Figure(
+        "02_heads_exact_and_estimate",
+        figure,
+        "Every head restored from the clean run: exact and estimated share recovered",
+    )
 
     figure, axes = panels(2)
-    bound = max(float(np.nanmax(np.abs(values))) for values in (result.residual_estimate, result.residual_exact)) or 1.0
-    off = exact_cells & (np.abs(np.nan_to_num(result.residual_exact) - result.residual_estimate) > ESTIMATE_OFF)
-    for panel, values, name in ((axes[0], result.residual_exact, "exact patching"), (axes[1], result.residual_estimate, "attribution estimate")):
-        heatmap(panel, values, f"Residual stream, {name}", "Position group", "", cmap="RdBu_r", colorbar_label="share recovered", centre_zero=True)
+    bound = (
+        max(
+            float(np.nanmax(np.abs(values)))
+            for values in (result.residual_estimate, result.residual_exact)
+        )
+        or 1.0
+    )
+    off = exact_cells & (
+        np.abs(np.nan_to_num(result.residual_exact) - result.residual_estimate) > ESTIMATE_OFF
+    )
+    for panel, values, name in (
+        (axes[0], result.residual_exact, "exact patching"),
+        (axes[1], result.residual_estimate, "attribution estimate"),
+    ):
+        heatmap(
+            panel,
+            values,
+            f"Residual stream, {name}",
+            "Position group",
+            "",
+            cmap="RdBu_r",
+            colorbar_label="share recovered",
+            centre_zero=True,
+        )
         image = panel.images[0]
         image.set_cmap(image.get_cmap().with_extremes(bad="lightgrey"))
         image.set_clim(-bound, bound)
         panel.set_xticks(range(len(result.roles)), result.roles)
-        panel.set_yticks(range(0, len(result.residual_labels), 2), result.residual_labels[::2], fontsize=6)
+        panel.set_yticks(
+            range(0, len(result.residual_labels), 2), result.residual_labels[::2], fontsize=6
+        )
     legend = []
     if estimate_only:
-        _mark_cells(axes[0], ~exact_cells, "estimate_only", facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
-        _mark_cells(axes[1], ~exact_cells, "estimate_only", facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
-        legend.append(LegendPatch(facecolor="white", edgecolor="grey", hatch="//", label="estimate only: not patched exactly (exact_residual is off)"))
+        _mark_cells(
+            axes[0],
+            ~exact_cells,
+            "estimate_only",
+            facecolor="none",
+            edgecolor="grey",
+            hatch="//",
+            linewidth=0,
+        )
+        _mark_cells(
+            axes[1],
+            ~exact_cells,
+            "estimate_only",
+            facecolor="none",
+            edgecolor="grey",
+            hatch="//",
+            linewidth=0,
+        )
+        legend.append(
+            LegendPatch(
+                facecolor="white",
+                edgecolor="grey",
+                hatch="//",
+                label="estimate only: not patched exactly (exact_residual is off)",
+            )
+        )
     if off.any():
-        _mark_cells(axes[1], off, "estimate_off", facecolor="none", edgecolor="black", linewidth=1.2)
-        legend.append(LegendPatch(facecolor="none", edgecolor="black", linewidth=1.2, label=f"estimate off by more than {ESTIMATE_OFF:g} from exact"))
+        _mark_cells(
+            axes[1], off, "estimate_off", facecolor="none", edgecolor="black", linewidth=1.2
+        )
+        legend.append(
+            LegendPatch(
+                facecolor="none",
+                edgecolor="black",
+                linewidth=1.2,
+                label=f"estimate off by more than {ESTIMATE_OFF:g} from exact",
+            )
+        )
     if legend:
         figure.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8)
     figure.set_size_inches(11, 7.5)
-    yield Figure("03_residual_exact_and_estimate", figure, "The residual stream restored per layer and position group: exact (where patched) and estimated")
+    yield Figure(
+        "03_residual_exact_and_estimate",
+        figure,
+        "The residual stream restored per layer and position group: exact (where patched) and estimated",
+    )
 
 
 def check(model: HookedTransformer, params: AttributionPatchingParams) -> None:
@@ -402,4 +675,10 @@ def check(model: HookedTransformer, params: AttributionPatchingParams) -> None:
     check_ioi_names(model, params.ioi)
 
 
-EXPERIMENT = Experiment(title="Attribution patching", params=AttributionPatchingParams, compute=compute, render=render, check=check)
+EXPERIMENT = Experiment(
+    title="Attribution patching",
+    params=AttributionPatchingParams,
+    compute=compute,
+    render=render,
+    check=check,
+)

@@ -23,7 +23,15 @@ from numpy.typing import NDArray
 from pydantic import Field, model_validator
 
 from unraveled.datasets.facts import FACTS, Fact
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, prompt_token_count
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+    prompt_token_count,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from matplotlib.axes import Axes
@@ -32,35 +40,77 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from unraveled.datasets.facts import TokenizedFact
     from unraveled.tracing import FactTrace
 
-KINDS = {"residual": ("one residual-stream state", "Purples"), "mlp": ("the MLP outputs of a window", "Greens"), "attn": ("the attention outputs of a window", "Reds")}
+KINDS = {
+    "residual": ("one residual-stream state", "Purples"),
+    "mlp": ("the MLP outputs of a window", "Greens"),
+    "attn": ("the attention outputs of a window", "Reds"),
+}
 
 
 class CausalTracingParams(Params):
     # Upper bounds keep a typo from asking for hours: each traced fact costs about
     # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
-    n_facts: int = Field(3, ge=1, le=200, description="How many of the facts the model gets right are traced, in the set's order.")
-    noise_samples: int = Field(10, ge=1, le=50, description="Noise draws per prompt, ROME's 10; every restoration uses the same draws.")
+    n_facts: int = Field(
+        3,
+        ge=1,
+        le=200,
+        description="How many of the facts the model gets right are traced, in the set's order.",
+    )
+    noise_samples: int = Field(
+        10,
+        ge=1,
+        le=50,
+        description="Noise draws per prompt, ROME's 10; every restoration uses the same draws.",
+    )
     max_traced_tokens: int | None = Field(
-        7, ge=1, le=1024,
+        7,
+        ge=1,
+        le=1024,
         description="Only facts with at most this many tokens from the subject's first token to the end are traced (a fact's "
         "time grows with the square of it); null traces any.",
     )
-    prepend_bos: bool = Field(False, description="Put the BOS token before each prompt; ROME does not (GPT-2 prompts as its tokenizer encodes them).")
-    noise_multiplier: float = Field(3.0, ge=0.0, le=100.0, description="Noise standard deviation, in standard deviations of the subjects' token embeddings.")
-    window: int | None = Field(None, ge=1, le=128, description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.")
-    example: int = Field(0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first).")
-    facts: list[Fact] | None = Field(None, min_length=1, max_length=1000, description="Facts to use instead of the bundled set (prompt, subject, answer).")
+    prepend_bos: bool = Field(
+        False,
+        description="Put the BOS token before each prompt; ROME does not (GPT-2 prompts as its tokenizer encodes them).",
+    )
+    noise_multiplier: float = Field(
+        3.0,
+        ge=0.0,
+        le=100.0,
+        description="Noise standard deviation, in standard deviations of the subjects' token embeddings.",
+    )
+    window: int | None = Field(
+        None,
+        ge=1,
+        le=128,
+        description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.",
+    )
+    example: int = Field(
+        0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first)."
+    )
+    facts: list[Fact] | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="Facts to use instead of the bundled set (prompt, subject, answer).",
+    )
 
     @model_validator(mode="after")
     def _example_among_traced(self) -> CausalTracingParams:
         if self.example >= self.n_facts:
-            raise ValueError(f"example={self.example} but at most n_facts={self.n_facts} facts are traced; use 0..{self.n_facts - 1}")
+            raise ValueError(
+                f"example={self.example} but at most n_facts={self.n_facts} facts are traced; use 0..{self.n_facts - 1}"
+            )
         return self
 
 
 def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
     """Where the facts come from (for error messages) and the facts."""
-    return ("params.facts", params.facts) if params.facts is not None else ("bundled fact", list(FACTS))
+    return (
+        ("params.facts", params.facts)
+        if params.facts is not None
+        else ("bundled fact", list(FACTS))
+    )
 
 
 @dataclass(frozen=True)
@@ -90,12 +140,25 @@ def grouped_effects(traced: list[TracedFact], kind: str) -> GroupedEffects:
     """``kind``'s indirect effects of the traced facts, averaged in position groups three ways."""
     from unraveled.tracing import grouped_mean, position_groups
 
-    groups = [position_groups(len(t.tokenized.tokens), t.tokenized.subject_start, t.tokenized.subject_end) for t in traced]
+    groups = [
+        position_groups(len(t.tokenized.tokens), t.tokenized.subject_start, t.tokenized.subject_end)
+        for t in traced
+    ]
     effects = [t.trace.indirect_effects(kind) for t in traced]  # per fact [sample layer pos]
     return GroupedEffects(
         average=grouped_mean([effect.mean(axis=0) for effect in effects], groups),
-        per_fact=np.stack([grouped_mean([effect.mean(axis=0)], [fact_groups]) for effect, fact_groups in zip(effects, groups)]),
-        per_sample=np.stack([grouped_mean([effect[sample] for effect in effects], groups) for sample in range(effects[0].shape[0])]),
+        per_fact=np.stack(
+            [
+                grouped_mean([effect.mean(axis=0)], [fact_groups])
+                for effect, fact_groups in zip(effects, groups)
+            ]
+        ),
+        per_sample=np.stack(
+            [
+                grouped_mean([effect[sample] for effect in effects], groups)
+                for sample in range(effects[0].shape[0])
+            ]
+        ),
     )
 
 
@@ -136,7 +199,9 @@ class CausalTracingResult:
             "layer": int(layer),
             "position_group": POSITION_GROUPS[group],
             "average_indirect_effect": float(effects.average[group, layer]),
-            "standard_error_over_samples": float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else None,
+            "standard_error_over_samples": float(samples.std(ddof=1) / np.sqrt(len(samples)))
+            if len(samples) > 1
+            else None,
             "std_over_facts": float(facts.std(ddof=1)) if len(facts) > 1 else None,
             "per_fact": [float(value) for value in effects.per_fact[:, group, layer]],
         }
@@ -153,9 +218,15 @@ class CausalTracingResult:
             "facts_traced": len(self.traced),
             "known_facts": [f"{k.fact.prompt} ->{k.fact.answer}" for k in self.known],
             "traced_facts": [
-                {"prompt": t.tokenized.fact.prompt, "subject": t.tokenized.fact.subject, "answer": t.tokenized.fact.answer,
-                 "tokens": t.tokenized.str_tokens, "subject_span": [t.tokenized.subject_start, t.tokenized.subject_end],
-                 "clean_probability": t.trace.clean_probability, "corrupted_probability": t.trace.corrupted_probability}
+                {
+                    "prompt": t.tokenized.fact.prompt,
+                    "subject": t.tokenized.fact.subject,
+                    "answer": t.tokenized.fact.answer,
+                    "tokens": t.tokenized.str_tokens,
+                    "subject_span": [t.tokenized.subject_start, t.tokenized.subject_end],
+                    "clean_probability": t.trace.clean_probability,
+                    "corrupted_probability": t.trace.corrupted_probability,
+                }
                 for t in self.traced
             ],
             "clean_probability_mean": float(np.mean(clean)),
@@ -175,7 +246,11 @@ class CausalTracingResult:
                 "prompt": example.tokenized.fact.prompt,
                 "tokens": example.tokenized.str_tokens,
                 "subject_span": [example.tokenized.subject_start, example.tokenized.subject_end],
-                "restored_probability": {"residual": example.trace.residual, "mlp": example.trace.mlp, "attn": example.trace.attn},
+                "restored_probability": {
+                    "residual": example.trace.residual,
+                    "mlp": example.trace.mlp,
+                    "attn": example.trace.attn,
+                },
             },
             "tracing_seconds": self.seconds,
         }
@@ -205,28 +280,45 @@ def top_predictions(model: HookedTransformer, facts: list[TokenizedFact]) -> lis
             # Decoded at each prompt's last position only: logits at every position of every fact
             # would be the largest tensor of the whole experiment.
             residual = model(tokens, stop_at_layer=model.cfg.n_layers)
-            predictions += logit_lens(model, residual[torch.arange(len(batch)), last][:, None])[:, 0].argmax(dim=-1).tolist()
+            predictions += (
+                logit_lens(model, residual[torch.arange(len(batch)), last][:, None])[:, 0]
+                .argmax(dim=-1)
+                .tolist()
+            )
     return predictions
 
 
 def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[TokenizedFact]:
     """The facts whose answer is the model's top prediction."""
-    return [fact for fact, prediction in zip(facts, top_predictions(model, facts)) if prediction == fact.answer]
+    return [
+        fact
+        for fact, prediction in zip(facts, top_predictions(model, facts))
+        if prediction == fact.answer
+    ]
 
 
-def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) -> CausalTracingResult:
+def compute(
+    model: HookedTransformer, params: CausalTracingParams, seed: int
+) -> CausalTracingResult:
     import torch
 
     from unraveled.datasets.facts import tokenize_fact
     from unraveled.tracing import embedding_noise_scale, scaled_window, trace_fact
 
     source, facts = _facts_with_source(params)
-    tokenized = [tokenize_fact(model, fact, f"{source}[{index}]", prepend_bos=params.prepend_bos) for index, fact in enumerate(facts)]
+    tokenized = [
+        tokenize_fact(model, fact, f"{source}[{index}]", prepend_bos=params.prepend_bos)
+        for index, fact in enumerate(facts)
+    ]
     known = _known(model, tokenized)
     if not known:
-        raise ValueError(f"{model.cfg.model_name} gets none of the {len(facts)} facts right: nothing to trace")
+        raise ValueError(
+            f"{model.cfg.model_name} gets none of the {len(facts)} facts right: nothing to trace"
+        )
     cap = params.max_traced_tokens
-    short_enough = [fact for fact in known if cap is None or len(fact.tokens) - fact.subject_start <= cap]
+    short_enough = [
+        fact for fact in known if cap is None or len(fact.tokens) - fact.subject_start <= cap
+    ]
     if not short_enough:
         raise ValueError(
             f"none of the {len(known)} facts {model.cfg.model_name} knows has at most params.max_traced_tokens={cap} tokens "
@@ -234,18 +326,32 @@ def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) ->
         )
     chosen = short_enough[: params.n_facts]
     if params.example >= len(chosen):
-        raise ValueError(f"params.example={params.example} but only {len(chosen)} facts are traced; use 0..{len(chosen) - 1}")
+        raise ValueError(
+            f"params.example={params.example} but only {len(chosen)} facts are traced; use 0..{len(chosen) - 1}"
+        )
     window = params.window or scaled_window(model.cfg.n_layers)
     # As ROME: the spread of the subjects' token embeddings over the whole set, not just the traced facts.
-    subject_tokens = [token for fact in tokenized for token in fact.tokens[fact.subject_start : fact.subject_end]]
+    subject_tokens = [
+        token for fact in tokenized for token in fact.tokens[fact.subject_start : fact.subject_end]
+    ]
     embedding_std = embedding_noise_scale(model, subject_tokens, 1.0)
     noise_scale = params.noise_multiplier * embedding_std
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     traced = []
     for fact in chosen:
-        noise = torch.randn((params.noise_samples, fact.subject_end - fact.subject_start, model.cfg.d_model), generator=generator)
-        trace = trace_fact(model, torch.tensor(fact.tokens), (fact.subject_start, fact.subject_end), fact.answer, noise * noise_scale, window)
+        noise = torch.randn(
+            (params.noise_samples, fact.subject_end - fact.subject_start, model.cfg.d_model),
+            generator=generator,
+        )
+        trace = trace_fact(
+            model,
+            torch.tensor(fact.tokens),
+            (fact.subject_start, fact.subject_end),
+            fact.answer,
+            noise * noise_scale,
+            window,
+        )
         traced.append(TracedFact(fact, trace))
     effects = {kind: grouped_effects(traced, kind) for kind in KINDS}
     return CausalTracingResult(
@@ -263,9 +369,19 @@ def compute(model: HookedTransformer, params: CausalTracingParams, seed: int) ->
     )
 
 
-def _trace_heatmap(axes: Axes, values: Float[NDArray, "rows layer"], row_labels: list[str], title: str, cmap: str,
-                   colorbar_label: str, vmin: float, vmax: float) -> None:
-    image = axes.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+def _trace_heatmap(
+    axes: Axes,
+    values: Float[NDArray, "rows layer"],
+    row_labels: list[str],
+    title: str,
+    cmap: str,
+    colorbar_label: str,
+    vmin: float,
+    vmax: float,
+) -> None:
+    image = axes.imshow(
+        values, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax
+    )
     axes.figure.colorbar(image, ax=axes, label=colorbar_label)
     axes.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
     axes.set(title=title, xlabel="Layer (centre of the window)" if "window" in title else "Layer")
@@ -277,19 +393,35 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
 
     example = result.traced[result.example]
     fact, trace = example.tokenized, example.trace
-    labels = [repr(token)[1:-1] + ("*" if fact.subject_start <= i < fact.subject_end else "") for i, token in enumerate(fact.str_tokens)]
+    labels = [
+        repr(token)[1:-1] + ("*" if fact.subject_start <= i < fact.subject_end else "")
+        for i, token in enumerate(fact.str_tokens)
+    ]
     figure, axes = panels(3)
     figure.set_size_inches(17, max(4.0, 0.35 * len(labels) + 1.5))
     for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
         values = getattr(trace, kind).T  # tokens as rows, as in the paper
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
-        _trace_heatmap(ax, values, labels, title, cmap, f"p({fact.fact.answer.strip()})", trace.corrupted_probability, max(trace.clean_probability, float(values.max())))
+        _trace_heatmap(
+            ax,
+            values,
+            labels,
+            title,
+            cmap,
+            f"p({fact.fact.answer.strip()})",
+            trace.corrupted_probability,
+            max(trace.clean_probability, float(values.max())),
+        )
     bos = "BOS prepended, unlike ROME" if result.prepend_bos else "no BOS, as ROME"
     figure.suptitle(
         f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised; mean over {result.noise_samples} noise samples; {bos}): "
         f"clean p = {trace.clean_probability:.3f}, corrupted p = {trace.corrupted_probability:.3f}"
     )
-    yield Figure("01_example_trace", figure, "Probability of the answer with one state (or window) restored, for one prompt")
+    yield Figure(
+        "01_example_trace",
+        figure,
+        "Probability of the answer with one state (or window) restored, for one prompt",
+    )
 
     figure, axes = panels(3)
     figure.set_size_inches(17, 4.2)
@@ -297,14 +429,27 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     group_labels = [label.capitalize() for label in POSITION_GROUPS]
     for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
-        _trace_heatmap(ax, result.average_effects[kind], group_labels, title, cmap, "average indirect effect on p(answer)", 0.0, bound)
+        _trace_heatmap(
+            ax,
+            result.average_effects[kind],
+            group_labels,
+            title,
+            cmap,
+            "average indirect effect on p(answer)",
+            0.0,
+            bound,
+        )
     metrics = result.metrics()
     figure.suptitle(
         f"Average indirect effect over {len(result.traced)} prompts the model gets right x {result.noise_samples} noise samples "
         f"({len(result.known)} of {result.n_candidates} known): "
         f"mean clean p = {metrics['clean_probability_mean']:.3f}, corrupted p = {metrics['corrupted_probability_mean']:.3f}"
     )
-    yield Figure("02_average_indirect_effect", figure, "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper")
+    yield Figure(
+        "02_average_indirect_effect",
+        figure,
+        "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper",
+    )
 
     figure, axes = panels(3)
     figure.set_size_inches(17, 4.2)
@@ -314,21 +459,46 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         group = POSITION_GROUPS.index(peak["position_group"])
         effects = result.effects[kind]
         samples = effects.per_sample[:, group]
-        error = samples.std(axis=0, ddof=1) / np.sqrt(len(samples)) if len(samples) > 1 else np.zeros(len(layers))
+        error = (
+            samples.std(axis=0, ddof=1) / np.sqrt(len(samples))
+            if len(samples) > 1
+            else np.zeros(len(layers))
+        )
         color = _dark_shade(cmap)
         for index, per_fact in enumerate(effects.per_fact[:, group]):
-            ax.plot(layers, per_fact, color=color, alpha=0.35, linewidth=1, label="each fact" if index == 0 else None)
-        ax.errorbar(layers, effects.average[group], yerr=error, color=color, linewidth=2, capsize=2,
-                    label=f"average, +-1 standard error over {len(samples)} noise samples")
+            ax.plot(
+                layers,
+                per_fact,
+                color=color,
+                alpha=0.35,
+                linewidth=1,
+                label="each fact" if index == 0 else None,
+            )
+        ax.errorbar(
+            layers,
+            effects.average[group],
+            yerr=error,
+            color=color,
+            linewidth=2,
+            capsize=2,
+            label=f"average, +-1 standard error over {len(samples)} noise samples",
+        )
         ax.axvline(peak["layer"], color="grey", linestyle=":", linewidth=1)
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
-        ax.set(title=f"{title}\nat the {peak['position_group']} (peak: layer {peak['layer']})",
-               xlabel="Layer (centre of the window)" if kind != "residual" else "Layer", ylabel="indirect effect on p(answer)")
+        ax.set(
+            title=f"{title}\nat the {peak['position_group']} (peak: layer {peak['layer']})",
+            xlabel="Layer (centre of the window)" if kind != "residual" else "Layer",
+            ylabel="indirect effect on p(answer)",
+        )
         ax.legend(fontsize=7, loc="upper left")
     figure.suptitle(
         f"Spread at each kind's peak position group: {len(result.traced)} facts (thin lines), {result.noise_samples} noise samples each (error bars)"
     )
-    yield Figure("03_peak_spread", figure, "The average indirect effect at each peak's position group, with each fact's own curve and the standard error over noise samples")
+    yield Figure(
+        "03_peak_spread",
+        figure,
+        "The average indirect effect at each peak's position group, with each fact's own curve and the standard error over noise samples",
+    )
 
 
 def _dark_shade(cmap: str) -> tuple[float, float, float, float]:
@@ -343,16 +513,28 @@ def check(model: HookedTransformer, params: CausalTracingParams) -> None:
     from unraveled.datasets.facts import tokenize_fact
 
     source, facts = _facts_with_source(params)
-    advice = "" if params.facts is not None else "; give params.facts that this model's tokenizer takes"
+    advice = (
+        "" if params.facts is not None else "; give params.facts that this model's tokenizer takes"
+    )
     cap = min(EXPERIMENT.max_prompt_tokens, model.cfg.n_ctx)
     for index, fact in enumerate(facts):
         count = prompt_token_count(model, fact.prompt)
         if count > cap:
-            raise ParamError("facts", f"{source}[{index}].prompt is {count} tokens (BOS included), more than the {cap} allowed; shorten it{advice}")
+            raise ParamError(
+                "facts",
+                f"{source}[{index}].prompt is {count} tokens (BOS included), more than the {cap} allowed; shorten it{advice}",
+            )
         try:
             tokenize_fact(model, fact, f"{source}[{index}]")
         except ValueError as error:
             raise ParamError("facts", f"{error}{advice}") from error
 
 
-EXPERIMENT = Experiment(title="Causal tracing", params=CausalTracingParams, compute=compute, render=render, weights="raw", check=check)
+EXPERIMENT = Experiment(
+    title="Causal tracing",
+    params=CausalTracingParams,
+    compute=compute,
+    render=render,
+    weights="raw",
+    check=check,
+)

@@ -1,5 +1,6 @@
 """Corpus atlas: what every MLP neuron, residual dimension and attention head does across a real
-corpus, streamed in bounded memory (locally or on Ray), with an offline neuron browser."""
+corpus, streamed in bounded memory (locally or on Ray), with an offline neuron browser.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from pydantic import Field, field_validator, model_validator
 
 from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
 from unraveled.errors import ConfigError
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Table, View
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+    Table,
+    View,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
@@ -59,18 +69,59 @@ DEFINITIONS = {
 
 
 class CorpusAtlasParams(Params):
-    corpus: list[str] = Field(default_factory=list, description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.")
-    context_tokens: int = Field(128, ge=2, le=MAX_CONTEXT_TOKENS, description="Tokens per window (the model's context caps it too).")
-    max_tokens: int | None = Field(2048, ge=2, description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.",
+    )
+    context_tokens: int = Field(
+        128,
+        ge=2,
+        le=MAX_CONTEXT_TOKENS,
+        description="Tokens per window (the model's context caps it too).",
+    )
+    max_tokens: int | None = Field(
+        2048,
+        ge=2,
+        description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.",
+    )
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
-    context_before: int = Field(8, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown before a top token.")
-    context_after: int = Field(2, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown after a top token.")
-    batch_windows: int = Field(2, ge=1, le=64, description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).")
-    browser_samples: int = Field(5, ge=1, le=20, description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).")
-    massive_ratio: float = Field(1000.0, gt=1, description="Times the layer's median |value| (Sun et al. 2024); see metrics' definitions.massive_activation.")
-    massive_min_abs: float = Field(100.0, ge=0, description="Smallest |value| that can be massive (Sun et al. 2024); see metrics' definitions.massive_activation.")
-    engine: Literal["local", "ray"] = Field("local", description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).")
-    ray_workers: int | None = Field(None, ge=1, description="Ray workers at once; None uses every CPU the cluster can place, and a larger number is capped at that (with a warning).")
+    context_before: int = Field(
+        8, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown before a top token."
+    )
+    context_after: int = Field(
+        2, ge=0, le=MAX_CONTEXT_SHOWN, description="Context tokens shown after a top token."
+    )
+    batch_windows: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Windows per forward pass (a pass's memory grows with it; larger suits a GPU).",
+    )
+    browser_samples: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).",
+    )
+    massive_ratio: float = Field(
+        1000.0,
+        gt=1,
+        description="Times the layer's median |value| (Sun et al. 2024); see metrics' definitions.massive_activation.",
+    )
+    massive_min_abs: float = Field(
+        100.0,
+        ge=0,
+        description="Smallest |value| that can be massive (Sun et al. 2024); see metrics' definitions.massive_activation.",
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).",
+    )
+    ray_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Ray workers at once; None uses every CPU the cluster can place, and a larger number is capped at that (with a warning).",
+    )
 
     @field_validator("corpus")
     @classmethod
@@ -84,22 +135,32 @@ class CorpusAtlasParams(Params):
     @model_validator(mode="after")
     def _at_least_one_window(self) -> CorpusAtlasParams:
         if self.max_tokens is not None and self.max_tokens < self.context_tokens:
-            raise ValueError(f"max_tokens={self.max_tokens} is less than one window of context_tokens={self.context_tokens}; expected at least {self.context_tokens}, or null for the whole corpus")
+            raise ValueError(
+                f"max_tokens={self.max_tokens} is less than one window of context_tokens={self.context_tokens}; expected at least {self.context_tokens}, or null for the whole corpus"
+            )
         return self
 
 
-def check_before_loading(params: CorpusAtlasParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None) -> None:
+def check_before_loading(
+    params: CorpusAtlasParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
+) -> None:
     """Everything about the corpus that needs no model: every file read as the run will read it
     (UTF-8, JSONL, some text) and, with the model's tokenizer, at least one window of tokens;
-    ``context_tokens`` within the model's context where it is known."""
+    ``context_tokens`` within the model's context where it is known.
+    """
     from unraveled.corpus import check_corpus
 
     if n_ctx is not None and params.context_tokens > n_ctx:
-        raise ParamError("context_tokens", f"{params.context_tokens} tokens exceed the model's context of {n_ctx}")
+        raise ParamError(
+            "context_tokens",
+            f"{params.context_tokens} tokens exceed the model's context of {n_ctx}",
+        )
     try:
         check_corpus(params.corpus, params.context_tokens, tokenizer)
     except ConfigError as error:
-        raise ParamError((error.field or "params.corpus").removeprefix("params."), error.problem) from None
+        raise ParamError(
+            (error.field or "params.corpus").removeprefix("params."), error.problem
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -149,15 +210,26 @@ class CorpusAtlasResult:
         """Per layer, the |value| a massive activation must reach (Sun et al. 2024's criterion)."""
         return np.maximum(self.massive_min_abs, self.massive_ratio * self.residual_median_abs)
 
-    def massive_mask(self, where: Literal["first_position", "other_positions"]) -> Bool[NDArray, "layer d_model"]:
+    def massive_mask(
+        self, where: Literal["first_position", "other_positions"]
+    ) -> Bool[NDArray, "layer d_model"]:
         """The residual dimensions whose largest |value| at ``where`` is massive."""
-        peak = self.residual_first_max_abs if where == "first_position" else self.residual_other_max_abs
-        return (peak > self.massive_min_abs) & (peak >= self.massive_ratio * self.residual_median_abs[:, None])
+        peak = (
+            self.residual_first_max_abs
+            if where == "first_position"
+            else self.residual_other_max_abs
+        )
+        return (peak > self.massive_min_abs) & (
+            peak >= self.massive_ratio * self.residual_median_abs[:, None]
+        )
 
-    def massive_activations(self, where: Literal["first_position", "other_positions"]) -> list[dict[str, Any]]:
+    def massive_activations(
+        self, where: Literal["first_position", "other_positions"]
+    ) -> list[dict[str, Any]]:
         """The massive residual dimensions at ``where``, strongest few per layer; at the other
         positions, with the tokens they peak on (the first position is every window's, so no token
-        of its own is a trigger)."""
+        of its own is a trigger).
+        """
         found = []
         first = 1 if self.settings.prepend_bos else 0
         centre = self.settings.context_before
@@ -165,7 +237,10 @@ class CorpusAtlasResult:
             entry: dict[str, Any] = {"layer": int(layer), "dim": int(dim)}
             if where == "first_position":
                 peak = float(self.residual_first_max_abs[layer, dim])
-                entry |= {"max_abs": peak, "mean_abs": float(self.residual_first_mean_abs[layer, dim])}
+                entry |= {
+                    "max_abs": peak,
+                    "mean_abs": float(self.residual_first_mean_abs[layer, dim]),
+                }
             else:
                 peak = float(self.residual_other_max_abs[layer, dim])
                 tokens = []
@@ -174,9 +249,19 @@ class CorpusAtlasResult:
                     if ids[centre] < 0:
                         continue
                     position = int(self.residual_top_index[layer, slot, dim] % self.sequence_length)
-                    tokens.append({"token": self.vocab[int(ids[centre])], "position_in_window": position - first, "context": self._context_text(ids)})
+                    tokens.append(
+                        {
+                            "token": self.vocab[int(ids[centre])],
+                            "position_in_window": position - first,
+                            "context": self._context_text(ids),
+                        }
+                    )
                 entry |= {"max_abs": peak, "top_tokens": tokens}
-            entry["ratio_to_median"] = peak / self.residual_median_abs[layer] if self.residual_median_abs[layer] > 0 else float("inf")
+            entry["ratio_to_median"] = (
+                peak / self.residual_median_abs[layer]
+                if self.residual_median_abs[layer] > 0
+                else float("inf")
+            )
             found.append(entry)
         # The strongest few per layer.
         found.sort(key=lambda entry: (entry["layer"], -entry["max_abs"]))
@@ -204,18 +289,29 @@ class CorpusAtlasResult:
             "mean_active_fraction_per_layer": self.active_fraction.mean(axis=1),
             "median_active_fraction_per_layer": np.median(self.active_fraction, axis=1),
             "residual_largest_dims_per_layer": [
-                [{"dim": int(d), "max_abs": float(self.residual_max_abs[layer, d])} for d in dims] for layer, dims in enumerate(order)
+                [{"dim": int(d), "max_abs": float(self.residual_max_abs[layer, d])} for d in dims]
+                for layer, dims in enumerate(order)
             ],
             "residual_median_abs_per_layer": self.residual_median_abs,
             "residual_median_abs_relative_tolerance": self.median_tolerance,
-            "massive_criterion": {"min_abs": self.massive_min_abs, "ratio_to_median": self.massive_ratio},
+            "massive_criterion": {
+                "min_abs": self.massive_min_abs,
+                "ratio_to_median": self.massive_ratio,
+            },
             "massive_threshold_per_layer": self.massive_threshold,
             "residual_largest_first_position_per_layer": self.residual_first_max_abs.max(axis=1),
             "residual_largest_other_positions_per_layer": self.residual_other_max_abs.max(axis=1),
-            "massive_dimensions_per_layer": {where: self.massive_mask(where).sum(axis=1) for where in MASSIVE_WHERE},
-            "massive_activations": {where: self.massive_activations(where) for where in MASSIVE_WHERE},
+            "massive_dimensions_per_layer": {
+                where: self.massive_mask(where).sum(axis=1) for where in MASSIVE_WHERE
+            },
+            "massive_activations": {
+                where: self.massive_activations(where) for where in MASSIVE_WHERE
+            },
             "head_scores": self.head_scores,
-            "top_heads": {name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy") for name in HEAD_SCORES},
+            "top_heads": {
+                name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy")
+                for name in HEAD_SCORES
+            },
             "neuron_table": "neurons.npz: one row per (layer, neuron); pandas.DataFrame(dict(numpy.load('neurons.npz')))",
         }
 
@@ -228,11 +324,26 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
 
     prepend_bos = bool(model.cfg.default_prepend_bos)
     if params.context_tokens + prepend_bos > model.cfg.n_ctx:
-        raise ConfigError("corpus_atlas", "params.context_tokens", f"{params.context_tokens} tokens (+ BOS) exceed the model's context of {model.cfg.n_ctx}")
-    windows = corpus_windows(model.tokenizer, params.corpus, params.context_tokens, params.max_tokens, seed, origin="corpus_atlas")
+        raise ConfigError(
+            "corpus_atlas",
+            "params.context_tokens",
+            f"{params.context_tokens} tokens (+ BOS) exceed the model's context of {model.cfg.n_ctx}",
+        )
+    windows = corpus_windows(
+        model.tokenizer,
+        params.corpus,
+        params.context_tokens,
+        params.max_tokens,
+        seed,
+        origin="corpus_atlas",
+    )
     settings = AtlasSettings(
-        top_k=params.top_k, context_before=params.context_before, context_after=params.context_after,
-        batch_windows=params.batch_windows, prepend_bos=prepend_bos, neuron_contexts=params.browser_samples,
+        top_k=params.top_k,
+        context_before=params.context_before,
+        context_after=params.context_after,
+        batch_windows=params.batch_windows,
+        prepend_bos=prepend_bos,
+        neuron_contexts=params.browser_samples,
     )
     started = time.perf_counter()
     state = run_engine(params.engine, model, windows.tokens, settings, workers=params.ray_workers)
@@ -242,33 +353,59 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
     # and the render's hundreds of thousands of small Python objects go to pymalloc's own arenas, so neither
     # reuses them (GPT-2-small-shaped: 0.1 GB after the batches, 0.06 GB after the summary).
     return_freed_memory()
-    result = summarise(state, model, settings, params, {
-        "sources": windows.sources,
-        "documents": windows.n_documents,
-        "corpus_tokens": windows.corpus_tokens,
-        "windows": len(windows.tokens),
-        "tokens_analysed": windows.n_tokens,
-        "context_tokens": params.context_tokens,
-        "max_tokens": params.max_tokens,
-        "seed": seed,
-        "engine": params.engine,
-        "prepend_bos": prepend_bos,
-        "window_starts_first_10": windows.start[:10],
-    }, windows.n_tokens / seconds)
+    result = summarise(
+        state,
+        model,
+        settings,
+        params,
+        {
+            "sources": windows.sources,
+            "documents": windows.n_documents,
+            "corpus_tokens": windows.corpus_tokens,
+            "windows": len(windows.tokens),
+            "tokens_analysed": windows.n_tokens,
+            "context_tokens": params.context_tokens,
+            "max_tokens": params.max_tokens,
+            "seed": seed,
+            "engine": params.engine,
+            "prepend_bos": prepend_bos,
+            "window_starts_first_10": windows.start[:10],
+        },
+        windows.n_tokens / seconds,
+    )
     del state
     return_freed_memory()
     return result
 
 
-def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettings, params: CorpusAtlasParams, corpus: dict[str, Any], tokens_per_second: float) -> CorpusAtlasResult:
+def summarise(
+    state: AtlasState,
+    model: HookedTransformer,
+    settings: AtlasSettings,
+    params: CorpusAtlasParams,
+    corpus: dict[str, Any],
+    tokens_per_second: float,
+) -> CorpusAtlasResult:
     """The merged state as arrays for rendering, with the text of every token shown.
 
     The top-k arrays move into the result (see ``_stack_layers``): state and result share them.
     """
-    neuron_top = {name: _stack_layers(state.neuron_top, name) for name in ("values", "context_ids", "context_values")}
-    residual_top = {name: _stack_layers(state.residual_top, name) for name in ("values", "index", "context_ids")}
-    top_context_ids, residual_top_context_ids = neuron_top["context_ids"], residual_top["context_ids"]
-    shown = np.unique(np.concatenate([top_context_ids[:, : params.browser_samples].ravel(), residual_top_context_ids.ravel()]))
+    neuron_top = {
+        name: _stack_layers(state.neuron_top, name)
+        for name in ("values", "context_ids", "context_values")
+    }
+    residual_top = {
+        name: _stack_layers(state.residual_top, name) for name in ("values", "index", "context_ids")
+    }
+    top_context_ids, residual_top_context_ids = (
+        neuron_top["context_ids"],
+        residual_top["context_ids"],
+    )
+    shown = np.unique(
+        np.concatenate(
+            [top_context_ids[:, : params.browser_samples].ravel(), residual_top_context_ids.ravel()]
+        )
+    )
     vocab = {int(i): model.tokenizer.decode([int(i)]) for i in shown if i >= 0}
     return CorpusAtlasResult(
         corpus=corpus,
@@ -285,7 +422,9 @@ def summarise(state: AtlasState, model: HookedTransformer, settings: AtlasSettin
         residual_first_mean_abs=np.stack([m.mean for m in state.residual_first]),
         residual_first_max_abs=np.stack([m.maximum for m in state.residual_first]),
         residual_other_max_abs=residual_top["values"][:, 0].astype(np.float64),
-        residual_median_abs=np.array([histogram.median() for histogram in state.residual_histogram]),
+        residual_median_abs=np.array(
+            [histogram.median() for histogram in state.residual_histogram]
+        ),
         median_tolerance=state.residual_histogram[0].relative_tolerance,
         residual_top_index=residual_top["index"],
         residual_top_context_ids=residual_top_context_ids,
@@ -329,55 +468,141 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     # Feature-density plot, as for SAEs: log10 of the fraction of tokens a neuron is active on.
     floor = np.log10(1 / max(n_tokens, 1))
     edges = np.linspace(floor, 0, 31)
-    counts = np.stack([np.histogram(np.log10(row[row > 0]), bins=edges)[0] for row in result.active_fraction])
+    counts = np.stack(
+        [np.histogram(np.log10(row[row > 0]), bins=edges)[0] for row in result.active_fraction]
+    )
     figure, (density, dead_axes, dense_axes) = panels(3, width_ratios=[1.6, 0.7, 0.7])
     figure.set_size_inches(16, 6)
-    image = density.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis", extent=(edges[0], edges[-1], -0.5, n_layers - 0.5))
+    image = density.imshow(
+        np.log10(1 + counts),
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        extent=(edges[0], edges[-1], -0.5, n_layers - 0.5),
+    )
     figure.colorbar(image, ax=density, label="log10(1 + neurons)")
     density.axvline(np.log10(DENSE_FRACTION), color="white", linestyle="--", linewidth=1)
-    density.set(title=f"Activation frequency of every neuron ({n_tokens:,} tokens; dead not shown)",
-                xlabel="log10(fraction of tokens on which the neuron is active)", ylabel="Layer")
+    density.set(
+        title=f"Activation frequency of every neuron ({n_tokens:,} tokens; dead not shown)",
+        xlabel="log10(fraction of tokens on which the neuron is active)",
+        ylabel="Layer",
+    )
     layers = np.arange(n_layers)
     # Separate panels: dead counts are often a handful where dense ones are hundreds.
-    for axes, counted, color, what in ((dead_axes, result.dead, "black", "Dead (never active)"), (dense_axes, result.dense, "tab:orange", f"Dense (active on > {DENSE_FRACTION:.0%})")):
+    for axes, counted, color, what in (
+        (dead_axes, result.dead, "black", "Dead (never active)"),
+        (dense_axes, result.dense, "tab:orange", f"Dense (active on > {DENSE_FRACTION:.0%})"),
+    ):
         per_layer = counted.sum(axis=1)
         axes.barh(layers, per_layer, color=color)
         axes.set_xlim(0, max(1, per_layer.max()) * 1.1)
         if per_layer.max() == 0:
             axes.text(0.5, 0.5, "none", transform=axes.transAxes, ha="center", color="gray")
-        axes.set(title=f"{what}\nper layer, of {n_neurons}", xlabel="Neurons", ylabel="Layer", ylim=(-0.7, n_layers - 0.3))
+        axes.set(
+            title=f"{what}\nper layer, of {n_neurons}",
+            xlabel="Neurons",
+            ylabel="Layer",
+            ylim=(-0.7, n_layers - 0.3),
+        )
     _integer_ticks(density, dead_axes, dense_axes)
     figure.suptitle("MLP neurons over the corpus (active: pre-activation > 0)")
-    yield Figure("01_neuron_activation_frequency", figure, "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer")
+    yield Figure(
+        "01_neuron_activation_frequency",
+        figure,
+        "Activation-frequency histogram per layer (log scale), dead and dense neurons per layer",
+    )
 
     figure, (grid, peaks) = panels(2, width_ratios=[1.6, 1.0])
     figure.set_size_inches(14, 6)
-    image = grid.imshow(np.log10(result.residual_max_abs), aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
+    image = grid.imshow(
+        np.log10(result.residual_max_abs),
+        aspect="auto",
+        origin="lower",
+        cmap="magma",
+        interpolation="nearest",
+    )
     figure.colorbar(image, ax=grid, label="log10 max |value|")
-    grid.set(title="Largest |value| of each residual dimension over the corpus (all positions)", xlabel="Residual dimension", ylabel="Layer (resid_post)")
-    first_name = "BOS (position 0)" if result.settings.prepend_bos else "first position (the window's first token)"
-    for peak, marker, color, where in ((result.residual_first_max_abs, "o-", "crimson", first_name), (result.residual_other_max_abs, "^-", "tab:blue", "every other position")):
-        peaks.semilogx(peak.max(axis=1), layers, marker, color=color, label=f"largest |value| at {where} (dimension labelled)")
+    grid.set(
+        title="Largest |value| of each residual dimension over the corpus (all positions)",
+        xlabel="Residual dimension",
+        ylabel="Layer (resid_post)",
+    )
+    first_name = (
+        "BOS (position 0)"
+        if result.settings.prepend_bos
+        else "first position (the window's first token)"
+    )
+    for peak, marker, color, where in (
+        (result.residual_first_max_abs, "o-", "crimson", first_name),
+        (result.residual_other_max_abs, "^-", "tab:blue", "every other position"),
+    ):
+        peaks.semilogx(
+            peak.max(axis=1),
+            layers,
+            marker,
+            color=color,
+            label=f"largest |value| at {where} (dimension labelled)",
+        )
         for layer, dim in enumerate(peak.argmax(axis=1)):
-            peaks.annotate(str(dim), (peak[layer, dim], layer), fontsize=7, color=color, xytext=(4, -3), textcoords="offset points")
-    peaks.semilogx(result.residual_median_abs, layers, "s-", color="gray", label="median |value| of the layer's activations")
-    peaks.semilogx(result.massive_threshold, layers, ":", color="gray",
-                   label=f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median (Sun et al. 2024)")
-    peaks.set(title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer")
-    peaks.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the curves fill the panel
+            peaks.annotate(
+                str(dim),
+                (peak[layer, dim], layer),
+                fontsize=7,
+                color=color,
+                xytext=(4, -3),
+                textcoords="offset points",
+            )
+    peaks.semilogx(
+        result.residual_median_abs,
+        layers,
+        "s-",
+        color="gray",
+        label="median |value| of the layer's activations",
+    )
+    peaks.semilogx(
+        result.massive_threshold,
+        layers,
+        ":",
+        color="gray",
+        label=f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median (Sun et al. 2024)",
+    )
+    peaks.set(
+        title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer"
+    )
+    peaks.legend(
+        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12)
+    )  # below: the curves fill the panel
     _integer_ticks(grid, peaks)
     figure.suptitle("Residual stream: massive activations, at the first position and elsewhere")
-    yield Figure("02_residual_massive_activations", figure, "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations")
+    yield Figure(
+        "02_residual_massive_activations",
+        figure,
+        "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations",
+    )
 
     figure, axes_list = panels(3, 2)
     for axes, name in zip(axes_list, HEAD_SCORES):
         unit = " (nats)" if name == "entropy" else ""
-        heatmap(axes, result.head_scores[name], f"{name.replace('_', '-')}{unit}", "Head", "Layer", cmap="viridis", colorbar_label="mean over corpus windows")
+        heatmap(
+            axes,
+            result.head_scores[name],
+            f"{name.replace('_', '-')}{unit}",
+            "Head",
+            "Layer",
+            cmap="viridis",
+            colorbar_label="mean over corpus windows",
+        )
         axes.invert_yaxis()
         _integer_ticks(axes)
     axes_list[-1].set_visible(False)
-    figure.suptitle(f"Attention heads over {result.corpus['windows']} corpus windows of {result.corpus['context_tokens']} tokens")
-    yield Figure("03_head_statistics", figure, "Per head over the corpus: attention entropy, first-token (sink), previous-token, duplicate-token and induction scores")
+    figure.suptitle(
+        f"Attention heads over {result.corpus['windows']} corpus windows of {result.corpus['context_tokens']} tokens"
+    )
+    yield Figure(
+        "03_head_statistics",
+        figure,
+        "Per head over the corpus: attention entropy, first-token (sink), previous-token, duplicate-token and induction scores",
+    )
 
 
 def _integer_ticks(*axes_list: Any) -> None:
@@ -388,7 +613,7 @@ def _integer_ticks(*axes_list: Any) -> None:
 
 
 def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
-    """circuitsvis's top-k samples view of one layer: every neuron's top contexts, top token centred."""
+    """Circuitsvis's top-k samples view of one layer: every neuron's top contexts, top token centred."""
     from unraveled.render.views import Element
 
     samples = result.browser_samples
@@ -404,21 +629,33 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     contexts: dict[tuple[int, ...], int] = {}
     context_refs, values_per_neuron, scales, labels = [], [], [], []
     for neuron in range(ids.shape[1]):
-        kept = [slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])]
+        kept = [
+            slot for slot in range(samples) if np.isfinite(result.top_values[layer, slot, neuron])
+        ]
         inside = [ids[slot, neuron] >= 0 for slot in kept]
-        context_refs.append([contexts.setdefault(tuple(table_index[slot, neuron][mask].tolist()), len(contexts)) for slot, mask in zip(kept, inside)])
+        context_refs.append(
+            [
+                contexts.setdefault(tuple(table_index[slot, neuron][mask].tolist()), len(contexts))
+                for slot, mask in zip(kept, inside)
+            ]
+        )
         shown = [values[slot, neuron][mask].astype(np.float64) for slot, mask in zip(kept, inside)]
         largest = max((float(np.abs(row).max()) for row in shown if row.size), default=0.0) or 1.0
         scales.append(float(f"{largest / 100:.4g}"))
         values_per_neuron.append([np.round(row / scales[-1]).astype(int).tolist() for row in shown])
         status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
-        labels.append(f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}")
+        labels.append(
+            f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}"
+        )
     element = Element(
         "TopkSamples",
         {
-            "tokens": [context_refs], "activations": [values_per_neuron],
-            "zerothDimensionName": "Layer", "firstDimensionName": "Neuron",
-            "zerothDimensionLabels": [str(layer)], "firstDimensionLabels": labels,
+            "tokens": [context_refs],
+            "activations": [values_per_neuron],
+            "zerothDimensionName": "Layer",
+            "firstDimensionName": "Neuron",
+            "zerothDimensionLabels": [str(layer)],
+            "firstDimensionLabels": labels,
         },
         f"Top {samples} contexts of each neuron in layer {layer}",
         tables={"tokens": [[list(context) for context in contexts], token_table]},
@@ -455,6 +692,9 @@ def neuron_table(result: CorpusAtlasResult) -> Table:
 
 
 EXPERIMENT = Experiment(
-    title="Corpus atlas: neurons, residual dimensions and heads over a corpus", params=CorpusAtlasParams, compute=compute, render=render,
+    title="Corpus atlas: neurons, residual dimensions and heads over a corpus",
+    params=CorpusAtlasParams,
+    compute=compute,
+    render=render,
     check_before_loading=check_before_loading,
 )

@@ -16,7 +16,14 @@ from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
 
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -29,21 +36,34 @@ DATA_DRIVEN_PAIRS_RULE = (
     "data-driven: the two dimensions with the largest |mean| over tokens, then the four with the largest "
     "position-embedding std (token |mean| without learned positions)"
 )
-NO_POSITION_EMBEDDINGS = "the model has no learned position embeddings (positions are rotary, applied inside attention)"
+NO_POSITION_EMBEDDINGS = (
+    "the model has no learned position embeddings (positions are rotary, applied inside attention)"
+)
 
 
 class EmbeddingsParams(Params):
-    chunk_tokens: int = Field(500, ge=1, le=10_000, description="Random tokens in the embedding-matrix chunk.")
+    chunk_tokens: int = Field(
+        500, ge=1, le=10_000, description="Random tokens in the embedding-matrix chunk."
+    )
     chunk_dims: int = Field(150, ge=1, le=10_000, description="Random dimensions in the chunk.")
-    first_dims: int = Field(30, ge=1, le=200, description="Dimensions whose value distributions are drawn.")
-    listed_tokens: int = Field(300, ge=0, le=10_000, description="First token strings listed in metrics.")
+    first_dims: int = Field(
+        30, ge=1, le=200, description="Dimensions whose value distributions are drawn."
+    )
+    listed_tokens: int = Field(
+        300, ge=0, le=10_000, description="First token strings listed in metrics."
+    )
     dimension_pairs: list[list[int]] | None = Field(
-        None, description="Pairs of dimensions to scatter; default: the original's for GPT-2 small, else chosen from the data."
+        None,
+        description="Pairs of dimensions to scatter; default: the original's for GPT-2 small, else chosen from the data.",
     )
     local_subsets: int = Field(10, ge=1, le=100, description="Neighbourhoods for local PCA.")
     local_neighbours: int = Field(1000, ge=2, le=20_000, description="Points per neighbourhood.")
-    variance_threshold: float = Field(0.9, gt=0, le=1, description="Variance explained that defines intrinsic dimension.")
-    projected_tokens: int = Field(2000, ge=1, le=200_000, description="Token embeddings projected into the position PCA.")
+    variance_threshold: float = Field(
+        0.9, gt=0, le=1, description="Variance explained that defines intrinsic dimension."
+    )
+    projected_tokens: int = Field(
+        2000, ge=1, le=200_000, description="Token embeddings projected into the position PCA."
+    )
 
 
 @dataclass(frozen=True)
@@ -79,13 +99,20 @@ class EmbeddingsResult:
 
 def is_gpt2_small(cfg: HookedTransformerConfig) -> bool:
     """Whether the model is GPT-2 small itself: its name and its exact shape, not only its width
-    (gpt-neo-125M and pythia-160m are 768 wide too)."""
+    (gpt-neo-125M and pythia-160m are 768 wide too).
+    """
     shape = (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
-    return cfg.model_name == "gpt2" and cfg.original_architecture == "GPT2LMHeadModel" and shape == (12, 12, 768, 50257, 1024)
+    return (
+        cfg.model_name == "gpt2"
+        and cfg.original_architecture == "GPT2LMHeadModel"
+        and shape == (12, 12, 768, 50257, 1024)
+    )
 
 
 def default_dimension_pairs(
-    cfg: HookedTransformerConfig, token_dim_mean: Float[NDArray, " d_model"], position_dim_std: Float[NDArray, " d_model"] | None
+    cfg: HookedTransformerConfig,
+    token_dim_mean: Float[NDArray, " d_model"],
+    position_dim_std: Float[NDArray, " d_model"] | None,
 ) -> tuple[list[list[int]], str]:
     """The dimension pairs to scatter, and the rule that chose them.
 
@@ -102,14 +129,24 @@ def default_dimension_pairs(
     return [chosen[i : i + 2] for i in range(0, 6, 2)], DATA_DRIVEN_PAIRS_RULE
 
 
-def _chunk(matrix: Float[NDArray, "rows d_model"], rows: Int[NDArray, " r"], dims: Int[NDArray, " c"]) -> Float[NDArray, "c r"]:
+def _chunk(
+    matrix: Float[NDArray, "rows d_model"], rows: Int[NDArray, " r"], dims: Int[NDArray, " c"]
+) -> Float[NDArray, "c r"]:
     return matrix[np.ix_(rows, dims)].T
 
 
 def _position_geometry(
-    w_pos: Float[NDArray, "n_ctx d_model"], w_e: Float[NDArray, "d_vocab d_model"], dims: Int[NDArray, " c"], params: EmbeddingsParams, rng: np.random.Generator
+    w_pos: Float[NDArray, "n_ctx d_model"],
+    w_e: Float[NDArray, "d_vocab d_model"],
+    dims: Int[NDArray, " c"],
+    params: EmbeddingsParams,
+    rng: np.random.Generator,
 ) -> PositionGeometry:
-    from unraveled.geometry import cosine_similarity_matrix, cumulative_explained_variance, pca_projection
+    from unraveled.geometry import (
+        cosine_similarity_matrix,
+        cumulative_explained_variance,
+        pca_projection,
+    )
 
     projected = rng.choice(len(w_e), size=min(params.projected_tokens, len(w_e)), replace=False)
     pca_3d, tokens_3d = pca_projection(w_pos, 3, also=w_e[projected])
@@ -126,7 +163,12 @@ def _position_geometry(
 
 
 def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> EmbeddingsResult:
-    from unraveled.geometry import column_mean_std, cumulative_explained_variance, intrinsic_dimension, local_neighbourhoods
+    from unraveled.geometry import (
+        column_mean_std,
+        cumulative_explained_variance,
+        intrinsic_dimension,
+        local_neighbourhoods,
+    )
     from unraveled.models import checkpoint_parameters
 
     rng = np.random.default_rng(seed)
@@ -137,10 +179,16 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     chunk_dims = np.sort(rng.choice(d_model, size=min(params.chunk_dims, d_model), replace=False))
     positions = None
     if has_positions:
-        positions = _position_geometry(model.W_pos.detach().float().cpu().numpy(), w_e, chunk_dims, params, rng)
+        positions = _position_geometry(
+            model.W_pos.detach().float().cpu().numpy(), w_e, chunk_dims, params, rng
+        )
     token_dim_mean, token_dim_std = column_mean_std(w_e)
-    pairs, pairs_rule = (params.dimension_pairs, "params.dimension_pairs") if params.dimension_pairs else default_dimension_pairs(
-        model.cfg, token_dim_mean, positions.dim_std if positions else None
+    pairs, pairs_rule = (
+        (params.dimension_pairs, "params.dimension_pairs")
+        if params.dimension_pairs
+        else default_dimension_pairs(
+            model.cfg, token_dim_mean, positions.dim_std if positions else None
+        )
     )
     token_variance = cumulative_explained_variance(w_e)
     neighbourhoods = local_neighbourhoods(w_e, params.local_subsets, params.local_neighbours, rng)
@@ -151,19 +199,26 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
         "parameter_count_means": "the checkpoint's own parameters, as transformers counts them (tied embeddings once)",
         "token_embedding_shape": list(w_e.shape),
         "position_embedding_shape": list(positions.embeddings.shape) if positions else None,
-        "first_tokens": [model.tokenizer.decode([i]) for i in range(min(params.listed_tokens, d_vocab))],
+        "first_tokens": [
+            model.tokenizer.decode([i]) for i in range(min(params.listed_tokens, d_vocab))
+        ],
         "dimension_pairs": pairs,
         "dimension_pairs_chosen_by": pairs_rule,
         "variance_threshold": threshold,
         "intrinsic_dimension": {
             "token_embeddings": intrinsic_dimension(token_variance, threshold),
             "local_subsets": [intrinsic_dimension(v, threshold) for v in local_variance],
-            "position_embeddings": intrinsic_dimension(positions.cumulative_variance, threshold) if positions else None,
+            "position_embeddings": intrinsic_dimension(positions.cumulative_variance, threshold)
+            if positions
+            else None,
         },
         "token_embedding_stats": {
             "mean_of_dim_means": float(token_dim_mean.mean()),
             "mean_of_dim_stds": float(token_dim_std.mean()),
-            "largest_abs_dim_mean": {"dim": int(np.abs(token_dim_mean).argmax()), "value": float(token_dim_mean[np.abs(token_dim_mean).argmax()])},
+            "largest_abs_dim_mean": {
+                "dim": int(np.abs(token_dim_mean).argmax()),
+                "value": float(token_dim_mean[np.abs(token_dim_mean).argmax()]),
+            },
         },
         "not_applicable": {} if positions else {"position embeddings": NO_POSITION_EMBEDDINGS},
     }
@@ -186,10 +241,20 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     )
 
 
-def _cumulative_plot(axes: Any, curves: list[Float[NDArray, " k"]], title: str, labels: list[str] | None = None) -> None:
+def _cumulative_plot(
+    axes: Any, curves: list[Float[NDArray, " k"]], title: str, labels: list[str] | None = None
+) -> None:
     for index, curve in enumerate(curves):
-        axes.plot(np.arange(1, len(curve) + 1), curve, marker="o", markersize=2, label=labels[index] if labels else None)
-    axes.set(title=title, xlabel="Number of principal components", ylabel="Cumulative explained variance")
+        axes.plot(
+            np.arange(1, len(curve) + 1),
+            curve,
+            marker="o",
+            markersize=2,
+            label=labels[index] if labels else None,
+        )
+    axes.set(
+        title=title, xlabel="Number of principal components", ylabel="Cumulative explained variance"
+    )
     axes.grid(True, alpha=0.4)
     if labels:
         axes.legend(fontsize=7)
@@ -202,38 +267,82 @@ def render(result: EmbeddingsResult) -> Iterator[Artifact]:
 
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)
-    heatmap(axes, result.token_chunk, "Chunk of the token embedding matrix", "Randomly selected tokens", "Randomly selected dimensions", colorbar_label="Embedding value")
+    heatmap(
+        axes,
+        result.token_chunk,
+        "Chunk of the token embedding matrix",
+        "Randomly selected tokens",
+        "Randomly selected dimensions",
+        colorbar_label="Embedding value",
+    )
     yield Figure("01_token_embedding_chunk", figure, "Random tokens x random dimensions of W_E")
 
     figure, (left, right) = panels(2)
     left.hist(result.token_dim_mean, bins=50, color="deepskyblue")
     left.set(title="Mean of each dimension over tokens", xlabel="Mean value", ylabel="Dimensions")
     right.hist(result.token_dim_std, bins=50, color="salmon")
-    right.set(title="Standard deviation of each dimension over tokens", xlabel="Standard deviation", ylabel="Dimensions")
-    yield Figure("02_mean_std_distributions", figure, "Per-dimension mean and std of token embeddings")
+    right.set(
+        title="Standard deviation of each dimension over tokens",
+        xlabel="Standard deviation",
+        ylabel="Dimensions",
+    )
+    yield Figure(
+        "02_mean_std_distributions", figure, "Per-dimension mean and std of token embeddings"
+    )
 
     figure, (left, right) = panels(2)
     for dim in range(result.first_dims):
         # One filled outline per dimension, not 100 bar patches: the same picture, drawn faster.
         left.hist(w_e[:, dim], bins=100, alpha=0.3, histtype="stepfilled")
-    left.set(title=f"Values of the first {result.first_dims} dimensions", xlabel="Embedding value", ylabel="Tokens")
+    left.set(
+        title=f"Values of the first {result.first_dims} dimensions",
+        xlabel="Embedding value",
+        ylabel="Tokens",
+    )
     right.scatter(result.token_dim_mean, result.token_dim_std, s=12, alpha=0.7)
-    right.set(title="Mean vs standard deviation of every dimension", xlabel="Mean", ylabel="Standard deviation")
-    yield Figure("03_embedding_distributions_and_scatter", figure, "Value distributions; mean vs std per dimension")
+    right.set(
+        title="Mean vs standard deviation of every dimension",
+        xlabel="Mean",
+        ylabel="Standard deviation",
+    )
+    yield Figure(
+        "03_embedding_distributions_and_scatter",
+        figure,
+        "Value distributions; mean vs std per dimension",
+    )
 
     if positions is not None:
         figure, (axes,) = panels(1)
         figure.set_size_inches(12, 5)
-        heatmap(axes, positions.chunk, "Chunk of the position embedding matrix", "Position", "Randomly selected dimensions", colorbar_label="Embedding value")
-        yield Figure("04_position_embedding_chunk", figure, "All positions x random dimensions of W_pos")
+        heatmap(
+            axes,
+            positions.chunk,
+            "Chunk of the position embedding matrix",
+            "Position",
+            "Randomly selected dimensions",
+            colorbar_label="Embedding value",
+        )
+        yield Figure(
+            "04_position_embedding_chunk", figure, "All positions x random dimensions of W_pos"
+        )
 
         figure, (left, right) = panels(2)
         # Dense artists are rasterised in vector formats (--format svg,pdf); PNGs are the same.
         left.plot(positions.embeddings, linewidth=0.6, rasterized=True)
-        left.set(title="Every dimension across positions", xlabel="Position", ylabel="Embedding value")
+        left.set(
+            title="Every dimension across positions", xlabel="Position", ylabel="Embedding value"
+        )
         right.hist(np.log10(positions.dim_std), bins=50, color="mediumseagreen")
-        right.set(title="Position-embedding std per dimension", xlabel="log10 standard deviation", ylabel="Dimensions")
-        yield Figure("05_position_embedding_distributions", figure, "W_pos per dimension; log10 std histogram")
+        right.set(
+            title="Position-embedding std per dimension",
+            xlabel="log10 standard deviation",
+            ylabel="Dimensions",
+        )
+        yield Figure(
+            "05_position_embedding_distributions",
+            figure,
+            "W_pos per dimension; log10 std histogram",
+        )
 
         figure, (axes,) = panels(1)
         figure.set_size_inches(11, 5.5)
@@ -245,41 +354,112 @@ def render(result: EmbeddingsResult) -> Iterator[Artifact]:
             (np.abs(positions.dim_mean), "red", "|mean| of position embeddings"),
         ]:
             axes.scatter(x, values, s=14, alpha=0.5, color=colour, label=label)
-        axes.set(xscale="log", yscale="log", title="Per-dimension statistics against position-embedding std",
-                 xlabel="std of position embeddings (log)", ylabel="statistic (log)")
+        axes.set(
+            xscale="log",
+            yscale="log",
+            title="Per-dimension statistics against position-embedding std",
+            xlabel="std of position embeddings (log)",
+            ylabel="statistic (log)",
+        )
         axes.legend()
-        yield Figure("06_summary_stats", figure, "Token and position statistics vs position std, log-log")
+        yield Figure(
+            "06_summary_stats", figure, "Token and position statistics vs position std, log-log"
+        )
 
     figure, axes_list = panels(len(result.dimension_pairs))
     for axes, (first, second) in zip(axes_list, result.dimension_pairs):
-        axes.scatter(w_e[:, first], w_e[:, second], s=1, color="black", alpha=0.5, label="tokens", rasterized=True)
+        axes.scatter(
+            w_e[:, first],
+            w_e[:, second],
+            s=1,
+            color="black",
+            alpha=0.5,
+            label="tokens",
+            rasterized=True,
+        )
         if positions is not None:
-            axes.scatter(positions.embeddings[:, first], positions.embeddings[:, second], s=2, color="red", label="positions")
-        axes.set(title=f"Dimensions {first} vs {second}", xlabel=f"dimension {first}", ylabel=f"dimension {second}")
+            axes.scatter(
+                positions.embeddings[:, first],
+                positions.embeddings[:, second],
+                s=2,
+                color="red",
+                label="positions",
+            )
+        axes.set(
+            title=f"Dimensions {first} vs {second}",
+            xlabel=f"dimension {first}",
+            ylabel=f"dimension {second}",
+        )
         axes.legend(markerscale=5)
-    yield Figure("07_word_position_scatter", figure, "Token (black) and position (red) embeddings on dimension pairs")
+    yield Figure(
+        "07_word_position_scatter",
+        figure,
+        "Token (black) and position (red) embeddings on dimension pairs",
+    )
 
     figure, (left, right) = panels(2)
-    _cumulative_plot(left, [result.token_cumulative_variance], "Cumulative explained variance: all token embeddings")
-    _cumulative_plot(right, result.local_cumulative_variance, "Local PCA: nearest-neighbour subsets",
-                     [f"subset {i + 1}" for i in range(len(result.local_cumulative_variance))])
-    yield Figure("08_pca_analysis_word_embeddings", figure, "Global and local PCA spectra of token embeddings")
+    _cumulative_plot(
+        left,
+        [result.token_cumulative_variance],
+        "Cumulative explained variance: all token embeddings",
+    )
+    _cumulative_plot(
+        right,
+        result.local_cumulative_variance,
+        "Local PCA: nearest-neighbour subsets",
+        [f"subset {i + 1}" for i in range(len(result.local_cumulative_variance))],
+    )
+    yield Figure(
+        "08_pca_analysis_word_embeddings",
+        figure,
+        "Global and local PCA spectra of token embeddings",
+    )
 
     if positions is not None:
         figure, (left, right) = panels(2, projection_3d={1})
-        _cumulative_plot(left, [positions.cumulative_variance], "Cumulative explained variance: position embeddings")
-        points = right.scatter(*positions.pca_3d.T, c=np.arange(len(positions.pca_3d)), cmap="Spectral", s=4)
-        right.set(title="Position embeddings, top 3 principal components", xlabel="PC 1", ylabel="PC 2", zlabel="PC 3")
+        _cumulative_plot(
+            left,
+            [positions.cumulative_variance],
+            "Cumulative explained variance: position embeddings",
+        )
+        points = right.scatter(
+            *positions.pca_3d.T, c=np.arange(len(positions.pca_3d)), cmap="Spectral", s=4
+        )
+        right.set(
+            title="Position embeddings, top 3 principal components",
+            xlabel="PC 1",
+            ylabel="PC 2",
+            zlabel="PC 3",
+        )
         figure.colorbar(points, ax=right, label="Position", shrink=0.7)
-        yield Figure("09_position_embedding_pca", figure, "PCA of position embeddings, coloured by position")
+        yield Figure(
+            "09_position_embedding_pca", figure, "PCA of position embeddings, coloured by position"
+        )
 
         figure, (left, right) = panels(2, projection_3d={1})
-        heatmap(left, positions.cosine_similarity, "Cosine similarity of position embeddings", "Position", "Position", cmap="coolwarm", centre_zero=True)
+        heatmap(
+            left,
+            positions.cosine_similarity,
+            "Cosine similarity of position embeddings",
+            "Position",
+            "Position",
+            cmap="coolwarm",
+            centre_zero=True,
+        )
         right.scatter(*positions.pca_3d.T, s=4, color="blue", label="positions")
         right.scatter(*positions.tokens_in_position_pca.T, s=4, color="green", label="tokens")
-        right.set(title="Tokens in the PCA fitted on positions", xlabel="PC 1", ylabel="PC 2", zlabel="PC 3")
+        right.set(
+            title="Tokens in the PCA fitted on positions",
+            xlabel="PC 1",
+            ylabel="PC 2",
+            zlabel="PC 3",
+        )
         right.legend()
-        yield Figure("10_similarity_and_combined_pca", figure, "Position similarity; tokens projected on position PCs")
+        yield Figure(
+            "10_similarity_and_combined_pca",
+            figure,
+            "Position similarity; tokens projected on position PCs",
+        )
 
 
 def check(model: HookedTransformer, params: EmbeddingsParams) -> None:
@@ -287,7 +467,9 @@ def check(model: HookedTransformer, params: EmbeddingsParams) -> None:
     d_model = model.cfg.d_model
     for pair in params.dimension_pairs or []:
         if len(pair) != 2 or not all(0 <= d < d_model for d in pair):
-            raise ParamError("dimension_pairs", f"{pair} is not a pair of dimensions in 0..{d_model - 1}")
+            raise ParamError(
+                "dimension_pairs", f"{pair} is not a pair of dimensions in 0..{d_model - 1}"
+            )
 
 
 EXPERIMENT = Experiment(

@@ -1,5 +1,6 @@
 """Which heads do what: induction, previous-token, duplicate-token and first-token (sink) scores
-for every attention head, and a view of the top induction heads at work."""
+for every attention head, and a view of the top induction heads at work.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
 
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Prompt, View
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+    Prompt,
+    View,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from torch import Tensor
@@ -32,7 +41,9 @@ VIEWED_INDUCTION_HEADS = 6
 
 
 class HeadTaxonomyParams(Params):
-    prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts.")
+    prompts: list[Prompt] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts."
+    )
     repeat_batch: int = Field(8, ge=1, le=256, description="Random sequences, each repeated twice.")
     repeat_length: int = Field(40, ge=2, description="Tokens in each random segment.")
 
@@ -59,7 +70,9 @@ class HeadTaxonomyResult:
         }
 
 
-def repeated_random_tokens(model: HookedTransformer, batch: int, length: int, seed: int) -> Int[Tensor, "batch pos"]:
+def repeated_random_tokens(
+    model: HookedTransformer, batch: int, length: int, seed: int
+) -> Int[Tensor, "batch pos"]:
     """BOS, then ``length`` random token ids, then the same ids again, for each row."""
     import torch
 
@@ -69,14 +82,21 @@ def repeated_random_tokens(model: HookedTransformer, batch: int, length: int, se
     return torch.cat([bos, segment, segment], dim=1)
 
 
-def _per_prompt_patterns(acts: Activations, n_layers: int) -> Iterator[tuple[Float[Tensor, "layer head q k"], Int[Tensor, " pos"]]]:
+def _per_prompt_patterns(
+    acts: Activations, n_layers: int
+) -> Iterator[tuple[Float[Tensor, "layer head q k"], Int[Tensor, " pos"]]]:
     from unraveled.analysis import stack_patterns
 
     for index, length in enumerate(acts.lengths):
-        yield stack_patterns(acts.cache, n_layers, index)[..., :length, :length], acts.tokens[index, :length]
+        yield (
+            stack_patterns(acts.cache, n_layers, index)[..., :length, :length],
+            acts.tokens[index, :length],
+        )
 
 
-def _prompt_scores(patterns: Float[Tensor, "layer head q k"], tokens: Int[Tensor, " pos"]) -> dict[str, Float[Tensor, "layer head"]]:
+def _prompt_scores(
+    patterns: Float[Tensor, "layer head q k"], tokens: Int[Tensor, " pos"]
+) -> dict[str, Float[Tensor, "layer head"]]:
     """The scores every prompt gets, repeated or natural."""
     from unraveled.analysis import attention_sink_by_head
     from unraveled.heads import duplicate_token_score, previous_token_score
@@ -88,14 +108,24 @@ def _prompt_scores(patterns: Float[Tensor, "layer head q k"], tokens: Int[Tensor
     }
 
 
-def _mean_over_prompts(per_prompt: list[dict[str, Tensor]]) -> dict[str, Float[Tensor, "layer head"]]:
+def _mean_over_prompts(
+    per_prompt: list[dict[str, Tensor]],
+) -> dict[str, Float[Tensor, "layer head"]]:
     import torch
 
-    return {name: torch.stack([scores[name] for scores in per_prompt]).mean(dim=0) for name in per_prompt[0]}
+    return {
+        name: torch.stack([scores[name] for scores in per_prompt]).mean(dim=0)
+        for name in per_prompt[0]
+    }
 
 
 def _mean_scores(acts: Activations, n_layers: int) -> dict[str, Float[Tensor, "layer head"]]:
-    return _mean_over_prompts([_prompt_scores(patterns, tokens) for patterns, tokens in _per_prompt_patterns(acts, n_layers)])
+    return _mean_over_prompts(
+        [
+            _prompt_scores(patterns, tokens)
+            for patterns, tokens in _per_prompt_patterns(acts, n_layers)
+        ]
+    )
 
 
 REPEATED_ROWS_PER_PASS = 2
@@ -106,9 +136,12 @@ pass peaked at +0.13 GB on GPT-2 small); rows are independent, so the scores are
 
 def _repeated_pass_scores(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"], hooks: list[str], repeat_length: int
-) -> tuple[dict[str, Float[Tensor, "layer head"]], Float[Tensor, "layer head query_pos key_pos"], list[str]]:
+) -> tuple[
+    dict[str, Float[Tensor, "layer head"]], Float[Tensor, "layer head query_pos key_pos"], list[str]
+]:
     """Every score of each repeated sequence, averaged over them, with the first sequence's
-    patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per forward pass."""
+    patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per forward pass.
+    """
     from unraveled.activations import collect_activations
     from unraveled.analysis import stack_patterns
     from unraveled.heads import induction_score
@@ -117,9 +150,16 @@ def _repeated_pass_scores(
     per_row: list[dict[str, Tensor]] = []
     first_row, first_tokens = None, []
     for start in range(0, tokens.shape[0], REPEATED_ROWS_PER_PASS):
-        acts = collect_activations(model, tokens[start : start + REPEATED_ROWS_PER_PASS], hooks, logits=False)
+        acts = collect_activations(
+            model, tokens[start : start + REPEATED_ROWS_PER_PASS], hooks, logits=False
+        )
         for patterns, row_tokens in _per_prompt_patterns(acts, n_layers):
-            per_row.append({"induction": induction_score(patterns, repeat_length), **_prompt_scores(patterns, row_tokens)})
+            per_row.append(
+                {
+                    "induction": induction_score(patterns, repeat_length),
+                    **_prompt_scores(patterns, row_tokens),
+                }
+            )
         if first_row is None:
             first_row, first_tokens = stack_patterns(acts.cache, n_layers, 0), acts.str_tokens[0]
         del acts
@@ -129,18 +169,28 @@ def _repeated_pass_scores(
 
 def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
     import torch
+
     from unraveled.activations import collect_activations
     from unraveled.heads import top_heads
 
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
     tokens = repeated_random_tokens(model, params.repeat_batch, params.repeat_length, seed)
-    on_repeated, first_row, first_tokens = _repeated_pass_scores(model, tokens, hooks, params.repeat_length)
-    on_natural = _mean_scores(collect_activations(model, params.prompts, hooks, logits=False), n_layers)
-    scores = {"induction": on_repeated["induction"], **{name: (on_repeated[name] + on_natural[name]) / 2 for name in on_natural}}
+    on_repeated, first_row, first_tokens = _repeated_pass_scores(
+        model, tokens, hooks, params.repeat_length
+    )
+    on_natural = _mean_scores(
+        collect_activations(model, params.prompts, hooks, logits=False), n_layers
+    )
+    scores = {
+        "induction": on_repeated["induction"],
+        **{name: (on_repeated[name] + on_natural[name]) / 2 for name in on_natural},
+    }
     scores_np = {name: scores[name].numpy() for name in SCORES}
     viewed = [entry["head"] for entry in top_heads(scores_np["induction"], VIEWED_INDUCTION_HEADS)]
-    viewed_patterns = torch.stack([first_row[int(layer), int(head)] for layer, head in (name.split(".") for name in viewed)])
+    viewed_patterns = torch.stack(
+        [first_row[int(layer), int(head)] for layer, head in (name.split(".") for name in viewed)]
+    )
     return HeadTaxonomyResult(
         scores=scores_np,
         repeated_tokens=first_tokens,
@@ -156,27 +206,68 @@ def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
 
     figure, axes_list = panels(2, 2)
     for axes, name in zip(axes_list, SCORES):
-        heatmap(axes, result.scores[name], f"{name.replace('_', '-')} score", "Head", "Layer", cmap="viridis", colorbar_label="score")
-    yield Figure("01_head_scores", figure, "Induction, previous-token, duplicate-token and first-token scores of every head")
+        heatmap(
+            axes,
+            result.scores[name],
+            f"{name.replace('_', '-')} score",
+            "Head",
+            "Layer",
+            cmap="viridis",
+            colorbar_label="score",
+        )
+    yield Figure(
+        "01_head_scores",
+        figure,
+        "Induction, previous-token, duplicate-token and first-token scores of every head",
+    )
 
     figure, axes_list = panels(2, 2)
     for axes, name in zip(axes_list, SCORES):
         ranked = top_heads(result.scores[name], TOP_K)
-        axes.barh([entry["head"] for entry in ranked][::-1], [entry["score"] for entry in ranked][::-1], color="slateblue")
-        axes.set(title=f"Top {TOP_K} heads: {name.replace('_', '-')}", xlabel="score", ylabel="head (layer.head)")
+        axes.barh(
+            [entry["head"] for entry in ranked][::-1],
+            [entry["score"] for entry in ranked][::-1],
+            color="slateblue",
+        )
+        axes.set(
+            title=f"Top {TOP_K} heads: {name.replace('_', '-')}",
+            xlabel="score",
+            ylabel="head (layer.head)",
+        )
     yield Figure("02_top_heads", figure, f"The top {TOP_K} heads for each score")
 
     names = [f"L{name.replace('.', 'H')}" for name in result.viewed_heads]
-    element = views.attention_heads(result.repeated_patterns, result.repeated_tokens, "Top induction heads on a repeated random sequence", names)
-    yield View("top_induction_heads", "Top induction heads on a repeated random sequence", [element],
-               {"heads": ", ".join(result.viewed_heads), "sequence": "BOS, random tokens, the same tokens again"})
+    element = views.attention_heads(
+        result.repeated_patterns,
+        result.repeated_tokens,
+        "Top induction heads on a repeated random sequence",
+        names,
+    )
+    yield View(
+        "top_induction_heads",
+        "Top induction heads on a repeated random sequence",
+        [element],
+        {
+            "heads": ", ".join(result.viewed_heads),
+            "sequence": "BOS, random tokens, the same tokens again",
+        },
+    )
 
 
 def check(model: HookedTransformer, params: HeadTaxonomyParams) -> None:
     """BOS plus the random segment twice must fit the model's context."""
     needed = 1 + 2 * params.repeat_length
     if needed > model.cfg.n_ctx:
-        raise ParamError("repeat_length", f"{params.repeat_length} needs {needed} positions (BOS + the segment twice), more than the model's context of {model.cfg.n_ctx}")
+        raise ParamError(
+            "repeat_length",
+            f"{params.repeat_length} needs {needed} positions (BOS + the segment twice), more than the model's context of {model.cfg.n_ctx}",
+        )
 
 
-EXPERIMENT = Experiment(title="Attention-head taxonomy", params=HeadTaxonomyParams, compute=compute, render=render, check=check)
+EXPERIMENT = Experiment(
+    title="Attention-head taxonomy",
+    params=HeadTaxonomyParams,
+    compute=compute,
+    render=render,
+    check=check,
+)

@@ -48,12 +48,20 @@ FAITHFULNESS_ROWS = 32
 copy of the batch in them patches many components (GPT-2 small, 6 IOI pairs: 10 copies per pass
 peaked at +0.12 GB over the config's start, 5 at +0.08); rows are independent, so the logit
 differences are the same."""
-INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "tab:orange", "logits": "black"}
+INPUT_COLOURS = {
+    "q": "tab:blue",
+    "k": "tab:green",
+    "v": "tab:purple",
+    "mlp": "tab:orange",
+    "logits": "black",
+}
 
 
 class IOICircuitParams(Params):
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs.")
-    top_edges: int = Field(30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics.")
+    top_edges: int = Field(
+        30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics."
+    )
     circuit_sizes: list[Count] = Field(
         max_length=32,
         default_factory=lambda: [1, 2, 3, 5, 10, 20, 40, 80, 160],
@@ -64,7 +72,12 @@ class IOICircuitParams(Params):
         default_factory=lambda: [30, 300, 3000],
         description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
     )
-    random_draws: int = Field(10, ge=1, le=100, description="Random circuits drawn per size for the baseline; their mean and spread are shown.")
+    random_draws: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="Random circuits drawn per size for the baseline; their mean and spread are shown.",
+    )
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,10 @@ class IOICircuitResult:
             "scores": "estimated change of the mean logit difference when the edge (or component) alone is corrupted, in logits",
             "n_edges_scored": self.n_edges,
             "top_edges": self.edges,
-            "top_components": [{"component": self.nodes[i], "score": float(self.node_scores[i])} for i in ranked[:20]],
+            "top_components": [
+                {"component": self.nodes[i], "score": float(self.node_scores[i])}
+                for i in ranked[:20]
+            ],
             "edge_scores_sum_to_component_scores_max_error": self.edge_sum_error,
             "faithfulness": {
                 "method": "components outside the circuit take their outputs on the corrupted prompts",
@@ -125,23 +141,35 @@ class IOICircuitResult:
 
 
 def circuit_faithfulness(
-    model: HookedTransformer, pairs: PromptPairs, nodes: list[str], dropped: list[list[int]], corrupted_cache: Any
+    model: HookedTransformer,
+    pairs: PromptPairs,
+    nodes: list[str],
+    dropped: list[list[int]],
+    corrupted_cache: Any,
 ) -> Float[Tensor, "circuit batch"]:
     """The clean prompts' logit differences with the components ``dropped[i]`` (indices into
-    ``nodes``) of each circuit i patched from the corrupted run, every other one kept."""
+    ``nodes``) of each circuit i patched from the corrupted run, every other one kept.
+    """
     from unraveled.patching import component_patches, patched_logit_differences
 
     # Each component's patches built once and shared by every circuit that drops it.
     patches = [component_patches(node, model) for node in nodes]
     patch_sets = [[patch for index in indices for patch in patches[index]] for indices in dropped]
-    return patched_logit_differences(model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS)
+    return patched_logit_differences(
+        model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS
+    )
 
 
 def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
     import torch
 
     from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
-    from unraveled.patching import answer_summary, edge_attribution, edge_circuit_logit_differences, run_cache
+    from unraveled.patching import (
+        answer_summary,
+        edge_attribution,
+        edge_circuit_logit_differences,
+        run_cache,
+    )
 
     batch = ioi_batch(model, params.ioi, seed)
     pairs = batch.tokens
@@ -151,7 +179,11 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
         *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
         *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
-        *[f"blocks.{layer}.hook_resid_{point}" for layer in range(n_layers) for point in ("pre", "mid")],
+        *[
+            f"blocks.{layer}.hook_resid_{point}"
+            for layer in range(n_layers)
+            for point in ("pre", "mid")
+        ],
         f"blocks.{n_layers - 1}.hook_resid_post",
     ]
     clean_logits, _ = run_cache(model, pairs, "clean", [])
@@ -159,10 +191,18 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     scores = edge_attribution(model, pairs, corrupted_cache, base="clean")
     edge_seconds = time.perf_counter() - started
-    clean, corrupted = answer_summary(clean_logits, pairs), answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
-    low, span = corrupted["mean_logit_difference"], clean["mean_logit_difference"] - corrupted["mean_logit_difference"]
+    clean, corrupted = (
+        answer_summary(clean_logits, pairs),
+        answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi)),
+    )
+    low, span = (
+        corrupted["mean_logit_difference"],
+        clean["mean_logit_difference"] - corrupted["mean_logit_difference"],
+    )
     if abs(span) < 1e-6:
-        raise ValueError("params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover")
+        raise ValueError(
+            "params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover"
+        )
 
     matrix = scores.scores.numpy()
     valid = ~np.isnan(matrix)
@@ -172,14 +212,34 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     for index in top:
         up, down = np.unravel_index(index, matrix.shape)
         target = scores.downstream[down]
-        kind = target.rsplit(".", 1)[1] if target.count(".") == 2 else ("logits" if target == "logits" else "mlp")
-        edges.append({"from": scores.upstream[up], "to": target.rsplit(".", 1)[0] if kind in "qkv" else target, "input": kind, "score": float(matrix[up, down])})
+        kind = (
+            target.rsplit(".", 1)[1]
+            if target.count(".") == 2
+            else ("logits" if target == "logits" else "mlp")
+        )
+        edges.append(
+            {
+                "from": scores.upstream[up],
+                "to": target.rsplit(".", 1)[0] if kind in "qkv" else target,
+                "input": kind,
+                "score": float(matrix[up, down]),
+            }
+        )
     edge_sum_error = float(np.abs(np.nansum(matrix, axis=1) - scores.nodes.numpy()).max())
 
     nodes, node_scores = scores.upstream, scores.nodes.numpy()
-    sizes = sorted({0, len(nodes), *[size for size in params.circuit_sizes if 0 < size < len(nodes)]})
+    sizes = sorted(
+        {0, len(nodes), *[size for size in params.circuit_sizes if 0 < size < len(nodes)]}
+    )
     # The embeddings come first in every circuit: they are the input the circuit computes on.
-    ranked = [0, *[index for index in np.argsort(-np.abs(node_scores), kind="stable").tolist() if index != 0]]
+    ranked = [
+        0,
+        *[
+            index
+            for index in np.argsort(-np.abs(node_scores), kind="stable").tolist()
+            if index != 0
+        ],
+    ]
     rng = random.Random(seed)
     draws = []
     for _ in range(params.random_draws):
@@ -190,7 +250,9 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     # order: run once, with the ranked ones; each draw runs only the sizes in between.
     between = [index for index, size in enumerate(sizes) if 1 < size < len(nodes)]
     started = time.perf_counter()
-    dropped = [ranked[size:] for size in sizes] + [order[sizes[index]:] for order in draws for index in between]
+    dropped = [ranked[size:] for size in sizes] + [
+        order[sizes[index] :] for order in draws for index in between
+    ]
     kept = circuit_faithfulness(model, pairs, nodes, dropped, corrupted_cache)
     faithfulness_seconds = time.perf_counter() - started
     shares = ((kept.mean(-1) - low) / span).numpy()
@@ -198,7 +260,11 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     random_shares = np.tile(ranked_shares, (params.random_draws, 1))
     random_shares[:, between] = shares[len(sizes) :].reshape(params.random_draws, len(between))
 
-    edge_counts = sorted({0, len(flat), *[count for count in params.edge_counts if 0 < count < len(flat)]}) if params.edge_counts else []
+    edge_counts = (
+        sorted({0, len(flat), *[count for count in params.edge_counts if 0 < count < len(flat)]})
+        if params.edge_counts
+        else []
+    )
     edge_shares, edge_faithfulness_seconds = np.zeros(len(edge_counts)), 0.0
     if edge_counts:
         started = time.perf_counter()
@@ -225,7 +291,11 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         edge_faithfulness=edge_shares,
         n_layers=n_layers,
         n_heads=model.cfg.n_heads,
-        seconds={"edge_attribution": edge_seconds, "node_faithfulness": faithfulness_seconds, "edge_faithfulness": edge_faithfulness_seconds},
+        seconds={
+            "edge_attribution": edge_seconds,
+            "node_faithfulness": faithfulness_seconds,
+            "edge_faithfulness": edge_faithfulness_seconds,
+        },
     )
 
 
@@ -260,62 +330,162 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
         end = _position(edge["to"], result.n_layers, result.n_heads)
         axes.add_patch(
             FancyArrowPatch(
-                start, end, arrowstyle="-|>", mutation_scale=9, connectionstyle="arc3,rad=0.12",
-                color=INPUT_COLOURS[edge["input"]], linewidth=0.6 + 3.5 * abs(edge["score"]) / largest,
-                linestyle="-" if edge["score"] < 0 else "--", alpha=0.75, shrinkA=7, shrinkB=7,
+                start,
+                end,
+                arrowstyle="-|>",
+                mutation_scale=9,
+                connectionstyle="arc3,rad=0.12",
+                color=INPUT_COLOURS[edge["input"]],
+                linewidth=0.6 + 3.5 * abs(edge["score"]) / largest,
+                linestyle="-" if edge["score"] < 0 else "--",
+                alpha=0.75,
+                shrinkA=7,
+                shrinkB=7,
             )
         )
     for node in shown:
         x, y = _position(node, result.n_layers, result.n_heads)
-        axes.text(x, y, _label(node), ha="center", va="center", fontsize=8, zorder=3,
-                  bbox={"boxstyle": "round,pad=0.25", "facecolor": "lightyellow" if "." in node else "lightgrey", "edgecolor": "grey"})
+        axes.text(
+            x,
+            y,
+            _label(node),
+            ha="center",
+            va="center",
+            fontsize=8,
+            zorder=3,
+            bbox={
+                "boxstyle": "round,pad=0.25",
+                "facecolor": "lightyellow" if "." in node else "lightgrey",
+                "edgecolor": "grey",
+            },
+        )
     axes.set_xlim(-1, result.n_heads + 1.5)
     axes.set_ylim(-1.8, result.n_layers + 0.8)
-    axes.set_yticks(range(result.n_layers), [str(layer) for layer in range(result.n_layers)], fontsize=7)
-    axes.set_xticks([*range(result.n_heads), result.n_heads + 0.5], [*[str(h) for h in range(result.n_heads)], "MLP"], fontsize=7)
-    axes.set(xlabel="Head", ylabel="Layer", title=f"The top {len(result.edges)} edges by |edge attribution| (width: |score|)")
+    axes.set_yticks(
+        range(result.n_layers), [str(layer) for layer in range(result.n_layers)], fontsize=7
+    )
+    axes.set_xticks(
+        [*range(result.n_heads), result.n_heads + 0.5],
+        [*[str(h) for h in range(result.n_heads)], "MLP"],
+        fontsize=7,
+    )
+    axes.set(
+        xlabel="Head",
+        ylabel="Layer",
+        title=f"The top {len(result.edges)} edges by |edge attribution| (width: |score|)",
+    )
     axes.grid(alpha=0.2)
-    handles = [Line2D([], [], color=colour, label=f"into {kind}") for kind, colour in INPUT_COLOURS.items()]
-    handles += [Line2D([], [], color="grey", linestyle="-", label="corrupting it lowers the logit difference"),
-                Line2D([], [], color="grey", linestyle="--", label="corrupting it raises the logit difference")]
-    axes.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4)
-    yield Figure("01_circuit_edges", figure, "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the head)")
+    handles = [
+        Line2D([], [], color=colour, label=f"into {kind}") for kind, colour in INPUT_COLOURS.items()
+    ]
+    handles += [
+        Line2D(
+            [], [], color="grey", linestyle="-", label="corrupting it lowers the logit difference"
+        ),
+        Line2D(
+            [], [], color="grey", linestyle="--", label="corrupting it raises the logit difference"
+        ),
+    ]
+    axes.legend(
+        handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4
+    )
+    yield Figure(
+        "01_circuit_edges",
+        figure,
+        "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the head)",
+    )
 
     figure, axes_list = panels(2 if result.edge_counts else 1)
     axes = axes_list[0]
     figure.set_size_inches(13 if result.edge_counts else 8, 4.5)
     sizes = np.array(result.sizes)
-    axes.plot(np.maximum(sizes, 0.5), result.faithfulness, marker="o", label="top components by |attribution|")
+    axes.plot(
+        np.maximum(sizes, 0.5),
+        result.faithfulness,
+        marker="o",
+        label="top components by |attribution|",
+    )
     draws = result.random_faithfulness
-    axes.fill_between(np.maximum(sizes, 0.5), draws.min(0), draws.max(0), color="grey", alpha=0.25, linewidth=0,
-                      label=f"random components: lowest to highest of {len(draws)} draws")
-    axes.plot(np.maximum(sizes, 0.5), draws.mean(0), marker="x", color="grey", label=f"random components: mean of {len(draws)} draws")
+    axes.fill_between(
+        np.maximum(sizes, 0.5),
+        draws.min(0),
+        draws.max(0),
+        color="grey",
+        alpha=0.25,
+        linewidth=0,
+        label=f"random components: lowest to highest of {len(draws)} draws",
+    )
+    axes.plot(
+        np.maximum(sizes, 0.5),
+        draws.mean(0),
+        marker="x",
+        color="grey",
+        label=f"random components: mean of {len(draws)} draws",
+    )
     axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xscale("log")
-    axes.set(title="Faithfulness: share of the clean logit difference kept by the circuit alone\n(everything outside it takes its corrupted output)",
-             xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)", ylabel="share kept (1 clean, 0 corrupted)")
+    axes.set(
+        title="Faithfulness: share of the clean logit difference kept by the circuit alone\n(everything outside it takes its corrupted output)",
+        xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)",
+        ylabel="share kept (1 clean, 0 corrupted)",
+    )
     axes.legend(fontsize=8)
     if result.edge_counts:
         edges_axes = axes_list[1]
-        edges_axes.plot(np.maximum(result.edge_counts, 0.5), result.edge_faithfulness, marker="o", color="tab:red")
+        edges_axes.plot(
+            np.maximum(result.edge_counts, 0.5),
+            result.edge_faithfulness,
+            marker="o",
+            color="tab:red",
+        )
         edges_axes.axhline(1, color="black", linewidth=0.6, linestyle=":")
         edges_axes.axhline(0, color="black", linewidth=0.6)
         edges_axes.set_xscale("log")
-        edges_axes.set(title="Edge level: only the top edges carry clean information",
-                       xlabel=f"edges kept, by |edge attribution| (of {result.n_edges}; 0 plotted at 0.5)", ylabel="share kept")
-    yield Figure("02_faithfulness", figure, f"Faithfulness of circuits of growing size, against {len(draws)} random circuits of each size")
+        edges_axes.set(
+            title="Edge level: only the top edges carry clean information",
+            xlabel=f"edges kept, by |edge attribution| (of {result.n_edges}; 0 plotted at 0.5)",
+            ylabel="share kept",
+        )
+    yield Figure(
+        "02_faithfulness",
+        figure,
+        f"Faithfulness of circuits of growing size, against {len(draws)} random circuits of each size",
+    )
 
     figure, (axes,) = panels(1)
-    heads = np.array([[result.node_scores[result.nodes.index(f"{layer}.{head}")] for head in range(result.n_heads)] for layer in range(result.n_layers)])
-    mlps = np.array([result.node_scores[result.nodes.index(f"m{layer}")] for layer in range(result.n_layers)])
+    heads = np.array(
+        [
+            [
+                result.node_scores[result.nodes.index(f"{layer}.{head}")]
+                for head in range(result.n_heads)
+            ]
+            for layer in range(result.n_layers)
+        ]
+    )
+    mlps = np.array(
+        [result.node_scores[result.nodes.index(f"m{layer}")] for layer in range(result.n_layers)]
+    )
     values = np.c_[heads, np.full(result.n_layers, np.nan), mlps]
     bound = float(np.nanmax(np.abs(values))) or 1.0
-    image = axes.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    image = axes.imshow(
+        values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest"
+    )
     figure.colorbar(image, ax=axes, label="estimated change of the logit difference when corrupted")
-    axes.set_xticks([*range(result.n_heads), result.n_heads + 1], [*[str(h) for h in range(result.n_heads)], "MLP"])
-    axes.set(title=f"Component attribution (embeddings: {result.node_scores[0]:.2f})", xlabel="Head", ylabel="Layer")
-    yield Figure("03_component_scores", figure, "Each head's and MLP's attribution: the sum of its outgoing edges")
+    axes.set_xticks(
+        [*range(result.n_heads), result.n_heads + 1],
+        [*[str(h) for h in range(result.n_heads)], "MLP"],
+    )
+    axes.set(
+        title=f"Component attribution (embeddings: {result.node_scores[0]:.2f})",
+        xlabel="Head",
+        ylabel="Layer",
+    )
+    yield Figure(
+        "03_component_scores",
+        figure,
+        "Each head's and MLP's attribution: the sum of its outgoing edges",
+    )
 
 
 def check(model: HookedTransformer, params: IOICircuitParams) -> None:
@@ -325,4 +495,10 @@ def check(model: HookedTransformer, params: IOICircuitParams) -> None:
     check_ioi_names(model, params.ioi)
 
 
-EXPERIMENT = Experiment(title="IOI circuit (edge attribution patching)", params=IOICircuitParams, compute=compute, render=render, check=check)
+EXPERIMENT = Experiment(
+    title="IOI circuit (edge attribution patching)",
+    params=IOICircuitParams,
+    compute=compute,
+    render=render,
+    check=check,
+)

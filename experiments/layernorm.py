@@ -28,7 +28,9 @@ DEFAULT_PROMPTS = [
 
 
 class LayerNormParams(Params):
-    toy_points: int = Field(100, ge=3, le=100_000, description="Random 3D points in the geometry toy.")
+    toy_points: int = Field(
+        100, ge=3, le=100_000, description="Random 3D points in the geometry toy."
+    )
     prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
 
 
@@ -69,6 +71,7 @@ def _norm_weight(model: HookedTransformer, layer: int, which: str) -> Float[NDAr
 
 def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> LayerNormResult:
     import torch
+
     from unraveled.activations import collect_activations
 
     rng = np.random.default_rng(seed)
@@ -83,21 +86,37 @@ def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> Lay
         reference_name = "token embeddings (no learned positions)"
     reference_log_std = np.log10(reference.std(axis=0))
     log_gamma = {
-        which: np.stack([np.log10(np.abs(_norm_weight(model, layer, which)) + 1e-12) for layer in range(n_layers)])
+        which: np.stack(
+            [
+                np.log10(np.abs(_norm_weight(model, layer, which)) + 1e-12)
+                for layer in range(n_layers)
+            ]
+        )
         for which in ("ln1", "ln2")
     }
-    hooks = [f"blocks.{layer}.{which}.hook_scale" for which in ("ln1", "ln2") for layer in range(n_layers)]
+    hooks = [
+        f"blocks.{layer}.{which}.hook_scale"
+        for which in ("ln1", "ln2")
+        for layer in range(n_layers)
+    ]
     acts = collect_activations(model, params.prompts, hooks)
     mask = acts.mask.to(torch.float32)
     counts = mask.sum(dim=0).clamp_min(1)
     applied_scale = {
         which: np.stack(
-            [((acts.cache[f"blocks.{layer}.{which}.hook_scale"][..., 0] * mask).sum(dim=0) / counts).numpy() for layer in range(n_layers)]
+            [
+                (
+                    (acts.cache[f"blocks.{layer}.{which}.hook_scale"][..., 0] * mask).sum(dim=0)
+                    / counts
+                ).numpy()
+                for layer in range(n_layers)
+            ]
         )
         for which in ("ln1", "ln2")
     }
     correlation = {
-        which: [float(np.corrcoef(reference_log_std, row)[0, 1]) for row in values] for which, values in log_gamma.items()
+        which: [float(np.corrcoef(reference_log_std, row)[0, 1]) for row in values]
+        for which, values in log_gamma.items()
     }
     summary = {
         "norm_kind": model.cfg.normalization_type,
@@ -109,10 +128,21 @@ def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> Lay
         },
         "log10_abs_gamma_mean": {which: values.mean(axis=1) for which, values in log_gamma.items()},
         "correlation_log_gamma_vs_log_reference_std": correlation,
-        "applied_scale_mean_per_layer": {which: values.mean(axis=1) for which, values in applied_scale.items()},
+        "applied_scale_mean_per_layer": {
+            which: values.mean(axis=1) for which, values in applied_scale.items()
+        },
         "prompts": params.prompts,
     }
-    return LayerNormResult(toy_before, toy_after, reference_name, reference_log_std, log_gamma, applied_scale, model.cfg.normalization_type, summary)
+    return LayerNormResult(
+        toy_before,
+        toy_after,
+        reference_name,
+        reference_log_std,
+        log_gamma,
+        applied_scale,
+        model.cfg.normalization_type,
+        summary,
+    )
 
 
 def _toy_figure(result: LayerNormResult) -> Figure:
@@ -127,9 +157,18 @@ def _toy_figure(result: LayerNormResult) -> Figure:
     xx, yy = np.meshgrid(grid, grid)
     after.plot_surface(xx, yy, -xx - yy, alpha=0.2, color="slategray")
     after.quiver(0, 0, 0, 1, 1, 1, color="black", label="normal [1, 1, 1]")
-    after.set(title="After LayerNorm: a circle on the plane x + y + z = 0", xlabel="x", ylabel="y", zlabel="z")
+    after.set(
+        title="After LayerNorm: a circle on the plane x + y + z = 0",
+        xlabel="x",
+        ylabel="y",
+        zlabel="z",
+    )
     after.legend()
-    return Figure("01_layer_normalization_3d", figure, "LayerNorm maps points onto a circle in the plane normal to [1,1,1]")
+    return Figure(
+        "01_layer_normalization_3d",
+        figure,
+        "LayerNorm maps points onto a circle in the plane normal to [1,1,1]",
+    )
 
 
 def render(result: LayerNormResult) -> Iterator[Artifact]:
@@ -142,18 +181,43 @@ def render(result: LayerNormResult) -> Iterator[Artifact]:
         values = result.log_gamma[which]
         figure, axes_list = layer_grid(len(values))
         for layer, axes in enumerate(axes_list):
-            axes.scatter(result.reference_log_std, values[layer], s=6, alpha=0.6, color=colours[which])
+            axes.scatter(
+                result.reference_log_std, values[layer], s=6, alpha=0.6, color=colours[which]
+            )
             axes.set_title(f"Layer {layer} {which}", fontsize=9)
             axes.set_xlabel(f"log10 std of {result.reference_name.split(' (')[0]}", fontsize=7)
             axes.set_ylabel("log10 |gamma|", fontsize=7)
-        figure.suptitle(f"{result.norm_kind} gammas {names[which]} against per-dimension spread of {result.reference_name}")
-        yield Figure(f"{number}_{which}_gammas", figure, f"log10 |gamma| of {which} per layer vs log10 std of {result.reference_name}")
+        figure.suptitle(
+            f"{result.norm_kind} gammas {names[which]} against per-dimension spread of {result.reference_name}"
+        )
+        yield Figure(
+            f"{number}_{which}_gammas",
+            figure,
+            f"log10 |gamma| of {which} per layer vs log10 std of {result.reference_name}",
+        )
     figure, axes_list = panels(2)
     for axes, which in zip(axes_list, ("ln1", "ln2")):
         # The first position's scale is often orders of magnitude above the rest: log scale.
-        heatmap(axes, np.log10(result.applied_scale[which]), f"Scale applied by {which} (mean over prompts)", "Position", "Layer",
-                cmap="magma", colorbar_label="log10 hook_scale (the norm's divisor)")
-    yield Figure("04_applied_scale", figure, "The normalisation scale actually applied at each layer and position")
+        heatmap(
+            axes,
+            np.log10(result.applied_scale[which]),
+            f"Scale applied by {which} (mean over prompts)",
+            "Position",
+            "Layer",
+            cmap="magma",
+            colorbar_label="log10 hook_scale (the norm's divisor)",
+        )
+    yield Figure(
+        "04_applied_scale",
+        figure,
+        "The normalisation scale actually applied at each layer and position",
+    )
 
 
-EXPERIMENT = Experiment(title="LayerNorm geometry and gammas", params=LayerNormParams, compute=compute, render=render, weights="raw")
+EXPERIMENT = Experiment(
+    title="LayerNorm geometry and gammas",
+    params=LayerNormParams,
+    compute=compute,
+    render=render,
+    weights="raw",
+)

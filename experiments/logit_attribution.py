@@ -26,7 +26,15 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from unraveled.datasets.ioi import IOIParams
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Answer, Artifact, Experiment, Figure, Params, Prompt
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Answer,
+    Artifact,
+    Experiment,
+    Figure,
+    Params,
+    Prompt,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
@@ -38,8 +46,12 @@ class LogitAttributionParams(Params):
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
     incorrect: Answer = Field(" John", description="The competing answer (one token).")
-    prompts: Literal["single", "ioi"] = Field("single", description="single: the prompt above; ioi: the clean prompts of params.ioi.")
-    ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompts, when prompts is ioi.")
+    prompts: Literal["single", "ioi"] = Field(
+        "single", description="single: the prompt above; ioi: the clean prompts of params.ioi."
+    )
+    ioi: IOIParams = Field(
+        default_factory=IOIParams, description="The IOI prompts, when prompts is ioi."
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,12 @@ class LogitAttributionResult:
 
     def total(self) -> float:
         """Every component and bias added up: equals ``logit_difference``."""
-        return float(sum(self.embeddings.values()) + self.attention_per_layer.sum() + self.mlp.sum() + self.unembed_bias)
+        return float(
+            sum(self.embeddings.values())
+            + self.attention_per_layer.sum()
+            + self.mlp.sum()
+            + self.unembed_bias
+        )
 
     def metrics(self) -> dict[str, Any]:
         from unraveled.heads import top_heads
@@ -82,7 +99,9 @@ class LogitAttributionResult:
         }
 
 
-def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int) -> LogitAttributionResult:
+def compute(
+    model: HookedTransformer, params: LogitAttributionParams, seed: int
+) -> LogitAttributionResult:
     import torch
 
     from unraveled.datasets.ioi import ioi_batch
@@ -97,10 +116,19 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
         incorrect = answer_token_id(model, params.incorrect, "params.incorrect")
         tokens = model.to_tokens(params.prompt)
         last = torch.tensor([tokens.shape[1] - 1])
-        pairs = PromptPairs(clean=tokens, corrupted=tokens, last=last, correct=torch.tensor([correct]), incorrect=torch.tensor([incorrect]))
+        pairs = PromptPairs(
+            clean=tokens,
+            corrupted=tokens,
+            last=last,
+            correct=torch.tensor([correct]),
+            incorrect=torch.tensor([incorrect]),
+        )
         correct_name, incorrect_name = params.correct, params.incorrect
     n_layers = model.cfg.n_layers
-    embedding_hooks = ["hook_embed", *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else [])]
+    embedding_hooks = [
+        "hook_embed",
+        *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
+    ]
     normalized = model.cfg.normalization_type is not None
     hooks = [
         *embedding_hooks,
@@ -120,7 +148,14 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
         # GPT-2 small) on each read. contiguous(): the layout of a row of that stack (the weight is
         # stored rearranged for the forward pass), so einsum sums in the same order as before.
         head_outputs = torch.stack(
-            [torch.einsum("bhd,hdm->bhm", at_last(f"blocks.{layer}.attn.hook_z"), model.blocks[layer].attn.W_O.contiguous()) for layer in range(n_layers)],
+            [
+                torch.einsum(
+                    "bhd,hdm->bhm",
+                    at_last(f"blocks.{layer}.attn.hook_z"),
+                    model.blocks[layer].attn.W_O.contiguous(),
+                )
+                for layer in range(n_layers)
+            ],
             dim=1,
         )  # [batch, layer, head, d_model]
         components = torch.cat(
@@ -128,7 +163,9 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
                 torch.stack([at_last(hook) for hook in embedding_hooks], dim=1),
                 head_outputs.flatten(1, 2),
                 model.b_O.expand(pairs.size, -1, -1),
-                torch.stack([at_last(f"blocks.{layer}.hook_mlp_out") for layer in range(n_layers)], dim=1),
+                torch.stack(
+                    [at_last(f"blocks.{layer}.hook_mlp_out") for layer in range(n_layers)], dim=1
+                ),
             ],
             dim=1,
         )  # [batch, component, d_model]
@@ -137,13 +174,18 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
             components = components - components.mean(-1, keepdim=True)
         if normalized:
             components = components / at_last("ln_final.hook_scale")[:, None]
-        direction = (model.W_U[:, pairs.correct] - model.W_U[:, pairs.incorrect]).T  # [batch, d_model]
+        direction = (
+            model.W_U[:, pairs.correct] - model.W_U[:, pairs.incorrect]
+        ).T  # [batch, d_model]
         contributions = torch.einsum("bcm,bm->bc", components, direction).mean(0).numpy()
     n_embed, n_heads = len(embedding_hooks), n_layers * model.cfg.n_heads
     head_part = contributions[n_embed : n_embed + n_heads].reshape(n_layers, model.cfg.n_heads)
     return LogitAttributionResult(
         logit_difference=float(logit_differences(logits, pairs).mean()),
-        embeddings={hook.removeprefix("hook_"): float(value) for hook, value in zip(embedding_hooks, contributions[:n_embed])},
+        embeddings={
+            hook.removeprefix("hook_"): float(value)
+            for hook, value in zip(embedding_hooks, contributions[:n_embed])
+        },
         heads=head_part,
         attention_bias=contributions[n_embed + n_heads : n_embed + n_heads + n_layers],
         mlp=contributions[n_embed + n_heads + n_layers :],
@@ -157,22 +199,51 @@ def compute(model: HookedTransformer, params: LogitAttributionParams, seed: int)
 def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     from unraveled.render.figures import heatmap, panels
 
-    answers = f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
+    answers = (
+        f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
+    )
     if result.n_prompts > 1:
         answers = f"logit({result.correct}) - logit({result.incorrect}) = {result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)
     layers = np.arange(len(result.mlp))
-    axes.bar(layers - 0.2, result.attention_per_layer, width=0.4, label="attention (all heads + bias)", color="royalblue")
+    axes.bar(
+        layers - 0.2,
+        result.attention_per_layer,
+        width=0.4,
+        label="attention (all heads + bias)",
+        color="royalblue",
+    )
     axes.bar(layers + 0.2, result.mlp, width=0.4, label="MLP", color="darkorange")
     axes.axhline(0, color="black", linewidth=0.8)
-    axes.set(title=f"Direct contribution to {answers}", xlabel="Layer", ylabel="contribution to the logit difference")
+    axes.set(
+        title=f"Direct contribution to {answers}",
+        xlabel="Layer",
+        ylabel="contribution to the logit difference",
+    )
     axes.legend()
-    yield Figure("01_attribution_per_layer", figure, "Direct logit attribution of attention and MLP, per layer")
+    yield Figure(
+        "01_attribution_per_layer",
+        figure,
+        "Direct logit attribution of attention and MLP, per layer",
+    )
 
     figure, (axes,) = panels(1)
-    heatmap(axes, result.heads, f"Direct contribution of each head to {answers}", "Head", "Layer", cmap="RdBu_r", colorbar_label="contribution", centre_zero=True)
-    yield Figure("02_attribution_per_head", figure, "Direct logit attribution of every head (red positive, blue negative)")
+    heatmap(
+        axes,
+        result.heads,
+        f"Direct contribution of each head to {answers}",
+        "Head",
+        "Layer",
+        cmap="RdBu_r",
+        colorbar_label="contribution",
+        centre_zero=True,
+    )
+    yield Figure(
+        "02_attribution_per_head",
+        figure,
+        "Direct logit attribution of every head (red positive, blue negative)",
+    )
 
 
 def check(model: HookedTransformer, params: LogitAttributionParams) -> None:
@@ -183,4 +254,10 @@ def check(model: HookedTransformer, params: LogitAttributionParams) -> None:
         check_ioi_names(model, params.ioi)
 
 
-EXPERIMENT = Experiment(title="Direct logit attribution", params=LogitAttributionParams, compute=compute, render=render, check=check)
+EXPERIMENT = Experiment(
+    title="Direct logit attribution",
+    params=LogitAttributionParams,
+    compute=compute,
+    render=render,
+    check=check,
+)

@@ -26,7 +26,9 @@ TOP_K = 5
 
 class LogitLensParams(Params):
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
-    prepend_bos: bool | None = Field(None, description="Prepend BOS; None uses the model's default.")
+    prepend_bos: bool | None = Field(
+        None, description="Prepend BOS; None uses the model's default."
+    )
 
 
 @dataclass(frozen=True)
@@ -52,31 +54,44 @@ class LogitLensResult:
             "final_prediction_probability_per_point": self.final_prediction_prob,
             "final_prediction_rank_per_point": self.final_prediction_rank,
             "kl_from_final_per_point": self.kl_from_final,
-            "top5_at_last_position_per_point": {label: top for label, top in zip(self.point_labels, self.top5_last)},
+            "top5_at_last_position_per_point": {
+                label: top for label, top in zip(self.point_labels, self.top5_last)
+            },
         }
 
 
 def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> LogitLensResult:
     import torch
+
     from unraveled.activations import collect_activations
     from unraveled.analysis import state_labels
     from unraveled.logits import kl_from_final, logit_lens, rank_of, residual_hook_names
 
     n_layers = model.cfg.n_layers
     hooks = residual_hook_names(n_layers)
-    acts = collect_activations(model, [params.prompt], hooks, prepend_bos=params.prepend_bos, logits=False)
+    acts = collect_activations(
+        model, [params.prompt], hooks, prepend_bos=params.prepend_bos, logits=False
+    )
     # One point at a time: each point's [pos, d_vocab] distributions are reduced to its top-1 and
     # its last position, so no full-vocabulary tensor of every point is held (three of them, 42 MB
     # each for GPT-2 small on this prompt, were the config's peak).
     top1_probs, top1_ids, last_rows = [], [], []
     with torch.inference_mode():
         for hook in hooks:
-            log_probs = logit_lens(model, acts.cache[hook][:1])[0].log_softmax(dim=-1)  # [pos, d_vocab]
+            log_probs = logit_lens(model, acts.cache[hook][:1])[0].log_softmax(
+                dim=-1
+            )  # [pos, d_vocab]
             top1_prob, top1_id = log_probs.exp().max(dim=-1)
             top1_probs.append(top1_prob)
             top1_ids.append(top1_id)
-            last_rows.append(log_probs[-1].clone())  # not a view, which would keep the whole point alive
-    top1_prob, top1_id, last = torch.stack(top1_probs), torch.stack(top1_ids), torch.stack(last_rows)  # [point, pos], [point, d_vocab]
+            last_rows.append(
+                log_probs[-1].clone()
+            )  # not a view, which would keep the whole point alive
+    top1_prob, top1_id, last = (
+        torch.stack(top1_probs),
+        torch.stack(top1_ids),
+        torch.stack(last_rows),
+    )  # [point, pos], [point, d_vocab]
     decode = model.tokenizer.decode
     final_token = int(last[-1].argmax())
     top_probs, top_ids = last.exp().topk(TOP_K, dim=-1)
@@ -103,29 +118,63 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
     n_points, n_pos = result.top1_prob.shape
     figure, (axes,) = panels(1)
     figure.set_size_inches(max(8.0, 1.1 * n_pos), max(5.0, 0.35 * n_points))
-    image = axes.imshow(result.top1_prob, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    image = axes.imshow(
+        result.top1_prob, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest"
+    )
     for point in range(n_points):
         for pos in range(n_pos):
             colour = "white" if result.top1_prob[point, pos] > 0.6 else "black"
-            axes.text(pos, point, repr(result.top1_token[point][pos])[1:-1][:8], ha="center", va="center", fontsize=6, color=colour)
+            axes.text(
+                pos,
+                point,
+                repr(result.top1_token[point][pos])[1:-1][:8],
+                ha="center",
+                va="center",
+                fontsize=6,
+                color=colour,
+            )
     axes.set_xticks(range(n_pos), [token_label(t) for t in result.tokens], rotation=60, fontsize=7)
     axes.set_yticks(range(n_points), result.point_labels, fontsize=6)
-    axes.set(title="Logit lens: top-1 decoded token at every layer and position (colour: its probability)", xlabel="Input position")
+    axes.set(
+        title="Logit lens: top-1 decoded token at every layer and position (colour: its probability)",
+        xlabel="Input position",
+    )
     figure.colorbar(image, ax=axes, label="probability of the top-1 token")
-    yield Figure("01_logit_lens_grid", figure, "Top-1 token decoded from the residual stream, per layer and position")
+    yield Figure(
+        "01_logit_lens_grid",
+        figure,
+        "Top-1 token decoded from the residual stream, per layer and position",
+    )
 
     figure, (prob_axes, rank_axes, kl_axes) = panels(3)
     points = np.arange(n_points)
     prob_axes.plot(points, result.final_prediction_prob, marker="o")
-    prob_axes.set(title=f"Probability of the final prediction {result.final_prediction!r}", xlabel=STATE_AXIS_LABEL, ylabel="probability")
+    prob_axes.set(
+        title=f"Probability of the final prediction {result.final_prediction!r}",
+        xlabel=STATE_AXIS_LABEL,
+        ylabel="probability",
+    )
     rank_axes.plot(points, result.final_prediction_rank + 1, marker="o", color="darkorange")
-    rank_axes.set(title=f"Rank of {result.final_prediction!r}", xlabel=STATE_AXIS_LABEL, ylabel="rank (1 = top)", yscale="log")
+    rank_axes.set(
+        title=f"Rank of {result.final_prediction!r}",
+        xlabel=STATE_AXIS_LABEL,
+        ylabel="rank (1 = top)",
+        yscale="log",
+    )
     kl_axes.plot(points, result.kl_from_final, marker="o", color="crimson")
-    kl_axes.set(title="KL(final || lens) at the last position", xlabel=STATE_AXIS_LABEL, ylabel="KL (nats)")
+    kl_axes.set(
+        title="KL(final || lens) at the last position", xlabel=STATE_AXIS_LABEL, ylabel="KL (nats)"
+    )
     for axes in (prob_axes, rank_axes, kl_axes):
         axes.grid(True, alpha=0.4)
-    yield Figure("02_final_prediction_by_layer", figure, "Probability and rank of the final prediction, and KL from the final distribution, per layer")
+    yield Figure(
+        "02_final_prediction_by_layer",
+        figure,
+        "Probability and rank of the final prediction, and KL from the final distribution, per layer",
+    )
 
 
 # Each prompt token adds a column of (layers + 1) full-vocabulary distributions, and a column to the grid figure.
-EXPERIMENT = Experiment(title="Logit lens", params=LogitLensParams, compute=compute, render=render, max_prompt_tokens=64)
+EXPERIMENT = Experiment(
+    title="Logit lens", params=LogitLensParams, compute=compute, render=render, max_prompt_tokens=64
+)

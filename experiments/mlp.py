@@ -28,7 +28,10 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
 
 # How "active" is measured, shortly (figures) and in full (metrics).
-ACTIVE_RULE = ("post-activation > 0 (mlp.hook_post)", "post-activation > 0 (mlp.hook_post), over every real token of the prompts")
+ACTIVE_RULE = (
+    "post-activation > 0 (mlp.hook_post)",
+    "post-activation > 0 (mlp.hook_post), over every real token of the prompts",
+)
 GATED_ACTIVE_RULE = (
     "gate pre-activation > 0 (mlp.hook_pre)",
     "gate pre-activation > 0 (mlp.hook_pre), i.e. SiLU(gate) > 0; the gated MLP's hook_post = SiLU(gate) x up "
@@ -49,7 +52,9 @@ class MlpParams(Params):
     toy_steps: int = Field(300, ge=1, le=100_000, description="Adam steps.")
     toy_lr: float = Field(0.01, gt=0)
     toy_cutoff: float = Field(0.01, ge=0, description="Dot products below this are not penalised.")
-    toy_norm_weight: float = Field(1000.0, ge=0, description="Weight of the penalty keeping the vectors unit length.")
+    toy_norm_weight: float = Field(
+        1000.0, ge=0, description="Weight of the penalty keeping the vectors unit length."
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,13 @@ def _off_diagonal(square: Float[Tensor, "n n"]) -> Float[Tensor, "n_minus_1 n"]:
 
 
 def superposition_toy(
-    n_vectors: int, n_dims: int, steps: int, lr: float, cutoff: float, seed: int, norm_weight: float = 1000.0
+    n_vectors: int,
+    n_dims: int,
+    steps: int,
+    lr: float,
+    cutoff: float,
+    seed: int,
+    norm_weight: float = 1000.0,
 ) -> SuperpositionToy:
     """Push ``n_vectors`` unit vectors in ``n_dims`` dimensions towards orthogonality, as the
     original analysis does.
@@ -180,7 +191,13 @@ def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult
     from unraveled.activations import collect_activations
 
     toy = superposition_toy(
-        params.toy_vectors, params.toy_dims, params.toy_steps, params.toy_lr, params.toy_cutoff, seed, params.toy_norm_weight
+        params.toy_vectors,
+        params.toy_dims,
+        params.toy_steps,
+        params.toy_lr,
+        params.toy_cutoff,
+        seed,
+        params.toy_norm_weight,
     )
     n_layers = model.cfg.n_layers
     gated = bool(model.cfg.gated_mlp)
@@ -214,25 +231,41 @@ def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult
         "post_activation_mean_per_layer": [float(s.mean()) for s in post_samples],
         "prompts": params.prompts,
     }
-    return MlpResult(toy=toy, post_samples=post_samples, active_fraction=np.array(active), active_rule=active_rule, summary=summary)
+    return MlpResult(
+        toy=toy,
+        post_samples=post_samples,
+        active_fraction=np.array(active),
+        active_rule=active_rule,
+        summary=summary,
+    )
 
 
 def _angle_histogram(axes: Axes, angles: PairAngles) -> None:
     edges, counts = angles.histogram_edges, angles.histogram_counts
     axes.stairs(counts, edges, fill=True, color="steelblue")
-    axes.set(title="Angles between all pairs of vectors (log count)", xlabel="angle (degrees)", ylabel="pairs", yscale="log", xlim=(0, 180))
+    axes.set(
+        title="Angles between all pairs of vectors (log count)",
+        xlabel="angle (degrees)",
+        ylabel="pairs",
+        yscale="log",
+        xlim=(0, 180),
+    )
     axes.set_xticks(range(0, 181, 30))
     axes.set_ylim(bottom=0.5)
     axes.grid(True, alpha=0.4)
     axes.text(
-        0.06, 0.97,
+        0.06,
+        0.97,
         f"pairs: {angles.n_pairs:,}\n"
         f"within 1° of 90°: {100 * angles.fraction_within_1_degree:.1f}%\n"
         f"RMS cosine: {angles.rms_cosine:.4f}\n"
         f"  (Welch bound: ≥ {angles.welch_bound_rms_cosine:.4f})\n"
         f"largest |cosine|: {angles.max_abs_cosine:.4f}\n"
         f"more than 45° off 90°: {angles.pairs_more_than_45_degrees_off:,}",
-        transform=axes.transAxes, va="top", fontsize=8, family="monospace",
+        transform=axes.transAxes,
+        va="top",
+        fontsize=8,
+        family="monospace",
         bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9},
     )
     # Text and inset sit between the spikes near 0, 90 and 180 degrees.
@@ -248,23 +281,53 @@ def render(result: MlpResult) -> Iterator[Artifact]:
 
     figure, (left, right) = panels(2, width_ratios=[1.0, 1.6])
     left.plot(result.toy.loss)
-    left.set(title="Superposition toy: loss", xlabel="Adam step", ylabel="hinge on |dot| + unit-norm penalty", yscale="log")
+    left.set(
+        title="Superposition toy: loss",
+        xlabel="Adam step",
+        ylabel="hinge on |dot| + unit-norm penalty",
+        yscale="log",
+    )
     left.grid(True, alpha=0.4)
     _angle_histogram(right, result.toy.angles)
     n_vectors, n_dims = result.toy.vectors.shape
-    figure.suptitle(f"{n_vectors} vectors in {n_dims} dimensions: most pairs can be made nearly orthogonal, not all")
-    yield Figure("06_angle_distribution", figure,
-                 f"Superposition toy: {100 * result.toy.angles.fraction_within_1_degree:.1f}% of pairs within 1° of orthogonal; "
-                 f"RMS cosine {result.toy.angles.rms_cosine:.3f} against a Welch bound of {result.toy.angles.welch_bound_rms_cosine:.3f}")
+    figure.suptitle(
+        f"{n_vectors} vectors in {n_dims} dimensions: most pairs can be made nearly orthogonal, not all"
+    )
+    yield Figure(
+        "06_angle_distribution",
+        figure,
+        f"Superposition toy: {100 * result.toy.angles.fraction_within_1_degree:.1f}% of pairs within 1° of orthogonal; "
+        f"RMS cosine {result.toy.angles.rms_cosine:.3f} against a Welch bound of {result.toy.angles.welch_bound_rms_cosine:.3f}",
+    )
 
     figure, (left, right) = panels(2, width_ratios=[2.0, 1.0])
     left.violinplot(result.post_samples, showextrema=False)
-    left.set(title="MLP post-activations per layer (mlp.hook_post)", xlabel="Layer", ylabel="activation", yscale="symlog")
-    left.set_xticks(range(1, len(result.post_samples) + 1), [str(i) for i in range(len(result.post_samples))], fontsize=7)
+    left.set(
+        title="MLP post-activations per layer (mlp.hook_post)",
+        xlabel="Layer",
+        ylabel="activation",
+        yscale="symlog",
+    )
+    left.set_xticks(
+        range(1, len(result.post_samples) + 1),
+        [str(i) for i in range(len(result.post_samples))],
+        fontsize=7,
+    )
     right.bar(range(len(result.active_fraction)), result.active_fraction, color="teal")
-    right.set(title=f"Fraction of neurons active\n({result.active_rule})", xlabel="Layer", ylabel="fraction", ylim=(0, 1))
+    right.set(
+        title=f"Fraction of neurons active\n({result.active_rule})",
+        xlabel="Layer",
+        ylabel="fraction",
+        ylim=(0, 1),
+    )
     right.title.set_fontsize(9)
-    yield Figure("07_mlp_activations", figure, f"Distribution of MLP activations and fraction of neurons active ({result.active_rule}), per layer")
+    yield Figure(
+        "07_mlp_activations",
+        figure,
+        f"Distribution of MLP activations and fraction of neurons active ({result.active_rule}), per layer",
+    )
 
 
-EXPERIMENT = Experiment(title="MLPs and superposition", params=MlpParams, compute=compute, render=render, weights="raw")
+EXPERIMENT = Experiment(
+    title="MLPs and superposition", params=MlpParams, compute=compute, render=render, weights="raw"
+)

@@ -18,10 +18,19 @@ from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
 
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, ParamError, Params, Prompt
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Artifact,
+    Experiment,
+    Figure,
+    ParamError,
+    Params,
+    Prompt,
+)
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
+
 
 def hidden_state_note() -> str:
     """The toolkit's state convention, as this experiment's hidden states follow it."""
@@ -45,10 +54,16 @@ DEFAULT_SENTENCES = [
 
 class TokenJourneyParams(Params):
     sentence: Prompt = "He killed two birds with one stone by taking a quick action"
-    token_index: int = Field(5, ge=0, description="Which token of the sentence to follow (0 = first).")
-    umap_fit_tokens: int = Field(10000, ge=20, le=200_000, description="First token embeddings the UMAP is fitted on.")
+    token_index: int = Field(
+        5, ge=0, description="Which token of the sentence to follow (0 = first)."
+    )
+    umap_fit_tokens: int = Field(
+        10000, ge=20, le=200_000, description="First token embeddings the UMAP is fitted on."
+    )
     umap_neighbours: int = Field(15, ge=2, le=200)
-    spread_sentences: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1)
+    spread_sentences: list[Prompt] = Field(
+        default_factory=lambda: list(DEFAULT_SENTENCES), min_length=1
+    )
 
 
 @dataclass(frozen=True)
@@ -88,13 +103,26 @@ class TokenJourneyResult:
 
 def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
     import torch
+
     from unraveled.activations import collect_activations
-    from unraveled.analysis import cosine_to_targets, hidden_state_hook_names, hidden_states, spread_across_layers, state_labels
+    from unraveled.analysis import (
+        cosine_to_targets,
+        hidden_state_hook_names,
+        hidden_states,
+        spread_across_layers,
+        state_labels,
+    )
     from unraveled.umap_fit import umap_3d
 
     # No logits: only the sentence's last prediction is read, unembedded below from its final
     # state; the batch's logits (50,257 floats a token) would be the largest array of the pass.
-    acts = collect_activations(model, [params.sentence, *params.spread_sentences], hidden_state_hook_names(model.cfg.n_layers), prepend_bos=False, logits=False)
+    acts = collect_activations(
+        model,
+        [params.sentence, *params.spread_sentences],
+        hidden_state_hook_names(model.cfg.n_layers),
+        prepend_bos=False,
+        logits=False,
+    )
     n_tokens = acts.lengths[0]
     states = hidden_states(model, acts.cache)  # [state, batch, pos, d_model]
     sentence_states = states[:, 0, :n_tokens]
@@ -102,14 +130,20 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
     w_e = model.W_E.detach()
     # The last state has the final norm applied, so unembedding it is what the forward pass does.
     predicted = int(model.unembed(sentence_states[-1:, -1:])[0, 0].argmax())
-    cos_last = torch.nn.functional.cosine_similarity(sentence_states, sentence_states[:, -1:, :], dim=-1)
+    cos_last = torch.nn.functional.cosine_similarity(
+        sentence_states, sentence_states[:, -1:, :], dim=-1
+    )
     distance, trace = spread_across_layers(states[:, 1:], acts.mask[1:])
     cos_own = cosine_to_targets(sentence_states, w_e[token_ids]).numpy()
     cos_next = cosine_to_targets(sentence_states[:, :-1], w_e[token_ids[1:]]).numpy()
     cos_predicted = cosine_to_targets(sentence_states, w_e[predicted].expand(n_tokens, -1)).numpy()
     place = torch.cat([w_e[token_ids], sentence_states[:, params.token_index]]).numpy()
     str_tokens, spread_lengths = acts.str_tokens[0], acts.lengths[1:]
-    del acts, states, sentence_states  # freed before UMAP's fit, which would add its memory to theirs
+    del (
+        acts,
+        states,
+        sentence_states,
+    )  # freed before UMAP's fit, which would add its memory to theirs
     started = time.perf_counter()
     placed = umap_3d(w_e[: params.umap_fit_tokens].numpy(), place, params.umap_neighbours, seed)
     umap_seconds = time.perf_counter() - started
@@ -131,7 +165,9 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
     )
 
 
-def _curves(axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str) -> None:
+def _curves(
+    axes: Any, values: Float[NDArray, "state lines"], labels: list[str], title: str
+) -> None:
     from unraveled.analysis import STATE_AXIS_LABEL
 
     for line, label in enumerate(labels):
@@ -151,42 +187,101 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     for token, point in zip(result.tokens, result.initial_umap):
         axes.text(*point, token, color="deepskyblue", fontsize=10)
     axes.plot(*result.trajectory_umap.T, color="red", label="trajectory through the layers")
-    axes.scatter(*result.trajectory_umap[-1], color="purple", s=60, label=f"final state of {followed!r}")
+    axes.scatter(
+        *result.trajectory_umap[-1], color="purple", s=60, label=f"final state of {followed!r}"
+    )
     axes.text(*result.trajectory_umap[-1], followed, color="purple", fontsize=14)
-    axes.set(title=f"Journey of {followed!r} through the layers (UMAP of token embeddings)", xlabel="UMAP 1", ylabel="UMAP 2", zlabel="UMAP 3")
+    axes.set(
+        title=f"Journey of {followed!r} through the layers (UMAP of token embeddings)",
+        xlabel="UMAP 1",
+        ylabel="UMAP 2",
+        zlabel="UMAP 3",
+    )
     axes.legend()
-    yield Figure("01_journey", figure, f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {hidden_state_note()}")
+    yield Figure(
+        "01_journey",
+        figure,
+        f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {hidden_state_note()}",
+    )
 
     figure, (left, right) = panels(2)
     pairs = [f"{a} → {b}" for a, b in zip(result.tokens, result.tokens[1:])]
     _curves(left, result.cos_next, pairs, "Cosine similarity to the next token's embedding")
     _curves(right, result.cos_own, result.tokens, "Cosine similarity to its own token embedding")
     figure.suptitle(hidden_state_note(), fontsize=9)
-    yield Figure("02_cosine_similarities", figure, "Each token's hidden state vs its own and the next token's embedding")
+    yield Figure(
+        "02_cosine_similarities",
+        figure,
+        "Each token's hidden state vs its own and the next token's embedding",
+    )
 
     figure, (left, right) = panels(2)
-    _curves(left, result.cos_last_state, result.tokens, "Cosine similarity to the last token's hidden state")
-    _curves(right, result.cos_predicted, result.tokens, f"Cosine similarity to the predicted token {result.predicted_token!r}")
+    _curves(
+        left,
+        result.cos_last_state,
+        result.tokens,
+        "Cosine similarity to the last token's hidden state",
+    )
+    _curves(
+        right,
+        result.cos_predicted,
+        result.tokens,
+        f"Cosine similarity to the predicted token {result.predicted_token!r}",
+    )
     figure.suptitle(hidden_state_note(), fontsize=9)
-    yield Figure("03_cosine_similarities_next", figure, f"Hidden states vs the last state and the predicted token {result.predicted_token!r}")
+    yield Figure(
+        "03_cosine_similarities_next",
+        figure,
+        f"Hidden states vs the last state and the predicted token {result.predicted_token!r}",
+    )
 
     figure, (left, right) = panels(2)
     for index, length in enumerate(result.spread_lengths):
-        left.plot(result.spread_distance[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
-        right.plot(result.spread_trace[:, index], marker="o", label=f"sentence {index + 1} ({length} tokens)")
-    left.set(title="Mean distance of token states from their centroid", xlabel=STATE_AXIS_LABEL, ylabel="mean distance")
-    right.set(title="Trace of the covariance of token states", xlabel=STATE_AXIS_LABEL, ylabel="covariance trace")
+        left.plot(
+            result.spread_distance[:, index],
+            marker="o",
+            label=f"sentence {index + 1} ({length} tokens)",
+        )
+        right.plot(
+            result.spread_trace[:, index],
+            marker="o",
+            label=f"sentence {index + 1} ({length} tokens)",
+        )
+    left.set(
+        title="Mean distance of token states from their centroid",
+        xlabel=STATE_AXIS_LABEL,
+        ylabel="mean distance",
+    )
+    right.set(
+        title="Trace of the covariance of token states",
+        xlabel=STATE_AXIS_LABEL,
+        ylabel="covariance trace",
+    )
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.suptitle(hidden_state_note(), fontsize=9)
-    yield Figure("04_mean_distance_across_layers", figure, "How spread out a sentence's token states are, per layer")
+    yield Figure(
+        "04_mean_distance_across_layers",
+        figure,
+        "How spread out a sentence's token states are, per layer",
+    )
 
 
 def check(model: HookedTransformer, params: TokenJourneyParams) -> None:
     """The followed token must be in the sentence (tokenised without BOS, as ``compute`` does)."""
     n_tokens = len(model.tokenizer.encode(params.sentence, add_special_tokens=False))
     if params.token_index >= n_tokens:
-        raise ParamError("token_index", f"{params.token_index} is beyond the sentence: it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})")
+        raise ParamError(
+            "token_index",
+            f"{params.token_index} is beyond the sentence: it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})",
+        )
 
 
-EXPERIMENT = Experiment(title="The journey of a token", params=TokenJourneyParams, compute=compute, render=render, weights="raw", check=check)
+EXPERIMENT = Experiment(
+    title="The journey of a token",
+    params=TokenJourneyParams,
+    compute=compute,
+    render=render,
+    weights="raw",
+    check=check,
+)

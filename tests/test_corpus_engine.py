@@ -29,7 +29,9 @@ TEXT = (
     "so are they all, all honourable men, come I to speak in Caesar's funeral. "
 )
 CONTEXT = 16
-SETTINGS = AtlasSettings(top_k=5, context_before=3, context_after=2, residual_top_k=2, batch_windows=3)
+SETTINGS = AtlasSettings(
+    top_k=5, context_before=3, context_after=2, residual_top_k=2, batch_windows=3
+)
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +47,18 @@ def load_tiny(folder: Path, cache: Path) -> HookedTransformer:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tiny_gpt2_dir: Path, tiny_llama_dir: Path, tiny_model: SharedTinyModels) -> dict[str, HookedTransformer]:
-    return {"gpt2": tiny_model(tiny_gpt2_dir, "processed"), "llama": tiny_model(tiny_llama_dir, "processed")}
+def tiny_models(
+    tiny_gpt2_dir: Path, tiny_llama_dir: Path, tiny_model: SharedTinyModels
+) -> dict[str, HookedTransformer]:
+    return {
+        "gpt2": tiny_model(tiny_gpt2_dir, "processed"),
+        "llama": tiny_model(tiny_llama_dir, "processed"),
+    }
 
 
-def full_activations(model: HookedTransformer, tokens: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+def full_activations(
+    model: HookedTransformer, tokens: torch.Tensor, batch: int
+) -> dict[str, torch.Tensor]:
     """Every hook over all windows, in the same batches the engine uses, concatenated."""
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(tokens), batch):
@@ -60,7 +69,9 @@ def full_activations(model: HookedTransformer, tokens: torch.Tensor, batch: int)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_local_engine_matches_direct_computation(kind: str, tiny_models: dict[str, HookedTransformer], corpus_file: Path) -> None:
+def test_local_engine_matches_direct_computation(
+    kind: str, tiny_models: dict[str, HookedTransformer], corpus_file: Path
+) -> None:
     model = tiny_models[kind]
     bos = bool(model.cfg.default_prepend_bos)
     settings = AtlasSettings(**{**SETTINGS.__dict__, "prepend_bos": bos})
@@ -69,7 +80,9 @@ def test_local_engine_matches_direct_computation(kind: str, tiny_models: dict[st
 
     tokens = torch.as_tensor(windows.tokens)
     if bos:
-        tokens = torch.cat([torch.full((len(tokens), 1), model.tokenizer.bos_token_id), tokens], dim=1)
+        tokens = torch.cat(
+            [torch.full((len(tokens), 1), model.tokenizer.bos_token_id), tokens], dim=1
+        )
     acts = full_activations(model, tokens, settings.batch_windows)
     first = 1 if bos else 0
     seq = tokens.shape[1]
@@ -80,19 +93,38 @@ def test_local_engine_matches_direct_computation(kind: str, tiny_models: dict[st
         neurons = state.neurons[layer]
         assert neurons.count == len(flat)
         np.testing.assert_allclose(neurons.mean, flat.mean(dim=0).numpy(), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(neurons.std, flat.std(dim=0, unbiased=False).numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            neurons.std, flat.std(dim=0, unbiased=False).numpy(), rtol=1e-6, atol=1e-9
+        )
         np.testing.assert_allclose(neurons.maximum, flat.max(dim=0).values.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(neurons.positive_fraction, (pre > 0).double().reshape(-1, pre.shape[-1]).mean(dim=0).numpy())
+        np.testing.assert_allclose(
+            neurons.positive_fraction,
+            (pre > 0).double().reshape(-1, pre.shape[-1]).mean(dim=0).numpy(),
+        )
         # Exact top-k token indices, ranked independently by (value desc, global index asc).
-        global_index = (torch.arange(len(tokens))[:, None] * seq + torch.arange(first, seq)[None, :]).reshape(-1)
+        global_index = (
+            torch.arange(len(tokens))[:, None] * seq + torch.arange(first, seq)[None, :]
+        ).reshape(-1)
         for neuron in range(0, post.shape[-1], 7):
-            ranked = sorted(zip((-flat[:, neuron]).tolist(), global_index.tolist()))[: settings.top_k]
-            assert state.neuron_top[layer].index[:, neuron].tolist() == [index for _, index in ranked]
-        magnitude = acts[f"blocks.{layer}.hook_resid_post"].abs().double().reshape(-1, model.cfg.d_model)
-        np.testing.assert_allclose(state.residual[layer].mean, magnitude.mean(dim=0).numpy(), rtol=1e-6)
-        np.testing.assert_array_equal(state.residual[layer].maximum, magnitude.max(dim=0).values.numpy())
+            ranked = sorted(zip((-flat[:, neuron]).tolist(), global_index.tolist()))[
+                : settings.top_k
+            ]
+            assert state.neuron_top[layer].index[:, neuron].tolist() == [
+                index for _, index in ranked
+            ]
+        magnitude = (
+            acts[f"blocks.{layer}.hook_resid_post"].abs().double().reshape(-1, model.cfg.d_model)
+        )
+        np.testing.assert_allclose(
+            state.residual[layer].mean, magnitude.mean(dim=0).numpy(), rtol=1e-6
+        )
+        np.testing.assert_array_equal(
+            state.residual[layer].maximum, magnitude.max(dim=0).values.numpy()
+        )
 
-    patterns = torch.stack([acts[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)], dim=1)
+    patterns = torch.stack(
+        [acts[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)], dim=1
+    )
     means = state.heads.means()
     assert state.heads.count == len(tokens)
     expected = {
@@ -110,7 +142,9 @@ def test_local_engine_matches_direct_computation(kind: str, tiny_models: dict[st
         "induction": [brute_force_induction(p, t) for p, t in zip(patterns, tokens)],
     }
     for name, scores in by_window.items():
-        np.testing.assert_allclose(means[name], torch.stack(scores).mean(dim=0).numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            means[name], torch.stack(scores).mean(dim=0).numpy(), rtol=1e-5, atol=1e-7
+        )
 
 
 def brute_force_induction(patterns: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -139,8 +173,12 @@ def test_induction_and_duplicate_scores_on_a_known_pattern() -> None:
     assert scores["duplicate_token"].item() == pytest.approx(0.4 / 4)
 
 
-def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, corpus_file: Path) -> None:
-    model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)  # a model of its own: this test rewires it
+def test_hand_wired_neuron_fires_only_on_its_token(
+    tiny_gpt2_dir: Path, shared_weight_cache_dir: Path, corpus_file: Path
+) -> None:
+    model = load_tiny(
+        tiny_gpt2_dir, shared_weight_cache_dir
+    )  # a model of its own: this test rewires it
     (target,) = model.tokenizer.encode(" Caesar", add_special_tokens=False)
     layer, neuron, dim = 0, 11, 5
     with torch.no_grad():
@@ -164,12 +202,16 @@ def test_hand_wired_neuron_fires_only_on_its_token(tiny_gpt2_dir: Path, shared_w
     assert occurrences >= 10
     top = state.neuron_top[layer]
     assert state.neurons[layer].positive[neuron] == occurrences
-    assert (top.values[:occurrences, neuron] > 0).all() and (top.values[occurrences:, neuron] <= 0).all()
+    assert (top.values[:occurrences, neuron] > 0).all() and (
+        top.values[occurrences:, neuron] <= 0
+    ).all()
     # The top token of every firing entry, at the centre of its context, is the target token.
     assert (top.context_ids[:occurrences, neuron, settings.context_before] == target).all()
 
 
-def test_each_layers_old_statistics_are_freed_as_soon_as_they_are_merged(tiny_models: dict[str, HookedTransformer], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_layers_old_statistics_are_freed_as_soon_as_they_are_merged(
+    tiny_models: dict[str, HookedTransformer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The state is updated in place: while a batch is folded in, the previous statistics of the
     layers already done are gone, rather than the whole previous state kept beside the new one."""
     import weakref
@@ -180,7 +222,9 @@ def test_each_layers_old_statistics_are_freed_as_soon_as_they_are_merged(tiny_mo
     model = tiny_models["gpt2"]
     settings = AtlasSettings()
     windows = np.random.default_rng(0).integers(0, model.cfg.d_vocab, size=(4, 16))
-    state = update(AtlasState.for_model(model, settings), model, windows[:2], np.arange(2), settings)
+    state = update(
+        AtlasState.for_model(model, settings), model, windows[:2], np.arange(2), settings
+    )
     previous = [weakref.ref(top) for top in state.neuron_top]
     alive_at_each_merge: list[int] = []
     merge = TopK.merge

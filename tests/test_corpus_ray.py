@@ -41,7 +41,13 @@ def local_ray() -> Iterator[None]:
     folder = Path(tempfile.mkdtemp(prefix="unraveled-test-ray-", dir="/tmp"))
     started = time.perf_counter()
     patch.setenv("RAY_TMPDIR", str(folder))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=str(folder))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(folder),
+    )
     assert time.perf_counter() - started < RAY_START_BUDGET_S
     try:
         yield
@@ -66,11 +72,15 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_same_state(local: AtlasState, distributed: AtlasState, n_windows: int) -> None:
     """Top-k sets, contexts and counts exactly; moments up to the float rounding of the merge order."""
     assert distributed.n_windows == local.n_windows == n_windows
-    for ours, theirs in zip(local.neuron_top + local.residual_top, distributed.neuron_top + distributed.residual_top):
+    for ours, theirs in zip(
+        local.neuron_top + local.residual_top, distributed.neuron_top + distributed.residual_top
+    ):
         np.testing.assert_array_equal(ours.index, theirs.index)
         np.testing.assert_array_equal(ours.context_ids, theirs.context_ids)
         np.testing.assert_allclose(ours.values, theirs.values, rtol=1e-5, atol=1e-6)
-    for ours, theirs in zip(local.neurons + local.residual, distributed.neurons + distributed.residual):
+    for ours, theirs in zip(
+        local.neurons + local.residual, distributed.neurons + distributed.residual
+    ):
         assert ours.count == theirs.count
         np.testing.assert_allclose(ours.mean, theirs.mean, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(ours.m2, theirs.m2, rtol=1e-5, atol=1e-7)
@@ -107,12 +117,17 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, die_once: Path | None) -> No
 def _wait_for_free_cpus(n_cpus: int, budget_s: float = 30) -> None:
     """An earlier test's workers give their CPUs back a moment after it ends; this test wants them all."""
     started = time.perf_counter()
-    while ray.available_resources().get("CPU", 0) < n_cpus and time.perf_counter() - started < budget_s:
+    while (
+        ray.available_resources().get("CPU", 0) < n_cpus
+        and time.perf_counter() - started < budget_s
+    ):
         time.sleep(0.2)
 
 
 @pytest.fixture
-def tiny_run(tiny_gpt2_dir: Path, weights_cache: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path) -> tuple[object, np.ndarray, AtlasSettings]:
+def tiny_run(
+    tiny_gpt2_dir: Path, weights_cache: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path
+) -> tuple[object, np.ndarray, AtlasSettings]:
     monkeypatch.setenv("UNRAVELED_CACHE", str(weights_cache))
     model = load_tiny(tiny_gpt2_dir, weights_cache)
     windows = corpus_windows(model.tokenizer, [str(corpus_file)], CONTEXT, None, seed=0).tokens
@@ -121,7 +136,12 @@ def tiny_run(tiny_gpt2_dir: Path, weights_cache: Path, monkeypatch: pytest.Monke
 
 
 def test_ray_engine_equals_local_engine_also_when_a_worker_is_killed(
-    local_ray: None, tiny_run: tuple, weights_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    local_ray: None,
+    tiny_run: tuple,
+    weights_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One run on 2 workers proves both: the result equals the local engine's, and the shard of a
     worker killed mid-run is computed again on the other (one run, as each worker's start is slow)."""
@@ -138,17 +158,32 @@ def test_ray_engine_equals_local_engine_also_when_a_worker_is_killed(
     assert_same_state(local, distributed, len(windows))
     said = caplog.text
     shard = next(s for s in shards if DOOMED_WINDOW in s)
-    assert f"died while computing windows {shard.start}..{shard.stop - 1}" in said and "1 of 2 workers left" in said
-    assert "1 of 2 workers died; 1 shard(s) were computed again, so every window is in the result once" in said
+    assert (
+        f"died while computing windows {shard.start}..{shard.stop - 1}" in said
+        and "1 of 2 workers left" in said
+    )
+    assert (
+        "1 of 2 workers died; 1 shard(s) were computed again, so every window is in the result once"
+        in said
+    )
     # The workers loaded the model from the temporary cache, and nothing else was written there.
-    assert [entry.name.split("-atlas-")[0] for entry in (weights_cache / "weights").iterdir() if "-atlas-" in entry.name] == ["tiny-gpt2"]
+    assert [
+        entry.name.split("-atlas-")[0]
+        for entry in (weights_cache / "weights").iterdir()
+        if "-atlas-" in entry.name
+    ] == ["tiny-gpt2"]
 
 
-def test_when_every_worker_dies_the_run_stops_saying_so(local_ray: None, tiny_run: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_when_every_worker_dies_the_run_stops_saying_so(
+    local_ray: None, tiny_run: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, windows, settings = tiny_run
     _dying_workers(monkeypatch, None)
     started = time.perf_counter()
-    with pytest.raises(RayEngineError, match=r"every Ray worker died \(the last on windows \d+\.\.\d+: ActorDiedError"):
+    with pytest.raises(
+        RayEngineError,
+        match=r"every Ray worker died \(the last on windows \d+\.\.\d+: ActorDiedError",
+    ):
         run_ray(model, windows, settings, workers=1, progress=False)
     assert time.perf_counter() - started < RAY_START_BUDGET_S
 
@@ -159,11 +194,13 @@ class _Part(AtlasState):
     def __init__(self, windows: tuple[int, ...] = ()) -> None:
         object.__setattr__(self, "windows", windows)
 
-    def merge(self, other: "_Part") -> "_Part":
+    def merge(self, other: _Part) -> _Part:
         return _Part(self.windows + other.windows)
 
 
-def test_a_lost_result_is_computed_again_and_merged_exactly_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_lost_result_is_computed_again_and_merged_exactly_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Ray's ObjectLostError (here OwnerDiedError, its subclass) for one shard's result: the shard
     goes back on the queue, its worker stays in use, and every window is merged once."""
     shards = shard_ranges(20, 2, 6)
@@ -175,7 +212,7 @@ def test_a_lost_result_is_computed_again_and_merged_exactly_once(monkeypatch: py
             self.shard = shard
 
     class Actor:
-        class run:  # noqa: N801 (Ray's actor.method.remote(...))
+        class run:
             @staticmethod
             def remote(windows: object, shard: range, settings: object) -> Task:
                 return Task(shard)
@@ -190,9 +227,14 @@ def test_a_lost_result_is_computed_again_and_merged_exactly_once(monkeypatch: py
     monkeypatch.setattr(ray, "get", get)
 
     with caplog.at_level(logging.WARNING, logger="unraveled.engines.ray"):
-        merged = ray_engine._run_shards([Actor(), Actor()], None, shards, SETTINGS, _Part(), tqdm(disable=True), 1)
+        merged = ray_engine._run_shards(
+            [Actor(), Actor()], None, shards, SETTINGS, _Part(), tqdm(disable=True), 1
+        )
 
     assert failed == [lost]
     assert sorted(merged.windows) == list(range(20))  # each window once: the lost shard merged once
-    assert f"the result of windows {lost.start}..{lost.stop - 1} was lost (OwnerDiedError" in caplog.text
+    assert (
+        f"the result of windows {lost.start}..{lost.stop - 1} was lost (OwnerDiedError"
+        in caplog.text
+    )
     assert "0 of 2 workers died; 1 shard(s) were computed again" in caplog.text

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from transformer_lens import HookedTransformerConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
 from unraveled.experiments import embeddings
 from unraveled.experiments.embeddings import default_dimension_pairs
-from unraveled.models import checkpoint_parameters, load_model
+
 from unraveled.geometry import (
     cosine_similarity_matrix,
     cumulative_explained_variance,
     intrinsic_dimension,
     local_neighbourhoods,
 )
+from unraveled.models import checkpoint_parameters, load_model
 
 
 def test_intrinsic_dimension_of_a_known_spectrum() -> None:
@@ -59,13 +59,24 @@ def test_local_neighbourhoods_are_nearest_points() -> None:
 
 def test_cosine_similarity_matrix_known_values() -> None:
     points = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
-    np.testing.assert_allclose(cosine_similarity_matrix(points), [[1, 0, -1], [0, 1, 0], [-1, 0, 1]], atol=1e-12)
+    np.testing.assert_allclose(
+        cosine_similarity_matrix(points), [[1, 0, -1], [0, 1, 0], [-1, 0, 1]], atol=1e-12
+    )
 
 
-def _config(name: str, architecture: str, d_vocab: int = 50257, n_ctx: int = 1024) -> HookedTransformerConfig:
+def _config(
+    name: str, architecture: str, d_vocab: int = 50257, n_ctx: int = 1024
+) -> HookedTransformerConfig:
     return HookedTransformerConfig(
-        n_layers=12, n_heads=12, d_model=768, d_head=64, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu_new",
-        model_name=name, original_architecture=architecture,
+        n_layers=12,
+        n_heads=12,
+        d_model=768,
+        d_head=64,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn="gelu_new",
+        model_name=name,
+        original_architecture=architecture,
     )
 
 
@@ -75,7 +86,9 @@ def test_dimension_pairs_are_chosen_by_model_not_by_width() -> None:
     spread = np.zeros(768)
     spread[[10, 11, 12, 13]] = [4, 3, 2, 1]
     pairs, rule = default_dimension_pairs(_config("gpt2", "GPT2LMHeadModel"), means, spread)
-    assert pairs == [[87, 138], [68, 85], [361, 724]] and "original" in rule  # the original analysis's, for GPT-2 small
+    assert (
+        pairs == [[87, 138], [68, 85], [361, 724]] and "original" in rule
+    )  # the original analysis's, for GPT-2 small
     for other in (
         _config("gpt-neo-125M", "GPTNeoForCausalLM", n_ctx=2048),
         _config("pythia-160m", "GPTNeoXForCausalLM", d_vocab=50304, n_ctx=2048),
@@ -83,15 +96,25 @@ def test_dimension_pairs_are_chosen_by_model_not_by_width() -> None:
     ):
         pairs, rule = default_dimension_pairs(other, means, spread)
         assert pairs == [[7, 3], [10, 11], [12, 13]] and rule.startswith("data-driven")
-    no_positions, _ = default_dimension_pairs(_config("pythia-160m", "GPTNeoXForCausalLM"), means, None)
+    no_positions, _ = default_dimension_pairs(
+        _config("pythia-160m", "GPTNeoXForCausalLM"), means, None
+    )
     assert no_positions[0] == [7, 3]
 
 
 @pytest.fixture(scope="module")
 def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer) -> Path:  # type: ignore[no-untyped-def]
     """A Llama-shaped checkpoint with tied embeddings, as SmolLM2 has."""
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=32, vocab_size=len(gpt2_tokenizer), tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        vocab_size=len(gpt2_tokenizer),
+        tie_word_embeddings=True,
+    )
     folder = tmp_path_factory.mktemp("checkpoints") / "tiny-tied-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     gpt2_tokenizer.save_pretrained(folder)
@@ -99,12 +122,21 @@ def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir", "tiny_tied_llama_dir"])
-def test_parameter_count_is_the_checkpoints_own(checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path) -> None:
+def test_parameter_count_is_the_checkpoints_own(
+    checkpoint: str, request: pytest.FixtureRequest, weight_cache: Path
+) -> None:
     folder = request.getfixturevalue(checkpoint)
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     first = load_model(str(folder), "raw", fallback=None)
     again = load_model(str(folder), "raw", fallback=None)
     assert again.from_weight_cache
     assert checkpoint_parameters(first.model) == checkpoint_parameters(again.model) == expected
-    params = embeddings.EmbeddingsParams(chunk_tokens=20, chunk_dims=8, listed_tokens=3, local_subsets=1, local_neighbours=50, projected_tokens=20)
+    params = embeddings.EmbeddingsParams(
+        chunk_tokens=20,
+        chunk_dims=8,
+        listed_tokens=3,
+        local_subsets=1,
+        local_neighbours=50,
+        projected_tokens=20,
+    )
     assert embeddings.compute(again.model, params, seed=0).metrics()["parameter_count"] == expected

@@ -20,10 +20,14 @@ def test_a_check_the_module_defines_is_the_one_its_experiment_uses(name: str) ->
     module = importlib.import_module(f"{EXPERIMENTS_PACKAGE}.{name}")
     defined = getattr(module, "check", None)
     if defined is None:
-        assert module.EXPERIMENT.check is None, f"experiments/{name}.py: EXPERIMENT.check is set but the module defines no check"
+        assert module.EXPERIMENT.check is None, (
+            f"experiments/{name}.py: EXPERIMENT.check is set but the module defines no check"
+        )
         return
     assert inspect.isfunction(defined) and defined.__module__ == module.__name__
-    assert module.EXPERIMENT.check is defined, f"experiments/{name}.py defines check() but EXPERIMENT does not register it (check=check)"
+    assert module.EXPERIMENT.check is defined, (
+        f"experiments/{name}.py defines check() but EXPERIMENT does not register it (check=check)"
+    )
 
 
 def test_a_multi_token_ioi_name_exits_2_naming_the_field_before_any_config_is_written(
@@ -37,8 +41,22 @@ def test_a_multi_token_ioi_name_exits_2_naming_the_field_before_any_config_is_wr
     mine.mkdir()
     (mine / "ioi_circuit.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    args = ["run", "logit_lens", "ioi_circuit", "--model", str(tiny_gpt2_dir), "--config-dir", str(mine), "--out", str(out)]
+    args = [
+        "run",
+        "logit_lens",
+        "ioi_circuit",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--config-dir",
+        str(mine),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "ioi_circuit.yaml: params.ioi.names" in err and "'Xylophonicus' is" in err and "use single-token names" in err, err
+    assert (
+        "ioi_circuit.yaml: params.ioi.names" in err
+        and "'Xylophonicus' is" in err
+        and "use single-token names" in err
+    ), err
     assert not out.exists()

@@ -6,8 +6,8 @@ is skipped and says why. No package ships GPT-2's weights, so CI here skips it.
 
 from __future__ import annotations
 
-
 from unraveled.experiments import head_taxonomy
+
 from unraveled.heads import top_heads
 
 PUBLISHED_INDUCTION_HEADS = {"5.1", "5.5", "6.9", "7.2", "7.10"}

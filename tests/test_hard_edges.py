@@ -26,7 +26,15 @@ def _config(folder: Path, name: str, text: str) -> Path:
 
 def _tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its content: 'nothing written' means this didn't change."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+    return (
+        {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+        if folder.exists()
+        else {}
+    )
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
@@ -41,7 +49,9 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture[str], *fragments: st
 
 # 1. Config names become folder names.
 @pytest.mark.parametrize("file_name", ["..yaml", "...yaml", "a b.yaml", "-x.yaml"])
-def test_config_names_must_be_plain_identifiers(file_name: str, published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_names_must_be_plain_identifiers(
+    file_name: str, published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _config(tmp_path, file_name, "experiment: layernorm\ndescription: d\n")
     before = _tree(published)
     _refused(["run", str(path), "--out", str(published)], capsys, str(path), "plain identifiers")
@@ -65,19 +75,41 @@ BOMB = "".join(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]\n" for i in 
 
 
 @pytest.mark.parametrize("field", ["description", "params.prompt"])
-def test_alias_bomb_is_refused_at_once(field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_alias_bomb_is_refused_at_once(
+    field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     value = "*l9"
-    body = f"description: {value}\n" if field == "description" else f"description: d\nparams:\n  prompt: {value}\n"
-    path = _config(tmp_path, "bomb.yaml", 'l0: &l0 ["lol"]\n' + BOMB + "experiment: attention\n" + body)
+    body = (
+        f"description: {value}\n"
+        if field == "description"
+        else f"description: d\nparams:\n  prompt: {value}\n"
+    )
+    path = _config(
+        tmp_path, "bomb.yaml", 'l0: &l0 ["lol"]\n' + BOMB + "experiment: attention\n" + body
+    )
     started = time.perf_counter()
-    message = _refused(["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), "alias")
+    message = _refused(
+        ["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), "alias"
+    )
     assert time.perf_counter() - started < 30 and len(message) < 1000
     assert not (tmp_path / "out").exists()
 
 
-def test_rejected_values_are_shortened_in_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _config(tmp_path, "long.yaml", "experiment: attention\ndescription: [" + ", ".join(["word"] * 5000) + "]\n")
-    message = _refused(["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), "description", "valid string")
+def test_rejected_values_are_shortened_in_messages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(
+        tmp_path,
+        "long.yaml",
+        "experiment: attention\ndescription: [" + ", ".join(["word"] * 5000) + "]\n",
+    )
+    message = _refused(
+        ["run", str(path), "--out", str(tmp_path / "out")],
+        capsys,
+        str(path),
+        "description",
+        "valid string",
+    )
     assert len(message) < 600
 
 
@@ -85,23 +117,58 @@ def test_rejected_values_are_shortened_in_messages(tmp_path: Path, capsys: pytes
 @pytest.mark.parametrize(
     ("config", "setting", "fragments"),
     [
-        ("attention", "params.prompt=" + "word " * 100, ["params.prompt", "102 tokens (BOS included)", "more than the 64", "model's context"]),
+        (
+            "attention",
+            "params.prompt=" + "word " * 100,
+            ["params.prompt", "102 tokens (BOS included)", "more than the 64", "model's context"],
+        ),
         ("attention", "params.head=7", ["params.head", "7 is out of range", "4 heads", "0..3"]),
-        ("token_journey", "params.token_index=40", ["params.token_index", "beyond the sentence", "12 tokens"]),
-        ("logit_attribution", "params.correct= Marylebone station", ["params.correct", "expected one token"]),
-        ("activation_patching", "params.corrupted=Mary went", ["params.corrupted", "same token length"]),
-        ("head_taxonomy", "params.repeat_length=40", ["params.repeat_length", "81 positions", "context of 64"]),
-        ("embeddings", "params.dimension_pairs=[[1, 99]]", ["params.dimension_pairs", "[1, 99]", "0..63"]),
+        (
+            "token_journey",
+            "params.token_index=40",
+            ["params.token_index", "beyond the sentence", "12 tokens"],
+        ),
+        (
+            "logit_attribution",
+            "params.correct= Marylebone station",
+            ["params.correct", "expected one token"],
+        ),
+        (
+            "activation_patching",
+            "params.corrupted=Mary went",
+            ["params.corrupted", "same token length"],
+        ),
+        (
+            "head_taxonomy",
+            "params.repeat_length=40",
+            ["params.repeat_length", "81 positions", "context of 64"],
+        ),
+        (
+            "embeddings",
+            "params.dimension_pairs=[[1, 99]]",
+            ["params.dimension_pairs", "[1, 99]", "0..63"],
+        ),
     ],
 )
 def test_model_dependent_params_refused_before_anything_is_written(
-    config: str, setting: str, fragments: list[str], published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    config: str,
+    setting: str,
+    fragments: list[str],
+    published: Path,
+    tiny_gpt2_dir: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     before = _tree(published)
     key = setting.partition("=")[0]
     # The value came from --set, and the message says so (the file alone would point at a value it doesn't hold).
     where = f"configs/{config}.yaml: {key} (from --set): "
-    _refused(["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting], capsys, where, *fragments)
+    _refused(
+        ["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting],
+        capsys,
+        where,
+        *fragments,
+    )
     assert _tree(published) == before
 
 
@@ -114,17 +181,34 @@ def test_logit_lens_documents_a_tighter_prompt_cap(tiny_gpt2_dir: Path, tmp_path
 
 # 4. Ctrl-C.
 def test_ctrl_c_exits_130_saying_so_and_leaves_nothing_half_written(
-    published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    published: Path,
+    tiny_gpt2_dir: Path,
+    warm_weight_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from unraveled.experiments import layernorm
 
     def interrupted(*args: object) -> object:
         raise KeyboardInterrupt
 
-    broken = layernorm.EXPERIMENT.__class__(**{**layernorm.EXPERIMENT.__dict__, "render": interrupted})
+    broken = layernorm.EXPERIMENT.__class__(
+        **{**layernorm.EXPERIMENT.__dict__, "render": interrupted}
+    )
     monkeypatch.setattr(layernorm, "EXPERIMENT", broken)
     before = _tree(published)
-    status = main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", "seed=4"])
+    status = main(
+        [
+            "run",
+            "layernorm",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(published),
+            "--set",
+            "seed=4",
+        ]
+    )
     assert status == 130 and "interrupted" in capsys.readouterr().err
     assert _tree(published) == before
     assert not list((published / "tiny-gpt2").glob(".*staging*"))
@@ -134,17 +218,30 @@ def test_ctrl_c_exits_130_saying_so_and_leaves_nothing_half_written(
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        ("experiment: mlp\ndescription: d\nparams:\n  toy_vectors: 1e9\n", ["params.toy_vectors", "valid integer", "'1e9'"]),
-        ("experiment: mlp\ndescription: d\nparams:\n  toy_vectors: 1000000000\n", ["params.toy_vectors", "less than or equal to 5000"]),
+        (
+            "experiment: mlp\ndescription: d\nparams:\n  toy_vectors: 1e9\n",
+            ["params.toy_vectors", "valid integer", "'1e9'"],
+        ),
+        (
+            "experiment: mlp\ndescription: d\nparams:\n  toy_vectors: 1000000000\n",
+            ["params.toy_vectors", "less than or equal to 5000"],
+        ),
         ("experiment: mlp\ndescription: d\nseed: -1\n", ["seed", "greater than or equal to 0"]),
         ("experiment: mlp\ndescription: d\nseed: 4294967296\n", ["seed", "less than 4294967296"]),
         ("experiment: mlp\ndescription: [unclosed\n", ["not valid YAML at line 3, column 1"]),
-        ("experiment: mlp\ndescription: d\nmodel: nonsense-model-name\n", ["model", "unknown model 'nonsense-model-name'"]),
+        (
+            "experiment: mlp\ndescription: d\nmodel: nonsense-model-name\n",
+            ["model", "unknown model 'nonsense-model-name'"],
+        ),
     ],
 )
-def test_bad_values_name_file_field_and_expectation(text: str, fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_values_name_file_field_and_expectation(
+    text: str, fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _config(tmp_path, "bad.yaml", text)
-    message = _refused(["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), *fragments)
+    message = _refused(
+        ["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), *fragments
+    )
     assert "<unicode string>" not in message
     assert not (tmp_path / "out").exists()
 
@@ -168,10 +265,14 @@ def test_non_utf8_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--model", "nonsense-model-name"], ["--model: model", "unknown model"]),
     ],
 )
-def test_bad_options_exit_2_before_loading_anything(args: list[str], fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options_exit_2_before_loading_anything(
+    args: list[str], fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
-        patch.setattr("unraveled.runner.run_configs", lambda *a, **k: pytest.fail("ran despite bad input"))
+        patch.setattr(
+            "unraveled.runner.run_configs", lambda *a, **k: pytest.fail("ran despite bad input")
+        )
         configs = Path(__file__).resolve().parent.parent / "configs"
         _refused(["run", "mlp", "--config-dir", str(configs), *args], capsys, *fragments)
     assert list(tmp_path.iterdir()) == []
@@ -185,7 +286,9 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_out_that_is_not_writable_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_out_that_is_not_writable_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     _refused(["run", "mlp", "--out", str(locked / "out")], capsys, "--out", "not a writable folder")
@@ -212,13 +315,28 @@ def _broken_checkpoint(source: Path, folder: Path, damage: str) -> Path:
 
 @pytest.mark.parametrize(
     ("damage", "fragment"),
-    [("empty", "no config.json"), ("corrupt config.json", "not valid JSON"), ("no tokenizer", "no tokenizer"), ("truncated weights", "not a usable checkpoint")],
+    [
+        ("empty", "no config.json"),
+        ("corrupt config.json", "not valid JSON"),
+        ("no tokenizer", "no tokenizer"),
+        ("truncated weights", "not a usable checkpoint"),
+    ],
 )
 def test_a_folder_that_is_not_a_checkpoint_is_bad_input(
-    damage: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
+    damage: str,
+    fragment: str,
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     folder = _broken_checkpoint(tiny_gpt2_dir, tmp_path / "broken", damage)
-    _refused(["run", "mlp", "--model", str(folder), "--out", str(tmp_path / "out")], capsys, str(folder), fragment)
+    _refused(
+        ["run", "mlp", "--model", str(folder), "--out", str(tmp_path / "out")],
+        capsys,
+        str(folder),
+        fragment,
+    )
     assert not (tmp_path / "out").exists()
     if damage != "truncated weights":  # only loading reads the weights
         assert main(["models", str(folder)]) == 0
@@ -226,13 +344,32 @@ def test_a_folder_that_is_not_a_checkpoint_is_bad_input(
 
 
 # 6. Nothing is written when any config of the invocation is bad.
-@pytest.mark.parametrize(("bad", "fragment"), [("model: nonsense-model-name\n", "unknown model"), ("params:\n  head: 9\n", "params.head")])
-def test_run_good_bad_writes_nothing(bad: str, fragment: str, tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [("model: nonsense-model-name\n", "unknown model"), ("params:\n  head: 9\n", "params.head")],
+)
+def test_run_good_bad_writes_nothing(
+    bad: str,
+    fragment: str,
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     folder = tmp_path / "configs"
     model = f"model: {tiny_gpt2_dir}\n"
     _config(folder, "good.yaml", "experiment: layernorm\ndescription: d\n" + model)
-    _config(folder, "bad.yaml", "experiment: attention\ndescription: d\n" + (bad if "model" in bad else model + bad))
-    _refused(["run", "good", "bad", "--config-dir", str(folder), "--out", str(tmp_path / "out")], capsys, "bad.yaml", fragment)
+    _config(
+        folder,
+        "bad.yaml",
+        "experiment: attention\ndescription: d\n" + (bad if "model" in bad else model + bad),
+    )
+    _refused(
+        ["run", "good", "bad", "--config-dir", str(folder), "--out", str(tmp_path / "out")],
+        capsys,
+        "bad.yaml",
+        fragment,
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -241,8 +378,20 @@ def test_run_good_bad_writes_nothing(bad: str, fragment: str, tiny_gpt2_dir: Pat
 def test_set_keeps_text_fields_as_written(prompt: str, tmp_path: Path) -> None:
     from unraveled.config import load_config
 
-    config = load_config("attention", overrides=[f"params.prompt={prompt}", "params.prepend_bos=true", "params.head=2", "description=Note: x"])
-    assert config.params.prompt == prompt and config.params.prepend_bos is True and config.params.head == 2
+    config = load_config(
+        "attention",
+        overrides=[
+            f"params.prompt={prompt}",
+            "params.prepend_bos=true",
+            "params.head=2",
+            "description=Note: x",
+        ],
+    )
+    assert (
+        config.params.prompt == prompt
+        and config.params.prepend_bos is True
+        and config.params.head == 2
+    )
     assert config.run.description == "Note: x"
 
 
@@ -260,13 +409,25 @@ def test_staging_folders_of_live_runs_are_kept(tmp_path: Path) -> None:
 # 9. No configs where the user looked.
 @pytest.mark.parametrize("command", [["run", "--all"], ["list"]])
 @pytest.mark.parametrize("where", ["missing", "a file", "empty"])
-def test_missing_config_folder_is_bad_input(command: list[str], where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_config_folder_is_bad_input(
+    command: list[str], where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "configs"
     if where == "a file":
         folder.write_text("")
     elif where == "empty":
         folder.mkdir()
-    _refused([*command, "--config-dir", str(folder), *(["--out", str(tmp_path / "out")] if command[0] == "run" else [])], capsys, str(folder), "--config-dir")
+    _refused(
+        [
+            *command,
+            "--config-dir",
+            str(folder),
+            *(["--out", str(tmp_path / "out")] if command[0] == "run" else []),
+        ],
+        capsys,
+        str(folder),
+        "--config-dir",
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -30,7 +30,12 @@ print(json.dumps({"statuses": statuses, "configs": configs, "loaded": [m for m i
 
 def test_help_list_and_validation_import_no_slow_library() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE % (SLOW_TO_IMPORT,)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", PROBE % (SLOW_TO_IMPORT,)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["statuses"] == [0, 0, 2] and "embeddings" in report["configs"]
@@ -42,7 +47,11 @@ def test_every_experiment_annotation_resolves_under_the_test_run(name: str) -> N
     # jaxtyping's import hook reads annotations as modules load and checks nothing for a name it
     # can't resolve; a type-only import missing under RESOLVE_ANNOTATIONS would go unnoticed.
     module = __import__(f"unraveled.experiments.{name}", fromlist=["EXPERIMENT"])
-    defined = [obj for obj in vars(module).values() if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__]
+    defined = [
+        obj
+        for obj in vars(module).values()
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__
+    ]
     assert defined
     for obj in defined:
         typing.get_type_hints(obj, include_extras=True)

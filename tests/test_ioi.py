@@ -20,13 +20,19 @@ def model(tiny_llama_dir: Path, tiny_model: SharedTinyModels):  # type: ignore[n
 
 def test_pairs_are_deterministic_and_balanced() -> None:
     params = IOIParams(n_pairs=12)
-    first, again, other = ioi_pairs(params, seed=3), ioi_pairs(params, seed=3), ioi_pairs(params, seed=4)
+    first, again, other = (
+        ioi_pairs(params, seed=3),
+        ioi_pairs(params, seed=3),
+        ioi_pairs(params, seed=4),
+    )
     assert first == again and first != other
     assert [pair.order for pair in first] == ["ABBA", "BABA"] * 6
     for pair in first:
         assert pair.clean.count(pair.s) == 2 and pair.clean.count(pair.io) == 1
         assert (pair.clean.index(pair.io) < pair.clean.index(pair.s)) == (pair.order == "ABBA")
-        assert pair.corrupted.count(pair.io) == 2 and pair.corrupted.count(pair.s) == 1  # swap: S2 became IO
+        assert (
+            pair.corrupted.count(pair.io) == 2 and pair.corrupted.count(pair.s) == 1
+        )  # swap: S2 became IO
 
 
 @pytest.mark.parametrize("corruption", ["swap", "abc"])
@@ -43,16 +49,25 @@ def test_batch_pairs_have_equal_lengths_and_single_token_names(model, corruption
         assert model.tokenizer.decode([int(tokens.incorrect[row])]) == f" {pair.s}"
         roles = {role: batch.roles[role][row].nonzero().flatten().tolist() for role in ROLES}
         assert model.tokenizer.decode(clean_ids[roles["IO"]]) == f" {pair.io}"
-        assert model.tokenizer.decode(clean_ids[roles["S1"]]) == model.tokenizer.decode(clean_ids[roles["S2"]]) == f" {pair.s}"
+        assert (
+            model.tokenizer.decode(clean_ids[roles["S1"]])
+            == model.tokenizer.decode(clean_ids[roles["S2"]])
+            == f" {pair.s}"
+        )
         assert roles["S1+1"] == [roles["S1"][0] + 1] and roles["end"] == [len(clean_ids) - 1]
-        assert sorted(sum(roles.values(), [])) == list(range(len(clean_ids)))  # the groups cover every real position once
+        assert sorted(sum(roles.values(), [])) == list(
+            range(len(clean_ids))
+        )  # the groups cover every real position once
         differs = (clean_ids != corrupted_ids).nonzero().flatten().tolist()
         assert differs == roles["S2"]
         replacement = model.tokenizer.decode(corrupted_ids[differs])
         if corruption == "swap":
             assert replacement == f" {pair.io}"
         else:
-            assert replacement.strip() not in {pair.io, pair.s} and replacement.strip() in IOIParams().names
+            assert (
+                replacement.strip() not in {pair.io, pair.s}
+                and replacement.strip() in IOIParams().names
+            )
 
 
 @pytest.mark.parametrize(
@@ -69,8 +84,19 @@ def test_bad_templates_are_refused(template: str, problem: str) -> None:
         IOIParams(templates=[template])
 
 
-def test_template_without_a_name_slot_exits_2_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["run", "attribution_patching", "--out", str(tmp_path / "out"), "--set", 'params.ioi.templates=["When {A} and {B} left, {B} said to"]'])
+def test_template_without_a_name_slot_exits_2_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        [
+            "run",
+            "attribution_patching",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            'params.ioi.templates=["When {A} and {B} left, {B} said to"]',
+        ]
+    )
     assert status == 2
     assert "params.ioi.templates" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -87,7 +113,19 @@ def test_pairs_are_dealt_across_templates() -> None:
     for seed in range(5):
         pairs = ioi_pairs(IOIParams(n_pairs=2 * len(templates) + 1), seed=seed)
         used = [pair.template for pair in pairs]
-        assert sorted(used[: len(templates)]) == sorted(used[len(templates) : 2 * len(templates)]) == list(range(len(templates)))
+        assert (
+            sorted(used[: len(templates)])
+            == sorted(used[len(templates) : 2 * len(templates)])
+            == list(range(len(templates)))
+        )
         for pair in pairs:
             assert pair.clean.startswith(templates[pair.template].split("{")[0])
-    assert len({tuple(pair.template for pair in ioi_pairs(IOIParams(n_pairs=6), seed=seed)) for seed in range(5)}) > 1  # the order is drawn
+    assert (
+        len(
+            {
+                tuple(pair.template for pair in ioi_pairs(IOIParams(n_pairs=6), seed=seed))
+                for seed in range(5)
+            }
+        )
+        > 1
+    )  # the order is drawn

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from unraveled.experiments import ioi_circuit
 
 from tests.conftest import SharedTinyModels
-from unraveled.experiments import ioi_circuit
 from unraveled.cli import main
 from unraveled.datasets.ioi import IOIParams
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> None:
+def test_everything_kept_recovers_one_and_nothing_kept_zero(
+    checkpoint: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels
+) -> None:
     model = tiny_model(request.getfixturevalue(checkpoint), "processed")
-    params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[1, 3], edge_counts=[5])
+    params = ioi_circuit.IOICircuitParams(
+        ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[1, 3], edge_counts=[5]
+    )
     result = ioi_circuit.compute(model, params, seed=0)
     n_nodes = 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
     assert result.sizes == [0, 1, 3, n_nodes]
@@ -37,7 +41,9 @@ def test_everything_kept_recovers_one_and_nothing_kept_zero(checkpoint: str, req
     assert result.edge_sum_error < 1e-4
 
 
-def test_corrupted_prompts_are_scored_against_their_own_answer(tiny_llama_dir: Path, tiny_model: SharedTinyModels) -> None:
+def test_corrupted_prompts_are_scored_against_their_own_answer(
+    tiny_llama_dir: Path, tiny_model: SharedTinyModels
+) -> None:
     """Each swap-corrupted prompt run alone: its own answer is the subject, compared by hand."""
     from unraveled.datasets.ioi import ioi_pairs
 
@@ -48,16 +54,38 @@ def test_corrupted_prompts_are_scored_against_their_own_answer(tiny_llama_dir: P
         logits = model(pair.corrupted)[0, -1]
         io, subject = (model.to_single_token(f" {name}") for name in (pair.io, pair.s))
         prefers_subject.append(float(logits[subject] > logits[io]))
-    params = ioi_circuit.IOICircuitParams(ioi=ioi, top_edges=5, circuit_sizes=[1], edge_counts=[5], random_draws=1)
+    params = ioi_circuit.IOICircuitParams(
+        ioi=ioi, top_edges=5, circuit_sizes=[1], edge_counts=[5], random_draws=1
+    )
     corrupted = ioi_circuit.compute(model, params, seed=0).metrics()["corrupted"]
     assert corrupted["share_incorrect_over_correct"] == pytest.approx(np.mean(prefers_subject))
 
 
-def test_ioi_circuit_runs_through_cli_smoke(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
+def test_ioi_circuit_runs_through_cli_smoke(
+    tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path
+) -> None:
     out = tmp_path / "out"
-    assert main(["run", "ioi_circuit", "--model", str(tiny_llama_dir), "--out", str(out), "--set", "params.ioi.n_pairs=3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "ioi_circuit",
+                "--model",
+                str(tiny_llama_dir),
+                "--out",
+                str(out),
+                "--set",
+                "params.ioi.n_pairs=3",
+            ]
+        )
+        == 0
+    )
     run_dir = out / tiny_llama_dir.name / "ioi_circuit"
-    assert {p.stem for p in (run_dir / "figures").glob("*.png")} == {"01_circuit_edges", "02_faithfulness", "03_component_scores"}
+    assert {p.stem for p in (run_dir / "figures").glob("*.png")} == {
+        "01_circuit_edges",
+        "02_faithfulness",
+        "03_component_scores",
+    }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["top_edges"]) == 30 and metrics["n_pairs"] == 3
     assert all(edge["input"] in {"q", "k", "v", "mlp", "logits"} for edge in metrics["top_edges"])
@@ -83,11 +111,22 @@ def _heads_that_copy_the_prompt(folder: Path):  # type: ignore[no-untyped-def]
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)  # GPT-2's tokenizer, saved with the tiny checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder
+    )  # GPT-2's tokenizer, saved with the tiny checkpoint
 
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=8, n_ctx=64, d_head=4, n_heads=2, d_mlp=4, d_vocab=len(tokenizer), act_fn="gelu",
-        normalization_type=None, positional_embedding_type="standard", seed=0,
+        n_layers=2,
+        d_model=8,
+        n_ctx=64,
+        d_head=4,
+        n_heads=2,
+        d_mlp=4,
+        d_vocab=len(tokenizer),
+        act_fn="gelu",
+        normalization_type=None,
+        positional_embedding_type="standard",
+        seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     generator = torch.Generator().manual_seed(0)
@@ -109,7 +148,13 @@ def test_faithfulness_curves_keep_the_components_in_the_known_order(tiny_gpt2_di
     of the embeddings and the top k heads keeps the sum of their weights over all the weights.
     A ranking reversed (or ignored) keeps other heads and fails."""
     model = _heads_that_copy_the_prompt(tiny_gpt2_dir)
-    params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=8, circuit_sizes=[1, 2, 3, 4, 5, 6], edge_counts=[2, 4, 6, 8], random_draws=5)
+    params = ioi_circuit.IOICircuitParams(
+        ioi=IOIParams(n_pairs=4),
+        top_edges=8,
+        circuit_sizes=[1, 2, 3, 4, 5, 6],
+        edge_counts=[2, 4, 6, 8],
+        random_draws=5,
+    )
     result = ioi_circuit.compute(model, params, seed=0)
     weights = sorted(HEAD_WEIGHTS.values(), key=abs, reverse=True)
     kept = np.cumsum(weights) / sum(weights)  # shares: 1, 0.5, 0.83, 1
@@ -121,25 +166,45 @@ def test_faithfulness_curves_keep_the_components_in_the_known_order(tiny_gpt2_di
     assert result.edge_counts[1:-1] == [2, 4, 6, 8]
     np.testing.assert_allclose(result.edge_faithfulness[1:-1], kept, atol=1e-5)
     assert {(edge["from"], edge["to"], edge["input"]) for edge in result.edges} == {
-        *{("embed", f"{layer}.{head}", "v") for layer, head in HEAD_WEIGHTS}, *{(f"{layer}.{head}", "logits", "logits") for layer, head in HEAD_WEIGHTS}
+        *{("embed", f"{layer}.{head}", "v") for layer, head in HEAD_WEIGHTS},
+        *{(f"{layer}.{head}", "logits", "logits") for layer, head in HEAD_WEIGHTS},
     }
 
 
-def test_random_baseline_draws_different_circuits_each_keeping_its_heads_share(tiny_gpt2_dir: Path) -> None:
+def test_random_baseline_draws_different_circuits_each_keeping_its_heads_share(
+    tiny_gpt2_dir: Path,
+) -> None:
     """Every draw at every size keeps the share of some set of that many components (the
     embeddings, then heads and MLPs), and the draws are not all the same circuit."""
     from itertools import combinations
 
     model = _heads_that_copy_the_prompt(tiny_gpt2_dir)
-    params = ioi_circuit.IOICircuitParams(ioi=IOIParams(n_pairs=4), top_edges=5, circuit_sizes=[2, 3, 4, 5], edge_counts=[], random_draws=6)
+    params = ioi_circuit.IOICircuitParams(
+        ioi=IOIParams(n_pairs=4),
+        top_edges=5,
+        circuit_sizes=[2, 3, 4, 5],
+        edge_counts=[],
+        random_draws=6,
+    )
     result = ioi_circuit.compute(model, params, seed=0)
     component_weights = [*HEAD_WEIGHTS.values(), 0.0, 0.0]  # the four heads and the two silent MLPs
     total = sum(HEAD_WEIGHTS.values())
     draws = result.random_faithfulness
     assert draws.shape == (6, len(result.sizes))
     for column, size in enumerate(result.sizes):
-        possible = {round(sum(subset) / total, 4) for subset in combinations(component_weights, max(size - 1, 0))} if size < 7 else {1.0}
-        assert {round(float(share), 4) for share in draws[:, column]} <= possible, (size, draws[:, column], possible)
+        possible = (
+            {
+                round(sum(subset) / total, 4)
+                for subset in combinations(component_weights, max(size - 1, 0))
+            }
+            if size < 7
+            else {1.0}
+        )
+        assert {round(float(share), 4) for share in draws[:, column]} <= possible, (
+            size,
+            draws[:, column],
+            possible,
+        )
     assert np.ptp(draws, axis=0).max() > 0.3  # different draws, different circuits
     metrics = result.metrics()["faithfulness"]["random_circuits_of_the_same_sizes"]
     np.testing.assert_allclose(metrics["mean"], draws.mean(0))

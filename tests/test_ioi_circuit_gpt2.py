@@ -9,8 +9,8 @@ is skipped and says why. No package ships GPT-2's weights, so CI here skips it.
 from __future__ import annotations
 
 import numpy as np
-
 from unraveled.experiments import ioi_circuit
+
 from unraveled.datasets.ioi import IOIParams
 
 NAME_MOVERS = {"9.6", "9.9", "10.0"}

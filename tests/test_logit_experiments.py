@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM
+from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 
 from tests.conftest import SharedTinyModels
-from unraveled.errors import ParamError
-from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 from unraveled.activations import collect_activations
-from unraveled.logits import answer_token_id, logit_lens as decode, residual_hook_names
+from unraveled.errors import ParamError
+from unraveled.logits import answer_token_id, residual_hook_names
+from unraveled.logits import logit_lens as decode
 from unraveled.models import load_model
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -44,12 +44,18 @@ class HfRun:
         captured: dict[str, torch.Tensor] = {}
 
         def keep(name: str):  # type: ignore[no-untyped-def]
-            return lambda _module, inputs, output: captured.__setitem__(name, (output[0] if isinstance(output, tuple) else output).detach())
+            return lambda _module, inputs, output: captured.__setitem__(
+                name, (output[0] if isinstance(output, tuple) else output).detach()
+            )
 
         def keep_input(name: str):  # type: ignore[no-untyped-def]
             return lambda _module, inputs: captured.__setitem__(name, inputs[0].detach())
 
-        handles = [self.final_norm.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("final_residual", inputs[0].detach()))]
+        handles = [
+            self.final_norm.register_forward_hook(
+                lambda _m, inputs, _o: captured.__setitem__("final_residual", inputs[0].detach())
+            )
+        ]
         self.out_projections = []
         for layer, block in enumerate(blocks):
             attention = block.attn if self.is_gpt2 else block.self_attn
@@ -72,7 +78,9 @@ class HfRun:
         attention output before the output projection, times that projection's slice for it
         (without the projection's bias, which belongs to no head)."""
         z = self.captured[f"heads{layer}"][:, head * d_head : (head + 1) * d_head]
-        weight = self.out_projections[layer].weight.detach()  # GPT-2's Conv1D: [in, out]; Linear: [out, in]
+        weight = self.out_projections[
+            layer
+        ].weight.detach()  # GPT-2's Conv1D: [in, out]; Linear: [out, in]
         rows = slice(head * d_head, (head + 1) * d_head)
         return z @ (weight[rows] if self.is_gpt2 else weight[:, rows].T)
 
@@ -111,17 +119,25 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     run = HfRun(checkpoint, model.to_tokens(PROMPT))
     n_layers = model.cfg.n_layers
     # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already normed.
-    log_probs = torch.stack([*[run.decode(run.hidden_states[i][-1]) for i in range(n_layers)], run.logits[-1]]).log_softmax(-1)
+    log_probs = torch.stack(
+        [*[run.decode(run.hidden_states[i][-1]) for i in range(n_layers)], run.logits[-1]]
+    ).log_softmax(-1)
     final = int(run.logits[-1].argmax())
     assert result.final_prediction == model.tokenizer.decode([final])
     np.testing.assert_allclose(result.final_prediction_prob, log_probs[:, final].exp(), atol=1e-5)
     expected_kl = (log_probs[-1].exp() * (log_probs[-1] - log_probs)).sum(-1)
     np.testing.assert_allclose(result.kl_from_final, expected_kl, atol=1e-4)
-    np.testing.assert_array_equal(result.final_prediction_rank, (log_probs > log_probs[:, final : final + 1]).sum(-1))
-    assert [entry["token"] for entry in result.top5_last[0]] == [model.tokenizer.decode([i]) for i in log_probs[0].topk(5).indices]
+    np.testing.assert_array_equal(
+        result.final_prediction_rank, (log_probs > log_probs[:, final : final + 1]).sum(-1)
+    )
+    assert [entry["token"] for entry in result.top5_last[0]] == [
+        model.tokenizer.decode([i]) for i in log_probs[0].topk(5).indices
+    ]
 
 
-def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_at_once(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_at_once(
+    model, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     import unraveled.logits
 
     decoded_shapes = []
@@ -134,40 +150,68 @@ def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_
     monkeypatch.setattr(unraveled.logits, "logit_lens", recording_decode)
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
     n_points, n_pos = model.cfg.n_layers + 1, len(result.tokens)
-    assert decoded_shapes == [(1, n_pos, model.cfg.d_model)] * n_points  # never every point's vocabulary at once
+    assert (
+        decoded_shapes == [(1, n_pos, model.cfg.d_model)] * n_points
+    )  # never every point's vocabulary at once
     # The route it replaced: every point decoded in one tensor.
     acts = collect_activations(model, [PROMPT], residual_hook_names(model.cfg.n_layers))
     with torch.inference_mode():
-        log_probs = real_decode(model, torch.stack([acts.cache[hook][0] for hook in residual_hook_names(model.cfg.n_layers)])).log_softmax(-1)
+        log_probs = real_decode(
+            model,
+            torch.stack([acts.cache[hook][0] for hook in residual_hook_names(model.cfg.n_layers)]),
+        ).log_softmax(-1)
     top1_prob, top1_id = log_probs.exp().max(dim=-1)
     last = log_probs[:, -1]
     np.testing.assert_array_equal(result.top1_prob, top1_prob.numpy())
-    assert result.top1_token == [[model.tokenizer.decode([token]) for token in row] for row in top1_id.tolist()]
+    assert result.top1_token == [
+        [model.tokenizer.decode([token]) for token in row] for row in top1_id.tolist()
+    ]
     final = int(last[-1].argmax())
     np.testing.assert_array_equal(result.final_prediction_prob, last[:, final].exp().numpy())
-    np.testing.assert_array_equal(result.final_prediction_rank, (last > last[:, final : final + 1]).sum(-1).numpy())
-    np.testing.assert_array_equal(result.kl_from_final, (last[-1].exp() * (last[-1] - last)).sum(-1).numpy())
+    np.testing.assert_array_equal(
+        result.final_prediction_rank, (last > last[:, final : final + 1]).sum(-1).numpy()
+    )
+    np.testing.assert_array_equal(
+        result.kl_from_final, (last[-1].exp() * (last[-1] - last)).sum(-1).numpy()
+    )
     top_probs, top_ids = last.exp().topk(5, dim=-1)
     assert result.top5_last == [
-        [{"token": model.tokenizer.decode([token]), "probability": float(p)} for token, p in zip(ids, ps)]
+        [
+            {"token": model.tokenizer.decode([token]), "probability": float(p)}
+            for token, p in zip(ids, ps)
+        ]
         for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
     ]
 
 
-def test_logit_lens_recomputes_the_norm_scale_per_layer(tiny_gpt2_dir: Path, warm_weight_cache: Path) -> None:
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model  # a model of its own: this test changes a bias
-    with torch.no_grad():  # make the last block write a huge vector, so residual norms differ a lot between layers
-        model.blocks[1].mlp.b_out += 50.0 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+def test_logit_lens_recomputes_the_norm_scale_per_layer(
+    tiny_gpt2_dir: Path, warm_weight_cache: Path
+) -> None:
+    model = load_model(
+        str(tiny_gpt2_dir), "processed", fallback=None
+    ).model  # a model of its own: this test changes a bias
+    with (
+        torch.no_grad()
+    ):  # make the last block write a huge vector, so residual norms differ a lot between layers
+        model.blocks[1].mlp.b_out += 50.0 * torch.randn(
+            model.cfg.d_model, generator=torch.Generator().manual_seed(0)
+        )
     acts = collect_activations(model, [PROMPT], [*residual_hook_names(2), "ln_final.hook_scale"])
     embeddings = acts.cache["blocks.0.hook_resid_pre"][0]
     ours = decode(model, embeddings[None])[0]
     centred = embeddings - embeddings.mean(dim=-1, keepdim=True)
-    expected = model.unembed((centred / centred.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt())[None])[0]
+    expected = model.unembed(
+        (centred / centred.pow(2).mean(-1, keepdim=True).add(model.cfg.eps).sqrt())[None]
+    )[0]
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
-    stack = torch.stack([acts.cache[h] for h in residual_hook_names(2)])  # [point, batch, pos, d_model]
+    stack = torch.stack(
+        [acts.cache[h] for h in residual_hook_names(2)]
+    )  # [point, batch, pos, d_model]
     # TransformerLens 3.9's accumulated_resid recomputes the statistics at the final layer, as we do.
     corrected = acts.cache.accumulated_resid(layer=None, apply_ln=True)
-    torch.testing.assert_close(decode(model, stack[:, 0]), model.unembed(corrected[:, 0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        decode(model, stack[:, 0]), model.unembed(corrected[:, 0]), atol=1e-4, rtol=1e-4
+    )
     # Reusing the final layer's cached scale for every layer (TransformerLens issue #1076) is far off.
     reused = acts.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=False)
     reused_log_probs = model.unembed(reused[0])[0].log_softmax(-1)
@@ -178,48 +222,79 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
     params = logit_attribution.LogitAttributionParams(prompt=PROMPT)
     result = logit_attribution.compute(model, params, seed=0)
     run = HfRun(checkpoint, model.to_tokens(PROMPT))
-    correct, incorrect = answer_token_id(model, " Mary", "correct"), answer_token_id(model, " John", "incorrect")
-    assert result.logit_difference == pytest.approx(float(run.logits[-1, correct] - run.logits[-1, incorrect]), abs=1e-4)
+    correct, incorrect = (
+        answer_token_id(model, " Mary", "correct"),
+        answer_token_id(model, " John", "incorrect"),
+    )
+    assert result.logit_difference == pytest.approx(
+        float(run.logits[-1, correct] - run.logits[-1, incorrect]), abs=1e-4
+    )
     assert result.total() == pytest.approx(result.logit_difference, abs=1e-4)
     direction = (run.hf.lm_head.weight[correct] - run.hf.lm_head.weight[incorrect]).detach()
     for layer in range(model.cfg.n_layers):
-        assert result.mlp[layer] == pytest.approx(run.direct_effect(run.captured[f"mlp{layer}"][-1], direction), abs=1e-4)
-        assert result.attention_per_layer[layer] == pytest.approx(run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4)
+        assert result.mlp[layer] == pytest.approx(
+            run.direct_effect(run.captured[f"mlp{layer}"][-1], direction), abs=1e-4
+        )
+        assert result.attention_per_layer[layer] == pytest.approx(
+            run.direct_effect(run.captured[f"attn{layer}"][-1], direction), abs=1e-4
+        )
 
 
-def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_the_output_projection(model, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
+def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_the_output_projection(
+    model, checkpoint: Path
+) -> None:  # type: ignore[no-untyped-def]
     """Each head's own share, not only the layer's sum: a head order swapped within a layer
     adds up to the same layer total and is caught only here.
 
     The processed weights fold each head's value bias (what it writes wherever it attends) into
     the layer's attention output bias (TransformerLens's ``fold_value_biases``): a head is
     credited with what depends on its attention, the bias term with the rest."""
-    result = logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0)
+    result = logit_attribution.compute(
+        model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0
+    )
     run = HfRun(checkpoint, model.to_tokens(PROMPT))
-    correct, incorrect = answer_token_id(model, " Mary", "correct"), answer_token_id(model, " John", "incorrect")
+    correct, incorrect = (
+        answer_token_id(model, " Mary", "correct"),
+        answer_token_id(model, " John", "incorrect"),
+    )
     direction = (run.hf.lm_head.weight[correct] - run.hf.lm_head.weight[incorrect]).detach()
     n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     expected = np.array(
         [
-            [run.direct_effect(run.head_output(layer, head, d_head)[-1] - run.value_bias_output(layer, head, d_head), direction) for head in range(n_heads)]
+            [
+                run.direct_effect(
+                    run.head_output(layer, head, d_head)[-1]
+                    - run.value_bias_output(layer, head, d_head),
+                    direction,
+                )
+                for head in range(n_heads)
+            ]
             for layer in range(n_layers)
         ]
     )
     np.testing.assert_allclose(result.heads, expected, atol=1e-4)
     for layer in range(n_layers):
         bias = run.out_projections[layer].bias
-        constant = sum(run.value_bias_output(layer, head, d_head) for head in range(n_heads)) + (0 if bias is None else bias.detach())
-        assert result.attention_bias[layer] == pytest.approx(run.direct_effect(constant, direction), abs=1e-4)
+        constant = sum(run.value_bias_output(layer, head, d_head) for head in range(n_heads)) + (
+            0 if bias is None else bias.detach()
+        )
+        assert result.attention_bias[layer] == pytest.approx(
+            run.direct_effect(constant, direction), abs=1e-4
+        )
     # The heads' outputs and the projection's bias rebuild what transformers' attention wrote.
     for layer in range(n_layers):
         bias = run.out_projections[layer].bias
-        written = sum(run.head_output(layer, head, d_head) for head in range(n_heads)) + (0 if bias is None else bias.detach())
+        written = sum(run.head_output(layer, head, d_head) for head in range(n_heads)) + (
+            0 if bias is None else bias.detach()
+        )
         torch.testing.assert_close(written, run.captured[f"attn{layer}"], atol=1e-5, rtol=1e-4)
     # Heads that differ from one another, so an order swapped within a layer can't pass.
     assert np.abs(np.diff(expected, axis=1)).min() > 1e-3
 
 
-def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(
+    model, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     """``model.W_O`` stacks every layer's W_O anew on each read (28 MB for GPT-2 small): read per
     layer, that was a stack per layer, freed at once and heaped up by the allocator."""
     from transformer_lens import HookedTransformer
@@ -232,8 +307,12 @@ def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(model, 
         return stack_all_layers(self)
 
     monkeypatch.setattr(HookedTransformer, "W_O", property(counting))
-    logit_attribution.compute(model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0)
-    assert stacked_reads == []  # the values: test_attribution_matches_what_transformers_blocks_write
+    logit_attribution.compute(
+        model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0
+    )
+    assert (
+        stacked_reads == []
+    )  # the values: test_attribution_matches_what_transformers_blocks_write
 
 
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]
@@ -254,9 +333,15 @@ def test_patching_equals_naive_patching_one_hook_at_a_time(model) -> None:  # ty
             logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(hook_name, patch)])
             return float(logits[0, -1, answers[0]] - logits[0, -1, answers[1]])
 
-        clean = float(model(clean_tokens)[0, -1, answers[0]] - model(clean_tokens)[0, -1, answers[1]])
-        corrupted = float(model(corrupted_tokens)[0, -1, answers[0]] - model(corrupted_tokens)[0, -1, answers[1]])
-        assert result.clean_difference == pytest.approx(clean, abs=1e-4) and result.corrupted_difference == pytest.approx(corrupted, abs=1e-4)
+        clean = float(
+            model(clean_tokens)[0, -1, answers[0]] - model(clean_tokens)[0, -1, answers[1]]
+        )
+        corrupted = float(
+            model(corrupted_tokens)[0, -1, answers[0]] - model(corrupted_tokens)[0, -1, answers[1]]
+        )
+        assert result.clean_difference == pytest.approx(
+            clean, abs=1e-4
+        ) and result.corrupted_difference == pytest.approx(corrupted, abs=1e-4)
         heads = np.empty((n_layers, n_heads))
         for layer in range(n_layers):
             name = f"blocks.{layer}.attn.hook_z"
@@ -266,7 +351,9 @@ def test_patching_equals_naive_patching_one_hook_at_a_time(model) -> None:  # ty
                     z[:, :, head] = clean_cache[name][:, :, head]
                     return z
 
-                heads[layer, head] = (difference(name, patch_head) - corrupted) / (clean - corrupted)
+                heads[layer, head] = (difference(name, patch_head) - corrupted) / (
+                    clean - corrupted
+                )
         residual = np.empty((n_layers + 1, n_pos))
         for state, name in enumerate(residual_hook_names(n_layers)):
             for pos in range(n_pos):
@@ -275,13 +362,17 @@ def test_patching_equals_naive_patching_one_hook_at_a_time(model) -> None:  # ty
                     resid[:, pos] = clean_cache[name][:, pos]
                     return resid
 
-                residual[state, pos] = (difference(name, patch_position) - corrupted) / (clean - corrupted)
+                residual[state, pos] = (difference(name, patch_position) - corrupted) / (
+                    clean - corrupted
+                )
     np.testing.assert_allclose(result.heads, heads, atol=1e-4)
     np.testing.assert_allclose(result.residual, residual, atol=1e-4)
     assert np.abs(heads).max() > 1e-3  # the test would notice patching that did nothing
 
 
 def test_patching_refuses_prompts_of_different_lengths(model) -> None:  # type: ignore[no-untyped-def]
-    params = activation_patching.ActivationPatchingParams(clean=PROMPT, corrupted="When Mary went to the store, Mary gave a drink to")
+    params = activation_patching.ActivationPatchingParams(
+        clean=PROMPT, corrupted="When Mary went to the store, Mary gave a drink to"
+    )
     with pytest.raises(ParamError, match="same token length"):
         activation_patching.check(model, params)

@@ -17,13 +17,19 @@ from unraveled.cli import main
 from unraveled.models import hub, load_model
 from unraveled.models.shape import model_shape
 
-TEXTS = ["When Mary and John went to the store, John gave a drink to", "Item #1: <|endoftext|> ünïcödé   spaces\n", "word " * 40]
+TEXTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "Item #1: <|endoftext|> ünïcödé   spaces\n",
+    "word " * 40,
+]
 LONG_PROMPT = " ".join(["word"] * 100)  # 100 tokens on the GPT-2 tokenizer, 101 with BOS
 
 
 def _same_tokens(shape_tokenizer: object, model_tokenizer: object) -> None:
     for text in TEXTS:
-        assert shape_tokenizer.encode(text, add_special_tokens=False) == model_tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+        assert shape_tokenizer.encode(text, add_special_tokens=False) == model_tokenizer.encode(
+            text, add_special_tokens=False
+        )  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -47,7 +53,9 @@ def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("folder", ["tiny_gpt2_dir", "tiny_llama_dir"])
-def test_checkpoint_folder_shape_matches_the_loaded_model(folder: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels, weight_cache: Path) -> None:
+def test_checkpoint_folder_shape_matches_the_loaded_model(
+    folder: str, request: pytest.FixtureRequest, tiny_model: SharedTinyModels, weight_cache: Path
+) -> None:
     checkpoint: Path = request.getfixturevalue(folder)
     shape = model_shape(str(checkpoint))  # an empty converted-weights cache: read from the folder
     assert shape is not None and not weight_cache.exists()
@@ -69,7 +77,9 @@ def test_cache_entry_shape_and_a_damaged_entry(tiny_gpt2_dir: Path, weight_cache
     _same_tokens(shape.tokenizer, loaded.tokenizer)
 
 
-def test_hugging_face_snapshot_shape_matches_the_loaded_model(hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hugging_face_snapshot_shape_matches_the_loaded_model(
+    hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hf_home_with_gpt2 / "hub"))
     shape = model_shape("gpt2", allow_fallback=False)
     assert shape is not None and shape.label == "gpt2" and not weight_cache.exists()
@@ -79,7 +89,9 @@ def test_hugging_face_snapshot_shape_matches_the_loaded_model(hf_home_with_gpt2:
 
 
 @pytest.mark.slow
-def test_bundled_shape_from_the_gguf_and_from_the_cache_entry(smollm2_cache: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundled_shape_from_the_gguf_and_from_the_cache_entry(
+    smollm2_cache: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from_gguf = model_shape("smollm2-135m")  # an empty cache: the GGUF file's tokenizer, no context
     assert from_gguf is not None and from_gguf.n_ctx is None and not weight_cache.exists()
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
@@ -91,8 +103,12 @@ def test_bundled_shape_from_the_gguf_and_from_the_cache_entry(smollm2_cache: Pat
     _same_tokens(from_entry.tokenizer, model.model.tokenizer)
 
 
-def test_unavailable_hub_model_takes_the_fallbacks_shape_or_none(unreachable_hub: None, weight_cache: Path) -> None:
-    assert model_shape("gpt2", allow_fallback=False) is None  # loading fails (exit 3) without reading anything
+def test_unavailable_hub_model_takes_the_fallbacks_shape_or_none(
+    unreachable_hub: None, weight_cache: Path
+) -> None:
+    assert (
+        model_shape("gpt2", allow_fallback=False) is None
+    )  # loading fails (exit 3) without reading anything
     shape = model_shape("gpt2")
     assert shape is not None and shape.label == "smollm2-135m (fallback: gpt2 unavailable)"
     assert not weight_cache.exists()
@@ -101,45 +117,93 @@ def test_unavailable_hub_model_takes_the_fallbacks_shape_or_none(unreachable_hub
 # Through the CLI: refused before any load, nothing written, no converted-weights cache entry.
 @pytest.mark.parametrize("origin", ["--set", "file"])
 def test_overlong_prompt_is_refused_before_any_model_loads(
-    origin: str, tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, no_loading: list[str], capsys: pytest.CaptureFixture[str]
+    origin: str,
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    weight_cache: Path,
+    no_loading: list[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     if origin == "--set":
-        source, args = "configs/attention.yaml: params.prompt (from --set):", ["attention", "--set", f"params.prompt={LONG_PROMPT}"]
+        source, args = (
+            "configs/attention.yaml: params.prompt (from --set):",
+            ["attention", "--set", f"params.prompt={LONG_PROMPT}"],
+        )
     else:
         config = tmp_path / "long_prompt.yaml"
-        config.write_text(f"experiment: attention\ndescription: d\nparams:\n  prompt: {LONG_PROMPT}\n", encoding="utf-8")
+        config.write_text(
+            f"experiment: attention\ndescription: d\nparams:\n  prompt: {LONG_PROMPT}\n",
+            encoding="utf-8",
+        )
         source, args = f"{config}: params.prompt:", [str(config)]
     status = main(["run", *args, "--model", str(tiny_gpt2_dir), "--out", str(out)])
     message = " ".join(capsys.readouterr().err.split())
     assert status == 2, message
     # attention allows 128 tokens; the tiny model's context, 64, is the tighter limit.
-    assert f"{source} 101 tokens (BOS included), more than the 64 allowed by the model's context; shorten the prompt (tiny-gpt2)" in message
+    assert (
+        f"{source} 101 tokens (BOS included), more than the 64 allowed by the model's context; shorten the prompt (tiny-gpt2)"
+        in message
+    )
     assert no_loading == [] and not out.exists() and not weight_cache.exists()
 
 
 @pytest.mark.slow
 def test_overlong_prompt_on_the_fallback_is_refused_before_the_bundled_model_converts(
-    unreachable_hub: None, tmp_path: Path, weight_cache: Path, no_loading: list[str], capsys: pytest.CaptureFixture[str]
+    unreachable_hub: None,
+    tmp_path: Path,
+    weight_cache: Path,
+    no_loading: list[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # `model: gpt2`, which falls back to the bundled SmolLM2: counted with its tokenizer, read from
     # the GGUF file, against logit_lens's own cap (SmolLM2's context, 8192, is far above it).
     out = tmp_path / "out"
-    status = main(["run", "logit_lens", "--set", f"params.prompt={' '.join(['word'] * 700)}", "--out", str(out)])
+    status = main(
+        [
+            "run",
+            "logit_lens",
+            "--set",
+            f"params.prompt={' '.join(['word'] * 700)}",
+            "--out",
+            str(out),
+        ]
+    )
     message = " ".join(capsys.readouterr().err.split())
     assert status == 2, message
-    assert "configs/logit_lens.yaml: params.prompt (from --set): 701 tokens (BOS included), more than the 64 allowed by this experiment's max_prompt_tokens" in message
+    assert (
+        "configs/logit_lens.yaml: params.prompt (from --set): 701 tokens (BOS included), more than the 64 allowed by this experiment's max_prompt_tokens"
+        in message
+    )
     assert "(smollm2-135m (fallback: gpt2 unavailable))" in message
     assert no_loading == [] and not out.exists() and not weight_cache.exists()
 
 
 def test_answer_of_several_tokens_is_refused_before_any_model_loads(
-    tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path, no_loading: list[str], capsys: pytest.CaptureFixture[str]
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    weight_cache: Path,
+    no_loading: list[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    status = main(["run", "logit_attribution", "--set", "params.correct= Marylebone", "--model", str(tiny_gpt2_dir), "--out", str(out)])
+    status = main(
+        [
+            "run",
+            "logit_attribution",
+            "--set",
+            "params.correct= Marylebone",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(out),
+        ]
+    )
     message = " ".join(capsys.readouterr().err.split())
     assert status == 2, message
     # GPT-2's tokenizer splits " Marylebone" in three: " Mary", "le", "bone".
-    assert "configs/logit_attribution.yaml: params.correct (from --set): ' Marylebone' is 3 tokens for this model ([' Mary', 'le', 'bone']); expected one token" in message
+    assert (
+        "configs/logit_attribution.yaml: params.correct (from --set): ' Marylebone' is 3 tokens for this model ([' Mary', 'le', 'bone']); expected one token"
+        in message
+    )
     assert no_loading == [] and not out.exists() and not weight_cache.exists()

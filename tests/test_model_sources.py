@@ -18,7 +18,9 @@ from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
 
 
-def test_unreachable_hub_fails_fast_saying_what_was_tried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight_cache: Path) -> None:
+def test_unreachable_hub_fails_fast_saying_what_was_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight_cache: Path
+) -> None:
     monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     started = time.perf_counter()
@@ -44,11 +46,25 @@ def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> 
     return home
 
 
-def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(
+    hf_home_with_gpt2: Path, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     run_dir = out / "gpt2" / "embeddings"
-    small = ["params.local_neighbours=200", "params.local_subsets=2", "params.chunk_tokens=50", "params.first_dims=4"]
-    args = ["run", "embeddings", "--out", str(out), "--no-fallback", *(arg for setting in small for arg in ("--set", setting))]
+    small = [
+        "params.local_neighbours=200",
+        "params.local_subsets=2",
+        "params.chunk_tokens=50",
+        "params.first_dims=4",
+    ]
+    args = [
+        "run",
+        "embeddings",
+        "--out",
+        str(out),
+        "--no-fallback",
+        *(arg for setting in small for arg in ("--set", setting)),
+    ]
     done = run_cli(args, {"HF_HOME": str(hf_home_with_gpt2), "UNRAVELED_CACHE": cache})
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -73,7 +89,10 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
     assert empty.returncode == 3, empty.stderr
     stderr = " ".join(empty.stderr.split())
-    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
+    assert (
+        "not in the Hugging Face cache" in stderr
+        and "falling back to smollm2-135m is off" in stderr
+    )
     assert _tree(out) == before
     # Another revision of gpt2: a miss, converted from its own weights, and the manifest says which.
     other_revision = "fedcba9876543210fedcba9876543210fedcba98"
@@ -81,14 +100,21 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(hf_hom
     other = run_cli(args, {"HF_HOME": str(other_home), "UNRAVELED_CACHE": cache})
     assert other.returncode == 0, other.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert not manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == other_revision
+    assert (
+        not manifest["model"]["from_weight_cache"]
+        and manifest["model"]["revision"] == other_revision
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     expected_mean = float(hf.transformer.wte.weight.detach().double().mean()) + 1.0
-    assert metrics["token_embedding_stats"]["mean_of_dim_means"] == pytest.approx(expected_mean, abs=1e-5)
+    assert metrics["token_embedding_stats"]["mean_of_dim_means"] == pytest.approx(
+        expected_mean, abs=1e-5
+    )
 
 
 @pytest.mark.slow
-def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallback_run: CliRun) -> None:
+def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(
+    smollm2_fallback_run: CliRun,
+) -> None:
     out, done = smollm2_fallback_run.out, smollm2_fallback_run.done
     assert done.returncode == 0, done.stderr
     assert "Falling back to the bundled smollm2-135m" in " ".join(done.stderr.split())
@@ -108,7 +134,11 @@ def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(smollm2_fallbac
 
 @pytest.mark.parametrize("how", [["--no-fallback"], []])
 def test_no_fallback_exits_3_and_writes_nothing(
-    how: list[str], tmp_path: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    how: list[str],
+    tmp_path: Path,
+    weight_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # In this process (gpt2 neither cached nor downloadable); a real process's exit status 3 is
     # checked in test_converted_weights_follow_the_hugging_face_cache_and_its_revision.
@@ -119,9 +149,14 @@ def test_no_fallback_exits_3_and_writes_nothing(
         monkeypatch.setenv("UNRAVELED_NO_FALLBACK", "1")
     assert main(["run", "embeddings", "--out", str(out), *how]) == 3
     stderr = " ".join(capsys.readouterr().err.split())
-    assert "not in the Hugging Face cache" in stderr and "falling back to smollm2-135m is off" in stderr
+    assert (
+        "not in the Hugging Face cache" in stderr
+        and "falling back to smollm2-135m is off" in stderr
+    )
     assert not out.exists() or not any(out.rglob("*.json"))
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }

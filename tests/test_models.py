@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unraveled.errors import BadCheckpointError, ConfigError, ModelUnavailableError
+from unraveled.errors import BadCheckpointError, ConfigError
 from unraveled.models import hub, load_model, resolve_model
 from unraveled.models import weight_cache as converted_weights
 from unraveled.models.sources import HubModel, LocalCheckpoint
 
-PROMPTS = ["The quick brown fox jumps over the lazy dog", "Interpretability: taking GPT-2 apart, one head at a time."]
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "Interpretability: taking GPT-2 apart, one head at a time.",
+]
 
 
 def _hf_log_probs(folder: Path, text: str) -> torch.Tensor:
@@ -42,7 +45,9 @@ def test_local_checkpoint_matches_transformers_log_probs(
         assert (got - expected).abs().max().item() < 1e-4
 
 
-def test_processed_weights_fold_layernorm_and_raw_keep_gammas(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
+def test_processed_weights_fold_layernorm_and_raw_keep_gammas(
+    tiny_gpt2_dir: Path, weight_cache: Path
+) -> None:
     processed = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
     raw = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
     assert processed.cfg.normalization_type == "LNPre"
@@ -52,7 +57,9 @@ def test_processed_weights_fold_layernorm_and_raw_keep_gammas(tiny_gpt2_dir: Pat
     assert not torch.allclose(raw.blocks[1].ln1.w, torch.ones_like(raw.blocks[1].ln1.w))
 
 
-def test_weight_cache_serves_the_second_load_identically(tiny_llama_dir: Path, weight_cache: Path) -> None:
+def test_weight_cache_serves_the_second_load_identically(
+    tiny_llama_dir: Path, weight_cache: Path
+) -> None:
     first = load_model(str(tiny_llama_dir), "processed", fallback=None)
     second = load_model(str(tiny_llama_dir), "processed", fallback=None)
     assert not first.from_weight_cache and second.from_weight_cache
@@ -62,7 +69,9 @@ def test_weight_cache_serves_the_second_load_identically(tiny_llama_dir: Path, w
     assert torch.equal(first.model(tokens), second.model(tokens))
 
 
-def test_weight_cache_is_invalidated_when_the_checkpoint_changes(tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path) -> None:
+def test_weight_cache_is_invalidated_when_the_checkpoint_changes(
+    tiny_gpt2_dir: Path, tmp_path: Path, weight_cache: Path
+) -> None:
     import shutil
 
     copy = tmp_path / "copy"
@@ -72,7 +81,9 @@ def test_weight_cache_is_invalidated_when_the_checkpoint_changes(tiny_gpt2_dir: 
     assert not load_model(str(copy), "raw", fallback=None).from_weight_cache
 
 
-def test_directory_without_config_is_refused_with_what_was_expected(tmp_path: Path, weight_cache: Path) -> None:
+def test_directory_without_config_is_refused_with_what_was_expected(
+    tmp_path: Path, weight_cache: Path
+) -> None:
     with pytest.raises(BadCheckpointError, match="no config.json"):
         load_model(str(tmp_path))  # a folder the user named is bad input: no fallback
 
@@ -93,10 +104,14 @@ def test_fixture_tokenizer_is_real_gpt2(gpt2_tokenizer) -> None:
     assert gpt2_tokenizer("Hello world").input_ids == [15496, 995]
 
 
-def test_tests_and_their_subprocesses_never_touch_the_users_caches(isolated_caches: dict[str, Path]) -> None:
+def test_tests_and_their_subprocesses_never_touch_the_users_caches(
+    isolated_caches: dict[str, Path],
+) -> None:
     expected = [str(isolated_caches["UNRAVELED_CACHE"]), str(isolated_caches["HF_HOME"] / "hub")]
     assert [str(converted_weights.cache_root()), hub.hf_cache_dir()] == expected
     probe = "from unraveled.models import hub, weight_cache; print(weight_cache.cache_root()); print(hub.hf_cache_dir())"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
     assert done.stdout.split() == expected
     assert not any(Path(path).is_relative_to(Path.home() / ".cache") for path in expected)

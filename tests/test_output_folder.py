@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
 from unraveled import outputs
 from unraveled.cli import main
 
@@ -64,10 +63,18 @@ def out(published: Path, tmp_path: Path, warm_weight_cache: Path) -> Path:
 
 
 # 10. A user's own files are never written into.
-WEB_APP_MANIFEST = {"name": "My app", "short_name": "app", "start_url": ".", "display": "standalone", "icons": [{"src": "icon.png", "sizes": "192x192"}]}
+WEB_APP_MANIFEST = {
+    "name": "My app",
+    "short_name": "app",
+    "start_url": ".",
+    "display": "standalone",
+    "icons": [{"src": "icon.png", "sizes": "192x192"}],
+}
 
 
-def test_a_web_app_beside_the_runs_is_left_alone(out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_web_app_beside_the_runs_is_left_alone(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     app = out / "site" / "app"
     app.mkdir(parents=True)
     (app / "manifest.json").write_text(json.dumps(WEB_APP_MANIFEST))
@@ -80,7 +87,9 @@ def test_a_web_app_beside_the_runs_is_left_alone(out: Path, tiny_gpt2_dir: Path,
     assert "site/app/manifest.json: not a run's manifest" in _err(capsys)
 
 
-def test_a_folder_that_is_not_a_run_is_never_replaced(out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_that_is_not_a_run_is_never_replaced(
+    out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     theirs = out / "tiny-gpt2" / "mlp"
     theirs.mkdir()
     (theirs / "manifest.json").write_text(json.dumps(WEB_APP_MANIFEST))
@@ -95,7 +104,9 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(out: Path, tiny_gpt2_dir: 
 def test_runs_carry_the_schema_version(out: Path) -> None:
     manifest = json.loads((out / "tiny-gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["schema_version"] == outputs.SCHEMA_VERSION
-    assert manifest["model_identity"].startswith("checkpoint ") and manifest["model_identity"].endswith("tiny-gpt2")
+    assert manifest["model_identity"].startswith("checkpoint ") and manifest[
+        "model_identity"
+    ].endswith("tiny-gpt2")
 
 
 # 11. One wrong-shaped manifest is skipped with a warning, never the end of every later run.
@@ -126,25 +137,45 @@ def _wrong(manifest: dict[str, Any], shape: str) -> Any:
 
 @pytest.mark.parametrize(
     "shape",
-    ["list", "string", "no model", "model a string", "resolved_config a list", "figures a number", "figure without file", "views of numbers", "timings as text", "newer schema"],
+    [
+        "list",
+        "string",
+        "no model",
+        "model a string",
+        "resolved_config a list",
+        "figures a number",
+        "figure without file",
+        "views of numbers",
+        "timings as text",
+        "newer schema",
+    ],
 )
-def test_a_wrong_shaped_manifest_is_skipped_with_a_warning(shape: str, out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_wrong_shaped_manifest_is_skipped_with_a_warning(
+    shape: str, out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = out / "tiny-gpt2" / "broken"
     shutil.copytree(out / "tiny-gpt2" / "layernorm", broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    (broken / "manifest.json").write_text(json.dumps(_wrong({**manifest, "config": "broken"}, shape)))
+    (broken / "manifest.json").write_text(
+        json.dumps(_wrong({**manifest, "config": "broken"}, shape))
+    )
     before = _tree(broken)
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     assert f"skipping {broken} in the report" in _err(capsys)
     links = _index_links(out)
-    assert "tiny-gpt2/layernorm_again/index.html" in links and "tiny-gpt2/layernorm/index.html" in links
+    assert (
+        "tiny-gpt2/layernorm_again/index.html" in links
+        and "tiny-gpt2/layernorm/index.html" in links
+    )
     assert not any("broken" in link for link in links)
     assert _tree(broken) == before
 
 
 # 12. A swap interrupted between its renames.
-def test_a_swap_killed_between_its_renames_is_undone_by_any_later_run(out: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_a_swap_killed_between_its_renames_is_undone_by_any_later_run(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
     before = _tree(run_dir)
     # What kill -9 after the first rename leaves: the config's run moved aside, nothing in its place.
@@ -152,14 +183,18 @@ def test_a_swap_killed_between_its_renames_is_undone_by_any_later_run(out: Path,
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     after = _tree(run_dir)
-    assert {name: data for name, data in after.items() if name != "index.html"} == {name: data for name, data in before.items() if name != "index.html"}
+    assert {name: data for name, data in after.items() if name != "index.html"} == {
+        name: data for name, data in before.items() if name != "index.html"
+    }
     assert not list((out / "tiny-gpt2").glob(".*"))
     assert "tiny-gpt2/layernorm/index.html" in _index_links(out)
     for link in _index_links(out):
         assert (out / link.split("#")[0]).exists(), link
 
 
-def test_a_swap_killed_after_its_second_rename_keeps_the_new_run(out: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_a_swap_killed_after_its_second_rename_keeps_the_new_run(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
     shutil.copytree(run_dir, run_dir.with_name(".layernorm.previous"))
     (run_dir / "metrics.json").write_text('{"new": 1}\n')
@@ -167,11 +202,18 @@ def test_a_swap_killed_after_its_second_rename_keeps_the_new_run(out: Path, tiny
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     assert (run_dir / "metrics.json").read_text() == '{"new": 1}\n'
-    assert {k: v for k, v in _tree(run_dir).items() if k != "index.html"} == {k: v for k, v in before.items() if k != "index.html"}
+    assert {k: v for k, v in _tree(run_dir).items() if k != "index.html"} == {
+        k: v for k, v in before.items() if k != "index.html"
+    }
     assert not list((out / "tiny-gpt2").glob(".*"))
 
 
-def test_ctrl_c_inside_the_swap_waits_for_its_end(out: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_inside_the_swap_waits_for_its_end(
+    out: Path,
+    tiny_gpt2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     real_replace = os.replace
     calls: list[str] = []
 
@@ -182,7 +224,9 @@ def test_ctrl_c_inside_the_swap_waits_for_its_end(out: Path, tiny_gpt2_dir: Path
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(outputs.os, "replace", replace_then_ctrl_c)
-    status = main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=3"])
+    status = main(
+        ["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=3"]
+    )
     assert status == 130 and "interrupted" in capsys.readouterr().err
     assert ".layernorm.previous" in calls  # the Ctrl-C did arrive inside the window
     manifest = json.loads((out / "tiny-gpt2" / "layernorm" / "manifest.json").read_text())
@@ -191,7 +235,9 @@ def test_ctrl_c_inside_the_swap_waits_for_its_end(out: Path, tiny_gpt2_dir: Path
 
 
 # 13. A file or a link where a run folder goes.
-def test_a_file_where_the_run_goes_is_refused(out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_file_where_the_run_goes_is_refused(
+    out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (out / "tiny-gpt2" / "mlp").write_text("my notes")
     before = _tree(out)
     assert main(["run", "mlp", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 2
@@ -201,7 +247,9 @@ def test_a_file_where_the_run_goes_is_refused(out: Path, tiny_gpt2_dir: Path, ca
 
 
 @pytest.mark.parametrize("where", ["model folder", "run folder"])
-def test_a_link_where_runs_go_is_refused_and_never_followed(where: str, out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_link_where_runs_go_is_refused_and_never_followed(
+    where: str, out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     outside = tmp_path / "outside"
     if where == "model folder":
         shutil.move(out / "tiny-gpt2", outside)
@@ -217,7 +265,9 @@ def test_a_link_where_runs_go_is_refused_and_never_followed(where: str, out: Pat
     assert _tree(out) == before and _tree(outside) == before_outside
 
 
-def test_a_run_of_another_config_never_writes_through_a_link(out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_of_another_config_never_writes_through_a_link(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     outside = tmp_path / "outside"
     shutil.copytree(out / "tiny-gpt2", outside)
     (outside / "layernorm" / "index.html").write_text("outside --out")
@@ -238,27 +288,59 @@ def two_checkpoints(tiny_gpt2_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     return first, second
 
 
-def test_two_checkpoints_of_one_name_each_get_a_folder(two_checkpoints: tuple[Path, Path], tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_checkpoints_of_one_name_each_get_a_folder(
+    two_checkpoints: tuple[Path, Path],
+    tmp_path: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     first, second = two_checkpoints
     out = tmp_path / "out"
-    assert main(["run", "layernorm", "--model", str(first), "--model", str(second), "--out", str(out)]) == 0
+    assert (
+        main(["run", "layernorm", "--model", str(first), "--model", str(second), "--out", str(out)])
+        == 0
+    )
     assert "wrote 2 run(s)" in _err(capsys)
-    identities = {json.loads((out / folder / "layernorm" / "manifest.json").read_text())["model_identity"] for folder in ("tiny-gpt2", "tiny-gpt2-2")}
+    identities = {
+        json.loads((out / folder / "layernorm" / "manifest.json").read_text())["model_identity"]
+        for folder in ("tiny-gpt2", "tiny-gpt2-2")
+    }
     assert identities == {f"checkpoint {first}", f"checkpoint {second}"}
     assert (out / "compare" / "layernorm.html").is_file()
     # Later, the second alone: it goes to its own folder again; the first's run is untouched.
     kept = _tree(out / "tiny-gpt2" / "layernorm")
     kept.pop("index.html")
-    assert main(["run", "layernorm", "--model", str(second), "--out", str(out), "--set", "seed=2"]) == 0
-    assert json.loads((out / "tiny-gpt2-2" / "layernorm" / "manifest.json").read_text())["seed"] == 2
+    assert (
+        main(["run", "layernorm", "--model", str(second), "--out", str(out), "--set", "seed=2"])
+        == 0
+    )
+    assert (
+        json.loads((out / "tiny-gpt2-2" / "layernorm" / "manifest.json").read_text())["seed"] == 2
+    )
     after = _tree(out / "tiny-gpt2" / "layernorm")
     after.pop("index.html")
     assert after == kept
 
 
-def test_one_model_named_twice_runs_once(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_model_named_twice_runs_once(
+    tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
-    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--model", f"{tiny_gpt2_dir}/", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "layernorm",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--model",
+                f"{tiny_gpt2_dir}/",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "wrote 1 run(s)" in _err(capsys)
     assert sorted(path.name for path in out.iterdir()) == ["index.html", "tiny-gpt2"]
 
@@ -269,23 +351,44 @@ def test_a_fallback_never_takes_the_folder_of_the_model_it_stands_in_with(tmp_pa
 
     def loaded(requested: str, fallback_reason: str | None) -> LoadedModel:
         record = object.__new__(LoadedModel)  # what model_identity reads; no weights needed
-        for name, value in {"requested": requested, "name": "smollm2-135m", "slug": "smollm2-135m", "fallback_reason": fallback_reason}.items():
+        for name, value in {
+            "requested": requested,
+            "name": "smollm2-135m",
+            "slug": "smollm2-135m",
+            "fallback_reason": fallback_reason,
+        }.items():
             object.__setattr__(record, name, value)
         return record
 
-    genuine, standing_in = model_identity(loaded("smollm2-135m", None)), model_identity(loaded("gpt2", "gpt2 unavailable"))
-    assert genuine == "bundled smollm2-135m" and standing_in == "bundled smollm2-135m standing in for hub gpt2"
+    genuine, standing_in = (
+        model_identity(loaded("smollm2-135m", None)),
+        model_identity(loaded("gpt2", "gpt2 unavailable")),
+    )
+    assert (
+        genuine == "bundled smollm2-135m"
+        and standing_in == "bundled smollm2-135m standing in for hub gpt2"
+    )
     out = tmp_path / "out"
     run_dir = out / "smollm2-135m" / "embeddings"
     run_dir.mkdir(parents=True)
-    manifest = {"config": "embeddings", "title": "t", "resolved_config": {"experiment": "embeddings"}, "model": {"used": "smollm2-135m", "label": "smollm2-135m"}}
+    manifest = {
+        "config": "embeddings",
+        "title": "t",
+        "resolved_config": {"experiment": "embeddings"},
+        "model": {"used": "smollm2-135m", "label": "smollm2-135m"},
+    }
     (run_dir / "manifest.json").write_text(json.dumps({**manifest, "model_identity": genuine}))
     assert outputs.model_folder(out, "smollm2-135m", standing_in, {}) == "smollm2-135m-2"
     assert outputs.model_folder(out, "smollm2-135m", genuine, {}) == "smollm2-135m"
     taken: dict[str, str] = {}
-    assert [outputs.model_folder(tmp_path / "empty", "m", identity, taken) for identity in ("a", "b", "a")] == ["m", "m-2", "m"]
+    assert [
+        outputs.model_folder(tmp_path / "empty", "m", identity, taken)
+        for identity in ("a", "b", "a")
+    ] == ["m", "m-2", "m"]
     # The report's own folders are never a model's, whatever the model is called.
-    assert [outputs.model_folder(tmp_path / "empty", name, "c", {}) for name in ("compare", "assets")] == ["compare-2", "assets-2"]
+    assert [
+        outputs.model_folder(tmp_path / "empty", name, "c", {}) for name in ("compare", "assets")
+    ] == ["compare-2", "assets-2"]
 
 
 # 15. Output-folder faults: a clear message before computing, or nothing half-published.
@@ -300,7 +403,12 @@ def test_a_fallback_never_takes_the_folder_of_the_model_it_stands_in_with(tmp_pa
     ],
 )
 def test_the_wrong_thing_in_the_pages_place_is_refused_before_loading(
-    what: str, fragment: str, out: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    what: str,
+    fragment: str,
+    out: Path,
+    tiny_gpt2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from unraveled import runner
 
@@ -319,7 +427,9 @@ def test_the_wrong_thing_in_the_pages_place_is_refused_before_loading(
     else:
         shutil.rmtree(out / "tiny-gpt2")
         (out / "tiny-gpt2").symlink_to(out / "nowhere")
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing --out"))
+    monkeypatch.setattr(
+        runner, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing --out")
+    )
     before = _tree(out)
     assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 2
     message = _err(capsys)
@@ -327,7 +437,9 @@ def test_the_wrong_thing_in_the_pages_place_is_refused_before_loading(
     assert _tree(out) == before
 
 
-def test_an_interrupted_page_rebuild_is_finished_by_the_next_run(out: Path, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_an_interrupted_page_rebuild_is_finished_by_the_next_run(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
     # What a kill during the rebuild leaves: the run without its page, a temporary file of a dead process.
     (run_dir / "index.html").unlink()
@@ -335,11 +447,15 @@ def test_an_interrupted_page_rebuild_is_finished_by_the_next_run(out: Path, tiny
     (run_dir / ".index.html.tmp-999999999-efgh").write_text("<html>half")
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
-    assert (run_dir / "index.html").is_file() and "tiny-gpt2/layernorm/index.html" in _index_links(out)
+    assert (run_dir / "index.html").is_file() and "tiny-gpt2/layernorm/index.html" in _index_links(
+        out
+    )
     assert not [path for path in out.rglob(".*tmp-*")]
 
 
-def test_a_start_that_is_refused_still_rebuilds_what_an_interrupted_rebuild_left(out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_start_that_is_refused_still_rebuilds_what_an_interrupted_rebuild_left(
+    out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
     page = (run_dir / "index.html").read_bytes()
     (run_dir / "index.html").unlink()
@@ -349,16 +465,39 @@ def test_a_start_that_is_refused_still_rebuilds_what_an_interrupted_rebuild_left
     manifest = json.loads((run_dir / "manifest.json").read_text())
     (unlisted / "manifest.json").write_text(json.dumps({**manifest, "config": "unlisted"}))
     assert "tiny-gpt2/unlisted/index.html" not in _index_links(out)
-    assert main(["run", "attention", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "params.head=9"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "attention",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+                "--set",
+                "params.head=9",
+            ]
+        )
+        == 2
+    )
     assert (run_dir / "index.html").is_file() and (unlisted / "index.html").is_file()
     assert "tiny-gpt2/unlisted/index.html" in _index_links(out)
 
 
-def test_an_unwritable_model_folder_is_refused_before_computing(out: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unwritable_model_folder_is_refused_before_computing(
+    out: Path,
+    tiny_gpt2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     model_dir = out / "tiny-gpt2"
     real_access = os.access
     # Root writes anywhere; a read-only mount is what an ordinary user's read-only folder looks like to root.
-    monkeypatch.setattr(outputs.os, "access", lambda path, mode, **k: False if Path(path) == model_dir else real_access(path, mode, **k))
+    monkeypatch.setattr(
+        outputs.os,
+        "access",
+        lambda path, mode, **k: False if Path(path) == model_dir else real_access(path, mode, **k),
+    )
     before = _tree(out)
     assert main(["run", "mlp", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 2
     message = _err(capsys)
@@ -366,7 +505,12 @@ def test_an_unwritable_model_folder_is_refused_before_computing(out: Path, tiny_
     assert _tree(out) == before
 
 
-def test_a_full_disk_publishes_nothing_and_says_so(out: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_full_disk_publishes_nothing_and_says_so(
+    out: Path,
+    tiny_gpt2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from unraveled import runner
 
     real = runner.outputs.write_json
@@ -378,9 +522,27 @@ def test_a_full_disk_publishes_nothing_and_says_so(out: Path, tiny_gpt2_dir: Pat
 
     monkeypatch.setattr(runner.outputs, "write_json", full)
     before = _tree(out)
-    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=9"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "layernorm",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+                "--set",
+                "seed=9",
+            ]
+        )
+        == 1
+    )
     message = _err(capsys)
-    assert "No space left on device" in message and "nothing of this run was published" in message and "Traceback" not in message
+    assert (
+        "No space left on device" in message
+        and "nothing of this run was published" in message
+        and "Traceback" not in message
+    )
     assert _tree(out) == before
 
 
@@ -390,7 +552,9 @@ def _mount_or_skip(*args: str) -> None:
         pytest.skip(f"can't mount a small tmpfs here: {done.stderr.strip()}")
 
 
-def test_a_read_only_model_folder_is_refused_before_computing(out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_read_only_model_folder_is_refused_before_computing(
+    out: Path, tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model_dir = out / "tiny-gpt2"
     runs = tmp_path / "runs"
     shutil.move(model_dir, runs)
@@ -420,19 +584,43 @@ def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_really_full_disk_publishes_nothing_and_says_so(tiny_filesystem: Path, published: Path, tiny_gpt2_dir: Path, warm_weight_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_really_full_disk_publishes_nothing_and_says_so(
+    tiny_filesystem: Path,
+    published: Path,
+    tiny_gpt2_dir: Path,
+    warm_weight_cache: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tiny_filesystem / "out"
     shutil.copytree(published, out)
     free = shutil.disk_usage(tiny_filesystem).free
-    (tiny_filesystem / "filler").write_bytes(b"\0" * max(free - 64 * 1024, 0))  # 64 KB left: less than a run
+    (tiny_filesystem / "filler").write_bytes(
+        b"\0" * max(free - 64 * 1024, 0)
+    )  # 64 KB left: less than a run
     before = _tree(out)
-    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=9"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "layernorm",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+                "--set",
+                "seed=9",
+            ]
+        )
+        == 1
+    )
     message = _err(capsys)
     assert "No space left on device" in message and "Traceback" not in message
     assert _tree(out) == before
 
 
-def test_a_second_store_of_one_cache_entry_keeps_the_first(tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_second_store_of_one_cache_entry_keeps_the_first(
+    tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from unraveled.models import weight_cache as cache
 
     real_replace = os.replace
@@ -446,7 +634,10 @@ def test_a_second_store_of_one_cache_entry_keeps_the_first(tiny_gpt2_dir: Path, 
         real_replace(source, destination)
 
     monkeypatch.setattr(cache.os, "replace", another_run_stores_first)
-    assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out")])
+        == 0
+    )
     assert stored and cache.has_entry(stored[0].name)
     assert not [path for path in stored[0].parent.iterdir() if path.name.startswith(".")]
 
@@ -455,21 +646,53 @@ def test_two_first_time_runs_of_one_model_at_once(tiny_gpt2_dir: Path, tmp_path:
     env = {"UNRAVELED_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "unraveled", "run", "layernorm", "--model", str(tiny_gpt2_dir)]
     full_env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", **env}
-    runs = [subprocess.Popen([*args, "--out", str(tmp_path / f"out{number}")], env=full_env, stderr=subprocess.PIPE, text=True) for number in (1, 2)]
+    runs = [
+        subprocess.Popen(
+            [*args, "--out", str(tmp_path / f"out{number}")],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for number in (1, 2)
+    ]
     results = [(run.wait(timeout=600), run.stderr.read() if run.stderr else "") for run in runs]
     assert [status for status, _ in results] == [0, 0], results
-    assert all((tmp_path / f"out{number}" / "tiny-gpt2" / "layernorm" / "manifest.json").is_file() for number in (1, 2))
+    assert all(
+        (tmp_path / f"out{number}" / "tiny-gpt2" / "layernorm" / "manifest.json").is_file()
+        for number in (1, 2)
+    )
 
 
-def test_two_runs_into_one_folder_at_once_both_reach_the_index(tiny_gpt2_dir: Path, tmp_path: Path, shared_weight_cache_dir: Path) -> None:
+def test_two_runs_into_one_folder_at_once_both_reach_the_index(
+    tiny_gpt2_dir: Path, tmp_path: Path, shared_weight_cache_dir: Path
+) -> None:
     configs = tmp_path / "configs"
     names = ["first", "second"]
     for name in names:
         _config_named(configs, name)
     out = tmp_path / "out"
-    full_env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "UNRAVELED_CACHE": str(shared_weight_cache_dir)}
+    full_env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "UNRAVELED_CACHE": str(shared_weight_cache_dir),
+    }
     runs = [
-        subprocess.Popen([sys.executable, "-m", "unraveled", "run", str(configs / f"{name}.yaml"), "--model", str(tiny_gpt2_dir), "--out", str(out)], env=full_env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "unraveled",
+                "run",
+                str(configs / f"{name}.yaml"),
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+            ],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in names
     ]
     results = [(run.wait(timeout=600), run.stderr.read() if run.stderr else "") for run in runs]
@@ -479,21 +702,45 @@ def test_two_runs_into_one_folder_at_once_both_reach_the_index(tiny_gpt2_dir: Pa
 
 
 # 18. Waiting for another process's lock, saying so.
-def test_a_run_waiting_for_a_lock_says_who_holds_it(out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_waiting_for_a_lock_says_who_holds_it(
+    out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)"],
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, os, sys, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.perf_counter()
-        assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=1"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "layernorm",
+                    "--model",
+                    str(tiny_gpt2_dir),
+                    "--out",
+                    str(out),
+                    "--set",
+                    "seed=1",
+                ]
+            )
+            == 0
+        )
         assert time.perf_counter() - started > 1
     finally:
         holder.wait(timeout=30)
     message = _err(capsys)
-    assert f"waiting for pid {holder.pid} (" in message and "import fcntl" in message and f"holds the lock on {out}" in message
+    assert (
+        f"waiting for pid {holder.pid} (" in message
+        and "import fcntl" in message
+        and f"holds the lock on {out}" in message
+    )
     assert "got the lock" in message
 
 
@@ -505,7 +752,11 @@ def test_a_page_rebuild_waits_for_another_runs_rebuild(out: Path, tmp_path: Path
     from unraveled.render.pages import write_pages
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl, os, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)"],
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, os, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -45,13 +45,29 @@ def _hand_built(tiny_gpt2_dir: Path, attn_only: bool) -> HookedTransformer:
     """A model without any norm: the logit difference is linear in the last block's outputs and in
     the final residual stream."""
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50257, n_ctx=64, act_fn="gelu",
-        normalization_type=None, attn_only=attn_only, seed=1, initializer_range=0.3,  # large weights: far from linear
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=50257,
+        n_ctx=64,
+        act_fn="gelu",
+        normalization_type=None,
+        attn_only=attn_only,
+        seed=1,
+        initializer_range=0.3,  # large weights: far from linear
     )
-    return HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir)).eval().requires_grad_(False)
+    return (
+        HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir))
+        .eval()
+        .requires_grad_(False)
+    )
 
 
-def _plain_patched_differences(model: HookedTransformer, tokens: torch.Tensor, pairs, patch: Patch, source) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _plain_patched_differences(
+    model: HookedTransformer, tokens: torch.Tensor, pairs, patch: Patch, source
+) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """The patch applied the plainest way: the whole model from the corrupted tokens, one hook."""
 
     def hook(activation: torch.Tensor, hook) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -80,9 +96,19 @@ def test_exact_patches_match_a_plain_hooked_run(loaded: HookedTransformer) -> No
         Patch("blocks.1.attn.hook_z", head=2),
         Patch("blocks.0.hook_mlp_out"),
         Patch("blocks.1.hook_resid_pre", positions=batch.roles["S2"]),
-        Patch("blocks.0.hook_resid_pre", positions=batch.roles["IO"]),  # before the prompts differ: changes nothing
+        Patch(
+            "blocks.0.hook_resid_pre", positions=batch.roles["IO"]
+        ),  # before the prompts differ: changes nothing
     ]
-    ours = patched_logit_differences(loaded, pairs, [[p] for p in patches] + [[]], clean_cache, "corrupted", corrupted_cache, max_rows=8)
+    ours = patched_logit_differences(
+        loaded,
+        pairs,
+        [[p] for p in patches] + [[]],
+        clean_cache,
+        "corrupted",
+        corrupted_cache,
+        max_rows=8,
+    )
     for row, patch in enumerate(patches):
         expected = _plain_patched_differences(loaded, pairs.corrupted, pairs, patch, clean_cache)
         torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
@@ -106,11 +132,17 @@ def test_restoring_the_whole_residual_stream_gives_the_clean_run(loaded: HookedT
 
 
 @pytest.mark.parametrize("attn_only", [True, False])
-def test_attribution_is_exact_where_the_metric_is_linear(tiny_gpt2_dir: Path, attn_only: bool) -> None:
+def test_attribution_is_exact_where_the_metric_is_linear(
+    tiny_gpt2_dir: Path, attn_only: bool
+) -> None:
     model = _hand_built(tiny_gpt2_dir, attn_only)
     batch = ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=0)
     pairs, groups = batch.tokens, [batch.roles[role] for role in ROLES]
-    hooks = patchable_hooks(model) if not attn_only else [h for h in patchable_hooks(model) if "mlp" not in h]
+    hooks = (
+        patchable_hooks(model)
+        if not attn_only
+        else [h for h in patchable_hooks(model) if "mlp" not in h]
+    )
     _, clean_cache = run_cache(model, pairs, "clean", hooks)
     _, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     base, estimates = attribution(model, pairs, hooks, clean_cache, base="corrupted")
@@ -120,47 +152,86 @@ def test_attribution_is_exact_where_the_metric_is_linear(tiny_gpt2_dir: Path, at
     heads, mlps, residual = estimates_per_component(model, estimates, groups)
 
     def exact(sets):  # type: ignore[no-untyped-def]
-        return (patched_logit_differences(model, pairs, sets, clean_cache, "corrupted", corrupted_cache) - base).mean(-1)
+        return (
+            patched_logit_differences(model, pairs, sets, clean_cache, "corrupted", corrupted_cache)
+            - base
+        ).mean(-1)
 
     last = model.cfg.n_layers - 1
-    torch.testing.assert_close(residual[-1], exact(residual_patches(model, groups)[-len(groups):]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        residual[-1], exact(residual_patches(model, groups)[-len(groups) :]), atol=1e-4, rtol=1e-4
+    )
     if attn_only:  # a last-layer head writes straight to the logits
-        torch.testing.assert_close(heads[last], exact(head_patches(model)[-model.cfg.n_heads :]), atol=1e-4, rtol=1e-4)
-        nonlinear = heads[0], exact(head_patches(model)[: model.cfg.n_heads])  # through the next layer's softmax
+        torch.testing.assert_close(
+            heads[last], exact(head_patches(model)[-model.cfg.n_heads :]), atol=1e-4, rtol=1e-4
+        )
+        nonlinear = (
+            heads[0],
+            exact(head_patches(model)[: model.cfg.n_heads]),
+        )  # through the next layer's softmax
     else:  # the last MLP writes straight to the logits
-        torch.testing.assert_close(mlps[last : last + 1], exact(mlp_patches(model)[-1:]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            mlps[last : last + 1], exact(mlp_patches(model)[-1:]), atol=1e-4, rtol=1e-4
+        )
         nonlinear = mlps[:1], exact(mlp_patches(model)[:1])
     estimate, truth = nonlinear
-    assert (estimate - truth).abs().max() > 0.01 * truth.abs().max()  # further from the logits, only an estimate
+    assert (
+        estimate - truth
+    ).abs().max() > 0.01 * truth.abs().max()  # further from the logits, only an estimate
 
 
 def test_edge_scores_add_up_to_each_components_own_attribution(loaded: HookedTransformer) -> None:
     pairs = ioi_batch(loaded, IOIParams(n_pairs=N_PAIRS), seed=2).tokens
     n_layers = loaded.cfg.n_layers
-    hooks = ["hook_embed", *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else [])]
-    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    hooks = [
+        "hook_embed",
+        *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else []),
+    ]
+    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [
+        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)
+    ]
     _, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
-    settings = (loaded.cfg.use_split_qkv_input, loaded.cfg.use_hook_mlp_in, loaded.cfg.ungroup_grouped_query_attention)
+    settings = (
+        loaded.cfg.use_split_qkv_input,
+        loaded.cfg.use_hook_mlp_in,
+        loaded.cfg.ungroup_grouped_query_attention,
+    )
     scores = edge_attribution(loaded, pairs, corrupted_cache, base="clean")
-    assert (loaded.cfg.use_split_qkv_input, loaded.cfg.use_hook_mlp_in, loaded.cfg.ungroup_grouped_query_attention) == settings
+    assert (
+        loaded.cfg.use_split_qkv_input,
+        loaded.cfg.use_hook_mlp_in,
+        loaded.cfg.ungroup_grouped_query_attention,
+    ) == settings
     n_heads = loaded.cfg.n_heads
     assert len(scores.upstream) == 1 + n_layers * (n_heads + 1)
     assert len(scores.downstream) == n_layers * (3 * n_heads + 1) + 1
     # Components only feed later ones: head 1.0 reads nothing from layer 1, MLP 0 reads head 0.x.
-    assert torch.isnan(scores.scores[scores.upstream.index("1.0"), scores.downstream.index("1.2.q")])
-    assert not torch.isnan(scores.scores[scores.upstream.index("0.3"), scores.downstream.index("m0")])
+    assert torch.isnan(
+        scores.scores[scores.upstream.index("1.0"), scores.downstream.index("1.2.q")]
+    )
+    assert not torch.isnan(
+        scores.scores[scores.upstream.index("0.3"), scores.downstream.index("m0")]
+    )
     # Independent route: the plain attribution of each head's z and each MLP's output.
     _, own = attribution(loaded, pairs, hooks, corrupted_cache, base="clean")
     for layer in range(n_layers):
         for head in range(n_heads):
             expected = own[f"blocks.{layer}.attn.hook_z"][:, :, head].sum() / pairs.size
-            assert float(scores.nodes[scores.upstream.index(f"{layer}.{head}")]) == pytest.approx(float(expected), abs=1e-5)
+            assert float(scores.nodes[scores.upstream.index(f"{layer}.{head}")]) == pytest.approx(
+                float(expected), abs=1e-5
+            )
         expected = own[f"blocks.{layer}.hook_mlp_out"].sum() / pairs.size
-        assert float(scores.nodes[scores.upstream.index(f"m{layer}")]) == pytest.approx(float(expected), abs=1e-5)
-    torch.testing.assert_close(torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4)
+        assert float(scores.nodes[scores.upstream.index(f"m{layer}")]) == pytest.approx(
+            float(expected), abs=1e-5
+        )
+    torch.testing.assert_close(
+        torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4
+    )
 
 
-def _closed_form_edge_scores(model: HookedTransformer, pairs: PromptPairs) -> dict[tuple[str, str], float]:
+def _closed_form_edge_scores(
+    model: HookedTransformer, pairs: PromptPairs
+) -> dict[tuple[str, str], float]:
     """Edge scores of a one-layer model without norms or MLP, by hand in float64 numpy.
 
     The metric at the last position L is M = (x_L + sum_h sum_j A_hj (x_j W_V + b_V) W_O + b_O) . d,
@@ -171,21 +242,37 @@ def _closed_form_edge_scores(model: HookedTransformer, pairs: PromptPairs) -> di
     embeddings' change (corrupted - clean) dotted with the gradient, summed over positions; a head's
     edge to the logits is its output's change at L dotted with d. Mean over prompts.
     """
-    weights = {name: getattr(model, name).detach().double().numpy() for name in ("W_E", "W_pos", "W_U")}
+    weights = {
+        name: getattr(model, name).detach().double().numpy() for name in ("W_E", "W_pos", "W_U")
+    }
     attn = model.blocks[0].attn
-    W_Q, W_K, W_V, W_O = (getattr(attn, name).detach().double().numpy() for name in ("W_Q", "W_K", "W_V", "W_O"))
-    b_Q, b_K, b_V = (getattr(attn, name).detach().double().numpy() for name in ("b_Q", "b_K", "b_V"))
+    W_Q, W_K, W_V, W_O = (
+        getattr(attn, name).detach().double().numpy() for name in ("W_Q", "W_K", "W_V", "W_O")
+    )
+    b_Q, b_K, b_V = (
+        getattr(attn, name).detach().double().numpy() for name in ("b_Q", "b_K", "b_V")
+    )
     scale = np.sqrt(model.cfg.d_head)
     scores: dict[tuple[str, str], float] = defaultdict(float)
     for row in range(pairs.size):
         last = int(pairs.last[row])
-        d = weights["W_U"][:, int(pairs.correct[row])] - weights["W_U"][:, int(pairs.incorrect[row])]
-        x, x_corrupted = ((weights["W_E"][tokens[row, : last + 1].numpy()] + weights["W_pos"][: last + 1]) for tokens in (pairs.clean, pairs.corrupted))
+        d = (
+            weights["W_U"][:, int(pairs.correct[row])]
+            - weights["W_U"][:, int(pairs.incorrect[row])]
+        )
+        x, x_corrupted = (
+            (weights["W_E"][tokens[row, : last + 1].numpy()] + weights["W_pos"][: last + 1])
+            for tokens in (pairs.clean, pairs.corrupted)
+        )
         delta = x_corrupted - x
         for head in range(model.cfg.n_heads):
             outputs = []
             for inputs in (x, x_corrupted):
-                q, k, v = inputs[last] @ W_Q[head] + b_Q[head], inputs @ W_K[head] + b_K[head], inputs @ W_V[head] + b_V[head]
+                q, k, v = (
+                    inputs[last] @ W_Q[head] + b_Q[head],
+                    inputs @ W_K[head] + b_K[head],
+                    inputs @ W_V[head] + b_V[head],
+                )
                 s = k @ q / scale
                 a = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
                 outputs.append((a, q, k, (v @ W_O[head]) @ d, (a @ v) @ W_O[head]))
@@ -208,10 +295,23 @@ def test_edge_scores_match_a_closed_form_per_query_key_and_value_input(tiny_gpt2
     the last position) has an effect of its own beside the key and value paths. Swapping two of a
     head's input labels, or two heads, moves a value into the wrong column."""
     cfg = HookedTransformerConfig(
-        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=16, d_vocab=50257, n_ctx=64, act_fn="gelu",
-        normalization_type=None, seed=3, initializer_range=0.4,
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=16,
+        d_vocab=50257,
+        n_ctx=64,
+        act_fn="gelu",
+        normalization_type=None,
+        seed=3,
+        initializer_range=0.4,
     )
-    model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir)).eval().requires_grad_(False)
+    model = (
+        HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir))
+        .eval()
+        .requires_grad_(False)
+    )
     for name in ("W_in", "b_in", "W_out", "b_out"):
         getattr(model.blocks[0].mlp, name).zero_()
     generator = torch.Generator().manual_seed(0)
@@ -219,19 +319,30 @@ def test_edge_scores_match_a_closed_form_per_query_key_and_value_input(tiny_gpt2
     corrupted = clean.clone()
     corrupted[:, 3] = torch.randint(0, cfg.d_vocab, (2,), generator=generator)
     corrupted[:, -1] = torch.randint(0, cfg.d_vocab, (2,), generator=generator)
-    pairs = PromptPairs(clean, corrupted, torch.tensor([6, 6]), torch.tensor([11, 22]), torch.tensor([33, 44]))
+    pairs = PromptPairs(
+        clean, corrupted, torch.tensor([6, 6]), torch.tensor([11, 22]), torch.tensor([33, 44])
+    )
     hooks = ["hook_embed", "hook_pos_embed", "blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"]
     _, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     found = edge_attribution(model, pairs, corrupted_cache, base="clean")
     expected = _closed_form_edge_scores(model, pairs)
     for (upstream, downstream), value in expected.items():
-        ours = float(found.scores[found.upstream.index(upstream), found.downstream.index(downstream)])
+        ours = float(
+            found.scores[found.upstream.index(upstream), found.downstream.index(downstream)]
+        )
         assert ours == pytest.approx(value, rel=1e-3, abs=1e-5), (upstream, downstream)
     # The paths' effects differ enough that any swap of two labels would be seen.
-    values = sorted(abs(value) for key, value in expected.items() if key[0] == "embed" and key[1] != "logits")
-    assert values[0] > 1e-3 and min(b - a for a, b in zip(values, values[1:])) > 1e-3 + 1e-3 * values[-1]
+    values = sorted(
+        abs(value) for key, value in expected.items() if key[0] == "embed" and key[1] != "logits"
+    )
+    assert (
+        values[0] > 1e-3
+        and min(b - a for a, b in zip(values, values[1:])) > 1e-3 + 1e-3 * values[-1]
+    )
     # The MLP reads nothing and writes nothing.
-    assert float(found.scores[found.upstream.index("embed"), found.downstream.index("m0")]) == pytest.approx(0.0, abs=1e-7)
+    assert float(
+        found.scores[found.upstream.index("embed"), found.downstream.index("m0")]
+    ) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> None:
@@ -239,9 +350,16 @@ def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> No
     corrupted): two different routes through the model must agree."""
     pairs = ioi_batch(loaded, IOIParams(n_pairs=3), seed=3).tokens
     n_layers = loaded.cfg.n_layers
-    hooks = ["hook_embed", *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else [])]
-    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
-    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    hooks = [
+        "hook_embed",
+        *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else []),
+    ]
+    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [
+        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)
+    ]
+    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
     clean_logits, _ = run_cache(loaded, pairs, "clean", [])
     corrupted_logits, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
     scores = edge_attribution(loaded, pairs, corrupted_cache, base="clean")
@@ -252,11 +370,26 @@ def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> No
     for keep in keep_sets:
         rows = torch.tensor([name in keep for name in scores.upstream])
         node_masks.append(valid & rows[:, None])
-    ours = edge_circuit_logit_differences(loaded, pairs, corrupted_cache, torch.cat([masks, torch.stack(node_masks)]))
+    ours = edge_circuit_logit_differences(
+        loaded, pairs, corrupted_cache, torch.cat([masks, torch.stack(node_masks)])
+    )
     rows = torch.arange(pairs.size)
-    torch.testing.assert_close(ours[0], corrupted_logits[rows, pairs.correct] - corrupted_logits[rows, pairs.incorrect], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours[1], clean_logits[rows, pairs.correct] - clean_logits[rows, pairs.incorrect], atol=1e-4, rtol=1e-4)
-    node_sets = [[p for name in scores.upstream if name not in keep for p in component_patches(name, loaded)] for keep in keep_sets]
+    torch.testing.assert_close(
+        ours[0],
+        corrupted_logits[rows, pairs.correct] - corrupted_logits[rows, pairs.incorrect],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    torch.testing.assert_close(
+        ours[1],
+        clean_logits[rows, pairs.correct] - clean_logits[rows, pairs.incorrect],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    node_sets = [
+        [p for name in scores.upstream if name not in keep for p in component_patches(name, loaded)]
+        for keep in keep_sets
+    ]
     expected = patched_logit_differences(loaded, pairs, node_sets, corrupted_cache, base="clean")
     torch.testing.assert_close(ours[2:], expected, atol=1e-4, rtol=1e-4)
 
@@ -264,7 +397,13 @@ def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> No
 def test_answer_summary_scores_each_prompt_set_against_its_own_answer() -> None:
     """Hand-made last-token logits of three prompts: the shares counted by hand."""
     zeros = torch.zeros(3, 4, dtype=torch.long)
-    pairs = PromptPairs(zeros, zeros, torch.full((3,), 3), correct=torch.tensor([1, 1, 2]), incorrect=torch.tensor([2, 3, 1]))
+    pairs = PromptPairs(
+        zeros,
+        zeros,
+        torch.full((3,), 3),
+        correct=torch.tensor([1, 1, 2]),
+        incorrect=torch.tensor([2, 3, 1]),
+    )
     logits = torch.tensor(
         [
             [0.0, 1.0, 3.0, 0.0, 0.0],  # prefers the incorrect answer (2), its top prediction
@@ -273,8 +412,16 @@ def test_answer_summary_scores_each_prompt_set_against_its_own_answer() -> None:
         ]
     )
     assert answer_summary(logits, pairs) == pytest.approx(
-        {"mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3, "share_correct_over_incorrect": 1 / 3, "share_correct_is_top_prediction": 0.0}
+        {
+            "mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3,
+            "share_correct_over_incorrect": 1 / 3,
+            "share_correct_is_top_prediction": 0.0,
+        }
     )
     assert answer_summary(logits, pairs, answer="incorrect") == pytest.approx(
-        {"mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3, "share_incorrect_over_correct": 2 / 3, "share_incorrect_is_top_prediction": 2 / 3}
+        {
+            "mean_logit_difference": (-2.0 + 1.0 - 3.0) / 3,
+            "share_incorrect_over_correct": 2 / 3,
+            "share_incorrect_is_top_prediction": 2 / 3,
+        }
     )

@@ -44,8 +44,24 @@ def _free_port() -> int:
 
 
 def _atlas_args(model: Path, corpus: Path, out: Path, *settings: str) -> list[str]:
-    small = ["params.engine=ray", f"params.corpus=[{corpus}]", "params.context_tokens=16", "params.max_tokens=96", "params.top_k=4", "params.browser_samples=2", *settings]
-    return ["run", "corpus_atlas", "--model", str(model), "--out", str(out), *(arg for setting in small for arg in ("--set", setting))]
+    small = [
+        "params.engine=ray",
+        f"params.corpus=[{corpus}]",
+        "params.context_tokens=16",
+        "params.max_tokens=96",
+        "params.top_k=4",
+        "params.browser_samples=2",
+        *settings,
+    ]
+    return [
+        "run",
+        "corpus_atlas",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *(arg for setting in small for arg in ("--set", setting)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +90,10 @@ def short_tmp() -> Iterator[Path]:
 @pytest.mark.parametrize(
     ("address", "said"),
     [
-        ("127.0.0.1:1", "connecting to 127.0.0.1:1 failed: Connection refused (tried a TCP connection to 127.0.0.1:1)"),
+        (
+            "127.0.0.1:1",
+            "connecting to 127.0.0.1:1 failed: Connection refused (tried a TCP connection to 127.0.0.1:1)",
+        ),
         ("not an address", "is not an address (tried reading it as an address)"),
         ("http://127.0.0.1:8265", "is a http:// URL (a Ray Jobs or dashboard address?)"),
     ],
@@ -84,19 +103,28 @@ def test_a_dead_or_malformed_ray_address_exits_2_in_seconds_before_the_model_loa
 ) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
     started = time.perf_counter()
-    done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH})
+    done = run_cli(
+        _atlas_args(tiny_gpt2_dir, ray_corpus, out),
+        {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH},
+    )
     seconds = time.perf_counter() - started
 
     assert done.returncode == 2, done.stderr
     assert f"error: RAY_ADDRESS: {address!r}: {said}" in done.stderr
-    assert "params.engine=ray (" in done.stderr and "from --set" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "params.engine=ray (" in done.stderr
+        and "from --set" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert seconds < DEAD_ADDRESS_BUDGET_S, f"{address}: {seconds:.1f} s to the error"
     # Nothing written, and the model never loaded: loading converts it into the weights cache.
     assert not out.exists() and not cache.exists()
     print(f"time to the error for RAY_ADDRESS={address}: {seconds:.2f} s")
 
 
-def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_budget(tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path) -> None:
+def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_budget(
+    tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path
+) -> None:
     # Accepts connections (the kernel completes them) and never says a word, as a wrong service would.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -104,11 +132,17 @@ def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_bu
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         out, cache = tmp_path / "out", tmp_path / "cache"
         started = time.perf_counter()
-        done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH})
+        done = run_cli(
+            _atlas_args(tiny_gpt2_dir, ray_corpus, out),
+            {"RAY_ADDRESS": address, "UNRAVELED_CACHE": str(cache), **NO_AUTH},
+        )
         seconds = time.perf_counter() - started
 
     assert done.returncode == 2, done.stderr
-    assert f"error: RAY_ADDRESS: {address!r}: no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s" in done.stderr
+    assert (
+        f"error: RAY_ADDRESS: {address!r}: no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s"
+        in done.stderr
+    )
     assert f"tried ray.init(address={address!r}) in a child process" in done.stderr
     assert CONNECT_BUDGET_S <= seconds < CONNECT_BUDGET_S + RAY_IMPORT_SLACK_S, f"{seconds:.1f} s"
     assert not out.exists() and not cache.exists()
@@ -118,15 +152,22 @@ def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_bu
 @pytest.mark.parametrize(
     ("prints", "said"),
     [
-        ('print("starting"); print("imported"); print("{not json")', "answered something unreadable: '{not json'"),
+        (
+            'print("starting"); print("imported"); print("{not json")',
+            "answered something unreadable: '{not json'",
+        ),
         ('print("imported"); print("[1, 2]")', "ended without an answer"),
         ('print("imported"); print("{\\"total\\": 3}")', "answered something unreadable"),
     ],
 )
-def test_a_probe_that_prints_garbage_is_an_error_not_a_traceback(prints: str, said: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_probe_that_prints_garbage_is_an_error_not_a_traceback(
+    prints: str, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from unraveled.engines import ray_cluster
 
-    monkeypatch.setattr(ray_cluster, "_PROBE", f"import os\n{prints.replace('; ', chr(10))}\nos._exit(0)\n")
+    monkeypatch.setattr(
+        ray_cluster, "_PROBE", f"import os\n{prints.replace('; ', chr(10))}\nos._exit(0)\n"
+    )
     answer = ray_cluster.probe_cluster("127.0.0.1:9")
     assert said in answer["error"], answer
 
@@ -147,23 +188,40 @@ def _running_gcs() -> list[str]:
             command = process.cmdline()
         except psutil.Error:
             continue
-        if command and (command[0].endswith("gcs_server") or any(part.startswith("--gcs-address") for part in command)):
+        if command and (
+            command[0].endswith("gcs_server")
+            or any(part.startswith("--gcs-address") for part in command)
+        ):
             found.append(" ".join(command)[:80])
     return found
 
 
-def test_ray_address_auto_with_no_cluster_exits_2_before_the_model_loads(tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path) -> None:
+def test_ray_address_auto_with_no_cluster_exits_2_before_the_model_loads(
+    tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path
+) -> None:
     # Ray looks for TMPDIR/ray/ray_current_cluster (isolated here) and for running GCS processes
     # (not isolable: those of anyone on this machine).
     if running := _running_gcs():
         pytest.skip(f"a Ray runs on this machine, which RAY_ADDRESS=auto would find: {running[0]}")
     out, cache = tmp_path / "out", tmp_path / "cache"
-    env = {"RAY_ADDRESS": "auto", "RAY_TMPDIR": str(tmp_path), "TMPDIR": str(tmp_path), "UNRAVELED_CACHE": str(cache), **NO_AUTH}
+    env = {
+        "RAY_ADDRESS": "auto",
+        "RAY_TMPDIR": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "UNRAVELED_CACHE": str(cache),
+        **NO_AUTH,
+    }
     done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), env)
 
     assert done.returncode == 2, done.stderr
-    assert "error: RAY_ADDRESS: 'auto': ConnectionError: Could not find any running Ray instance" in done.stderr
-    assert "tried ray.init(address='auto') in a child process" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "error: RAY_ADDRESS: 'auto': ConnectionError: Could not find any running Ray instance"
+        in done.stderr
+    )
+    assert (
+        "tried ray.init(address='auto') in a child process" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert not out.exists() and not cache.exists()
 
 
@@ -187,17 +245,29 @@ def _alive(process: psutil.Process) -> bool:
     return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
 
 
-def test_a_sweep_stops_the_session_s_ray_processes_and_nothing_else_of_the_user_s(short_tmp: Path) -> None:
+def test_a_sweep_stops_the_session_s_ray_processes_and_nothing_else_of_the_user_s(
+    short_tmp: Path,
+) -> None:
     folder = short_tmp / "unraveled-ray-1-session"
     (folder / "logs").mkdir(parents=True)
     log = folder / "logs" / "raylet.out"
     log.write_text("raylet\n")
-    marked = {**os.environ, SESSION_MARKER: str(folder)}  # as a process another thread started during ray.init
+    marked = {
+        **os.environ,
+        SESSION_MARKER: str(folder),
+    }  # as a process another thread started during ray.init
     shell = _start(["sleep", "60"], cwd=folder, env=marked)  # a user's shell cd'd into the folder
     reader = _start(["tail", "-f", str(log)], env=marked)  # a user reading Ray's log
-    worker = _start(["bash", "-c", "exec -a ray::FakeWorker sleep 60"], env=marked)  # a Ray worker of the session
+    worker = _start(
+        ["bash", "-c", "exec -a ray::FakeWorker sleep 60"], env=marked
+    )  # a Ray worker of the session
     try:
-        _wait_until(lambda: any(opened.path == str(log) for opened in reader.open_files()) and _titled(worker, "ray::FakeWorker"))
+        _wait_until(
+            lambda: (
+                any(opened.path == str(log) for opened in reader.open_files())
+                and _titled(worker, "ray::FakeWorker")
+            )
+        )
         stopped = sweep(str(folder), [shell, reader])  # also as the driver's descendants
 
         assert stopped == 1 and not _alive(worker)
@@ -210,7 +280,9 @@ def test_a_sweep_stops_the_session_s_ray_processes_and_nothing_else_of_the_user_
                 process.wait()
 
 
-def test_an_abandoned_ray_folder_is_swept_only_when_it_is_a_real_folder_of_the_user_s_with_a_dead_driver(short_tmp: Path) -> None:
+def test_an_abandoned_ray_folder_is_swept_only_when_it_is_a_real_folder_of_the_user_s_with_a_dead_driver(
+    short_tmp: Path,
+) -> None:
     finished = subprocess.Popen(["true"])
     finished.wait()
     dead = finished.pid
@@ -224,7 +296,11 @@ def test_an_abandoned_ray_folder_is_swept_only_when_it_is_a_real_folder_of_the_u
     abandoned = short_tmp / f"unraveled-ray-{dead}-abandoned"
     abandoned.mkdir()
     # Ray-looking processes "of" the linked folder: in it, holding a file open there, marked with it.
-    inside = _start(["bash", "-c", "exec -a ray::Victim sleep 60"], cwd=elsewhere, env={**os.environ, SESSION_MARKER: str(link)})
+    inside = _start(
+        ["bash", "-c", "exec -a ray::Victim sleep 60"],
+        cwd=elsewhere,
+        env={**os.environ, SESSION_MARKER: str(link)},
+    )
     try:
         _wait_until(lambda: _titled(inside, "ray::Victim"))
         _remove_abandoned(str(short_tmp))
@@ -245,8 +321,15 @@ def one_cpu_cluster() -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, **NO_AUTH, SESSION_MARKER: folder}
     command = [
-        str(Path(sys.executable).with_name("ray")), "start", "--head", "--num-cpus=1", f"--port={port}", f"--temp-dir={folder}",
-        "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-agent-listen-port={_free_port()}",
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--num-cpus=1",
+        f"--port={port}",
+        f"--temp-dir={folder}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}",
     ]
     try:
         subprocess.run(command, env=env, cwd=folder, check=True, capture_output=True, timeout=180)
@@ -260,26 +343,47 @@ def test_ray_workers_above_what_the_cluster_can_place_run_on_what_it_can(
     one_cpu_cluster: str, tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, weights_cache: Path
 ) -> None:
     env = {"UNRAVELED_CACHE": str(weights_cache), **NO_AUTH}
-    on_ray = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "ray", "params.ray_workers=2"), {"RAY_ADDRESS": one_cpu_cluster, **env}, timeout=300)
+    on_ray = run_cli(
+        _atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "ray", "params.ray_workers=2"),
+        {"RAY_ADDRESS": one_cpu_cluster, **env},
+        timeout=300,
+    )
     assert on_ray.returncode == 0, on_ray.stderr
     said = " ".join(on_ray.stderr.split())  # the log handler wraps long lines
-    assert f"params.ray_workers=2 but the cluster at {one_cpu_cluster} has 1 free CPU(s) of 1 now" in said  # before the model loaded
-    assert "params.ray_workers=2, but the cluster at" in said and "can place 1 worker(s) now (1 CPU each): running 1" in said
+    assert (
+        f"params.ray_workers=2 but the cluster at {one_cpu_cluster} has 1 free CPU(s) of 1 now"
+        in said
+    )  # before the model loaded
+    assert (
+        "params.ray_workers=2, but the cluster at" in said
+        and "can place 1 worker(s) now (1 CPU each): running 1" in said
+    )
     assert "corpus atlas (ray, 1 workers)" in on_ray.stderr
 
     # The result equals the local engine's: test_corpus_ray.py::test_ray_engine_equals_local_engine_also_when_a_worker_is_killed.
-    assert json.loads((tmp_path / "ray" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())["corpus"]["engine"] == "ray"
+    assert (
+        json.loads((tmp_path / "ray" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())[
+            "corpus"
+        ]["engine"]
+        == "ray"
+    )
 
 
 def test_a_local_ray_keeps_its_files_in_the_run_s_own_temporary_folder_and_removes_them(
-    tiny_gpt2_dir: Path, weights_cache: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, corpus_file: Path
+    tiny_gpt2_dir: Path,
+    weights_cache: Path,
+    short_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    corpus_file: Path,
 ) -> None:
     import ray
 
     from unraveled.engines.ray import run_ray
 
     assert not ray.is_initialized()
-    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))  # the system temporary folder, for this test
+    monkeypatch.setattr(
+        tempfile, "tempdir", str(short_tmp)
+    )  # the system temporary folder, for this test
     for name, value in NO_AUTH.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -299,19 +403,35 @@ def test_a_local_ray_keeps_its_files_in_the_run_s_own_temporary_folder_and_remov
         finally:
             # The raylet starts its agents a moment after ray.init returns.
             deadline = time.perf_counter() + 60
-            while not started or ("ray::DashboardAgent" not in commands and time.perf_counter() < deadline):
-                started[:] = [process for process in psutil.Process().children(recursive=True) if process.pid not in before]
+            while not started or (
+                "ray::DashboardAgent" not in commands and time.perf_counter() < deadline
+            ):
+                started[:] = [
+                    process
+                    for process in psutil.Process().children(recursive=True)
+                    if process.pid not in before
+                ]
                 commands[:] = [_command(process) for process in started]
                 time.sleep(0.2)
 
     monkeypatch.setattr(ray, "init", watching_init)
     state = run_ray(model, windows, SETTINGS, workers=1, progress=False)
 
-    assert state.n_windows == len(windows) == run_local(model, windows, SETTINGS, progress=False).n_windows
-    assert len(seen) == 1 and Path(seen[0]).parent == short_tmp and Path(seen[0]).name.startswith(f"unraveled-ray-{os.getpid()}-")
+    assert (
+        state.n_windows
+        == len(windows)
+        == run_local(model, windows, SETTINGS, progress=False).n_windows
+    )
+    assert (
+        len(seen) == 1
+        and Path(seen[0]).parent == short_tmp
+        and Path(seen[0]).name.startswith(f"unraveled-ray-{os.getpid()}-")
+    )
     assert not ray.is_initialized()
     assert list(short_tmp.iterdir()) == []  # no session_* folder, no ray/ folder left
-    assert any("raylet" in command for command in commands) and "ray::DashboardAgent" in commands  # the processes that used to linger were watched
+    assert (
+        any("raylet" in command for command in commands) and "ray::DashboardAgent" in commands
+    )  # the processes that used to linger were watched
     assert [_command(process) for process in started if process.is_running()] == []
 
 
@@ -319,12 +439,28 @@ def test_kill_9_of_the_driver_leaves_no_ray_process_or_folder_for_long(
     tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, short_tmp: Path, weights_cache: Path
 ) -> None:
     env = {
-        **os.environ, **NO_AUTH, "TMPDIR": str(short_tmp), "UNRAVELED_CACHE": str(weights_cache),
-        "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1",
+        **os.environ,
+        **NO_AUTH,
+        "TMPDIR": str(short_tmp),
+        "UNRAVELED_CACHE": str(weights_cache),
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    args = _atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "out", "params.ray_workers=1", "params.max_tokens=null")
-    with subprocess.Popen([sys.executable, "-m", "unraveled", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
+    args = _atlas_args(
+        tiny_gpt2_dir,
+        ray_corpus,
+        tmp_path / "out",
+        "params.ray_workers=1",
+        "params.max_tokens=null",
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "unraveled", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as driver:
         try:
             folder, ray_processes = _wait_for_local_ray(short_tmp, driver)
         finally:
@@ -333,13 +469,19 @@ def test_kill_9_of_the_driver_leaves_no_ray_process_or_folder_for_long(
         killed = time.perf_counter()
 
     def left() -> list[str]:
-        return [_command(process) for process in ray_processes if process.is_running() and process.status() != psutil.STATUS_ZOMBIE]
+        return [
+            _command(process)
+            for process in ray_processes
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        ]
 
     while (left() or folder.exists()) and time.perf_counter() - killed < CLEANUP_BUDGET_S:
         time.sleep(0.5)
     still = left()
     sweep(str(folder), ray_processes)  # whatever the test found, nothing outlives it
-    assert still == [] and not folder.exists(), f"after {CLEANUP_BUDGET_S} s: {still}, folder exists: {folder.exists()}"
+    assert still == [] and not folder.exists(), (
+        f"after {CLEANUP_BUDGET_S} s: {still}, folder exists: {folder.exists()}"
+    )
     print(f"Ray gone {time.perf_counter() - killed:.1f} s after kill -9 of the driver")
 
 
@@ -350,7 +492,9 @@ def _command(process: psutil.Process) -> str:
         return "(gone)"
 
 
-def _wait_for_local_ray(root: Path, driver: subprocess.Popen[bytes], budget_s: float = 240) -> tuple[Path, list[psutil.Process]]:
+def _wait_for_local_ray(
+    root: Path, driver: subprocess.Popen[bytes], budget_s: float = 240
+) -> tuple[Path, list[psutil.Process]]:
     """The driver's Ray folder and processes once its raylet's agents (the ones that used to linger) run."""
     started = time.perf_counter()
     while time.perf_counter() - started < budget_s:
@@ -358,7 +502,12 @@ def _wait_for_local_ray(root: Path, driver: subprocess.Popen[bytes], budget_s: f
         processes = psutil.Process(driver.pid).children(recursive=True)
         commands = " ".join(_command(process) for process in processes)
         folders = list(root.glob("unraveled-ray-*"))
-        if folders and "raylet" in commands and "ray::DashboardAgent" in commands and "ray::RuntimeEnvAgent" in commands:
+        if (
+            folders
+            and "raylet" in commands
+            and "ray::DashboardAgent" in commands
+            and "ray::RuntimeEnvAgent" in commands
+        ):
             return folders[0], processes
         time.sleep(0.5)
     raise AssertionError(f"no local Ray with its agents within {budget_s} s")

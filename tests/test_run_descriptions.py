@@ -37,9 +37,25 @@ def _text(html: str) -> str:
     return " ".join(" ".join(parser.parts).split())
 
 
-def test_a_set_prompt_is_the_one_the_manifest_and_pages_quote(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
+def test_a_set_prompt_is_the_one_the_manifest_and_pages_quote(
+    tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path
+) -> None:
     out = tmp_path / "out"
-    assert main(["run", "logit_lens", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", f"params.prompt={FRANCE}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "logit_lens",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+                "--set",
+                f"params.prompt={FRANCE}",
+            ]
+        )
+        == 0
+    )
     run_dir = out / "tiny-gpt2" / "logit_lens"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     shipped = yaml.safe_load(Path("configs/logit_lens.yaml").read_text())
@@ -53,10 +69,14 @@ def test_a_set_prompt_is_the_one_the_manifest_and_pages_quote(tiny_gpt2_dir: Pat
     assert "overridden: params.prompt from --set" in page
     assert f"params.prompt {FRANCE} --set" in page  # the params table: the value as it ran, marked
     index = _text((out / "index.html").read_text())
-    assert "overridden: params.prompt from --set" in index and f'The logit lens on "{FRANCE}"' in index
+    assert (
+        "overridden: params.prompt from --set" in index and f'The logit lens on "{FRANCE}"' in index
+    )
 
 
-def test_a_run_without_set_is_not_marked(tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
+def test_a_run_without_set_is_not_marked(
+    tiny_gpt2_dir: Path, tmp_path: Path, warm_weight_cache: Path
+) -> None:
     out = tmp_path / "out"
     assert main(["run", "logit_lens", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     manifest = json.loads((out / "tiny-gpt2" / "logit_lens" / "manifest.json").read_text())
@@ -65,19 +85,38 @@ def test_a_run_without_set_is_not_marked(tiny_gpt2_dir: Path, tmp_path: Path, wa
     assert "overridden:" not in page and "Overridden." not in page and "--set" not in page
 
 
-def test_descriptions_on_a_model_without_position_embeddings(tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path) -> None:
+def test_descriptions_on_a_model_without_position_embeddings(
+    tiny_llama_dir: Path, tmp_path: Path, warm_weight_cache: Path
+) -> None:
     out = tmp_path / "out"
-    args = ["--set", "params.chunk_tokens=20", "--set", "params.local_subsets=2", "--set", "params.local_neighbours=30", "--set", "params.projected_tokens=20"]
-    assert main(["run", "embeddings", "--model", str(tiny_llama_dir), "--out", str(out), *args]) == 0
+    args = [
+        "--set",
+        "params.chunk_tokens=20",
+        "--set",
+        "params.local_subsets=2",
+        "--set",
+        "params.local_neighbours=30",
+        "--set",
+        "params.projected_tokens=20",
+    ]
+    assert (
+        main(["run", "embeddings", "--model", str(tiny_llama_dir), "--out", str(out), *args]) == 0
+    )
     run_dir = out / "tiny-llama" / "embeddings"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["resolved_config"]["model"] == "gpt2" and manifest["model"]["architecture"] == "LlamaForCausalLM"
+    assert (
+        manifest["resolved_config"]["model"] == "gpt2"
+        and manifest["model"]["architecture"] == "LlamaForCausalLM"
+    )
     description = manifest["description"]
     # Nothing of GPT-2's is claimed of this model: positions only for a model that learns them.
     assert "GPT-2's" not in description
     assert re.search(r"for a model that learns them[^:]*, its position embeddings", description)
     page = _text((run_dir / "index.html").read_text())
-    assert "Not applicable: position embeddings" in page and "figures/04_position_embedding_chunk" not in page
+    assert (
+        "Not applicable: position embeddings" in page
+        and "figures/04_position_embedding_chunk" not in page
+    )
 
 
 @pytest.mark.parametrize("name", config_names())
@@ -87,25 +126,49 @@ def test_shipped_descriptions_claim_nothing_of_one_model(name: str) -> None:
     assert not re.search(r"\b(GPT-2|SmolLM2|gpt2)'s\b", description), description
     # A description that mentions position embeddings says they may be absent.
     if "position embeddings" in description:
-        assert "for a model that learns them" in description or "without learned positions" in description
+        assert (
+            "for a model that learns them" in description
+            or "without learned positions" in description
+        )
 
 
 def test_placeholders_quote_nested_params_and_seed() -> None:
-    resolved = {"seed": 4, "params": {"prompt": "Hi", "ioi": {"n_pairs": 6}, "flag": False, "names": ["a", "b"], "cap": None}}
-    text = render_description("{params.prompt}|{params.ioi.n_pairs}|{seed}|{params.flag}|{params.names}|{params.cap}|{not one}", resolved, "x")
+    resolved = {
+        "seed": 4,
+        "params": {
+            "prompt": "Hi",
+            "ioi": {"n_pairs": 6},
+            "flag": False,
+            "names": ["a", "b"],
+            "cap": None,
+        },
+    }
+    text = render_description(
+        "{params.prompt}|{params.ioi.n_pairs}|{seed}|{params.flag}|{params.names}|{params.cap}|{not one}",
+        resolved,
+        "x",
+    )
     assert text == "Hi|6|4|false|a, b|none|{not one}"
 
 
 def test_right_to_left_text_is_isolated_in_a_description() -> None:
     override = "\u202ereversed"
-    text = render_description('on "{params.prompt}": more', {"seed": 0, "params": {"prompt": override}}, "x")
+    text = render_description(
+        'on "{params.prompt}": more', {"seed": 0, "params": {"prompt": override}}, "x"
+    )
     assert text == 'on "\u2068\u202ereversed\u2069": more'
 
 
 @pytest.mark.parametrize(
-    ("placeholder", "fragment"), [("{params.promt}", "names no param; did you mean 'prompt'?"), ("{model}", "is not a placeholder")]
+    ("placeholder", "fragment"),
+    [
+        ("{params.promt}", "names no param; did you mean 'prompt'?"),
+        ("{model}", "is not a placeholder"),
+    ],
 )
-def test_cli_refuses_a_placeholder_naming_no_param(tmp_path: Path, capsys: pytest.CaptureFixture[str], placeholder: str, fragment: str) -> None:
+def test_cli_refuses_a_placeholder_naming_no_param(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], placeholder: str, fragment: str
+) -> None:
     folder = tmp_path / "configs"
     folder.mkdir()
     path = folder / "lens.yaml"

@@ -12,7 +12,9 @@ from unraveled import runner
 from unraveled.config import load_config
 
 
-def test_processed_weights_are_freed_before_the_raw_weights_load(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_processed_weights_are_freed_before_the_raw_weights_load(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded_models: list[tuple[str, weakref.ref]] = []
     alive_at_each_load: list[list[str]] = []
     real_load_model = runner.load_model
@@ -32,10 +34,16 @@ def test_processed_weights_are_freed_before_the_raw_weights_load(tiny_gpt2_dir: 
     assert alive_at_each_load == [[], []], "a model was still alive when the next one loaded"
 
 
-def test_memory_compute_dropped_is_handed_back_before_rendering(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_compute_dropped_is_handed_back_before_rendering(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Drawing starts from the memory the result needs, not from the heap compute left behind."""
     events: list[str] = []
-    real_write_artifacts, real_seed, real_trim = runner._write_artifacts, runner._seed_everything, runner.return_freed_memory
+    real_write_artifacts, real_seed, real_trim = (
+        runner._write_artifacts,
+        runner._seed_everything,
+        runner.return_freed_memory,
+    )
 
     def seeding(seed: int) -> None:
         events.append("compute")
@@ -65,14 +73,18 @@ def test_freeing_memory_frees_the_buffers_mkl_keeps() -> None:
     from unraveled.memory import return_freed_memory
 
     try:
-        mem_stat = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_mem_stat
+        mem_stat = ctypes.CDLL(
+            str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")
+        ).mkl_serv_mem_stat
     except (OSError, AttributeError):
         pytest.skip("this torch does not link MKL")
     mem_stat.restype = ctypes.c_int64
     buffers = ctypes.c_int()
     matrix = torch.randn(256, 256)
     matrix @ matrix
-    assert mem_stat(ctypes.byref(buffers)) > 0, "MKL kept no buffer after a product: nothing left to test"
+    assert mem_stat(ctypes.byref(buffers)) > 0, (
+        "MKL kept no buffer after a product: nothing left to test"
+    )
     return_freed_memory()
     # MKL's own count of the bytes its allocator holds, not the function's return value.
     assert mem_stat(ctypes.byref(buffers)) == 0

@@ -57,7 +57,10 @@ def test_split_and_merge_equals_direct_computation(parts: int, ties: bool) -> No
                 column = offset + BEFORE
                 if 0 <= pos + offset < LENGTH:
                     assert top.context_ids[slot, feature, column] == token_ids[window, pos + offset]
-                    assert top.context_values[slot, feature, column] == values[window, pos + offset, feature]
+                    assert (
+                        top.context_values[slot, feature, column]
+                        == values[window, pos + offset, feature]
+                    )
                 else:
                     assert top.context_ids[slot, feature, column] == -1
 
@@ -71,8 +74,21 @@ def test_splits_agree_with_each_other_exactly_on_top_k() -> None:
 
 def test_top_k_keeps_eligible_positions_only_and_fills_short_batches() -> None:
     values = np.arange(6, dtype=np.float32).reshape(1, 3, 2)  # one window, 3 tokens, 2 features
-    top = top_k_of_batch(values, np.array([[7, 8, 9]]), np.array([30]), k=4, before=0, after=0, eligible=slice(1, None))
-    assert top.index[:, 0].tolist() == [32, 31, TopK.empty(1, 1, 1).index[0, 0], TopK.empty(1, 1, 1).index[0, 0]]
+    top = top_k_of_batch(
+        values,
+        np.array([[7, 8, 9]]),
+        np.array([30]),
+        k=4,
+        before=0,
+        after=0,
+        eligible=slice(1, None),
+    )
+    assert top.index[:, 0].tolist() == [
+        32,
+        31,
+        TopK.empty(1, 1, 1).index[0, 0],
+        TopK.empty(1, 1, 1).index[0, 0],
+    ]
     assert top.values[:2, 1].tolist() == [5.0, 3.0] and np.isneginf(top.values[2:]).all()
 
 
@@ -92,16 +108,28 @@ def test_sums_merge_to_the_mean_over_all_windows() -> None:
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("parts", [1, 3, WINDOWS])
 @pytest.mark.parametrize("payload_rows", [1, 2])
-def test_payloads_of_the_first_rows_only_merge_to_the_full_payloads_first_rows(parts: int, ties: bool, payload_rows: int) -> None:
+def test_payloads_of_the_first_rows_only_merge_to_the_full_payloads_first_rows(
+    parts: int, ties: bool, payload_rows: int
+) -> None:
     """Contexts kept for the first rows only, merged over any split (windows of one token and
     batches shorter than ``k`` included), are the first rows of the contexts kept for all ``k``."""
     values, token_ids = _data(ties)
     full = _split_run(values, token_ids, 1)[1]
     tops = [
-        top_k_of_batch(values[chunk], token_ids[chunk], chunk * LENGTH, K, BEFORE, AFTER, payload_rows=payload_rows)
+        top_k_of_batch(
+            values[chunk],
+            token_ids[chunk],
+            chunk * LENGTH,
+            K,
+            BEFORE,
+            AFTER,
+            payload_rows=payload_rows,
+        )
         for chunk in np.array_split(np.arange(WINDOWS), parts)
     ]
-    merged = functools.reduce(TopK.merge, tops, TopK.empty(K, FEATURES, BEFORE + 1 + AFTER, payload_rows))
+    merged = functools.reduce(
+        TopK.merge, tops, TopK.empty(K, FEATURES, BEFORE + 1 + AFTER, payload_rows)
+    )
     assert merged.context_ids.shape[0] == payload_rows
     np.testing.assert_array_equal(merged.values, full.values)
     np.testing.assert_array_equal(merged.index, full.index)
@@ -111,7 +139,9 @@ def test_payloads_of_the_first_rows_only_merge_to_the_full_payloads_first_rows(p
 
 def test_merging_into_more_payload_rows_than_a_part_kept_is_refused() -> None:
     values, token_ids = _data(ties=False)
-    narrow = top_k_of_batch(values, token_ids, np.arange(WINDOWS) * LENGTH, K, BEFORE, AFTER, payload_rows=1)
+    narrow = top_k_of_batch(
+        values, token_ids, np.arange(WINDOWS) * LENGTH, K, BEFORE, AFTER, payload_rows=1
+    )
     with pytest.raises(ValueError, match="payload"):
         TopK.empty(K, FEATURES, BEFORE + 1 + AFTER).merge(narrow)
 
@@ -128,14 +158,20 @@ def test_log_histogram_median_is_numpys_within_its_stated_tolerance(size: int) -
         assert histogram.median() == 0
     else:
         assert abs(np.log10(histogram.median() / middle)) <= 0.5 / histogram.bins_per_decade + 1e-12
-    if size > 100:  # numpy's median (the mean of the two middle values for an even count) is as close
-        assert histogram.median() == pytest.approx(float(np.median(values.astype(np.float32))), rel=histogram.relative_tolerance)
+    if (
+        size > 100
+    ):  # numpy's median (the mean of the two middle values for an even count) is as close
+        assert histogram.median() == pytest.approx(
+            float(np.median(values.astype(np.float32))), rel=histogram.relative_tolerance
+        )
     assert histogram.relative_tolerance == pytest.approx(10 ** (0.005) - 1)
 
 
 def test_log_histogram_median_of_known_values_and_its_ends() -> None:
     # Odd count: the middle value is 3.0; its bin's centre is within 1.2%.
-    assert LogHistogram.of(np.array([0.0, 1.0, 3.0, 50.0, 7e3])).median() == pytest.approx(3.0, rel=0.012)
+    assert LogHistogram.of(np.array([0.0, 1.0, 3.0, 50.0, 7e3])).median() == pytest.approx(
+        3.0, rel=0.012
+    )
     assert LogHistogram.of(np.array([0.0, 0.0, 5.0])).median() == 0.0  # zeros are the underflow
     assert LogHistogram.of(np.array([1e9, 1e10, 1.0])).median() == np.inf  # past the top bin
     assert np.isnan(LogHistogram.empty().median())
@@ -145,7 +181,11 @@ def test_log_histogram_median_of_known_values_and_its_ends() -> None:
 def test_log_histogram_split_and_merged_equals_one_pass(parts: int) -> None:
     values = np.abs(np.random.default_rng(3).standard_cauchy(size=5_000)).astype(np.float32)
     whole = LogHistogram.of(values)
-    merged = functools.reduce(LogHistogram.merge, [LogHistogram.of(part) for part in np.array_split(values, parts)], LogHistogram.empty())
+    merged = functools.reduce(
+        LogHistogram.merge,
+        [LogHistogram.of(part) for part in np.array_split(values, parts)],
+        LogHistogram.empty(),
+    )
     np.testing.assert_array_equal(merged.counts, whole.counts)
     assert merged.median() == whole.median()
     assert abs(np.log10(merged.median() / np.median(values))) <= 1.5 / whole.bins_per_decade

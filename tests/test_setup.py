@@ -22,7 +22,14 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make not i
 def _torch_install(extra: list[str], env: dict[str, str]) -> str:
     """The line of ``make setup`` that installs torch, printed, not run (-B: as on a fresh clone)."""
     full_env = {key: value for key, value in os.environ.items() if key != "TORCH_INDEX_URL"} | env
-    planned = subprocess.run(["make", "-n", "-B", "setup", *extra], cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, check=True)
+    planned = subprocess.run(
+        ["make", "-n", "-B", "setup", *extra],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (line,) = [line for line in planned.stdout.splitlines() if "torch==" in line]
     return line
 
@@ -34,5 +41,9 @@ def test_torch_comes_from_pip_s_own_index_unless_told_otherwise() -> None:
 @pytest.mark.parametrize("how", ["environment", "make variable"])
 def test_torch_index_url_picks_the_cpu_or_a_cuda_build(how: str) -> None:
     url = "https://download.pytorch.org/whl/cpu"
-    line = _torch_install([f"TORCH_INDEX_URL={url}"], {}) if how == "make variable" else _torch_install([], {"TORCH_INDEX_URL": url})
+    line = (
+        _torch_install([f"TORCH_INDEX_URL={url}"], {})
+        if how == "make variable"
+        else _torch_install([], {"TORCH_INDEX_URL": url})
+    )
     assert line.split()[-4:] == ["--quiet", "--index-url", url, "torch==2.13.0"]

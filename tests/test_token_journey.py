@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from unraveled.experiments import logit_lens, token_journey
 
 from tests.conftest import SharedTinyModels
-from unraveled.experiments import logit_lens, token_journey
 from unraveled.analysis import state_labels
 from unraveled.config import load_config
 
@@ -33,29 +33,51 @@ def test_spread_defaults_are_the_originals_five_sentences() -> None:
 
 def test_state_labels_follow_one_convention() -> None:
     assert state_labels(3) == ["embeddings", "after block 0", "after block 1", "after block 2"]
-    assert state_labels(2, final_norm=True) == ["embeddings", "after block 0", "after block 1 + final norm"]
+    assert state_labels(2, final_norm=True) == [
+        "embeddings",
+        "after block 0",
+        "after block 1 + final norm",
+    ]
 
 
 @pytest.mark.umap
-def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(tiny_gpt2_dir: Path, gpt2_tokenizer, tiny_model: SharedTinyModels) -> None:  # type: ignore[no-untyped-def]
+def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(
+    tiny_gpt2_dir: Path, gpt2_tokenizer, tiny_model: SharedTinyModels
+) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model(tiny_gpt2_dir, "raw")
     sentence = "He killed two birds with one stone"
-    params = token_journey.TokenJourneyParams(sentence=sentence, token_index=2, umap_fit_tokens=60, spread_sentences=["A short one", "And another"])
+    params = token_journey.TokenJourneyParams(
+        sentence=sentence,
+        token_index=2,
+        umap_fit_tokens=60,
+        spread_sentences=["A short one", "And another"],
+    )
     journey = token_journey.compute(model, params, seed=0)
-    lens = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=sentence, prepend_bos=False), seed=0)
+    lens = logit_lens.compute(
+        model, logit_lens.LogitLensParams(prompt=sentence, prepend_bos=False), seed=0
+    )
     n_layers = model.cfg.n_layers
     assert journey.metrics()["states"][:-1] == lens.point_labels[:-1] == state_labels(n_layers)[:-1]
     assert journey.metrics()["states"][-1] == f"after block {n_layers - 1} + final norm"
     # What transformers' blocks actually output, block by block.
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     outputs: dict[int, torch.Tensor] = {}
-    hooks = [block.register_forward_hook(lambda _m, _i, out, b=b: outputs.__setitem__(b, out[0] if isinstance(out, tuple) else out))
-             for b, block in enumerate(hf.transformer.h)]
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _i, out, b=b: outputs.__setitem__(
+                b, out[0] if isinstance(out, tuple) else out
+            )
+        )
+        for b, block in enumerate(hf.transformer.h)
+    ]
     ids = torch.tensor([gpt2_tokenizer(sentence).input_ids])
     with torch.no_grad():
         logits = hf(ids).logits[0]
         final_normed = hf.transformer.ln_f(outputs[n_layers - 1][0])
-        decoded = {block: hf.lm_head(hf.transformer.ln_f(output[0])).softmax(-1) for block, output in outputs.items()}
+        decoded = {
+            block: hf.lm_head(hf.transformer.ln_f(output[0])).softmax(-1)
+            for block, output in outputs.items()
+        }
     for hook in hooks:
         hook.remove()
     for state, label in enumerate(lens.point_labels):
@@ -64,9 +86,13 @@ def test_state_i_is_what_block_i_minus_1_outputs_in_both_experiments(tiny_gpt2_d
         block = int(label.removeprefix("after block "))
         assert block == state - 1
         # The lens at this state decodes exactly what that block wrote out.
-        assert lens.final_prediction_prob[state] == pytest.approx(float(decoded[block][-1, int(logits[-1].argmax())]), abs=1e-5)
+        assert lens.final_prediction_prob[state] == pytest.approx(
+            float(decoded[block][-1, int(logits[-1].argmax())]), abs=1e-5
+        )
     # The journey's last state has the final norm applied, as transformers' last hidden state.
-    cos = torch.nn.functional.cosine_similarity(final_normed, hf.transformer.wte.weight[ids[0]].detach(), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        final_normed, hf.transformer.wte.weight[ids[0]].detach(), dim=-1
+    )
     torch.testing.assert_close(torch.tensor(journey.cos_own[-1]), cos.float(), atol=1e-5, rtol=1e-5)
     # The predicted token is transformers' argmax at the last position.
     assert journey.predicted_token == gpt2_tokenizer.decode([int(logits[-1].argmax())])

@@ -25,7 +25,9 @@ def test_umap_places_points_by_cluster_without_warnings() -> None:
     fit_on = np.concatenate([centre + rng.standard_normal((150, 16)) for centre in centres])
     place = np.concatenate([centre + rng.standard_normal((5, 16)) for centre in centres])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # UMAP's precomputed_knn warning would fail here
+        warnings.simplefilter(
+            "error", UserWarning
+        )  # UMAP's precomputed_knn warning would fail here
         placed = umap_3d(fit_on, place, neighbours=10, seed=0)
     assert placed.shape == (10, 3)
     distances = np.linalg.norm(placed[:, None] - placed[None], axis=-1)
@@ -38,11 +40,17 @@ def test_umap_kernels_compiled_by_a_fit_are_kept_on_disk() -> None:
 
     rng = np.random.default_rng(1)
     umap_3d(rng.standard_normal((120, 8)), rng.standard_normal((3, 8)), neighbours=5, seed=0)
-    for kernel in (umap_.smooth_knn_dist, umap_.compute_membership_strengths, layouts._nb_optimize_layout_euclidean_single_epoch):
+    for kernel in (
+        umap_.smooth_knn_dist,
+        umap_.compute_membership_strengths,
+        layouts._nb_optimize_layout_euclidean_single_epoch,
+    ):
         folder = Path(kernel.stats.cache_path)
         name = f"{kernel.py_func.__module__.rsplit('.', 1)[-1]}.{kernel.py_func.__name__}-"
         kept = [path.suffix for path in folder.glob(f"{name}*")]
-        assert ".nbi" in kept and ".nbc" in kept, f"{kernel.py_func.__name__}: no compiled code kept in {folder}"
+        assert ".nbi" in kept and ".nbc" in kept, (
+            f"{kernel.py_func.__name__}: no compiled code kept in {folder}"
+        )
     # The parallel layout kernel shares the serial one's Python function and cache key: it must stay uncached.
     assert layouts._nb_optimize_layout_euclidean_single_epoch_parallel.stats.cache_path is None
 
@@ -73,7 +81,14 @@ print(json.dumps({"at_import": at_import, "in_fit": in_fit, "probe": probe}))
 def test_after_compile_kernels_a_run_compiles_no_kernel(tmp_path: Path) -> None:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     subprocess.run([sys.executable, "-m", "unraveled.umap_fit"], env=env, check=True, timeout=600)
-    done = subprocess.run([sys.executable, "-c", COMPILES_IN_A_NEW_PROCESS], env=env, check=True, timeout=600, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILES_IN_A_NEW_PROCESS],
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     compiled = json.loads(done.stdout.splitlines()[-1])
     assert compiled["probe"] == ["__main__"], "numba's compile events were not seen"
     assert compiled["in_fit"] == []

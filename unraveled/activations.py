@@ -83,13 +83,19 @@ def collect_activations(
     wanted = set(hook_names)
     unknown = sorted(wanted - set(model.hook_dict))
     if unknown:
-        raise KeyError(f"unknown hook names {unknown[:5]}; hooks look like {list(model.hook_dict)[:4]}")
+        raise KeyError(
+            f"unknown hook names {unknown[:5]}; hooks look like {list(model.hook_dict)[:4]}"
+        )
     if isinstance(prompts, Tensor):
         tokens, mask = prompts, torch.ones_like(prompts, dtype=torch.bool)
     else:
         tokens, mask = tokenize_batch(model, prompts, prepend_bos)
     with torch.inference_mode():
-        output, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted, return_type="logits" if logits else None)
+        output, cache = model.run_with_cache(
+            tokens,
+            names_filter=lambda name: name in wanted,
+            return_type="logits" if logits else None,
+        )
     str_tokens = [
         [model.tokenizer.decode([token]) for token in row[: int(length)].tolist()]
         for row, length in zip(tokens, mask.sum(dim=1))

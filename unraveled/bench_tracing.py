@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject: tuple[int, int], noise: torch.Tensor, window: int) -> float:
+def _plain_trace_seconds(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    subject: tuple[int, int],
+    noise: torch.Tensor,
+    window: int,
+) -> float:
     """Every restoration of ``trace_fact`` as its own full forward pass with hooks."""
     import torch
     from transformer_lens.hook_points import HookPoint
@@ -30,7 +36,10 @@ def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject
     n_layers = model.cfg.n_layers
     restorations = [[f"blocks.{layer}.hook_resid_post"] for layer in range(n_layers)]
     for hook in ("hook_mlp_out", "hook_attn_out"):
-        restorations += [[f"blocks.{layer}.{hook}" for layer in window_layers(center, window, n_layers)] for center in range(n_layers)]
+        restorations += [
+            [f"blocks.{layer}.{hook}" for layer in window_layers(center, window, n_layers)]
+            for center in range(n_layers)
+        ]
     started = time.perf_counter()
     with torch.inference_mode():
         _, clean = model.run_with_cache(tokens[None])
@@ -40,19 +49,26 @@ def _plain_trace_seconds(model: HookedTransformer, tokens: torch.Tensor, subject
             return embeddings
 
         for position in range(subject[0], len(tokens)):
-            def restore(activation: torch.Tensor, hook: HookPoint, position: int = position) -> torch.Tensor:
+
+            def restore(
+                activation: torch.Tensor, hook: HookPoint, position: int = position
+            ) -> torch.Tensor:
                 activation[:, position] = clean[hook.name][0, position]
                 return activation
 
             for names in restorations:
-                model.run_with_hooks(tokens[None], fwd_hooks=[("hook_embed", corrupt), *[(name, restore) for name in names]])
+                model.run_with_hooks(
+                    tokens[None],
+                    fwd_hooks=[("hook_embed", corrupt), *[(name, restore) for name in names]],
+                )
     return time.perf_counter() - started
 
 
 def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
     """causal_tracing's default compute, and one fact's batched restorations against plain ones,
     as rows of ``make bench``'s table (``row`` is ``unraveled.bench.Row``: passed in, as
-    ``python -m unraveled.bench`` runs that module as ``__main__``)."""
+    ``python -m unraveled.bench`` runs that module as ``__main__``).
+    """
     import torch
 
     from unraveled.datasets.facts import FACTS, tokenize_fact
@@ -66,7 +82,9 @@ def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
     default_s = time.perf_counter() - started
     fact = tokenize_fact(model, FACTS[0], "facts[0]")
     tokens, subject = torch.tensor(fact.tokens), (fact.subject_start, fact.subject_end)
-    noise = result.noise_scale * torch.randn((1, subject[1] - subject[0], model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    noise = result.noise_scale * torch.randn(
+        (1, subject[1] - subject[0], model.cfg.d_model), generator=torch.Generator().manual_seed(0)
+    )
     window = scaled_window(model.cfg.n_layers)
     started = time.perf_counter()
     trace_fact(model, tokens, subject, fact.answer, noise, window)
@@ -74,9 +92,19 @@ def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
     plain_s = _plain_trace_seconds(model, tokens, subject, noise, window)
     group = f"causal_tracing, {BUNDLED_SMOLLM2}"
     return [
-        row(group, "compute with the default params (finding known facts, noise scale, traces)", default_s,
-            ratio=result.seconds / default_s, ratio_meaning="share spent tracing"),
+        row(
+            group,
+            "compute with the default params (finding known facts, noise scale, traces)",
+            default_s,
+            ratio=result.seconds / default_s,
+            ratio_meaning="share spent tracing",
+        ),
         row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
-        row(group, "one fact, one noise sample: trace_fact's batched restorations", batched_s,
-            ratio=plain_s / batched_s, ratio_meaning="speed-up over one forward pass per restoration"),
+        row(
+            group,
+            "one fact, one noise sample: trace_fact's batched restorations",
+            batched_s,
+            ratio=plain_s / batched_s,
+            ratio_meaning="speed-up over one forward pass per restoration",
+        ),
     ]

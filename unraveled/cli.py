@@ -21,10 +21,22 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from unraveled.config import DEFAULT_MODEL, OVERRIDES_BUILTIN, ConfigSources, LoadedConfig, config_names, load_config
+from unraveled.config import (
+    DEFAULT_MODEL,
+    OVERRIDES_BUILTIN,
+    ConfigSources,
+    LoadedConfig,
+    config_names,
+    load_config,
+)
 from unraveled.engines.ray_cluster import check_engines
 from unraveled.errors import ConfigError, UnraveledError
-from unraveled.models.sources import BUNDLED_SMOLLM2, LocalCheckpoint, checkpoint_problem, resolve_model
+from unraveled.models.sources import (
+    BUNDLED_SMOLLM2,
+    LocalCheckpoint,
+    checkpoint_problem,
+    resolve_model,
+)
 from unraveled.render.export import parse_formats
 
 SET_HELP = (
@@ -33,7 +45,11 @@ SET_HELP = (
     "as YAML (3, 0.5, true, \\[a, b])."  # \[: a literal bracket in rich markup
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Take GPT-2 apart: figures and views of its insides.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Take GPT-2 apart: figures and views of its insides.",
+)
 console = Console(stderr=True)
 
 CONFIG_DIR_HELP = (
@@ -42,7 +58,9 @@ CONFIG_DIR_HELP = (
     "(a ./configs folder is read only when named: --config-dir configs)."
 )
 
-ConfigDirOption = Annotated[Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP, show_default=False)]
+ConfigDirOption = Annotated[
+    Path | None, typer.Option("--config-dir", help=CONFIG_DIR_HELP, show_default=False)
+]
 logger = logging.getLogger(__name__)
 
 
@@ -55,15 +73,21 @@ def _log_handler() -> logging.Handler:
     # stay whole and the log greps; and no progress bars redrawn into the file.
     os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    )
     return handler
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
     # Third-party libraries log plenty at INFO (TransformerLens to the root logger): show only
     # their warnings, and our own progress.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()], force=True)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(message)s", handlers=[_log_handler()], force=True
+    )
     logging.getLogger("unraveled").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -76,18 +100,32 @@ def _print_table(table: Table) -> None:
 def list_configs(config_dir: ConfigDirOption = None) -> None:
     """List the configs, where each comes from, its experiment and description."""
     sources = ConfigSources.locate(config_dir)
-    columns = (Column("config", no_wrap=True), Column("source", no_wrap=True), "experiment", "model", "description")
+    columns = (
+        Column("config", no_wrap=True),
+        Column("source", no_wrap=True),
+        "experiment",
+        "model",
+        "description",
+    )
     table = Table(*columns, caption=sources.describe(), caption_justify="left")
     for name in sources.files():
         config = load_config(name, config_dir)
-        table.add_row(name, config.source, config.run.experiment, config.run.model or DEFAULT_MODEL, config.description)
+        table.add_row(
+            name,
+            config.source,
+            config.run.experiment,
+            config.run.model or DEFAULT_MODEL,
+            config.description,
+        )
     _print_table(table)
 
 
 def _output_folder(out: str) -> Path:
     """``--out`` as a folder that exists or can be created and written, else exit 2."""
     if not out.strip():
-        raise ConfigError("--out", None, "empty; give the folder outputs are written to, e.g. --out outputs")
+        raise ConfigError(
+            "--out", None, "empty; give the folder outputs are written to, e.g. --out outputs"
+        )
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError("--out", None, f"{out!r} is a file; expected a folder (existing or new)")
@@ -95,8 +133,12 @@ def _output_folder(out: str) -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("--out", None, f"{out!r} can't be written: {existing} is not a writable folder")
-    from unraveled.outputs import check_output_folder  # numpy and pydantic only: answers before torch is imported
+        raise ConfigError(
+            "--out", None, f"{out!r} can't be written: {existing} is not a writable folder"
+        )
+    from unraveled.outputs import (
+        check_output_folder,
+    )  # numpy and pydantic only: answers before torch is imported
 
     check_output_folder(path)  # the runner checks each run's folder once it knows the models'
     return path
@@ -108,7 +150,9 @@ def _check_model_name(name: str, source: str) -> None:
     if isinstance(resolved, LocalCheckpoint):
         problem = checkpoint_problem(resolved.path)
         if problem is not None:
-            raise ConfigError(source, "model", f"{name!r} is not a usable checkpoint folder: {problem}")
+            raise ConfigError(
+                source, "model", f"{name!r} is not a usable checkpoint folder: {problem}"
+            )
 
 
 @contextlib.contextmanager
@@ -138,21 +182,39 @@ def _long_lived_imports() -> Iterator[None]:
 
 @app.command()
 def run(
-    names: Annotated[list[str] | None, typer.Argument(help="Config names (built-in, or NAME.yaml in --config-dir) or YAML paths.")] = None,
-    run_all: Annotated[bool, typer.Option("--all", help="Run every config: the built-in ones and, with --config-dir, your folder's.")] = False,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Config names (built-in, or NAME.yaml in --config-dir) or YAML paths."),
+    ] = None,
+    run_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Run every config: the built-in ones and, with --config-dir, your folder's.",
+        ),
+    ] = False,
     model: Annotated[
         list[str] | None,
-        typer.Option(help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."),
+        typer.Option(
+            help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."
+        ),
     ] = None,
     figure_format: Annotated[
-        list[str] | None, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf (default png).")
+        list[str] | None,
+        typer.Option(
+            "--format", help="Figure formats, comma-separated: png, svg, pdf (default png)."
+        ),
     ] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "outputs",
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     no_fallback: Annotated[
         bool,
-        typer.Option("--no-fallback", envvar="UNRAVELED_NO_FALLBACK", help="Fail (exit 3) instead of falling back to the bundled model."),
+        typer.Option(
+            "--no-fallback",
+            envvar="UNRAVELED_NO_FALLBACK",
+            help="Fail (exit 3) instead of falling back to the bundled model.",
+        ),
     ] = False,
     config_dir: ConfigDirOption = None,
 ) -> None:
@@ -178,16 +240,34 @@ def run(
             _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
     check_engines(configs)  # before the slow imports: an unreachable Ray cluster fails in seconds
     with _long_lived_imports():
-        from unraveled.runner import check_device, check_text_params_before_loading, run_configs  # heavy imports only once the input is valid
+        from unraveled.runner import (
+            check_device,
+            check_text_params_before_loading,
+            run_configs,
+        )  # heavy imports only once the input is valid
 
         check_device(device)
         check_text_params_before_loading(configs, models, allow_fallback=not no_fallback)
-        written = run_configs(configs, out_dir, models=models, device=device, allow_fallback=not no_fallback, formats=formats)
-    console.print(f"wrote {len(written)} run(s); open {out_dir / 'index.html'}", soft_wrap=True, markup=False, highlight=False)
+        written = run_configs(
+            configs,
+            out_dir,
+            models=models,
+            device=device,
+            allow_fallback=not no_fallback,
+            formats=formats,
+        )
+    console.print(
+        f"wrote {len(written)} run(s); open {out_dir / 'index.html'}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command()
-def models(names: Annotated[list[str] | None, typer.Argument(help="Model names to check.")] = None) -> None:
+def models(
+    names: Annotated[list[str] | None, typer.Argument(help="Model names to check.")] = None,
+) -> None:
     """Show what each model name resolves to and whether it can be loaded now."""
     from unraveled.models import availability
 
@@ -200,17 +280,32 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="Model names t
 
 @app.command()
 def export(
-    page: Annotated[Path, typer.Argument(help="A view (OUT/<model>/<config>/views/*.html) or a report page of the outputs.", show_default=False)],
-    to: Annotated[Path, typer.Option("--to", "-o", help="The single file to write; must not exist yet.", show_default=False)],
+    page: Annotated[
+        Path,
+        typer.Argument(
+            help="A view (OUT/<model>/<config>/views/*.html) or a report page of the outputs.",
+            show_default=False,
+        ),
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to", "-o", help="The single file to write; must not exist yet.", show_default=False
+        ),
+    ],
 ) -> None:
     """Write PAGE as one self-contained HTML file to share: its script and images inlined, no other file needed."""
     from unraveled.outputs import write_text_atomic
     from unraveled.render.export import self_contained_page
 
     if not page.is_file() or page.suffix.lower() not in {".html", ".htm"}:
-        raise ConfigError(str(page), None, "expected an HTML page of the outputs (a view or a report page)")
+        raise ConfigError(
+            str(page), None, "expected an HTML page of the outputs (a view or a report page)"
+        )
     if to.exists() or to.is_symlink():
-        raise ConfigError("--to", None, f"{to} exists; give a new file name (export never overwrites a file)")
+        raise ConfigError(
+            "--to", None, f"{to} exists; give a new file name (export never overwrites a file)"
+        )
     if not to.parent.is_dir():
         raise ConfigError("--to", None, f"{to.parent} is not a folder")
     try:
@@ -218,7 +313,12 @@ def export(
     except (FileNotFoundError, UnicodeDecodeError) as error:
         raise ConfigError(str(page), None, str(error)) from None
     write_text_atomic(to, text)
-    console.print(f"wrote {to} ({len(text.encode()) / 1e6:.1f} MB), a single file: it opens anywhere, offline", soft_wrap=True, markup=False, highlight=False)
+    console.print(
+        f"wrote {to} ({len(text.encode()) / 1e6:.1f} MB), a single file: it opens anywhere, offline",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         error.show()
         return error.exit_code
     except UnraveledError as error:
-        console.print(f"error: {error}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"error: {error}", style="bold red", markup=False, highlight=False, soft_wrap=True
+        )
         return error.exit_code
     if status == 130:  # typer turns Ctrl-C into exit status 130
-        console.print("interrupted (Ctrl-C): finished runs are kept, the unfinished one left nothing behind", soft_wrap=True, highlight=False)
+        console.print(
+            "interrupted (Ctrl-C): finished runs are kept, the unfinished one left nothing behind",
+            soft_wrap=True,
+            highlight=False,
+        )
     return status if isinstance(status, int) else 0
 
 

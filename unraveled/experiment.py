@@ -162,7 +162,9 @@ class Experiment(Generic[P, R]):
     weights: WeightsKind = "processed"
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     check: Callable[[HookedTransformer, P], None] | None = None
-    check_before_loading: Callable[[P, PreTrainedTokenizerBase | None, int | None], None] | None = None
+    check_before_loading: Callable[[P, PreTrainedTokenizerBase | None, int | None], None] | None = (
+        None
+    )
 
 
 def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -176,7 +178,9 @@ def prompt_token_count(model: HookedTransformer, text: str) -> int:
 
 def _markers(annotation: Any) -> list[ModelBound]:
     """The ModelBound markers anywhere in ``annotation`` (``Prompt``, ``list[Prompt]``, ...)."""
-    found = [item for item in getattr(annotation, "__metadata__", ()) if isinstance(item, ModelBound)]
+    found = [
+        item for item in getattr(annotation, "__metadata__", ()) if isinstance(item, ModelBound)
+    ]
     for arg in typing.get_args(annotation):
         if not isinstance(arg, (str, int, float)):
             found.extend(_markers(arg))
@@ -192,13 +196,24 @@ def _values(value: Any) -> list[Any]:
 def _model_bound_values(params: Params) -> Iterator[tuple[str, set[str], Any]]:
     """Each value of a model-bound param: the param's name, its marker kinds and the value."""
     for name, info in type(params).model_fields.items():
-        kinds = {marker.kind for marker in [*_markers(info.annotation), *[m for m in info.metadata if isinstance(m, ModelBound)]]}
+        kinds = {
+            marker.kind
+            for marker in [
+                *_markers(info.annotation),
+                *[m for m in info.metadata if isinstance(m, ModelBound)],
+            ]
+        }
         if kinds:
             for value in _values(getattr(params, name)):
                 yield name, kinds, value
 
 
-def check_text_params(experiment: Experiment[Any, Any], params: Params, tokenizer: PreTrainedTokenizerBase, n_ctx: int | None) -> None:
+def check_text_params(
+    experiment: Experiment[Any, Any],
+    params: Params,
+    tokenizer: PreTrainedTokenizerBase,
+    n_ctx: int | None,
+) -> None:
     """Check the params the tokenizer decides: prompts fit the context and ``max_prompt_tokens``,
     answers are one token.
 
@@ -213,20 +228,32 @@ def check_text_params(experiment: Experiment[Any, Any], params: Params, tokenize
         ParamError: Naming the param and what the model can take.
     """
     by_context = n_ctx is not None and n_ctx <= experiment.max_prompt_tokens
-    cap, limit = (n_ctx, "the model's context") if by_context else (experiment.max_prompt_tokens, "this experiment's max_prompt_tokens")
+    cap, limit = (
+        (n_ctx, "the model's context")
+        if by_context
+        else (experiment.max_prompt_tokens, "this experiment's max_prompt_tokens")
+    )
     for name, kinds, value in _model_bound_values(params):
         if "prompt" in kinds:
             count = _tokens_with_bos(tokenizer, value)
             if count > cap:
-                raise ParamError(name, f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; shorten the prompt")
+                raise ParamError(
+                    name,
+                    f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; shorten the prompt",
+                )
         if "single_token" in kinds:
             ids = tokenizer.encode(value, add_special_tokens=False)
             if len(ids) != 1:
                 pieces = [tokenizer.decode([i]) for i in ids]
-                raise ParamError(name, f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token")
+                raise ParamError(
+                    name,
+                    f"{value!r} is {len(ids)} tokens for this model ({pieces}); expected one token",
+                )
 
 
-def check_params(experiment: Experiment[Any, Any], params: Params, model: HookedTransformer) -> None:
+def check_params(
+    experiment: Experiment[Any, Any], params: Params, model: HookedTransformer
+) -> None:
     """Check every model-bound param against ``model``; the experiment's own ``check`` last.
 
     Raises:
@@ -236,9 +263,15 @@ def check_params(experiment: Experiment[Any, Any], params: Params, model: Hooked
     check_text_params(experiment, params, model.tokenizer, cfg.n_ctx)
     for name, kinds, value in _model_bound_values(params):
         if "head" in kinds and value >= cfg.n_heads:
-            raise ParamError(name, f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})")
+            raise ParamError(
+                name,
+                f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})",
+            )
         if "layer" in kinds and value >= cfg.n_layers:
-            raise ParamError(name, f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})")
+            raise ParamError(
+                name,
+                f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})",
+            )
     if experiment.check is not None:
         experiment.check(model, params)
 
@@ -246,7 +279,11 @@ def check_params(experiment: Experiment[Any, Any], params: Params, model: Hooked
 def available_experiments() -> list[str]:
     """Names of the experiment modules in ``experiments/``."""
     package = importlib.import_module(EXPERIMENTS_PACKAGE)
-    return sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(package.__path__)
+        if not info.name.startswith("_")
+    )
 
 
 def load_experiment(name: str) -> Experiment[Any, Any]:

@@ -11,7 +11,6 @@ from numpy.typing import NDArray
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-
 GRAM_BLOCK_ROWS = 4096
 
 
@@ -42,7 +41,9 @@ def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArra
     return cumulative / cumulative[-1]
 
 
-def column_mean_std(points: Float[NDArray, "n d"]) -> tuple[Float[NDArray, " d"], Float[NDArray, " d"]]:
+def column_mean_std(
+    points: Float[NDArray, "n d"],
+) -> tuple[Float[NDArray, " d"], Float[NDArray, " d"]]:
     """Each column's mean and standard deviation: numpy's ``mean(axis=0)`` and ``std(axis=0)``, to the bit.
 
     ``std`` squares the offsets from the mean in a copy of every point (50,257 x 768 float32:
@@ -56,7 +57,9 @@ def column_mean_std(points: Float[NDArray, "n d"]) -> tuple[Float[NDArray, " d"]
     for start in range(0, len(points), GRAM_BLOCK_ROWS):
         squares = points[start : start + GRAM_BLOCK_ROWS] - mean
         np.square(squares, out=squares)
-        total = np.add.reduce(squares if total is None else np.concatenate([total[None], squares]), axis=0)
+        total = np.add.reduce(
+            squares if total is None else np.concatenate([total[None], squares]), axis=0
+        )
     variance = np.true_divide(total, np.intp(len(points)), out=total, casting="unsafe")
     return mean, np.sqrt(variance, out=variance)
 

@@ -14,7 +14,9 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 
-def induction_score(patterns: Float[Tensor, "layer head query_pos key_pos"], period: int) -> Float[Tensor, "layer head"]:
+def induction_score(
+    patterns: Float[Tensor, "layer head query_pos key_pos"], period: int
+) -> Float[Tensor, "layer head"]:
     """Mean attention from each token of a repeated segment to the token just after its earlier
     occurrence.
 
@@ -24,20 +26,27 @@ def induction_score(patterns: Float[Tensor, "layer head query_pos key_pos"], per
     """
     length = patterns.shape[-1]
     if 2 * period > length:
-        raise ValueError(f"period {period} needs at least {2 * period} positions, the pattern has {length}")
+        raise ValueError(
+            f"period {period} needs at least {2 * period} positions, the pattern has {length}"
+        )
     queries = torch.arange(length - period, length)
     return patterns[..., queries, queries - period + 1].mean(dim=-1)
 
 
-def previous_token_score(patterns: Float[Tensor, "layer head query_pos key_pos"]) -> Float[Tensor, "layer head"]:
+def previous_token_score(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer head"]:
     """Mean attention from each token to the one right before it."""
     queries = torch.arange(1, patterns.shape[-1])
     return patterns[..., queries, queries - 1].mean(dim=-1)
 
 
-def duplicate_token_score(patterns: Float[Tensor, "layer head query_pos key_pos"], tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head"]:
+def duplicate_token_score(
+    patterns: Float[Tensor, "layer head query_pos key_pos"], tokens: Int[Tensor, " pos"]
+) -> Float[Tensor, "layer head"]:
     """Attention each token pays to earlier occurrences of the same token, averaged over the
-    tokens that have one (zero when no token repeats)."""
+    tokens that have one (zero when no token repeats).
+    """
     same = tokens[:, None] == tokens[None, :]
     earlier_same = torch.tril(same, diagonal=-1).to(patterns.dtype)
     has_earlier = earlier_same.sum(dim=-1) > 0
@@ -47,8 +56,13 @@ def duplicate_token_score(patterns: Float[Tensor, "layer head query_pos key_pos"
     return mass[..., has_earlier].mean(dim=-1)
 
 
-def top_heads(scores: Float[NDArray, "layer head"], k: int, lowest: bool = False) -> list[dict[str, float | str]]:
+def top_heads(
+    scores: Float[NDArray, "layer head"], k: int, lowest: bool = False
+) -> list[dict[str, float | str]]:
     """The ``k`` heads with the highest (or lowest) score, as ``{"head": "L.H", "score": ...}``."""
     order = np.argsort(scores if lowest else -scores, axis=None, kind="stable")[:k]
     n_heads = scores.shape[1]
-    return [{"head": f"{index // n_heads}.{index % n_heads}", "score": float(scores.flat[index])} for index in order]
+    return [
+        {"head": f"{index // n_heads}.{index % n_heads}", "score": float(scores.flat[index])}
+        for index in order
+    ]

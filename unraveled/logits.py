@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -10,10 +9,15 @@ from transformer_lens import HookedTransformer
 
 def residual_hook_names(n_layers: int) -> list[str]:
     """The residual stream before each block and after the last: ``n_layers + 1`` points."""
-    return [*[f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)], f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [
+        *[f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)],
+        f"blocks.{n_layers - 1}.hook_resid_post",
+    ]
 
 
-def logit_lens(model: HookedTransformer, residuals: Float[Tensor, "point pos d_model"]) -> Float[Tensor, "point pos d_vocab"]:
+def logit_lens(
+    model: HookedTransformer, residuals: Float[Tensor, "point pos d_model"]
+) -> Float[Tensor, "point pos d_vocab"]:
     """Decode residual-stream states through the final norm and the unembedding.
 
     The final norm's scale is recomputed from each state itself. Reusing the scale cached at the
@@ -30,11 +34,15 @@ def answer_token_id(model: HookedTransformer, text: str, field: str) -> int:
     ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
-        raise ValueError(f"{field}={text!r} is {len(ids)} tokens for this model ({pieces}); use a single-token answer")
+        raise ValueError(
+            f"{field}={text!r} is {len(ids)} tokens for this model ({pieces}); use a single-token answer"
+        )
     return int(ids[0])
 
 
-def logit_difference(logits: Float[Tensor, "... d_vocab"], correct: int, incorrect: int) -> Float[Tensor, "..."]:
+def logit_difference(
+    logits: Float[Tensor, "... d_vocab"], correct: int, incorrect: int
+) -> Float[Tensor, ...]:
     """Logit of the correct answer minus that of the incorrect one."""
     return logits[..., correct] - logits[..., incorrect]
 

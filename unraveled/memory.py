@@ -62,7 +62,9 @@ def _mkl_free_buffers(torch_file: str) -> Callable[[], None] | None:
     ``mkl_serv_free_buffers`` (``mkl_free_buffers`` is an alias of it in MKL's own libraries).
     """
     try:
-        function = ctypes.CDLL(str(Path(torch_file).parent / "lib" / "libtorch_cpu.so")).mkl_serv_free_buffers
+        function = ctypes.CDLL(
+            str(Path(torch_file).parent / "lib" / "libtorch_cpu.so")
+        ).mkl_serv_free_buffers
     except (OSError, AttributeError):  # another platform, or a torch built without MKL
         return None
     function.restype = None
@@ -91,7 +93,12 @@ class PeakMemory:
         self._thread.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)

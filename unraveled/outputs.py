@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from unraveled.errors import ConfigError
 
@@ -74,7 +83,9 @@ def to_jsonable(value: Any) -> Any:
 
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented, strict JSON."""
-    path.write_text(json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
 
 
 def current_umask() -> int:
@@ -187,7 +198,9 @@ class RunManifest(_Record):
     versions: dict[str, StrictStr | None] = Field(default_factory=dict)
 
 
-def read_manifest(run_dir: Path, config: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+def read_manifest(
+    run_dir: Path, config: str | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
     """The manifest of ``run_dir`` as written, when the folder is one of the toolkit's runs;
     else None and why not (for a warning naming the file).
 
@@ -210,30 +223,45 @@ def read_manifest(run_dir: Path, config: str | None = None) -> tuple[dict[str, A
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        return None, f"{path}: not a run's manifest ({where}: {first['msg']}; {error.error_count()} problem(s))"
+        return (
+            None,
+            f"{path}: not a run's manifest ({where}: {first['msg']}; {error.error_count()} problem(s))",
+        )
     if manifest.schema_version is not None and manifest.schema_version > SCHEMA_VERSION:
-        return None, f"{path}: written by a newer unraveled (schema_version {manifest.schema_version}; this one reads up to {SCHEMA_VERSION})"
+        return (
+            None,
+            f"{path}: written by a newer unraveled (schema_version {manifest.schema_version}; this one reads up to {SCHEMA_VERSION})",
+        )
     if manifest.config != (config or run_dir.name):
-        return None, f"{path}: its config is {manifest.config!r}, not the folder's name {config or run_dir.name!r}"
+        return (
+            None,
+            f"{path}: its config is {manifest.config!r}, not the folder's name {config or run_dir.name!r}",
+        )
     return raw, None
 
 
 def run_dirs(out_dir: Path) -> Iterator[Path]:
     """Candidate run folders, ``OUT/<model>/<config>``: real folders, hidden ones (staging,
-    previous) and links left out, so nothing outside ``out_dir`` is ever read as a run."""
+    previous) and links left out, so nothing outside ``out_dir`` is ever read as a run.
+    """
     if not out_dir.is_dir():
         return
     for model_dir in sorted(out_dir.iterdir()):
         if model_dir.name.startswith(".") or model_dir.is_symlink() or not model_dir.is_dir():
             continue
         for run_dir in sorted(model_dir.iterdir()):
-            if not run_dir.name.startswith(".") and not run_dir.is_symlink() and (run_dir / MANIFEST).is_file():
+            if (
+                not run_dir.name.startswith(".")
+                and not run_dir.is_symlink()
+                and (run_dir / MANIFEST).is_file()
+            ):
                 yield run_dir
 
 
 def _not_replaceable(path: Path) -> str | None:
     """Why ``path`` (a run's target) may not be replaced by a run, or None when it may: it is
-    absent, an empty folder, or one of the toolkit's runs."""
+    absent, an empty folder, or one of the toolkit's runs.
+    """
     if path.is_symlink():
         return f"{path} is a link (to {os.readlink(path)}); runs never write through links"
     if not path.exists():
@@ -243,7 +271,11 @@ def _not_replaceable(path: Path) -> str | None:
     if not any(path.iterdir()):
         return None
     _, problem = read_manifest(path)
-    return None if problem is None else f"{path} holds something that is not a run of unraveled ({problem})"
+    return (
+        None
+        if problem is None
+        else f"{path} holds something that is not a run of unraveled ({problem})"
+    )
 
 
 def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
@@ -260,24 +292,40 @@ def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
     problems = []
     index, compare = out_dir / PAGE, out_dir / COMPARE_DIR
     if index.is_symlink() or (index.exists() and not index.is_file()):
-        problems.append(f"{index} is {'a link' if index.is_symlink() else 'a folder'}; the report's index is written there")
-    for folder, holds in ((compare, "the compare pages are"), (out_dir / ASSETS_DIR, "the views' shared script is")):
+        problems.append(
+            f"{index} is {'a link' if index.is_symlink() else 'a folder'}; the report's index is written there"
+        )
+    for folder, holds in (
+        (compare, "the compare pages are"),
+        (out_dir / ASSETS_DIR, "the views' shared script is"),
+    ):
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            problems.append(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}; {holds} written in that folder")
+            problems.append(
+                f"{folder} is {'a link' if folder.is_symlink() else 'a file'}; {holds} written in that folder"
+            )
     for target in dict.fromkeys(targets):
         model_dir = target.parent
         if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
             kind = f"a link (to {os.readlink(model_dir)})" if model_dir.is_symlink() else "a file"
-            problems.append(f"{model_dir} is {kind}; runs of this model are written in that folder, and never through links")
+            problems.append(
+                f"{model_dir} is {kind}; runs of this model are written in that folder, and never through links"
+            )
             continue
         if model_dir.is_dir() and not os.access(model_dir, os.W_OK | os.X_OK):
-            problems.append(f"{model_dir} is not writable (read-only folder or file system); runs of this model are written in that folder")
+            problems.append(
+                f"{model_dir} is not writable (read-only folder or file system); runs of this model are written in that folder"
+            )
             continue
         problem = _not_replaceable(target)
         if problem is not None:
             problems.append(problem)
     if problems:
-        raise ConfigError("--out", None, "; ".join(dict.fromkeys(problems)) + ". Move it away or choose another --out; nothing was written")
+        raise ConfigError(
+            "--out",
+            None,
+            "; ".join(dict.fromkeys(problems))
+            + ". Move it away or choose another --out; nothing was written",
+        )
 
 
 # --- which folder each model writes ------------------------------------------------------------
@@ -332,7 +380,8 @@ def model_folder(out_dir: Path, slug: str, identity: str, taken: dict[str, str])
 
 def lock_holders(folder: Path) -> list[str]:
     """Who holds a lock on ``folder``, as ``pid N (command line)``, read from ``/proc/locks``
-    (empty where that can't be read)."""
+    (empty where that can't be read).
+    """
     try:
         stat = folder.stat()
         locks = Path("/proc/locks").read_text()
@@ -345,7 +394,13 @@ def lock_holders(folder: Path) -> list[str]:
         if "FLOCK" in fields and inode in fields and "->" not in fields:
             pid = fields[fields.index(inode) - 1]
             try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                command = (
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                    .strip()
+                )
             except OSError:
                 command = ""
             holders.append(f"pid {pid}" + (f" ({command[:200]})" if command else ""))
@@ -365,7 +420,9 @@ def _locked(folder: Path, purpose: str = "publishing runs") -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holders = ", ".join(lock_holders(folder)) or "another process"
-            logger.warning("waiting for %s, which holds the lock on %s (%s there)", holders, folder, purpose)
+            logger.warning(
+                "waiting for %s, which holds the lock on %s (%s there)", holders, folder, purpose
+            )
             started = time.perf_counter()
             fcntl.flock(handle, fcntl.LOCK_EX)
             logger.info("got the lock on %s after %.1f s", folder, time.perf_counter() - started)
@@ -377,7 +434,8 @@ def _locked(folder: Path, purpose: str = "publishing runs") -> Iterator[None]:
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """Hold back Ctrl-C (SIGINT) until the block is done: a swap is two renames, and stopping
-    between them would leave the config's earlier outputs hidden."""
+    between them would leave the config's earlier outputs hidden.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -404,18 +462,24 @@ def run_target(out_dir: Path, model_slug: str, config_name: str) -> Path:
     """
     for kind, name in (("model", model_slug), ("config", config_name)):
         if not _PLAIN_NAME.fullmatch(name) or name.startswith("."):
-            raise ValueError(f"refusing to publish under {kind} folder name {name!r}: expected a plain name")
+            raise ValueError(
+                f"refusing to publish under {kind} folder name {name!r}: expected a plain name"
+            )
     return out_dir / model_slug / config_name
 
 
 def make_staging_dir(target: Path) -> Path:
     """A fresh hidden folder beside ``target`` to write a run into, named with this process's id."""
     if target.parent.is_symlink():
-        raise ConfigError("--out", None, f"{target.parent} is a link; runs never write through links")
+        raise ConfigError(
+            "--out", None, f"{target.parent} is a link; runs never write through links"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent):
         recover(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent)
+    )
     # mkdtemp creates 0700 folders; give it the permissions a plain mkdir would.
     os.chmod(staging, 0o777 & ~current_umask())
     return staging
@@ -431,17 +495,28 @@ def publish(staging: Path, target: Path, out_dir: Path) -> None:
     Raises:
         ConfigError: When ``target`` is something else than a run (exit 2); nothing is replaced.
     """
-    if run_target(out_dir, target.parent.name, target.name) != target or staging.parent != target.parent:
-        raise ValueError(f"refusing to publish {staging} as {target}: runs are published as {out_dir}/<model>/<config>")
+    if (
+        run_target(out_dir, target.parent.name, target.name) != target
+        or staging.parent != target.parent
+    ):
+        raise ValueError(
+            f"refusing to publish {staging} as {target}: runs are published as {out_dir}/<model>/<config>"
+        )
     previous = _previous(target)
     trash = None
     try:
         with _locked(target.parent):
             problem = _not_replaceable(target)
             if problem is not None:
-                raise ConfigError("--out", None, f"{problem}; move it away or choose another --out (this run was not published)")
+                raise ConfigError(
+                    "--out",
+                    None,
+                    f"{problem}; move it away or choose another --out (this run was not published)",
+                )
             with _ctrl_c_deferred():
-                if previous.exists() or previous.is_symlink():  # a stale one: the lock is held, no swap is under way
+                if (
+                    previous.exists() or previous.is_symlink()
+                ):  # a stale one: the lock is held, no swap is under way
                     os.replace(previous, _trash_name(previous))
                 if target.exists():
                     os.replace(target, previous)
@@ -450,7 +525,9 @@ def publish(staging: Path, target: Path, out_dir: Path) -> None:
                     trash = _trash_name(previous)
                     os.replace(previous, trash)
     finally:
-        if trash is not None:  # deleting can take a while: outside the lock (and after a held-back Ctrl-C)
+        if (
+            trash is not None
+        ):  # deleting can take a while: outside the lock (and after a held-back Ctrl-C)
             _remove(trash)
 
 
@@ -466,8 +543,14 @@ def recover(target: Path) -> None:
     previous = _previous(target)
     if previous.exists() and not target.exists() and not target.is_symlink():
         os.replace(previous, target)
-        logger.warning("restored %s, which an interrupted run had moved aside to %s", target, previous)
-    elif previous.is_dir() and not previous.is_symlink() and read_manifest(previous, target.name)[1] is None:  # killed after the new run was in place
+        logger.warning(
+            "restored %s, which an interrupted run had moved aside to %s", target, previous
+        )
+    elif (
+        previous.is_dir()
+        and not previous.is_symlink()
+        and read_manifest(previous, target.name)[1] is None
+    ):  # killed after the new run was in place
         shutil.rmtree(previous, ignore_errors=True)
     for stale in target.parent.glob(f".{target.name}.staging-*"):
         match = _STAGING.fullmatch(stale.name)
@@ -503,7 +586,11 @@ def recover_output_folder(out_dir: Path) -> bool:
         for model_dir in sorted(out_dir.iterdir()):
             if model_dir.name.startswith(".") or model_dir.is_symlink() or not model_dir.is_dir():
                 continue
-            interrupted = [path for path in model_dir.glob(".*.previous") if _PREVIOUS.fullmatch(path.name) and not path.is_symlink()]
+            interrupted = [
+                path
+                for path in model_dir.glob(".*.previous")
+                if _PREVIOUS.fullmatch(path.name) and not path.is_symlink()
+            ]
             if interrupted:
                 with _locked(model_dir):
                     for previous in interrupted:
@@ -516,7 +603,11 @@ def recover_output_folder(out_dir: Path) -> bool:
             if read_manifest(run_dir)[0] is None:  # not a run: never written into
                 continue
             rebuild |= _remove_dead_writers_files(run_dir, _TEMPORARY)
-            if not (run_dir / PAGE).is_file() or newest_index is None or (run_dir / MANIFEST).stat().st_mtime > newest_index:
+            if (
+                not (run_dir / PAGE).is_file()
+                or newest_index is None
+                or (run_dir / MANIFEST).stat().st_mtime > newest_index
+            ):
                 rebuild = True
     return rebuild
 
@@ -524,6 +615,7 @@ def recover_output_folder(out_dir: Path) -> bool:
 @contextlib.contextmanager
 def pages_locked(out_dir: Path) -> Iterator[None]:
     """Hold the lock on ``out_dir`` while its pages are rebuilt: two runs into one folder then
-    rebuild one after the other, each from every run on disk, so neither index loses a run."""
+    rebuild one after the other, each from every run on disk, so neither index loses a run.
+    """
     with _locked(out_dir, "rebuilding the pages"):
         yield

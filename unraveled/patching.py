@@ -79,10 +79,23 @@ class PromptPairs:
 
     def rows(self, selected: slice) -> PromptPairs:
         """The pairs in rows ``selected``."""
-        return PromptPairs(self.clean[selected], self.corrupted[selected], self.last[selected], self.correct[selected], self.incorrect[selected])
+        return PromptPairs(
+            self.clean[selected],
+            self.corrupted[selected],
+            self.last[selected],
+            self.correct[selected],
+            self.incorrect[selected],
+        )
 
 
-def single_pair(model: HookedTransformer, clean: str, corrupted: str, correct: int, incorrect: int, field: str = "params") -> PromptPairs:
+def single_pair(
+    model: HookedTransformer,
+    clean: str,
+    corrupted: str,
+    correct: int,
+    incorrect: int,
+    field: str = "params",
+) -> PromptPairs:
     """One clean/corrupted pair; a clear error when their token lengths differ."""
     clean_ids, corrupted_ids = model.to_tokens(clean), model.to_tokens(corrupted)
     if clean_ids.shape != corrupted_ids.shape:
@@ -99,7 +112,9 @@ def single_pair(model: HookedTransformer, clean: str, corrupted: str, correct: i
     )
 
 
-def logit_differences(logits: Float[Tensor, "batch pos d_vocab"], pairs: PromptPairs) -> Float[Tensor, " batch"]:
+def logit_differences(
+    logits: Float[Tensor, "batch pos d_vocab"], pairs: PromptPairs
+) -> Float[Tensor, " batch"]:
     """Correct minus incorrect logit at each prompt's last token."""
     rows = torch.arange(logits.shape[0])
     last_logits = logits[rows, pairs.last]
@@ -111,7 +126,11 @@ def _final_logit_differences(
 ) -> Float[Tensor, " rows"]:
     """The metric from the residual stream after the last block, for copies of the batch."""
     copies = residual.shape[0] // pairs.size
-    last, correct, incorrect = pairs.last.repeat(copies), pairs.correct.repeat(copies), pairs.incorrect.repeat(copies)
+    last, correct, incorrect = (
+        pairs.last.repeat(copies),
+        pairs.correct.repeat(copies),
+        pairs.incorrect.repeat(copies),
+    )
     final = residual[torch.arange(residual.shape[0]), last]
     if model.cfg.normalization_type is not None:
         final = model.ln_final(final[:, None])[:, 0]
@@ -145,7 +164,9 @@ def _start_layer(patch_set: Sequence[Patch]) -> int | None:
     return None if not layers or None in layers else min(layers)  # type: ignore[type-var]
 
 
-def _patching_hook(source: ActivationCache | dict[str, Tensor], entries: list[tuple[int, Patch]], batch: int):
+def _patching_hook(
+    source: ActivationCache | dict[str, Tensor], entries: list[tuple[int, Patch]], batch: int
+):
     def patch(activation: Tensor, hook: HookPoint) -> Tensor:
         from_source = source[hook.name]
         for copy, spec in entries:
@@ -207,21 +228,35 @@ def patched_logit_differences(
                 for copy, index in enumerate(chunk):
                     for spec in patch_sets[index] if index >= 0 else []:
                         entries[spec.hook].append((copy, spec))
-                hooks = [(name, _patching_hook(source, found, batch)) for name, found in entries.items()]
+                hooks = [
+                    (name, _patching_hook(source, found, batch)) for name, found in entries.items()
+                ]
                 if layer is None:
                     start, start_at = tokens.repeat(len(chunk), 1), None
                 else:
-                    start, start_at = base_cache[f"blocks.{layer}.hook_resid_pre"].repeat(len(chunk), 1, 1), layer  # type: ignore[index]
-                residual = model.run_with_hooks(start, start_at_layer=start_at, stop_at_layer=n_layers, fwd_hooks=hooks)
-                results[chunk] = _final_logit_differences(model, residual, pairs).reshape(len(chunk), batch)
+                    start, start_at = (
+                        base_cache[f"blocks.{layer}.hook_resid_pre"].repeat(len(chunk), 1, 1),
+                        layer,
+                    )  # type: ignore[index]
+                residual = model.run_with_hooks(
+                    start, start_at_layer=start_at, stop_at_layer=n_layers, fwd_hooks=hooks
+                )
+                results[chunk] = _final_logit_differences(model, residual, pairs).reshape(
+                    len(chunk), batch
+                )
     results[unchanged] = results[-1].clone()
     return_freed_memory()
     return results[:-1]
 
 
-def _changes_nothing(patch_set: Sequence[Patch], source: ActivationCache | dict[str, Tensor], base_cache: ActivationCache | dict[str, Tensor]) -> bool:
+def _changes_nothing(
+    patch_set: Sequence[Patch],
+    source: ActivationCache | dict[str, Tensor],
+    base_cache: ActivationCache | dict[str, Tensor],
+) -> bool:
     """Whether every patch of the set writes what the base run already has (so its result is the
-    base run's, known without running it): true of positions before the prompts first differ."""
+    base run's, known without running it): true of positions before the prompts first differ.
+    """
     for spec in patch_set:
         if spec.hook not in base_cache.keys():
             return False
@@ -236,17 +271,24 @@ def _changes_nothing(patch_set: Sequence[Patch], source: ActivationCache | dict[
 
 
 def run_cache(
-    model: HookedTransformer, pairs: PromptPairs, which: Literal["clean", "corrupted"], hooks: Sequence[str]
+    model: HookedTransformer,
+    pairs: PromptPairs,
+    which: Literal["clean", "corrupted"],
+    hooks: Sequence[str],
 ) -> tuple[Float[Tensor, "batch d_vocab"], ActivationCache]:
     """One forward of the clean or corrupted prompts: the logits at each last token, and a cache of ``hooks``."""
     wanted = set(hooks)
     with torch.inference_mode():
-        logits, cache = model.run_with_cache(pairs.tokens(which), names_filter=lambda name: name in wanted)
+        logits, cache = model.run_with_cache(
+            pairs.tokens(which), names_filter=lambda name: name in wanted
+        )
     return logits[torch.arange(pairs.size), pairs.last], cache
 
 
 def answer_summary(
-    last_logits: Float[Tensor, "batch d_vocab"], pairs: PromptPairs, answer: Literal["correct", "incorrect"] = "correct"
+    last_logits: Float[Tensor, "batch d_vocab"],
+    pairs: PromptPairs,
+    answer: Literal["correct", "incorrect"] = "correct",
 ) -> dict[str, float]:
     """Mean logit difference (correct minus incorrect: the patching metric), and how often the
     prompts give ``answer``: the share preferring it to the other answer, and the share whose top
@@ -258,7 +300,11 @@ def answer_summary(
     """
     rows = torch.arange(pairs.size)
     differences = last_logits[rows, pairs.correct] - last_logits[rows, pairs.incorrect]
-    own, other, preferred = (pairs.correct, "incorrect", differences > 0) if answer == "correct" else (pairs.incorrect, "correct", differences < 0)
+    own, other, preferred = (
+        (pairs.correct, "incorrect", differences > 0)
+        if answer == "correct"
+        else (pairs.incorrect, "correct", differences < 0)
+    )
     return {
         "mean_logit_difference": float(differences.mean()),
         f"share_{answer}_over_{other}": float(preferred.float().mean()),
@@ -277,7 +323,10 @@ def patchable_hooks(model: HookedTransformer) -> list[str]:
 
 
 def _with_gradients(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pairs: PromptPairs, hooks: Sequence[str]
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    pairs: PromptPairs,
+    hooks: Sequence[str],
 ) -> tuple[Float[Tensor, " batch"], dict[str, Tensor], dict[str, Tensor]]:
     """One forward and one backward pass: the metric, and each hook's activation and gradient.
 
@@ -297,10 +346,16 @@ def _with_gradients(
 
     tracked = [(name, track) for name in _embedding_hooks(model)]
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[*tracked, *[(name, keep) for name in hooks]])
+        logits = model.run_with_hooks(
+            tokens, fwd_hooks=[*tracked, *[(name, keep) for name in hooks]]
+        )
         differences = logit_differences(logits, pairs)
         grads = torch.autograd.grad(differences.sum(), [kept[name] for name in hooks])
-    return differences.detach(), {name: kept[name].detach() for name in hooks}, dict(zip(hooks, grads))
+    return (
+        differences.detach(),
+        {name: kept[name].detach() for name in hooks},
+        dict(zip(hooks, grads)),
+    )
 
 
 def _gradient_passes(pairs: PromptPairs) -> list[slice]:
@@ -332,10 +387,14 @@ def attribution(
     estimates: dict[str, Tensor] = {}
     for rows in _gradient_passes(pairs):
         part = pairs.rows(rows)
-        differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, hooks)
+        differences[rows], activations, grads = _with_gradients(
+            model, part.tokens(base), part, hooks
+        )
         for name in hooks:
             estimate = (source[name][rows] - activations[name]) * grads[name]
-            estimates.setdefault(name, torch.empty(pairs.size, *estimate.shape[1:]))[rows] = estimate
+            estimates.setdefault(name, torch.empty(pairs.size, *estimate.shape[1:]))[rows] = (
+                estimate
+            )
     return_freed_memory()
     return differences, estimates
 
@@ -391,7 +450,10 @@ def upstream_names(model: HookedTransformer) -> list[str]:
 
 
 def _embedding_hooks(model: HookedTransformer) -> list[str]:
-    return ["hook_embed", *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else [])]
+    return [
+        "hook_embed",
+        *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
+    ]
 
 
 def component_patches(name: str, model: HookedTransformer) -> list[Patch]:
@@ -417,9 +479,15 @@ def edge_attribution(
     ``attn.hook_z`` and ``hook_mlp_out``.
     """
     n_layers = model.cfg.n_layers
-    outputs = [*_embedding_hooks(model), *[f"blocks.{l}.attn.hook_z" for l in range(n_layers)], *[f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]]
+    outputs = [
+        *_embedding_hooks(model),
+        *[f"blocks.{l}.attn.hook_z" for l in range(n_layers)],
+        *[f"blocks.{l}.hook_mlp_out" for l in range(n_layers)],
+    ]
     inputs = [f"blocks.{l}.hook_{kind}_input" for l in range(n_layers) for kind in ("q", "k", "v")]
-    inputs += [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    inputs += [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [
+        f"blocks.{n_layers - 1}.hook_resid_post"
+    ]
     differences = torch.empty(pairs.size)
     scores: Tensor | None = None
     nodes: Tensor | None = None
@@ -427,7 +495,9 @@ def edge_attribution(
     for rows in _gradient_passes(pairs):
         part = pairs.rows(rows)
         with split_head_inputs(model):
-            differences[rows], activations, grads = _with_gradients(model, part.tokens(base), part, [*outputs, *inputs])
+            differences[rows], activations, grads = _with_gradients(
+                model, part.tokens(base), part, [*outputs, *inputs]
+            )
         deltas = {name: source[name][rows] - activations[name] for name in outputs}
         del activations
         part_scores, part_nodes = _edge_score_sums(model, deltas, grads)
@@ -447,9 +517,15 @@ def edge_attribution(
 
 def downstream_names(model: HookedTransformer) -> list[str]:
     """Edge targets in ``EdgeScores.scores``' column order: every head's q, k and v input layer by
-    layer, then every MLP's input, then the logits."""
+    layer, then every MLP's input, then the logits.
+    """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    heads = [f"{layer}.{head}.{kind}" for layer in range(n_layers) for head in range(n_heads) for kind in ("q", "k", "v")]
+    heads = [
+        f"{layer}.{head}.{kind}"
+        for layer in range(n_layers)
+        for head in range(n_heads)
+        for kind in ("q", "k", "v")
+    ]
     return [*heads, *[f"m{layer}" for layer in range(n_layers)], "logits"]
 
 
@@ -468,13 +544,19 @@ def _edge_score_sums(
         upstream.append(deltas[f"blocks.{layer}.hook_mlp_out"])
     up = torch.stack(upstream).flatten(1)
     del upstream
-    up_layers = torch.tensor([-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)])
-    up_is_mlp = torch.tensor([False] + [h == n_heads for _ in range(n_layers) for h in range(n_heads + 1)])
+    up_layers = torch.tensor(
+        [-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)]
+    )
+    up_is_mlp = torch.tensor(
+        [False] + [h == n_heads for _ in range(n_layers) for h in range(n_heads + 1)]
+    )
 
     columns = []
     for layer in range(n_layers):
         # Per layer: [batch, pos, 3 * head, d_model] in the order head 0 q, k, v, head 1 q, ...
-        qkv = torch.stack([grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3).flatten(2, 3)
+        qkv = torch.stack(
+            [grads[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")], dim=3
+        ).flatten(2, 3)
         scores = up @ qkv.movedim(2, 3).reshape(up.shape[1], -1)
         feeds = up_layers < layer
         scores[~feeds] = torch.nan
@@ -498,7 +580,11 @@ def _edge_score_sums(
 
 def head_patches(model: HookedTransformer) -> list[list[Patch]]:
     """One patch set per head (its output at every position), layer by layer."""
-    return [[Patch(f"blocks.{layer}.attn.hook_z", head=head)] for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    return [
+        [Patch(f"blocks.{layer}.attn.hook_z", head=head)]
+        for layer in range(model.cfg.n_layers)
+        for head in range(model.cfg.n_heads)
+    ]
 
 
 def mlp_patches(model: HookedTransformer) -> list[list[Patch]]:
@@ -506,20 +592,39 @@ def mlp_patches(model: HookedTransformer) -> list[list[Patch]]:
     return [[Patch(f"blocks.{layer}.hook_mlp_out")] for layer in range(model.cfg.n_layers)]
 
 
-def residual_patches(model: HookedTransformer, groups: Sequence[Bool[Tensor, "batch pos"]]) -> list[list[Patch]]:
+def residual_patches(
+    model: HookedTransformer, groups: Sequence[Bool[Tensor, "batch pos"]]
+) -> list[list[Patch]]:
     """One patch set per residual-stream point (``residual_hook_names``) and group of positions, point-major."""
-    return [[Patch(hook, positions=group)] for hook in residual_hook_names(model.cfg.n_layers) for group in groups]
+    return [
+        [Patch(hook, positions=group)]
+        for hook in residual_hook_names(model.cfg.n_layers)
+        for group in groups
+    ]
 
 
 def estimates_per_component(
-    model: HookedTransformer, estimates: dict[str, Tensor], groups: Sequence[Bool[Tensor, "batch pos"]]
+    model: HookedTransformer,
+    estimates: dict[str, Tensor],
+    groups: Sequence[Bool[Tensor, "batch pos"]],
 ) -> tuple[Float[Tensor, "layer head"], Float[Tensor, " layer"], Float[Tensor, "point group"]]:
     """Attribution estimates summed per head, per MLP and per residual point and group of
     positions, averaged over prompts: the same components as ``head_patches``, ``mlp_patches``
-    and ``residual_patches``."""
+    and ``residual_patches``.
+    """
     n_layers = model.cfg.n_layers
-    heads = torch.stack([estimates[f"blocks.{layer}.attn.hook_z"].sum(dim=(1, 3)).mean(0) for layer in range(n_layers)])
-    mlps = torch.stack([estimates[f"blocks.{layer}.hook_mlp_out"].sum(dim=(1, 2)).mean(0) for layer in range(n_layers)])
+    heads = torch.stack(
+        [
+            estimates[f"blocks.{layer}.attn.hook_z"].sum(dim=(1, 3)).mean(0)
+            for layer in range(n_layers)
+        ]
+    )
+    mlps = torch.stack(
+        [
+            estimates[f"blocks.{layer}.hook_mlp_out"].sum(dim=(1, 2)).mean(0)
+            for layer in range(n_layers)
+        ]
+    )
     residual = torch.stack(
         [
             torch.stack([(estimates[hook].sum(-1) * group).sum(-1).mean(0) for group in groups])
@@ -549,12 +654,23 @@ def edge_circuit_logit_differences(
     """
     bytes_per_row = pairs.clean.shape[1] * model.cfg.d_model * kept.shape[1] * 4
     rows_per_pass = min(pairs.size, max(1, EDGE_BUFFER_BYTES // bytes_per_row))
-    per_pass = max(1, EDGE_BUFFER_BYTES // (bytes_per_row * pairs.size)) if rows_per_pass == pairs.size else 1
-    row_slices = [slice(first, first + rows_per_pass) for first in range(0, pairs.size, rows_per_pass)]
+    per_pass = (
+        max(1, EDGE_BUFFER_BYTES // (bytes_per_row * pairs.size))
+        if rows_per_pass == pairs.size
+        else 1
+    )
+    row_slices = [
+        slice(first, first + rows_per_pass) for first in range(0, pairs.size, rows_per_pass)
+    ]
     circuit_passes = []
     for start in range(0, kept.shape[0], per_pass):
         circuits = kept[start : start + per_pass]
-        by_rows = [_edge_circuits_in_one_pass(model, pairs.rows(rows), _RowsOf(corrupted_cache, rows), circuits) for rows in row_slices]
+        by_rows = [
+            _edge_circuits_in_one_pass(
+                model, pairs.rows(rows), _RowsOf(corrupted_cache, rows), circuits
+            )
+            for rows in row_slices
+        ]
         circuit_passes.append(torch.cat(by_rows, dim=1))
     differences = torch.cat(circuit_passes)
     return_freed_memory()
@@ -616,8 +732,12 @@ def _edge_circuits_in_one_pass(
     def rebuild(corrupted_name: str, columns: slice, per_head: bool):
         def hook(activation: Tensor, hook: HookPoint) -> Tensor:
             n = filled[0]
-            written = deltas[..., :n].reshape(circuits, -1, n)  # a view: the leading axes are contiguous
-            added = torch.bmm(written, kept[:, :n, columns]).reshape(*deltas.shape[:4], -1)  # [c, b, p, d, v]
+            written = deltas[..., :n].reshape(
+                circuits, -1, n
+            )  # a view: the leading axes are contiguous
+            added = torch.bmm(written, kept[:, :n, columns]).reshape(
+                *deltas.shape[:4], -1
+            )  # [c, b, p, d, v]
             base = corrupted_cache[corrupted_name][None, :, :, None]
             added = added.movedim(-1, 3)  # [c, b, p, v, d]
             rebuilt = base + added if per_head else (base + added)[:, :, :, 0]
@@ -630,12 +750,33 @@ def _edge_circuits_in_one_pass(
     for layer in range(n_layers):
         for offset, kind in enumerate("qkv"):
             columns = slice(layer * qkv_width + offset, (layer + 1) * qkv_width, 3)
-            hooks.append((f"blocks.{layer}.hook_{kind}_input", rebuild(f"blocks.{layer}.hook_resid_pre", columns, per_head=True)))
+            hooks.append(
+                (
+                    f"blocks.{layer}.hook_{kind}_input",
+                    rebuild(f"blocks.{layer}.hook_resid_pre", columns, per_head=True),
+                )
+            )
         hooks.append((f"blocks.{layer}.attn.hook_z", record_heads))
-        hooks.append((f"blocks.{layer}.hook_mlp_in", rebuild(f"blocks.{layer}.hook_resid_mid", slice(mlp_start + layer, mlp_start + layer + 1), per_head=False)))
+        hooks.append(
+            (
+                f"blocks.{layer}.hook_mlp_in",
+                rebuild(
+                    f"blocks.{layer}.hook_resid_mid",
+                    slice(mlp_start + layer, mlp_start + layer + 1),
+                    per_head=False,
+                ),
+            )
+        )
         hooks.append((f"blocks.{layer}.hook_mlp_out", record_mlp))
     final = f"blocks.{n_layers - 1}.hook_resid_post"
-    hooks.append((final, rebuild(final, slice(mlp_start + n_layers, mlp_start + n_layers + 1), per_head=False)))
+    hooks.append(
+        (
+            final,
+            rebuild(final, slice(mlp_start + n_layers, mlp_start + n_layers + 1), per_head=False),
+        )
+    )
     with split_head_inputs(model), torch.inference_mode():
-        residual = model.run_with_hooks(pairs.clean.repeat(circuits, 1), stop_at_layer=n_layers, fwd_hooks=hooks)  # type: ignore[arg-type]
+        residual = model.run_with_hooks(
+            pairs.clean.repeat(circuits, 1), stop_at_layer=n_layers, fwd_hooks=hooks
+        )  # type: ignore[arg-type]
     return _final_logit_differences(model, residual, pairs).reshape(circuits, batch)

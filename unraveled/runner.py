@@ -29,20 +29,20 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from unraveled import outputs  # noqa: E402
-from unraveled.config import DEFAULT_MODEL, LoadedConfig  # noqa: E402
-from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError  # noqa: E402
-from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params  # noqa: E402
-from unraveled.memory import PeakMemory, return_freed_memory  # noqa: E402
-from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model  # noqa: E402
-from unraveled.models.shape import ModelShape, model_shape  # noqa: E402
-from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model  # noqa: E402
-from unraveled.render import export, views  # noqa: E402
-from unraveled.render.pages import write_pages  # noqa: E402
+from unraveled import outputs
+from unraveled.config import DEFAULT_MODEL, LoadedConfig
+from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError
+from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
+from unraveled.memory import PeakMemory, return_freed_memory
+from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model
+from unraveled.models.shape import ModelShape, model_shape
+from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model
+from unraveled.render import export, views
+from unraveled.render.pages import write_pages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,7 +50,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FIGURE_DPI = 110
-_VERSIONED_PACKAGES = ("torch", "transformer-lens", "transformers", "circuitsvis", "numpy", "scikit-learn", "umap-learn")
+_VERSIONED_PACKAGES = (
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "circuitsvis",
+    "numpy",
+    "scikit-learn",
+    "umap-learn",
+)
 
 
 @dataclass
@@ -100,10 +108,18 @@ class ModelPool:
         if name in self._unavailable and fallback is not None:
             loaded = load_model(fallback, weights, self.device, fallback=None)
             loaded = replace(loaded, requested=name, fallback_reason=self._unavailable[name])
-            logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
+            logger.info(
+                "loaded %s (%s weights) from %s in %.1f s",
+                loaded.label(),
+                weights,
+                loaded.loaded_from,
+                loaded.load_seconds,
+            )
             return loaded
         try:
-            loaded = load_model(name, weights, self.device, fallback=fallback, source_label=source_label)
+            loaded = load_model(
+                name, weights, self.device, fallback=fallback, source_label=source_label
+            )
         except ModelUnavailableError as error:
             if fallback is not None:
                 raise
@@ -112,7 +128,13 @@ class ModelPool:
             ) from None
         if loaded.fallback_reason is not None:
             self._unavailable[name] = loaded.fallback_reason
-        logger.info("loaded %s (%s weights) from %s in %.1f s", loaded.label(), weights, loaded.loaded_from, loaded.load_seconds)
+        logger.info(
+            "loaded %s (%s weights) from %s in %.1f s",
+            loaded.label(),
+            weights,
+            loaded.loaded_from,
+            loaded.load_seconds,
+        )
         return loaded
 
 
@@ -124,7 +146,9 @@ def _seed_everything(seed: int) -> None:
 
 def _git_commit() -> str | None:
     try:
-        found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return found.stdout.strip() or None
@@ -159,7 +183,9 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
         "from_weight_cache": loaded.from_weight_cache,
         "weights": loaded.weights,
         # A bundled model's weights are not its full-precision checkpoint's: say what they are.
-        "weights_note": BUNDLED_MODELS[loaded.name].weights_note if loaded.name in BUNDLED_MODELS else None,
+        "weights_note": BUNDLED_MODELS[loaded.name].weights_note
+        if loaded.name in BUNDLED_MODELS
+        else None,
         "load_seconds": loaded.load_seconds,
         "architecture": cfg.original_architecture,
         "n_layers": cfg.n_layers,
@@ -178,10 +204,16 @@ def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
     try:
         check_params(config.experiment, config.params, loaded.model)
     except ParamError as error:
-        raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({loaded.label()})") from None
+        raise ConfigError(
+            str(config.path),
+            config.field_label(f"params.{error.field}"),
+            f"{error.problem} ({loaded.label()})",
+        ) from None
 
 
-def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True) -> None:
+def check_text_params_before_loading(
+    configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True
+) -> None:
     """Check every config's prompts (and one-token answers) against the tokenizer and context of
     the model it will run on, read without the weights, so an overlong prompt costs no conversion
     and writes nothing; and whatever else an experiment checks before loading (its
@@ -201,27 +233,39 @@ def check_text_params_before_loading(configs: Sequence[LoadedConfig], models: Se
         _check_before_loading(config, None, None)
     shapes: dict[str, ModelShape | None] = {}
     for config in configs:
-        labelled = [(name, "--model") for name in models] or [(config.run.model or DEFAULT_MODEL, str(config.path))]
+        labelled = [(name, "--model") for name in models] or [
+            (config.run.model or DEFAULT_MODEL, str(config.path))
+        ]
         for name, source_label in labelled:
             if name not in shapes:
                 shapes[name] = model_shape(name, source_label, allow_fallback)
             shape = shapes[name]
             if shape is not None:
                 try:
-                    check_text_params(config.experiment, config.params, shape.tokenizer, shape.n_ctx)
+                    check_text_params(
+                        config.experiment, config.params, shape.tokenizer, shape.n_ctx
+                    )
                 except ParamError as error:
-                    raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), f"{error.problem} ({shape.label})") from None
+                    raise ConfigError(
+                        str(config.path),
+                        config.field_label(f"params.{error.field}"),
+                        f"{error.problem} ({shape.label})",
+                    ) from None
             if shape is not None:
                 _check_before_loading(config, shape.tokenizer, shape.n_ctx)
 
 
-def _check_before_loading(config: LoadedConfig, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None) -> None:
+def _check_before_loading(
+    config: LoadedConfig, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
+) -> None:
     """The experiment's own ``check_before_loading``, its ParamError named by the config file."""
     if config.experiment.check_before_loading is not None:
         try:
             config.experiment.check_before_loading(config.params, tokenizer, n_ctx)
         except ParamError as error:
-            raise ConfigError(str(config.path), config.field_label(f"params.{error.field}"), error.problem) from None
+            raise ConfigError(
+                str(config.path), config.field_label(f"params.{error.field}"), error.problem
+            ) from None
 
 
 def check_device(device: str) -> None:
@@ -233,33 +277,61 @@ def check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError("--device", None, f"{device!r} is not a torch device; expected cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(
+            "--device", None, f"{device!r} is not a torch device; expected cpu, cuda, cuda:N or mps"
+        ) from None
     if parsed.type == "cpu":
         return
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError("--device", None, f"{device!r}: no CUDA GPU is available on this machine; use --device cpu")
+            raise ConfigError(
+                "--device",
+                None,
+                f"{device!r}: no CUDA GPU is available on this machine; use --device cpu",
+            )
         if parsed.index is not None and parsed.index >= count:
-            raise ConfigError("--device", None, f"{device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+            raise ConfigError(
+                "--device",
+                None,
+                f"{device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}",
+            )
         return
     if parsed.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError("--device", None, f"{device!r}: MPS is not available on this machine; use --device cpu")
+            raise ConfigError(
+                "--device",
+                None,
+                f"{device!r}: MPS is not available on this machine; use --device cpu",
+            )
         return
-    raise ConfigError("--device", None, f"{device!r}: unsupported device type; expected cpu, cuda, cuda:N or mps")
+    raise ConfigError(
+        "--device", None, f"{device!r}: unsupported device type; expected cpu, cuda, cuda:N or mps"
+    )
 
 
 def _write_artifacts(
-    config: LoadedConfig, result: Any, loaded: LoadedModel, staging: Path, href_to_index: str, formats: Sequence[str], out_dir: Path, href_to_out: str
+    config: LoadedConfig,
+    result: Any,
+    loaded: LoadedModel,
+    staging: Path,
+    href_to_index: str,
+    formats: Sequence[str],
+    out_dir: Path,
+    href_to_out: str,
 ) -> dict[str, list[dict[str, Any]]]:
     """Save every artifact into ``staging``, and the views' shared script into ``out_dir``'s
-    assets (``href_to_out`` leads there from the views); returns the manifest's records of each kind."""
+    assets (``href_to_out`` leads there from the views); returns the manifest's records of each kind.
+    """
     figure_records, view_records, table_records = [], [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
             _stamp_model(artifact, loaded.label())
-            figure_records.append(export.save_figure(artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI))
+            figure_records.append(
+                export.save_figure(
+                    artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI
+                )
+            )
             plt.close(artifact.figure)
         elif isinstance(artifact, View):
             path = staging / "views" / f"{artifact.name}.html"
@@ -267,18 +339,41 @@ def _write_artifacts(
             facts = {"model": loaded.label(), **artifact.facts}
             bundle = views.write_shared_bundle(out_dir / outputs.ASSETS_DIR)
             bundle_href = f"{href_to_out}/{outputs.ASSETS_DIR}/{bundle.name}"
-            path.write_text(views.page(artifact.title, facts, artifact.elements, href_to_index, run_href="../index.html", bundle_href=bundle_href), encoding="utf-8")
-            view_records.append({"file": f"views/{path.name}", "title": artifact.title, "bytes": path.stat().st_size})
+            path.write_text(
+                views.page(
+                    artifact.title,
+                    facts,
+                    artifact.elements,
+                    href_to_index,
+                    run_href="../index.html",
+                    bundle_href=bundle_href,
+                ),
+                encoding="utf-8",
+            )
+            view_records.append(
+                {
+                    "file": f"views/{path.name}",
+                    "title": artifact.title,
+                    "bytes": path.stat().st_size,
+                }
+            )
         elif isinstance(artifact, Table):
             path = staging / f"{artifact.name}.npz"
             np.savez_compressed(path, **artifact.columns)
-            table_records.append({"file": path.name, "description": artifact.description, "bytes": path.stat().st_size})
+            table_records.append(
+                {
+                    "file": path.name,
+                    "description": artifact.description,
+                    "bytes": path.stat().st_size,
+                }
+            )
     return {"figures": figure_records, "views": view_records, "tables": table_records}
 
 
 def _source_identity(name: str) -> str:
     """What a model name stands for, whatever its spelling: a checkpoint folder's full path
-    (``ck/a`` and ``ck/a/`` are one model), a hub repository, or a bundled model."""
+    (``ck/a`` and ``ck/a/`` are one model), a hub repository, or a bundled model.
+    """
     source = resolve_model(name)
     if isinstance(source, LocalCheckpoint):
         return f"checkpoint {source.path}"
@@ -289,14 +384,19 @@ def _source_identity(name: str) -> str:
 
 def model_identity(loaded: LoadedModel) -> str:
     """Which model a run folder belongs to (the manifest's ``model_identity``): two checkpoints
-    named alike, or a fallback and the model it fell back to, are different models."""
+    named alike, or a fallback and the model it fell back to, are different models.
+    """
     if loaded.is_fallback:
-        return f"{_source_identity(loaded.name)} standing in for {_source_identity(loaded.requested)}"
+        return (
+            f"{_source_identity(loaded.name)} standing in for {_source_identity(loaded.requested)}"
+        )
     return _source_identity(loaded.requested)
 
 
 def _unwritable(error: OSError, what: str) -> UnraveledError:
-    return UnraveledError(f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). Free space or fix the folder's permissions, then run again")
+    return UnraveledError(
+        f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). Free space or fix the folder's permissions, then run again"
+    )
 
 
 def run_one(
@@ -332,7 +432,16 @@ def run_one(
             return_freed_memory()  # the activations compute dropped, before drawing adds its own
             writing = True
             staging = outputs.make_staging_dir(target)
-            records = _write_artifacts(config, result, loaded, staging, href_to_index, formats, out_dir, Path(os.path.relpath(out_dir, target / "views")).as_posix())
+            records = _write_artifacts(
+                config,
+                result,
+                loaded,
+                staging,
+                href_to_index,
+                formats,
+                out_dir,
+                Path(os.path.relpath(out_dir, target / "views")).as_posix(),
+            )
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
         outputs.write_json(
@@ -349,8 +458,12 @@ def run_one(
                 "seed": config.run.seed,
                 "model": _model_record(loaded),
                 "model_identity": identity or model_identity(loaded),
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "timings_seconds": {"compute": computed - started, "render": rendered - computed, "total": rendered - started},
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "timings_seconds": {
+                    "compute": computed - started,
+                    "render": rendered - computed,
+                    "total": rendered - started,
+                },
                 # Peak resident memory of the process while this config computed and rendered,
                 # the loaded model included (sampled: see unraveled.memory).
                 "peak_rss_mb": round(peak.mb, 1),
@@ -365,7 +478,10 @@ def run_one(
             shutil.rmtree(staging, ignore_errors=True)
         if not writing:
             raise
-        raise _unwritable(error, f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was published, earlier outputs are untouched") from None
+        raise _unwritable(
+            error,
+            f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was published, earlier outputs are untouched",
+        ) from None
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -373,9 +489,12 @@ def run_one(
     return target
 
 
-def _each_model_once(planned: list[tuple[LoadedConfig, str, str]]) -> list[tuple[LoadedConfig, str, str]]:
+def _each_model_once(
+    planned: list[tuple[LoadedConfig, str, str]],
+) -> list[tuple[LoadedConfig, str, str]]:
     """``planned`` with each model under one name (its first spelling: ``ck/a`` and ``ck/a/``
-    are one model) and each config run once on it."""
+    are one model) and each config run once on it.
+    """
     spelling: dict[str, str] = {}
     kept: dict[tuple[int, str], tuple[LoadedConfig, str, str]] = {}
     for config, name, label in planned:
@@ -395,10 +514,14 @@ def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
     outputs.check_output_folder(out_dir, targets)
     try:
         if outputs.recover_output_folder(out_dir):
-            logger.info("rebuilding the pages of %s, which an interrupted run left out of date", out_dir)
+            logger.info(
+                "rebuilding the pages of %s, which an interrupted run left out of date", out_dir
+            )
             write_pages(out_dir)
     except OSError as error:
-        raise _unwritable(error, f"can't put {out_dir} back in order after an interrupted run") from None
+        raise _unwritable(
+            error, f"can't put {out_dir} back in order after an interrupted run"
+        ) from None
 
 
 def run_configs(
@@ -427,10 +550,18 @@ def run_configs(
     if models:
         planned = [(config, model, "--model") for model in models for config in configs]
     else:
-        planned = [(config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs]
+        planned = [
+            (config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs
+        ]
     planned = _each_model_once(planned)
     # Where each run goes unless its model falls back or shares its name: checked before loading.
-    _prepare_output_folder(out_dir, [outputs.run_target(out_dir, resolve_model(name).slug, config.name) for config, name, _ in planned])
+    _prepare_output_folder(
+        out_dir,
+        [
+            outputs.run_target(out_dir, resolve_model(name).slug, config.name)
+            for config, name, _ in planned
+        ],
+    )
     # Each model once, checking every config that uses it, before anything is written. The models
     # stay loaded until their configs have run (one model in the usual invocation).
     model_names = list(dict.fromkeys(name for _, name, _ in planned))
@@ -444,28 +575,56 @@ def run_configs(
         identity = model_identity(first)
         folders[model_name] = (outputs.model_folder(out_dir, first.slug, identity, taken), identity)
         del first  # the pool holds it; a name here would keep it alive when the pool frees it
-    outputs.check_output_folder(out_dir, [outputs.run_target(out_dir, folders[name][0], config.name) for config, name, _ in planned])
+    outputs.check_output_folder(
+        out_dir,
+        [outputs.run_target(out_dir, folders[name][0], config.name) for config, name, _ in planned],
+    )
     written: list[Path] = []
     number = 0
     for model_name in model_names:
         # The kind of weights already held first, then the other: each kind loads once.
         held = pool.held_kind(model_name)
-        runs = sorted(((c, label) for c, name, label in planned if name == model_name), key=lambda run: run[0].experiment.weights != held)
+        runs = sorted(
+            ((c, label) for c, name, label in planned if name == model_name),
+            key=lambda run: run[0].experiment.weights != held,
+        )
         for config, source_label in runs:
             number += 1
             loaded = pool.get(model_name, config.experiment.weights, source_label)
-            logger.info("[%d/%d] %s: %s on %s", number, len(planned), config.name, config.experiment.title, loaded.label())
+            logger.info(
+                "[%d/%d] %s: %s on %s",
+                number,
+                len(planned),
+                config.name,
+                config.experiment.title,
+                loaded.label(),
+            )
             started = time.perf_counter()
             target = run_one(config, loaded, out_dir, formats, *folders[model_name])
             return_freed_memory()  # the config's activations and figures
             if target in written:  # e.g. two models that both fell back to the bundled one
-                logger.warning("%s replaced an earlier run of this invocation: %s ran on %s again", target, config.name, loaded.label())
+                logger.warning(
+                    "%s replaced an earlier run of this invocation: %s ran on %s again",
+                    target,
+                    config.name,
+                    loaded.label(),
+                )
             written.append(target)
             try:
                 write_pages(out_dir)
             except OSError as error:
-                raise _unwritable(error, f"{target} is published, but the pages could not be rebuilt (the next run rebuilds them)") from None
-            logger.info("[%d/%d] %s done in %.1f s -> %s", number, len(planned), config.name, time.perf_counter() - started, target)
+                raise _unwritable(
+                    error,
+                    f"{target} is published, but the pages could not be rebuilt (the next run rebuilds them)",
+                ) from None
+            logger.info(
+                "[%d/%d] %s done in %.1f s -> %s",
+                number,
+                len(planned),
+                config.name,
+                time.perf_counter() - started,
+                target,
+            )
             # The next config may want the other kind of weights: the pool frees this model then,
             # which it can only do if nothing else still refers to it.
             del loaded

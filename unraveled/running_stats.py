@@ -37,10 +37,20 @@ class Moments:
     @classmethod
     def empty(cls, n_features: int) -> Moments:
         zeros = np.zeros(n_features)
-        return cls(0, zeros, zeros.copy(), np.full(n_features, -np.inf), np.zeros(n_features, dtype=np.int64))
+        return cls(
+            0,
+            zeros,
+            zeros.copy(),
+            np.full(n_features, -np.inf),
+            np.zeros(n_features, dtype=np.int64),
+        )
 
     @classmethod
-    def of(cls, values: Float[NDArray, "sample feature"], positive_of: Float[NDArray, "sample feature"] | None = None) -> Moments:
+    def of(
+        cls,
+        values: Float[NDArray, "sample feature"],
+        positive_of: Float[NDArray, "sample feature"] | None = None,
+    ) -> Moments:
         """The moments of one batch; ``positive_of`` (default ``values``) decides what counts as > 0."""
         values64 = values.astype(np.float64)
         mean = values64.mean(axis=0)
@@ -49,7 +59,9 @@ class Moments:
             mean=mean,
             m2=((values64 - mean) ** 2).sum(axis=0),
             maximum=values.max(axis=0).astype(np.float64),
-            positive=((values if positive_of is None else positive_of) > 0).sum(axis=0).astype(np.int64),
+            positive=((values if positive_of is None else positive_of) > 0)
+            .sum(axis=0)
+            .astype(np.int64),
         )
 
     def merge(self, other: Moments) -> Moments:
@@ -130,8 +142,13 @@ class TopK:
         source = order[: self.payload_rows]
         from_other = source >= self.k
         payload_row = np.where(from_other, self.payload_rows + source - self.k, source)
-        if (np.where(from_other, source - self.k, source) >= np.where(from_other, other.payload_rows, self.payload_rows)).any():
-            raise ValueError("a merged row's payload was not kept: both parts need payloads for at least as many rows as the result")
+        if (
+            np.where(from_other, source - self.k, source)
+            >= np.where(from_other, other.payload_rows, self.payload_rows)
+        ).any():
+            raise ValueError(
+                "a merged row's payload was not kept: both parts need payloads for at least as many rows as the result"
+            )
         context_ids = np.concatenate([self.context_ids, other.context_ids])
         context_values = np.concatenate([self.context_values, other.context_values])
         return TopK(
@@ -177,7 +194,9 @@ def top_k_of_batch(
     # (as in ``merge``), which argpartition doesn't promise: settle those features one by one.
     for f in np.nonzero((flat >= kth[None, :]).sum(axis=0) > k_batch)[0]:
         tied = np.nonzero(flat[:, f] >= kth[f])[0]
-        rows[:, f] = tied[np.lexsort((global_index[tied], -flat[tied, f].astype(np.float64)))[:k_batch]]
+        rows[:, f] = tied[
+            np.lexsort((global_index[tied], -flat[tied, f].astype(np.float64)))[:k_batch]
+        ]
     top_values = np.take_along_axis(flat, rows, axis=0)
     order = np.lexsort((global_index[rows], -top_values.astype(np.float64)), axis=0)
     rows = np.take_along_axis(rows, order, axis=0)
@@ -188,7 +207,9 @@ def top_k_of_batch(
     inside = (at >= 0) & (at < length)
     at_clipped = np.clip(at, 0, length - 1)
     feature = np.arange(n_features)[None, :, None]
-    context_values = np.where(inside, values[window[..., None], at_clipped, feature], 0.0).astype(np.float32)
+    context_values = np.where(inside, values[window[..., None], at_clipped, feature], 0.0).astype(
+        np.float32
+    )
     context_ids = np.where(inside, token_ids[window[..., None], at_clipped], -1).astype(np.int32)
     top = TopK(
         values=np.take_along_axis(flat, rows, axis=0).astype(np.float32),
@@ -203,7 +224,7 @@ def top_k_of_batch(
 class Sums:
     """Sums of per-window scores and the number of windows, for means that merge by adding."""
 
-    total: dict[str, Float[NDArray, "..."]]
+    total: dict[str, Float[NDArray, ...]]
     count: int
 
     def merge(self, other: Sums) -> Sums:
@@ -211,9 +232,12 @@ class Sums:
             return other
         if not other.total:
             return self
-        return Sums({name: self.total[name] + other.total[name] for name in self.total}, self.count + other.count)
+        return Sums(
+            {name: self.total[name] + other.total[name] for name in self.total},
+            self.count + other.count,
+        )
 
-    def means(self) -> dict[str, Float[NDArray, "..."]]:
+    def means(self) -> dict[str, Float[NDArray, ...]]:
         return {name: total / max(self.count, 1) for name, total in self.total.items()}
 
 
@@ -242,20 +266,30 @@ class LogHistogram:
 
     @classmethod
     def empty(cls, low: int = -8, high: int = 8, bins_per_decade: int = 100) -> LogHistogram:
-        return cls(np.zeros((high - low) * bins_per_decade + 2, dtype=np.int64), low, high, bins_per_decade)
+        return cls(
+            np.zeros((high - low) * bins_per_decade + 2, dtype=np.int64), low, high, bins_per_decade
+        )
 
     @classmethod
-    def of(cls, values: Float[NDArray, "..."], low: int = -8, high: int = 8, bins_per_decade: int = 100) -> LogHistogram:
+    def of(
+        cls, values: Float[NDArray, ...], low: int = -8, high: int = 8, bins_per_decade: int = 100
+    ) -> LogHistogram:
         """The histogram of one batch of non-negative values (magnitudes)."""
         n_bins = (high - low) * bins_per_decade
         with np.errstate(divide="ignore"):  # log10(0) = -inf: the underflow
-            position = (np.log10(np.asarray(values, dtype=np.float64).ravel()) - low) * bins_per_decade
+            position = (
+                np.log10(np.asarray(values, dtype=np.float64).ravel()) - low
+            ) * bins_per_decade
         # 0 is the underflow, 1..n_bins the bins, n_bins + 1 the overflow.
         slot = np.clip(np.floor(position), -1, n_bins).astype(np.int64) + 1
         return cls(np.bincount(slot, minlength=n_bins + 2), low, high, bins_per_decade)
 
     def merge(self, other: LogHistogram) -> LogHistogram:
-        if (self.low, self.high, self.bins_per_decade) != (other.low, other.high, other.bins_per_decade):
+        if (self.low, self.high, self.bins_per_decade) != (
+            other.low,
+            other.high,
+            other.bins_per_decade,
+        ):
             raise ValueError("histograms with different bins don't merge")
         return LogHistogram(self.counts + other.counts, self.low, self.high, self.bins_per_decade)
 

@@ -25,7 +25,11 @@ import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from torch import Tensor
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+from transformer_lens import (
+    HookedTransformer,
+    TransformerLensKeyValueCache,
+    TransformerLensKeyValueCacheEntry,
+)
 from transformer_lens.hook_points import HookPoint
 
 from unraveled.logits import logit_lens
@@ -40,7 +44,9 @@ POSITION_GROUPS = (
 )
 
 
-def embedding_noise_scale(model: HookedTransformer, token_ids: Sequence[int], multiplier: float) -> float:
+def embedding_noise_scale(
+    model: HookedTransformer, token_ids: Sequence[int], multiplier: float
+) -> float:
     """``multiplier`` times the standard deviation of the token embeddings of ``token_ids``.
 
     As ROME's ``collect_embedding_std``: one standard deviation over every entry of the embedding
@@ -67,7 +73,9 @@ def position_groups(n_tokens: int, subject_start: int, subject_end: int) -> list
     group can be empty (no middle subject tokens in a subject of two tokens).
     """
     if not 0 <= subject_start < subject_end < n_tokens:
-        raise ValueError(f"subject span [{subject_start}, {subject_end}) must lie before the last of {n_tokens} tokens")
+        raise ValueError(
+            f"subject span [{subject_start}, {subject_end}) must lie before the last of {n_tokens} tokens"
+        )
     last_subject, last = subject_end - 1, n_tokens - 1
     return [
         [subject_start],
@@ -159,7 +167,11 @@ def _restored_probabilities(
 
         return hook
 
-    hooks = [(f"blocks.{layer}.{name}", restore(kind)) for layer in range(model.cfg.n_layers) for kind, name in ((1, "hook_mlp_out"), (2, "hook_attn_out"))]
+    hooks = [
+        (f"blocks.{layer}.{name}", restore(kind))
+        for layer in range(model.cfg.n_layers)
+        for kind, name in ((1, "hook_mlp_out"), (2, "hook_attn_out"))
+    ]
     states = states.clone()
     with model.hooks(fwd_hooks=hooks):
         for layer, block in enumerate(model.blocks):
@@ -167,13 +179,18 @@ def _restored_probabilities(
             if len(active) == 0:
                 continue
             keys, values = past[layer]
-            entry = TransformerLensKeyValueCacheEntry(keys[sample_of_row[active]], values[sample_of_row[active]], frozen=True)
+            entry = TransformerLensKeyValueCacheEntry(
+                keys[sample_of_row[active]], values[sample_of_row[active]], frozen=True
+            )
             states[active] = block(states[active], past_kv_cache_entry=entry)
     # Decoded a few rows at a time: a pass of short suffixes holds up to ROW_TOKENS_PER_PASS rows,
     # and their full-vocabulary logits and softmax at once would be the experiment's largest tensors.
     last = states[:, -1:]
     return torch.cat(
-        [logit_lens(model, last[first : first + DECODED_ROWS])[:, 0].softmax(dim=-1)[:, answer] for first in range(0, len(last), DECODED_ROWS)]
+        [
+            logit_lens(model, last[first : first + DECODED_ROWS])[:, 0].softmax(dim=-1)[:, answer]
+            for first in range(0, len(last), DECODED_ROWS)
+        ]
     )
 
 
@@ -208,8 +225,15 @@ def trace_fact(
     samples = noise.shape[0]
     if noise.shape[1] != end - start:
         raise ValueError(f"noise covers {noise.shape[1]} positions, the subject {end - start}")
-    state_names = [*[f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)], f"blocks.{n_layers - 1}.hook_resid_post"]
-    output_names = [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in ("hook_mlp_out", "hook_attn_out")]
+    state_names = [
+        *[f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)],
+        f"blocks.{n_layers - 1}.hook_resid_post",
+    ]
+    output_names = [
+        f"blocks.{layer}.{name}"
+        for layer in range(n_layers)
+        for name in ("hook_mlp_out", "hook_attn_out")
+    ]
     wanted = set(state_names) | set(output_names)
 
     def corrupt(embeddings: Tensor, hook: HookPoint) -> Tensor:
@@ -217,18 +241,29 @@ def trace_fact(
         return embeddings
 
     with torch.inference_mode():
-        clean_logits, clean = model.run_with_cache(tokens[None], names_filter=lambda name: name in wanted)
-        past_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=samples)
+        clean_logits, clean = model.run_with_cache(
+            tokens[None], names_filter=lambda name: name in wanted
+        )
+        past_kv = TransformerLensKeyValueCache.init_cache(
+            model.cfg, model.cfg.device, batch_size=samples
+        )
         with model.hooks(fwd_hooks=[("hook_embed", corrupt)]):
             # An explicit mask: otherwise a cache makes TransformerLens guess padding from pad-token ids.
             batch = tokens[None].expand(samples, -1)
             corrupted_logits, corrupted = model.run_with_cache(
-                batch, names_filter=lambda name: name in wanted, past_kv_cache=past_kv, attention_mask=torch.ones_like(batch)
+                batch,
+                names_filter=lambda name: name in wanted,
+                past_kv_cache=past_kv,
+                attention_mask=torch.ones_like(batch),
             )
         clean_probability = float(clean_logits[0, -1].softmax(-1)[answer])
         corrupted_probabilities = corrupted_logits[:, -1].softmax(-1)[:, answer]
-        clean_states = torch.stack([clean[name][0] for name in state_names])  # [point pos d_model]; point p is before block p
-        corrupted_states = torch.stack([corrupted[name] for name in state_names])  # [point sample pos d_model]
+        clean_states = torch.stack(
+            [clean[name][0] for name in state_names]
+        )  # [point pos d_model]; point p is before block p
+        corrupted_states = torch.stack(
+            [corrupted[name] for name in state_names]
+        )  # [point sample pos d_model]
 
         # Rows: kind (residual, mlp, attn) x centre layer x sample, samples fastest.
         layers = torch.arange(n_layers).repeat_interleave(samples)
@@ -243,7 +278,10 @@ def trace_fact(
         grids = corrupted_probabilities[sample_of_row][:, None].repeat(1, n_pos)
         outputs_at = {name: clean[name][0] for name in output_names}
         for position in range(start, n_pos):  # earlier positions are never corrupted
-            past = [(entry.past_keys[:, :position], entry.past_values[:, :position]) for entry in past_kv.entries]
+            past = [
+                (entry.past_keys[:, :position], entry.past_values[:, :position])
+                for entry in past_kv.entries
+            ]
             outputs = {name: value[position] for name, value in outputs_at.items()}
             rows_per_pass = max(1, ROW_TOKENS_PER_PASS // (n_pos - position))
             for first in range(0, len(kinds), rows_per_pass):
@@ -253,7 +291,15 @@ def trace_fact(
                 # Restoring the state after block l at this position = the clean state before block l + 1.
                 states[residual_rows, 0] = clean_states[starts[chunk][residual_rows], position]
                 grids[chunk, position] = _restored_probabilities(
-                    model, states, starts[chunk], ends[chunk], kinds[chunk], past, sample_of_row[chunk], outputs, answer
+                    model,
+                    states,
+                    starts[chunk],
+                    ends[chunk],
+                    kinds[chunk],
+                    past,
+                    sample_of_row[chunk],
+                    outputs,
+                    answer,
                 )
     restored = grids.view(len(KINDS), n_layers, samples, n_pos).transpose(1, 2).numpy()
     return FactTrace(
@@ -275,7 +321,12 @@ def grouped_mean(
     n_layers = effects[0].shape[0]
     means = np.full((len(POSITION_GROUPS), n_layers), np.nan)
     for index in range(len(POSITION_GROUPS)):
-        columns = [effect[:, positions] for effect, prompt_groups in zip(effects, groups) for positions in [prompt_groups[index]] if positions]
+        columns = [
+            effect[:, positions]
+            for effect, prompt_groups in zip(effects, groups)
+            for positions in [prompt_groups[index]]
+            if positions
+        ]
         if columns:
             means[index] = np.concatenate(columns, axis=1).mean(axis=1)
     return means

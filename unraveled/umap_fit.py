@@ -34,7 +34,9 @@ class ExactNeighbourIndex:
     def __init__(self, points: Float[NDArray, "n d"]) -> None:
         self._finder = NearestNeighbors().fit(points)
 
-    def query(self, queries: Float[NDArray, "m d"], k: int, epsilon: float = 0.0) -> tuple[Int[NDArray, "m k"], Float[NDArray, "m k"]]:
+    def query(
+        self, queries: Float[NDArray, "m d"], k: int, epsilon: float = 0.0
+    ) -> tuple[Int[NDArray, "m k"], Float[NDArray, "m k"]]:
         distances, indices = self._finder.kneighbors(queries, n_neighbors=k)
         return indices, distances.astype(np.float32)
 
@@ -51,9 +53,15 @@ def cache_umap_kernels() -> None:
     from numba.core.caching import NullCache
     from umap import layouts, umap_
 
-    kernels = (umap_.smooth_knn_dist, umap_.compute_membership_strengths, layouts._nb_optimize_layout_euclidean_single_epoch)
+    kernels = (
+        umap_.smooth_knn_dist,
+        umap_.compute_membership_strengths,
+        layouts._nb_optimize_layout_euclidean_single_epoch,
+    )
     for kernel in kernels:
-        if not isinstance(kernel._cache, NullCache):  # already cached (an earlier call, or a newer umap)
+        if not isinstance(
+            kernel._cache, NullCache
+        ):  # already cached (an earlier call, or a newer umap)
             continue
         try:
             kernel.enable_caching()
@@ -61,7 +69,9 @@ def cache_umap_kernels() -> None:
             logger.debug("numba can't cache %s: %s", kernel.py_func.__name__, error)
 
 
-def umap_3d(fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbours: int, seed: int) -> Float[NDArray, "m 3"]:
+def umap_3d(
+    fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbours: int, seed: int
+) -> Float[NDArray, "m 3"]:
     """Fit a 3D UMAP (spectral initialisation) on ``fit_on`` and return where ``place`` lands in it."""
     import umap  # slow to import (numba); only UMAP users pay for it
 
@@ -80,7 +90,11 @@ def umap_3d(fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbo
     with warnings.catch_warnings():
         # UMAP warns that transform will be unavailable because the index is not pynndescent's;
         # it is wrong here: ExactNeighbourIndex answers the queries transform makes.
-        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object",
+            category=UserWarning,
+        )
         reducer.fit(fit_on)
     return reducer.transform(np.ascontiguousarray(place, dtype=np.float32))
 

@@ -31,7 +31,9 @@ from pydantic import Field, field_validator
 
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Params
 
-if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only: validating params imports no torch
+if (
+    TYPE_CHECKING or RESOLVE_ANNOTATIONS
+):  # names used in annotations only: validating params imports no torch
     from torch import Tensor
     from transformer_lens import HookedTransformer
 
@@ -51,13 +53,77 @@ DEFAULT_TEMPLATES = [
 # Single tokens, with a leading space, for both GPT-2's and SmolLM2's tokenizers (checked again at
 # run time for whatever model runs).
 DEFAULT_NAMES = [
-    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate", "Lisa", "Anna",
-    "Sarah", "Mark", "David", "Michael", "Peter", "Jane", "Alice", "Bob", "Emma", "Jack", "Sam",
-    "Ben", "Rose", "Ryan", "Luke", "Adam", "Eric", "Laura", "Max", "Ruth", "Carl", "Lucy", "Alex",
-    "Tim", "Kevin", "Steve", "Rachel", "Helen", "George", "Frank", "Grace", "Joe", "Nick", "Chris",
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Dan",
+    "Sid",
+    "Martin",
+    "Amy",
+    "Paul",
+    "Kate",
+    "Lisa",
+    "Anna",
+    "Sarah",
+    "Mark",
+    "David",
+    "Michael",
+    "Peter",
+    "Jane",
+    "Alice",
+    "Bob",
+    "Emma",
+    "Jack",
+    "Sam",
+    "Ben",
+    "Rose",
+    "Ryan",
+    "Luke",
+    "Adam",
+    "Eric",
+    "Laura",
+    "Max",
+    "Ruth",
+    "Carl",
+    "Lucy",
+    "Alex",
+    "Tim",
+    "Kevin",
+    "Steve",
+    "Rachel",
+    "Helen",
+    "George",
+    "Frank",
+    "Grace",
+    "Joe",
+    "Nick",
+    "Chris",
 ]
-DEFAULT_PLACES = ["store", "garden", "restaurant", "school", "hospital", "office", "station", "park", "market", "beach"]
-DEFAULT_OBJECTS = ["ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "apple", "book"]
+DEFAULT_PLACES = [
+    "store",
+    "garden",
+    "restaurant",
+    "school",
+    "hospital",
+    "office",
+    "station",
+    "park",
+    "market",
+    "beach",
+]
+DEFAULT_OBJECTS = [
+    "ring",
+    "kiss",
+    "bone",
+    "basketball",
+    "computer",
+    "necklace",
+    "drink",
+    "snack",
+    "apple",
+    "book",
+]
 
 ROLES = ("IO", "S1", "S1+1", "S2", "end", "other")
 """Position groups of a clean prompt: the two names, the token after the first subject, the
@@ -69,14 +135,19 @@ class IOIParams(Params):
 
     n_pairs: int = Field(8, ge=1, le=512, description="Number of prompt pairs.")
     corruption: Literal["swap", "abc"] = Field(
-        "swap", description="swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third name."
+        "swap",
+        description="swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third name.",
     )
     templates: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         min_length=1,
         description="Prompts with the slots {A} and {B} (the two names) and {S} (the repeated one); optional {place} and {object}.",
     )
-    names: list[str] = Field(default_factory=lambda: list(DEFAULT_NAMES), min_length=3, description="Names, each one token after a space.")
+    names: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NAMES),
+        min_length=3,
+        description="Names, each one token after a space.",
+    )
     places: list[str] = Field(default_factory=lambda: list(DEFAULT_PLACES), min_length=1)
     objects: list[str] = Field(default_factory=lambda: list(DEFAULT_OBJECTS), min_length=1)
 
@@ -84,10 +155,14 @@ class IOIParams(Params):
     @classmethod
     def _templates_have_name_slots(cls, templates: list[str]) -> list[str]:
         for number, template in enumerate(templates):
-            slots = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+            slots = [
+                field for _, field, _, _ in string.Formatter().parse(template) if field is not None
+            ]
             unknown = sorted(set(slots) - {*NAME_SLOTS, *OTHER_SLOTS})
             if unknown:
-                raise ValueError(f"template {number} ({template!r}) has unknown slots {unknown}; slots are {{A}}, {{B}}, {{S}}, {{place}}, {{object}}")
+                raise ValueError(
+                    f"template {number} ({template!r}) has unknown slots {unknown}; slots are {{A}}, {{B}}, {{S}}, {{place}}, {{object}}"
+                )
             for slot in NAME_SLOTS:
                 if slots.count(slot) != 1:
                     raise ValueError(
@@ -95,9 +170,13 @@ class IOIParams(Params):
                         "each of {A}, {B} and {S} must appear exactly once"
                     )
             if slots.index("S") < max(slots.index("A"), slots.index("B")):
-                raise ValueError(f"template {number} ({template!r}): {{S}} must come after {{A}} and {{B}}")
+                raise ValueError(
+                    f"template {number} ({template!r}): {{S}} must come after {{A}} and {{B}}"
+                )
             if re.search(r"\{[ABS]\}\W*$", template):
-                raise ValueError(f"template {number} ({template!r}) ends with a name; it must end where the answer name would follow")
+                raise ValueError(
+                    f"template {number} ({template!r}) ends with a name; it must end where the answer name would follow"
+                )
         return templates
 
     @field_validator("names")
@@ -106,7 +185,9 @@ class IOIParams(Params):
         if len(set(names)) != len(names):
             raise ValueError("names must be distinct")
         if any(not name.strip() or name != name.strip() for name in names):
-            raise ValueError("names must be non-empty, without surrounding spaces (the leading space is added)")
+            raise ValueError(
+                "names must be non-empty, without surrounding spaces (the leading space is added)"
+            )
         return names
 
 
@@ -185,11 +266,15 @@ def _single_token(model: HookedTransformer, name: str, field: str) -> int:
     ids = model.to_tokens(f" {name}", prepend_bos=False)[0].tolist()
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
-        raise ValueError(f"{field}: {name!r} is {len(ids)} tokens for this model ({pieces}, with its leading space); use single-token names")
+        raise ValueError(
+            f"{field}: {name!r} is {len(ids)} tokens for this model ({pieces}, with its leading space); use single-token names"
+        )
     return int(ids[0])
 
 
-def ioi_batch(model: HookedTransformer, params: IOIParams, seed: int, field: str = "params.ioi") -> IOIBatch:
+def ioi_batch(
+    model: HookedTransformer, params: IOIParams, seed: int, field: str = "params.ioi"
+) -> IOIBatch:
     """Generate the pairs and tokenize them for ``model``, checking every assumption.
 
     Raises:
@@ -224,7 +309,13 @@ def ioi_batch(model: HookedTransformer, params: IOIParams, seed: int, field: str
             )
         n = len(clean_ids)
         clean[row, :n], corrupted[row, :n] = clean_ids, corrupted_ids
-        marks = {"IO": [io_at[0]], "S1": [s_at[0]], "S1+1": [s_at[0] + 1], "S2": [s_at[1]], "end": [n - 1]}
+        marks = {
+            "IO": [io_at[0]],
+            "S1": [s_at[0]],
+            "S1+1": [s_at[0] + 1],
+            "S2": [s_at[1]],
+            "end": [n - 1],
+        }
         for role, positions in marks.items():
             roles[role][row, positions] = True
         roles["other"][row, :n] = True

@@ -45,7 +45,14 @@ def run_windows(
     """
     state = AtlasState.for_model(model, settings)
     n_tokens = len(numbers) * windows.shape[1]
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=description, disable=not progress, mininterval=1.0) as bar:
+    with tqdm(
+        total=n_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=description,
+        disable=not progress,
+        mininterval=1.0,
+    ) as bar:
         for batch in batches(numbers.start, numbers.stop, settings.batch_windows):
             chosen = np.arange(batch.start, batch.stop)
             state = update(state, model, windows[chosen], chosen, settings)
@@ -53,6 +60,11 @@ def run_windows(
     return state
 
 
-def run_local(model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings, progress: bool = True) -> AtlasState:
+def run_local(
+    model: HookedTransformer,
+    windows: Int[np.ndarray, "window pos"],
+    settings: AtlasSettings,
+    progress: bool = True,
+) -> AtlasState:
     """Every window through ``model`` in this process."""
     return run_windows(model, windows, range(len(windows)), settings, progress)

@@ -28,9 +28,9 @@ import numpy as np
 import ray
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from unraveled.engines.local import run_windows
@@ -63,7 +63,13 @@ def publish_model(model: HookedTransformer) -> str:
     key = model_cache_key(model)
     if not weight_cache.has_entry(key):
         n_parameters = checkpoint_parameters(model)
-        weight_cache.store_entry(key, model, n_parameters if n_parameters is not None else sum(p.numel() for p in model.parameters()))
+        weight_cache.store_entry(
+            key,
+            model,
+            n_parameters
+            if n_parameters is not None
+            else sum(p.numel() for p in model.parameters()),
+        )
     return key
 
 
@@ -71,7 +77,11 @@ def shard_ranges(n_windows: int, batch_windows: int, n_shards: int) -> list[rang
     """Contiguous window ranges made of whole batches, as even as the batches allow."""
     n_batches = math.ceil(n_windows / batch_windows)
     cuts = np.linspace(0, n_batches, min(n_shards, n_batches) + 1).round().astype(int)
-    return [range(a * batch_windows, min(b * batch_windows, n_windows)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return [
+        range(a * batch_windows, min(b * batch_windows, n_windows))
+        for a, b in zip(cuts[:-1], cuts[1:])
+        if b > a
+    ]
 
 
 class AtlasWorker:
@@ -87,7 +97,9 @@ class AtlasWorker:
             )
         self.model = prepare_for_experiments(entry[0], device)
 
-    def run(self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings) -> AtlasState:
+    def run(
+        self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings
+    ) -> AtlasState:
         return run_windows(self.model, windows, numbers, settings, progress=False)
 
 
@@ -109,9 +121,18 @@ def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
     where = ray.get_runtime_context().gcs_address
     needs = "1 CPU and 1 GPU" if on_gpu else "1 CPU"
     if placeable == 0:
-        raise RayEngineError(f"the Ray cluster at {where} has no room for a worker ({needs} each) now: {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free")
+        raise RayEngineError(
+            f"the Ray cluster at {where} has no room for a worker ({needs} each) now: {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free"
+        )
     if workers is not None and workers > placeable:
-        logger.warning("ray: params.ray_workers=%d, but the cluster at %s can place %d worker(s) now (%s each): running %d", workers, where, placeable, needs, placeable)
+        logger.warning(
+            "ray: params.ray_workers=%d, but the cluster at %s can place %d worker(s) now (%s each): running %d",
+            workers,
+            where,
+            placeable,
+            needs,
+            placeable,
+        )
     return min(workers or placeable, placeable)
 
 
@@ -121,10 +142,14 @@ def _reserve(n_workers: int, on_gpu: bool) -> PlacementGroup:
     Raises:
         RayEngineError: The cluster could not reserve them in time (others took the room).
     """
-    group = placement_group([{"CPU": 1, **({"GPU": 1} if on_gpu else {})} for _ in range(n_workers)])
+    group = placement_group(
+        [{"CPU": 1, **({"GPU": 1} if on_gpu else {})} for _ in range(n_workers)]
+    )
     if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
         remove_placement_group(group)
-        raise RayEngineError(f"the Ray cluster could not place {n_workers} worker(s) within {PLACEMENT_TIMEOUT_S} s (other jobs took the room?); set params.ray_workers lower")
+        raise RayEngineError(
+            f"the Ray cluster could not place {n_workers} worker(s) within {PLACEMENT_TIMEOUT_S} s (other jobs took the room?); set params.ray_workers lower"
+        )
     return group
 
 
@@ -134,7 +159,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def _run_shards(
-    actors: list[Any], windows_ref: Any, shards: list[range], settings: AtlasSettings, state: AtlasState, bar: tqdm, sequence_length: int
+    actors: list[Any],
+    windows_ref: Any,
+    shards: list[range],
+    settings: AtlasSettings,
+    state: AtlasState,
+    bar: tqdm,
+    sequence_length: int,
 ) -> AtlasState:
     """Give each worker one shard at a time and merge the results into ``state``.
 
@@ -158,24 +189,44 @@ def _run_shards(
             part = ray.get(done[0])
         except ray.exceptions.RayActorError as error:
             if error.actor_init_failed:
-                raise RayEngineError(f"a Ray worker could not start: {_first_line(error)}") from None
+                raise RayEngineError(
+                    f"a Ray worker could not start: {_first_line(error)}"
+                ) from None
             alive.discard(number)
             failures[shard] += 1
             logger.warning(
                 "ray: worker %d died while computing windows %d..%d (%s); %d of %d workers left",
-                number, shard.start, shard.stop - 1, _first_line(error), len(alive), len(actors),
+                number,
+                shard.start,
+                shard.stop - 1,
+                _first_line(error),
+                len(alive),
+                len(actors),
             )
             if not alive:
-                raise RayEngineError(f"every Ray worker died (the last on windows {shard.start}..{shard.stop - 1}: {_first_line(error)})") from None
+                raise RayEngineError(
+                    f"every Ray worker died (the last on windows {shard.start}..{shard.stop - 1}: {_first_line(error)})"
+                ) from None
             if failures[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, their workers dying (out of memory?); last: {_first_line(error)}") from None
+                raise RayEngineError(
+                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, their workers dying (out of memory?); last: {_first_line(error)}"
+                ) from None
             queue.appendleft(shard)
             continue
-        except ray.exceptions.ObjectLostError as error:  # also OwnerDiedError; the worker may live on
+        except (
+            ray.exceptions.ObjectLostError
+        ) as error:  # also OwnerDiedError; the worker may live on
             failures[shard] += 1
-            logger.warning("ray: the result of windows %d..%d was lost (%s); computing them again", shard.start, shard.stop - 1, _first_line(error))
+            logger.warning(
+                "ray: the result of windows %d..%d was lost (%s); computing them again",
+                shard.start,
+                shard.stop - 1,
+                _first_line(error),
+            )
             if failures[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RayEngineError(f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; last: {_first_line(error)}") from None
+                raise RayEngineError(
+                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; last: {_first_line(error)}"
+                ) from None
             queue.appendleft(shard)
             idle.append(number)
             continue
@@ -185,13 +236,19 @@ def _run_shards(
     if failures:
         logger.warning(
             "ray: %d of %d workers died; %d shard(s) were computed again, so every window is in the result once",
-            len(actors) - len(alive), len(actors), sum(failures.values()),
+            len(actors) - len(alive),
+            len(actors),
+            sum(failures.values()),
         )
     return state
 
 
 def _run_on_ray(
-    model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings, workers: int | None, progress: bool
+    model: HookedTransformer,
+    windows: Int[np.ndarray, "window pos"],
+    settings: AtlasSettings,
+    workers: int | None,
+    progress: bool,
 ) -> AtlasState:
     """``run_ray`` on the Ray this process is connected to."""
     key = publish_model(model)
@@ -201,17 +258,32 @@ def _run_on_ray(
     n_workers = _placeable_workers(workers, on_gpu)
     shards = shard_ranges(len(windows), settings.batch_windows, n_workers * SHARDS_PER_WORKER)
     n_workers = min(n_workers, len(shards))
-    logger.info("ray: %d shards on %d workers (%s)", len(shards), n_workers, ray.get_runtime_context().gcs_address)
+    logger.info(
+        "ray: %d shards on %d workers (%s)",
+        len(shards),
+        n_workers,
+        ray.get_runtime_context().gcs_address,
+    )
     group = _reserve(n_workers, on_gpu)
     actors: list[Any] = []
     try:
         for number in range(n_workers):
-            placed = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=number)
-            worker = RemoteAtlasWorker.options(num_gpus=1 if on_gpu else 0, scheduling_strategy=placed)
+            placed = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=number
+            )
+            worker = RemoteAtlasWorker.options(
+                num_gpus=1 if on_gpu else 0, scheduling_strategy=placed
+            )
             actors.append(worker.remote(str(weight_cache.cache_root()), key, device))
         windows_ref = ray.put(windows)
         state = AtlasState.for_model(model, settings)
-        with tqdm(total=windows.size, unit="tok", unit_scale=True, desc=f"corpus atlas (ray, {n_workers} workers)", disable=not progress) as bar:
+        with tqdm(
+            total=windows.size,
+            unit="tok",
+            unit_scale=True,
+            desc=f"corpus atlas (ray, {n_workers} workers)",
+            disable=not progress,
+        ) as bar:
             return _run_shards(actors, windows_ref, shards, settings, state, bar, windows.shape[1])
     finally:
         for actor in actors:

@@ -30,7 +30,9 @@ from unraveled.errors import ConfigError, UnraveledError
 
 logger = logging.getLogger(__name__)
 
-CONNECT_BUDGET_S = 10.0  # for the child process, from its start: Python, Ray's import and reaching the cluster
+CONNECT_BUDGET_S = (
+    10.0  # for the child process, from its start: Python, Ray's import and reaching the cluster
+)
 # Reaching the cluster gets at least this long after Ray's import, when that import alone was slow
 # (a busy machine, not the cluster's fault); the import itself gets IMPORT_BUDGET_S.
 MIN_CONNECT_S = 4.0
@@ -39,7 +41,9 @@ TCP_TIMEOUT_S = 3.0
 ADDRESS_FORMS = "HOST:PORT of its head (the GCS port, 6379 by default), ray://HOST:PORT or auto"
 # Ray's Unix sockets live at FOLDER/session_<date>_<pid>/sockets/plasma_store, and a socket
 # path can't exceed 107 bytes.
-MAX_TEMP_ROOT_CHARS = 107 - len("/unraveled-ray-1234567-9/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+MAX_TEMP_ROOT_CHARS = 107 - len(
+    "/unraveled-ray-1234567-9/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store"
+)
 
 _PROBE = r"""
 import json, os, sys
@@ -74,7 +78,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
     if address == "auto":
         return None
     if "://" in address and not address.startswith("ray://"):
-        raise ValueError(f"is a {address.split('://')[0]}:// URL (a Ray Jobs or dashboard address?)")
+        raise ValueError(
+            f"is a {address.split('://')[0]}:// URL (a Ray Jobs or dashboard address?)"
+        )
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -104,11 +110,18 @@ def probe_cluster(address: str) -> dict[str, Any]:
     """
     lines: queue.Queue[str | None] = queue.Queue()
     started = time.monotonic()
-    with tempfile.TemporaryFile() as errors, subprocess.Popen(
-        [sys.executable, "-c", _PROBE, address],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True,
-        env={**os.environ, "RAY_ADDRESS": address},
-    ) as child:
+    with (
+        tempfile.TemporaryFile() as errors,
+        subprocess.Popen(
+            [sys.executable, "-c", _PROBE, address],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "RAY_ADDRESS": address},
+        ) as child,
+    ):
         assert child.stdout is not None
 
         def read(stream: Any = child.stdout) -> None:
@@ -119,10 +132,16 @@ def probe_cluster(address: str) -> dict[str, Any]:
         threading.Thread(target=read, daemon=True).start()
         try:
             try:
-                while (imported := lines.get(timeout=max(started + IMPORT_BUDGET_S - time.monotonic(), 0.0))) not in ("imported", None):
+                while (
+                    imported := lines.get(
+                        timeout=max(started + IMPORT_BUDGET_S - time.monotonic(), 0.0)
+                    )
+                ) not in ("imported", None):
                     pass  # something else printed on start-up (a sitecustomize, say)
             except queue.Empty:
-                return {"error": f"the child process could not import Ray within {IMPORT_BUDGET_S:.0f} s"}
+                return {
+                    "error": f"the child process could not import Ray within {IMPORT_BUDGET_S:.0f} s"
+                }
             if imported is None:
                 return {"error": f"the child process could not import Ray ({_last_line(errors)})"}
             deadline = max(started + CONNECT_BUDGET_S, time.monotonic() + MIN_CONNECT_S)
@@ -130,7 +149,10 @@ def probe_cluster(address: str) -> dict[str, Any]:
                 answer = _answer(lines, deadline)
             except queue.Empty:
                 last = _last_line(errors)
-                return {"error": f"no Ray cluster answered within {time.monotonic() - started:.0f} s" + (f" (Ray said: {last})" if last else "")}
+                return {
+                    "error": f"no Ray cluster answered within {time.monotonic() - started:.0f} s"
+                    + (f" (Ray said: {last})" if last else "")
+                }
         finally:
             if child.poll() is None:
                 child.kill()
@@ -141,7 +163,10 @@ def probe_cluster(address: str) -> dict[str, Any]:
             found = json.loads(answer)
         except ValueError:
             found = None
-        if not isinstance(found, dict) or not ("error" in found or isinstance(found.get("total"), dict) and isinstance(found.get("free"), dict)):
+        if not isinstance(found, dict) or not (
+            "error" in found
+            or (isinstance(found.get("total"), dict) and isinstance(found.get("free"), dict))
+        ):
             return {"error": f"the child process answered something unreadable: {answer[:200]!r}"}
         return found
 
@@ -188,7 +213,8 @@ def check_ray(workers: int | None, source: str) -> None:
 
     def fail(problem: str, tried: str) -> ConfigError:
         return ConfigError(
-            "RAY_ADDRESS", None,
+            "RAY_ADDRESS",
+            None,
             f"{address!r}: {problem} (tried {tried}). {source} runs on the Ray cluster RAY_ADDRESS names: "
             f"{ADDRESS_FORMS}; unset RAY_ADDRESS to start Ray on this machine, or set params.engine=local",
         )
@@ -203,7 +229,10 @@ def check_ray(workers: int | None, source: str) -> None:
             raise fail(problem, f"a TCP connection to {host_port[0]}:{host_port[1]}")
     answer = probe_cluster(address)
     if "error" in answer:
-        raise fail(answer["error"], f"ray.init(address={address!r}) in a child process, for up to {CONNECT_BUDGET_S:.0f} s")
+        raise fail(
+            answer["error"],
+            f"ray.init(address={address!r}) in a child process, for up to {CONNECT_BUDGET_S:.0f} s",
+        )
     total_cpus = int(answer["total"].get("CPU", 0))
     free_cpus = int(answer["free"].get("CPU", 0))
     if total_cpus == 0:
@@ -212,7 +241,10 @@ def check_ray(workers: int | None, source: str) -> None:
     if workers is not None and workers > free_cpus:
         logger.warning(
             "ray: params.ray_workers=%d but the cluster at %s has %d free CPU(s) of %d now: the run will use as many workers as it can place then",
-            workers, address, free_cpus, total_cpus,
+            workers,
+            address,
+            free_cpus,
+            total_cpus,
         )
 
 
@@ -220,7 +252,10 @@ def check_engines(configs: Sequence[LoadedConfig]) -> None:
     """``check_ray`` for every config that runs on Ray (once per invocation: one ``RAY_ADDRESS``)."""
     for config in configs:
         if getattr(config.params, "engine", None) == "ray":
-            check_ray(getattr(config.params, "ray_workers", None), f"params.engine=ray ({config.path}{', from --set' if 'params.engine' in config.set_keys else ''})")
+            check_ray(
+                getattr(config.params, "ray_workers", None),
+                f"params.engine=ray ({config.path}{', from --set' if 'params.engine' in config.set_keys else ''})",
+            )
             return
 
 
@@ -232,7 +267,8 @@ def _temp_root() -> str:
 
 def _remove_abandoned(root: str) -> None:
     """Remove the Ray folders (and stop the Ray processes) of earlier runs whose driver is gone:
-    real folders of this user's only (``sweep`` leaves links and other users' entries alone)."""
+    real folders of this user's only (``sweep`` leaves links and other users' entries alone).
+    """
     for folder in Path(root).glob("unraveled-ray-*"):
         pid = folder.name.removeprefix("unraveled-ray-").partition("-")[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)) and is_own_folder(str(folder)):
@@ -243,7 +279,8 @@ def _new_folder(root: str) -> str:
     """A new folder ``unraveled-ray-PID-N`` in ``root``: named after the driver, for
     ``_remove_abandoned``, and numbered, as this process may have run Ray before or an earlier
     process with this pid may have left its folder (kept until ``_remove_abandoned`` sees that
-    pid dead)."""
+    pid dead).
+    """
     number = 0
     while True:
         folder = os.path.join(root, f"unraveled-ray-{os.getpid()}-{number}")
@@ -270,8 +307,17 @@ def local_ray(workers: int | None) -> Iterator[None]:
     folder = _new_folder(root)
     started = time.time()
     watchdog = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), str(os.getpid()), folder, repr(started)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            str(Path(__file__).with_name("ray_watchdog.py")),
+            str(os.getpid()),
+            folder,
+            repr(started),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     previous = os.environ.get(SESSION_MARKER)
     # Inherited by the processes Ray starts (and by any another thread starts meanwhile: the
@@ -279,7 +325,14 @@ def local_ray(workers: int | None) -> Iterator[None]:
     os.environ[SESSION_MARKER] = folder
     try:
         try:
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False, _temp_dir=folder)
+            ray.init(
+                address="local",
+                num_cpus=workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                _temp_dir=folder,
+            )
         finally:
             if previous is None:
                 del os.environ[SESSION_MARKER]
@@ -287,7 +340,9 @@ def local_ray(workers: int | None) -> Iterator[None]:
                 os.environ[SESSION_MARKER] = previous
         yield
     finally:
-        ray_processes = [process for process in descendants(os.getpid(), started) if process.pid != watchdog.pid]
+        ray_processes = [
+            process for process in descendants(os.getpid(), started) if process.pid != watchdog.pid
+        ]
         ray.shutdown()
         left = sweep(folder, ray_processes)
         if left:

@@ -37,8 +37,12 @@ POLL_SECONDS = 0.5
 # script only, so that ``tail -f .../raylet.out`` or an editor on a Ray log is never taken for Ray.
 RAY_PROGRAMS = ("/ray/core/src/ray/gcs/gcs_server", "/ray/core/src/ray/raylet/raylet")
 RAY_SCRIPTS = (
-    "/ray/_private/workers/default_worker.py", "/ray/dashboard/agent.py", "/ray/_private/runtime_env/agent/main.py",
-    "/ray/_private/log_monitor.py", "/ray/autoscaler/_private/monitor.py", "/ray/dashboard/dashboard.py",
+    "/ray/_private/workers/default_worker.py",
+    "/ray/dashboard/agent.py",
+    "/ray/_private/runtime_env/agent/main.py",
+    "/ray/_private/log_monitor.py",
+    "/ray/autoscaler/_private/monitor.py",
+    "/ray/dashboard/dashboard.py",
 )
 
 
@@ -71,14 +75,17 @@ def session_processes(folder: str) -> list[psutil.Process]:
     """This user's Ray processes of the session in ``folder``: recognisably Ray by their command
     line, and either carrying ``SESSION_MARKER=folder`` in their environment or holding a file open
     in the folder (a process that retitles itself, as Ray's agents do, may overwrite its
-    environment; it keeps its log files open there)."""
+    environment; it keeps its log files open there).
+    """
     inside = os.path.join(os.path.abspath(folder), "")
     found = []
     for process in psutil.process_iter():
         if process.pid == os.getpid() or not is_ray_command(process):
             continue
         try:
-            if process.environ().get(SESSION_MARKER) == folder or any(opened.path.startswith(inside) for opened in process.open_files()):
+            if process.environ().get(SESSION_MARKER) == folder or any(
+                opened.path.startswith(inside) for opened in process.open_files()
+            ):
                 found.append(process)
         except (psutil.Error, OSError):  # gone, or another user's
             continue
@@ -103,7 +110,8 @@ def descendants(pid: int, since: float) -> list[psutil.Process]:
 
 def stop(processes: Iterable[psutil.Process]) -> int:
     """Kill those of ``processes`` still running that are Ray's (psutil checks each is still the
-    same process; its command line is read now, as it may have started as another); returns how many."""
+    same process; its command line is read now, as it may have started as another); returns how many.
+    """
     running = [process for process in processes if process.is_running() and is_ray_command(process)]
     for process in running:
         try:
@@ -117,7 +125,8 @@ def stop(processes: Iterable[psutil.Process]) -> int:
 def sweep(folder: str, processes: Iterable[psutil.Process] = ()) -> int:
     """Stop the Ray processes among ``processes`` and the session's, then remove the folder; returns
     how many were stopped. A ``folder`` that is a link, not a directory or another user's is left
-    alone, and so is anything it names."""
+    alone, and so is anything it names.
+    """
     if not is_own_folder(folder):
         return stop(processes)
     stopped = stop([*processes, *session_processes(folder)])

@@ -79,11 +79,17 @@ class AtlasState:
     def empty(cls, n_layers: int, d_mlp: int, d_model: int, settings: AtlasSettings) -> AtlasState:
         return cls(
             neurons=[Moments.empty(d_mlp) for _ in range(n_layers)],
-            neuron_top=[TopK.empty(settings.top_k, d_mlp, settings.context, settings.neuron_contexts) for _ in range(n_layers)],
+            neuron_top=[
+                TopK.empty(settings.top_k, d_mlp, settings.context, settings.neuron_contexts)
+                for _ in range(n_layers)
+            ],
             residual=[Moments.empty(d_model) for _ in range(n_layers)],
             residual_first=[Moments.empty(d_model) for _ in range(n_layers)],
             residual_histogram=[LogHistogram.empty() for _ in range(n_layers)],
-            residual_top=[TopK.empty(settings.residual_top_k, d_model, settings.context) for _ in range(n_layers)],
+            residual_top=[
+                TopK.empty(settings.residual_top_k, d_model, settings.context)
+                for _ in range(n_layers)
+            ],
             heads=Sums({}, 0),
             n_windows=0,
         )
@@ -100,7 +106,9 @@ class AtlasState:
             neuron_top=[a.merge(b) for a, b in zip(self.neuron_top, other.neuron_top)],
             residual=[a.merge(b) for a, b in zip(self.residual, other.residual)],
             residual_first=[a.merge(b) for a, b in zip(self.residual_first, other.residual_first)],
-            residual_histogram=[a.merge(b) for a, b in zip(self.residual_histogram, other.residual_histogram)],
+            residual_histogram=[
+                a.merge(b) for a, b in zip(self.residual_histogram, other.residual_histogram)
+            ],
             residual_top=[a.merge(b) for a, b in zip(self.residual_top, other.residual_top)],
             heads=self.heads.merge(other.heads),
             n_windows=self.n_windows + other.n_windows,
@@ -134,7 +142,9 @@ class RepeatMasks:
         return cls(earlier, earlier.any(dim=-1), torch.where(has_target, latest + 1, 0), has_target)
 
 
-def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_pos"], masks: RepeatMasks) -> dict[str, Float[Tensor, "window head"]]:
+def head_scores_per_window(
+    patterns: Float[Tensor, "window head query_pos key_pos"], masks: RepeatMasks
+) -> dict[str, Float[Tensor, "window head"]]:
     """Each head's scores in each window (see ``HEAD_SCORES``), computed for the whole batch.
 
     ``first_token``, ``previous_token`` and ``duplicate_token`` follow ``unraveled.analysis`` and
@@ -157,13 +167,17 @@ def head_scores_per_window(patterns: Float[Tensor, "window head query_pos key_po
     }
 
 
-def _mean_where(values: Float[Tensor, "window head query"], mask: Bool[Tensor, "window query"]) -> Float[Tensor, "window head"]:
+def _mean_where(
+    values: Float[Tensor, "window head query"], mask: Bool[Tensor, "window query"]
+) -> Float[Tensor, "window head"]:
     """Mean over the queries where ``mask`` holds, 0 for a window where it never does."""
     weights = mask[:, None, :].to(values.dtype)
     return (values * weights).sum(dim=-1) / weights.sum(dim=-1).clamp_min(1)
 
 
-def model_inputs(model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings) -> Int[Tensor, "window seq"]:
+def model_inputs(
+    model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings
+) -> Int[Tensor, "window seq"]:
     """The windows as model input: token ids, with the BOS token in front when the model wants one."""
     tokens = torch.as_tensor(windows, dtype=torch.long)
     if settings.prepend_bos:
@@ -211,24 +225,54 @@ def update(
         layer = int(hook.name.split(".")[1])  # type: ignore[union-attr]
         pre = held.pop("hook_pre").float().cpu().numpy()
         post = held.pop("hook_post").float().cpu().numpy()
-        neurons = Moments.of(post[:, first:].reshape(-1, post.shape[-1]), positive_of=pre[:, first:].reshape(-1, pre.shape[-1]))
+        neurons = Moments.of(
+            post[:, first:].reshape(-1, post.shape[-1]),
+            positive_of=pre[:, first:].reshape(-1, pre.shape[-1]),
+        )
         state.neurons[layer] = state.neurons[layer].merge(neurons)
-        top = top_k_of_batch(post, token_ids, offsets, settings.top_k, settings.context_before, settings.context_after, slice(first, None), settings.neuron_contexts)
+        top = top_k_of_batch(
+            post,
+            token_ids,
+            offsets,
+            settings.top_k,
+            settings.context_before,
+            settings.context_after,
+            slice(first, None),
+            settings.neuron_contexts,
+        )
         state.neuron_top[layer] = state.neuron_top[layer].merge(top)
         magnitude = np.abs(residual.float().cpu().numpy())
-        state.residual[layer] = state.residual[layer].merge(Moments.of(magnitude.reshape(-1, magnitude.shape[-1])))
+        state.residual[layer] = state.residual[layer].merge(
+            Moments.of(magnitude.reshape(-1, magnitude.shape[-1]))
+        )
         state.residual_first[layer] = state.residual_first[layer].merge(Moments.of(magnitude[:, 0]))
-        state.residual_histogram[layer] = state.residual_histogram[layer].merge(LogHistogram.of(magnitude))
+        state.residual_histogram[layer] = state.residual_histogram[layer].merge(
+            LogHistogram.of(magnitude)
+        )
         # Position 0 (BOS, or the window's first token where there is none) carries the largest
         # values in every window whatever its token: its top tokens would be the windows' starts.
-        top = top_k_of_batch(magnitude, token_ids, offsets, settings.residual_top_k, settings.context_before, settings.context_after, slice(1, None))
+        top = top_k_of_batch(
+            magnitude,
+            token_ids,
+            offsets,
+            settings.residual_top_k,
+            settings.context_before,
+            settings.context_after,
+            slice(1, None),
+        )
         state.residual_top[layer] = state.residual_top[layer].merge(top)
-        for name, per_window in head_scores_per_window(held.pop("hook_pattern").float().cpu(), masks).items():
+        for name, per_window in head_scores_per_window(
+            held.pop("hook_pattern").float().cpu(), masks
+        ).items():
             head_totals[name][layer] = per_window.double().sum(dim=0).numpy()
 
     hooks: list[tuple[str, Callable[[Tensor, HookPoint], None]]] = []
     for layer in range(n_layers):
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", hold), (f"blocks.{layer}.mlp.hook_post", hold), (f"blocks.{layer}.attn.hook_pattern", hold)]
+        hooks += [
+            (f"blocks.{layer}.mlp.hook_pre", hold),
+            (f"blocks.{layer}.mlp.hook_post", hold),
+            (f"blocks.{layer}.attn.hook_pattern", hold),
+        ]
         hooks.append((f"blocks.{layer}.hook_resid_post", fold_layer))
     with torch.inference_mode():
         model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=n_layers)  # type: ignore[arg-type]

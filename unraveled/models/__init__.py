@@ -8,7 +8,15 @@ from typing import Any
 
 from unraveled.models.sources import BUNDLED_SMOLLM2, FALLBACK_MODEL, resolve_model
 
-__all__ = ["BUNDLED_SMOLLM2", "FALLBACK_MODEL", "LoadedModel", "availability", "checkpoint_parameters", "load_model", "resolve_model"]
+__all__ = [
+    "BUNDLED_SMOLLM2",
+    "FALLBACK_MODEL",
+    "LoadedModel",
+    "availability",
+    "checkpoint_parameters",
+    "load_model",
+    "resolve_model",
+]
 _FROM_LOADING = {"LoadedModel", "availability", "checkpoint_parameters", "load_model"}
 
 

@@ -47,14 +47,18 @@ def processing_flags(weights: WeightsKind) -> dict[str, bool]:
 def _applicable_flags(flags: dict[str, bool], cfg: HookedTransformerConfig) -> dict[str, bool]:
     """The processing ``from_pretrained`` actually applies to a model of ``cfg``: it skips folding
     and centring where they would change the model's function (shortformer positions, post-norm
-    blocks, soft-capped logits)."""
+    blocks, soft-capped logits).
+    """
     shortformer = cfg.positional_embedding_type == "shortformer"
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
     return {
         **flags,
         "fold_ln": flags["fold_ln"] and not (shortformer or post_norm),
-        "center_writing_weights": flags["center_writing_weights"] and not (shortformer or post_norm),
-        "center_unembed": flags["center_unembed"] and not shortformer and not softcap_enabled(cfg.output_logits_soft_cap),
+        "center_writing_weights": flags["center_writing_weights"]
+        and not (shortformer or post_norm),
+        "center_unembed": flags["center_unembed"]
+        and not shortformer
+        and not softcap_enabled(cfg.output_logits_soft_cap),
     }
 
 
@@ -70,7 +74,24 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     return config
 
 
-_IN_PLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")} | {"__setitem__"}
+_IN_PLACE_OPERATORS = {
+    f"__i{op}__"
+    for op in (
+        "add",
+        "sub",
+        "mul",
+        "matmul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "and",
+        "or",
+        "xor",
+        "lshift",
+        "rshift",
+    )
+} | {"__setitem__"}
 
 
 class _CloneFreeTensor(torch.Tensor):
@@ -89,8 +110,14 @@ class _CloneFreeTensor(torch.Tensor):
         # An in-place edit of a "clone" would edit the tensor it came from (in the transformers
         # model, or another step's input): refuse it rather than give wrong weights silently.
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS or (kwargs or {}).get("out") is not None:
-            raise RuntimeError(f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow")
+        if (
+            (name.endswith("_") and not name.endswith("__"))
+            or name in _IN_PLACE_OPERATORS
+            or (kwargs or {}).get("out") is not None
+        ):
+            raise RuntimeError(
+                f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow"
+            )
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -145,7 +172,10 @@ def hooked_from_hf(
         )
         flags = _applicable_flags(requested, cfg)
         converted = [
-            {key: value.as_subclass(_CloneFreeTensor) for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()}
+            {
+                key: value.as_subclass(_CloneFreeTensor)
+                for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()
+            }
         ]
     del hf_model
     cfg.model_name = model_name
@@ -158,7 +188,9 @@ def hooked_from_hf(
     return model.eval(), n_parameters
 
 
-def _load_and_process(model: HookedTransformer, converted: list[dict[str, torch.Tensor]], flags: dict[str, bool]) -> None:
+def _load_and_process(
+    model: HookedTransformer, converted: list[dict[str, torch.Tensor]], flags: dict[str, bool]
+) -> None:
     """TransformerLens's ``load_and_process_state_dict``, step for step, without holding copies.
 
     The state dict is handed over in a one-element list and taken out of it straight into the
@@ -185,7 +217,9 @@ def _load_and_process(model: HookedTransformer, converted: list[dict[str, torch.
         model.setup()
 
 
-def _process_weights(holder: list[dict[str, torch.Tensor]], cfg: HookedTransformerConfig, flags: dict[str, bool]) -> dict[str, torch.Tensor]:
+def _process_weights(
+    holder: list[dict[str, torch.Tensor]], cfg: HookedTransformerConfig, flags: dict[str, bool]
+) -> dict[str, torch.Tensor]:
     """``ProcessWeights.process_weights``, step for step, handing each step the only reference to
     the state dict (taken from ``holder``).
 
@@ -193,12 +227,17 @@ def _process_weights(holder: list[dict[str, torch.Tensor]], cfg: HookedTransform
     step replaces stayed alive until the step returned: half a model more at the peak. Float32
     weights only (the loaders ask transformers for float32), where its upcasting does nothing.
     """
-    if any(tensor.is_floating_point() and tensor.dtype != torch.float32 for tensor in holder[0].values()):
+    if any(
+        tensor.is_floating_point() and tensor.dtype != torch.float32
+        for tensor in holder[0].values()
+    ):
         raise ValueError("weight processing expects float32 weights")
     layer_norm = cfg.normalization_type in ("LN", "LNPre")
     if flags["fold_ln"]:
         holder.append(_fold_layer_norm(holder.pop(), cfg, layer_norm))
-    center_writing_weights = flags["center_writing_weights"] and layer_norm and not getattr(cfg, "final_rms", False)
+    center_writing_weights = (
+        flags["center_writing_weights"] and layer_norm and not getattr(cfg, "final_rms", False)
+    )
     if center_writing_weights:
         holder.append(ProcessWeights.center_writing_weights(holder.pop(), cfg))
     if flags["center_unembed"]:
@@ -213,7 +252,9 @@ def _process_weights(holder: list[dict[str, torch.Tensor]], cfg: HookedTransform
     return holder.pop()
 
 
-def _fold_layer_norm(state_dict: dict[str, torch.Tensor], cfg: HookedTransformerConfig, layer_norm: bool) -> dict[str, torch.Tensor]:
+def _fold_layer_norm(
+    state_dict: dict[str, torch.Tensor], cfg: HookedTransformerConfig, layer_norm: bool
+) -> dict[str, torch.Tensor]:
     """``ProcessWeights.fold_layer_norm``, step for step, with the freed memory handed back before
     the final norm is folded into the unembedding.
 
@@ -223,7 +264,9 @@ def _fold_layer_norm(state_dict: dict[str, torch.Tensor], cfg: HookedTransformer
     """
     gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
     for layer in range(cfg.n_layers):
-        state_dict = ProcessWeights._fold_layer(state_dict, cfg, layer, layer_norm, layer_norm, None, gqa)
+        state_dict = ProcessWeights._fold_layer(
+            state_dict, cfg, layer, layer_norm, layer_norm, None, gqa
+        )
     state_dict = ProcessWeights._fold_final_rms_bias(state_dict, cfg, layer_norm, None)
     return_freed_memory()
     return ProcessWeights._fold_unembed_layer_norm(state_dict, cfg, layer_norm, layer_norm, None)
@@ -231,8 +274,11 @@ def _fold_layer_norm(state_dict: dict[str, torch.Tensor], cfg: HookedTransformer
 
 def _use_prenorm(model: HookedTransformer) -> None:
     """Norms without weights, once their weights are folded into the next layer (as
-    ``load_and_process_state_dict`` does)."""
-    prenorm = {"LN": (LayerNormPre, "LNPre"), "RMS": (RMSNormPre, "RMSPre")}.get(model.cfg.normalization_type)
+    ``load_and_process_state_dict`` does).
+    """
+    prenorm = {"LN": (LayerNormPre, "LNPre"), "RMS": (RMSNormPre, "RMSPre")}.get(
+        model.cfg.normalization_type
+    )
     if prenorm is None:
         return
     module, model.cfg.normalization_type = prenorm

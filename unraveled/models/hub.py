@@ -20,7 +20,8 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 def cached_snapshot(repo_id: str) -> Path | None:
     """The snapshot folder of ``repo_id`` that the local Hugging Face cache's ``main`` points at,
-    if it has a config. Its name is the commit hash (see ``snapshot_revision``)."""
+    if it has a config. Its name is the commit hash (see ``snapshot_revision``).
+    """
     found = try_to_load_from_cache(repo_id, "config.json")
     return Path(found).parent if isinstance(found, str) else None
 
@@ -43,7 +44,9 @@ def download_snapshot(repo_id: str) -> Path:
     """
     snapshot = Path(snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES))
     if not any(snapshot.glob("*.safetensors")):
-        snapshot = Path(snapshot_download(repo_id, allow_patterns=[*_CHECKPOINT_FILES, *_BIN_WEIGHTS]))
+        snapshot = Path(
+            snapshot_download(repo_id, allow_patterns=[*_CHECKPOINT_FILES, *_BIN_WEIGHTS])
+        )
     return snapshot
 
 

@@ -25,7 +25,17 @@ _REARRANGED: list[tuple[type[nn.Module], dict[str, tuple[int, ...]]]] = [
     (GatedMLP, {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)}),
     (Unembed, {"W_U": (1, 0)}),
     # Grouped-query attention reads its own key and value weights as _W_K and _W_V.
-    (AbstractAttention, {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1), "W_O": (2, 0, 1)}),
+    (
+        AbstractAttention,
+        {
+            "W_Q": (0, 2, 1),
+            "W_K": (0, 2, 1),
+            "W_V": (0, 2, 1),
+            "_W_K": (0, 2, 1),
+            "_W_V": (0, 2, 1),
+            "W_O": (2, 0, 1),
+        },
+    ),
 ]
 
 
@@ -36,7 +46,8 @@ def inverse(order: tuple[int, ...]) -> tuple[int, ...]:
 
 def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation under which ``tensor`` is contiguous, or None when no permutation makes it
-    so (a strided view, an expanded tensor): its dimensions from the outermost in memory."""
+    so (a strided view, an expanded tensor): its dimensions from the outermost in memory.
+    """
     order = tuple(sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim)))
     return order if tensor.permute(order).is_contiguous() else None
 
@@ -44,7 +55,8 @@ def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
 def fills_its_storage(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is the whole of its storage, element for element, in some memory order:
     not a view into a larger tensor (it may share the storage with an equal view, as a tied
-    unembedding does with its embedding)."""
+    unembedding does with its embedding).
+    """
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return whole and tensor.storage_offset() == 0 and memory_order(tensor) is not None
 
@@ -62,9 +74,15 @@ def store_rearranged(model: HookedTransformer) -> HookedTransformer:
                     continue
                 for name, order in orders.items():
                     parameter = module._parameters.get(name)
-                    if parameter is None or parameter.dim() != len(order) or parameter.permute(order).is_contiguous():
+                    if (
+                        parameter is None
+                        or parameter.dim() != len(order)
+                        or parameter.permute(order).is_contiguous()
+                    ):
                         continue
-                    parameter.data = parameter.data.permute(order).contiguous().permute(inverse(order))
+                    parameter.data = (
+                        parameter.data.permute(order).contiguous().permute(inverse(order))
+                    )
     return model
 
 
@@ -79,6 +97,10 @@ def share_tied_unembedding(model: HookedTransformer) -> None:
     embedding, unembedding = model.embed.W_E, model.unembed.W_U
     if unembedding.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr():
         return  # tied already: converted from the tied checkpoint, or read from the cache
-    if embedding.shape != unembedding.T.shape or embedding.dtype != unembedding.dtype or not torch.equal(embedding, unembedding.T):
+    if (
+        embedding.shape != unembedding.T.shape
+        or embedding.dtype != unembedding.dtype
+        or not torch.equal(embedding, unembedding.T)
+    ):
         return
     unembedding.data = embedding.data.T

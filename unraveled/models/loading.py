@@ -29,7 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from unraveled.errors import BadCheckpointError, ModelUnavailableError
 from unraveled.experiment import WeightsKind
 from unraveled.models import hub, weight_cache
-from unraveled.models.convert import hooked_from_hf, processing_flags
+from unraveled.models.convert import hooked_from_hf
 from unraveled.models.layout import share_tied_unembedding, store_rearranged
 from unraveled.models.sources import (
     FALLBACK_MODEL,
@@ -100,7 +100,8 @@ def checkpoint_parameters(model: HookedTransformer) -> int | None:
 
 def fingerprint(source: ModelSource) -> dict[str, Any] | None:
     """What identifies the source's weights; None when it can't be known without loading them
-    (a hub model not in the local Hugging Face cache)."""
+    (a hub model not in the local Hugging Face cache).
+    """
     if isinstance(source, HubModel):
         snapshot = hub.cached_snapshot(source.repo_id)
         if snapshot is None:
@@ -114,15 +115,23 @@ def fingerprint(source: ModelSource) -> dict[str, Any] | None:
         }
     gguf = source.gguf_path()
     stat = gguf.stat() if gguf else None
-    return {"gguf": str(gguf), "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None}
+    return {
+        "gguf": str(gguf),
+        "size": stat.st_size if stat else None,
+        "mtime": stat.st_mtime_ns if stat else None,
+    }
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint's safetensors weight files (one, or the shards its index names); empty for
-    a checkpoint stored as ``.bin``."""
+    a checkpoint stored as ``.bin``.
+    """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        return [
+            folder / name
+            for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
     single = folder / "model.safetensors"
     return [single] if single.is_file() else []
 
@@ -137,17 +146,23 @@ def _hf_from_folder(folder: Path) -> PreTrainedModel:
     """
     files = _safetensors_files(folder)
     if not files:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True
+        )
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if model_class is None:
-        raise ValueError(f"transformers has no causal language model for model_type {config.model_type!r}")
+        raise ValueError(
+            f"transformers has no causal language model for model_type {config.model_type!r}"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         with safetensors.safe_open(str(file), framework="pt", backend="pread") as stored:
             for name in stored.keys():
                 state_dict[name] = stored.get_tensor(name)
-    return model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
+    return model_class.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=torch.float32
+    )
 
 
 def _from_hub(source: HubModel, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
@@ -173,7 +188,9 @@ def _from_hub(source: HubModel, weights: WeightsKind) -> tuple[HookedTransformer
     return model, loaded_from, n_parameters
 
 
-def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[HookedTransformer, str, int]:
+def _from_directory(
+    source: LocalCheckpoint, weights: WeightsKind
+) -> tuple[HookedTransformer, str, int]:
     # A folder the user named is their input: if it is not a checkpoint, say so (exit 2) rather
     # than fall back to another model.
     problem = checkpoint_problem(source.path)
@@ -181,9 +198,15 @@ def _from_directory(source: LocalCheckpoint, weights: WeightsKind) -> tuple[Hook
         raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {problem}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
-        model, n_parameters = hooked_from_hf(lambda: _hf_from_folder(source.path), tokenizer, weights, model_name=source.slug)
-    except Exception as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
-        raise BadCheckpointError(f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}") from None
+        model, n_parameters = hooked_from_hf(
+            lambda: _hf_from_folder(source.path), tokenizer, weights, model_name=source.slug
+        )
+    except (
+        Exception
+    ) as error:  # transformers and TransformerLens raise OSError, ValueError, KeyError, ...
+        raise BadCheckpointError(
+            f"{source.path} is not a usable checkpoint folder: {type(error).__name__}: {error}"
+        ) from None
     return model, f"local checkpoint ({source.path})", n_parameters
 
 
@@ -196,7 +219,9 @@ def _from_bundled(source: BundledModel, weights: WeightsKind) -> tuple[HookedTra
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # SmolLM2's tokenizer adds no BOS and the model was trained without one.
     model, n_parameters = hooked_from_hf(
-        lambda: AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32),
+        lambda: AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        ),
         tokenizer,
         weights,
         model_name=source.name,
@@ -240,7 +265,9 @@ def prepare_for_experiments(model: HookedTransformer, device: str) -> HookedTran
     return model.requires_grad_(False)
 
 
-def _load_source(source: ModelSource, requested: str, weights: WeightsKind, device: str) -> LoadedModel:
+def _load_source(
+    source: ModelSource, requested: str, weights: WeightsKind, device: str
+) -> LoadedModel:
     """Load ``source``, from the converted-weights cache when it holds these very weights.
 
     Entries are keyed by the source's identity (the hub snapshot's commit, a directory's file
@@ -248,7 +275,11 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
     """
     started = time.perf_counter()
     identity = fingerprint(source)
-    cached = weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, identity)) if identity else None
+    cached = (
+        weight_cache.load_entry(weight_cache.cache_key(source.slug, weights, identity))
+        if identity
+        else None
+    )
     from_cache = cached is not None
     if cached is not None:
         model, n_parameters = cached
@@ -262,7 +293,11 @@ def _load_source(source: ModelSource, requested: str, weights: WeightsKind, devi
         else:
             model, loaded_from, n_parameters = _from_bundled(source, weights)
         if identity is not None:
-            weight_cache.store_entry(weight_cache.cache_key(source.slug, weights, identity), arrange_weights(model), n_parameters)
+            weight_cache.store_entry(
+                weight_cache.cache_key(source.slug, weights, identity),
+                arrange_weights(model),
+                n_parameters,
+            )
     model = prepare_for_experiments(model, device)
     setattr(model, _CHECKPOINT_PARAMETERS, n_parameters)
     return LoadedModel(
@@ -304,7 +339,13 @@ def load_model(
     except ModelUnavailableError as error:
         if fallback is None or fallback == name:
             raise
-        logger.warning("%s. Falling back to the bundled %s: figures will show %s, not %s.", error, fallback, fallback, name)
+        logger.warning(
+            "%s. Falling back to the bundled %s: figures will show %s, not %s.",
+            error,
+            fallback,
+            fallback,
+            name,
+        )
         loaded = _load_source(resolve_model(fallback), fallback, weights, device)
         return replace(loaded, requested=name, fallback_reason=str(error))
 
@@ -314,7 +355,8 @@ def availability(name: str) -> tuple[str, str]:
     source = resolve_model(name)
     identity = fingerprint(source)
     cached = identity is not None and any(
-        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, identity)) for kind in ("processed", "raw")
+        weight_cache.has_entry(weight_cache.cache_key(source.slug, kind, identity))
+        for kind in ("processed", "raw")
     )
     if isinstance(source, HubModel):
         resolves_to = f"TransformerLens / Hugging Face {source.repo_id}"
@@ -326,10 +368,12 @@ def availability(name: str) -> tuple[str, str]:
         return resolves_to, f"no: not cached and {reason}" if reason else "yes: Hugging Face hub"
     if isinstance(source, LocalCheckpoint):
         problem = checkpoint_problem(source.path)
-        return f"local checkpoint {source.path}", f"no: {problem}" if problem else "yes (weights checked when loaded)"
+        return (
+            f"local checkpoint {source.path}",
+            f"no: {problem}" if problem else "yes (weights checked when loaded)",
+        )
     gguf = source.gguf_path()
     resolves_to = f"bundled GGUF {gguf or source.gguf_file}"
     if cached:
         return resolves_to, "yes: converted-weights cache"
     return resolves_to, "yes" if gguf else f"no: {source.install_hint}"
-

@@ -18,7 +18,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from unraveled.models import hub, weight_cache
 from unraveled.models.loading import fingerprint
-from unraveled.models.sources import FALLBACK_MODEL, BundledModel, HubModel, LocalCheckpoint, ModelSource, resolve_model
+from unraveled.models.sources import (
+    FALLBACK_MODEL,
+    BundledModel,
+    HubModel,
+    LocalCheckpoint,
+    ModelSource,
+    resolve_model,
+)
 
 # Where checkpoint configs give the context length (TransformerLens reads one of them per
 # architecture, and caps some lower; the loaded model's own n_ctx is checked again after it loads).
@@ -49,7 +56,9 @@ def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int
     if identity is None:
         return None
     for weights in ("processed", "raw"):  # both kinds hold the same tokenizer and config
-        found = weight_cache.read_tokenizer_and_context(weight_cache.cache_key(source.slug, weights, identity))
+        found = weight_cache.read_tokenizer_and_context(
+            weight_cache.cache_key(source.slug, weights, identity)
+        )
         if found is not None:
             return found
     return None
@@ -57,11 +66,14 @@ def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int
 
 def _from_checkpoint_folder(folder: Path) -> tuple[PreTrainedTokenizerBase, int | None] | None:
     """The folder's tokenizer and declared context; None when it can't be read (loading then
-    reports the folder as bad input)."""
+    reports the folder as bad input).
+    """
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception:  # transformers raises OSError, ValueError, KeyError, ...; loading says what is wrong
+    except (
+        Exception
+    ):  # transformers raises OSError, ValueError, KeyError, ...; loading says what is wrong
         return None
     declared = [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)]
     return tokenizer, max(declared) if declared else None
@@ -86,7 +98,9 @@ def _read(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int | None] | N
     return _from_gguf(source)
 
 
-def model_shape(name: str, source_label: str = "--model", allow_fallback: bool = True) -> ModelShape | None:
+def model_shape(
+    name: str, source_label: str = "--model", allow_fallback: bool = True
+) -> ModelShape | None:
     """The tokenizer and context of the model that loading ``name`` will give, without loading it.
 
     Args:
@@ -102,7 +116,9 @@ def model_shape(name: str, source_label: str = "--model", allow_fallback: bool =
     source = resolve_model(name, source_label)
     found = _read(source)
     if found is not None:
-        return ModelShape(source.slug if isinstance(source, LocalCheckpoint) else source.name, *found)
+        return ModelShape(
+            source.slug if isinstance(source, LocalCheckpoint) else source.name, *found
+        )
     if isinstance(source, HubModel) and allow_fallback and hub.hub_unreachable_reason() is not None:
         fallback = _read(resolve_model(FALLBACK_MODEL))
         if fallback is not None:

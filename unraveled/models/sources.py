@@ -7,9 +7,9 @@ validation stay fast.
 from __future__ import annotations
 
 import difflib
-import json
 import functools
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +133,11 @@ def resolve_model(name: str, source: str = "--model") -> ModelSource:
     if path.is_dir():
         return LocalCheckpoint(path.resolve())
     if path.exists():
-        raise ConfigError(source, "model", f"{name!r} is a file; expected a folder holding a Hugging Face checkpoint or a model name")
+        raise ConfigError(
+            source,
+            "model",
+            f"{name!r} is a file; expected a folder holding a Hugging Face checkpoint or a model name",
+        )
     official = _transformer_lens_names().get(name.lower())
     if official is not None:
         return HubModel(name=name, repo_id=official)
@@ -148,7 +152,12 @@ def resolve_model(name: str, source: str = "--model") -> ModelSource:
     )
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 

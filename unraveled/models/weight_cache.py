@@ -54,7 +54,9 @@ def cache_key(slug: str, weights: str, fingerprint: dict[str, Any]) -> str:
     """A folder name that changes whenever the source, the processing or TransformerLens does."""
     identity = {
         "format": _FORMAT_VERSION,
-        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "",
+        "transformer_lens": transformer_lens.__version__
+        if hasattr(transformer_lens, "__version__")
+        else "",
         "weights": weights,
         **fingerprint,
     }
@@ -83,7 +85,9 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
 
 def _config_from_json(encoded: dict[str, Any]) -> HookedTransformerConfig:
     decoded = {
-        field: getattr(torch, value["torch_dtype"]) if isinstance(value, dict) and "torch_dtype" in value else value
+        field: getattr(torch, value["torch_dtype"])
+        if isinstance(value, dict) and "torch_dtype" in value
+        else value
         for field, value in encoded.items()
     }
     return HookedTransformerConfig.from_dict({**decoded, "device": "cpu"})
@@ -91,12 +95,15 @@ def _config_from_json(encoded: dict[str, Any]) -> HookedTransformerConfig:
 
 def read_tokenizer_and_context(key: str) -> tuple[PreTrainedTokenizerBase, int] | None:
     """The tokenizer and context length of the entry for ``key``, without its weights; None when
-    there is no entry or it can't be read (``load_entry`` then removes it)."""
+    there is no entry or it can't be read (``load_entry`` then removes it).
+    """
     if not has_entry(key):
         return None
     try:
         n_ctx = int(json.loads((_entry(key) / _CONFIG_FILE).read_text())["n_ctx"])
-        return AutoTokenizer.from_pretrained(_entry(key) / _TOKENIZER_DIR, local_files_only=True), n_ctx
+        return AutoTokenizer.from_pretrained(
+            _entry(key) / _TOKENIZER_DIR, local_files_only=True
+        ), n_ctx
     except Exception:  # a damaged entry: json, tokenizers and the file system each raise their own
         return None
 
@@ -115,7 +122,9 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
         names = set(stored.keys()) | layout.keys()
         missing, unexpected = sorted(own.keys() - names), sorted(names - own.keys())
         if missing or unexpected:
-            raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         read: dict[str, torch.Tensor] = {}
         for name in own:
             source, order = layout.get(name, (name, list(range(own[name].dim()))))
@@ -123,7 +132,9 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
                 read[source] = stored.get_tensor(source)
             tensor = read[source].permute(inverse(tuple(order)))
             if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
-                raise ValueError(f"{path}: {name} is stored as {tuple(tensor.shape)} {tensor.dtype}, the model has {tuple(own[name].shape)} {own[name].dtype}")
+                raise ValueError(
+                    f"{path}: {name} is stored as {tuple(tensor.shape)} {tensor.dtype}, the model has {tuple(own[name].shape)} {own[name].dtype}"
+                )
             module_name, _, attribute = name.rpartition(".")
             module = model.get_submodule(module_name)
             if attribute in module._parameters:
@@ -135,7 +146,8 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
 def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
     """The cached model for ``key``, on the CPU, and its checkpoint's parameter count; None when
     there is no entry, or when the entry can't be read (it is then removed, saying so, and the
-    caller converts the weights again)."""
+    caller converts the weights again).
+    """
     entry = _entry(key)
     if not has_entry(key):
         return None
@@ -144,15 +156,26 @@ def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
         tokenizer = AutoTokenizer.from_pretrained(entry / _TOKENIZER_DIR, local_files_only=True)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
         _read_weights(model, entry / _WEIGHTS_FILE)
-        checkpoint_parameters = int(json.loads((entry / _SOURCE_FILE).read_text())["checkpoint_parameters"])
-    except Exception as error:  # a damaged file: safetensors, json, tokenizers and torch each raise their own
-        logger.warning("the converted-weights cache entry %s can't be read (%s: %s); removing it and converting again", entry, type(error).__name__, error)
+        checkpoint_parameters = int(
+            json.loads((entry / _SOURCE_FILE).read_text())["checkpoint_parameters"]
+        )
+    except (
+        Exception
+    ) as error:  # a damaged file: safetensors, json, tokenizers and torch each raise their own
+        logger.warning(
+            "the converted-weights cache entry %s can't be read (%s: %s); removing it and converting again",
+            entry,
+            type(error).__name__,
+            error,
+        )
         shutil.rmtree(entry, ignore_errors=True)
         return None
     return model.eval(), checkpoint_parameters
 
 
-def _tensors_to_store(model: HookedTransformer) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, tuple[int, ...]]]]:
+def _tensors_to_store(
+    model: HookedTransformer,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, tuple[int, ...]]]]:
     """The state dict as safetensors takes it (contiguous tensors, each storage once), and the
     layout that rebuilds the rest: for each tensor not stored as itself, the stored tensor that
     holds its storage and the permutation of that tensor's dimensions that gives it.
@@ -166,8 +189,15 @@ def _tensors_to_store(model: HookedTransformer) -> tuple[dict[str, torch.Tensor]
     first_name: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for name, tensor in model.state_dict().items():
         order = memory_order(tensor) or tuple(range(tensor.dim()))
-        as_stored = tensor.permute(order).contiguous()  # a copy only for a tensor no order makes contiguous
-        identity = (as_stored.untyped_storage().data_ptr(), as_stored.storage_offset(), tuple(as_stored.shape), as_stored.dtype)
+        as_stored = tensor.permute(
+            order
+        ).contiguous()  # a copy only for a tensor no order makes contiguous
+        identity = (
+            as_stored.untyped_storage().data_ptr(),
+            as_stored.storage_offset(),
+            tuple(as_stored.shape),
+            as_stored.dtype,
+        )
         source = first_name.setdefault(identity, name)
         if source == name:
             tensors[name] = as_stored
@@ -179,17 +209,26 @@ def _tensors_to_store(model: HookedTransformer) -> tuple[dict[str, torch.Tensor]
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
     """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count; returns
     the entry's folder. When another process stores the same entry at the same time, the first
-    one renamed into place is kept and the other's copy dropped."""
+    one renamed into place is kept and the other's copy dropped.
+    """
     entry = _entry(key)
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
         tensors, layout = _tensors_to_store(model)
-        safetensors.torch.save_file(tensors, str(staging / _WEIGHTS_FILE), metadata={_LAYOUT_KEY: json.dumps(layout)})
-        (staging / _CONFIG_FILE).write_text(json.dumps(_config_to_json(model.cfg), indent=1, default=str))
+        safetensors.torch.save_file(
+            tensors, str(staging / _WEIGHTS_FILE), metadata={_LAYOUT_KEY: json.dumps(layout)}
+        )
+        (staging / _CONFIG_FILE).write_text(
+            json.dumps(_config_to_json(model.cfg), indent=1, default=str)
+        )
         model.tokenizer.save_pretrained(staging / _TOKENIZER_DIR)
-        (staging / _SOURCE_FILE).write_text(json.dumps({"checkpoint_parameters": checkpoint_parameters}))
-        if entry.exists() and not has_entry(key):  # an incomplete entry from before entries were renamed into place
+        (staging / _SOURCE_FILE).write_text(
+            json.dumps({"checkpoint_parameters": checkpoint_parameters})
+        )
+        if entry.exists() and not has_entry(
+            key
+        ):  # an incomplete entry from before entries were renamed into place
             shutil.rmtree(entry, ignore_errors=True)
         try:
             os.replace(staging, entry)

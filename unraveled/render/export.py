@@ -40,7 +40,9 @@ def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
         for part in value.split(","):
             name = part.strip().lower().lstrip(".")
             if name not in FIGURE_FORMATS:
-                raise ValueError(f"unknown figure format {part.strip()!r}: expected a comma-separated list of {', '.join(FIGURE_FORMATS)}")
+                raise ValueError(
+                    f"unknown figure format {part.strip()!r}: expected a comma-separated list of {', '.join(FIGURE_FORMATS)}"
+                )
             if name not in formats:
                 formats.append(name)
     return tuple(formats) or DEFAULT_FORMATS
@@ -54,10 +56,14 @@ def _thumbnail(png: PilImage, path: Path) -> None:
     flat = Image.new("RGB", png.size, "white")
     flat.paste(png, mask=png.getchannel("A"))
     height = max(1, round(flat.height * THUMBNAIL_WIDTH / flat.width))
-    flat.resize((THUMBNAIL_WIDTH, height), Image.Resampling.LANCZOS).save(path, format="JPEG", quality=82, optimize=True)
+    flat.resize((THUMBNAIL_WIDTH, height), Image.Resampling.LANCZOS).save(
+        path, format="JPEG", quality=82, optimize=True
+    )
 
 
-def save_figure(figure: MplFigure, run_dir: Path, name: str, caption: str, formats: Sequence[str], dpi: int) -> dict[str, Any]:
+def save_figure(
+    figure: MplFigure, run_dir: Path, name: str, caption: str, formats: Sequence[str], dpi: int
+) -> dict[str, Any]:
     """Save ``figure`` as ``figures/<name>.<format>`` for each format, and ``thumbs/<name>.jpg``.
 
     Args:
@@ -117,7 +123,10 @@ def _is_local(url: str | None) -> bool:
 def _attributes(attrs: dict[str, str | None]) -> str:
     from html import escape
 
-    return "".join(f" {name}" if value is None else f' {name}="{escape(value)}"' for name, value in attrs.items())
+    return "".join(
+        f" {name}" if value is None else f' {name}="{escape(value)}"'
+        for name, value in attrs.items()
+    )
 
 
 def self_contained_page(page: Path) -> str:
@@ -146,14 +155,24 @@ def self_contained_page(page: Path) -> str:
         if tag == "script" and _is_local(attrs.get("src")):
             code = local_file(str(attrs.pop("src"))).read_text(encoding="utf-8")
             # The closing tag already follows the element's (empty) body.
-            replacement = f"<script{_attributes(attrs)}>" + re.sub(r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE)
-        elif tag == "link" and "stylesheet" in (attrs.get("rel") or "") and _is_local(attrs.get("href")):
+            replacement = f"<script{_attributes(attrs)}>" + re.sub(
+                r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE
+            )
+        elif (
+            tag == "link"
+            and "stylesheet" in (attrs.get("rel") or "")
+            and _is_local(attrs.get("href"))
+        ):
             css = local_file(str(attrs["href"])).read_text(encoding="utf-8")
-            replacement = "<style>" + re.sub(r"</(style)", r"<\\/\1", css, flags=re.IGNORECASE) + "</style>"
+            replacement = (
+                "<style>" + re.sub(r"</(style)", r"<\\/\1", css, flags=re.IGNORECASE) + "</style>"
+            )
         elif tag == "img" and _is_local(attrs.get("src")):
             image = local_file(str(attrs["src"]))
             mime = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
-            attrs["src"] = f"data:{mime};base64," + base64.b64encode(image.read_bytes()).decode("ascii")
+            attrs["src"] = f"data:{mime};base64," + base64.b64encode(image.read_bytes()).decode(
+                "ascii"
+            )
             attrs.pop("loading", None)
             replacement = f"<img{_attributes(attrs)}>"
         elif tag == "a" and _is_local(attrs.get("href")):

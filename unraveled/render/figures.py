@@ -7,11 +7,11 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from jaxtyping import Float  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure as MplFigure  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+import numpy as np
+from jaxtyping import Float
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure as MplFigure
+from numpy.typing import NDArray
 
 PANEL_INCHES = (5.0, 4.2)
 # Characters of a token shown as a tick label. GPT-2's longest tokens (runs of "-", "_", "=") are
@@ -23,17 +23,28 @@ MAX_LABEL_CHARS = 13
 
 def token_label(token: str, max_chars: int = MAX_LABEL_CHARS) -> str:
     """A token as a tick label: escaped (``repr`` without its quotes: a newline shows as ``\\n``),
-    and cut to ``max_chars`` characters, the last of them ``…``, when longer."""
+    and cut to ``max_chars`` characters, the last of them ``…``, when longer.
+    """
     label = repr(token)[1:-1]
     return label if len(label) <= max_chars else label[: max_chars - 1] + "…"
 
 
-def panels(n_cols: int, n_rows: int = 1, width_ratios: list[float] | None = None, projection_3d: set[int] | None = None) -> tuple[MplFigure, list[Axes]]:
+def panels(
+    n_cols: int,
+    n_rows: int = 1,
+    width_ratios: list[float] | None = None,
+    projection_3d: set[int] | None = None,
+) -> tuple[MplFigure, list[Axes]]:
     """A figure of ``n_rows`` x ``n_cols`` panels, flattened; panels listed in ``projection_3d`` are 3D."""
-    figure = MplFigure(figsize=(PANEL_INCHES[0] * n_cols, PANEL_INCHES[1] * n_rows), layout="constrained")
+    figure = MplFigure(
+        figsize=(PANEL_INCHES[0] * n_cols, PANEL_INCHES[1] * n_rows), layout="constrained"
+    )
     grid = figure.add_gridspec(n_rows, n_cols, width_ratios=width_ratios)
     axes = [
-        figure.add_subplot(grid[index // n_cols, index % n_cols], projection="3d" if index in (projection_3d or set()) else None)
+        figure.add_subplot(
+            grid[index // n_cols, index % n_cols],
+            projection="3d" if index in (projection_3d or set()) else None,
+        )
         for index in range(n_rows * n_cols)
     ]
     return figure, axes
@@ -45,7 +56,9 @@ def grid_shape(n_panels: int, max_cols: int = 6) -> tuple[int, int]:
     return math.ceil(n_panels / cols), cols
 
 
-def layer_grid(n_panels: int, panel_inches: float = 3.0, max_cols: int = 6) -> tuple[MplFigure, list[Axes]]:
+def layer_grid(
+    n_panels: int, panel_inches: float = 3.0, max_cols: int = 6
+) -> tuple[MplFigure, list[Axes]]:
     """One small panel per layer (or head), unused trailing panels hidden."""
     rows, cols = grid_shape(n_panels, max_cols)
     figure = MplFigure(figsize=(panel_inches * cols, panel_inches * rows), layout="constrained")

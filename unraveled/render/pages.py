@@ -55,8 +55,22 @@ MAX_RECORD_ROWS = 50  # rows of a list of records (top heads, ...) shown on a ru
 # Manifest entries the run page shows in their own places; any other is listed with the facts,
 # so what a newer runner records shows up without a change here.
 _SHOWN_MANIFEST_KEYS = {
-    "config", "config_file", "title", "description", "overrides", "resolved_config", "seed", "model", "created",
-    "timings_seconds", "figures", "views", "versions", "git_commit", "schema_version", "model_identity",
+    "config",
+    "config_file",
+    "title",
+    "description",
+    "overrides",
+    "resolved_config",
+    "seed",
+    "model",
+    "created",
+    "timings_seconds",
+    "figures",
+    "views",
+    "versions",
+    "git_commit",
+    "schema_version",
+    "model_identity",
 }
 # The analysis the first configs redo, named once on the index (and in the README); its address
 # is shown as text, not a link: the pages make no network requests, not even on a click.
@@ -130,7 +144,10 @@ class Run:
 
     def is_overridden(self, key: str) -> bool:
         """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is part of."""
-        return any(key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.") for set_key in self.overrides)
+        return any(
+            key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.")
+            for set_key in self.overrides
+        )
 
     @property
     def figures(self) -> list[dict[str, Any]]:
@@ -156,7 +173,11 @@ def read_runs(out_dir: Path) -> list[Run]:
         if manifest is not None:
             metrics_path = run_dir / "metrics.json"
             try:
-                metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+                metrics = (
+                    json.loads(metrics_path.read_text(encoding="utf-8"))
+                    if metrics_path.exists()
+                    else {}
+                )
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 problem = f"{metrics_path}: {error}"
             else:
@@ -177,7 +198,8 @@ def href(from_page: str, target: str) -> str:
 @dataclass(frozen=True)
 class MetricNode:
     """A row of the metrics table: a value, a collapsible group of rows, or a collapsible table
-    (for a list of records such as the top heads with their scores)."""
+    (for a list of records such as the top heads with their scores).
+    """
 
     name: str
     value: str = ""
@@ -188,17 +210,25 @@ class MetricNode:
 
 def _records(value: Any) -> list[str] | None:
     """The keys shared by a list of flat records, else None."""
-    if not isinstance(value, list) or not value or not all(isinstance(item, dict) for item in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, dict) for item in value)
+    ):
         return None
     keys = list(value[0])
-    if any(list(item) != keys or any(isinstance(v, (dict, list)) for v in item.values()) for item in value):
+    if any(
+        list(item) != keys or any(isinstance(v, (dict, list)) for v in item.values())
+        for item in value
+    ):
         return None
     return keys
 
 
 def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
     """The metrics as table rows: nested dicts as groups, lists of records as small tables,
-    arrays summarised (``not_applicable`` is shown apart)."""
+    arrays summarised (``not_applicable`` is shown apart).
+    """
     nodes = []
     for key, value in metrics.items():
         if key == "not_applicable":
@@ -217,7 +247,8 @@ def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Every scalar metric by dotted name, nested dicts flattened, short lists of scalars (shapes,
-    pairs) kept; longer arrays left out."""
+    pairs) kept; longer arrays left out.
+    """
     rows: dict[str, Any] = {}
     for key, value in metrics.items():
         if key == "not_applicable" and not prefix:
@@ -227,7 +258,9 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             rows.update(scalar_metrics(value, f"{name}."))
         elif not isinstance(value, list):
             rows[name] = value
-        elif len(value) <= SHORT_SCALAR_LIST and not any(isinstance(item, (list, dict)) for item in value):
+        elif len(value) <= SHORT_SCALAR_LIST and not any(
+            isinstance(item, (list, dict)) for item in value
+        ):
             rows[name] = summarise(value)
     return rows
 
@@ -298,7 +331,9 @@ def paired_figures(runs: Sequence[Run]) -> list[FigureRow]:
                 order.append(name)
                 captions[name] = figure.get("caption") or name
         by_run.append(named)
-    return [FigureRow(name, captions[name], [named.get(name) for named in by_run]) for name in order]
+    return [
+        FigureRow(name, captions[name], [named.get(name) for named in by_run]) for name in order
+    ]
 
 
 def compared_metrics(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
@@ -307,7 +342,10 @@ def compared_metrics(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
     names: list[str] = []
     for rows in per_run:
         names.extend(name for name in rows if name not in names)
-    return [(name, [format_number(rows[name]) if name in rows else "" for rows in per_run]) for name in names]
+    return [
+        (name, [format_number(rows[name]) if name in rows else "" for rows in per_run])
+        for name in names
+    ]
 
 
 # --- pages ------------------------------------------------------------------------------------
@@ -322,7 +360,8 @@ def _render(template: str, page: str, **context: Any) -> str:
 
 def shared_description(runs: Sequence[Run]) -> str | None:
     """The description every run of a config shares, or None when they differ (a ``--set``
-    prompt on one model): each run's own is shown then."""
+    prompt on one model): each run's own is shown then.
+    """
     descriptions = {run.description for run in runs}
     return descriptions.pop() if len(descriptions) == 1 else None
 
@@ -338,7 +377,14 @@ def _models(runs: Sequence[Run]) -> list[dict[str, Any]]:
     models: dict[str, dict[str, Any]] = {}
     for run in sorted(runs, key=lambda run: run.slug):
         entry = models.setdefault(
-            run.slug, {"slug": run.slug, "runs": 0, "fallbacks": {}, "label": run.model.get("label", run.slug), "weights_note": run.model.get("weights_note")}
+            run.slug,
+            {
+                "slug": run.slug,
+                "runs": 0,
+                "fallbacks": {},
+                "label": run.model.get("label", run.slug),
+                "weights_note": run.model.get("weights_note"),
+            },
         )
         entry["runs"] += 1
         if run.is_fallback:
@@ -374,7 +420,9 @@ def render_run(run: Run, previous: Run | None, following: Run | None, compared: 
         compare=compare_page(run.config) if compared else None,
         metrics=metric_tree(run.metrics),
         groups=view_groups(run.manifest.get("views", [])),
-        extra_facts=[(key, value) for key, value in run.manifest.items() if key not in _SHOWN_MANIFEST_KEYS],
+        extra_facts=[
+            (key, value) for key, value in run.manifest.items() if key not in _SHOWN_MANIFEST_KEYS
+        ],
     )
 
 
@@ -421,7 +469,9 @@ def _rebuild_pages(out_dir: Path) -> Path:
         for number, run in enumerate(story):
             previous = story[number - 1] if number > 0 else None
             following = story[number + 1] if number + 1 < len(story) else None
-            write_text_atomic(out_dir / run.page, render_run(run, previous, following, run.config in compared))
+            write_text_atomic(
+                out_dir / run.page, render_run(run, previous, following, run.config in compared)
+            )
     keep = {out_dir / compare_page(config) for config in compared}
     for stale in (out_dir / COMPARE_DIR).glob("*.html"):
         if stale not in keep:

@@ -87,7 +87,8 @@ def format_bytes(size: Any) -> str:
 @cache
 def environment() -> jinja2.Environment:
     """The one Jinja2 environment of the HTML outputs: templates from the package, escaping on,
-    a missing variable an error rather than a blank."""
+    a missing variable an error rather than a blank.
+    """
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("unraveled", "templates"),
         autoescape=True,

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from circuitsvis.utils.convert_props import convert_prop_type
 
-from unraveled.outputs import ASSETS_DIR
 from unraveled.render import templating
 
 
@@ -48,16 +47,25 @@ class Element:
     scales: dict[str, list[float]] = field(default_factory=dict)
 
 
-def attention_heads(patterns: Any, tokens: list[str], heading: str, head_names: list[str] | None = None) -> Element:
-    """circuitsvis ``AttentionHeads``: every head of one layer, ``[head, query_pos, key_pos]``."""
-    return Element("AttentionHeads", {"attention": patterns, "tokens": tokens, "attentionHeadNames": head_names, "maskUpperTri": True}, heading)
+def attention_heads(
+    patterns: Any, tokens: list[str], heading: str, head_names: list[str] | None = None
+) -> Element:
+    """Circuitsvis ``AttentionHeads``: every head of one layer, ``[head, query_pos, key_pos]``."""
+    return Element(
+        "AttentionHeads",
+        {
+            "attention": patterns,
+            "tokens": tokens,
+            "attentionHeadNames": head_names,
+            "maskUpperTri": True,
+        },
+        heading,
+    )
 
 
 def colored_tokens(tokens: list[str], values: list[float], heading: str) -> Element:
-    """circuitsvis ``ColoredTokens``: each token shaded by a value."""
+    """Circuitsvis ``ColoredTokens``: each token shaded by a value."""
     return Element("ColoredTokens", {"tokens": tokens, "values": values}, heading)
-
-
 
 
 @functools.cache
@@ -104,12 +112,26 @@ def _shortest_floats(value: Any) -> Any:
 
 def _script_json(props: dict[str, Any]) -> str:
     """Props as compact JSON (circuitsvis's conversion of arrays, no spaces) that can sit inside
-    a script tag: a token like ``</script>`` can't end it."""
-    converted = {key: convert_prop_type(_shortest_floats(value)) for key, value in props.items() if value is not None}
-    return json.dumps(converted, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+    a script tag: a token like ``</script>`` can't end it.
+    """
+    converted = {
+        key: convert_prop_type(_shortest_floats(value))
+        for key, value in props.items()
+        if value is not None
+    }
+    return (
+        json.dumps(converted, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+    )
 
 
-def page(title: str, facts: dict[str, str], elements: list[Element], index_href: str, run_href: str | None = None, bundle_href: str | None = None) -> str:
+def page(
+    title: str,
+    facts: dict[str, str],
+    elements: list[Element],
+    index_href: str,
+    run_href: str | None = None,
+    bundle_href: str | None = None,
+) -> str:
     """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top,
     linking back to the index and, given ``run_href``, to the page of the run it belongs to.
 
@@ -117,12 +139,24 @@ def page(title: str, facts: dict[str, str], elements: list[Element], index_href:
         bundle_href: Relative URL of the shared bundle (see :func:`write_shared_bundle`); None
             inlines the bundle, for a page that stands alone.
     """
-    return templating.environment().get_template("view.html.j2").render(
-        title=title,
-        facts=facts,
-        index_href=index_href,
-        run_href=run_href,
-        bundle_href=bundle_href,
-        bundle=None if bundle_href else circuitsvis_bundle(),
-        elements=[(element, _script_json(element.props), _script_json(element.tables), _script_json(element.scales)) for element in elements],
+    return (
+        templating.environment()
+        .get_template("view.html.j2")
+        .render(
+            title=title,
+            facts=facts,
+            index_href=index_href,
+            run_href=run_href,
+            bundle_href=bundle_href,
+            bundle=None if bundle_href else circuitsvis_bundle(),
+            elements=[
+                (
+                    element,
+                    _script_json(element.props),
+                    _script_json(element.tables),
+                    _script_json(element.scales),
+                )
+                for element in elements
+            ],
+        )
     )
