@@ -44,6 +44,7 @@ MAX_CONTEXT_SHOWN = 32
 HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
 
 DENSE_FRACTION = 0.5
+RESIDUAL_TOP_K = 3  # largest-|value| tokens kept per residual dimension
 TOP_HEADS = 5
 MASSIVE_SHOWN_PER_LAYER = 5
 MASSIVE_WHERE = ("first_position", "other_positions")
@@ -316,10 +317,24 @@ class CorpusAtlasResult:
         }
 
 
+def atlas_settings(params: CorpusAtlasParams, prepend_bos: bool) -> AtlasSettings:
+    """What the engines keep for ``params``: the one place the atlas's state sizes come from."""
+    from unraveled.engines.state import AtlasSettings
+
+    return AtlasSettings(
+        top_k=params.top_k,
+        context_before=params.context_before,
+        context_after=params.context_after,
+        residual_top_k=RESIDUAL_TOP_K,
+        batch_windows=params.batch_windows,
+        prepend_bos=prepend_bos,
+        neuron_contexts=params.browser_samples,
+    )
+
+
 def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> CorpusAtlasResult:
     from unraveled.corpus import corpus_windows
     from unraveled.engines import run_engine
-    from unraveled.engines.state import AtlasSettings
     from unraveled.memory import return_freed_memory
 
     prepend_bos = bool(model.cfg.default_prepend_bos)
@@ -337,14 +352,7 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
         seed,
         origin="corpus_atlas",
     )
-    settings = AtlasSettings(
-        top_k=params.top_k,
-        context_before=params.context_before,
-        context_after=params.context_after,
-        batch_windows=params.batch_windows,
-        prepend_bos=prepend_bos,
-        neuron_contexts=params.browser_samples,
-    )
+    settings = atlas_settings(params, prepend_bos)
     started = time.perf_counter()
     state = run_engine(params.engine, model, windows.tokens, settings, workers=params.ray_workers)
     seconds = time.perf_counter() - started

@@ -28,7 +28,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from unraveled.bench import real_gpt2_tokenizer
+from tests.gpt2_tokenizer import real_gpt2_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # An address where nothing listens: a hub that refuses at once, on any machine.

@@ -172,20 +172,14 @@ def test_neuron_browser_data_decodes_to_the_top_contexts(
 def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(
     tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path
 ) -> None:
-    from unraveled.experiments.corpus_atlas import summarise
+    from unraveled.experiments.corpus_atlas import atlas_settings, summarise
 
     from unraveled.corpus import corpus_windows
     from unraveled.engines.local import run_local
-    from unraveled.engines.state import AtlasSettings
 
     model = tiny_model(tiny_gpt2_dir, "processed")
     params = CorpusAtlasParams(corpus=[str(atlas_corpus)], context_tokens=16, top_k=3)
-    settings = AtlasSettings(
-        top_k=3,
-        context_before=params.context_before,
-        context_after=params.context_after,
-        prepend_bos=True,
-    )
+    settings = atlas_settings(params, prepend_bos=True)
     state = run_local(
         model,
         corpus_windows(model.tokenizer, params.corpus, 16, None, seed=0).tokens,
@@ -211,6 +205,43 @@ def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(
         for layer, top in enumerate(tops):
             assert np.shares_memory(getattr(top, name), getattr(result, field)[layer])
             np.testing.assert_array_equal(getattr(top, name), expected[field][layer])
+
+
+def test_the_engines_keep_the_sizes_the_params_give_and_have_none_of_their_own(
+    tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path
+) -> None:
+    from unraveled.engines.state import AtlasSettings
+
+    # No defaults in the engines' settings: the params are the one source, so what the bench
+    # measures (atlas_settings of the default params) is the state `make all` keeps.
+    assert all(
+        field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        for field in dataclasses.fields(AtlasSettings)
+    )
+    model = tiny_model(tiny_gpt2_dir, "processed")
+    params = CorpusAtlasParams(
+        corpus=[str(atlas_corpus)],
+        context_tokens=16,
+        max_tokens=64,
+        top_k=4,
+        context_before=5,
+        context_after=1,
+        batch_windows=3,
+        browser_samples=2,
+    )
+    result = compute(model, params, seed=0)
+    assert result.settings == AtlasSettings(
+        top_k=4,
+        context_before=5,
+        context_after=1,
+        residual_top_k=3,
+        batch_windows=3,
+        prepend_bos=bool(model.cfg.default_prepend_bos),
+        neuron_contexts=2,
+    )
+    # And the state really has those sizes: 4 top tokens, 2 of them with 5 + 1 + 1 tokens.
+    assert result.top_values.shape[1] == 4
+    assert result.top_context_ids.shape[1:] == (2, model.cfg.d_mlp, 7)
 
 
 def test_massive_activation_on_a_hand_wired_dimension(

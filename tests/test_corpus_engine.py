@@ -30,7 +30,13 @@ TEXT = (
 )
 CONTEXT = 16
 SETTINGS = AtlasSettings(
-    top_k=5, context_before=3, context_after=2, residual_top_k=2, batch_windows=3
+    top_k=5,
+    context_before=3,
+    context_after=2,
+    residual_top_k=2,
+    batch_windows=3,
+    prepend_bos=False,
+    neuron_contexts=None,
 )
 
 
@@ -216,11 +222,13 @@ def test_each_layers_old_statistics_are_freed_as_soon_as_they_are_merged(
     layers already done are gone, rather than the whole previous state kept beside the new one."""
     import weakref
 
+    from unraveled.experiments.corpus_atlas import CorpusAtlasParams, atlas_settings
+
     from unraveled.engines.state import AtlasState, update
     from unraveled.running_stats import TopK
 
     model = tiny_models["gpt2"]
-    settings = AtlasSettings()
+    settings = atlas_settings(CorpusAtlasParams(), prepend_bos=False)
     windows = np.random.default_rng(0).integers(0, model.cfg.d_vocab, size=(4, 16))
     state = update(
         AtlasState.for_model(model, settings), model, windows[:2], np.arange(2), settings

@@ -4,11 +4,14 @@ the test suite's jaxtyping/beartype checks."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import subprocess
 import sys
 import typing
+from collections.abc import Iterator
+from pathlib import Path
 
 import jaxtyping
 import pytest
@@ -22,9 +25,14 @@ PROBE = """
 import json, sys
 from unraveled.cli import main
 from unraveled.config import config_names, load_config
-statuses = [main(["--help"]), main(["list"]), main(["run", "embeddings", "--set", "params.chunk_tokens=-1"])]
+statuses = [
+    main(["--help"]),
+    main(["list"]),
+    main(["run", "embeddings", "--set", "params.chunk_tokens=-1"]),
+]
 configs = [load_config(name).name for name in config_names()]
-print(json.dumps({"statuses": statuses, "configs": configs, "loaded": [m for m in %r if m in sys.modules]}))
+loaded = [m for m in %r if m in sys.modules]
+print(json.dumps({"statuses": statuses, "configs": configs, "loaded": loaded}))
 """
 
 
@@ -67,3 +75,37 @@ def test_runtime_checks_see_deferred_types() -> None:
     # a type-check error here, not an AttributeError from inside the function.
     with pytest.raises(jaxtyping.TypeCheckError, match="HookedTransformer"):
         head_taxonomy.repeated_random_tokens("not a model", 1, 2, 0)  # type: ignore[arg-type]
+
+
+def _imported_modules(path: Path) -> Iterator[str]:
+    """Every module ``path`` imports: import statements, and import_module/__import__ of a name."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in {"import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield node.args[0].value
+
+
+def test_the_package_imports_nothing_from_tests_or_benchmarks() -> None:
+    # What ships in the wheel (unraveled/, and experiments/ as unraveled.experiments) stands alone.
+    shipped = sorted(
+        [*(REPO_ROOT / "unraveled").rglob("*.py"), *(REPO_ROOT / "experiments").rglob("*.py")]
+    )
+    assert len(shipped) > 30
+    found = [
+        f"{path.relative_to(REPO_ROOT)}: {module}"
+        for path in shipped
+        for module in _imported_modules(path)
+        if module.split(".")[0] in {"tests", "benchmarks"}
+    ]
+    assert found == []
+    assert not list((REPO_ROOT / "unraveled").glob("bench*.py"))

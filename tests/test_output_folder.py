@@ -22,6 +22,7 @@ import pytest
 
 from unraveled import outputs
 from unraveled.cli import main
+from unraveled.manifest import MANIFEST, SCHEMA_VERSION, read_manifest
 
 RUN = ("tiny-gpt2", "layernorm")
 
@@ -103,10 +104,25 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(
 
 def test_runs_carry_the_schema_version(out: Path) -> None:
     manifest = json.loads((out / "tiny-gpt2" / "layernorm" / "manifest.json").read_text())
-    assert manifest["schema_version"] == outputs.SCHEMA_VERSION
+    assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["model_identity"].startswith("checkpoint ") and manifest[
         "model_identity"
     ].endswith("tiny-gpt2")
+
+
+def test_every_entry_a_run_writes_is_typed_and_reads_back_to_the_same_file(
+    out: Path, tmp_path: Path
+) -> None:
+    run_dir = out / "tiny-gpt2" / "layernorm"
+    manifest, problem = read_manifest(run_dir)
+    assert problem is None and manifest is not None
+    # Nothing the runner writes is left untyped (extra="allow" would take a new entry silently).
+    records = [manifest, manifest.model, manifest.resolved_config, *manifest.figures]
+    assert all(record.model_extra == {} for record in records)
+    assert manifest.figures and manifest.peak_rss_mb is not None
+    # The typed manifest, written again, is the very file the run wrote: same entries, same order.
+    outputs.write_manifest(tmp_path, manifest)
+    assert (tmp_path / MANIFEST).read_bytes() == (run_dir / MANIFEST).read_bytes()
 
 
 # 11. One wrong-shaped manifest is skipped with a warning, never the end of every later run.
@@ -131,7 +147,7 @@ def _wrong(manifest: dict[str, Any], shape: str) -> Any:
     elif shape == "timings as text":
         changed["timings_seconds"] = {"total": "slow"}
     elif shape == "newer schema":
-        changed["schema_version"] = outputs.SCHEMA_VERSION + 1
+        changed["schema_version"] = SCHEMA_VERSION + 1
     return changed
 
 

@@ -7,9 +7,9 @@ is still alive, and the swap itself holds a lock on the target. Files and folder
 user's umask, like any other file they write.
 
 Only the toolkit's own runs are ever replaced: a run folder is recognised by its manifest
-(:class:`RunManifest`, schema-versioned), never by a file name alone, and nothing under
-``--out`` that is a link, a file where a folder belongs or a folder of someone else's is
-written into. A run waiting for another process's lock says which process holds it.
+(:class:`unraveled.manifest.RunManifest`, schema-versioned), never by a file name alone, and
+nothing under ``--out`` that is a link, a file where a folder belongs or a folder of someone
+else's is written into. A run waiting for another process's lock says which process holds it.
 """
 
 from __future__ import annotations
@@ -32,18 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
 
 from unraveled.errors import ConfigError
+from unraveled.manifest import MANIFEST, RunManifest, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +45,6 @@ _TRASH = re.compile(r"\.(?P<name>.+)\.trash-(?P<pid>\d+)-[^/]+")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[^/]+")
 _PREVIOUS = re.compile(r"\.(?P<name>.+)\.previous")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-MANIFEST = "manifest.json"
-# The version of the manifest's shape, written into every manifest as ``schema_version``: a
-# folder is a run of this toolkit only if its manifest has this shape. Manifests written
-# before the field existed are read when they have the shape in full.
-SCHEMA_VERSION = 1
 PAGE = "index.html"
 COMPARE_DIR = "compare"
 ASSETS_DIR = "assets"  # the views' shared script (unraveled.render.views)
@@ -86,6 +72,11 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(
         json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
+
+
+def write_manifest(run_dir: Path, manifest: RunManifest) -> None:
+    """Write ``manifest`` as ``run_dir/manifest.json``: the fields it was given, in order."""
+    write_json(run_dir / MANIFEST, manifest.as_written())
 
 
 def current_umask() -> int:
@@ -132,117 +123,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# --- what a run is -----------------------------------------------------------------------------
-
-
-class _Record(BaseModel):
-    """A manifest entry: the fields the pages read are typed; the runner may record more."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class FigureRecord(_Record):
-    """A figure of a run: its file (relative to the run folder), caption, formats, thumbnail."""
-
-    file: StrictStr
-    caption: StrictStr = ""
-    formats: dict[str, StrictStr] = Field(default_factory=dict)
-    thumbnail: StrictStr | None = None
-
-
-class ViewRecord(_Record):
-    """An interactive view of a run: its HTML file, title and size."""
-
-    file: StrictStr
-    title: StrictStr = ""
-    bytes: StrictInt | None = None
-
-
-class ModelRecord(_Record):
-    """The model a run used, and the one it asked for."""
-
-    requested: StrictStr | None = None
-    used: StrictStr
-    label: StrictStr
-    is_fallback: StrictBool = False
-    fallback_reason: StrictStr | None = None
-
-
-class ResolvedConfig(_Record):
-    """The config as it ran."""
-
-    experiment: StrictStr
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class RunManifest(_Record):
-    """``manifest.json`` of a run: what makes a folder under ``--out`` one of the toolkit's runs.
-
-    ``schema_version`` is written by every run since version 1; a manifest without it (written
-    before) counts only when every typed field has its shape. ``model_identity`` says which
-    model the run folder belongs to (see ``model_identity``), so two models never share one.
-    """
-
-    schema_version: StrictInt | None = None
-    config: StrictStr
-    title: StrictStr
-    description: StrictStr = ""
-    resolved_config: ResolvedConfig
-    seed: StrictInt | None = None
-    model: ModelRecord
-    model_identity: StrictStr | None = None
-    created: StrictStr | None = None
-    timings_seconds: dict[str, StrictFloat | StrictInt] = Field(default_factory=dict)
-    figures: list[FigureRecord] = Field(default_factory=list)
-    views: list[ViewRecord] = Field(default_factory=list)
-    versions: dict[str, StrictStr | None] = Field(default_factory=dict)
-
-
-def read_manifest(
-    run_dir: Path, config: str | None = None
-) -> tuple[dict[str, Any] | None, str | None]:
-    """The manifest of ``run_dir`` as written, when the folder is one of the toolkit's runs;
-    else None and why not (for a warning naming the file).
-
-    A run folder is a real folder (not a link) whose ``manifest.json`` is a :class:`RunManifest`
-    for the config the folder is named after (or ``config``), of a schema version this toolkit reads.
-    """
-    path = run_dir / MANIFEST
-    if run_dir.is_symlink() or not run_dir.is_dir():
-        return None, f"{run_dir} is not a folder"
-    if path.is_symlink() or not path.is_file():
-        return None, f"{path}: no such file"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"{path}: not readable JSON ({error})"
-    if not isinstance(raw, dict):
-        return None, f"{path}: expected a JSON object, got {type(raw).__name__}"
-    try:
-        manifest = RunManifest.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        return (
-            None,
-            f"{path}: not a run's manifest ({where}: {first['msg']}; {error.error_count()} problem(s))",
-        )
-    if manifest.schema_version is not None and manifest.schema_version > SCHEMA_VERSION:
-        return (
-            None,
-            f"{path}: written by a newer unraveled (schema_version {manifest.schema_version}; this one reads up to {SCHEMA_VERSION})",
-        )
-    if manifest.config != (config or run_dir.name):
-        return (
-            None,
-            f"{path}: its config is {manifest.config!r}, not the folder's name {config or run_dir.name!r}",
-        )
-    return raw, None
-
-
 def run_dirs(out_dir: Path) -> Iterator[Path]:
-    """Candidate run folders, ``OUT/<model>/<config>``: real folders, hidden ones (staging,
-    previous) and links left out, so nothing outside ``out_dir`` is ever read as a run.
+    """Candidate run folders, ``OUT/<model>/<config>``: real folders only.
+
+    Hidden ones (staging, previous) and links are left out, so nothing outside ``out_dir`` is
+    ever read as a run.
     """
     if not out_dir.is_dir():
         return
@@ -259,8 +144,9 @@ def run_dirs(out_dir: Path) -> Iterator[Path]:
 
 
 def _not_replaceable(path: Path) -> str | None:
-    """Why ``path`` (a run's target) may not be replaced by a run, or None when it may: it is
-    absent, an empty folder, or one of the toolkit's runs.
+    """Why ``path`` (a run's target) may not be replaced by a run, or None when it may.
+
+    It may when it is absent, an empty folder, or one of the toolkit's runs.
     """
     if path.is_symlink():
         return f"{path} is a link (to {os.readlink(path)}); runs never write through links"
@@ -279,8 +165,9 @@ def _not_replaceable(path: Path) -> str | None:
 
 
 def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
-    """Refuse, before anything is written, an ``out_dir`` the runs and pages can't be written
-    into without replacing something that isn't the toolkit's own.
+    """Refuse an ``out_dir`` the runs and pages can't be written into, before anything is.
+
+    Refused: an ``out_dir`` where writing would replace something that isn't the toolkit's own.
 
     Args:
         out_dir: ``--out``.
@@ -293,7 +180,8 @@ def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
     index, compare = out_dir / PAGE, out_dir / COMPARE_DIR
     if index.is_symlink() or (index.exists() and not index.is_file()):
         problems.append(
-            f"{index} is {'a link' if index.is_symlink() else 'a folder'}; the report's index is written there"
+            f"{index} is {'a link' if index.is_symlink() else 'a folder'}; "
+            "the report's index is written there"
         )
     for folder, holds in (
         (compare, "the compare pages are"),
@@ -301,19 +189,22 @@ def check_output_folder(out_dir: Path, targets: Iterable[Path] = ()) -> None:
     ):
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             problems.append(
-                f"{folder} is {'a link' if folder.is_symlink() else 'a file'}; {holds} written in that folder"
+                f"{folder} is {'a link' if folder.is_symlink() else 'a file'}; "
+                f"{holds} written in that folder"
             )
     for target in dict.fromkeys(targets):
         model_dir = target.parent
         if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
             kind = f"a link (to {os.readlink(model_dir)})" if model_dir.is_symlink() else "a file"
             problems.append(
-                f"{model_dir} is {kind}; runs of this model are written in that folder, and never through links"
+                f"{model_dir} is {kind}; runs of this model are written in that folder, "
+                "and never through links"
             )
             continue
         if model_dir.is_dir() and not os.access(model_dir, os.W_OK | os.X_OK):
             problems.append(
-                f"{model_dir} is not writable (read-only folder or file system); runs of this model are written in that folder"
+                f"{model_dir} is not writable (read-only folder or file system); "
+                "runs of this model are written in that folder"
             )
             continue
         problem = _not_replaceable(target)
@@ -339,9 +230,9 @@ def folder_identities(model_dir: Path) -> set[str | None]:
     for run_dir in model_dir.iterdir():
         if run_dir.name.startswith("."):
             continue
-        manifest, problem = read_manifest(run_dir)
+        manifest, _ = read_manifest(run_dir)
         if manifest is not None:
-            found.add(manifest.get("model_identity"))
+            found.add(manifest.model_identity)
     return found
 
 
@@ -379,8 +270,9 @@ def model_folder(out_dir: Path, slug: str, identity: str, taken: dict[str, str])
 
 
 def lock_holders(folder: Path) -> list[str]:
-    """Who holds a lock on ``folder``, as ``pid N (command line)``, read from ``/proc/locks``
-    (empty where that can't be read).
+    """Who holds a lock on ``folder``, as ``pid N (command line)``, read from ``/proc/locks``.
+
+    Empty where that can't be read.
     """
     try:
         stat = folder.stat()
@@ -433,8 +325,10 @@ def _locked(folder: Path, purpose: str = "publishing runs") -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) until the block is done: a swap is two renames, and stopping
-    between them would leave the config's earlier outputs hidden.
+    """Hold back Ctrl-C (SIGINT) until the block is done.
+
+    A swap is two renames, and stopping between them would leave the config's earlier outputs
+    hidden.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -500,7 +394,8 @@ def publish(staging: Path, target: Path, out_dir: Path) -> None:
         or staging.parent != target.parent
     ):
         raise ValueError(
-            f"refusing to publish {staging} as {target}: runs are published as {out_dir}/<model>/<config>"
+            f"refusing to publish {staging} as {target}: "
+            f"runs are published as {out_dir}/<model>/<config>"
         )
     previous = _previous(target)
     trash = None
@@ -569,10 +464,11 @@ def _remove_dead_writers_files(folder: Path, pattern: re.Pattern[str]) -> bool:
 
 
 def recover_output_folder(out_dir: Path) -> bool:
-    """Put ``out_dir`` back in order after runs that were killed: restore every run an
-    interrupted swap had moved aside, remove what dead runs left (swapped-out folders, pages'
-    temporary files); returns whether the pages need rebuilding (something was recovered or
-    removed, a run has no page, or the index is older than a run).
+    """Put ``out_dir`` back in order after runs that were killed.
+
+    Restores every run an interrupted swap had moved aside and removes what dead runs left
+    (swapped-out folders, pages' temporary files). Returns whether the pages need rebuilding:
+    something was recovered or removed, a run has no page, or the index is older than a run.
 
     Call at the start of every run into ``out_dir``, before anything is written.
     """
@@ -614,8 +510,10 @@ def recover_output_folder(out_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def pages_locked(out_dir: Path) -> Iterator[None]:
-    """Hold the lock on ``out_dir`` while its pages are rebuilt: two runs into one folder then
-    rebuild one after the other, each from every run on disk, so neither index loses a run.
+    """Hold the lock on ``out_dir`` while its pages are rebuilt.
+
+    Two runs into one folder then rebuild one after the other, each from every run on disk, so
+    neither index loses a run.
     """
     with _locked(out_dir, "rebuilding the pages"):
         yield

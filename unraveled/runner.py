@@ -37,6 +37,7 @@ from unraveled import outputs
 from unraveled.config import DEFAULT_MODEL, LoadedConfig
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
+from unraveled.manifest import SCHEMA_VERSION, RunManifest
 from unraveled.memory import PeakMemory, return_freed_memory
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model
 from unraveled.models.shape import ModelShape, model_shape
@@ -444,10 +445,9 @@ def run_one(
             )
             rendered = time.perf_counter()
         outputs.write_json(staging / "metrics.json", result.metrics())
-        outputs.write_json(
-            staging / outputs.MANIFEST,
+        manifest = RunManifest.model_validate(
             {
-                "schema_version": outputs.SCHEMA_VERSION,
+                "schema_version": SCHEMA_VERSION,
                 "config": config.name,
                 "config_file": str(config.path),
                 "title": config.experiment.title,
@@ -472,6 +472,7 @@ def run_one(
                 "git_commit": _git_commit(),
             },
         )
+        outputs.write_manifest(staging, manifest)
         outputs.publish(staging, target, out_dir)
     except OSError as error:
         if staging is not None:

@@ -37,6 +37,10 @@ HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "i
 class AtlasSettings:
     """How much the state keeps; shared by every shard of one run so that states merge.
 
+    No field has a default: the corpus atlas's params are the one source of them
+    (``unraveled.experiments.corpus_atlas.atlas_settings``), so the bench measures the state
+    ``make all`` keeps.
+
     Attributes:
         top_k: Top activating tokens kept per neuron.
         context_before: Tokens of context kept before each top token.
@@ -49,13 +53,13 @@ class AtlasSettings:
             and the neuron browser shows only its first few.
     """
 
-    top_k: int = 20
-    context_before: int = 12
-    context_after: int = 3
-    residual_top_k: int = 3
-    batch_windows: int = 4
-    prepend_bos: bool = False
-    neuron_contexts: int | None = None
+    top_k: int
+    context_before: int
+    context_after: int
+    residual_top_k: int
+    batch_windows: int
+    prepend_bos: bool
+    neuron_contexts: int | None
 
     @property
     def context(self) -> int:

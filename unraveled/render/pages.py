@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from unraveled.outputs import COMPARE_DIR, pages_locked, read_manifest, run_dirs, write_text_atomic
+from unraveled.manifest import FigureRecord, ModelRecord, RunManifest, ViewRecord, read_manifest
+from unraveled.outputs import COMPARE_DIR, pages_locked, run_dirs, write_text_atomic
 from unraveled.render import templating
 from unraveled.render.templating import format_number, summarise
 
@@ -93,11 +94,11 @@ def story_rank(experiment: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One published run folder, ``OUT/<slug>/<config>/``, as its manifest and metrics describe it."""
+    """One published run folder, ``OUT/<slug>/<config>/``, as its manifest and metrics say."""
 
     slug: str
     config: str
-    manifest: dict[str, Any]
+    manifest: RunManifest
     metrics: dict[str, Any]
 
     @property
@@ -113,50 +114,68 @@ class Run:
     @property
     def experiment(self) -> str:
         """The experiment module's name (configs may share one)."""
-        return str(self.manifest.get("resolved_config", {}).get("experiment") or self.config)
+        return self.manifest.resolved_config.experiment or self.config
 
     @property
-    def model(self) -> dict[str, Any]:
+    def model(self) -> ModelRecord:
         """The manifest's model record: requested, used, fallback reason, where it came from."""
-        return dict(self.manifest.get("model", {}))
+        return self.manifest.model
 
     @property
     def is_fallback(self) -> bool:
         """Whether the model used is not the one asked for."""
-        return bool(self.model.get("is_fallback"))
+        return self.model.is_fallback
 
     @property
     def description(self) -> str:
         """What the run shows, as the runner rendered it from the params that ran."""
-        return str(self.manifest.get("description") or "")
+        return self.manifest.description
 
     @property
     def overrides(self) -> dict[str, Any]:
-        """What ``--set`` changed from the config file (``params.prompt``: its value); {} for none."""
-        overrides = self.manifest.get("overrides")
-        return dict(overrides) if isinstance(overrides, dict) else {}
+        """What ``--set`` changed from the config file (``params.prompt``: value); {} for none."""
+        return dict(self.manifest.overrides)
 
     @property
     def params(self) -> dict[str, Any]:
         """The params as they ran, defaults filled in."""
-        params = self.manifest.get("resolved_config", {}).get("params")
-        return dict(params) if isinstance(params, dict) else {}
+        return dict(self.manifest.resolved_config.params)
 
     def is_overridden(self, key: str) -> bool:
-        """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is part of."""
+        """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is in."""
         return any(
             key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.")
             for set_key in self.overrides
         )
 
     @property
-    def figures(self) -> list[dict[str, Any]]:
-        """The figure records, each with at least ``file`` and ``caption``."""
-        return list(self.manifest.get("figures", []))
+    def figures(self) -> list[FigureRecord]:
+        """The figure records."""
+        return self.manifest.figures
 
-    def figure_name(self, figure: dict[str, Any]) -> str:
+    def figure_name(self, figure: FigureRecord) -> str:
         """A figure's identity across models: its file stem."""
-        return posixpath.splitext(posixpath.basename(figure["file"]))[0]
+        return posixpath.splitext(posixpath.basename(figure.file))[0]
+
+    @property
+    def model_facts(self) -> list[tuple[str, Any]]:
+        """The model record's entries, as the manifest lists them."""
+        return list(self.model.model_dump(exclude_unset=True).items())
+
+    @property
+    def resolved_facts(self) -> list[tuple[str, Any]]:
+        """The resolved config's entries other than its params, as the manifest lists them."""
+        resolved = self.manifest.resolved_config.model_dump(exclude_unset=True)
+        return [(key, value) for key, value in resolved.items() if key != "params"]
+
+    @property
+    def extra_facts(self) -> list[tuple[str, Any]]:
+        """The manifest's entries the run page shows in no place of their own, in its order."""
+        return [
+            (key, value)
+            for key, value in self.manifest.as_written().items()
+            if key not in _SHOWN_MANIFEST_KEYS
+        ]
 
 
 def read_runs(out_dir: Path) -> list[Run]:
@@ -197,8 +216,9 @@ def href(from_page: str, target: str) -> str:
 
 @dataclass(frozen=True)
 class MetricNode:
-    """A row of the metrics table: a value, a collapsible group of rows, or a collapsible table
-    (for a list of records such as the top heads with their scores).
+    """A row of the metrics table: a value, a collapsible group of rows, or a collapsible table.
+
+    A table stands for a list of records, such as the top heads with their scores.
     """
 
     name: str
@@ -226,8 +246,9 @@ def _records(value: Any) -> list[str] | None:
 
 
 def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
-    """The metrics as table rows: nested dicts as groups, lists of records as small tables,
-    arrays summarised (``not_applicable`` is shown apart).
+    """The metrics as table rows: nested dicts as groups, lists of records as small tables.
+
+    Arrays are summarised; ``not_applicable`` is shown apart.
     """
     nodes = []
     for key, value in metrics.items():
@@ -246,8 +267,9 @@ def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Every scalar metric by dotted name, nested dicts flattened, short lists of scalars (shapes,
-    pairs) kept; longer arrays left out.
+    """Every scalar metric by dotted name, nested dicts flattened.
+
+    Short lists of scalars (shapes, pairs) are kept; longer arrays are left out.
     """
     rows: dict[str, Any] = {}
     for key, value in metrics.items():
@@ -273,35 +295,50 @@ class ViewGroup:
     """Views that differ only by layer, shown as a grid of layer numbers, or a single view."""
 
     title: str
-    views: list[dict[str, Any]]  # each with file, title, bytes, and layer for a layer group
+    views: list[ViewRecord]
+    layers: list[int] | None = None  # of a per-layer group: each view's layer, in order
 
     @property
     def per_layer(self) -> bool:
         """Whether this is a group of per-layer views."""
-        return "layer" in self.views[0]
+        return self.layers is not None
 
 
-def view_groups(views: Sequence[dict[str, Any]]) -> list[ViewGroup]:
+def view_groups(views: Sequence[ViewRecord]) -> list[ViewGroup]:
     """Per-layer views (``..._layer_NN.html``) gathered into one group each; others one by one.
 
     Groups keep the position of their first view, so an experiment's order is kept.
     """
-    groups: list[ViewGroup] = []
-    by_name: dict[str, ViewGroup] = {}
+    order: list[str | ViewRecord] = []  # a per-layer group's name, or a view shown on its own
+    titles: dict[str, str] = {}
+    by_layer: dict[str, list[tuple[int, ViewRecord]]] = {}
     for view in views:
-        stem = posixpath.splitext(posixpath.basename(view["file"]))[0]
+        stem = posixpath.splitext(posixpath.basename(view.file))[0]
         match = _LAYER_VIEW.match(stem)
         if match is None:
-            groups.append(ViewGroup(view.get("title") or stem, [dict(view)]))
+            order.append(view)
             continue
         name = match["group"]
-        if name not in by_name:
-            title = _LAYER_IN_TITLE.sub("", view.get("title") or name).strip() or name
-            by_name[name] = ViewGroup(f"{title}, per layer", [])
-            groups.append(by_name[name])
-        by_name[name].views.append({**view, "layer": int(match["layer"])})
-    for group in by_name.values():
-        group.views.sort(key=lambda view: view["layer"])
+        if name not in by_layer:
+            title = _LAYER_IN_TITLE.sub("", view.title or name).strip() or name
+            titles[name] = f"{title}, per layer"
+            by_layer[name] = []
+            order.append(name)
+        by_layer[name].append((int(match["layer"]), view))
+    groups = []
+    for entry in order:
+        if isinstance(entry, ViewRecord):
+            stem = posixpath.splitext(posixpath.basename(entry.file))[0]
+            groups.append(ViewGroup(entry.title or stem, [entry]))
+            continue
+        layered = sorted(by_layer[entry], key=lambda pair: pair[0])
+        groups.append(
+            ViewGroup(
+                titles[entry],
+                [view for _, view in layered],
+                [layer for layer, _ in layered],
+            )
+        )
     return groups
 
 
@@ -314,14 +351,14 @@ class FigureRow:
 
     name: str
     caption: str
-    cells: list[dict[str, Any] | None]
+    cells: list[FigureRecord | None]
 
 
 def paired_figures(runs: Sequence[Run]) -> list[FigureRow]:
     """Figures of the same name across ``runs``, in the order they first appear."""
     order: list[str] = []
     captions: dict[str, str] = {}
-    by_run: list[dict[str, dict[str, Any]]] = []
+    by_run: list[dict[str, FigureRecord]] = []
     for run in runs:
         named = {}
         for figure in run.figures:
@@ -329,7 +366,7 @@ def paired_figures(runs: Sequence[Run]) -> list[FigureRow]:
             named[name] = figure
             if name not in captions:
                 order.append(name)
-                captions[name] = figure.get("caption") or name
+                captions[name] = figure.caption or name
         by_run.append(named)
     return [
         FigureRow(name, captions[name], [named.get(name) for named in by_run]) for name in order
@@ -359,8 +396,10 @@ def _render(template: str, page: str, **context: Any) -> str:
 
 
 def shared_description(runs: Sequence[Run]) -> str | None:
-    """The description every run of a config shares, or None when they differ (a ``--set``
-    prompt on one model): each run's own is shown then.
+    """The description every run of a config shares, or None when they differ.
+
+    They differ when, say, a ``--set`` prompt was given for one model; each run's own description
+    is shown then.
     """
     descriptions = {run.description for run in runs}
     return descriptions.pop() if len(descriptions) == 1 else None
@@ -382,13 +421,13 @@ def _models(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "slug": run.slug,
                 "runs": 0,
                 "fallbacks": {},
-                "label": run.model.get("label", run.slug),
-                "weights_note": run.model.get("weights_note"),
+                "label": run.model.label,
+                "weights_note": run.model.weights_note,
             },
         )
         entry["runs"] += 1
         if run.is_fallback:
-            entry["fallbacks"][run.model.get("requested")] = run.model.get("fallback_reason")
+            entry["fallbacks"][run.model.requested] = run.model.fallback_reason
     return list(models.values())
 
 
@@ -405,7 +444,7 @@ def render_index(out_dir: Path, runs: Sequence[Run], compared: Sequence[str]) ->
         original=ORIGINAL_ANALYSIS,
         shared_description=shared_description,
         compare_page=compare_page,
-        view_groups=lambda run: view_groups(run.manifest.get("views", [])),
+        view_groups=lambda run: view_groups(run.manifest.views),
     )
 
 
@@ -419,10 +458,7 @@ def render_run(run: Run, previous: Run | None, following: Run | None, compared: 
         following=following,
         compare=compare_page(run.config) if compared else None,
         metrics=metric_tree(run.metrics),
-        groups=view_groups(run.manifest.get("views", [])),
-        extra_facts=[
-            (key, value) for key, value in run.manifest.items() if key not in _SHOWN_MANIFEST_KEYS
-        ],
+        groups=view_groups(run.manifest.views),
     )
 
 
@@ -433,11 +469,11 @@ def render_compare(config: str, runs: Sequence[Run]) -> str:
         compare_page(config),
         config=config,
         runs=runs,
-        title=runs[0].manifest.get("title", config),
+        title=runs[0].manifest.title,
         rows=paired_figures(runs),
         description=shared_description(runs),
         metrics=compared_metrics(runs),
-        groups=[view_groups(run.manifest.get("views", [])) for run in runs],
+        groups=[view_groups(run.manifest.views) for run in runs],
     )
 
 

@@ -1,28 +1,26 @@
-"""``make bench``, causal experiments: wall time of each compute at its default size on the bundled
-SmolLM2, and how attribution patching's time compares with exact patching's on the same run.
+"""The ``causal`` row group: each causal experiment's compute at its default size, timed.
+
+On the bundled SmolLM2; attribution patching's time is set against exact patching's in the same
+run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
-from unraveled.models import BUNDLED_SMOLLM2, load_model
-
-T = TypeVar("T")
+from benchmarks.table import Row
 
 
-def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
-    """Seconds per compute with default params, as rows of ``make bench``'s table (``row`` is
-    ``unraveled.bench.Row``); attribution against exact patching measured in one run.
-    """
+def causal_rows(name: str) -> list[Row]:
+    """Seconds per compute with default params; attribution against exact patching in one run."""
     from unraveled.experiments import (
         activation_patching,
         attribution_patching,
         ioi_circuit,
         logit_attribution,
     )
+
+    from unraveled.models import load_model
 
     model = load_model(name, "processed", fallback=None).model
     group = f"causal experiments, {name}"
@@ -45,18 +43,18 @@ def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
     for label, (module, params) in runs.items():
         started = time.perf_counter()
         result = module.compute(model, params, seed=0)
-        rows.append(row(group, f"{label} compute", time.perf_counter() - started))
+        rows.append(Row(group, f"{label} compute", time.perf_counter() - started))
         if label == "attribution_patching":
             exact = sum(result.exact_seconds.values())
             rows.append(
-                row(
+                Row(
                     group,
                     "attribution patching estimate (all components)",
                     result.attribution_seconds,
                 )
             )
             rows.append(
-                row(
+                Row(
                     group,
                     "exact patching (components patched exactly)",
                     exact,

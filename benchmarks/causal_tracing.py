@@ -1,4 +1,4 @@
-"""``make bench``'s causal tracing rows (the ``causal_tracing`` group of ``unraveled.bench``), on the bundled SmolLM2.
+"""The ``causal_tracing`` row group, on the bundled SmolLM2.
 
 - its compute with the default params (every step: finding the known facts, the noise scale and
   the traces);
@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
+
+from benchmarks.table import Row
 
 if TYPE_CHECKING:
     import torch
     from transformer_lens import HookedTransformer
-
-T = TypeVar("T")
 
 
 def _plain_trace_seconds(
@@ -64,19 +63,16 @@ def _plain_trace_seconds(
     return time.perf_counter() - started
 
 
-def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
-    """causal_tracing's default compute, and one fact's batched restorations against plain ones,
-    as rows of ``make bench``'s table (``row`` is ``unraveled.bench.Row``: passed in, as
-    ``python -m unraveled.bench`` runs that module as ``__main__``).
-    """
+def causal_tracing_rows(name: str) -> list[Row]:
+    """causal_tracing's default compute, and one fact's batched restorations against plain ones."""
     import torch
+    from unraveled.experiments import causal_tracing
 
     from unraveled.datasets.facts import FACTS, tokenize_fact
-    from unraveled.experiments import causal_tracing
-    from unraveled.models import BUNDLED_SMOLLM2, load_model
+    from unraveled.models import load_model
     from unraveled.tracing import scaled_window, trace_fact
 
-    model = load_model(BUNDLED_SMOLLM2, "raw", fallback=None).model
+    model = load_model(name, "raw", fallback=None).model
     started = time.perf_counter()
     result = causal_tracing.compute(model, causal_tracing.CausalTracingParams(), seed=0)
     default_s = time.perf_counter() - started
@@ -90,17 +86,17 @@ def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
     trace_fact(model, tokens, subject, fact.answer, noise, window)
     batched_s = time.perf_counter() - started
     plain_s = _plain_trace_seconds(model, tokens, subject, noise, window)
-    group = f"causal_tracing, {BUNDLED_SMOLLM2}"
+    group = f"causal_tracing, {name}"
     return [
-        row(
+        Row(
             group,
             "compute with the default params (finding known facts, noise scale, traces)",
             default_s,
             ratio=result.seconds / default_s,
             ratio_meaning="share spent tracing",
         ),
-        row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
-        row(
+        Row(group, "one fact, one noise sample: one forward pass per restoration", plain_s),
+        Row(
             group,
             "one fact, one noise sample: trace_fact's batched restorations",
             batched_s,
