@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT, run_cli
-from tests.test_corpus_engine import CONTEXT, SETTINGS, TEXT, corpus_file, load_tiny  # noqa: F401 (fixture)
+from tests.helpers.corpus import CONTEXT, SETTINGS, TEXT, load_tiny
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
 from unraveled.engines.ray_cluster import CONNECT_BUDGET_S, _remove_abandoned
