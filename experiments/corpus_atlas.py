@@ -83,7 +83,18 @@ class CorpusAtlasParams(Params):
     max_tokens: int | None = Field(
         2048,
         ge=2,
-        description="Cap on the tokens analysed (whole windows, seeded random choice); None is the whole corpus.",
+        description=(
+            "Cap on the tokens analysed (whole windows, chosen as params.sample says); None is "
+            "the whole corpus."
+        ),
+    )
+    sample: Literal["spread", "first"] = Field(
+        "spread",
+        description=(
+            "Which windows max_tokens keeps: spread = a seeded uniform choice across the whole "
+            "corpus (all of it is read and tokenised); first = the corpus's first windows, "
+            "reading stops once they are in hand (fast on a large corpus)."
+        ),
     )
     top_k: int = Field(20, ge=1, le=200, description="Top activating tokens kept per neuron.")
     context_before: int = Field(
@@ -157,7 +168,13 @@ def check_before_loading(
             f"{params.context_tokens} tokens exceed the model's context of {n_ctx}",
         )
     try:
-        check_corpus(params.corpus, params.context_tokens, tokenizer)
+        check_corpus(
+            params.corpus,
+            params.context_tokens,
+            tokenizer,
+            max_tokens=params.max_tokens,
+            sample=params.sample,
+        )
     except ConfigError as error:
         raise ParamError(
             (error.field or "params.corpus").removeprefix("params."), error.problem
@@ -351,6 +368,7 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
         params.max_tokens,
         seed,
         origin="corpus_atlas",
+        sample=params.sample,
     )
     settings = atlas_settings(params, prepend_bos)
     started = time.perf_counter()
@@ -374,6 +392,7 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
             "tokens_analysed": windows.n_tokens,
             "context_tokens": params.context_tokens,
             "max_tokens": params.max_tokens,
+            "sample": params.sample,
             "seed": seed,
             "engine": params.engine,
             "prepend_bos": prepend_bos,

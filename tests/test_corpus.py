@@ -1,4 +1,5 @@
-"""Corpus reading and windowing, and bad corpus input refused with exit status 2, nothing written."""
+"""Corpus reading and windowing, and bad corpus input refused with exit status 2, nothing
+written."""
 
 from __future__ import annotations
 
@@ -7,23 +8,27 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import GPT2TokenizerFast
 
 from tests.conftest import UNREACHABLE_HUB
-from tests.test_corpus_engine import TEXT
+from tests.helpers.corpus import TEXT
 from unraveled import corpus
 from unraveled.cli import main
 from unraveled.corpus import (
     _tokenizer_pieces,
     bundled_plays_dir,
+    check_corpus,
+    choose_windows,
     corpus_windows,
     iter_documents,
     resolve_sources,
     strip_markdown,
-    window_starts,
 )
 from unraveled.errors import ConfigError
 
@@ -41,8 +46,8 @@ PLAY = """# Othello
 
 _Enter RODERIGO and IAGO_
 
-**RODERIGO**  
-Tush! never tell me; I take it much unkindly  
+**RODERIGO**\x20\x20
+Tush! never tell me; I take it much unkindly\x20\x20
 That thou, Iago, who hast had my purse
 """
 
@@ -87,34 +92,121 @@ def test_files_folders_globs_and_jsonl(tmp_path: Path) -> None:
     ]
 
 
-def test_windows_are_whole_seeded_and_in_corpus_order() -> None:
-    starts = window_starts(100, 10, 40, seed=3)
-    assert len(starts) == 4 and list(starts) == sorted(starts) and len(set(starts)) == 4
-    assert all(start % 10 == 0 and 0 <= start <= 90 for start in starts)
-    assert (window_starts(100, 10, 40, seed=3) == starts).all()
-    assert any((window_starts(100, 10, 40, seed=s) != starts).any() for s in range(4, 10))
-    assert window_starts(95, 10, None, seed=0).tolist() == list(
-        range(0, 90, 10)
-    )  # the 5-token tail is dropped
+def _blocks_of(n_windows: int, sizes: list[int]) -> list[tuple[int, np.ndarray]]:
+    """Windows 0..n_windows-1 of 2 tokens (window i holds 2i, 2i+1), in blocks of ``sizes``."""
+    blocks, number = [], 0
+    for size in itertools.cycle(sizes):
+        if number >= n_windows:
+            return blocks
+        size = min(size, n_windows - number)
+        blocks.append((number, np.arange(2 * number, 2 * (number + size)).reshape(size, 2)))
+        number += size
+    raise AssertionError
 
 
+def test_a_spread_sample_is_a_seeded_uniform_choice_of_whole_windows_in_corpus_order() -> None:
+    n_windows, keep, seeds = 20, 5, 4000
+    chosen = np.zeros(n_windows)
+    first_and_last = 0
+    for seed in range(seeds):
+        numbers, windows, read_to_end = choose_windows(
+            _blocks_of(n_windows, [3]), keep, "spread", seed
+        )
+        assert read_to_end and numbers.tolist() == sorted(set(numbers.tolist()))
+        assert windows is not None and (windows[:, 0] == 2 * numbers).all()  # each its own tokens
+        # How the windows come in blocks (how the text was read) changes nothing.
+        again, _, _ = choose_windows(_blocks_of(n_windows, [1, 7, 2]), keep, "spread", seed)
+        assert again.tolist() == numbers.tolist()
+        chosen[numbers] += 1
+        first_and_last += {0, n_windows - 1} <= set(numbers.tolist())
+    # Every window kept with probability keep / n_windows = 0.25 (sd 0.007 over 4000 seeds), and
+    # every pair with keep (keep - 1) / (n_windows (n_windows - 1)) = 0.053, as by a uniform
+    # choice of 5 of 20: not, say, 5 evenly spaced windows from a seeded offset.
+    np.testing.assert_allclose(chosen / seeds, keep / n_windows, atol=0.03)
+    assert first_and_last / seeds == pytest.approx(20 / 380, abs=0.012)
+    assert any(
+        choose_windows(_blocks_of(n_windows, [3]), keep, "spread", seed)[0].tolist()
+        != choose_windows(_blocks_of(n_windows, [3]), keep, "spread", 0)[0].tolist()
+        for seed in range(1, 5)
+    )
+    numbers, windows, read_to_end = choose_windows(_blocks_of(3, [2]), keep, "spread", 0)
+    assert numbers.tolist() == [0, 1, 2] and read_to_end  # fewer windows than keep: all of them
+
+
+def test_a_first_sample_stops_taking_blocks_once_its_windows_are_in_hand() -> None:
+    taken: list[int] = []
+
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        for number, block in _blocks_of(20, [3]):
+            taken.append(number)
+            yield number, block
+
+    numbers, windows, read_to_end = choose_windows(blocks(), 5, "first", seed=0)
+    assert numbers.tolist() == [0, 1, 2, 3, 4] and windows is not None
+    assert windows.ravel().tolist() == list(range(10)) and not read_to_end
+    assert taken == [0, 3]  # the block of windows 3..5 completed the sample: nothing read after
+    numbers, _, read_to_end = choose_windows(_blocks_of(4, [3]), 5, "first", seed=0)
+    assert numbers.tolist() == [0, 1, 2, 3] and read_to_end
+
+
+@pytest.mark.parametrize("sample", ["spread", "first"])
 def test_windows_kept_are_the_streams_own(
-    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast
+    sample: str, tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast
 ) -> None:
     (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "b.txt").write_text(TEXT.upper(), encoding="utf-8")
-    stream = (
-        gpt2_tokenizer.encode(TEXT)
-        + [gpt2_tokenizer.eos_token_id]
-        + gpt2_tokenizer.encode(TEXT.upper())
-    )
+    stream = [
+        *gpt2_tokenizer.encode(TEXT),
+        gpt2_tokenizer.eos_token_id,
+        *gpt2_tokenizer.encode(TEXT.upper()),
+    ]
     windows = corpus_windows(
-        gpt2_tokenizer, [str(tmp_path)], context_tokens=8, max_tokens=40, seed=3
+        gpt2_tokenizer, [str(tmp_path)], context_tokens=8, max_tokens=40, seed=3, sample=sample
     )
-    assert windows.tokens.shape == (5, 8) and windows.corpus_tokens == len(stream)
-    assert windows.start.tolist() == window_starts(len(stream), 8, 40, seed=3).tolist()
-    for window, start in zip(windows.tokens, windows.start):
-        assert window.tolist() == stream[start : start + 8]
+    assert windows.tokens.shape == (5, 8) and len(stream) > 10 * 8
+    for window, start in zip(windows.tokens, windows.start, strict=True):
+        assert start % 8 == 0 and window.tolist() == stream[start : start + 8]
+    if sample == "first":
+        assert windows.start.tolist() == [0, 8, 16, 24, 32] and windows.corpus_tokens is None
+    else:
+        assert windows.start.max() >= 40 and windows.corpus_tokens == len(stream)
+
+
+def test_a_first_sample_reads_no_further_than_its_windows(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast
+) -> None:
+    """A file past the first windows that isn't even UTF-8 is never read: not by the check
+    before the model loads, with or without the tokenizer, and not by the run."""
+    (tmp_path / "a.txt").write_text(TEXT * 40, encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"ok " * 1000 + "caf\xe9".encode("latin-1"))
+    sources = [str(tmp_path)]
+    windows = corpus_windows(gpt2_tokenizer, sources, 16, 64, seed=0, sample="first")
+    assert windows.tokens.ravel().tolist() == gpt2_tokenizer.encode(TEXT * 40)[:64]
+    for tokenizer in (gpt2_tokenizer, None):
+        check_corpus(sources, 16, tokenizer, max_tokens=64, sample="first")
+    with pytest.raises(ConfigError, match=r"b\.txt: not UTF-8"):
+        corpus_windows(gpt2_tokenizer, sources, 16, 64, seed=0, sample="spread")
+    with pytest.raises(ConfigError, match=r"b\.txt: not UTF-8"):
+        check_corpus(sources, 16, None, max_tokens=64, sample="spread")
+
+
+def test_a_documents_leading_blank_pieces_are_kept_and_a_blank_document_dropped(
+    tmp_path: Path, gpt2_tokenizer: GPT2TokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pieces of 50 characters: the first pieces of b.txt are whitespace only, as all of c.txt.
+    monkeypatch.setattr(corpus, "TOKENIZE_CHARS", 50)
+    (tmp_path / "a.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(" \n" * 120 + TEXT, encoding="utf-8")
+    (tmp_path / "c.txt").write_text("\t\n " * 90, encoding="utf-8")
+    (tmp_path / "d.txt").write_text(TEXT.upper(), encoding="utf-8")
+    eos = [gpt2_tokenizer.eos_token_id]
+
+    def tokens(text: str) -> list[int]:  # blanks can only be cut anywhere: as the pieces cut them
+        return [t for piece in _tokenizer_pieces([text], 50) for t in gpt2_tokenizer.encode(piece)]
+
+    expected = tokens(TEXT) + eos + tokens(" \n" * 120 + TEXT) + eos + tokens(TEXT.upper())
+    windows = corpus_windows(gpt2_tokenizer, [str(tmp_path)], 1, None, seed=0)
+    assert windows.n_documents == 3 and windows.tokens.ravel().tolist() == expected
 
 
 def test_corpus_windows_tokenise_with_end_of_text_between_documents(
@@ -125,11 +217,11 @@ def test_corpus_windows_tokenise_with_end_of_text_between_documents(
     windows = corpus_windows(
         gpt2_tokenizer, [str(tmp_path)], context_tokens=2, max_tokens=None, seed=0
     )
-    expected = (
-        gpt2_tokenizer.encode("Hello world")
-        + [gpt2_tokenizer.eos_token_id]
-        + gpt2_tokenizer.encode(" and goodbye")
-    )
+    expected = [
+        *gpt2_tokenizer.encode("Hello world"),
+        gpt2_tokenizer.eos_token_id,
+        *gpt2_tokenizer.encode(" and goodbye"),
+    ]
     assert windows.tokens.ravel().tolist() == expected[: len(expected) // 2 * 2]
     assert windows.n_documents == 2 and windows.corpus_tokens == len(expected)
     with pytest.raises(ConfigError, match="fewer than one window"):
@@ -140,7 +232,8 @@ def test_corpus_windows_tokenise_with_end_of_text_between_documents(
 # every way GPT-2's pre-tokenizer can split text around a cut.
 TRICKY = (
     "It's 2024 -- isn't it?  Two  spaces,\tthen a tab;\n\nA blank line.\n   Indented 12345 digits. "
-    "Caf\u00e9 na\u00efvet\u00e9, \u00fcber \u4e2d\u6587 text \U0001f600 emoji!!! ... 'quoted' \"words\"\n"
+    "Caf\u00e9 na\u00efvet\u00e9, \u00fcber \u4e2d\u6587 text \U0001f600 emoji!!! ... "
+    "'quoted' \"words\"\n"
     "they'll we've I'm you'd   \n\n\n  trailing   spaces \r\n"
 )
 
@@ -244,7 +337,8 @@ def test_a_jsonl_line_longer_than_the_cap_is_an_error(
         path.write_text(f"{short}\n{short}\n{long}{ending}", encoding="utf-8")
         with pytest.raises(
             ConfigError,
-            match=rf"long{len(ending)}.jsonl:3: longer than 100 bytes, the most a JSONL line may take",
+            match=rf"long{len(ending)}\.jsonl:3: longer than 100 bytes, "
+            "the most a JSONL line may take",
         ):
             read_documents([str(path)])
     path = tmp_path / "fits.jsonl"
@@ -396,7 +490,8 @@ def test_bad_corpus_exits_2_naming_the_path_before_loading_the_model(
     [
         (
             ["params.max_tokens=8"],
-            "params (from --set): Value error, max_tokens=8 is less than one window of context_tokens=16",
+            "params (from --set): Value error, "
+            "max_tokens=8 is less than one window of context_tokens=16",
         ),
         (
             ["params.context_before=33"],
@@ -462,7 +557,7 @@ def _no_tokenizer_read(*args: object, **kwargs: object) -> None:
 
 
 def _peak_rss_mb(args: list[str], env: dict[str, str]) -> float:
-    """Peak resident memory of ``python -m unraveled ARGS`` in a fresh process, from its own rusage."""
+    """Peak resident memory of ``python -m unraveled ARGS`` in a fresh process (its rusage)."""
     full_env = {
         **os.environ,
         "HF_ENDPOINT": UNREACHABLE_HUB,
@@ -487,7 +582,8 @@ def test_memory_does_not_grow_with_a_documents_length(
     tmp_path: Path, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path
 ) -> None:
     """A 20 MB document on one line peaks within 10% of a one-paragraph corpus, whole runs through
-    the CLI (reading it whole, the tokenizer alone took 4 GB)."""
+    the CLI (reading it whole, the tokenizer alone took 4 GB), read to its end (sample=spread) or
+    only until the windows are in hand (sample=first)."""
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
     small.write_text(TEXT, encoding="utf-8")
     line = TEXT.replace("\n", " ")
@@ -495,29 +591,36 @@ def test_memory_does_not_grow_with_a_documents_length(
         for _ in range(20 * 2**20 // len(line)):
             file.write(line)
     assert large.stat().st_size > 20 * 10**6 and b"\n" not in large.read_bytes()
-    peaks = {}
-    for path in (small, large):
+    peaks, seconds, corpora = {}, {}, {}
+    for path, sample in ((small, "spread"), (large, "spread"), (large, "first")):
+        name = f"{path.stem}_{sample}"
         args = [
             "run",
             "corpus_atlas",
             "--model",
             str(tiny_gpt2_dir),
             "--out",
-            str(tmp_path / path.stem),
+            str(tmp_path / name),
             "--set",
             f"params.corpus=[{path}]",
             "--set",
             "params.context_tokens=16",
             "--set",
             "params.max_tokens=256",
+            "--set",
+            f"params.sample={sample}",
         ]
-        peaks[path.stem] = _peak_rss_mb(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)})
-    metrics = json.loads(
-        (tmp_path / "large" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text()
-    )
-    assert (
-        metrics["corpus"]["corpus_tokens"] > 4_000_000
-        and metrics["corpus"]["tokens_analysed"] == 256
-    )
-    print(f"peak RSS, MiB: {peaks}")  # for the record: pytest -s shows it
-    assert peaks["large"] < 1.1 * peaks["small"], peaks
+        started = time.perf_counter()
+        peaks[name] = _peak_rss_mb(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)})
+        seconds[name] = round(time.perf_counter() - started, 1)
+        metrics = json.loads(
+            (tmp_path / name / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text()
+        )
+        assert metrics["corpus"]["sample"] == sample
+        corpora[name] = metrics["corpus"]["corpus_tokens"], metrics["corpus"]["tokens_analysed"]
+    # Spread: the whole corpus read (its tokens counted); first: reading stopped at 256 tokens.
+    assert corpora["large_spread"][0] > 4_000_000 and corpora["large_first"] == (None, 256)
+    assert corpora["large_spread"][1] == 256 and corpora["small_spread"] == (121, 112)
+    print(f"peak RSS, MiB: {peaks}; seconds: {seconds}")  # for the record: pytest -s shows it
+    assert peaks["large_spread"] < 1.1 * peaks["small_spread"], peaks
+    assert peaks["large_first"] < 1.1 * peaks["small_spread"], peaks

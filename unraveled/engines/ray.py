@@ -12,15 +12,22 @@ The workers are as many as the cluster can place when the run starts (``params.r
 caps them; fewer is said in a warning), reserved together in a placement group so none waits
 for room that never comes. Each worker is given one shard at a time; a shard whose worker dies
 is computed again on a surviving worker, and the run says so.
+
+Fault injection, for tests of that retry through the CLI: with ``UNRAVELED_RAY_KILL_WORKER``
+set to a path that does not exist yet, the first worker given a second shard creates the file
+and kills its own process with SIGKILL (as the kernel's out-of-memory killer would), once per
+run; a later run with the file still there kills nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import signal
 from collections import Counter, deque
 from typing import Any
 
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 SHARDS_PER_WORKER = 4
 PLACEMENT_TIMEOUT_S = 30
 MAX_SHARD_ATTEMPTS = 3
+KILL_WORKER_ENV = "UNRAVELED_RAY_KILL_WORKER"
 
 
 def model_cache_key(model: HookedTransformer) -> str:
@@ -79,7 +87,7 @@ def shard_ranges(n_windows: int, batch_windows: int, n_shards: int) -> list[rang
     cuts = np.linspace(0, n_batches, min(n_shards, n_batches) + 1).round().astype(int)
     return [
         range(a * batch_windows, min(b * batch_windows, n_windows))
-        for a, b in zip(cuts[:-1], cuts[1:])
+        for a, b in itertools.pairwise(cuts)
         if b > a
     ]
 
@@ -87,7 +95,22 @@ def shard_ranges(n_windows: int, batch_windows: int, n_shards: int) -> list[rang
 class AtlasWorker:
     """Holds one copy of the model, loaded once from the converted-weights cache."""
 
-    def __init__(self, cache_root: str, key: str, device: str) -> None:
+    def __init__(
+        self, cache_root: str, key: str, device: str, kill_marker: str | None = None
+    ) -> None:
+        """Load the model.
+
+        Args:
+            cache_root: The converted-weights cache the driver stored the model in.
+            key: The model's entry there (see ``model_cache_key``).
+            device: Where to compute.
+            kill_marker: The fault injection's file (see the module docstring), or None.
+
+        Raises:
+            RuntimeError: The entry is not in the cache on this node.
+        """
+        self._kill_marker = kill_marker
+        self._shards_begun = 0
         os.environ["UNRAVELED_CACHE"] = cache_root
         entry = weight_cache.load_entry(key)
         if entry is None:
@@ -100,6 +123,15 @@ class AtlasWorker:
     def run(
         self, windows: Int[np.ndarray, "window pos"], numbers: range, settings: AtlasSettings
     ) -> AtlasState:
+        """The statistics of windows ``numbers`` (one shard)."""
+        self._shards_begun += 1
+        if self._kill_marker is not None and self._shards_begun == 2:
+            try:
+                os.close(os.open(self._kill_marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
         return run_windows(self.model, windows, numbers, settings, progress=False)
 
 
@@ -109,7 +141,9 @@ RemoteAtlasWorker = ray.remote(num_cpus=1)(AtlasWorker)
 
 
 def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
-    """How many workers the cluster can place now: ``workers`` (default: all it can), or fewer, said out loud.
+    """How many workers the cluster can place now: ``workers`` (default: all it can), or fewer.
+
+    Fewer is said in a warning.
 
     Raises:
         RayEngineError: Not even one.
@@ -122,11 +156,13 @@ def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
     needs = "1 CPU and 1 GPU" if on_gpu else "1 CPU"
     if placeable == 0:
         raise RayEngineError(
-            f"the Ray cluster at {where} has no room for a worker ({needs} each) now: {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free"
+            f"the Ray cluster at {where} has no room for a worker ({needs} each) now: "
+            f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free"
         )
     if workers is not None and workers > placeable:
         logger.warning(
-            "ray: params.ray_workers=%d, but the cluster at %s can place %d worker(s) now (%s each): running %d",
+            "ray: params.ray_workers=%d, but the cluster at %s can place %d worker(s) now "
+            "(%s each): running %d",
             workers,
             where,
             placeable,
@@ -148,7 +184,8 @@ def _reserve(n_workers: int, on_gpu: bool) -> PlacementGroup:
     if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
         remove_placement_group(group)
         raise RayEngineError(
-            f"the Ray cluster could not place {n_workers} worker(s) within {PLACEMENT_TIMEOUT_S} s (other jobs took the room?); set params.ray_workers lower"
+            f"the Ray cluster could not place {n_workers} worker(s) within "
+            f"{PLACEMENT_TIMEOUT_S} s (other jobs took the room?); set params.ray_workers lower"
         )
     return group
 
@@ -205,11 +242,13 @@ def _run_shards(
             )
             if not alive:
                 raise RayEngineError(
-                    f"every Ray worker died (the last on windows {shard.start}..{shard.stop - 1}: {_first_line(error)})"
+                    "every Ray worker died (the last on windows "
+                    f"{shard.start}..{shard.stop - 1}: {_first_line(error)})"
                 ) from None
             if failures[shard] >= MAX_SHARD_ATTEMPTS:
                 raise RayEngineError(
-                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, their workers dying (out of memory?); last: {_first_line(error)}"
+                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, "
+                    f"their workers dying (out of memory?); last: {_first_line(error)}"
                 ) from None
             queue.appendleft(shard)
             continue
@@ -225,7 +264,8 @@ def _run_shards(
             )
             if failures[shard] >= MAX_SHARD_ATTEMPTS:
                 raise RayEngineError(
-                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; last: {_first_line(error)}"
+                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; "
+                    f"last: {_first_line(error)}"
                 ) from None
             queue.appendleft(shard)
             idle.append(number)
@@ -235,7 +275,8 @@ def _run_shards(
         bar.update(len(shard) * sequence_length)
     if failures:
         logger.warning(
-            "ray: %d of %d workers died; %d shard(s) were computed again, so every window is in the result once",
+            "ray: %d of %d workers died; %d shard(s) were computed again, so every window is "
+            "in the result once",
             len(actors) - len(alive),
             len(actors),
             sum(failures.values()),
@@ -274,7 +315,11 @@ def _run_on_ray(
             worker = RemoteAtlasWorker.options(
                 num_gpus=1 if on_gpu else 0, scheduling_strategy=placed
             )
-            actors.append(worker.remote(str(weight_cache.cache_root()), key, device))
+            actors.append(
+                worker.remote(
+                    str(weight_cache.cache_root()), key, device, os.environ.get(KILL_WORKER_ENV)
+                )
+            )
         windows_ref = ray.put(windows)
         state = AtlasState.for_model(model, settings)
         with tqdm(
