@@ -43,7 +43,7 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def load_tiny(folder: Path, cache: Path) -> HookedTransformer:
     with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(cache)}):
-        return load_model(str(folder), "processed", fallback=None).model
+        return load_model(str(folder), "processed").model
 
 
 @pytest.fixture(scope="session")

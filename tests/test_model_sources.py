@@ -25,7 +25,7 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     started = time.perf_counter()
     with pytest.raises(ModelUnavailableError) as raised:
-        load_model("gpt2", fallback=None)
+        load_model("gpt2")
     elapsed = time.perf_counter() - started
     message = str(raised.value)
     assert "not in the Hugging Face cache" in message and UNREACHABLE_HUB in message

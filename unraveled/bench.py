@@ -207,7 +207,7 @@ def known_facts_of(checkpoint: Path) -> list[dict[str, str]]:
         tempfile.TemporaryDirectory() as cache,
         mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}),
     ):
-        model = load_model(str(checkpoint), "raw", fallback=None).model
+        model = load_model(str(checkpoint), "raw").model
     tokenized = [tokenize_fact(model, fact, f"facts[{index}]") for index, fact in enumerate(FACTS)]
     facts = []
     for fact, prediction in zip(FACTS, top_predictions(model, tokenized)):
@@ -272,10 +272,10 @@ def model_load() -> list[Row]:
         mock.patch.dict(os.environ, {"UNRAVELED_CACHE": cache}),
     ):
         started = time.perf_counter()
-        load_model(BUNDLED_SMOLLM2, "processed", fallback=None)
+        load_model(BUNDLED_SMOLLM2, "processed")
         uncached = time.perf_counter() - started
         started = time.perf_counter()
-        second = load_model(BUNDLED_SMOLLM2, "processed", fallback=None)
+        second = load_model(BUNDLED_SMOLLM2, "processed")
         cached = time.perf_counter() - started
     assert second.from_weight_cache
     group = f"model load, {BUNDLED_SMOLLM2}"

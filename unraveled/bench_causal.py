@@ -24,7 +24,7 @@ def bench_rows(row: Callable[..., T], name: str = BUNDLED_SMOLLM2) -> list[T]:
         logit_attribution,
     )
 
-    model = load_model(name, "processed", fallback=None).model
+    model = load_model(name, "processed").model
     group = f"causal experiments, {name}"
     runs = {
         "attribution_patching": (

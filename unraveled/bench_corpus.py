@@ -36,7 +36,7 @@ _PEAK_RSS_SCRIPT = """
 import json, resource, sys
 from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute
 from unraveled.models import load_model
-model = load_model(sys.argv[1], "processed", fallback=None).model
+model = load_model(sys.argv[1], "processed").model
 compute(model, CorpusAtlasParams(max_tokens=int(sys.argv[2]), context_tokens=int(sys.argv[3])), seed=0)
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -50,7 +50,7 @@ def bench_engines(
     from unraveled.engines import run_engine
     from unraveled.engines.state import AtlasSettings
 
-    model = load_model(name, "processed", fallback=None).model
+    model = load_model(name, "processed").model
     windows = corpus_windows(model.tokenizer, [], CONTEXT_TOKENS, tokens, seed=0).tokens
     settings = AtlasSettings(prepend_bos=bool(model.cfg.default_prepend_bos))
     started = time.perf_counter()

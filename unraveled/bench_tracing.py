@@ -76,7 +76,7 @@ def causal_tracing_rows(row: Callable[..., T]) -> list[T]:
     from unraveled.models import BUNDLED_SMOLLM2, load_model
     from unraveled.tracing import scaled_window, trace_fact
 
-    model = load_model(BUNDLED_SMOLLM2, "raw", fallback=None).model
+    model = load_model(BUNDLED_SMOLLM2, "raw").model
     started = time.perf_counter()
     result = causal_tracing.compute(model, causal_tracing.CausalTracingParams(), seed=0)
     default_s = time.perf_counter() - started
