@@ -139,7 +139,7 @@ def plan_model(
             named,
             named,
             refusal=f"{reason}\n({given_by} names {name!r}, so no other model stands in for "
-            f"it; the bundled {FALLBACK_MODEL} runs with --model {FALLBACK_MODEL})",
+            f"it; the bundled model, {FALLBACK_MODEL}, needs no network)",
         )
     elif not allow_fallback:
         planned = PlannedModel(
