@@ -22,7 +22,7 @@ def causal_rows(name: str) -> list[Row]:
 
     from unraveled.models import load_model
 
-    model = load_model(name, "processed", fallback=None).model
+    model = load_model(name, "processed").model
     group = f"causal experiments, {name}"
     runs = {
         "attribution_patching": (

@@ -72,7 +72,7 @@ def causal_tracing_rows(name: str) -> list[Row]:
     from unraveled.models import load_model
     from unraveled.tracing import scaled_window, trace_fact
 
-    model = load_model(name, "raw", fallback=None).model
+    model = load_model(name, "raw").model
     started = time.perf_counter()
     result = causal_tracing.compute(model, causal_tracing.CausalTracingParams(), seed=0)
     default_s = time.perf_counter() - started

@@ -37,7 +37,7 @@ def engine_seconds(name: str, tokens: int, workers: int) -> dict[str, float]:
     from unraveled.engines import run_engine
     from unraveled.models import load_model
 
-    model = load_model(name, "processed", fallback=None).model
+    model = load_model(name, "processed").model
     params = CorpusAtlasParams()
     windows = corpus_windows(model.tokenizer, [], params.context_tokens, tokens, seed=0).tokens
     settings = atlas_settings(params, prepend_bos=bool(model.cfg.default_prepend_bos))
@@ -59,7 +59,7 @@ def atlas_compute(name: str, tokens: int) -> None:
 
     from unraveled.models import load_model
 
-    model = load_model(name, "processed", fallback=None).model
+    model = load_model(name, "processed").model
     compute(model, CorpusAtlasParams(max_tokens=tokens), seed=0)
 
 

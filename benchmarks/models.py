@@ -49,7 +49,7 @@ def known_facts_of(checkpoint: str) -> list[dict[str, str]]:
     from unraveled.logits import answer_token_id
     from unraveled.models import load_model
 
-    model = load_model(checkpoint, "raw", fallback=None).model
+    model = load_model(checkpoint, "raw").model
     tokenized = [tokenize_fact(model, fact, f"facts[{index}]") for index, fact in enumerate(FACTS)]
     facts = []
     for fact, prediction in zip(FACTS, top_predictions(model, tokenized), strict=True):
@@ -70,10 +70,10 @@ def load_twice(name: str) -> dict[str, float]:
     from unraveled.models import load_model
 
     started = time.perf_counter()
-    load_model(name, "processed", fallback=None)
+    load_model(name, "processed")
     uncached = time.perf_counter() - started
     started = time.perf_counter()
-    second = load_model(name, "processed", fallback=None)
+    second = load_model(name, "processed")
     cached = time.perf_counter() - started
     if not second.from_weight_cache:
         raise RuntimeError(f"the second load of {name} did not read the converted-weights cache")

@@ -219,7 +219,7 @@ def _gpt2_small_or_skip(weights: str):  # type: ignore[no-untyped-def]
     from unraveled.models import load_model
 
     try:
-        return load_model("gpt2", weights, fallback=None).model  # type: ignore[arg-type]
+        return load_model("gpt2", weights).model  # type: ignore[arg-type]
     except ModelUnavailableError as error:
         pytest.skip(f"GPT-2 small can't be loaded here: {error}")
 
@@ -247,7 +247,7 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("smollm2_weight_cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNRAVELED_CACHE", str(folder))
-        converted = load_model("smollm2-135m", "raw", fallback=None)
+        converted = load_model("smollm2-135m", "raw")
     assert not converted.from_weight_cache, "the session's SmolLM2 cache should start empty"
     return folder
 
@@ -314,7 +314,7 @@ class SharedTinyModels:
         if (folder, weights) not in self._loaded:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("UNRAVELED_CACHE", str(self._cache))
-                model = load_model(str(folder), weights, fallback=None).model  # type: ignore[arg-type]
+                model = load_model(str(folder), weights).model  # type: ignore[arg-type]
             weights_copy = {
                 name: value.detach().clone() for name, value in model.state_dict().items()
             }
@@ -400,7 +400,7 @@ class TwoModelReport:
     """Outputs of two configs run on both tiny models in one invocation, and the loads it made."""
 
     out: Path
-    loads: list[tuple[str, str]]  # (model, weights) per call of load_model
+    loads: list[tuple[str, str]]  # (model, weights) per load the runner made
 
 
 @pytest.fixture(scope="session")
@@ -415,14 +415,16 @@ def two_model_report(
     out = tmp_path_factory.mktemp("report") / "out"
     loads: list[tuple[str, str]] = []
 
-    def counting_load_model(name: str, weights: str, *args: object, **kwargs: object) -> object:
-        loads.append((Path(name).name, weights))
-        return load_model(name, weights, *args, **kwargs)
+    def counting_load_planned(
+        planned: Any, weights: str, *args: object, **kwargs: object
+    ) -> object:
+        loads.append((Path(planned.requested).name, weights))
+        return load_planned(planned, weights, *args, **kwargs)
 
-    load_model = runner.load_model
+    load_planned = runner.load_planned
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNRAVELED_CACHE", str(out.parent / "weight-cache"))
-        patch.setattr(runner, "load_model", counting_load_model)
+        patch.setattr(runner, "load_planned", counting_load_planned)
         args = [
             "run",
             "attention",

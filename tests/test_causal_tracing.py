@@ -539,7 +539,7 @@ def test_default_peaks_survive_a_change_of_seed_on_smollm2(
     from unraveled.models import load_model
 
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
-    model = load_model("smollm2-135m", "raw", fallback=None).model
+    model = load_model("smollm2-135m", "raw").model
     defaults = yaml.safe_load(load_config("causal_tracing").path.read_text(encoding="utf-8"))[
         "params"
     ]

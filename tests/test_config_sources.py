@@ -91,7 +91,7 @@ def test_run_all_from_a_folder_without_configs_selects_every_builtin(
     monkeypatch.chdir(elsewhere)
     monkeypatch.setattr(
         "unraveled.runner.run_configs",
-        lambda configs, *args, **kwargs: selected.extend(c.name for c in configs) or [],
+        lambda plan, *args, **kwargs: selected.extend(c.name for c in plan.configs) or [],
     )
     assert main(["run", "--all", "--out", str(elsewhere / "out")]) == 0
     assert selected == SHIPPED
@@ -194,7 +194,9 @@ def test_run_all_beside_a_foreign_configs_folder_runs_the_builtins(
     monkeypatch.chdir(foreign_project)
     monkeypatch.setattr(
         "unraveled.runner.run_configs",
-        lambda configs, *args, **kwargs: selected.extend((c.name, c.source) for c in configs) or [],
+        lambda plan, *args, **kwargs: (
+            selected.extend((c.name, c.source) for c in plan.configs) or []
+        ),
     )
     assert main(["run", "--all", "--out", "out"]) == 0
     assert selected == [(name, "built-in") for name in SHIPPED]

@@ -258,18 +258,19 @@ def test_pieces_for_the_tokenizer_give_the_whole_texts_tokens(
 
 @pytest.mark.slow
 def test_pieces_for_the_tokenizer_give_smollm2s_tokens_too() -> None:
-    from unraveled.models.shape import model_shape
+    from unraveled.models.sources import BUNDLED_MODELS
 
-    shape = model_shape("smollm2-135m")  # its tokenizer only, read from the bundled GGUF file
+    shape = BUNDLED_MODELS["smollm2-135m"].read_shape()  # its tokenizer, from the GGUF file
     assert shape is not None
+    tokenizer = shape[0]
     text = "".join(TRICKY[i:] + TRICKY[:i] for i in range(0, len(TRICKY), 7)) + TEXT * 3
     pieces = list(_tokenizer_pieces([text], 97))
     chunked = [
         token
         for piece in pieces
-        for token in shape.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        for token in tokenizer(piece, add_special_tokens=False)["input_ids"]
     ]
-    assert chunked == shape.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert chunked == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_text_with_no_place_to_cut_is_cut_at_the_limit() -> None:
@@ -459,7 +460,7 @@ def test_bad_corpus_exits_2_naming_the_path_before_loading_the_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source, message = _bad_corpora(tmp_path)[case]
-    monkeypatch.setattr("unraveled.runner.load_model", _no_model_load)
+    monkeypatch.setattr("unraveled.runner.load_planned", _no_model_load)
     if (
         case != "short"
     ):  # only counting a window's tokens needs the tokenizer, which can take half a minute to read
@@ -529,7 +530,7 @@ def test_sizes_are_bounded_before_loading_the_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
-    monkeypatch.setattr("unraveled.runner.load_model", _no_model_load)
+    monkeypatch.setattr("unraveled.runner.load_planned", _no_model_load)
     out = tmp_path / "out"
     overrides = [f"params.corpus=[{tmp_path / 'text.txt'}]", "params.context_tokens=16", *settings]
     status = main(

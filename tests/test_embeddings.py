@@ -127,8 +127,8 @@ def test_parameter_count_is_the_checkpoints_own(
 ) -> None:
     folder = request.getfixturevalue(checkpoint)
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
-    first = load_model(str(folder), "raw", fallback=None)
-    again = load_model(str(folder), "raw", fallback=None)
+    first = load_model(str(folder), "raw")
+    again = load_model(str(folder), "raw")
     assert again.from_weight_cache
     assert checkpoint_parameters(first.model) == checkpoint_parameters(again.model) == expected
     params = embeddings.EmbeddingsParams(

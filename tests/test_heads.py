@@ -55,7 +55,7 @@ def test_top_heads_ranks_and_names() -> None:
 
 def test_wired_induction_head_ranks_first(tiny_gpt2_dir: Path, warm_weight_cache: Path) -> None:
     model = load_model(
-        str(tiny_gpt2_dir), "processed", fallback=None
+        str(tiny_gpt2_dir), "processed"
     ).model  # a model of its own: this test wires a head
     params = head_taxonomy.HeadTaxonomyParams(
         repeat_batch=2, repeat_length=10, prompts=["a b c a b c"]

@@ -122,8 +122,8 @@ def test_cache_read_restores_every_tensor_in_its_layout_each_storage_stored_once
     and the raw unembedding tied as before, so nothing is copied after the read; the file holds
     each storage once (GPT-2's tied embedding once, not again as the unembedding)."""
     folder = request.getfixturevalue(checkpoint)
-    first = load_model(str(folder), weights, fallback=None).model
-    second = load_model(str(folder), weights, fallback=None)
+    first = load_model(str(folder), weights).model
+    second = load_model(str(folder), weights)
     assert second.from_weight_cache
     loaded = second.model.state_dict()
     assert loaded.keys() == first.state_dict().keys()
@@ -168,7 +168,7 @@ def test_processed_unembedding_is_the_tensor_processing_made(
         return centred
 
     monkeypatch.setattr(ProcessWeights, "center_unembed", staticmethod(recording))
-    model = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    model = load_model(str(tiny_gpt2_dir), "processed").model
     assert made == [model.unembed.W_U.untyped_storage().data_ptr()]
     assert model.unembed.W_U.T.is_contiguous()
 
@@ -179,7 +179,7 @@ def test_processed_unembedding_is_the_tensor_processing_made(
 def test_damaged_cache_entry_is_converted_again_saying_so(
     damage: str, tiny_gpt2_dir: Path, weight_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
+    first = load_model(str(tiny_gpt2_dir), "raw").model
     (entry,) = weight_cache.glob("weights/tiny-gpt2-raw-*")
     weights_file = entry / "model.safetensors"
     if damage == "a stored tensor dropped":
@@ -191,7 +191,7 @@ def test_damaged_cache_entry_is_converted_again_saying_so(
     else:
         (entry / "hooked_config.json").write_text("{not json")
     with caplog.at_level("WARNING"):
-        again = load_model(str(tiny_gpt2_dir), "raw", fallback=None)
+        again = load_model(str(tiny_gpt2_dir), "raw")
     assert (
         not again.from_weight_cache
         and str(entry) in caplog.text
@@ -199,9 +199,7 @@ def test_damaged_cache_entry_is_converted_again_saying_so(
     )
     for name, tensor in first.state_dict().items():
         assert torch.equal(again.model.state_dict()[name], tensor), name
-    assert load_model(
-        str(tiny_gpt2_dir), "raw", fallback=None
-    ).from_weight_cache  # the entry is whole again
+    assert load_model(str(tiny_gpt2_dir), "raw").from_weight_cache  # the entry is whole again
 
 
 def test_model_is_moved_to_the_device_asked_for_whether_converted_or_cached(
@@ -218,12 +216,8 @@ def test_model_is_moved_to_the_device_asked_for_whether_converted_or_cached(
         return to(self, "cpu", *args, **kwargs)
 
     monkeypatch.setattr(HookedTransformer, "to", recording_to)
-    assert not load_model(
-        str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None
-    ).from_weight_cache
-    assert load_model(
-        str(tiny_gpt2_dir), "processed", device="cuda:1", fallback=None
-    ).from_weight_cache
+    assert not load_model(str(tiny_gpt2_dir), "processed", device="cuda:1").from_weight_cache
+    assert load_model(str(tiny_gpt2_dir), "processed", device="cuda:1").from_weight_cache
     assert moved_to == ["cuda:1", "cuda:1"]
 
 
@@ -260,7 +254,7 @@ def test_rearranged_weights_give_bit_identical_forward_passes_and_gradients(
     from unraveled.models.layout import store_rearranged
 
     folder = request.getfixturevalue(checkpoint)
-    loaded = load_model(str(folder), "processed", fallback=None).model
+    loaded = load_model(str(folder), "processed").model
     plain = _stock_transformer_lens(folder, "processed")
     assert all(parameter.is_contiguous() for parameter in plain.parameters())
     assert loaded.state_dict().keys() == plain.state_dict().keys()
@@ -309,7 +303,7 @@ def test_hugging_face_cache_model_converts_as_transformer_lens_from_pretrained_d
 
     hub_cache = hf_home_with_gpt2 / "hub"
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
-    loaded = load_model("gpt2", weights, fallback=None)
+    loaded = load_model("gpt2", weights)
     assert loaded.loaded_from.startswith("Hugging Face cache") and not loaded.from_weight_cache
     snapshot = hub.cached_snapshot("gpt2")
     with pytest.warns(DeprecationWarning):
@@ -415,10 +409,10 @@ def test_model_downloaded_from_the_hub_is_converted_from_its_snapshot(
         return str(snapshot)
 
     monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
-    loaded = load_model("gpt2", "processed", fallback=None)
+    loaded = load_model("gpt2", "processed")
     assert loaded.loaded_from == "Hugging Face hub (gpt2)" and loaded.revision == "f" * 40
     assert len(asked) == 1 and not any(pattern.endswith(".bin") for pattern in asked[0])
-    from_folder = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
+    from_folder = load_model(str(tiny_gpt2_dir), "processed").model
     for name, tensor in from_folder.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
 
@@ -439,7 +433,7 @@ def test_unembedding_shares_the_embedding_storage_where_the_checkpoint_ties_them
     folder = request.getfixturevalue(checkpoint)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     for source in ("converted", "converted-weights cache"):
-        loaded = load_model(str(folder), weights, fallback=None)
+        loaded = load_model(str(folder), weights)
         assert loaded.from_weight_cache == (source == "converted-weights cache")
         model = loaded.model
         assert (

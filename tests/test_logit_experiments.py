@@ -188,7 +188,7 @@ def test_logit_lens_recomputes_the_norm_scale_per_layer(
     tiny_gpt2_dir: Path, warm_weight_cache: Path
 ) -> None:
     model = load_model(
-        str(tiny_gpt2_dir), "processed", fallback=None
+        str(tiny_gpt2_dir), "processed"
     ).model  # a model of its own: this test changes a bias
     with (
         torch.no_grad()

@@ -14,8 +14,11 @@ import pytest
 
 from tests.conftest import UNREACHABLE_HUB, SharedTinyModels
 from unraveled.cli import main
+from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
-from unraveled.models.shape import model_shape
+from unraveled.models.plan import plan_model
+from unraveled.models.shape import ModelShape
+from unraveled.models.shape import model_shape as planned_shape
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -23,6 +26,11 @@ TEXTS = [
     "word " * 40,
 ]
 LONG_PROMPT = " ".join(["word"] * 100)  # 100 tokens on the GPT-2 tokenizer, 101 with BOS
+
+
+def model_shape(name: str, chosen: bool = True) -> ModelShape | None:
+    """The shape of the model a run would load for ``name``: named by the user, or the default."""
+    return planned_shape(plan_model(name, "--model", chosen=chosen))
 
 
 def _same_tokens(shape_tokenizer: object, model_tokenizer: object) -> None:
@@ -37,11 +45,11 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every model load the runner asks for, refused: a test using it proves none was needed."""
     asked: list[str] = []
 
-    def refused(name: str, *args: object, **kwargs: object) -> object:
-        asked.append(name)
-        raise AssertionError(f"loaded {name} although the prompt check needs no weights")
+    def refused(planned: object, *args: object, **kwargs: object) -> object:
+        asked.append(str(planned))
+        raise AssertionError(f"loaded {planned} although the prompt check needs no weights")
 
-    monkeypatch.setattr("unraveled.runner.load_model", refused)
+    monkeypatch.setattr("unraveled.runner.load_planned", refused)
     return asked
 
 
@@ -65,7 +73,7 @@ def test_checkpoint_folder_shape_matches_the_loaded_model(
 
 
 def test_cache_entry_shape_and_a_damaged_entry(tiny_gpt2_dir: Path, weight_cache: Path) -> None:
-    loaded = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model  # writes the entry
+    loaded = load_model(str(tiny_gpt2_dir), "raw").model  # writes the entry
     (entry,) = (weight_cache / "weights").iterdir()
     shape = model_shape(str(tiny_gpt2_dir))
     assert shape is not None and shape.n_ctx == loaded.cfg.n_ctx == 64
@@ -81,9 +89,9 @@ def test_hugging_face_snapshot_shape_matches_the_loaded_model(
     hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hf_home_with_gpt2 / "hub"))
-    shape = model_shape("gpt2", allow_fallback=False)
+    shape = model_shape("gpt2")
     assert shape is not None and shape.label == "gpt2" and not weight_cache.exists()
-    model = load_model("gpt2", "raw", fallback=None).model
+    model = load_model("gpt2", "raw").model
     assert shape.n_ctx == model.cfg.n_ctx == 64
     _same_tokens(shape.tokenizer, model.tokenizer)
 
@@ -96,20 +104,20 @@ def test_bundled_shape_from_the_gguf_and_from_the_cache_entry(
     assert from_gguf is not None and from_gguf.n_ctx is None and not weight_cache.exists()
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
     from_entry = model_shape("smollm2-135m")
-    model = load_model("smollm2-135m", "raw", fallback=None)
+    model = load_model("smollm2-135m", "raw")
     assert model.from_weight_cache
     assert from_entry is not None and from_entry.n_ctx == model.model.cfg.n_ctx == 8192
     _same_tokens(from_gguf.tokenizer, model.model.tokenizer)
     _same_tokens(from_entry.tokenizer, model.model.tokenizer)
 
 
-def test_unavailable_hub_model_takes_the_fallbacks_shape_or_none(
+def test_unavailable_hub_model_is_refused_or_takes_the_fallbacks_shape(
     unreachable_hub: None, weight_cache: Path
 ) -> None:
-    assert (
-        model_shape("gpt2", allow_fallback=False) is None
-    )  # loading fails (exit 3) without reading anything
-    shape = model_shape("gpt2")
+    named = plan_model("gpt2", "--model", chosen=True)  # named by the user: never replaced
+    with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache"):
+        named.require_loadable()
+    shape = model_shape("gpt2", chosen=False)  # the default: the bundled model stands in
     assert shape is not None and shape.label == "smollm2-135m (fallback: gpt2 unavailable)"
     assert not weight_cache.exists()
 

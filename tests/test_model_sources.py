@@ -25,7 +25,7 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     started = time.perf_counter()
     with pytest.raises(ModelUnavailableError) as raised:
-        load_model("gpt2", fallback=None)
+        load_model("gpt2")
     elapsed = time.perf_counter() - started
     message = str(raised.value)
     assert "not in the Hugging Face cache" in message and UNREACHABLE_HUB in message
@@ -34,7 +34,7 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(
 
 
 def _hf_home_with_other_gpt2(tiny_gpt2_dir: Path, home: Path, revision: str) -> Path:
-    """An HF_HOME holding another revision of ``gpt2``: the tiny checkpoint with other embeddings."""
+    """An HF_HOME holding another revision of ``gpt2``: the tiny checkpoint, other embeddings."""
     snapshot = home / "hub" / "models--gpt2" / "snapshots" / revision
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     with torch.no_grad():
@@ -83,8 +83,9 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(
         assert main(["run", "layernorm", "--out", str(out), "--no-fallback"]) == 0
     manifest = json.loads((out / "gpt2" / "layernorm" / "manifest.json").read_text())
     assert manifest["model"]["from_weight_cache"] and manifest["model"]["revision"] == FAKE_SNAPSHOT
-    # HF_HOME now points at an empty folder: the weights converted from the other cache are not gpt2
-    # any more, and with --no-fallback the process exits 3 saying why, leaving the outputs as they were.
+    # HF_HOME now points at an empty folder: the weights converted from the other cache are not
+    # gpt2 any more, and with --no-fallback the process exits 3 saying why, leaving the outputs as
+    # they were.
     before = _tree(out)
     empty = run_cli(args, {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": cache})
     assert empty.returncode == 3, empty.stderr
@@ -160,3 +161,101 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+# Issue 20: the fallback serves only the default model; a model the user names is never replaced.
+@pytest.mark.parametrize("how", ["--model", "config file"])
+def test_a_named_model_that_cant_be_had_exits_3_saying_why_and_writes_nothing(
+    how: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    if how == "--model":
+        args, given_by = ["embeddings", "--model", "pythia-70m"], "--model"
+    else:
+        config = tmp_path / "mine.yaml"
+        config.write_text("experiment: embeddings\ndescription: d\nmodel: pythia-70m\n")
+        args, given_by = [str(config)], str(config)
+    done = run_cli(
+        ["run", *args, "--out", str(out)],
+        {"HF_HOME": str(tmp_path / "empty-hf-home"), "UNRAVELED_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 3, done.stderr
+    stderr = " ".join(done.stderr.split())
+    assert (
+        "model 'pythia-70m' (EleutherAI/pythia-70m) is not in the Hugging Face cache" in stderr
+        and f"the hub at {UNREACHABLE_HUB} did not answer" in stderr
+        and f"({given_by} names 'pythia-70m', so no other model stands in for it;" in stderr
+    )
+    assert "Falling back" not in stderr and "Traceback" not in stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_only_the_default_model_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan alone, nothing loaded: gpt2 where no --model is given and the config names the
+    default (or no model) stands in as the bundled model; the same gpt2 named is refused."""
+    from unraveled.config import load_config
+    from unraveled.models import plan_runs
+
+    monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    default = tmp_path / "default.yaml"
+    default.write_text("experiment: layernorm\ndescription: d\n")  # no model: the default
+    configs = [load_config("layernorm"), load_config(str(default))]  # `model: gpt2`, and none
+    (planned,) = plan_runs(configs).models
+    assert planned.is_fallback and planned.source.name == "smollm2-135m"
+    assert planned.label() == "smollm2-135m (fallback: gpt2 unavailable)"
+    assert "Falling back to the bundled smollm2-135m" in caplog.text
+    for named in (["gpt2"], ["smollm2-135m", "gpt2"]):
+        with pytest.raises(ModelUnavailableError, match="--model names 'gpt2'"):
+            plan_runs(configs, named)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("experiment: layernorm\ndescription: d\nmodel: gpt2-small\n")  # gpt2, chosen
+    with pytest.raises(ModelUnavailableError, match=f"{mine} names 'gpt2-small'"):
+        plan_runs([load_config(str(mine))])
+    with pytest.raises(ModelUnavailableError, match="falling back to smollm2-135m is off"):
+        plan_runs(configs, allow_fallback=False)
+
+
+@pytest.mark.parametrize(
+    "models", [[], ["gpt2", "GPT2"]], ids=["the default", "two spellings of one model"]
+)
+def test_the_hub_is_probed_at_most_once_per_model_per_invocation(
+    models: list[str],
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    weight_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gpt2 in no cache, the hub answering: one probe, though the prompts are checked on it, its
+    processed and raw weights both load and it may be named twice. The download is a copy of the
+    tiny checkpoint (the hub itself can't be reached here)."""
+    import shutil
+
+    hub_cache = tmp_path / "hub"
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(hub_cache))
+    probes: list[str] = []
+
+    def answering_hub(*args: object, **kwargs: object) -> None:
+        probes.append("probe")
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        snapshot = hub_cache / f"models--{repo_id}" / "snapshots" / FAKE_SNAPSHOT
+        shutil.copytree(tiny_gpt2_dir, snapshot, dirs_exist_ok=True)
+        (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text(FAKE_SNAPSHOT)
+        return str(snapshot)
+
+    monkeypatch.setattr(hub, "hub_unreachable_reason", answering_hub)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    out = tmp_path / "out"
+    args = ["run", "logit_lens", "layernorm", "--out", str(out)]  # processed, then raw weights
+    assert main([*args, *(arg for name in models for arg in ("--model", name))]) == 0
+    assert probes == ["probe"]
+    manifests = [json.loads((out / "gpt2" / c / "manifest.json").read_text()) for c in args[1:3]]
+    assert [m["model"]["loaded_from"] for m in manifests] == [
+        "Hugging Face hub (gpt2)",
+        f"Hugging Face cache ({hub_cache / 'models--gpt2' / 'snapshots' / FAKE_SNAPSHOT})",
+    ]
+    assert [path.name for path in out.iterdir() if path.name.lower() == "gpt2"] == ["gpt2"]

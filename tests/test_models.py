@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unraveled.errors import BadCheckpointError, ConfigError
-from unraveled.models import hub, load_model, resolve_model
+from unraveled.models import hub, load_model
+from unraveled.models.plan import plan_model
 from unraveled.models import weight_cache as converted_weights
 from unraveled.models.sources import HubModel, LocalCheckpoint
 
@@ -36,7 +37,7 @@ def test_local_checkpoint_matches_transformers_log_probs(
     checkpoint: str, weights: str, request: pytest.FixtureRequest, weight_cache: Path
 ) -> None:
     folder = request.getfixturevalue(checkpoint)
-    loaded = load_model(str(folder), weights, fallback=None)
+    loaded = load_model(str(folder), weights)
     assert loaded.loaded_from.startswith("local checkpoint")
     for text in PROMPTS:
         expected = _hf_log_probs(folder, text)
@@ -48,8 +49,8 @@ def test_local_checkpoint_matches_transformers_log_probs(
 def test_processed_weights_fold_layernorm_and_raw_keep_gammas(
     tiny_gpt2_dir: Path, weight_cache: Path
 ) -> None:
-    processed = load_model(str(tiny_gpt2_dir), "processed", fallback=None).model
-    raw = load_model(str(tiny_gpt2_dir), "raw", fallback=None).model
+    processed = load_model(str(tiny_gpt2_dir), "processed").model
+    raw = load_model(str(tiny_gpt2_dir), "raw").model
     assert processed.cfg.normalization_type == "LNPre"
     assert raw.cfg.normalization_type == "LN"
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -60,8 +61,8 @@ def test_processed_weights_fold_layernorm_and_raw_keep_gammas(
 def test_weight_cache_serves_the_second_load_identically(
     tiny_llama_dir: Path, weight_cache: Path
 ) -> None:
-    first = load_model(str(tiny_llama_dir), "processed", fallback=None)
-    second = load_model(str(tiny_llama_dir), "processed", fallback=None)
+    first = load_model(str(tiny_llama_dir), "processed")
+    second = load_model(str(tiny_llama_dir), "processed")
     assert not first.from_weight_cache and second.from_weight_cache
     assert second.loaded_from.startswith("converted-weights cache")
     assert list(weight_cache.glob("weights/tiny-llama-processed-*/model.safetensors"))
@@ -76,9 +77,9 @@ def test_weight_cache_is_invalidated_when_the_checkpoint_changes(
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_gpt2_dir, copy)
-    load_model(str(copy), "raw", fallback=None)
+    load_model(str(copy), "raw")
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
-    assert not load_model(str(copy), "raw", fallback=None).from_weight_cache
+    assert not load_model(str(copy), "raw").from_weight_cache
 
 
 def test_directory_without_config_is_refused_with_what_was_expected(
@@ -88,15 +89,19 @@ def test_directory_without_config_is_refused_with_what_was_expected(
         load_model(str(tmp_path))  # a folder the user named is bad input: no fallback
 
 
+def _named(name: str) -> object:
+    return plan_model(name, "--model", chosen=True).named
+
+
 def test_resolve_model_kinds(tiny_gpt2_dir: Path) -> None:
-    assert resolve_model("gpt2") == HubModel("gpt2", "gpt2")
-    assert isinstance(resolve_model(str(tiny_gpt2_dir)), LocalCheckpoint)
-    assert resolve_model("smollm2-135m").gguf_path() is not None
+    assert _named("gpt2") == HubModel("gpt2", "gpt2")
+    assert isinstance(_named(str(tiny_gpt2_dir)), LocalCheckpoint)
+    assert _named("smollm2-135m").gguf_path() is not None
 
 
 def test_unknown_model_name_suggests_the_close_one() -> None:
     with pytest.raises(ConfigError, match="did you mean 'gpt2'"):
-        resolve_model("gtp2")
+        _named("gtp2")
 
 
 def test_fixture_tokenizer_is_real_gpt2(gpt2_tokenizer) -> None:

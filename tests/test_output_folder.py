@@ -362,23 +362,15 @@ def test_one_model_named_twice_runs_once(
 
 
 def test_a_fallback_never_takes_the_folder_of_the_model_it_stands_in_with(tmp_path: Path) -> None:
-    from unraveled.models import LoadedModel
-    from unraveled.runner import model_identity
+    from unraveled.models import PlannedModel
+    from unraveled.models.sources import BUNDLED_MODELS, HubModel
 
-    def loaded(requested: str, fallback_reason: str | None) -> LoadedModel:
-        record = object.__new__(LoadedModel)  # what model_identity reads; no weights needed
-        for name, value in {
-            "requested": requested,
-            "name": "smollm2-135m",
-            "slug": "smollm2-135m",
-            "fallback_reason": fallback_reason,
-        }.items():
-            object.__setattr__(record, name, value)
-        return record
-
+    bundled = BUNDLED_MODELS["smollm2-135m"]
     genuine, standing_in = (
-        model_identity(loaded("smollm2-135m", None)),
-        model_identity(loaded("gpt2", "gpt2 unavailable")),
+        PlannedModel("smollm2-135m", "--model", bundled, bundled).identity,
+        PlannedModel(
+            "gpt2", "c.yaml", HubModel("gpt2", "gpt2"), bundled, fallback_reason="unavailable"
+        ).identity,
     )
     assert (
         genuine == "bundled smollm2-135m"
@@ -444,7 +436,7 @@ def test_the_wrong_thing_in_the_pages_place_is_refused_before_loading(
         shutil.rmtree(out / "tiny-gpt2")
         (out / "tiny-gpt2").symlink_to(out / "nowhere")
     monkeypatch.setattr(
-        runner, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing --out")
+        runner, "load_planned", lambda *a, **k: pytest.fail("loaded a model before refusing --out")
     )
     before = _tree(out)
     assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 2

@@ -10,6 +10,7 @@ import pytest
 
 from unraveled import runner
 from unraveled.config import load_config
+from unraveled.models import plan_runs
 
 
 def test_processed_weights_are_freed_before_the_raw_weights_load(
@@ -17,19 +18,21 @@ def test_processed_weights_are_freed_before_the_raw_weights_load(
 ) -> None:
     loaded_models: list[tuple[str, weakref.ref]] = []
     alive_at_each_load: list[list[str]] = []
-    real_load_model = runner.load_model
+    real_load_planned = runner.load_planned
 
-    def recording_load_model(name: str, weights: str, *args: object, **kwargs: object) -> object:
+    def recording_load_planned(
+        planned: object, weights: str, *args: object, **kwargs: object
+    ) -> object:
         gc.collect()
         alive_at_each_load.append([kind for kind, model in loaded_models if model() is not None])
-        loaded = real_load_model(name, weights, *args, **kwargs)
+        loaded = real_load_planned(planned, weights, *args, **kwargs)
         loaded_models.append((weights, weakref.ref(loaded.model)))
         return loaded
 
-    monkeypatch.setattr(runner, "load_model", recording_load_model)
+    monkeypatch.setattr(runner, "load_planned", recording_load_planned)
     configs = [load_config("logit_lens"), load_config("layernorm")]  # processed, then raw weights
     assert [config.experiment.weights for config in configs] == ["processed", "raw"]
-    runner.run_configs(configs, tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    runner.run_configs(plan_runs(configs, [str(tiny_gpt2_dir)]), tmp_path / "out")
     assert [kind for kind, _ in loaded_models] == ["processed", "raw"]
     assert alive_at_each_load == [[], []], "a model was still alive when the next one loaded"
 
@@ -60,7 +63,9 @@ def test_memory_compute_dropped_is_handed_back_before_rendering(
     monkeypatch.setattr(runner, "_seed_everything", seeding)
     monkeypatch.setattr(runner, "_write_artifacts", drawing)
     monkeypatch.setattr(runner, "return_freed_memory", trimming)
-    runner.run_configs([load_config("layernorm")], tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    runner.run_configs(
+        plan_runs([load_config("layernorm")], [str(tiny_gpt2_dir)]), tmp_path / "out"
+    )
     drawn = events.index("render")
     assert events.index("compute") < drawn and events[drawn - 1] == "hand back"
 

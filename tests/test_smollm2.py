@@ -14,7 +14,7 @@ def test_smollm2_predicts_paris(smollm2_cache: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
     # The session's one conversion from GGUF, as cached (raw weights, as the fallback tests read;
     # the prediction doesn't depend on the weight processing).
-    loaded = load_model("smollm2-135m", "raw", fallback=None)
+    loaded = load_model("smollm2-135m", "raw")
     assert loaded.from_weight_cache
     model = loaded.model
     cfg = model.cfg

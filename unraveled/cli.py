@@ -1,8 +1,8 @@
 """The command line: routing only. ``unraveled list | run | models | export``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
-0 ok, 2 bad input (config, name or option), 3 model unavailable with the fallback off,
-130 interrupted (Ctrl-C). Every command validates its input before importing torch or
+0 ok, 2 bad input (config, name or option), 3 a model can't be had (a model the user named, or
+the default with the fallback off), 130 interrupted (Ctrl-C). Every command validates its input before importing torch or
 TransformerLens, so help, listing and input errors answer in well under a second.
 """
 
@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from unraveled.config import (
-    DEFAULT_MODEL,
     OVERRIDES_BUILTIN,
     ConfigSources,
     LoadedConfig,
@@ -31,12 +30,8 @@ from unraveled.config import (
 )
 from unraveled.engines.ray_cluster import check_engines
 from unraveled.errors import ConfigError, UnraveledError
-from unraveled.models.sources import (
-    BUNDLED_SMOLLM2,
-    LocalCheckpoint,
-    checkpoint_problem,
-    resolve_model,
-)
+from unraveled.models.plan import availability, plan_runs
+from unraveled.models.sources import BUNDLED_SMOLLM2
 from unraveled.render.export import parse_formats
 
 SET_HELP = (
@@ -114,7 +109,7 @@ def list_configs(config_dir: ConfigDirOption = None) -> None:
             name,
             config.source,
             config.run.experiment,
-            config.run.model or DEFAULT_MODEL,
+            config.model,
             config.description,
         )
     _print_table(table)
@@ -142,17 +137,6 @@ def _output_folder(out: str) -> Path:
 
     check_output_folder(path)  # the runner checks each run's folder once it knows the models'
     return path
-
-
-def _check_model_name(name: str, source: str) -> None:
-    """Resolve a model name without loading it; a folder must look like a checkpoint."""
-    resolved = resolve_model(name, source)
-    if isinstance(resolved, LocalCheckpoint):
-        problem = checkpoint_problem(resolved.path)
-        if problem is not None:
-            raise ConfigError(
-                source, "model", f"{name!r} is not a usable checkpoint folder: {problem}"
-            )
 
 
 @contextlib.contextmanager
@@ -196,7 +180,8 @@ def run(
     model: Annotated[
         list[str] | None,
         typer.Option(
-            help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it to run every config on each model."
+            help="Model for every config: a name, a checkpoint folder or smollm2-135m. Repeat it "
+            "to run every config on each model. A model named here never falls back to another."
         ),
     ] = None,
     figure_format: Annotated[
@@ -213,7 +198,8 @@ def run(
         typer.Option(
             "--no-fallback",
             envvar="UNRAVELED_NO_FALLBACK",
-            help="Fail (exit 3) instead of falling back to the bundled model.",
+            help="Fail (exit 3) instead of falling back to the bundled model when the default "
+            "model can't be had (a model you name never falls back).",
         ),
     ] = False,
     config_dir: ConfigDirOption = None,
@@ -232,12 +218,8 @@ def run(
         formats = parse_formats(figure_format or [])
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--format") from None
-    models = list(dict.fromkeys(model or []))  # each model once, in the order given
-    for name in models:
-        _check_model_name(name, "--model")
-    if not models:
-        for config in configs:
-            _check_model_name(config.run.model or DEFAULT_MODEL, str(config.path))
+    # Every model resolved, and whether the default falls back decided, before anything loads.
+    plan = plan_runs(configs, list(dict.fromkeys(model or [])), allow_fallback=not no_fallback)
     check_engines(configs)  # before the slow imports: an unreachable Ray cluster fails in seconds
     with _long_lived_imports():
         from unraveled.runner import (
@@ -247,15 +229,8 @@ def run(
         )  # heavy imports only once the input is valid
 
         check_device(device)
-        check_text_params_before_loading(configs, models, allow_fallback=not no_fallback)
-        written = run_configs(
-            configs,
-            out_dir,
-            models=models,
-            device=device,
-            allow_fallback=not no_fallback,
-            formats=formats,
-        )
+        check_text_params_before_loading(plan)
+        written = run_configs(plan, out_dir, device=device, formats=formats)
     console.print(
         f"wrote {len(written)} run(s); open {out_dir / 'index.html'}",
         soft_wrap=True,
@@ -269,8 +244,6 @@ def models(
     names: Annotated[list[str] | None, typer.Argument(help="Model names to check.")] = None,
 ) -> None:
     """Show what each model name resolves to and whether it can be loaded now."""
-    from unraveled.models import availability
-
     table = Table("model", "resolves to", "loadable now")
     for name in names or ["gpt2", "gpt2-medium", "distilgpt2", BUNDLED_SMOLLM2]:
         resolves_to, loadable = availability(name)

@@ -40,6 +40,8 @@ BUILTIN = "built-in"
 OVERRIDES_BUILTIN = "(overrides built-in)"
 # Not read unless named with --config-dir; mentioned by `unraveled list` when it exists.
 WORKING_CONFIG_DIR = Path("configs")
+# The model a config runs on when it names none (and no --model is given): the only model that
+# falls back to the bundled one when it can't be had (unraveled.models.plan).
 DEFAULT_MODEL = "gpt2"
 # A config's name becomes a folder name under OUT/<model>/: plain identifiers only, so no name
 # can point at the model's folder itself ("..yaml" has the stem ".") or outside it.
@@ -99,6 +101,11 @@ class LoadedConfig:
     def field_label(self, key: str) -> str:
         """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
         return _field_label(key, self.set_keys)
+
+    @property
+    def model(self) -> str:
+        """The model the config runs on without ``--model``: its own, else ``DEFAULT_MODEL``."""
+        return self.run.model or DEFAULT_MODEL
 
     def resolved(self) -> dict[str, Any]:
         """The config as it will run, defaults filled in, for the manifest."""

@@ -1,8 +1,10 @@
-"""Run configs: load each model once, check, compute, render, and own every file written.
+"""Run a plan: load each model once, check, compute, render, and own every file written.
 
-Prompts and answers are checked first, against each model's tokenizer and context read without
-its weights (``check_text_params_before_loading``, ``unraveled.models.shape``): an overlong prompt
-costs no conversion. Then every model is loaded once and every config's model-dependent params
+The plan (``unraveled.models.plan.plan_runs``) says which model each config runs on, every model
+resolved and its fallback decided before anything runs. Prompts and answers are checked first,
+against each model's tokenizer and context read without its weights
+(``check_text_params_before_loading``, ``unraveled.models.shape``): an overlong prompt costs no
+conversion. Then every model is loaded once and every config's model-dependent params
 are checked against it, so a bad config stops the whole invocation before any file is written.
 Then, model by model (and within a model by kind of weights, each loaded once, each model freed
 once its configs are done), the runner seeds everything, calls the experiment's ``compute`` and
@@ -22,7 +24,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,14 +36,14 @@ import numpy as np
 import torch
 
 from unraveled import outputs
-from unraveled.config import DEFAULT_MODEL, LoadedConfig
-from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError
+from unraveled.config import LoadedConfig
+from unraveled.errors import ConfigError, ParamError, UnraveledError
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
 from unraveled.manifest import SCHEMA_VERSION, RunManifest
 from unraveled.memory import PeakMemory, return_freed_memory
-from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model
+from unraveled.models.loading import LoadedModel, load_planned
+from unraveled.models.plan import PlannedModel, RunPlan
 from unraveled.models.shape import ModelShape, model_shape
-from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model
 from unraveled.render import export, views
 from unraveled.render.pages import write_pages
 
@@ -64,71 +66,22 @@ _VERSIONED_PACKAGES = (
 
 @dataclass
 class ModelPool:
-    """Holds one kind of weights per model, frees a model once asked, and remembers fallbacks.
+    """Holds one kind of weights per planned model, and frees a model once asked.
 
     A model is the bulk of a run's memory. Asking for a model in the other kind of weights frees
     the kind held first (runs are grouped so each kind loads once; a later load comes from the
-    converted-weights cache), and the runner releases a model once its configs are done. Once a
-    model has fallen back, later configs asking for it fall back straight away instead of probing
-    the hub again.
+    converted-weights cache), and the runner releases a model once its configs are done.
     """
 
     device: str = "cpu"
-    allow_fallback: bool = True
-    _loaded: dict[str, tuple[WeightsKind, LoadedModel]] = field(default_factory=dict)
-    _unavailable: dict[str, str] = field(default_factory=dict)
+    _loaded: dict[PlannedModel, tuple[WeightsKind, LoadedModel]] = field(default_factory=dict)
 
-    def get(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
-        if self.held_kind(name) == weights:
-            return self._loaded[name][1]
-        self.release(name)
-        loaded = self._load(name, weights, source_label)
-        return_freed_memory()  # the conversion's temporary copies
-        self._loaded[name] = (weights, loaded)
-        return loaded
-
-    def peek(self, name: str) -> LoadedModel | None:
-        """The held model ``name``, whatever its kind of weights (shape and tokenizer are the same)."""
-        held = self._loaded.get(name)
-        return held[1] if held is not None else None
-
-    def held_kind(self, name: str) -> WeightsKind | None:
-        held = self._loaded.get(name)
-        return held[0] if held is not None else None
-
-    def release(self, name: str | None = None) -> None:
-        """Free model ``name`` (every model when None), and hand the memory back to the system."""
-        if name is None:
-            self._loaded.clear()
-        elif self._loaded.pop(name, None) is None:
-            return
-        return_freed_memory()
-
-    def _load(self, name: str, weights: WeightsKind, source_label: str) -> LoadedModel:
-        fallback = FALLBACK_MODEL if self.allow_fallback else None
-        if name in self._unavailable and fallback is not None:
-            loaded = load_model(fallback, weights, self.device, fallback=None)
-            loaded = replace(loaded, requested=name, fallback_reason=self._unavailable[name])
-            logger.info(
-                "loaded %s (%s weights) from %s in %.1f s",
-                loaded.label(),
-                weights,
-                loaded.loaded_from,
-                loaded.load_seconds,
-            )
-            return loaded
-        try:
-            loaded = load_model(
-                name, weights, self.device, fallback=fallback, source_label=source_label
-            )
-        except ModelUnavailableError as error:
-            if fallback is not None:
-                raise
-            raise ModelUnavailableError(
-                f"{error}\n(falling back to {FALLBACK_MODEL} is off: --no-fallback or UNRAVELED_NO_FALLBACK=1)"
-            ) from None
-        if loaded.fallback_reason is not None:
-            self._unavailable[name] = loaded.fallback_reason
+    def get(self, planned: PlannedModel, weights: WeightsKind) -> LoadedModel:
+        """The model ``planned`` in ``weights``, loaded unless it is held in that kind already."""
+        if self.held_kind(planned) == weights:
+            return self._loaded[planned][1]
+        self.release(planned)
+        loaded = load_planned(planned, weights, self.device)
         logger.info(
             "loaded %s (%s weights) from %s in %.1f s",
             loaded.label(),
@@ -136,7 +89,22 @@ class ModelPool:
             loaded.loaded_from,
             loaded.load_seconds,
         )
+        return_freed_memory()  # the conversion's temporary copies
+        self._loaded[planned] = (weights, loaded)
         return loaded
+
+    def held_kind(self, planned: PlannedModel) -> WeightsKind | None:
+        """The kind of weights held for ``planned``, if any."""
+        held = self._loaded.get(planned)
+        return held[0] if held is not None else None
+
+    def release(self, planned: PlannedModel | None = None) -> None:
+        """Free model ``planned`` (every model when None), and hand the memory back to the system."""
+        if planned is None:
+            self._loaded.clear()
+        elif self._loaded.pop(planned, None) is None:
+            return
+        return_freed_memory()
 
 
 def _seed_everything(seed: int) -> None:
@@ -184,9 +152,7 @@ def _model_record(loaded: LoadedModel) -> dict[str, Any]:
         "from_weight_cache": loaded.from_weight_cache,
         "weights": loaded.weights,
         # A bundled model's weights are not its full-precision checkpoint's: say what they are.
-        "weights_note": BUNDLED_MODELS[loaded.name].weights_note
-        if loaded.name in BUNDLED_MODELS
-        else None,
+        "weights_note": loaded.planned.source.weights_note,
         "load_seconds": loaded.load_seconds,
         "architecture": cfg.original_architecture,
         "n_layers": cfg.n_layers,
@@ -212,35 +178,29 @@ def check_config(config: LoadedConfig, loaded: LoadedModel) -> None:
         ) from None
 
 
-def check_text_params_before_loading(
-    configs: Sequence[LoadedConfig], models: Sequence[str] = (), allow_fallback: bool = True
-) -> None:
-    """Check every config's prompts (and one-token answers) against the tokenizer and context of
-    the model it will run on, read without the weights, so an overlong prompt costs no conversion
-    and writes nothing; and whatever else an experiment checks before loading (its
-    ``check_before_loading``: a corpus's files).
+def check_text_params_before_loading(plan: RunPlan) -> None:
+    """Check the prompts and all else each config's experiment checks before its model loads.
 
-    Args:
-        configs, models, allow_fallback: As for ``run_configs``, which checks prompts again on
-            each loaded model (that check alone covers a model whose tokenizer can't be had
-            without loading it: a hub model in no cache, the hub reachable).
+    Prompts (and one-token answers) are checked against the tokenizer and context of the model
+    each config will run on, read without the weights, so an overlong prompt costs no conversion
+    and writes nothing; then the experiment's own ``check_before_loading`` (a corpus's files).
+
+    ``run_configs`` checks prompts again on each loaded model (that check alone covers a model
+    whose tokenizer can't be had without loading it: a hub model in no cache, the hub reachable).
 
     Raises:
         ConfigError: Naming the config file, the param (and whether ``--set`` gave it) and what
             the model takes: the token count and the limit, or the answer's tokens.
     """
     # What needs no tokenizer first (a corpus's files): reading a tokenizer can take half a minute.
-    for config in configs:
+    for config in plan.configs:
         _check_before_loading(config, None, None)
-    shapes: dict[str, ModelShape | None] = {}
-    for config in configs:
-        labelled = [(name, "--model") for name in models] or [
-            (config.run.model or DEFAULT_MODEL, str(config.path))
-        ]
-        for name, source_label in labelled:
-            if name not in shapes:
-                shapes[name] = model_shape(name, source_label, allow_fallback)
-            shape = shapes[name]
+    shapes: dict[PlannedModel, ModelShape | None] = {}
+    for config in plan.configs:
+        for planned in plan.models_of(config):
+            if planned not in shapes:
+                shapes[planned] = model_shape(planned)
+            shape = shapes[planned]
             if shape is not None:
                 try:
                     check_text_params(
@@ -371,29 +331,6 @@ def _write_artifacts(
     return {"figures": figure_records, "views": view_records, "tables": table_records}
 
 
-def _source_identity(name: str) -> str:
-    """What a model name stands for, whatever its spelling: a checkpoint folder's full path
-    (``ck/a`` and ``ck/a/`` are one model), a hub repository, or a bundled model.
-    """
-    source = resolve_model(name)
-    if isinstance(source, LocalCheckpoint):
-        return f"checkpoint {source.path}"
-    if isinstance(source, HubModel):
-        return f"hub {source.repo_id}"
-    return f"bundled {source.name}"
-
-
-def model_identity(loaded: LoadedModel) -> str:
-    """Which model a run folder belongs to (the manifest's ``model_identity``): two checkpoints
-    named alike, or a fallback and the model it fell back to, are different models.
-    """
-    if loaded.is_fallback:
-        return (
-            f"{_source_identity(loaded.name)} standing in for {_source_identity(loaded.requested)}"
-        )
-    return _source_identity(loaded.requested)
-
-
 def _unwritable(error: OSError, what: str) -> UnraveledError:
     return UnraveledError(
         f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). Free space or fix the folder's permissions, then run again"
@@ -412,7 +349,7 @@ def run_one(
 
     Args:
         folder: The model's folder under ``out_dir`` (``outputs.model_folder``; default its slug).
-        identity: The model's ``model_identity`` (default worked out from ``loaded``).
+        identity: The model's ``model_identity`` (default ``loaded.planned.identity``).
 
     Raises:
         ConfigError: The run's folder is something else than a run (exit 2); nothing is replaced.
@@ -457,7 +394,7 @@ def run_one(
                 "resolved_config": config.resolved(),
                 "seed": config.run.seed,
                 "model": _model_record(loaded),
-                "model_identity": identity or model_identity(loaded),
+                "model_identity": identity or loaded.planned.identity,
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "timings_seconds": {
                     "compute": computed - started,
@@ -490,20 +427,6 @@ def run_one(
     return target
 
 
-def _each_model_once(
-    planned: list[tuple[LoadedConfig, str, str]],
-) -> list[tuple[LoadedConfig, str, str]]:
-    """``planned`` with each model under one name (its first spelling: ``ck/a`` and ``ck/a/``
-    are one model) and each config run once on it.
-    """
-    spelling: dict[str, str] = {}
-    kept: dict[tuple[int, str], tuple[LoadedConfig, str, str]] = {}
-    for config, name, label in planned:
-        name = spelling.setdefault(_source_identity(name), name)
-        kept.setdefault((id(config), name), (config, name, label))
-    return list(kept.values())
-
-
 def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
     """Check ``out_dir``'s index, compare folder and the run folders ``targets``, undo what
     interrupted runs left (swaps, temporary files), and rebuild the pages where a run was left
@@ -526,82 +449,74 @@ def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
 
 
 def run_configs(
-    configs: Sequence[LoadedConfig],
+    plan: RunPlan,
     out_dir: Path,
-    models: Sequence[str] = (),
     device: str = "cpu",
-    allow_fallback: bool = True,
     formats: Sequence[str] = export.DEFAULT_FORMATS,
 ) -> list[Path]:
     """Check every config against its model, then run them, rebuilding the pages after each run.
 
     Args:
-        configs: Validated configs (validate them all first, so a bad one writes nothing).
+        plan: What runs on which model (``plan_runs``; its configs validated, so a bad one
+            writes nothing), one model after the other.
         out_dir: Root of the outputs.
-        models: ``--model``, repeatable: run every config on each of these models, one model
-            after the other; empty: each config on the model it names.
         device: Torch device.
-        allow_fallback: Fall back to the bundled model when the requested one can't be had.
         formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
 
     Raises:
         ConfigError: A param a model can't take, before any file is written.
     """
-    pool = ModelPool(device=device, allow_fallback=allow_fallback)
-    if models:
-        planned = [(config, model, "--model") for model in models for config in configs]
-    else:
-        planned = [
-            (config, config.run.model or DEFAULT_MODEL, str(config.path)) for config in configs
-        ]
-    planned = _each_model_once(planned)
-    # Where each run goes unless its model falls back or shares its name: checked before loading.
+    pool = ModelPool(device=device)
+    # Where each run goes unless its model shares its name with another: checked before loading.
     _prepare_output_folder(
         out_dir,
         [
-            outputs.run_target(out_dir, resolve_model(name).slug, config.name)
-            for config, name, _ in planned
+            outputs.run_target(out_dir, planned.source.slug, config.name)
+            for config, planned in plan.runs
         ],
     )
     # Each model once, checking every config that uses it, before anything is written. The models
     # stay loaded until their configs have run (one model in the usual invocation).
-    model_names = list(dict.fromkeys(name for _, name, _ in planned))
-    folders: dict[str, tuple[str, str]] = {}  # model name -> its folder under out_dir, its identity
+    folders: dict[PlannedModel, tuple[str, str]] = {}  # its folder under out_dir, its identity
     taken: dict[str, str] = {}
-    for model_name in model_names:
-        users = [(config, label) for config, name, label in planned if name == model_name]
-        first = pool.get(model_name, users[0][0].experiment.weights, users[0][1])
-        for config, _ in users:
+    for planned in plan.models:
+        users = plan.configs_on(planned)
+        first = pool.get(planned, users[0].experiment.weights)
+        for config in users:
             check_config(config, first)
-        identity = model_identity(first)
-        folders[model_name] = (outputs.model_folder(out_dir, first.slug, identity, taken), identity)
+        folders[planned] = (
+            outputs.model_folder(out_dir, first.slug, planned.identity, taken),
+            planned.identity,
+        )
         del first  # the pool holds it; a name here would keep it alive when the pool frees it
     outputs.check_output_folder(
         out_dir,
-        [outputs.run_target(out_dir, folders[name][0], config.name) for config, name, _ in planned],
+        [
+            outputs.run_target(out_dir, folders[planned][0], config.name)
+            for config, planned in plan.runs
+        ],
     )
     written: list[Path] = []
     number = 0
-    for model_name in model_names:
+    for planned in plan.models:
         # The kind of weights already held first, then the other: each kind loads once.
-        held = pool.held_kind(model_name)
-        runs = sorted(
-            ((c, label) for c, name, label in planned if name == model_name),
-            key=lambda run: run[0].experiment.weights != held,
+        held = pool.held_kind(planned)
+        configs = sorted(
+            plan.configs_on(planned), key=lambda config: config.experiment.weights != held
         )
-        for config, source_label in runs:
+        for config in configs:
             number += 1
-            loaded = pool.get(model_name, config.experiment.weights, source_label)
+            loaded = pool.get(planned, config.experiment.weights)
             logger.info(
                 "[%d/%d] %s: %s on %s",
                 number,
-                len(planned),
+                len(plan.runs),
                 config.name,
                 config.experiment.title,
                 loaded.label(),
             )
             started = time.perf_counter()
-            target = run_one(config, loaded, out_dir, formats, *folders[model_name])
+            target = run_one(config, loaded, out_dir, formats, *folders[planned])
             return_freed_memory()  # the config's activations and figures
             if target in written:  # e.g. two models that both fell back to the bundled one
                 logger.warning(
@@ -616,12 +531,13 @@ def run_configs(
             except OSError as error:
                 raise _unwritable(
                     error,
-                    f"{target} is published, but the pages could not be rebuilt (the next run rebuilds them)",
+                    f"{target} is published, but the pages could not be rebuilt (the next run "
+                    "rebuilds them)",
                 ) from None
             logger.info(
                 "[%d/%d] %s done in %.1f s -> %s",
                 number,
-                len(planned),
+                len(plan.runs),
                 config.name,
                 time.perf_counter() - started,
                 target,
@@ -629,6 +545,6 @@ def run_configs(
             # The next config may want the other kind of weights: the pool frees this model then,
             # which it can only do if nothing else still refers to it.
             del loaded
-        pool.release(model_name)  # done with this model: free it before the next one runs
+        pool.release(planned)  # done with this model: free it before the next one runs
     pool.release()
     return written

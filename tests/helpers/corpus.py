@@ -34,4 +34,4 @@ SETTINGS = AtlasSettings(
 def load_tiny(folder: Path, cache: Path) -> HookedTransformer:
     """A model of the caller's own (one it may rewire), converted through ``cache``."""
     with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(cache)}):
-        return load_model(str(folder), "processed", fallback=None).model
+        return load_model(str(folder), "processed").model

@@ -19,8 +19,9 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
-    """The snapshot folder of ``repo_id`` that the local Hugging Face cache's ``main`` points at,
-    if it has a config. Its name is the commit hash (see ``snapshot_revision``).
+    """The snapshot of ``repo_id`` that the local Hugging Face cache's ``main`` points at.
+
+    None unless it has a config. The folder's name is the commit hash (``snapshot_revision``).
     """
     found = try_to_load_from_cache(repo_id, "config.json")
     return Path(found).parent if isinstance(found, str) else None

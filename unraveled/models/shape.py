@@ -4,8 +4,9 @@ For the checks that must come before any model is loaded: a prompt's token count
 model's context and the experiment's cap. Loading converts the weights (seconds to minutes, and a
 new entry in the converted-weights cache); the tokenizer and the config are small files. They are
 read from the places loading reads the model from, in the same order: the converted-weights cache
-entry, then the checkpoint folder, the Hugging Face cache's snapshot or the bundled GGUF file.
-The tokenizer is the one loading would build, so the counts are the loaded model's.
+entry, then the source's own files (``ModelSource.read_shape``: the checkpoint folder, the Hugging
+Face cache's snapshot or the bundled GGUF file). The tokenizer is the one loading would build, so
+the counts are the loaded model's.
 """
 
 from __future__ import annotations
@@ -16,16 +17,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from unraveled.models import hub, weight_cache
-from unraveled.models.loading import fingerprint
-from unraveled.models.sources import (
-    FALLBACK_MODEL,
-    BundledModel,
-    HubModel,
-    LocalCheckpoint,
-    ModelSource,
-    resolve_model,
-)
+from unraveled.models import weight_cache
+from unraveled.models.plan import PlannedModel
+from unraveled.models.sources import ModelSource
 
 # Where checkpoint configs give the context length (TransformerLens reads one of them per
 # architecture, and caps some lower; the loaded model's own n_ctx is checked again after it loads).
@@ -52,7 +46,7 @@ class ModelShape:
 
 
 def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int] | None:
-    identity = fingerprint(source)
+    identity = source.fingerprint()
     if identity is None:
         return None
     for weights in ("processed", "raw"):  # both kinds hold the same tokenizer and config
@@ -64,63 +58,27 @@ def _from_cache_entry(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int
     return None
 
 
-def _from_checkpoint_folder(folder: Path) -> tuple[PreTrainedTokenizerBase, int | None] | None:
-    """The folder's tokenizer and declared context; None when it can't be read (loading then
-    reports the folder as bad input).
+def checkpoint_folder_shape(folder: Path) -> tuple[PreTrainedTokenizerBase, int | None] | None:
+    """A checkpoint folder's tokenizer and the largest context its config declares.
+
+    None when they can't be read (loading then reports the folder as bad input).
     """
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (
-        Exception
-    ):  # transformers raises OSError, ValueError, KeyError, ...; loading says what is wrong
+    except Exception:  # transformers raises OSError, ValueError, KeyError...: loading says which
         return None
     declared = [config[key] for key in _CONTEXT_KEYS if isinstance(config.get(key), int)]
     return tokenizer, max(declared) if declared else None
 
 
-def _from_gguf(source: BundledModel) -> tuple[PreTrainedTokenizerBase, None] | None:
-    gguf = source.gguf_path()
-    if gguf is None:
-        return None
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), None
-
-
-def _read(source: ModelSource) -> tuple[PreTrainedTokenizerBase, int | None] | None:
-    found = _from_cache_entry(source)
-    if found is not None:
-        return found
-    if isinstance(source, LocalCheckpoint):
-        return _from_checkpoint_folder(source.path)
-    if isinstance(source, HubModel):
-        snapshot = hub.cached_snapshot(source.repo_id)
-        return _from_checkpoint_folder(snapshot) if snapshot is not None else None
-    return _from_gguf(source)
-
-
-def model_shape(
-    name: str, source_label: str = "--model", allow_fallback: bool = True
-) -> ModelShape | None:
-    """The tokenizer and context of the model that loading ``name`` will give, without loading it.
-
-    Args:
-        name: A model name, as for ``load_model``.
-        source_label: Where the name came from, for error messages.
-        allow_fallback: Whether loading may fall back to the bundled model when ``name`` can't be had.
+def model_shape(planned: PlannedModel) -> ModelShape | None:
+    """The tokenizer and context of the model ``planned`` will load, without loading it.
 
     Returns:
-        Its shape; the fallback's, labelled as such, for a hub model that is in no cache while
-        the hub can't be reached; None when it can't be known without the network or a load
-        (a hub model not cached, the hub reachable; a folder that is not a checkpoint).
+        Its shape (the fallback's, labelled as such, when the plan fell back); None when it can't
+        be known without the network or a load (a hub model not cached; a folder whose files
+        can't be read).
     """
-    source = resolve_model(name, source_label)
-    found = _read(source)
-    if found is not None:
-        return ModelShape(
-            source.slug if isinstance(source, LocalCheckpoint) else source.name, *found
-        )
-    if isinstance(source, HubModel) and allow_fallback and hub.hub_unreachable_reason() is not None:
-        fallback = _read(resolve_model(FALLBACK_MODEL))
-        if fallback is not None:
-            return ModelShape(f"{FALLBACK_MODEL} (fallback: {name} unavailable)", *fallback)
-    return None
+    found = _from_cache_entry(planned.source) or planned.source.read_shape()
+    return ModelShape(planned.label(), *found) if found is not None else None
