@@ -93,7 +93,7 @@ def story_rank(experiment: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One published run folder, ``OUT/<slug>/<config>/``, as its manifest and metrics describe it."""
+    """One published run folder, ``OUT/<slug>/<config>/``, as its manifest and metrics say."""
 
     slug: str
     config: str
@@ -132,7 +132,7 @@ class Run:
 
     @property
     def overrides(self) -> dict[str, Any]:
-        """What ``--set`` changed from the config file (``params.prompt``: its value); {} for none."""
+        """What ``--set`` changed from the config file (``params.prompt``: value); {} for none."""
         overrides = self.manifest.get("overrides")
         return dict(overrides) if isinstance(overrides, dict) else {}
 
@@ -143,7 +143,7 @@ class Run:
         return dict(params) if isinstance(params, dict) else {}
 
     def is_overridden(self, key: str) -> bool:
-        """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is part of."""
+        """Whether ``--set`` gave ``key`` (``params.ioi``), part of it or the value it is in."""
         return any(
             key == set_key or set_key.startswith(f"{key}.") or key.startswith(f"{set_key}.")
             for set_key in self.overrides
@@ -197,8 +197,9 @@ def href(from_page: str, target: str) -> str:
 
 @dataclass(frozen=True)
 class MetricNode:
-    """A row of the metrics table: a value, a collapsible group of rows, or a collapsible table
-    (for a list of records such as the top heads with their scores).
+    """A row of the metrics table: a value, a collapsible group of rows, or a collapsible table.
+
+    A table stands for a list of records, such as the top heads with their scores.
     """
 
     name: str
@@ -226,8 +227,9 @@ def _records(value: Any) -> list[str] | None:
 
 
 def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
-    """The metrics as table rows: nested dicts as groups, lists of records as small tables,
-    arrays summarised (``not_applicable`` is shown apart).
+    """The metrics as table rows: nested dicts as groups, lists of records as small tables.
+
+    Arrays are summarised; ``not_applicable`` is shown apart.
     """
     nodes = []
     for key, value in metrics.items():
@@ -246,8 +248,9 @@ def metric_tree(metrics: dict[str, Any]) -> list[MetricNode]:
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Every scalar metric by dotted name, nested dicts flattened, short lists of scalars (shapes,
-    pairs) kept; longer arrays left out.
+    """Every scalar metric by dotted name, nested dicts flattened.
+
+    Short lists of scalars (shapes, pairs) are kept; longer arrays are left out.
     """
     rows: dict[str, Any] = {}
     for key, value in metrics.items():
@@ -359,8 +362,10 @@ def _render(template: str, page: str, **context: Any) -> str:
 
 
 def shared_description(runs: Sequence[Run]) -> str | None:
-    """The description every run of a config shares, or None when they differ (a ``--set``
-    prompt on one model): each run's own is shown then.
+    """The description every run of a config shares, or None when they differ.
+
+    They differ when, say, a ``--set`` prompt was given for one model; each run's own description
+    is shown then.
     """
     descriptions = {run.description for run in runs}
     return descriptions.pop() if len(descriptions) == 1 else None
