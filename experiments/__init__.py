@@ -1,3 +1,4 @@
-"""Experiment modules, installed as ``unraveled.experiments``: each defines ``EXPERIMENT`` (see
-``unraveled.experiment``).
+"""Experiment modules, installed as ``unraveled.experiments``.
+
+Each defines ``EXPERIMENT`` (see ``unraveled.experiment``).
 """

@@ -1,5 +1,7 @@
-"""Attention: one head's pattern in every layer, attention to the first token and from the last,
-and per-head entropy and attention-sink strength.
+"""Attention: patterns, attention to the first token and from the last, entropy, sinks.
+
+The figures and views show one head's pattern in every layer, attention to the first token and
+from the last, and per-head entropy and attention-sink strength.
 
 It reads raw weights, as the original analysis does: folding and centring change no attention
 pattern and no next-token loss (the folded LayerNorm and the centred residual give the same
@@ -35,6 +37,8 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
 
 
 class AttentionParams(Params):
+    """The attention experiment's params: the prompt, the head drawn, and whether to add BOS."""
+
     prompt: Prompt = "Alice gave Bob a goose, and he gave her a duck."
     head: HeadIndex = Field(0, description="The head drawn in every layer's heatmap.")
     # The original analysis tokenises without BOS: position 0 is the prompt's first word.
@@ -45,6 +49,21 @@ class AttentionParams(Params):
 
 @dataclass(frozen=True)
 class AttentionResult:
+    """The prompt's attention patterns in every layer, and what the figures and metrics take.
+
+    Attributes:
+        tokens: The prompt's tokens, as strings.
+        head: The head drawn in every layer's heatmap.
+        patterns: Every head's attention pattern.
+        to_first_token: Attention each query pays to position 0, mean over heads.
+        from_last_token: Attention the last query pays to each key, mean over heads.
+        entropy: Per head, the entropy of its attention (nats), mean over queries.
+        sink: Per head, attention to position 0, mean over queries 1 onward.
+        next_token_loss: The loss of predicting each token after the first from the ones before.
+        prompt: The prompt.
+        prepend_bos: Whether a BOS token was prepended.
+    """
+
     tokens: list[str]
     head: int
     patterns: Float[NDArray, "layer head query_pos key_pos"]
@@ -66,6 +85,7 @@ class AttentionResult:
         )
 
     def metrics(self) -> dict[str, Any]:
+        """The patterns' summaries, per-head entropy and sink, the strongest heads, the loss."""
         from unraveled.heads import top_heads
 
         return {
@@ -77,7 +97,9 @@ class AttentionResult:
             "last_token_attention_per_layer": self.from_last_token,
             "entropy_by_head": self.entropy,
             "attention_sink_by_head": self.sink,
-            "attention_sink_means": "mean attention to position 0 over queries 1.. (query 0 can only attend to itself)",
+            "attention_sink_means": (
+                "mean attention to position 0 over queries 1.. (query 0 can only attend to itself)"
+            ),
             "mean_attention_sink": float(self.sink.mean()),
             "strongest_sink_heads": top_heads(self.sink, 5),
             "lowest_entropy_heads": top_heads(self.entropy, 5, lowest=True),
@@ -101,6 +123,7 @@ def layer_colours(cmap_name: str, n_layers: int) -> ListedColormap:
 
 
 def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> AttentionResult:
+    """Run the prompt once, keeping every layer's attention pattern and the next-token loss."""
     from unraveled.activations import collect_activations
     from unraveled.analysis import (
         attention_entropy_by_head,
@@ -131,6 +154,7 @@ def compute(model: HookedTransformer, params: AttentionParams, seed: int) -> Att
 
 
 def render(result: AttentionResult) -> Iterator[Artifact]:
+    """The heatmaps, the layer-wise curves, per-head entropy and sink, and the views."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm
 
@@ -152,7 +176,8 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
         axes.set_yticks(range(len(labels)), labels, fontsize=6)
     figure.colorbar(image, ax=axes_list, shrink=0.6, label="attention weight")
     figure.suptitle(
-        f"Attention pattern of one head in every layer (rows: queries, columns: keys); prompt tokenised {result.tokenisation}"
+        "Attention pattern of one head in every layer (rows: queries, columns: keys); "
+        f"prompt tokenised {result.tokenisation}"
     )
     yield Figure(
         "04_attention_heatmaps",
@@ -167,7 +192,8 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
         axes.plot(result.to_first_token[layer], color=blues.colors[layer])
         axes.plot(result.from_last_token[layer], color=reds.colors[layer], linestyle="--")
     axes.set(
-        title="Layer by layer: attention every token pays to the first token (blue) and the last token pays to each token (red, dashed)"
+        title="Layer by layer: attention every token pays to the first token (blue) "
+        "and the last token pays to each token (red, dashed)"
         f"\nprompt tokenised {result.tokenisation}",
         xlabel="Token index",
         ylabel="Attention weight, mean over heads",
@@ -184,7 +210,8 @@ def render(result: AttentionResult) -> Iterator[Artifact]:
     yield Figure(
         "05_layer_wise_attention",
         figure,
-        f"Attention to the first token and from the last token, per layer; tokenised {result.tokenisation}",
+        "Attention to the first token and from the last token, per layer; "
+        f"tokenised {result.tokenisation}",
     )
 
     figure, (left, right) = panels(2)

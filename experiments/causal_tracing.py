@@ -1,4 +1,6 @@
-"""Causal tracing of factual recall (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+"""Causal tracing of factual recall (Meng et al. 2022, ROME).
+
+The paper: "Locating and Editing Factual Associations in GPT".
 
 Of a set of factual prompts, the ones the model gets right (its top prediction is the answer) are
 traced: the subject's token embeddings get Gaussian noise of 3 times the embeddings' standard
@@ -48,6 +50,8 @@ KINDS = {
 
 
 class CausalTracingParams(Params):
+    """The causal tracing experiment's params: which facts are traced, and how."""
+
     # Upper bounds keep a typo from asking for hours: each traced fact costs about
     # noise_samples x (its tokens after the subject) x 3 x n_layers restorations.
     n_facts: int = Field(
@@ -66,24 +70,33 @@ class CausalTracingParams(Params):
         7,
         ge=1,
         le=1024,
-        description="Only facts with at most this many tokens from the subject's first token to the end are traced (a fact's "
-        "time grows with the square of it); null traces any.",
+        description=(
+            "Only facts with at most this many tokens from the subject's first token to the end "
+            "are traced (a fact's time grows with the square of it); null traces any."
+        ),
     )
     prepend_bos: bool = Field(
         False,
-        description="Put the BOS token before each prompt; ROME does not (GPT-2 prompts as its tokenizer encodes them).",
+        description=(
+            "Put the BOS token before each prompt; ROME does not "
+            "(GPT-2 prompts as its tokenizer encodes them)."
+        ),
     )
     noise_multiplier: float = Field(
         3.0,
         ge=0.0,
         le=100.0,
-        description="Noise standard deviation, in standard deviations of the subjects' token embeddings.",
+        description=(
+            "Noise standard deviation, in standard deviations of the subjects' token embeddings."
+        ),
     )
     window: int | None = Field(
         None,
         ge=1,
         le=128,
-        description="Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled.",
+        description=(
+            "Blocks restored together for MLP and attention; default ROME's 10 of 48, scaled."
+        ),
     )
     example: int = Field(
         0, ge=0, description="Which traced fact the single-prompt figure shows (0 = the first)."
@@ -99,7 +112,8 @@ class CausalTracingParams(Params):
     def _example_among_traced(self) -> CausalTracingParams:
         if self.example >= self.n_facts:
             raise ValueError(
-                f"example={self.example} but at most n_facts={self.n_facts} facts are traced; use 0..{self.n_facts - 1}"
+                f"example={self.example} but at most n_facts={self.n_facts} facts are traced; "
+                f"use 0..{self.n_facts - 1}"
             )
         return self
 
@@ -115,6 +129,8 @@ def _facts_with_source(params: CausalTracingParams) -> tuple[str, list[Fact]]:
 
 @dataclass(frozen=True)
 class TracedFact:
+    """A fact the model gets right, and its trace."""
+
     tokenized: TokenizedFact
     trace: FactTrace
 
@@ -150,7 +166,7 @@ def grouped_effects(traced: list[TracedFact], kind: str) -> GroupedEffects:
         per_fact=np.stack(
             [
                 grouped_mean([effect.mean(axis=0)], [fact_groups])
-                for effect, fact_groups in zip(effects, groups)
+                for effect, fact_groups in zip(effects, groups, strict=True)
             ]
         ),
         per_sample=np.stack(
@@ -164,6 +180,22 @@ def grouped_effects(traced: list[TracedFact], kind: str) -> GroupedEffects:
 
 @dataclass(frozen=True)
 class CausalTracingResult:
+    """The facts the model knows, the traces of those traced, and their grouped effects.
+
+    Attributes:
+        n_candidates: How many facts the set has.
+        known: The facts whose answer is the model's top prediction.
+        traced: The known facts traced, in the set's order.
+        example: Which traced fact the single-prompt figure shows.
+        embedding_std: Standard deviation of the subjects' token embeddings.
+        noise_scale: Standard deviation of the noise added to them.
+        window: Blocks restored together for MLP and attention.
+        noise_samples: Noise draws per fact.
+        prepend_bos: Whether a BOS token was prepended to the prompts.
+        effects: Per kind of restoration (``KINDS``), the indirect effects in position groups.
+        seconds: How long the tracing took.
+    """
+
     n_candidates: int
     known: list[TokenizedFact]
     traced: list[TracedFact]
@@ -178,10 +210,11 @@ class CausalTracingResult:
 
     @property
     def average_effects(self) -> dict[str, Float[NDArray, "group layer"]]:
+        """Per kind, the average indirect effect of each position group and layer."""
         return {kind: effects.average for kind, effects in self.effects.items()}
 
     def peak(self, kind: str) -> dict[str, Any]:
-        """Layer and position group of the largest average indirect effect of ``kind``, with its spread.
+        """Layer and position group of ``kind``'s largest average indirect effect, and its spread.
 
         ``standard_error_over_samples`` is the standard deviation over noise samples of the
         average with each sample alone, over the square root of their count (how much another
@@ -207,6 +240,7 @@ class CausalTracingResult:
         }
 
     def metrics(self) -> dict[str, Any]:
+        """The facts, their probabilities, the average effects and peaks, and the example."""
         from unraveled.tracing import POSITION_GROUPS
 
         clean = [t.trace.clean_probability for t in self.traced]
@@ -256,13 +290,16 @@ class CausalTracingResult:
         }
 
 
-# Prompts per pass when finding the known facts: a pass over all 97 bundled facts at once peaks at
-# 150 MiB over its start on GPT-2 small (the MLP activations and GELU's temporaries of every prompt).
+# Prompts per pass when finding the known facts: a pass over all the bundled facts at once was the
+# experiment's peak (the MLP activations and GELU's temporaries of every prompt).
 PREDICTION_BATCH = 16
 
 
 def top_predictions(model: HookedTransformer, facts: list[TokenizedFact]) -> list[int]:
-    """The model's top next token after each fact's prompt (right-padded batches of ``PREDICTION_BATCH``)."""
+    """The model's top next token after each fact's prompt.
+
+    The prompts run in right-padded batches of ``PREDICTION_BATCH``.
+    """
     import torch
 
     from unraveled.logits import logit_lens
@@ -292,7 +329,7 @@ def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[Tokeniz
     """The facts whose answer is the model's top prediction."""
     return [
         fact
-        for fact, prediction in zip(facts, top_predictions(model, facts))
+        for fact, prediction in zip(facts, top_predictions(model, facts), strict=True)
         if prediction == fact.answer
     ]
 
@@ -300,6 +337,7 @@ def _known(model: HookedTransformer, facts: list[TokenizedFact]) -> list[Tokeniz
 def compute(
     model: HookedTransformer, params: CausalTracingParams, seed: int
 ) -> CausalTracingResult:
+    """Find the facts the model knows, and trace the first ``n_facts`` short enough."""
     import torch
 
     from unraveled.datasets.facts import tokenize_fact
@@ -321,16 +359,18 @@ def compute(
     ]
     if not short_enough:
         raise ValueError(
-            f"none of the {len(known)} facts {model.cfg.model_name} knows has at most params.max_traced_tokens={cap} tokens "
-            "from its subject on; raise it or set it to null"
+            f"none of the {len(known)} facts {model.cfg.model_name} knows has at most "
+            f"params.max_traced_tokens={cap} tokens from its subject on; raise it or set it to null"
         )
     chosen = short_enough[: params.n_facts]
     if params.example >= len(chosen):
         raise ValueError(
-            f"params.example={params.example} but only {len(chosen)} facts are traced; use 0..{len(chosen) - 1}"
+            f"params.example={params.example} but only {len(chosen)} facts are traced; "
+            f"use 0..{len(chosen) - 1}"
         )
     window = params.window or scaled_window(model.cfg.n_layers)
-    # As ROME: the spread of the subjects' token embeddings over the whole set, not just the traced facts.
+    # As ROME: the spread of the subjects' token embeddings over the whole set, not just the
+    # traced facts.
     subject_tokens = [
         token for fact in tokenized for token in fact.tokens[fact.subject_start : fact.subject_end]
     ]
@@ -388,6 +428,7 @@ def _trace_heatmap(
 
 
 def render(result: CausalTracingResult) -> Iterator[Artifact]:
+    """The example's trace, the average indirect effects, and the spread at each peak."""
     from unraveled.render.figures import panels
     from unraveled.tracing import POSITION_GROUPS
 
@@ -399,7 +440,7 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     ]
     figure, axes = panels(3)
     figure.set_size_inches(17, max(4.0, 0.35 * len(labels) + 1.5))
-    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items(), strict=True):
         values = getattr(trace, kind).T  # tokens as rows, as in the paper
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
         _trace_heatmap(
@@ -414,7 +455,8 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         )
     bos = "BOS prepended, unlike ROME" if result.prepend_bos else "no BOS, as ROME"
     figure.suptitle(
-        f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} (* = subject, noised; mean over {result.noise_samples} noise samples; {bos}): "
+        f"Causal trace of {fact.fact.prompt!r} -> {fact.fact.answer!r} "
+        f"(* = subject, noised; mean over {result.noise_samples} noise samples; {bos}): "
         f"clean p = {trace.clean_probability:.3f}, corrupted p = {trace.corrupted_probability:.3f}"
     )
     yield Figure(
@@ -427,7 +469,7 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
     figure.set_size_inches(17, 4.2)
     bound = max(float(np.nanmax(effects)) for effects in result.average_effects.values()) or 1.0
     group_labels = [label.capitalize() for label in POSITION_GROUPS]
-    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items(), strict=True):
         title = f"Restoring {name}" + (f" ({result.window} blocks)" if kind != "residual" else "")
         _trace_heatmap(
             ax,
@@ -441,20 +483,23 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         )
     metrics = result.metrics()
     figure.suptitle(
-        f"Average indirect effect over {len(result.traced)} prompts the model gets right x {result.noise_samples} noise samples "
+        f"Average indirect effect over {len(result.traced)} prompts the model gets right "
+        f"x {result.noise_samples} noise samples "
         f"({len(result.known)} of {result.n_candidates} known): "
-        f"mean clean p = {metrics['clean_probability_mean']:.3f}, corrupted p = {metrics['corrupted_probability_mean']:.3f}"
+        f"mean clean p = {metrics['clean_probability_mean']:.3f}, "
+        f"corrupted p = {metrics['corrupted_probability_mean']:.3f}"
     )
     yield Figure(
         "02_average_indirect_effect",
         figure,
-        "Restored minus corrupted probability, averaged over prompts, positions grouped as in the paper",
+        "Restored minus corrupted probability, averaged over prompts, "
+        "positions grouped as in the paper",
     )
 
     figure, axes = panels(3)
     figure.set_size_inches(17, 4.2)
     layers = np.arange(result.average_effects["residual"].shape[1])
-    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items()):
+    for ax, (kind, (name, cmap)) in zip(axes, KINDS.items(), strict=True):
         peak = metrics[f"{kind}_peak"]
         group = POSITION_GROUPS.index(peak["position_group"])
         effects = result.effects[kind]
@@ -492,12 +537,14 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         )
         ax.legend(fontsize=7, loc="upper left")
     figure.suptitle(
-        f"Spread at each kind's peak position group: {len(result.traced)} facts (thin lines), {result.noise_samples} noise samples each (error bars)"
+        f"Spread at each kind's peak position group: {len(result.traced)} facts (thin lines), "
+        f"{result.noise_samples} noise samples each (error bars)"
     )
     yield Figure(
         "03_peak_spread",
         figure,
-        "The average indirect effect at each peak's position group, with each fact's own curve and the standard error over noise samples",
+        "The average indirect effect at each peak's position group, "
+        "with each fact's own curve and the standard error over noise samples",
     )
 
 
@@ -522,7 +569,8 @@ def check(model: HookedTransformer, params: CausalTracingParams) -> None:
         if count > cap:
             raise ParamError(
                 "facts",
-                f"{source}[{index}].prompt is {count} tokens (BOS included), more than the {cap} allowed; shorten it{advice}",
+                f"{source}[{index}].prompt is {count} tokens (BOS included), "
+                f"more than the {cap} allowed; shorten it{advice}",
             )
         try:
             tokenize_fact(model, fact, f"{source}[{index}]")

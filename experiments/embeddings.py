@@ -33,8 +33,9 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
 GPT2_SMALL_DIMENSION_PAIRS = [[87, 138], [68, 85], [361, 724]]
 GPT2_SMALL_PAIRS_RULE = "GPT-2 small's pairs from the original analysis"
 DATA_DRIVEN_PAIRS_RULE = (
-    "data-driven: the two dimensions with the largest |mean| over tokens, then the four with the largest "
-    "position-embedding std (token |mean| without learned positions)"
+    "data-driven: the two dimensions with the largest |mean| over tokens, "
+    "then the four with the largest position-embedding std "
+    "(token |mean| without learned positions)"
 )
 NO_POSITION_EMBEDDINGS = (
     "the model has no learned position embeddings (positions are rotary, applied inside attention)"
@@ -42,6 +43,8 @@ NO_POSITION_EMBEDDINGS = (
 
 
 class EmbeddingsParams(Params):
+    """The embeddings experiment's params: how much of the matrices is drawn and analysed."""
+
     chunk_tokens: int = Field(
         500, ge=1, le=10_000, description="Random tokens in the embedding-matrix chunk."
     )
@@ -54,7 +57,10 @@ class EmbeddingsParams(Params):
     )
     dimension_pairs: list[list[int]] | None = Field(
         None,
-        description="Pairs of dimensions to scatter; default: the original's for GPT-2 small, else chosen from the data.",
+        description=(
+            "Pairs of dimensions to scatter; default: the original's for GPT-2 small, "
+            "else chosen from the data."
+        ),
     )
     local_subsets: int = Field(10, ge=1, le=100, description="Neighbourhoods for local PCA.")
     local_neighbours: int = Field(1000, ge=2, le=20_000, description="Points per neighbourhood.")
@@ -82,6 +88,22 @@ class PositionGeometry:
 
 @dataclass(frozen=True)
 class EmbeddingsResult:
+    """Everything computed from ``W_E``, and from ``W_pos`` when the model has one.
+
+    Attributes:
+        token_embeddings: ``W_E`` as float32.
+        token_chunk: Random dimensions (rows) of random tokens (columns).
+        token_dim_mean: Each dimension's mean over tokens.
+        token_dim_std: Each dimension's standard deviation over tokens.
+        first_dims: How many leading dimensions have their distributions drawn.
+        dimension_pairs: The pairs of dimensions scattered.
+        token_cumulative_variance: Cumulative explained variance of ``W_E``'s principal
+            components.
+        local_cumulative_variance: The same for each neighbourhood of tokens.
+        positions: What was computed from ``W_pos``; None for a model without one.
+        summary: The metrics.
+    """
+
     token_embeddings: Float[NDArray, "d_vocab d_model"]
     token_chunk: Float[NDArray, "chunk_dims chunk_tokens"]
     token_dim_mean: Float[NDArray, " d_model"]
@@ -94,12 +116,14 @@ class EmbeddingsResult:
     summary: dict[str, Any]
 
     def metrics(self) -> dict[str, Any]:
+        """Parameter count, shapes, intrinsic dimensions and per-dimension statistics."""
         return self.summary
 
 
 def is_gpt2_small(cfg: HookedTransformerConfig) -> bool:
-    """Whether the model is GPT-2 small itself: its name and its exact shape, not only its width
-    (gpt-neo-125M and pythia-160m are 768 wide too).
+    """Whether the model is GPT-2 small itself: its name and its exact shape, not only its width.
+
+    The width alone would not do: gpt-neo-125M and pythia-160m are 768 wide too.
     """
     shape = (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
     return (
@@ -163,6 +187,7 @@ def _position_geometry(
 
 
 def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> EmbeddingsResult:
+    """Statistics, dimension pairs and PCA geometry of the raw token and position embeddings."""
     from unraveled.geometry import (
         column_mean_std,
         cumulative_explained_variance,
@@ -196,7 +221,9 @@ def compute(model: HookedTransformer, params: EmbeddingsParams, seed: int) -> Em
     threshold = params.variance_threshold
     summary: dict[str, Any] = {
         "parameter_count": checkpoint_parameters(model),
-        "parameter_count_means": "the checkpoint's own parameters, as transformers counts them (tied embeddings once)",
+        "parameter_count_means": (
+            "the checkpoint's own parameters, as transformers counts them (tied embeddings once)"
+        ),
         "token_embedding_shape": list(w_e.shape),
         "position_embedding_shape": list(positions.embeddings.shape) if positions else None,
         "first_tokens": [
@@ -261,6 +288,7 @@ def _cumulative_plot(
 
 
 def render(result: EmbeddingsResult) -> Iterator[Artifact]:
+    """The chunk heatmaps, distributions, scatters and PCA figures, token and position."""
     from unraveled.render.figures import heatmap, panels
 
     w_e, positions = result.token_embeddings, result.positions
@@ -367,7 +395,7 @@ def render(result: EmbeddingsResult) -> Iterator[Artifact]:
         )
 
     figure, axes_list = panels(len(result.dimension_pairs))
-    for axes, (first, second) in zip(axes_list, result.dimension_pairs):
+    for axes, (first, second) in zip(axes_list, result.dimension_pairs, strict=True):
         axes.scatter(
             w_e[:, first],
             w_e[:, second],

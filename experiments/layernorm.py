@@ -1,4 +1,4 @@
-"""LayerNorm: its geometry, the learned gammas of every layer, and the scale it applies to prompts.
+"""LayerNorm: its geometry, every layer's learned gammas, and the scale it applies to prompts.
 
 The gammas are read from raw, unfolded weights (folding moves them into the next linear layer).
 For RMSNorm models without learned positions, gammas are compared with the token embeddings'
@@ -28,6 +28,8 @@ DEFAULT_PROMPTS = [
 
 
 class LayerNormParams(Params):
+    """The LayerNorm experiment's params: the geometry toy's size and the prompts scaled."""
+
     toy_points: int = Field(
         100, ge=3, le=100_000, description="Random 3D points in the geometry toy."
     )
@@ -36,6 +38,19 @@ class LayerNormParams(Params):
 
 @dataclass(frozen=True)
 class LayerNormResult:
+    """The toy's points, every layer's gammas, and the scale LayerNorm applied to the prompts.
+
+    Attributes:
+        toy_before: Random 3D points.
+        toy_after: The same points after LayerNorm without gain or bias.
+        reference_name: What the gammas are compared with (position or token embeddings).
+        reference_log_std: log10 of that reference's standard deviation per dimension.
+        log_gamma: Per norm (``ln1``, ``ln2``), log10 |gamma| of every layer.
+        applied_scale: Per norm, the scale it applied at each position, mean over the prompts.
+        norm_kind: The model's normalisation (``LN``, ``RMS``, ...).
+        summary: The metrics.
+    """
+
     toy_before: Float[NDArray, "points 3"]
     toy_after: Float[NDArray, "points 3"]
     reference_name: str
@@ -46,6 +61,7 @@ class LayerNormResult:
     summary: dict[str, Any]
 
     def metrics(self) -> dict[str, Any]:
+        """The toy's checks, gamma means and correlations, and the mean applied scale."""
         return self.summary
 
 
@@ -70,6 +86,7 @@ def _norm_weight(model: HookedTransformer, layer: int, which: str) -> Float[NDAr
 
 
 def compute(model: HookedTransformer, params: LayerNormParams, seed: int) -> LayerNormResult:
+    """Normalise the toy's points, read the gammas, and run the prompts for the applied scale."""
     import torch
 
     from unraveled.activations import collect_activations
@@ -172,6 +189,7 @@ def _toy_figure(result: LayerNormResult) -> Figure:
 
 
 def render(result: LayerNormResult) -> Iterator[Artifact]:
+    """The toy in 3D, each norm's gammas against the reference, and the applied scale."""
     from unraveled.render.figures import heatmap, layer_grid, panels
 
     yield _toy_figure(result)
@@ -188,7 +206,8 @@ def render(result: LayerNormResult) -> Iterator[Artifact]:
             axes.set_xlabel(f"log10 std of {result.reference_name.split(' (')[0]}", fontsize=7)
             axes.set_ylabel("log10 |gamma|", fontsize=7)
         figure.suptitle(
-            f"{result.norm_kind} gammas {names[which]} against per-dimension spread of {result.reference_name}"
+            f"{result.norm_kind} gammas {names[which]} "
+            f"against per-dimension spread of {result.reference_name}"
         )
         yield Figure(
             f"{number}_{which}_gammas",
@@ -196,7 +215,7 @@ def render(result: LayerNormResult) -> Iterator[Artifact]:
             f"log10 |gamma| of {which} per layer vs log10 std of {result.reference_name}",
         )
     figure, axes_list = panels(2)
-    for axes, which in zip(axes_list, ("ln1", "ln2")):
+    for axes, which in zip(axes_list, ("ln1", "ln2"), strict=True):
         # The first position's scale is often orders of magnitude above the rest: log scale.
         heatmap(
             axes,

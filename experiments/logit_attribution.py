@@ -1,5 +1,7 @@
-"""Direct logit attribution: the logit difference between a correct and an incorrect answer,
-split into what the embeddings, every attention head and every MLP write directly to it.
+"""Direct logit attribution: a logit difference split into what each component writes to it.
+
+The logit difference between a correct and an incorrect answer is split into what the
+embeddings, every attention head and every MLP write directly to it.
 
 Each component's output at the last position goes through the final norm with the scale the
 model actually applied (cached), then onto the difference of the two answers' unembeddings. The
@@ -43,6 +45,8 @@ TOP_K = 10
 
 
 class LogitAttributionParams(Params):
+    """The logit attribution experiment's params: the prompt or IOI prompts, and the answers."""
+
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
     incorrect: Answer = Field(" John", description="The competing answer (one token).")
@@ -56,6 +60,20 @@ class LogitAttributionParams(Params):
 
 @dataclass(frozen=True)
 class LogitAttributionResult:
+    """The logit difference and what each component writes directly to it.
+
+    Attributes:
+        logit_difference: logit(correct) - logit(incorrect), mean over the prompts.
+        embeddings: Per embedding hook (``embed``, ``pos_embed``), its contribution.
+        heads: Each head's contribution.
+        attention_bias: Each layer's attention output bias (value biases folded in).
+        mlp: Each layer's MLP output.
+        unembed_bias: The unembedding bias's difference between the two answers.
+        correct: The correct answer (or, for IOI prompts, what it stands for).
+        incorrect: The incorrect answer (or what it stands for).
+        n_prompts: How many prompts the attribution is averaged over.
+    """
+
     logit_difference: float
     embeddings: dict[str, float]
     heads: Float[NDArray, "layer head"]
@@ -68,6 +86,7 @@ class LogitAttributionResult:
 
     @property
     def attention_per_layer(self) -> Float[NDArray, " layer"]:
+        """Each layer's attention contribution: its heads and its output bias."""
         return self.heads.sum(axis=1) + self.attention_bias
 
     def total(self) -> float:
@@ -80,6 +99,7 @@ class LogitAttributionResult:
         )
 
     def metrics(self) -> dict[str, Any]:
+        """The logit difference, every contribution, their sum, and the top heads."""
         from unraveled.heads import top_heads
 
         return {
@@ -102,6 +122,7 @@ class LogitAttributionResult:
 def compute(
     model: HookedTransformer, params: LogitAttributionParams, seed: int
 ) -> LogitAttributionResult:
+    """Attribute the logit difference at the last position of the prompt(s) to each component."""
     import torch
 
     from unraveled.datasets.ioi import ioi_batch
@@ -169,7 +190,8 @@ def compute(
             ],
             dim=1,
         )  # [batch, component, d_model]
-        # The final norm as the model applied it: centred (LayerNorm) and divided by its cached scale.
+        # The final norm as the model applied it: centred (LayerNorm) and divided by its cached
+        # scale.
         if model.cfg.normalization_type in ("LN", "LNPre"):
             components = components - components.mean(-1, keepdim=True)
         if normalized:
@@ -184,7 +206,7 @@ def compute(
         logit_difference=float(logit_differences(logits, pairs).mean()),
         embeddings={
             hook.removeprefix("hook_"): float(value)
-            for hook, value in zip(embedding_hooks, contributions[:n_embed])
+            for hook, value in zip(embedding_hooks, contributions[:n_embed], strict=True)
         },
         heads=head_part,
         attention_bias=contributions[n_embed + n_heads : n_embed + n_heads + n_layers],
@@ -197,13 +219,17 @@ def compute(
 
 
 def render(result: LogitAttributionResult) -> Iterator[Artifact]:
+    """Per-layer attention and MLP bars, and the heads' heatmap."""
     from unraveled.render.figures import heatmap, panels
 
     answers = (
         f"logit({result.correct!r}) - logit({result.incorrect!r}) = {result.logit_difference:.3f}"
     )
     if result.n_prompts > 1:
-        answers = f"logit({result.correct}) - logit({result.incorrect}) = {result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
+        answers = (
+            f"logit({result.correct}) - logit({result.incorrect}) = "
+            f"{result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
+        )
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)
     layers = np.arange(len(result.mlp))

@@ -25,6 +25,8 @@ TOP_K = 5
 
 
 class LogitLensParams(Params):
+    """The logit lens experiment's params: the prompt, and whether to prepend BOS."""
+
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     prepend_bos: bool | None = Field(
         None, description="Prepend BOS; None uses the model's default."
@@ -33,6 +35,21 @@ class LogitLensParams(Params):
 
 @dataclass(frozen=True)
 class LogitLensResult:
+    """What each residual-stream state (a point) would predict, decoded through the unembedding.
+
+    Attributes:
+        tokens: The prompt's tokens, as strings.
+        point_labels: A label per point (``STATE_CONVENTION``).
+        top1_token: Per point and position, the most likely next token.
+        top1_prob: Its probability.
+        final_prediction: The model's own prediction at the last position.
+        final_prediction_prob: Its probability at each point, last position.
+        final_prediction_rank: Its rank at each point (0 = top), last position.
+        kl_from_final: Per point, KL(final || point) at the last position.
+        top5_last: Per point, the five most likely tokens at the last position with their
+            probabilities.
+    """
+
     tokens: list[str]
     point_labels: list[str]
     top1_token: list[list[str]]
@@ -44,6 +61,7 @@ class LogitLensResult:
     top5_last: list[list[dict[str, Any]]]
 
     def metrics(self) -> dict[str, Any]:
+        """Per point: the final prediction's probability and rank, the KL, the top five."""
         from unraveled.analysis import STATE_CONVENTION
 
         return {
@@ -55,12 +73,13 @@ class LogitLensResult:
             "final_prediction_rank_per_point": self.final_prediction_rank,
             "kl_from_final_per_point": self.kl_from_final,
             "top5_at_last_position_per_point": {
-                label: top for label, top in zip(self.point_labels, self.top5_last)
+                label: top for label, top in zip(self.point_labels, self.top5_last, strict=True)
             },
         }
 
 
 def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> LogitLensResult:
+    """Decode every residual-stream state of the prompt through the final norm and unembedding."""
     import torch
 
     from unraveled.activations import collect_activations
@@ -73,25 +92,24 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
         model, [params.prompt], hooks, prepend_bos=params.prepend_bos, logits=False
     )
     # One point at a time: each point's [pos, d_vocab] distributions are reduced to its top-1 and
-    # its last position, so no full-vocabulary tensor of every point is held (three of them, 42 MB
-    # each for GPT-2 small on this prompt, were the config's peak).
+    # its last position, so no full-vocabulary tensor of every point is held (a few of them at
+    # once were the config's peak).
     top1_probs, top1_ids, last_rows = [], [], []
     with torch.inference_mode():
         for hook in hooks:
-            log_probs = logit_lens(model, acts.cache[hook][:1])[0].log_softmax(
-                dim=-1
-            )  # [pos, d_vocab]
+            # [pos, d_vocab]
+            log_probs = logit_lens(model, acts.cache[hook][:1])[0].log_softmax(dim=-1)
             top1_prob, top1_id = log_probs.exp().max(dim=-1)
             top1_probs.append(top1_prob)
             top1_ids.append(top1_id)
-            last_rows.append(
-                log_probs[-1].clone()
-            )  # not a view, which would keep the whole point alive
+            # A copy, not a view, which would keep the whole point alive.
+            last_rows.append(log_probs[-1].clone())
+    # [point, pos], [point, pos], [point, d_vocab]
     top1_prob, top1_id, last = (
         torch.stack(top1_probs),
         torch.stack(top1_ids),
         torch.stack(last_rows),
-    )  # [point, pos], [point, d_vocab]
+    )
     decode = model.tokenizer.decode
     final_token = int(last[-1].argmax())
     top_probs, top_ids = last.exp().topk(TOP_K, dim=-1)
@@ -105,13 +123,17 @@ def compute(model: HookedTransformer, params: LogitLensParams, seed: int) -> Log
         final_prediction_rank=rank_of(last, final_token).numpy(),
         kl_from_final=kl_from_final(last).numpy(),
         top5_last=[
-            [{"token": decode([token]), "probability": float(p)} for token, p in zip(ids, ps)]
-            for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
+            [
+                {"token": decode([token]), "probability": float(p)}
+                for token, p in zip(ids, ps, strict=True)
+            ]
+            for ids, ps in zip(top_ids.tolist(), top_probs.tolist(), strict=True)
         ],
     )
 
 
 def render(result: LogitLensResult) -> Iterator[Artifact]:
+    """The top-1 grid of every point and position, and the final prediction's curves."""
     from unraveled.analysis import STATE_AXIS_LABEL
     from unraveled.render.figures import panels, token_label
 
@@ -136,7 +158,8 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
     axes.set_xticks(range(n_pos), [token_label(t) for t in result.tokens], rotation=60, fontsize=7)
     axes.set_yticks(range(n_points), result.point_labels, fontsize=6)
     axes.set(
-        title="Logit lens: top-1 decoded token at every layer and position (colour: its probability)",
+        title="Logit lens: top-1 decoded token at every layer and position "
+        "(colour: its probability)",
         xlabel="Input position",
     )
     figure.colorbar(image, ax=axes, label="probability of the top-1 token")
@@ -170,11 +193,13 @@ def render(result: LogitLensResult) -> Iterator[Artifact]:
     yield Figure(
         "02_final_prediction_by_layer",
         figure,
-        "Probability and rank of the final prediction, and KL from the final distribution, per layer",
+        "Probability and rank of the final prediction, "
+        "and KL from the final distribution, per layer",
     )
 
 
-# Each prompt token adds a column of (layers + 1) full-vocabulary distributions, and a column to the grid figure.
+# Each prompt token adds a column of (layers + 1) full-vocabulary distributions, and a column to
+# the grid figure.
 EXPERIMENT = Experiment(
     title="Logit lens", params=LogitLensParams, compute=compute, render=render, max_prompt_tokens=64
 )

@@ -34,7 +34,8 @@ ACTIVE_RULE = (
 )
 GATED_ACTIVE_RULE = (
     "gate pre-activation > 0 (mlp.hook_pre)",
-    "gate pre-activation > 0 (mlp.hook_pre), i.e. SiLU(gate) > 0; the gated MLP's hook_post = SiLU(gate) x up "
+    "gate pre-activation > 0 (mlp.hook_pre), i.e. SiLU(gate) > 0; "
+    "the gated MLP's hook_post = SiLU(gate) x up "
     "has no sign that means firing. Over every real token of the prompts",
 )
 DEFAULT_PROMPTS = [
@@ -45,6 +46,8 @@ DEFAULT_PROMPTS = [
 
 
 class MlpParams(Params):
+    """The MLP experiment's params: the prompts run, and the superposition toy's settings."""
+
     prompts: list[Prompt] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
     # Bounded: the toy holds every pair's cosine (toy_vectors**2 / 2 numbers).
     toy_vectors: int = Field(1000, ge=2, le=5000, description="Vectors in the superposition toy.")
@@ -73,6 +76,7 @@ class PairAngles:
     pairs_more_than_45_degrees_off: int
 
     def summary(self) -> dict[str, Any]:
+        """The numbers for the metrics: every field but the histograms."""
         return {
             "pairs": self.n_pairs,
             "fraction_of_pairs_within_1_degree_of_orthogonal": self.fraction_within_1_degree,
@@ -85,6 +89,14 @@ class PairAngles:
 
 @dataclass(frozen=True)
 class SuperpositionToy:
+    """The superposition toy's outcome.
+
+    Attributes:
+        loss: The loss after each Adam step.
+        vectors: The vectors at the end.
+        angles: How close to orthogonal their pairs are.
+    """
+
     loss: Float[NDArray, " steps"]
     vectors: Float[NDArray, "vectors dims"]
     angles: PairAngles
@@ -92,6 +104,16 @@ class SuperpositionToy:
 
 @dataclass(frozen=True)
 class MlpResult:
+    """The superposition toy, and how the MLP neurons fire on the prompts.
+
+    Attributes:
+        toy: The superposition toy.
+        post_samples: Per layer, a random sample of the post-activations on real tokens.
+        active_fraction: Per layer, the fraction of neurons active over the real tokens.
+        active_rule: What counts as active, shortly (for the figures).
+        summary: The metrics.
+    """
+
     toy: SuperpositionToy
     post_samples: list[Float[NDArray, " samples"]]
     active_fraction: Float[NDArray, " layer"]
@@ -99,12 +121,14 @@ class MlpResult:
     summary: dict[str, Any]
 
     def metrics(self) -> dict[str, Any]:
+        """The toy's loss and angles, and the neurons' activity per layer."""
         return self.summary
 
 
 def pair_angles(vectors: Float[NDArray, "n d"]) -> PairAngles:
-    """Angles between every pair of distinct rows: a 0-180 degree histogram that counts all of them,
-    a zoom on 89-91 degrees, and how far the set is from orthogonal.
+    """Angles between every pair of distinct rows, and how far the set is from orthogonal.
+
+    They come as a 0-180 degree histogram that counts all of them and a zoom on 89-91 degrees.
 
     The RMS cosine can't go below the Welch bound, whatever the optimiser does: with more vectors
     than dimensions, some pairs must stay far from orthogonal.
@@ -149,13 +173,13 @@ def superposition_toy(
     seed: int,
     norm_weight: float = 1000.0,
 ) -> SuperpositionToy:
-    """Push ``n_vectors`` unit vectors in ``n_dims`` dimensions towards orthogonality, as the
-    original analysis does.
+    """Push ``n_vectors`` unit vectors in ``n_dims`` dimensions towards orthogonality.
 
-    The rows start at unit length; Adam then minimises, over the off-diagonal of the Gram matrix
-    (each pair in both orders), relu(|dot| - ``cutoff``), plus ``norm_weight`` times the summed
-    squared deviation of the diagonal from 1, which keeps the rows unit length. Most pairs end up
-    within a degree of orthogonal, not all of them (see ``pair_angles``).
+    This is the original analysis's toy. The rows start at unit length; Adam then minimises, over
+    the off-diagonal of the Gram matrix (each pair in both orders), relu(|dot| - ``cutoff``), plus
+    ``norm_weight`` times the summed squared deviation of the diagonal from 1, which keeps the
+    rows unit length. Most pairs end up within a degree of orthogonal, not all of them (see
+    ``pair_angles``).
     """
     import torch
 
@@ -188,6 +212,7 @@ def superposition_toy(
 
 
 def compute(model: HookedTransformer, params: MlpParams, seed: int) -> MlpResult:
+    """Train the superposition toy, and measure how the MLP neurons fire on the prompts."""
     from unraveled.activations import collect_activations
 
     toy = superposition_toy(
@@ -277,6 +302,7 @@ def _angle_histogram(axes: Axes, angles: PairAngles) -> None:
 
 
 def render(result: MlpResult) -> Iterator[Artifact]:
+    """The toy's loss and angle histogram, and the activations and active fraction per layer."""
     from unraveled.render.figures import panels
 
     figure, (left, right) = panels(2, width_ratios=[1.0, 1.6])
@@ -291,13 +317,15 @@ def render(result: MlpResult) -> Iterator[Artifact]:
     _angle_histogram(right, result.toy.angles)
     n_vectors, n_dims = result.toy.vectors.shape
     figure.suptitle(
-        f"{n_vectors} vectors in {n_dims} dimensions: most pairs can be made nearly orthogonal, not all"
+        f"{n_vectors} vectors in {n_dims} dimensions: "
+        "most pairs can be made nearly orthogonal, not all"
     )
     yield Figure(
         "06_angle_distribution",
         figure,
-        f"Superposition toy: {100 * result.toy.angles.fraction_within_1_degree:.1f}% of pairs within 1° of orthogonal; "
-        f"RMS cosine {result.toy.angles.rms_cosine:.3f} against a Welch bound of {result.toy.angles.welch_bound_rms_cosine:.3f}",
+        f"Superposition toy: {100 * result.toy.angles.fraction_within_1_degree:.1f}% of pairs "
+        f"within 1° of orthogonal; RMS cosine {result.toy.angles.rms_cosine:.3f} "
+        f"against a Welch bound of {result.toy.angles.welch_bound_rms_cosine:.3f}",
     )
 
     figure, (left, right) = panels(2, width_ratios=[2.0, 1.0])
@@ -324,7 +352,8 @@ def render(result: MlpResult) -> Iterator[Artifact]:
     yield Figure(
         "07_mlp_activations",
         figure,
-        f"Distribution of MLP activations and fraction of neurons active ({result.active_rule}), per layer",
+        "Distribution of MLP activations and fraction of neurons active "
+        f"({result.active_rule}), per layer",
     )
 
 

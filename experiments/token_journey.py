@@ -1,5 +1,7 @@
-"""The journey of a token: its hidden state at every layer, mapped into a UMAP of the token
-embeddings, and how close each state stays to its own, the next and the predicted token.
+"""The journey of a token: its hidden state at every layer, mapped into a UMAP of the embeddings.
+
+It also measures how close each state stays to its own, the next and the predicted token's
+embedding.
 
 Hidden states follow Hugging Face's ``output_hidden_states`` convention, which is the toolkit's
 (``unraveled.analysis.STATE_CONVENTION``: state 0 the embedding sum, state i the residual stream
@@ -12,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Float
@@ -36,7 +39,10 @@ def hidden_state_note() -> str:
     """The toolkit's state convention, as this experiment's hidden states follow it."""
     from unraveled.analysis import STATE_CONVENTION
 
-    return f"{STATE_CONVENTION}; the last state has the final norm applied (Hugging Face hidden_states)"
+    return (
+        f"{STATE_CONVENTION}; "
+        "the last state has the final norm applied (Hugging Face hidden_states)"
+    )
 
 
 # The original analysis's five sentences, so that the spread figure compares with its figure.
@@ -44,15 +50,17 @@ DEFAULT_SENTENCES = [
     "He killed two birds with one stone by taking a quick action",
     "She won the race and broke the record in her age group by ten seconds",
     "A rolling stone gathers no moss, it moves through hill and dale without a single pause",
-    "Despite the stormy weather and the warning from the news, we ventured out into the dense forest, hoping to catch a "
-    "glimpse of the rare wildlife species",
-    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting a golden glow on the "
-    "shimmering lake, I found myself lost in thought, reflecting on the decisions of the past and how they had led me to "
-    "this particular point in my life",
+    "Despite the stormy weather and the warning from the news, we ventured out into the dense "
+    "forest, hoping to catch a glimpse of the rare wildlife species",
+    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting "
+    "a golden glow on the shimmering lake, I found myself lost in thought, reflecting on the "
+    "decisions of the past and how they had led me to this particular point in my life",
 ]
 
 
 class TokenJourneyParams(Params):
+    """The token journey's params: the sentence, the token followed, the UMAP, the spread."""
+
     sentence: Prompt = "He killed two birds with one stone by taking a quick action"
     token_index: int = Field(
         5, ge=0, description="Which token of the sentence to follow (0 = first)."
@@ -68,6 +76,25 @@ class TokenJourneyParams(Params):
 
 @dataclass(frozen=True)
 class TokenJourneyResult:
+    """One token's journey through the layers, and how the sentences' states spread.
+
+    Attributes:
+        tokens: The sentence's tokens, as strings.
+        token_index: The followed token's position.
+        predicted_token: The model's prediction after the sentence.
+        initial_umap: The sentence's token embeddings placed in the UMAP.
+        trajectory_umap: The followed token's hidden states placed in the UMAP.
+        cos_own: Cosine of each token's states to its own embedding.
+        cos_next: Cosine of each token's states to the next token's embedding.
+        cos_last_state: Cosine of each token's states to the last token's state at that layer.
+        cos_predicted: Cosine of each token's states to the predicted token's embedding.
+        spread_distance: Per spread sentence, the states' mean distance from their centroid.
+        spread_trace: Per spread sentence, the trace of the states' covariance.
+        spread_lengths: The spread sentences' lengths in tokens.
+        state_labels: A label per hidden state.
+        umap_seconds: How long the UMAP took.
+    """
+
     tokens: list[str]
     token_index: int
     predicted_token: str
@@ -84,6 +111,7 @@ class TokenJourneyResult:
     umap_seconds: float
 
     def metrics(self) -> dict[str, Any]:
+        """The cosine curves, the spread per sentence, and the UMAP's time."""
         return {
             "tokens": self.tokens,
             "followed_token": self.tokens[self.token_index],
@@ -102,6 +130,7 @@ class TokenJourneyResult:
 
 
 def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> TokenJourneyResult:
+    """Follow the token through the hidden states, placing them in a UMAP of the embeddings."""
     import torch
 
     from unraveled.activations import collect_activations
@@ -139,11 +168,8 @@ def compute(model: HookedTransformer, params: TokenJourneyParams, seed: int) -> 
     cos_predicted = cosine_to_targets(sentence_states, w_e[predicted].expand(n_tokens, -1)).numpy()
     place = torch.cat([w_e[token_ids], sentence_states[:, params.token_index]]).numpy()
     str_tokens, spread_lengths = acts.str_tokens[0], acts.lengths[1:]
-    del (
-        acts,
-        states,
-        sentence_states,
-    )  # freed before UMAP's fit, which would add its memory to theirs
+    # Freed before UMAP's fit, which would add its memory to theirs.
+    del acts, states, sentence_states
     started = time.perf_counter()
     placed = umap_3d(w_e[: params.umap_fit_tokens].numpy(), place, params.umap_neighbours, seed)
     umap_seconds = time.perf_counter() - started
@@ -177,6 +203,7 @@ def _curves(
 
 
 def render(result: TokenJourneyResult) -> Iterator[Artifact]:
+    """The journey in 3D, the cosine curves, and the spread across layers."""
     from unraveled.analysis import STATE_AXIS_LABEL
     from unraveled.render.figures import panels
 
@@ -184,7 +211,7 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     figure, (axes,) = panels(1, projection_3d={0})
     figure.set_size_inches(9, 9)
     axes.scatter(*result.initial_umap.T, color="royalblue", s=30, label="initial embeddings")
-    for token, point in zip(result.tokens, result.initial_umap):
+    for token, point in zip(result.tokens, result.initial_umap, strict=True):
         axes.text(*point, token, color="deepskyblue", fontsize=10)
     axes.plot(*result.trajectory_umap.T, color="red", label="trajectory through the layers")
     axes.scatter(
@@ -201,11 +228,12 @@ def render(result: TokenJourneyResult) -> Iterator[Artifact]:
     yield Figure(
         "01_journey",
         figure,
-        f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; {hidden_state_note()}",
+        f"Hidden states of {followed!r} placed in a 3D UMAP of the token embeddings; "
+        f"{hidden_state_note()}",
     )
 
     figure, (left, right) = panels(2)
-    pairs = [f"{a} → {b}" for a, b in zip(result.tokens, result.tokens[1:])]
+    pairs = [f"{a} → {b}" for a, b in pairwise(result.tokens)]
     _curves(left, result.cos_next, pairs, "Cosine similarity to the next token's embedding")
     _curves(right, result.cos_own, result.tokens, "Cosine similarity to its own token embedding")
     figure.suptitle(hidden_state_note(), fontsize=9)
@@ -273,7 +301,8 @@ def check(model: HookedTransformer, params: TokenJourneyParams) -> None:
     if params.token_index >= n_tokens:
         raise ParamError(
             "token_index",
-            f"{params.token_index} is beyond the sentence: it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})",
+            f"{params.token_index} is beyond the sentence: "
+            f"it has {n_tokens} tokens for this model (use 0..{n_tokens - 1})",
         )
 
 

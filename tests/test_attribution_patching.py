@@ -80,7 +80,8 @@ def test_attribution_patching_runs_through_cli_smoke(
         "03_residual_exact_and_estimate",
     }
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # The config leaves exact residual patching off: exact values at the changed token and before it only.
+    # The config leaves exact residual patching off: exact values at the changed token and before
+    # it only.
     assert set(metrics["agreement_estimate_vs_exact"]) == {
         "heads",
         "mlps",

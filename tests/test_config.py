@@ -84,7 +84,7 @@ def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
 def test_set_overrides_are_typed_and_validated(tmp_path: Path) -> None:
     _write(tmp_path, "good", GOOD)
     assert load_config("good", tmp_path, ["params.chunk_dims=7", "seed=9"]).params.chunk_dims == 7
-    with pytest.raises(ConfigError, match="params.chunk_dims"):
+    with pytest.raises(ConfigError, match=r"params\.chunk_dims"):
         load_config("good", tmp_path, ["params.chunk_dims=-1"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("good", tmp_path, ["params.chunk_dims"])
@@ -132,7 +132,8 @@ def test_shipped_configs_are_valid() -> None:
             (2, 4),
         ),
         (
-            "experiment: embeddings\ndescription: d\nparams:\n  chunk_tokens: 5\n  chunk_dims: 5\n  chunk_tokens: 6\n",
+            "experiment: embeddings\ndescription: d\n"
+            "params:\n  chunk_tokens: 5\n  chunk_dims: 5\n  chunk_tokens: 6\n",
             "params.chunk_tokens",
             (4, 6),
         ),
@@ -154,11 +155,11 @@ def test_a_key_repeated_through_an_alias_or_merge_is_not_a_duplicate(tmp_path: P
     _write(
         tmp_path,
         "merged",
-        "experiment: embeddings\ndescription: d\nparams:\n  <<: {chunk_tokens: 5, chunk_dims: 4}\n  chunk_tokens: 6\n",
+        "experiment: embeddings\ndescription: d\n"
+        "params:\n  <<: {chunk_tokens: 5, chunk_dims: 4}\n  chunk_tokens: 6\n",
     )
-    assert (
-        load_config("merged", tmp_path).params.chunk_tokens == 6
-    )  # a merge's key is overridden, not repeated
+    # A merge's key is overridden, not repeated.
+    assert load_config("merged", tmp_path).params.chunk_tokens == 6
     _write(
         tmp_path,
         "aliased",

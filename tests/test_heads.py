@@ -132,7 +132,7 @@ def test_repeated_sequences_in_small_passes_equal_one_pass(
         )
         / 2,
         "duplicate_token": (
-            mean([duplicate_token_score(p, t) for p, t in zip(patterns, tokens)])
+            mean([duplicate_token_score(p, t) for p, t in zip(patterns, tokens, strict=True)])
             + mean([duplicate_token_score(p, t) for p, t in natural_patterns])
         )
         / 2,

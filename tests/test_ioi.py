@@ -55,9 +55,9 @@ def test_batch_pairs_have_equal_lengths_and_single_token_names(model, corruption
             == f" {pair.s}"
         )
         assert roles["S1+1"] == [roles["S1"][0] + 1] and roles["end"] == [len(clean_ids) - 1]
-        assert sorted(sum(roles.values(), [])) == list(
-            range(len(clean_ids))
-        )  # the groups cover every real position once
+        # The groups cover every real position once.
+        every_position = [position for positions in roles.values() for position in positions]
+        assert sorted(every_position) == list(range(len(clean_ids)))
         differs = (clean_ids != corrupted_ids).nonzero().flatten().tolist()
         assert differs == roles["S2"]
         replacement = model.tokenizer.decode(corrupted_ids[differs])

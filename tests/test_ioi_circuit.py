@@ -31,7 +31,8 @@ def test_everything_kept_recovers_one_and_nothing_kept_zero(
     assert result.random_faithfulness.shape == (params.random_draws, len(result.sizes))
     np.testing.assert_allclose(result.random_faithfulness[:, 0], 0.0, atol=1e-5)
     np.testing.assert_allclose(result.random_faithfulness[:, -1], 1.0, atol=1e-5)
-    # The embeddings alone, everything else corrupted: the last token's residual is the corrupted one.
+    # The embeddings alone, everything else corrupted: the last token's residual is the corrupted
+    # one.
     assert result.faithfulness[1] == pytest.approx(0.0, abs=1e-5)
     assert result.edge_counts == [0, 5, result.n_edges]
     assert result.edge_faithfulness[0] == pytest.approx(0.0, abs=1e-5)
@@ -159,7 +160,8 @@ def test_faithfulness_curves_keep_the_components_in_the_known_order(tiny_gpt2_di
     weights = sorted(HEAD_WEIGHTS.values(), key=abs, reverse=True)
     kept = np.cumsum(weights) / sum(weights)  # shares: 1, 0.5, 0.83, 1
     assert result.nodes == ["embed", "0.0", "0.1", "m0", "1.0", "1.1", "m1"]
-    # Sizes 0..7: nothing, the embeddings alone, then the heads by |weight|, then the MLPs (which write nothing).
+    # Sizes 0..7: nothing, the embeddings alone, then the heads by |weight|, then the MLPs (which
+    # write nothing).
     np.testing.assert_allclose(result.faithfulness, [0, 0, *kept, 1, 1], atol=1e-5)
     # Each head's two edges (embeddings into its value input, its output into the logits) carry
     # its share only together: 2k edges kept is the top k heads.

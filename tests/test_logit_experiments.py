@@ -118,7 +118,8 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
     run = HfRun(checkpoint, model.to_tokens(PROMPT))
     n_layers = model.cfg.n_layers
-    # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already normed.
+    # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already
+    # normed.
     log_probs = torch.stack(
         [*[run.decode(run.hidden_states[i][-1]) for i in range(n_layers)], run.logits[-1]]
     ).log_softmax(-1)
@@ -178,9 +179,9 @@ def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_
     assert result.top5_last == [
         [
             {"token": model.tokenizer.decode([token]), "probability": float(p)}
-            for token, p in zip(ids, ps)
+            for token, p in zip(ids, ps, strict=True)
         ]
-        for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
+        for ids, ps in zip(top_ids.tolist(), top_probs.tolist(), strict=True)
     ]
 
 
@@ -190,9 +191,8 @@ def test_logit_lens_recomputes_the_norm_scale_per_layer(
     model = load_model(
         str(tiny_gpt2_dir), "processed"
     ).model  # a model of its own: this test changes a bias
-    with (
-        torch.no_grad()
-    ):  # make the last block write a huge vector, so residual norms differ a lot between layers
+    # Make the last block write a huge vector, so residual norms differ a lot between layers.
+    with torch.no_grad():
         model.blocks[1].mlp.b_out += 50.0 * torch.randn(
             model.cfg.d_model, generator=torch.Generator().manual_seed(0)
         )
@@ -207,12 +207,14 @@ def test_logit_lens_recomputes_the_norm_scale_per_layer(
     stack = torch.stack(
         [acts.cache[h] for h in residual_hook_names(2)]
     )  # [point, batch, pos, d_model]
-    # TransformerLens 3.9's accumulated_resid recomputes the statistics at the final layer, as we do.
+    # TransformerLens 3.9's accumulated_resid recomputes the statistics at the final layer, as we
+    # do.
     corrected = acts.cache.accumulated_resid(layer=None, apply_ln=True)
     torch.testing.assert_close(
         decode(model, stack[:, 0]), model.unembed(corrected[:, 0]), atol=1e-4, rtol=1e-4
     )
-    # Reusing the final layer's cached scale for every layer (TransformerLens issue #1076) is far off.
+    # Reusing the final layer's cached scale for every layer (TransformerLens issue #1076) is far
+    # off.
     reused = acts.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=False)
     reused_log_probs = model.unembed(reused[0])[0].log_softmax(-1)
     assert (reused_log_probs - ours.log_softmax(-1)).abs().max() > 1.0
@@ -240,7 +242,7 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
         )
 
 
-def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_the_output_projection(
+def test_attribution_per_head_matches_transformers_heads_via_their_slice_of_the_output_projection(
     model, checkpoint: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """Each head's own share, not only the layer's sum: a head order swapped within a layer
@@ -316,7 +318,7 @@ def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(
 
 
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="params.correct=' Maryanne-Louise' is .* tokens"):
+    with pytest.raises(ValueError, match=r"params\.correct=' Maryanne-Louise' is .* tokens"):
         answer_token_id(model, " Maryanne-Louise", "params.correct")
 
 

@@ -33,7 +33,7 @@ def write_run(
     fallback: bool = False,
     description: str = "What this run shows.",
 ) -> Path:
-    """A run folder as the runner leaves it: figures (PNG and PDF) with thumbnails, metrics, manifest."""
+    """A run folder as the runner leaves it: figures (PNG, PDF), thumbnails, metrics, manifest."""
     run_dir = out / slug / config
     (run_dir / "figures").mkdir(parents=True)
     (run_dir / "thumbs").mkdir()
@@ -218,7 +218,8 @@ def test_run_page_shows_figures_facts_metrics_and_files(tmp_path: Path) -> None:
         f"97 values: min {min(values):.4g}, mean {np.mean(values):.4g}, max {max(values):.4g}"
         in html
     )
-    assert f"{values[40]:.4g}," not in html and "2×3 values: min 1, mean 3.5, max 6" in html
+    assert f"{values[40]:.4g}," not in html
+    assert "2×3 values: min 1, mean 3.5, max 6" in html  # noqa: RUF001 - a shape's times sign
     assert '["a", " b"]' in html.replace("&#34;", '"')
     # Nested metrics and lists of records fold away in <details>.
     nested = html.split("<code>nested</code>")[1].split("</details>")[0]
@@ -434,7 +435,8 @@ def test_view_page_keeps_hostile_tokens_inside_their_script(tmp_path: Path) -> N
         "../index.html",
         "../run.html",
     )
-    # An HTML parser sees two script elements, the bundle and the render call, whatever the tokens say.
+    # An HTML parser sees two script elements, the bundle and the render call, whatever the tokens
+    # say.
     scripts = _Scripts()
     scripts.feed(html)
     assert scripts.count == 2 and html.count("</script>") == 2
@@ -467,7 +469,8 @@ def test_save_figure_writes_each_format_and_a_thumbnail(tmp_path: Path) -> None:
         assert thumb.format == "JPEG" and thumb.width == THUMBNAIL_WIDTH
         assert abs(thumb.height - png.height * THUMBNAIL_WIDTH / png.width) <= 1
     assert (tmp_path / "figures/01_line.pdf").read_bytes()[:5] == b"%PDF-"
-    # Without a PNG, the pages show the SVG; with neither, the first format, and the index still has a thumbnail.
+    # Without a PNG, the pages show the SVG; with neither, the first format, and the index still
+    # has a thumbnail.
     assert (
         save_figure(figure, tmp_path, "02_svg", "", ("pdf", "svg"), dpi=100)["file"]
         == "figures/02_svg.svg"
@@ -536,8 +539,8 @@ def test_user_text_with_a_right_to_left_override_is_isolated(tmp_path: Path) -> 
         assert all(stack[-1] == "bdi" for _, stack in isolation.found), (page, isolation.found)
     html = pages[0].read_text()
     assert (
-        '<td><bdi>local checkpoint (ck/\u202emodel-a)</bdi> <span class="muted">(converted weights read from the cache)</span></td>'
-        in html
+        "<td><bdi>local checkpoint (ck/\u202emodel-a)</bdi> "
+        '<span class="muted">(converted weights read from the cache)</span></td>' in html
     )
 
 
@@ -552,7 +555,8 @@ def test_overridden_runs_are_marked_and_described_as_they_ran(tmp_path: Path) ->
         and "<strong>Overridden.</strong>" in run_page
     )
     assert re.search(
-        r'<tr class=overridden><td>params.layer</td><td><bdi>3</bdi> <span class="badge overridden">--set</span></td></tr>',
+        r"<tr class=overridden><td>params.layer</td>"
+        r'<td><bdi>3</bdi> <span class="badge overridden">--set</span></td></tr>',
         run_page,
     )
     assert "overridden:" not in (tmp_path / "model-a" / "logit_lens" / "index.html").read_text()

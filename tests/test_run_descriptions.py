@@ -122,7 +122,8 @@ def test_descriptions_on_a_model_without_position_embeddings(
 @pytest.mark.parametrize("name", config_names())
 def test_shipped_descriptions_claim_nothing_of_one_model(name: str) -> None:
     description = load_config(name).description
-    # Possessives of a model name ("GPT-2's token and position embedding matrices") describe that model only.
+    # Possessives of a model name ("GPT-2's token and position embedding matrices") describe that
+    # model only.
     assert not re.search(r"\b(GPT-2|SmolLM2|gpt2)'s\b", description), description
     # A description that mentions position embeddings says they may be absent.
     if "position embeddings" in description:
@@ -144,7 +145,8 @@ def test_placeholders_quote_nested_params_and_seed() -> None:
         },
     }
     text = render_description(
-        "{params.prompt}|{params.ioi.n_pairs}|{seed}|{params.flag}|{params.names}|{params.cap}|{not one}",
+        "{params.prompt}|{params.ioi.n_pairs}|{seed}|{params.flag}|{params.names}|{params.cap}|"
+        "{not one}",
         resolved,
         "x",
     )

@@ -98,6 +98,6 @@ def collect_activations(
         )
     str_tokens = [
         [model.tokenizer.decode([token]) for token in row[: int(length)].tolist()]
-        for row, length in zip(tokens, mask.sum(dim=1))
+        for row, length in zip(tokens, mask.sum(dim=1), strict=True)
     ]
     return Activations(cache=cache, logits=output, tokens=tokens, mask=mask, str_tokens=str_tokens)

@@ -114,8 +114,9 @@ def cosine_to_targets(
 def spread_across_layers(
     states: Float[Tensor, "state batch pos d_model"], mask: Bool[Tensor, "batch pos"]
 ) -> tuple[Float[Tensor, "state batch"], Float[Tensor, "state batch"]]:
-    """Per layer and sentence: mean distance of the token states from their centroid, and the
-    trace of their covariance. Padding positions (``mask`` False) are left out.
+    """Per layer and sentence: the token states' mean distance from their centroid, and spread.
+
+    The spread is the trace of their covariance. Padding positions (``mask`` False) are left out.
     """
     weights = mask.to(states.dtype)[None, :, :, None]
     counts = mask.sum(dim=1).to(states.dtype)[None, :]

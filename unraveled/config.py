@@ -99,7 +99,7 @@ class LoadedConfig:
     )  # the keys --set gave values to: params.prompt, seed, ...
 
     def field_label(self, key: str) -> str:
-        """``key`` (``params.prompt``) as messages name it, saying when its value came from ``--set``."""
+        """``key`` (``params.prompt``) as messages name it, saying if ``--set`` gave its value."""
         return _field_label(key, self.set_keys)
 
     @property
@@ -113,7 +113,7 @@ class LoadedConfig:
 
     @property
     def description(self) -> str:
-        """The description with every ``{params.NAME}`` and ``{seed}`` replaced by the value that runs."""
+        """The description, each ``{params.NAME}`` and ``{seed}`` replaced by the run's value."""
         return render_description(self.run.description, self.resolved(), str(self.path))
 
     def overrides(self) -> dict[str, Any]:
@@ -154,7 +154,9 @@ def _as_text(value: Any) -> str:
 def render_description(
     template: str, resolved: dict[str, Any], source: str, field: str = "description"
 ) -> str:
-    """``template`` with its placeholders filled from the resolved config (``LoadedConfig.resolved``).
+    """``template`` with its placeholders filled from the resolved config.
+
+    The resolved config is what ``LoadedConfig.resolved`` returns.
 
     Only ``{params.NAME}`` (dotted for nested params) and ``{seed}`` are placeholders; other
     braces are text.
@@ -169,7 +171,8 @@ def render_description(
             raise ConfigError(
                 source,
                 field,
-                f"{{{name}}} is not a placeholder: a description quotes {{params.NAME}} or {{seed}}",
+                f"{{{name}}} is not a placeholder: "
+                "a description quotes {params.NAME} or {seed}",
             )
         try:
             return _as_text(_lookup(resolved, name))
@@ -178,7 +181,9 @@ def render_description(
             raise ConfigError(
                 source,
                 field,
-                f"{{{name}}} names no param{_did_you_mean(name.removeprefix('params.'), known)} (params: {', '.join(known)})",
+                f"{{{name}}} names no param"
+                f"{_did_you_mean(name.removeprefix('params.'), known)} "
+                f"(params: {', '.join(known)})",
             ) from None
 
     return DESCRIPTION_PLACEHOLDER.sub(value, template)
@@ -207,19 +212,23 @@ def builtin_config_dir() -> Path:
         folder = importlib.resources.files(BUILTIN_CONFIGS)
     except ModuleNotFoundError:
         raise UnraveledError(
-            f"{BUILTIN_CONFIGS}: the built-in configs are not installed; reinstall unraveled (in a checkout: pip install -e .)"
+            f"{BUILTIN_CONFIGS}: the built-in configs are not installed; "
+            "reinstall unraveled (in a checkout: pip install -e .)"
         ) from None
-    if not isinstance(
-        folder, Path
-    ):  # a zipped install; configs are named by their file path everywhere
+    # A zipped install is refused: configs are named by their file path everywhere.
+    if not isinstance(folder, Path):
         raise UnraveledError(
-            f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; install unraveled unzipped (pip install)"
+            f"{BUILTIN_CONFIGS}: installed as {folder!r}, not a folder; "
+            "install unraveled unzipped (pip install)"
         )
     return folder
 
 
 def _within_working_folder(path: Path) -> Path:
-    """``path`` relative to the working folder when inside it (``configs/x.yaml`` in a checkout), else as is."""
+    """``path`` relative to the working folder when inside it, else as is.
+
+    Inside a checkout, a built-in config then reads ``configs/x.yaml``.
+    """
     try:
         return path.relative_to(Path.cwd())
     except ValueError:
@@ -253,13 +262,15 @@ class ConfigSources:
             raise ConfigError(
                 "--config-dir",
                 None,
-                f"{folder}: {problem} (looked for {folder.resolve()}); give a folder of NAME.yaml configs",
+                f"{folder}: {problem} (looked for {folder.resolve()}); "
+                "give a folder of NAME.yaml configs",
             )
         if not any(folder.glob("*.yaml")):
             raise ConfigError(
                 "--config-dir",
                 None,
-                f"{folder}: no configs (*.yaml) in {folder.resolve()}; give a folder of NAME.yaml configs",
+                f"{folder}: no configs (*.yaml) in {folder.resolve()}; "
+                "give a folder of NAME.yaml configs",
             )
         return cls(builtin, None if folder.resolve() == builtin.resolve() else folder)
 
@@ -306,7 +317,10 @@ class ConfigSources:
             if self.folder
             else f"your folder: {self._yours()}"
         )
-        problem = f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} (built-in: {', '.join(builtin) or 'none'}; {yours})"
+        problem = (
+            f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} "
+            f"(built-in: {', '.join(builtin) or 'none'}; {yours})"
+        )
         misnamed = self.folder / f"{name}.yml" if self.folder else None
         return problem + (
             f"; {misnamed} is not read: config files end in .yaml"
@@ -337,7 +351,8 @@ def _check_name(name: str, source: str) -> None:
         raise ConfigError(
             source,
             None,
-            f"config names must be plain identifiers (letters, digits, '_' and '-', not starting with '-'), "
+            "config names must be plain identifiers "
+            "(letters, digits, '_' and '-', not starting with '-'), "
             f"got {shorten(name)}: the name becomes the run's output folder",
         )
 
@@ -358,7 +373,7 @@ def _config_path(name: str, sources: ConfigSources) -> tuple[Path, str]:
 
 
 def _expanded_chars(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Characters ``node`` stands for once every alias is expanded (shared nodes counted each time)."""
+    """Characters ``node`` stands for with every alias expanded, shared nodes counted each time."""
     key = id(node)
     if key in memo:
         return memo[key]
@@ -418,12 +433,14 @@ def parse_yaml(text: str, source: str, field: str | None = None) -> Any:
             raise ConfigError(
                 source,
                 field,
-                f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters (an alias bomb?); write values out",
+                f"its aliases expand to more than {MAX_EXPANDED_CHARS:,} characters "
+                "(an alias bomb?); write values out",
             )
         duplicate = _duplicate_key(node, field or "", set())
         if duplicate is not None:
             key, first, second = duplicate
-            # YAML parsers keep the last value silently; a config that says one thing twice is a mistake.
+            # YAML parsers keep the last value silently; a config that says one thing twice is a
+            # mistake.
             raise ConfigError(source, key, f"given twice, at lines {first} and {second}; keep one")
         return loader.construct_document(node)
     except yaml.YAMLError as error:
@@ -440,7 +457,8 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(
             str(path),
             None,
-            f"not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); save the file as UTF-8",
+            f"not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); "
+            "save the file as UTF-8",
         ) from None
     return parse_yaml(text, str(path))
 
@@ -506,7 +524,10 @@ def _format_validation_error(
         field = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         if item["type"] == "extra_forbidden":
             valid = list(schema.model_fields)
-            problem = f"unknown key{_did_you_mean(str(item['loc'][-1]), valid)} (valid keys: {', '.join(valid)})"
+            problem = (
+                f"unknown key{_did_you_mean(str(item['loc'][-1]), valid)} "
+                f"(valid keys: {', '.join(valid)})"
+            )
         elif item["type"] == "missing":
             problem = "required, but missing"
         else:
@@ -538,8 +559,8 @@ def load_config(
         The validated config with its experiment and typed params.
 
     Raises:
-        ConfigError: For a bad name or ``config_dir``, a missing or unreadable file, invalid YAML, an unknown key,
-            a wrong type or value, or an unknown experiment.
+        ConfigError: For a bad name or ``config_dir``, a missing or unreadable file, invalid YAML,
+            an unknown key, a wrong type or value, or an unknown experiment.
     """
     path, origin = _config_path(name, ConfigSources.locate(config_dir))
     source = str(path)
@@ -556,7 +577,8 @@ def load_config(
             raise ConfigError(
                 "--set",
                 "experiment",
-                "a config's experiment can't be overridden (its outputs are named by the config); copy the config file instead",
+                "a config's experiment can't be overridden (its outputs are named by the config); "
+                "copy the config file instead",
             )
         if parts[0] != "params":
             _apply_override(
@@ -579,7 +601,8 @@ def load_config(
         raise ConfigError(
             source,
             "experiment",
-            f"unknown experiment {shorten(run.experiment)}{_did_you_mean(run.experiment, known)} (available: {', '.join(known)})",
+            f"unknown experiment {shorten(run.experiment)}"
+            f"{_did_you_mean(run.experiment, known)} (available: {', '.join(known)})",
         )
     experiment = load_experiment(run.experiment)
     raw_params = dict(raw.get("params") or {})

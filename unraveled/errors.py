@@ -14,11 +14,18 @@ class UnraveledError(Exception):
 
 
 class ConfigError(UnraveledError):
-    """A config file, an option, a ``--set`` override or a config name is invalid (exit status 2)."""
+    """A config file, an option, a ``--set`` override or a config name is invalid (exit 2)."""
 
     exit_code = 2
 
     def __init__(self, source: str, field: str | None, problem: str) -> None:
+        """The error in ``source`` (a file or an option), at ``field`` when there is one.
+
+        Args:
+            source: The config file's path, the config name, or the option (``--set``, ``--out``).
+            field: The key at fault (``params.prompt``), or None for the source as a whole.
+            problem: What is wrong and what was expected.
+        """
         self.source = source
         self.field = field
         self.problem = problem
@@ -32,6 +39,7 @@ class ParamError(UnraveledError):
     exit_code = 2
 
     def __init__(self, field: str, problem: str) -> None:
+        """The error at ``params.<field>``; ``problem`` says what the model can take."""
         self.field = field
         self.problem = problem
         super().__init__(f"params.{field}: {problem}")
@@ -44,6 +52,6 @@ class ModelUnavailableError(UnraveledError):
 
 
 class BadCheckpointError(UnraveledError):
-    """A folder given as a model is not a usable checkpoint (exit status 2: bad input, no fallback)."""
+    """A folder given as a model is not a usable checkpoint (exit 2: bad input, no fallback)."""
 
     exit_code = 2

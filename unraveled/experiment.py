@@ -172,7 +172,7 @@ def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
 
 
 def prompt_token_count(model: HookedTransformer, text: str) -> int:
-    """Tokens ``text`` takes in a forward pass, counting a BOS token whether or not one is prepended."""
+    """Tokens ``text`` takes in a forward pass, counting a BOS token whether or not one is added."""
     return _tokens_with_bos(model.tokenizer, text)
 
 
@@ -214,13 +214,16 @@ def check_text_params(
     tokenizer: PreTrainedTokenizerBase,
     n_ctx: int | None,
 ) -> None:
-    """Check the params the tokenizer decides: prompts fit the context and ``max_prompt_tokens``,
-    answers are one token.
+    """Check the params the tokenizer decides: prompts fit, answers are one token.
 
-    Needs only the tokenizer and the context length, so the runner calls it before loading any
-    weights (``unraveled.models.shape``); ``check_params`` calls it again on the loaded model.
+    Prompts must fit the model's context and the experiment's ``max_prompt_tokens``. Needs only
+    the tokenizer and the context length, so the runner calls it before loading any weights
+    (``unraveled.models.shape``); ``check_params`` calls it again on the loaded model.
 
     Args:
+        experiment: The experiment the params are for (its ``max_prompt_tokens``).
+        params: The validated params.
+        tokenizer: The model's tokenizer.
         n_ctx: The model's context length; None when not known yet (only the experiment's cap
             is checked then).
 
@@ -239,7 +242,8 @@ def check_text_params(
             if count > cap:
                 raise ParamError(
                     name,
-                    f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; shorten the prompt",
+                    f"{count} tokens (BOS included), more than the {cap} allowed by {limit}; "
+                    "shorten the prompt",
                 )
         if "single_token" in kinds:
             ids = tokenizer.encode(value, add_special_tokens=False)
@@ -265,12 +269,14 @@ def check_params(
         if "head" in kinds and value >= cfg.n_heads:
             raise ParamError(
                 name,
-                f"{value} is out of range: the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})",
+                f"{value} is out of range: "
+                f"the model has {cfg.n_heads} heads (use 0..{cfg.n_heads - 1})",
             )
         if "layer" in kinds and value >= cfg.n_layers:
             raise ParamError(
                 name,
-                f"{value} is out of range: the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})",
+                f"{value} is out of range: "
+                f"the model has {cfg.n_layers} layers (use 0..{cfg.n_layers - 1})",
             )
     if experiment.check is not None:
         experiment.check(model, params)

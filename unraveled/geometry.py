@@ -15,12 +15,12 @@ GRAM_BLOCK_ROWS = 4096
 
 
 def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArray, " components"]:
-    """Cumulative fraction of variance explained by the first k principal components, k = 1..min(n, d).
+    """Cumulative fraction of variance explained by the first k principal components.
 
-    The variances are the eigenvalues of the centred points' smaller Gram matrix (d x d, or n x n
-    when there are fewer points than dimensions), which are the squared singular values an SVD
-    would give, in float64 to within about 1e-16 of the SVD's fractions, at a fraction of its
-    cost (50,257 x 768: about 8 times less).
+    k runs from 1 to min(n, d). The variances are the eigenvalues of the centred points' smaller
+    Gram matrix (d x d, or n x n when there are fewer points than dimensions), which are the
+    squared singular values an SVD would give, in float64 to within about 1e-16 of the SVD's
+    fractions, at a fraction of its cost.
     """
     mean = points.mean(axis=0, keepdims=True)
     if len(points) < points.shape[1]:
@@ -44,8 +44,9 @@ def cumulative_explained_variance(points: Float[NDArray, "n d"]) -> Float[NDArra
 def column_mean_std(
     points: Float[NDArray, "n d"],
 ) -> tuple[Float[NDArray, " d"], Float[NDArray, " d"]]:
-    """Each column's mean and standard deviation: numpy's ``mean(axis=0)`` and ``std(axis=0)``, to the bit.
+    """Each column's mean and standard deviation, equal to numpy's to the bit.
 
+    They are what ``mean(axis=0)`` and ``std(axis=0)`` give, with less memory:
     ``std`` squares the offsets from the mean in a copy of every point (50,257 x 768 float32:
     147 MB); here they are squared a block of rows at a time. numpy sums over rows one row after
     the other, into a running total; each block's sum here starts from the total so far (reduced
@@ -103,8 +104,10 @@ def pair_cosines(vectors: Float[NDArray, "n d"]) -> Float[NDArray, " pairs"]:
 
 
 def welch_bound(n_vectors: int, n_dims: int) -> float:
-    """Lower bound on the mean squared cosine over distinct pairs of ``n_vectors`` unit vectors in
-    ``n_dims`` dimensions: (N - d) / (d (N - 1)), and 0 when they fit (N <= d).
+    """Lower bound on the mean squared cosine over distinct pairs of unit vectors.
+
+    For ``n_vectors`` (N) unit vectors in ``n_dims`` (d) dimensions it is (N - d) / (d (N - 1)),
+    and 0 when they fit (N <= d).
 
     Use its square root to compare with an RMS cosine.
     """

@@ -35,7 +35,8 @@ def answer_token_id(model: HookedTransformer, text: str, field: str) -> int:
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         raise ValueError(
-            f"{field}={text!r} is {len(ids)} tokens for this model ({pieces}); use a single-token answer"
+            f"{field}={text!r} is {len(ids)} tokens for this model ({pieces}); "
+            "use a single-token answer"
         )
     return int(ids[0])
 

@@ -36,6 +36,7 @@ class Moments:
 
     @classmethod
     def empty(cls, n_features: int) -> Moments:
+        """The moments of no values: count 0, maximum -inf, ready to merge into."""
         zeros = np.zeros(n_features)
         return cls(
             0,
@@ -51,7 +52,7 @@ class Moments:
         values: Float[NDArray, "sample feature"],
         positive_of: Float[NDArray, "sample feature"] | None = None,
     ) -> Moments:
-        """The moments of one batch; ``positive_of`` (default ``values``) decides what counts as > 0."""
+        """The moments of one batch; ``positive_of`` (default ``values``) decides what is > 0."""
         values64 = values.astype(np.float64)
         mean = values64.mean(axis=0)
         return cls(
@@ -87,18 +88,19 @@ class Moments:
 
     @property
     def positive_fraction(self) -> Float[NDArray, " feature"]:
+        """Fraction of the values above zero, per feature (0 when there are none)."""
         return self.positive / max(self.count, 1)
 
 
 @dataclass
 class TopK:
-    """Per feature, the ``k`` largest values and their global token index, and for the first
-    ``payload_rows`` of them a payload (the context around the token).
+    """Per feature, the ``k`` largest values and their global token index, some with a payload.
 
-    Rows are sorted by value (descending), then index (ascending); unfilled rows have value
-    ``-inf`` and index ``NO_INDEX``. Payloads merge exactly however the data was split: a row
-    among the first ``payload_rows`` of the merged order is among the first ``payload_rows`` of
-    its own part (fewer rows than that beat it overall, so fewer beat it there).
+    The first ``payload_rows`` of them have a payload: the context around the token. Rows are
+    sorted by value (descending), then index (ascending); unfilled rows have value ``-inf`` and
+    index ``NO_INDEX``. Payloads merge exactly however the data was split: a row among the first
+    ``payload_rows`` of the merged order is among the first ``payload_rows`` of its own part
+    (fewer rows than that beat it overall, so fewer beat it there).
 
     Attributes:
         values: ``[k, feature]``.
@@ -115,6 +117,7 @@ class TopK:
 
     @classmethod
     def empty(cls, k: int, n_features: int, context: int, payload_rows: int | None = None) -> TopK:
+        """No values yet: every row unfilled, with payloads for ``payload_rows`` (default ``k``)."""
         rows = k if payload_rows is None else min(payload_rows, k)
         return cls(
             values=np.full((k, n_features), -np.inf, dtype=np.float32),
@@ -125,14 +128,16 @@ class TopK:
 
     @property
     def k(self) -> int:
+        """How many values are kept per feature."""
         return self.values.shape[0]
 
     @property
     def payload_rows(self) -> int:
+        """For how many of the top rows a payload is kept."""
         return self.context_ids.shape[0]
 
     def merge(self, other: TopK) -> TopK:
-        """The ``k`` best of both, in the canonical order, with ``self``'s number of payload rows."""
+        """The ``k`` best of both, in the canonical order, with ``self``'s payload row count."""
         values = np.concatenate([self.values, other.values])
         index = np.concatenate([self.index, other.index])
         # lexsort sorts by the last key first: by -value, then by index.
@@ -147,7 +152,8 @@ class TopK:
             >= np.where(from_other, other.payload_rows, self.payload_rows)
         ).any():
             raise ValueError(
-                "a merged row's payload was not kept: both parts need payloads for at least as many rows as the result"
+                "a merged row's payload was not kept: "
+                "both parts need payloads for at least as many rows as the result"
             )
         context_ids = np.concatenate([self.context_ids, other.context_ids])
         context_values = np.concatenate([self.context_values, other.context_values])
@@ -183,7 +189,7 @@ def top_k_of_batch(
         payload_rows: For how many of the top rows a context is kept (default ``k``).
     """
     payload_rows = k if payload_rows is None else min(payload_rows, k)
-    n_windows, length, n_features = values.shape
+    _, length, n_features = values.shape
     positions = np.arange(length)[eligible]
     flat = values[:, positions, :].reshape(-1, n_features)
     global_index = (window_offset[:, None] + positions[None, :]).reshape(-1)
@@ -228,6 +234,7 @@ class Sums:
     count: int
 
     def merge(self, other: Sums) -> Sums:
+        """Totals added name by name, and counts added; an empty side leaves the other as is."""
         if not self.total:
             return other
         if not other.total:
@@ -238,6 +245,7 @@ class Sums:
         )
 
     def means(self) -> dict[str, Float[NDArray, ...]]:
+        """Each total divided by the number of windows (0 when there are none)."""
         return {name: total / max(self.count, 1) for name, total in self.total.items()}
 
 
@@ -266,6 +274,7 @@ class LogHistogram:
 
     @classmethod
     def empty(cls, low: int = -8, high: int = 8, bins_per_decade: int = 100) -> LogHistogram:
+        """A histogram with no values, its bins spanning ``10**low`` to ``10**high``."""
         return cls(
             np.zeros((high - low) * bins_per_decade + 2, dtype=np.int64), low, high, bins_per_decade
         )
@@ -285,6 +294,7 @@ class LogHistogram:
         return cls(np.bincount(slot, minlength=n_bins + 2), low, high, bins_per_decade)
 
     def merge(self, other: LogHistogram) -> LogHistogram:
+        """Counts added bin by bin; both histograms must have the same bins."""
         if (self.low, self.high, self.bins_per_decade) != (
             other.low,
             other.high,
@@ -295,6 +305,7 @@ class LogHistogram:
 
     @property
     def count(self) -> int:
+        """How many values were counted, under- and overflow included."""
         return int(self.counts.sum())
 
     @property

@@ -1,4 +1,4 @@
-"""Causal tracing (Meng et al. 2022, ROME): corrupt a fact's subject with noise, restore clean states.
+"""Causal tracing (Meng et al. 2022, ROME): corrupt a fact's subject, restore clean states.
 
 For one prompt, the subject's token embeddings get Gaussian noise (the same ``samples`` draws for
 every restoration, as ROME's fixed-seed noise does). Then, one at a time, a clean state is put
@@ -74,7 +74,8 @@ def position_groups(n_tokens: int, subject_start: int, subject_end: int) -> list
     """
     if not 0 <= subject_start < subject_end < n_tokens:
         raise ValueError(
-            f"subject span [{subject_start}, {subject_end}) must lie before the last of {n_tokens} tokens"
+            f"subject span [{subject_start}, {subject_end}) "
+            f"must lie before the last of {n_tokens} tokens"
         )
     last_subject, last = subject_end - 1, n_tokens - 1
     return [
@@ -184,7 +185,8 @@ def _restored_probabilities(
             )
             states[active] = block(states[active], past_kv_cache_entry=entry)
     # Decoded a few rows at a time: a pass of short suffixes holds up to ROW_TOKENS_PER_PASS rows,
-    # and their full-vocabulary logits and softmax at once would be the experiment's largest tensors.
+    # and their full-vocabulary logits and softmax at once would be the experiment's largest
+    # tensors.
     last = states[:, -1:]
     return torch.cat(
         [
@@ -248,7 +250,8 @@ def trace_fact(
             model.cfg, model.cfg.device, batch_size=samples
         )
         with model.hooks(fwd_hooks=[("hook_embed", corrupt)]):
-            # An explicit mask: otherwise a cache makes TransformerLens guess padding from pad-token ids.
+            # An explicit mask: otherwise a cache makes TransformerLens guess padding from
+            # pad-token ids.
             batch = tokens[None].expand(samples, -1)
             corrupted_logits, corrupted = model.run_with_cache(
                 batch,
@@ -274,7 +277,8 @@ def trace_fact(
         starts = torch.cat([layers + 1, window_starts, window_starts])
         ends = torch.cat([layers + 1, window_ends, window_ends])
         kinds = torch.arange(len(KINDS)).repeat_interleave(n_layers * samples)
-        # Positions before the subject are never corrupted: there, restoring gives the corrupted run.
+        # Positions before the subject are never corrupted: there, restoring gives the corrupted
+        # run.
         grids = corrupted_probabilities[sample_of_row][:, None].repeat(1, n_pos)
         outputs_at = {name: clean[name][0] for name in output_names}
         for position in range(start, n_pos):  # earlier positions are never corrupted
@@ -288,7 +292,8 @@ def trace_fact(
                 chunk = slice(first, first + rows_per_pass)
                 states = corrupted_states[starts[chunk], sample_of_row[chunk], position:]
                 residual_rows = kinds[chunk] == 0
-                # Restoring the state after block l at this position = the clean state before block l + 1.
+                # Restoring the state after block l at this position = the clean state before
+                # block l + 1.
                 states[residual_rows, 0] = clean_states[starts[chunk][residual_rows], position]
                 grids[chunk, position] = _restored_probabilities(
                     model,
@@ -323,7 +328,7 @@ def grouped_mean(
     for index in range(len(POSITION_GROUPS)):
         columns = [
             effect[:, positions]
-            for effect, prompt_groups in zip(effects, groups)
+            for effect, prompt_groups in zip(effects, groups, strict=True)
             for positions in [prompt_groups[index]]
             if positions
         ]

@@ -26,7 +26,7 @@ if (
 
 
 class Fact(BaseModel):
-    """One factual prompt: ``prompt`` contains ``subject``; ``answer`` is the expected next token."""
+    """A factual prompt: ``prompt`` contains ``subject``; ``answer`` is the expected next token."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -47,7 +47,8 @@ class Fact(BaseModel):
             raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
         if not self.prompt[start + len(self.subject) :].strip():
             raise ValueError(
-                f"prompt {self.prompt!r} ends with its subject: tracing needs tokens after the subject"
+                f"prompt {self.prompt!r} ends with its subject: "
+                "tracing needs tokens after the subject"
             )
         return self
 
@@ -113,8 +114,9 @@ def tokenize_fact(
         or len(through) == len(before)
     ):
         raise ValueError(
-            f"{field}.subject={fact.subject!r} does not start and end on token boundaries of {fact.prompt!r} "
-            f"for this model ({[model.tokenizer.decode([t]) for t in tokens]}); choose a subject made of whole tokens"
+            f"{field}.subject={fact.subject!r} does not start and end on token boundaries of "
+            f"{fact.prompt!r} for this model ({[model.tokenizer.decode([t]) for t in tokens]}); "
+            "choose a subject made of whole tokens"
         )
     return TokenizedFact(
         fact=fact,

@@ -136,12 +136,17 @@ class IOIParams(Params):
     n_pairs: int = Field(8, ge=1, le=512, description="Number of prompt pairs.")
     corruption: Literal["swap", "abc"] = Field(
         "swap",
-        description="swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third name.",
+        description=(
+            "swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third name."
+        ),
     )
     templates: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         min_length=1,
-        description="Prompts with the slots {A} and {B} (the two names) and {S} (the repeated one); optional {place} and {object}.",
+        description=(
+            "Prompts with the slots {A} and {B} (the two names) and {S} (the repeated one); "
+            "optional {place} and {object}."
+        ),
     )
     names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_NAMES),
@@ -161,12 +166,14 @@ class IOIParams(Params):
             unknown = sorted(set(slots) - {*NAME_SLOTS, *OTHER_SLOTS})
             if unknown:
                 raise ValueError(
-                    f"template {number} ({template!r}) has unknown slots {unknown}; slots are {{A}}, {{B}}, {{S}}, {{place}}, {{object}}"
+                    f"template {number} ({template!r}) has unknown slots {unknown}; "
+                    "slots are {A}, {B}, {S}, {place}, {object}"
                 )
             for slot in NAME_SLOTS:
                 if slots.count(slot) != 1:
                     raise ValueError(
-                        f"template {number} ({template!r}) has the name slot {{{slot}}} {slots.count(slot)} times; "
+                        f"template {number} ({template!r}) has the name slot {{{slot}}} "
+                        f"{slots.count(slot)} times; "
                         "each of {A}, {B} and {S} must appear exactly once"
                     )
             if slots.index("S") < max(slots.index("A"), slots.index("B")):
@@ -175,7 +182,8 @@ class IOIParams(Params):
                 )
             if re.search(r"\{[ABS]\}\W*$", template):
                 raise ValueError(
-                    f"template {number} ({template!r}) ends with a name; it must end where the answer name would follow"
+                    f"template {number} ({template!r}) ends with a name; "
+                    "it must end where the answer name would follow"
                 )
         return templates
 
@@ -192,8 +200,9 @@ class IOIParams(Params):
 
 
 def corrupted_prompts_answer(params: IOIParams) -> Literal["correct", "incorrect"]:
-    """Which answer the corrupted prompts are scored against (``unraveled.patching.answer_summary``).
+    """Which answer the corrupted prompts are scored against.
 
+    It is the ``answer`` to give ``unraveled.patching.answer_summary`` for the corrupted prompts.
     ``swap`` makes the clean run's incorrect name the corrupted prompts' own answer; ``abc`` leaves
     them no answer of their own, so they are scored against the clean answer.
     """
@@ -267,7 +276,8 @@ def _single_token(model: HookedTransformer, name: str, field: str) -> int:
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         raise ValueError(
-            f"{field}: {name!r} is {len(ids)} tokens for this model ({pieces}, with its leading space); use single-token names"
+            f"{field}: {name!r} is {len(ids)} tokens for this model ({pieces}, with its leading "
+            "space); use single-token names"
         )
     return int(ids[0])
 
@@ -294,18 +304,21 @@ def ioi_batch(
     clean = torch.full((len(pairs), longest), pad, dtype=torch.long)
     corrupted = clean.clone()
     roles = {role: torch.zeros(len(pairs), longest, dtype=torch.bool) for role in ROLES}
-    for row, (pair, clean_ids, corrupted_ids) in enumerate(zip(pairs, clean_rows, corrupted_rows)):
+    rows = zip(pairs, clean_rows, corrupted_rows, strict=True)
+    for row, (pair, clean_ids, corrupted_ids) in enumerate(rows):
         if len(clean_ids) != len(corrupted_ids):
             raise ValueError(
-                f"{field}: {pair.clean!r} is {len(clean_ids)} tokens but its corrupted partner {pair.corrupted!r} is "
-                f"{len(corrupted_ids)}: a template must keep its names as separate words"
+                f"{field}: {pair.clean!r} is {len(clean_ids)} tokens but its corrupted partner "
+                f"{pair.corrupted!r} is {len(corrupted_ids)}: "
+                "a template must keep its names as separate words"
             )
         io_at = (clean_ids == ids[pair.io]).nonzero().flatten().tolist()
         s_at = (clean_ids == ids[pair.s]).nonzero().flatten().tolist()
         if len(io_at) != 1 or len(s_at) != 2:
             raise ValueError(
-                f"{field}: in {pair.clean!r} the tokenizer finds {pair.io!r} {len(io_at)} times and {pair.s!r} "
-                f"{len(s_at)} times (expected 1 and 2): a template must keep its names as separate words"
+                f"{field}: in {pair.clean!r} the tokenizer finds {pair.io!r} {len(io_at)} times "
+                f"and {pair.s!r} {len(s_at)} times (expected 1 and 2): "
+                "a template must keep its names as separate words"
             )
         n = len(clean_ids)
         clean[row, :n], corrupted[row, :n] = clean_ids, corrupted_ids

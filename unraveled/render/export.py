@@ -1,5 +1,7 @@
-"""Saving a figure in every format asked for (``--format png,svg,pdf``), plus a small thumbnail;
-and one page of the outputs as a single self-contained file to share (``unraveled export``).
+"""Figures saved in every format asked for, and a page exported as one self-contained file.
+
+A figure is saved in every format asked for (``--format png,svg,pdf``), plus a small thumbnail;
+``unraveled export`` writes one page of the outputs as a single self-contained file to share.
 
 The runner calls :func:`save_figure` for each figure; the record it returns goes into the
 manifest, where the pages find the files: ``file`` is the one shown on the pages (PNG, else
@@ -41,7 +43,8 @@ def parse_formats(values: Iterable[str]) -> tuple[str, ...]:
             name = part.strip().lower().lstrip(".")
             if name not in FIGURE_FORMATS:
                 raise ValueError(
-                    f"unknown figure format {part.strip()!r}: expected a comma-separated list of {', '.join(FIGURE_FORMATS)}"
+                    f"unknown figure format {part.strip()!r}: "
+                    f"expected a comma-separated list of {', '.join(FIGURE_FORMATS)}"
                 )
             if name not in formats:
                 formats.append(name)

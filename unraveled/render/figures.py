@@ -22,8 +22,10 @@ MAX_LABEL_CHARS = 13
 
 
 def token_label(token: str, max_chars: int = MAX_LABEL_CHARS) -> str:
-    """A token as a tick label: escaped (``repr`` without its quotes: a newline shows as ``\\n``),
-    and cut to ``max_chars`` characters, the last of them ``…``, when longer.
+    r"""A token as a tick label: escaped, and cut to ``max_chars`` characters when longer.
+
+    Escaped is ``repr`` without its quotes: a newline shows as ``\n``. A cut label ends in ``…``,
+    counted in the ``max_chars``.
     """
     label = repr(token)[1:-1]
     return label if len(label) <= max_chars else label[: max_chars - 1] + "…"
@@ -35,7 +37,7 @@ def panels(
     width_ratios: list[float] | None = None,
     projection_3d: set[int] | None = None,
 ) -> tuple[MplFigure, list[Axes]]:
-    """A figure of ``n_rows`` x ``n_cols`` panels, flattened; panels listed in ``projection_3d`` are 3D."""
+    """A figure of ``n_rows`` x ``n_cols`` panels, flattened; those in ``projection_3d`` are 3D."""
     figure = MplFigure(
         figsize=(PANEL_INCHES[0] * n_cols, PANEL_INCHES[1] * n_rows), layout="constrained"
     )
@@ -51,7 +53,7 @@ def panels(
 
 
 def grid_shape(n_panels: int, max_cols: int = 6) -> tuple[int, int]:
-    """(rows, cols) for ``n_panels`` per-layer panels, close to square and at most ``max_cols`` wide."""
+    """(rows, cols) for ``n_panels`` per-layer panels: near square, at most ``max_cols`` wide."""
     cols = min(max_cols, math.ceil(math.sqrt(n_panels)))
     return math.ceil(n_panels / cols), cols
 

@@ -22,7 +22,7 @@ SHORT_LIST = 8  # lists up to this long are shown in full, longer ones summarise
 def format_number(value: Any) -> str:
     """Numbers as a reader wants them: 4 significant digits, integers whole, null as a dash."""
     if value is None:
-        return "–"
+        return "–"  # noqa: RUF001 - an en dash, the tables' mark for no value
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -53,7 +53,7 @@ def _item(value: Any) -> str:
 
 
 def summarise(value: Any) -> str:
-    """One line for any metric value: scalars formatted, short lists in full, long ones summarised."""
+    """A metric value on one line: scalars formatted, short lists in full, long ones summarised."""
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {_item(item)}" for key, item in value.items()) + "}"
     if not isinstance(value, list):
@@ -63,11 +63,18 @@ def summarise(value: Any) -> str:
     flat = array is not None and array.ndim == 1
     if flat and len(value) <= SHORT_LIST:
         return "[" + ", ".join(_item(item) for item in value) + "]"
-    size = "×".join(str(n) for n in array.shape) if array is not None else f"{len(value)} items"
+    if array is not None:
+        # A shape is written with the multiplication sign, as in print, not the letter x.
+        size = "×".join(str(n) for n in array.shape)  # noqa: RUF001
+    else:
+        size = f"{len(value)} items"
     if array is not None and array.dtype.kind in "biuf" and array.size:
         finite = array[np.isfinite(array)].astype(float)
         if finite.size:
-            return f"{size} values: min {finite.min():.4g}, mean {finite.mean():.4g}, max {finite.max():.4g}"
+            return (
+                f"{size} values: min {finite.min():.4g}, mean {finite.mean():.4g}, "
+                f"max {finite.max():.4g}"
+            )
     if flat:
         return f"{size}: [" + ", ".join(_item(item) for item in value[:SHORT_LIST]) + ", …]"
     return size
@@ -86,8 +93,10 @@ def format_bytes(size: Any) -> str:
 
 @cache
 def environment() -> jinja2.Environment:
-    """The one Jinja2 environment of the HTML outputs: templates from the package, escaping on,
-    a missing variable an error rather than a blank.
+    """The one Jinja2 environment of the HTML outputs.
+
+    Templates come from the package, escaping is on, and a missing variable is an error rather
+    than a blank.
     """
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("unraveled", "templates"),

@@ -111,8 +111,10 @@ def _shortest_floats(value: Any) -> Any:
 
 
 def _script_json(props: dict[str, Any]) -> str:
-    """Props as compact JSON (circuitsvis's conversion of arrays, no spaces) that can sit inside
-    a script tag: a token like ``</script>`` can't end it.
+    """Props as compact JSON that can sit inside a script tag.
+
+    Arrays are converted as circuitsvis does, without spaces; a token like ``</script>`` can't end
+    the tag.
     """
     converted = {
         key: convert_prop_type(_shortest_floats(value))
@@ -132,12 +134,19 @@ def page(
     run_href: str | None = None,
     bundle_href: str | None = None,
 ) -> str:
-    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top,
-    linking back to the index and, given ``run_href``, to the page of the run it belongs to.
+    """A complete HTML page showing ``elements``, with ``facts`` (model, prompt, ...) at the top.
 
     Args:
+        title: The page's title.
+        facts: What the page is about (model, prompt, ...), shown at the top, in order.
+        elements: The views shown on the page.
+        index_href: Relative URL of the index, which the page links back to.
+        run_href: Relative URL of the page of the run it belongs to, linked when given.
         bundle_href: Relative URL of the shared bundle (see :func:`write_shared_bundle`); None
             inlines the bundle, for a page that stands alone.
+
+    Returns:
+        The page's HTML.
     """
     return (
         templating.environment()
