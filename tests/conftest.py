@@ -87,7 +87,8 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             patch.setattr(hf_constants, name, str(hf_home / "hub"))
         patch.setattr(hf_constants, "HF_ASSETS_CACHE", str(hf_home / "assets"))
         patch.setattr(hf_constants, "HF_XET_CACHE", str(hf_home / "xet"))
-        # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told otherwise.
+        # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told
+        # otherwise.
         patch.setenv("NUMBA_CACHE_DIR", str(root / "numba"))
         if "numba" in sys.modules:  # its config was read at import
             patch.setattr(sys.modules["numba"].config, "CACHE_DIR", str(root / "numba"))
@@ -118,7 +119,7 @@ def _one_torch_thread_again() -> None:
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Make every LayerNorm/RMSNorm weight and bias non-trivial, so folding them is really tested."""
+    """Make every LayerNorm/RMSNorm weight and bias non-trivial: folding them is really tested."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -189,7 +190,7 @@ def tiny_llama_dir(
 
 @pytest.fixture(scope="session")
 def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
-    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, laid out as the hub would."""
+    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, as the hub lays it out."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--gpt2"
     snapshot = repo / "snapshots" / FAKE_SNAPSHOT
@@ -200,7 +201,10 @@ def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: P
 
 
 def _gpt2_small_or_skip(weights: str):  # type: ignore[no-untyped-def]
-    """GPT-2 small from the (session's) Hugging Face cache or the hub; the test is skipped, saying why, where neither works."""
+    """GPT-2 small from the (session's) Hugging Face cache or the hub.
+
+    The test is skipped, saying why, where neither works.
+    """
     from unraveled.errors import ModelUnavailableError
     from unraveled.models import load_model
 
@@ -333,6 +337,13 @@ def tiny_model(shared_weight_cache_dir: Path) -> SharedTinyModels:
     """``tiny_model(folder, weights)``: a tiny checkpoint's model, loaded once per session (see
     ``SharedTinyModels``)."""
     return SharedTinyModels(shared_weight_cache_dir)
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2_dir", "tiny_llama_dir"])
+def tiny_gpt2_or_llama(request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> Any:
+    """The tiny GPT-2 and the tiny Llama (grouped-query attention, rotary, RMSNorm) in turn, with
+    processed weights (shared, see ``SharedTinyModels``)."""
+    return tiny_model(request.getfixturevalue(request.param), "processed")
 
 
 @pytest.fixture(autouse=True)
