@@ -45,6 +45,8 @@ TOP_K = 10
 
 
 class ActivationPatchingParams(Params):
+    """One clean/corrupted pair and its answers, or the IOI dataset."""
+
     clean: Prompt = "When Mary and John went to the store, John gave a drink to"
     corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
     clean_answer: Answer = Field(" Mary", description="The clean prompt's answer (one token).")
@@ -61,6 +63,8 @@ class ActivationPatchingParams(Params):
 
 @dataclass(frozen=True)
 class ActivationPatchingResult:
+    """Shares recovered per residual point and position (or group), and per head."""
+
     tokens: list[str]
     residual_labels: list[str]
     residual: Float[NDArray, "point pos"]
@@ -76,11 +80,14 @@ class ActivationPatchingResult:
 
     @property
     def position_kind(self) -> str:
+        """The residual grid's column label."""
         return "Position group" if self.position_groups else "Position"
 
     def _residual_patch(self, index: int, n_pos: int) -> dict[str, Any]:
-        """One residual patch by its flat index: one pair's position and token, or over IOI pairs a
-        group of positions (``ROLES``: the prompts' positions don't line up) and its index.
+        """One residual patch by its flat index.
+
+        Its position and token for one pair; over IOI pairs its group of positions (``ROLES``:
+        the prompts' positions don't line up) and the group's index.
         """
         column = index % n_pos
         where = (
@@ -95,6 +102,7 @@ class ActivationPatchingResult:
         }
 
     def metrics(self) -> dict[str, Any]:
+        """The numbers of metrics.json."""
         from unraveled.heads import top_heads
 
         order = np.argsort(-self.residual, axis=None)[:TOP_K]
@@ -118,14 +126,16 @@ class ActivationPatchingResult:
 def compute(
     model: HookedTransformer, params: ActivationPatchingParams, seed: int
 ) -> ActivationPatchingResult:
+    """Patch the residual stream and every head's output from the clean run into the corrupted."""
     import torch
 
     from unraveled.datasets.ioi import ROLES, corrupted_prompts_answer, ioi_batch
     from unraveled.logits import answer_token_id, residual_hook_names
     from unraveled.patching import (
+        Recovery,
         answer_summary,
         head_patches,
-        patched_logit_differences,
+        patched_metric,
         residual_patches,
         run_cache,
         single_pair,
@@ -148,7 +158,8 @@ def compute(
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     clean_logits, clean_cache = run_cache(model, pairs, "clean", [*residual_hooks, *z_hooks])
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", residual_hooks)
-    # The corrupted prompt of a single pair answers params.corrupted_answer, the pairs' incorrect token.
+    # The corrupted prompt of a single pair answers params.corrupted_answer, the pairs' incorrect
+    # token.
     corrupted_answer = (
         corrupted_prompts_answer(params.ioi) if params.prompts == "ioi" else "incorrect"
     )
@@ -156,21 +167,18 @@ def compute(
         answer_summary(clean_logits, pairs),
         answer_summary(corrupted_logits, pairs, corrupted_answer),
     )
-    clean_difference, corrupted_difference = (
+    recovery = Recovery.between(
         clean["mean_logit_difference"],
         corrupted["mean_logit_difference"],
+        "params.ioi" if params.prompts == "ioi" else "params",
     )
-    span = clean_difference - corrupted_difference
-    if abs(span) < 1e-6:
-        raise ValueError(
-            "the clean and corrupted prompts give the same logit difference: nothing to recover"
-        )
     started = time.perf_counter()
-    # Point p of the residual stream is the input to block p (the last point feeds the unembedding).
-    residual = patched_logit_differences(
+    # Point p of the residual stream is the input to block p (the last point feeds the
+    # unembedding).
+    residual = patched_metric(
         model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache
     )
-    heads = patched_logit_differences(
+    heads = patched_metric(
         model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache
     )
     seconds = time.perf_counter() - started
@@ -180,12 +188,10 @@ def compute(
             *[f"before block {layer}" for layer in range(n_layers)],
             "after the last block",
         ],
-        residual=(
-            (residual.mean(-1).reshape(n_layers + 1, len(groups)) - corrupted_difference) / span
-        ).numpy(),
-        heads=((heads.mean(-1).reshape(n_layers, n_heads) - corrupted_difference) / span).numpy(),
-        clean_difference=clean_difference,
-        corrupted_difference=corrupted_difference,
+        residual=recovery.share(residual).reshape(n_layers + 1, len(groups)).numpy(),
+        heads=recovery.share(heads).reshape(n_layers, n_heads).numpy(),
+        clean_difference=recovery.clean,
+        corrupted_difference=recovery.corrupted,
         seconds=seconds,
         n_pairs=pairs.size,
         answers={"clean": clean, "corrupted": corrupted},
@@ -194,6 +200,7 @@ def compute(
 
 
 def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
+    """The residual stream's and the heads' shares recovered, as heatmaps."""
     from unraveled.render.figures import heatmap, panels
 
     figure, (axes,) = panels(1)
@@ -204,7 +211,8 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     heatmap(
         axes,
         result.residual,
-        f"Residual stream patched from the clean run: share of the logit difference recovered{over}",
+        "Residual stream patched from the clean run: share of the logit difference "
+        f"recovered{over}",
         result.position_kind,
         "",
         cmap="RdBu_r",
@@ -234,7 +242,10 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
 
 
 def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
-    """One pair is patched position by position: same token length. IOI names must be single tokens."""
+    """One pair is patched position by position: same token length.
+
+    IOI names must be single tokens.
+    """
     from unraveled.datasets.ioi import check_ioi_names
 
     if params.prompts == "ioi":
@@ -247,7 +258,8 @@ def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
     if clean != corrupted:
         raise ParamError(
             "corrupted",
-            f"{corrupted} tokens, but params.clean has {clean}: patching position by position needs prompts of the same token length",
+            f"{corrupted} tokens, but params.clean has {clean}: patching position by position "
+            "needs prompts of the same token length",
         )
 
 

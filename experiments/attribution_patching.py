@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float
 from numpy.typing import NDArray
 from pydantic import Field
 
+from unraveled.components import HeadComponent
 from unraveled.datasets.ioi import ROLES, IOIParams
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from torch import Tensor
     from transformer_lens import HookedTransformer
 
-    from unraveled.patching import PromptPairs
+    from unraveled.patching import Patch, PromptPairs
 
 TOP_K = 10
 OVERLAP_KS = (5, 10)
@@ -53,27 +54,32 @@ clean-minus-corrupted difference); the figures quote the last."""
 
 
 class AttributionPatchingParams(Params):
+    """The IOI pairs, and whether the residual stream is patched exactly at every position."""
+
     # The exact side costs one partial forward per component and pair (270 heads and 30 MLPs on
-    # SmolLM2; 4 pairs took 212 s for the heads alone under load): 2 pairs (one ABBA, one BABA) by
-    # default; the estimate alone is cheap. More pairs: --set params.ioi.n_pairs=16.
+    # SmolLM2: minutes for a few pairs): 2 pairs (one ABBA, one BABA) by default; the estimate
+    # alone is cheap. More pairs: --set params.ioi.n_pairs=16.
     ioi: IOIParams = Field(
         default_factory=lambda: IOIParams(n_pairs=2), description="The IOI prompt pairs."
     )
-    # Exact residual patching costs one partial forward per residual point and position group that
-    # differs between the prompts: at the changed token (S2) always, since the estimate is known to
-    # fail there (31 more on SmolLM2); at every group only on request (31 x 2 more). Groups before the
-    # changed token restore nothing and are known without a forward pass.
+    # Exact residual patching costs one partial forward per residual point and position group
+    # that differs between the prompts: at the changed token (S2) always, since the estimate is
+    # known to fail there (31 more on SmolLM2); at every group only on request (31 x 2 more).
+    # Groups before the changed token restore nothing and are known without a forward pass.
     exact_residual: bool = Field(
         False,
-        description="Patch the residual stream exactly at every position group; off, only at the changed token and the positions before it (the rest is an estimate only, marked on the figures).",
+        description="Patch the residual stream exactly at every position group; off, only at "
+        "the changed token and the positions before it (the rest is an estimate only, marked on "
+        "the figures).",
     )
 
 
 def _correlations(
     estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]
 ) -> dict[str, float | None]:
-    """Pearson and Spearman correlation; ``None`` where undefined (fewer than 3 values, or a
-    constant side).
+    """Pearson and Spearman correlation.
+
+    ``None`` where undefined (fewer than 3 values, or a constant side).
     """
     from scipy import stats
 
@@ -123,6 +129,8 @@ def agreement(estimate: Float[NDArray, " n"], exact: Float[NDArray, " n"]) -> di
 
 @dataclass(frozen=True)
 class AttributionPatchingResult:
+    """Estimated and exact shares recovered per head, MLP and residual point and group."""
+
     examples: list[dict[str, str]]
     clean: dict[str, float]
     corrupted: dict[str, float]
@@ -146,9 +154,10 @@ class AttributionPatchingResult:
         return ~np.isnan(self.residual_exact).any(axis=0)
 
     def agreements(self) -> dict[str, dict[str, Any]]:
-        """``agreement`` of estimate and exact value per kind of component (the residual stream
-        over its exactly patched cells, less the groups before the change, which would agree by
-        construction and inflate it).
+        """``agreement`` of estimate and exact value per kind of component.
+
+        The residual stream's over its exactly patched cells, less the groups before the change,
+        which would agree by construction and inflate it.
         """
         exact_cells = ~np.isnan(self.residual_exact)
         exact_cells[:, [self.roles.index(role) for role in self.residual_groups_before_change]] = (
@@ -166,8 +175,10 @@ class AttributionPatchingResult:
         return {kind: agreement(estimate, exact) for kind, (estimate, exact) in pairs.items()}
 
     def top_heads_by_exact_magnitude(self) -> list[dict[str, Any]]:
-        """The ``TOP_K`` heads with the largest |exact| effect, each with its estimate and the
-        rank of the estimate's magnitude among all heads (1 = largest).
+        """The ``TOP_K`` heads with the largest |exact| effect.
+
+        Each with its estimate and the rank of the estimate's magnitude among all heads (1 =
+        largest).
         """
         estimate_rank = np.empty(self.heads_estimate.size, dtype=int)
         estimate_rank[np.argsort(-np.abs(self.heads_estimate), axis=None, kind="stable")] = (
@@ -196,7 +207,7 @@ class AttributionPatchingResult:
         ]
         rows += [
             {"component": f"MLP {layer}", "estimate": float(e), "exact": float(x)}
-            for layer, (e, x) in enumerate(zip(self.mlps_estimate, self.mlps_exact))
+            for layer, (e, x) in enumerate(zip(self.mlps_estimate, self.mlps_exact, strict=True))
         ]
         rows += [
             {
@@ -210,6 +221,7 @@ class AttributionPatchingResult:
         return sorted(rows, key=lambda row: -abs(row["estimate"] - row["exact"]))[:TOP_K]
 
     def metrics(self) -> dict[str, Any]:
+        """The numbers of metrics.json."""
         from unraveled.heads import top_heads
 
         return {
@@ -217,13 +229,20 @@ class AttributionPatchingResult:
             "example_pairs": self.examples[:4],
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "answers": "correct: the indirect object, the clean prompts' answer; incorrect: the subject. Clean prompts are scored against the correct answer, corrupted ones against their own (with corruption swap, the subject; with abc, which has none, against the clean answer)",
-            "units": "share of the clean-minus-corrupted mean logit difference recovered (0 corrupted, 1 clean)",
+            "answers": "correct: the indirect object, the clean prompts' answer; incorrect: the "
+            "subject. Clean prompts are scored against the correct answer, corrupted ones against "
+            "their own (with corruption swap, the subject; with abc, which has none, against the "
+            "clean answer)",
+            "units": "share of the clean-minus-corrupted mean logit difference recovered (0 "
+            "corrupted, 1 clean)",
             "agreement_estimate_vs_exact": self.agreements(),
             "agreement_definitions": {
-                "pearson, spearman, n": "over every component of the kind (the residual stream: over its exactly patched cells)",
-                "top_k_overlap": "of the k components with the largest |exact|, how many are among the k with the largest |estimate|",
-                "above_threshold": "pearson and spearman over the components whose |exact| reaches the threshold; share: their share of all",
+                "pearson, spearman, n": "over every component of the kind (the residual stream: "
+                "over its exactly patched cells)",
+                "top_k_overlap": "of the k components with the largest |exact|, how many are "
+                "among the k with the largest |estimate|",
+                "above_threshold": "pearson and spearman over the components whose |exact| "
+                "reaches the threshold; share: their share of all",
             },
             "top_heads_by_exact_magnitude": self.top_heads_by_exact_magnitude(),
             "largest_errors": self.largest_errors(),
@@ -238,7 +257,9 @@ class AttributionPatchingResult:
             "residual_estimate": self.residual_estimate,
             "residual_exact": self.residual_exact,
             "residual_position_groups_patched_exactly": [
-                role for role, exact in zip(self.roles, self.residual_has_exact()) if exact
+                role
+                for role, exact in zip(self.roles, self.residual_has_exact(), strict=True)
+                if exact
             ],
             "residual_position_groups_before_the_change": self.residual_groups_before_change,
             "seconds": {
@@ -251,15 +272,17 @@ class AttributionPatchingResult:
 def compute(
     model: HookedTransformer, params: AttributionPatchingParams, seed: int
 ) -> AttributionPatchingResult:
+    """Estimate every head's, MLP's and residual point's patch, then patch them exactly."""
     from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
     from unraveled.patching import (
+        Recovery,
         answer_summary,
         attribution,
         estimates_per_component,
         head_patches,
         mlp_patches,
         patchable_hooks,
-        patched_logit_differences,
+        patched_metric,
         residual_patches,
         run_cache,
     )
@@ -279,32 +302,22 @@ def compute(
 
     clean = answer_summary(clean_logits, pairs)
     corrupted = answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
-    low, span = (
-        corrupted["mean_logit_difference"],
-        clean["mean_logit_difference"] - corrupted["mean_logit_difference"],
+    recovery = Recovery.between(
+        clean["mean_logit_difference"], corrupted["mean_logit_difference"], "params.ioi"
     )
-    if abs(span) < 1e-6:
-        raise ValueError(
-            "params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover"
-        )
 
-    def recovered(patched: Tensor) -> NDArray:
-        return ((patched.mean(-1) - low) / span).numpy()
+    def recovered(patch_sets: list[list[Patch]]) -> NDArray:
+        patched = patched_metric(
+            model, pairs, patch_sets, clean_cache, "corrupted", corrupted_cache
+        )
+        return recovery.share(patched).numpy()
 
     exact_seconds = {}
     started = time.perf_counter()
-    heads_exact = recovered(
-        patched_logit_differences(
-            model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache
-        )
-    )
+    heads_exact = recovered(head_patches(model))
     exact_seconds["heads"] = time.perf_counter() - started
     started = time.perf_counter()
-    mlps_exact = recovered(
-        patched_logit_differences(
-            model, pairs, mlp_patches(model), clean_cache, "corrupted", corrupted_cache
-        )
-    )
+    mlps_exact = recovered(mlp_patches(model))
     exact_seconds["mlps"] = time.perf_counter() - started
     n_points = model.cfg.n_layers + 1
     before_change = [
@@ -319,16 +332,9 @@ def compute(
         or bool((group & (pairs.clean != pairs.corrupted)).any())
     ]
     started = time.perf_counter()
-    residual = patched_logit_differences(
-        model,
-        pairs,
-        residual_patches(model, [groups[index] for index in exact_groups]),
-        clean_cache,
-        "corrupted",
-        corrupted_cache,
-    )
+    residual = recovered(residual_patches(model, [groups[index] for index in exact_groups]))
     residual_exact = np.full((n_points, len(ROLES)), np.nan, dtype=np.float32)
-    residual_exact[:, exact_groups] = recovered(residual).reshape(n_points, len(exact_groups))
+    residual_exact[:, exact_groups] = residual.reshape(n_points, len(exact_groups))
     exact_seconds["residual"] = time.perf_counter() - started
     return AttributionPatchingResult(
         examples=[
@@ -348,11 +354,11 @@ def compute(
             "after the last block",
         ],
         roles=list(ROLES),
-        heads_estimate=(heads_estimate / span).numpy(),
+        heads_estimate=(heads_estimate / recovery.span).numpy(),
         heads_exact=heads_exact.reshape(model.cfg.n_layers, model.cfg.n_heads),
-        mlps_estimate=(mlps_estimate / span).numpy(),
+        mlps_estimate=(mlps_estimate / recovery.span).numpy(),
         mlps_exact=mlps_exact,
-        residual_estimate=(residual_estimate / span).numpy(),
+        residual_estimate=(residual_estimate / recovery.span).numpy(),
         residual_exact=residual_exact,
         residual_groups_before_change=[ROLES[index] for index in before_change],
         attribution_seconds=attribution_seconds,
@@ -361,8 +367,9 @@ def compute(
 
 
 def _before_first_change(group: Bool[Tensor, "batch pos"], pairs: PromptPairs) -> bool:
-    """Whether a position group lies wholly before the first token the prompts differ in:
-    restoring it changes nothing, so its exact value is known without a run.
+    """Whether a position group lies wholly before the first token the prompts differ in.
+
+    Restoring it then changes nothing, so its exact value is known without a run.
     """
     import torch
 
@@ -429,33 +436,41 @@ def _agreement_text(name: str, found: dict[str, Any]) -> str:
         f"top {k}: {shared} of {k}" for k, shared in found["top_k_overlap"].items()
     )
     return (
-        f"{name}: Pearson {number(found['pearson'])}, Spearman {number(found['spearman'])} (all {found['n']})\n"
-        f"  |exact| >= {above['threshold']:g} ({above['n']}): Pearson {number(above['pearson'])}, Spearman {number(above['spearman'])}\n"
+        f"{name}: Pearson {number(found['pearson'])}, "
+        f"Spearman {number(found['spearman'])} (all {found['n']})\n"
+        f"  |exact| >= {above['threshold']:g} ({above['n']}): "
+        f"Pearson {number(above['pearson'])}, Spearman {number(above['spearman'])}\n"
         f"  largest |exact| among largest |estimate|: {overlaps or 'n/a'}"
     )
 
 
 def _mark_cells(axes, cells: Bool[NDArray, "row col"], gid: str, **style: Any) -> None:
-    """A rectangle over each marked cell of a heatmap, tagged ``gid`` (the figure's own legend
-    names it; tests find the marks by it).
+    """A rectangle over each marked cell of a heatmap, tagged ``gid``.
+
+    The figure's own legend names the tag; tests find the marks by it.
     """
     from matplotlib.patches import Rectangle
 
-    for row, col in zip(*np.nonzero(cells)):
+    for row, col in zip(*np.nonzero(cells), strict=True):
         axes.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, gid=gid, **style))
 
 
 def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
+    """Estimate against exact: scatter plots, head grids and the residual stream's grid."""
     from matplotlib.patches import Patch as LegendPatch
 
     from unraveled.render.figures import heatmap, panels
 
     agreements = result.agreements()
     n_layers, n_heads = result.heads_exact.shape
-    head_labels = [f"{layer}.{head}" for layer in range(n_layers) for head in range(n_heads)]
+    head_labels = [
+        str(HeadComponent(layer, head)) for layer in range(n_layers) for head in range(n_heads)
+    ]
     exact_cells = ~np.isnan(result.residual_exact)
     estimate_only = [
-        role for role, exact in zip(result.roles, result.residual_has_exact()) if not exact
+        role
+        for role, exact in zip(result.roles, result.residual_has_exact(), strict=True)
+        if not exact
     ]
 
     figure, axes = panels(2)
@@ -513,7 +528,10 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     layers = np.nonzero(exact_cells)[0]
     points = axes[1].scatter(exact_residual, estimated_residual, c=layers, cmap="viridis", s=14)
     axes[1].figure.colorbar(points, ax=axes[1], label="residual point (0 = before block 0)")
-    labels = [f"L{point} {result.roles[role]}" for point, role in zip(*np.nonzero(exact_cells))]
+    labels = [
+        f"L{point} {result.roles[role]}"
+        for point, role in zip(*np.nonzero(exact_cells), strict=True)
+    ]
     for index in np.argsort(-np.abs(estimated_residual - exact_residual))[:4]:
         axes[1].annotate(
             labels[index],
@@ -578,7 +596,8 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
         )
         panel.images[0].set_clim(-bound, bound)
     figure.suptitle(
-        f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its own largest"
+        f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its "
+        "own largest"
     )
     yield Figure(
         "02_heads_exact_and_estimate",
@@ -664,7 +683,8 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     yield Figure(
         "03_residual_exact_and_estimate",
         figure,
-        "The residual stream restored per layer and position group: exact (where patched) and estimated",
+        "The residual stream restored per layer and position group: exact (where patched) and "
+        "estimated",
     )
 
 

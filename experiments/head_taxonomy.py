@@ -1,5 +1,7 @@
-"""Which heads do what: induction, previous-token, duplicate-token and first-token (sink) scores
-for every attention head, and a view of the top induction heads at work.
+"""Which heads do what: induction, previous-token, duplicate-token and first-token scores.
+
+Every attention head gets each score (first-token: attention sinks), and a view shows the top
+induction heads at work.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field
 
+from unraveled.components import HeadComponent
 from unraveled.experiment import (
     RESOLVE_ANNOTATIONS,
     Artifact,
@@ -41,6 +44,8 @@ VIEWED_INDUCTION_HEADS = 6
 
 
 class HeadTaxonomyParams(Params):
+    """Natural prompts, and the random sequences repeated twice for the induction score."""
+
     prompts: list[Prompt] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, description="Natural prompts."
     )
@@ -50,22 +55,29 @@ class HeadTaxonomyParams(Params):
 
 @dataclass(frozen=True)
 class HeadTaxonomyResult:
+    """Every score of every head, and the patterns of the top induction heads."""
+
     scores: dict[str, Float[NDArray, "layer head"]]
     repeated_tokens: list[str]
     repeated_patterns: Float[NDArray, "viewed query_pos key_pos"]
     viewed_heads: list[str]
 
     def metrics(self) -> dict[str, Any]:
+        """The numbers of metrics.json."""
         from unraveled.heads import top_heads
 
         return {
             "scores": self.scores,
             "top_heads": {name: top_heads(values, TOP_K) for name, values in self.scores.items()},
             "score_definitions": {
-                "induction": "random segments repeated twice: attention from the copy to the token after each token's first occurrence",
-                "previous_token": "attention to the immediately preceding token (mean of repeated sequences and natural prompts)",
-                "duplicate_token": "attention to earlier occurrences of the same token (mean of repeated sequences and natural prompts)",
-                "first_token": "attention to position 0 from queries 1.. (query 0 can only attend to itself; mean of repeated sequences and natural prompts)",
+                "induction": "random segments repeated twice: attention from the copy to the "
+                "token after each token's first occurrence",
+                "previous_token": "attention to the immediately preceding token (mean of "
+                "repeated sequences and natural prompts)",
+                "duplicate_token": "attention to earlier occurrences of the same token (mean of "
+                "repeated sequences and natural prompts)",
+                "first_token": "attention to position 0 from queries 1.. (query 0 can only "
+                "attend to itself; mean of repeated sequences and natural prompts)",
             },
         }
 
@@ -139,8 +151,10 @@ def _repeated_pass_scores(
 ) -> tuple[
     dict[str, Float[Tensor, "layer head"]], Float[Tensor, "layer head query_pos key_pos"], list[str]
 ]:
-    """Every score of each repeated sequence, averaged over them, with the first sequence's
-    patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per forward pass.
+    """Every score of each repeated sequence, averaged over them.
+
+    Also the first sequence's patterns and tokens; ``REPEATED_ROWS_PER_PASS`` sequences per
+    forward pass.
     """
     from unraveled.activations import collect_activations
     from unraveled.analysis import stack_patterns
@@ -168,6 +182,7 @@ def _repeated_pass_scores(
 
 
 def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> HeadTaxonomyResult:
+    """Score every head on repeated random sequences and on the natural prompts."""
     import torch
 
     from unraveled.activations import collect_activations
@@ -189,7 +204,7 @@ def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> 
     scores_np = {name: scores[name].numpy() for name in SCORES}
     viewed = [entry["head"] for entry in top_heads(scores_np["induction"], VIEWED_INDUCTION_HEADS)]
     viewed_patterns = torch.stack(
-        [first_row[int(layer), int(head)] for layer, head in (name.split(".") for name in viewed)]
+        [first_row[head.layer, head.head] for head in map(HeadComponent.parse, viewed)]
     )
     return HeadTaxonomyResult(
         scores=scores_np,
@@ -200,12 +215,13 @@ def compute(model: HookedTransformer, params: HeadTaxonomyParams, seed: int) -> 
 
 
 def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
+    """The scores as heatmaps, the top heads per score, and the induction heads' patterns."""
     from unraveled.heads import top_heads
     from unraveled.render import views
     from unraveled.render.figures import heatmap, panels
 
     figure, axes_list = panels(2, 2)
-    for axes, name in zip(axes_list, SCORES):
+    for axes, name in zip(axes_list, SCORES, strict=True):
         heatmap(
             axes,
             result.scores[name],
@@ -222,7 +238,7 @@ def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
     )
 
     figure, axes_list = panels(2, 2)
-    for axes, name in zip(axes_list, SCORES):
+    for axes, name in zip(axes_list, SCORES, strict=True):
         ranked = top_heads(result.scores[name], TOP_K)
         axes.barh(
             [entry["head"] for entry in ranked][::-1],
@@ -236,7 +252,7 @@ def render(result: HeadTaxonomyResult) -> Iterator[Artifact]:
         )
     yield Figure("02_top_heads", figure, f"The top {TOP_K} heads for each score")
 
-    names = [f"L{name.replace('.', 'H')}" for name in result.viewed_heads]
+    names = [f"L{head.layer}H{head.head}" for head in map(HeadComponent.parse, result.viewed_heads)]
     element = views.attention_heads(
         result.repeated_patterns,
         result.repeated_tokens,
@@ -260,7 +276,8 @@ def check(model: HookedTransformer, params: HeadTaxonomyParams) -> None:
     if needed > model.cfg.n_ctx:
         raise ParamError(
             "repeat_length",
-            f"{params.repeat_length} needs {needed} positions (BOS + the segment twice), more than the model's context of {model.cfg.n_ctx}",
+            f"{params.repeat_length} needs {needed} positions (BOS + the segment twice), more "
+            f"than the model's context of {model.cfg.n_ctx}",
         )
 
 

@@ -32,6 +32,13 @@ from jaxtyping import Float
 from numpy.typing import NDArray
 from pydantic import Field
 
+from unraveled.components import (
+    EMBEDDINGS,
+    LOGITS,
+    HeadComponent,
+    MLPComponent,
+    parse_component,
+)
 from unraveled.datasets.ioi import IOIParams
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
 
@@ -45,9 +52,8 @@ Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 FAITHFULNESS_ROWS = 32
 """Rows per patched pass of the faithfulness curves: half the patching core's default, since every
-copy of the batch in them patches many components (GPT-2 small, 6 IOI pairs: 10 copies per pass
-peaked at +0.12 GB over the config's start, 5 at +0.08); rows are independent, so the logit
-differences are the same."""
+copy of the batch in them patches many components (so holds more per row); rows are independent,
+so the logit differences are the same."""
 INPUT_COLOURS = {
     "q": "tab:blue",
     "k": "tab:green",
@@ -58,6 +64,8 @@ INPUT_COLOURS = {
 
 
 class IOICircuitParams(Params):
+    """The IOI pairs, how many edges to show, and the circuits the faithfulness curves keep."""
+
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs.")
     top_edges: int = Field(
         30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics."
@@ -65,23 +73,28 @@ class IOICircuitParams(Params):
     circuit_sizes: list[Count] = Field(
         max_length=32,
         default_factory=lambda: [1, 2, 3, 5, 10, 20, 40, 80, 160],
-        description="Numbers of components kept for the faithfulness curve (0 and all are always added).",
+        description="Numbers of components kept for the faithfulness curve (0 and all are "
+        "always added).",
     )
     edge_counts: list[Count] = Field(
         max_length=16,
         default_factory=lambda: [30, 300, 3000],
-        description="Numbers of edges kept for the edge-level faithfulness curve (0 and all are always added); empty to skip it.",
+        description="Numbers of edges kept for the edge-level faithfulness curve (0 and all "
+        "are always added); empty to skip it.",
     )
     random_draws: int = Field(
         10,
         ge=1,
         le=100,
-        description="Random circuits drawn per size for the baseline; their mean and spread are shown.",
+        description="Random circuits drawn per size for the baseline; their mean and spread "
+        "are shown.",
     )
 
 
 @dataclass(frozen=True)
 class IOICircuitResult:
+    """Edge and component scores, and the faithfulness of circuits of growing size."""
+
     n_pairs: int
     clean: dict[str, float]
     corrupted: dict[str, float]
@@ -100,14 +113,18 @@ class IOICircuitResult:
     seconds: dict[str, float]
 
     def metrics(self) -> dict[str, Any]:
+        """The numbers of metrics.json."""
         ranked = np.argsort(-np.abs(self.node_scores), kind="stable")
-        reached = [size for size, kept in zip(self.sizes, self.faithfulness) if kept >= 0.8]
+        reached = [
+            size for size, kept in zip(self.sizes, self.faithfulness, strict=True) if kept >= 0.8
+        ]
         draws = self.random_faithfulness
         return {
             "n_pairs": self.n_pairs,
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "scores": "estimated change of the mean logit difference when the edge (or component) alone is corrupted, in logits",
+            "scores": "estimated change of the mean logit difference when the edge (or "
+            "component) alone is corrupted, in logits",
             "n_edges_scored": self.n_edges,
             "top_edges": self.edges,
             "top_components": [
@@ -116,7 +133,8 @@ class IOICircuitResult:
             ],
             "edge_scores_sum_to_component_scores_max_error": self.edge_sum_error,
             "faithfulness": {
-                "method": "components outside the circuit take their outputs on the corrupted prompts",
+                "method": "components outside the circuit take their outputs on the corrupted "
+                "prompts",
                 "circuit_sizes": self.sizes,
                 "share_of_clean_logit_difference_kept": self.faithfulness,
                 "random_circuits_of_the_same_sizes": {
@@ -127,12 +145,14 @@ class IOICircuitResult:
                     "per_draw": draws,
                 },
                 "smallest_tested_size_keeping_80_percent": reached[0] if reached else None,
-                "smallest_tested_size_note": "the smallest of circuit_sizes whose share kept is at least 0.8; sizes between "
-                "those tested are not run, so a smaller circuit may also keep 80% (the curve need not rise steadily)",
+                "smallest_tested_size_note": "the smallest of circuit_sizes whose share kept is "
+                "at least 0.8; sizes between those tested are not run, so a smaller circuit may "
+                "also keep 80% (the curve need not rise steadily)",
             },
             "edge_faithfulness": {
-                "method": "each head's query/key/value input, each MLP's input and the logits' input get the corrupted "
-                "value plus the current minus corrupted output of the upstream components whose edge is kept",
+                "method": "each head's query/key/value input, each MLP's input and the logits' "
+                "input get the corrupted value plus the current minus corrupted output of the "
+                "upstream components whose edge is kept",
                 "edges_kept": self.edge_counts,
                 "share_of_clean_logit_difference_kept": self.edge_faithfulness,
             },
@@ -147,62 +167,49 @@ def circuit_faithfulness(
     dropped: list[list[int]],
     corrupted_cache: Any,
 ) -> Float[Tensor, "circuit batch"]:
-    """The clean prompts' logit differences with the components ``dropped[i]`` (indices into
-    ``nodes``) of each circuit i patched from the corrupted run, every other one kept.
+    """The clean prompts' logit differences with some components patched from the corrupted run.
+
+    Circuit i patches the components ``dropped[i]`` (indices into ``nodes``) and keeps every
+    other one.
     """
-    from unraveled.patching import component_patches, patched_logit_differences
+    from unraveled.patching import component_patches, patched_metric
 
     # Each component's patches built once and shared by every circuit that drops it.
     patches = [component_patches(node, model) for node in nodes]
     patch_sets = [[patch for index in indices for patch in patches[index]] for indices in dropped]
-    return patched_logit_differences(
+    return patched_metric(
         model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS
     )
 
 
 def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IOICircuitResult:
+    """Score every edge, then run circuits of growing size by node and by edge."""
     import torch
 
     from unraveled.datasets.ioi import corrupted_prompts_answer, ioi_batch
     from unraveled.patching import (
+        Recovery,
         answer_summary,
+        circuit_hooks,
         edge_attribution,
-        edge_circuit_logit_differences,
+        edge_circuit_metric,
         run_cache,
     )
 
     batch = ioi_batch(model, params.ioi, seed)
     pairs = batch.tokens
-    n_layers = model.cfg.n_layers
-    hooks = [
-        "hook_embed",
-        *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
-        *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
-        *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
-        *[
-            f"blocks.{layer}.hook_resid_{point}"
-            for layer in range(n_layers)
-            for point in ("pre", "mid")
-        ],
-        f"blocks.{n_layers - 1}.hook_resid_post",
-    ]
     clean_logits, _ = run_cache(model, pairs, "clean", [])
     started = time.perf_counter()
-    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
+    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", circuit_hooks(model))
     scores = edge_attribution(model, pairs, corrupted_cache, base="clean")
     edge_seconds = time.perf_counter() - started
     clean, corrupted = (
         answer_summary(clean_logits, pairs),
         answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi)),
     )
-    low, span = (
-        corrupted["mean_logit_difference"],
-        clean["mean_logit_difference"] - corrupted["mean_logit_difference"],
+    recovery = Recovery.between(
+        clean["mean_logit_difference"], corrupted["mean_logit_difference"], "params.ioi"
     )
-    if abs(span) < 1e-6:
-        raise ValueError(
-            "params.ioi: the clean and corrupted prompts give the same mean logit difference: nothing to recover"
-        )
 
     matrix = scores.scores.numpy()
     valid = ~np.isnan(matrix)
@@ -211,16 +218,16 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     edges = []
     for index in top:
         up, down = np.unravel_index(index, matrix.shape)
-        target = scores.downstream[down]
-        kind = (
-            target.rsplit(".", 1)[1]
-            if target.count(".") == 2
-            else ("logits" if target == "logits" else "mlp")
+        target = parse_component(scores.downstream[down])
+        to, kind = (
+            (str(target.whole_head), target.input)
+            if isinstance(target, HeadComponent)
+            else (str(target), "logits" if target == LOGITS else "mlp")
         )
         edges.append(
             {
                 "from": scores.upstream[up],
-                "to": target.rsplit(".", 1)[0] if kind in "qkv" else target,
+                "to": to,
                 "input": kind,
                 "score": float(matrix[up, down]),
             }
@@ -255,7 +262,7 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     ]
     kept = circuit_faithfulness(model, pairs, nodes, dropped, corrupted_cache)
     faithfulness_seconds = time.perf_counter() - started
-    shares = ((kept.mean(-1) - low) / span).numpy()
+    shares = recovery.share(kept).numpy()
     ranked_shares = shares[: len(sizes)]
     random_shares = np.tile(ranked_shares, (params.random_draws, 1))
     random_shares[:, between] = shares[len(sizes) :].reshape(params.random_draws, len(between))
@@ -272,8 +279,8 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         masks = torch.zeros(len(edge_counts), *matrix.shape, dtype=torch.bool)
         for row, count in enumerate(edge_counts):
             masks[row].view(-1)[torch.from_numpy(by_score[:count])] = True
-        edge_kept = edge_circuit_logit_differences(model, pairs, corrupted_cache, masks)
-        edge_shares = ((edge_kept.mean(-1) - low) / span).numpy()
+        edge_kept = edge_circuit_metric(model, pairs, corrupted_cache, masks)
+        edge_shares = recovery.share(edge_kept).numpy()
         edge_faithfulness_seconds = time.perf_counter() - started
     return IOICircuitResult(
         n_pairs=pairs.size,
@@ -289,7 +296,7 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         random_faithfulness=random_shares,
         edge_counts=edge_counts,
         edge_faithfulness=edge_shares,
-        n_layers=n_layers,
+        n_layers=model.cfg.n_layers,
         n_heads=model.cfg.n_heads,
         seconds={
             "edge_attribution": edge_seconds,
@@ -300,22 +307,27 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
 
 
 def _position(node: str, n_layers: int, n_heads: int) -> tuple[float, float]:
-    """Where a component sits in the circuit figure: layer upwards, head across, MLPs on the right."""
-    if node == "embed":
+    """Where a component sits in the circuit figure.
+
+    Layer upwards, head across, MLPs on the right; the embeddings below, the logits above.
+    """
+    component = parse_component(node)
+    if isinstance(component, HeadComponent):
+        return float(component.head), float(component.layer)
+    if isinstance(component, MLPComponent):
+        return float(n_heads) + 0.5, component.layer + 0.35
+    if component == EMBEDDINGS:
         return (n_heads - 1) / 2, -1.0
-    if node == "logits":
-        return (n_heads - 1) / 2, float(n_layers)
-    if node.startswith("m"):
-        return float(n_heads) + 0.5, int(node[1:]) + 0.35
-    layer, head = node.split(".")
-    return float(head), float(layer)
+    return (n_heads - 1) / 2, float(n_layers)  # the logits
 
 
 def _label(node: str) -> str:
-    return f"MLP {node[1:]}" if node.startswith("m") else node
+    component = parse_component(node)
+    return f"MLP {component.layer}" if isinstance(component, MLPComponent) else node
 
 
 def render(result: IOICircuitResult) -> Iterator[Artifact]:
+    """The top edges as a circuit, the faithfulness curves and the component scores."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyArrowPatch
 
@@ -355,7 +367,11 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
             zorder=3,
             bbox={
                 "boxstyle": "round,pad=0.25",
-                "facecolor": "lightyellow" if "." in node else "lightgrey",
+                "facecolor": (
+                    "lightyellow"
+                    if isinstance(parse_component(node), HeadComponent)
+                    else "lightgrey"
+                ),
                 "edgecolor": "grey",
             },
         )
@@ -392,7 +408,8 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     yield Figure(
         "01_circuit_edges",
         figure,
-        "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the head)",
+        "The IOI circuit's strongest edges (labels L.H: layer.head; q, k, v: which input of the "
+        "head)",
     )
 
     figure, axes_list = panels(2 if result.edge_counts else 1)
@@ -426,7 +443,8 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xscale("log")
     axes.set(
-        title="Faithfulness: share of the clean logit difference kept by the circuit alone\n(everything outside it takes its corrupted output)",
+        title="Faithfulness: share of the clean logit difference kept by the circuit alone\n"
+        "(everything outside it takes its corrupted output)",
         xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)",
         ylabel="share kept (1 clean, 0 corrupted)",
     )
@@ -450,21 +468,25 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     yield Figure(
         "02_faithfulness",
         figure,
-        f"Faithfulness of circuits of growing size, against {len(draws)} random circuits of each size",
+        f"Faithfulness of circuits of growing size, against {len(draws)} random circuits of "
+        "each size",
     )
 
     figure, (axes,) = panels(1)
     heads = np.array(
         [
             [
-                result.node_scores[result.nodes.index(f"{layer}.{head}")]
+                result.node_scores[result.nodes.index(str(HeadComponent(layer, head)))]
                 for head in range(result.n_heads)
             ]
             for layer in range(result.n_layers)
         ]
     )
     mlps = np.array(
-        [result.node_scores[result.nodes.index(f"m{layer}")] for layer in range(result.n_layers)]
+        [
+            result.node_scores[result.nodes.index(str(MLPComponent(layer)))]
+            for layer in range(result.n_layers)
+        ]
     )
     values = np.c_[heads, np.full(result.n_layers, np.nan), mlps]
     bound = float(np.nanmax(np.abs(values))) or 1.0

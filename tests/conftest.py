@@ -200,7 +200,7 @@ def tiny_llama_dir(
 
 @pytest.fixture(scope="session")
 def hf_home_with_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
-    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, laid out as on the hub."""
+    """An HF_HOME whose hub cache holds the tiny checkpoint as ``gpt2``, as the hub lays it out."""
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--gpt2"
     snapshot = repo / "snapshots" / FAKE_SNAPSHOT
@@ -347,6 +347,13 @@ def tiny_model(shared_weight_cache_dir: Path) -> SharedTinyModels:
     """``tiny_model(folder, weights)``: a tiny checkpoint's model, loaded once per session (see
     ``SharedTinyModels``)."""
     return SharedTinyModels(shared_weight_cache_dir)
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2_dir", "tiny_llama_dir"])
+def tiny_gpt2_or_llama(request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> Any:
+    """The tiny GPT-2 and the tiny Llama (grouped-query attention, rotary, RMSNorm) in turn, with
+    processed weights (shared, see ``SharedTinyModels``)."""
+    return tiny_model(request.getfixturevalue(request.param), "processed")
 
 
 @pytest.fixture(autouse=True)

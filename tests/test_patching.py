@@ -1,9 +1,11 @@
 """The patching core against independent computations: exact patches against a plain hooked run of
 the whole model, attribution estimates against exact patching where the metric is linear, edge
-scores against each component's own gradient."""
+scores against each component's own gradient and against a closed form, and any metric in place
+of the logit difference against a plain forward."""
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,62 +15,36 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer
 
-from tests.conftest import SharedTinyModels
-from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch
+from tests.helpers.patching import (
+    N_PAIRS,
+    check_attribution_is_exact_where_the_metric_is_linear,
+    check_edge_circuits_agree_with_node_circuits,
+    check_edge_scores_add_up_to_each_components_own_attribution,
+    hand_built,
+)
+from unraveled.datasets.ioi import IOIParams, ioi_batch
+from unraveled.logits import residual_hook_names
 from unraveled.patching import (
     Patch,
     PromptPairs,
     answer_summary,
     attribution,
-    component_patches,
+    circuit_hooks,
     edge_attribution,
-    edge_circuit_logit_differences,
-    estimates_per_component,
-    head_patches,
-    logit_differences,
-    mlp_patches,
+    edge_circuit_metric,
+    output_hooks,
     patchable_hooks,
-    patched_logit_differences,
+    patched_metric,
     residual_patches,
     run_cache,
 )
 
-N_PAIRS = 4
 
-
-@pytest.fixture(scope="module", params=["tiny_gpt2_dir", "tiny_llama_dir"])
-def loaded(request: pytest.FixtureRequest, tiny_model: SharedTinyModels) -> HookedTransformer:
-    return tiny_model(request.getfixturevalue(request.param), "processed")
-
-
-def _hand_built(tiny_gpt2_dir: Path, attn_only: bool) -> HookedTransformer:
-    """A model without any norm: the logit difference is linear in the last block's outputs and in
-    the final residual stream."""
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=50257,
-        n_ctx=64,
-        act_fn="gelu",
-        normalization_type=None,
-        attn_only=attn_only,
-        seed=1,
-        initializer_range=0.3,  # large weights: far from linear
-    )
-    return (
-        HookedTransformer(cfg, AutoTokenizer.from_pretrained(tiny_gpt2_dir))
-        .eval()
-        .requires_grad_(False)
-    )
-
-
-def _plain_patched_differences(
-    model: HookedTransformer, tokens: torch.Tensor, pairs, patch: Patch, source
+def _plain_patched_last_logits(
+    model: HookedTransformer, tokens: torch.Tensor, pairs: PromptPairs, patch: Patch, source
 ) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The patch applied the plainest way: the whole model from the corrupted tokens, one hook."""
+    """The patch applied the plainest way: the whole model from the corrupted tokens, one hook;
+    the logits at each prompt's last token."""
 
     def hook(activation: torch.Tensor, hook) -> torch.Tensor:  # type: ignore[no-untyped-def]
         value = source[patch.hook]
@@ -83,49 +59,70 @@ def _plain_patched_differences(
 
     with torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=[(patch.hook, hook)])
-    return logit_differences(logits, pairs)
+    return logits[torch.arange(pairs.size), pairs.last]
 
 
-def test_exact_patches_match_a_plain_hooked_run(loaded: HookedTransformer) -> None:
-    batch = ioi_batch(loaded, IOIParams(n_pairs=N_PAIRS), seed=0)
+def _by_hand(last_logits: torch.Tensor, pairs: PromptPairs, metric: str) -> torch.Tensor:
+    rows = torch.arange(pairs.size)
+    correct = last_logits[rows, pairs.correct]
+    return correct if metric == "correct logit" else correct - last_logits[rows, pairs.incorrect]
+
+
+def correct_logit(last_logits: torch.Tensor, pairs: PromptPairs) -> torch.Tensor:
+    """A metric other than the default: the correct answer's logit."""
+    return last_logits[torch.arange(last_logits.shape[0]), pairs.correct]
+
+
+@pytest.mark.parametrize("metric", ["logit difference", "correct logit"])
+def test_exact_patches_match_a_plain_hooked_run(
+    tiny_gpt2_or_llama: HookedTransformer, metric: str
+) -> None:
+    """Each patch set against the whole model run from the tokens with one plain hook, scored by
+    hand; the correct answer's logit in place of the default metric is scored from the whole
+    vocabulary's logits, the default from the two answers' unembedding columns alone."""
+    model = tiny_gpt2_or_llama
+    batch = ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=0)
     pairs = batch.tokens
-    hooks = patchable_hooks(loaded)
-    _, clean_cache = run_cache(loaded, pairs, "clean", hooks)
-    corrupted_logits, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
+    hooks = patchable_hooks(model)
+    _, clean_cache = run_cache(model, pairs, "clean", hooks)
+    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
     patches = [
         Patch("blocks.1.attn.hook_z", head=2),
         Patch("blocks.0.hook_mlp_out"),
         Patch("blocks.1.hook_resid_pre", positions=batch.roles["S2"]),
-        Patch(
-            "blocks.0.hook_resid_pre", positions=batch.roles["IO"]
-        ),  # before the prompts differ: changes nothing
+        # before the prompts differ: changes nothing
+        Patch("blocks.0.hook_resid_pre", positions=batch.roles["IO"]),
     ]
-    ours = patched_logit_differences(
-        loaded,
+    chosen = {"correct logit": {"metric": correct_logit}, "logit difference": {}}[metric]
+    ours = patched_metric(
+        model,
         pairs,
         [[p] for p in patches] + [[]],
         clean_cache,
         "corrupted",
         corrupted_cache,
         max_rows=8,
+        **chosen,
     )
     for row, patch in enumerate(patches):
-        expected = _plain_patched_differences(loaded, pairs.corrupted, pairs, patch, clean_cache)
-        torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
-    rows = torch.arange(pairs.size)
-    corrupted = corrupted_logits[rows, pairs.correct] - corrupted_logits[rows, pairs.incorrect]
+        plain = _plain_patched_last_logits(model, pairs.corrupted, pairs, patch, clean_cache)
+        torch.testing.assert_close(ours[row], _by_hand(plain, pairs, metric), atol=1e-4, rtol=1e-4)
+    corrupted = _by_hand(corrupted_logits, pairs, metric)
     torch.testing.assert_close(ours[-1], corrupted, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours[3], corrupted, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours[2], corrupted, atol=1e-3)  # S2 carries the difference
 
 
-def test_restoring_the_whole_residual_stream_gives_the_clean_run(loaded: HookedTransformer) -> None:
+def test_restoring_the_whole_residual_stream_gives_the_clean_run(
+    tiny_gpt2_or_llama: HookedTransformer,
+) -> None:
+    loaded = tiny_gpt2_or_llama
     pairs = ioi_batch(loaded, IOIParams(n_pairs=N_PAIRS), seed=1).tokens
     hooks = patchable_hooks(loaded)
     clean_logits, clean_cache = run_cache(loaded, pairs, "clean", hooks)
     _, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
     sets = [[Patch(f"blocks.{layer}.hook_resid_pre")] for layer in range(loaded.cfg.n_layers)]
-    ours = patched_logit_differences(loaded, pairs, sets, clean_cache, "corrupted", corrupted_cache)
+    ours = patched_metric(loaded, pairs, sets, clean_cache, "corrupted", corrupted_cache)
     rows = torch.arange(pairs.size)
     clean = clean_logits[rows, pairs.correct] - clean_logits[rows, pairs.incorrect]
     torch.testing.assert_close(ours, clean.expand_as(ours), atol=1e-4, rtol=1e-4)
@@ -135,98 +132,13 @@ def test_restoring_the_whole_residual_stream_gives_the_clean_run(loaded: HookedT
 def test_attribution_is_exact_where_the_metric_is_linear(
     tiny_gpt2_dir: Path, attn_only: bool
 ) -> None:
-    model = _hand_built(tiny_gpt2_dir, attn_only)
-    batch = ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=0)
-    pairs, groups = batch.tokens, [batch.roles[role] for role in ROLES]
-    hooks = (
-        patchable_hooks(model)
-        if not attn_only
-        else [h for h in patchable_hooks(model) if "mlp" not in h]
-    )
-    _, clean_cache = run_cache(model, pairs, "clean", hooks)
-    _, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
-    base, estimates = attribution(model, pairs, hooks, clean_cache, base="corrupted")
-    if attn_only:
-        for hook in hooks:
-            estimates.setdefault(hook.replace("attn.hook_z", "hook_mlp_out"), torch.zeros(1, 1, 1))
-    heads, mlps, residual = estimates_per_component(model, estimates, groups)
-
-    def exact(sets):  # type: ignore[no-untyped-def]
-        return (
-            patched_logit_differences(model, pairs, sets, clean_cache, "corrupted", corrupted_cache)
-            - base
-        ).mean(-1)
-
-    last = model.cfg.n_layers - 1
-    torch.testing.assert_close(
-        residual[-1], exact(residual_patches(model, groups)[-len(groups) :]), atol=1e-4, rtol=1e-4
-    )
-    if attn_only:  # a last-layer head writes straight to the logits
-        torch.testing.assert_close(
-            heads[last], exact(head_patches(model)[-model.cfg.n_heads :]), atol=1e-4, rtol=1e-4
-        )
-        nonlinear = (
-            heads[0],
-            exact(head_patches(model)[: model.cfg.n_heads]),
-        )  # through the next layer's softmax
-    else:  # the last MLP writes straight to the logits
-        torch.testing.assert_close(
-            mlps[last : last + 1], exact(mlp_patches(model)[-1:]), atol=1e-4, rtol=1e-4
-        )
-        nonlinear = mlps[:1], exact(mlp_patches(model)[:1])
-    estimate, truth = nonlinear
-    assert (
-        estimate - truth
-    ).abs().max() > 0.01 * truth.abs().max()  # further from the logits, only an estimate
+    check_attribution_is_exact_where_the_metric_is_linear(tiny_gpt2_dir, attn_only)
 
 
-def test_edge_scores_add_up_to_each_components_own_attribution(loaded: HookedTransformer) -> None:
-    pairs = ioi_batch(loaded, IOIParams(n_pairs=N_PAIRS), seed=2).tokens
-    n_layers = loaded.cfg.n_layers
-    hooks = [
-        "hook_embed",
-        *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else []),
-    ]
-    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [
-        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)
-    ]
-    _, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
-    settings = (
-        loaded.cfg.use_split_qkv_input,
-        loaded.cfg.use_hook_mlp_in,
-        loaded.cfg.ungroup_grouped_query_attention,
-    )
-    scores = edge_attribution(loaded, pairs, corrupted_cache, base="clean")
-    assert (
-        loaded.cfg.use_split_qkv_input,
-        loaded.cfg.use_hook_mlp_in,
-        loaded.cfg.ungroup_grouped_query_attention,
-    ) == settings
-    n_heads = loaded.cfg.n_heads
-    assert len(scores.upstream) == 1 + n_layers * (n_heads + 1)
-    assert len(scores.downstream) == n_layers * (3 * n_heads + 1) + 1
-    # Components only feed later ones: head 1.0 reads nothing from layer 1, MLP 0 reads head 0.x.
-    assert torch.isnan(
-        scores.scores[scores.upstream.index("1.0"), scores.downstream.index("1.2.q")]
-    )
-    assert not torch.isnan(
-        scores.scores[scores.upstream.index("0.3"), scores.downstream.index("m0")]
-    )
-    # Independent route: the plain attribution of each head's z and each MLP's output.
-    _, own = attribution(loaded, pairs, hooks, corrupted_cache, base="clean")
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            expected = own[f"blocks.{layer}.attn.hook_z"][:, :, head].sum() / pairs.size
-            assert float(scores.nodes[scores.upstream.index(f"{layer}.{head}")]) == pytest.approx(
-                float(expected), abs=1e-5
-            )
-        expected = own[f"blocks.{layer}.hook_mlp_out"].sum() / pairs.size
-        assert float(scores.nodes[scores.upstream.index(f"m{layer}")]) == pytest.approx(
-            float(expected), abs=1e-5
-        )
-    torch.testing.assert_close(
-        torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4
-    )
+def test_edge_scores_add_up_to_each_components_own_attribution(
+    tiny_gpt2_or_llama: HookedTransformer,
+) -> None:
+    check_edge_scores_add_up_to_each_components_own_attribution(tiny_gpt2_or_llama)
 
 
 def _closed_form_edge_scores(
@@ -237,7 +149,8 @@ def _closed_form_edge_scores(
     The metric at the last position L is M = (x_L + sum_h sum_j A_hj (x_j W_V + b_V) W_O + b_O) . d,
     d = W_U[correct] - W_U[incorrect], x the embeddings, A_h = softmax(q_L . k_j / sqrt(d_head)).
     Its gradients at the clean run: the value input at j, A_hj W_V W_O d; the key input at j,
-    dM/ds_j W_K q_L / sqrt(d_head); the query input (at L only), W_Q sum_j dM/ds_j k_j / sqrt(d_head);
+    dM/ds_j W_K q_L / sqrt(d_head); the query input (at L only),
+    W_Q sum_j dM/ds_j k_j / sqrt(d_head);
     with dM/ds_j = A_j (o_j - sum_i A_i o_i), o_j = (x_j W_V + b_V) W_O . d. An edge's score is the
     embeddings' change (corrupted - clean) dotted with the gradient, summed over positions; a head's
     edge to the logits is its output's change at L dotted with d. Mean over prompts.
@@ -337,7 +250,7 @@ def test_edge_scores_match_a_closed_form_per_query_key_and_value_input(tiny_gpt2
     )
     assert (
         values[0] > 1e-3
-        and min(b - a for a, b in zip(values, values[1:])) > 1e-3 + 1e-3 * values[-1]
+        and min(b - a for a, b in itertools.pairwise(values)) > 1e-3 + 1e-3 * values[-1]
     )
     # The MLP reads nothing and writes nothing.
     assert float(
@@ -345,53 +258,8 @@ def test_edge_scores_match_a_closed_form_per_query_key_and_value_input(tiny_gpt2
     ) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_edge_circuits_agree_with_node_circuits(loaded: HookedTransformer) -> None:
-    """Keeping every edge out of a set of components is keeping those components (everything else
-    corrupted): two different routes through the model must agree."""
-    pairs = ioi_batch(loaded, IOIParams(n_pairs=3), seed=3).tokens
-    n_layers = loaded.cfg.n_layers
-    hooks = [
-        "hook_embed",
-        *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else []),
-    ]
-    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [
-        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)
-    ]
-    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [
-        f"blocks.{n_layers - 1}.hook_resid_post"
-    ]
-    clean_logits, _ = run_cache(loaded, pairs, "clean", [])
-    corrupted_logits, corrupted_cache = run_cache(loaded, pairs, "corrupted", hooks)
-    scores = edge_attribution(loaded, pairs, corrupted_cache, base="clean")
-    valid = ~torch.isnan(scores.scores)
-    keep_sets = [["embed", "0.1", "1.2", "m0"], ["embed", "0.0", "0.3", "m1", "1.1"]]
-    masks = torch.stack([torch.zeros_like(valid), valid])  # nothing kept, everything kept
-    node_masks = []
-    for keep in keep_sets:
-        rows = torch.tensor([name in keep for name in scores.upstream])
-        node_masks.append(valid & rows[:, None])
-    ours = edge_circuit_logit_differences(
-        loaded, pairs, corrupted_cache, torch.cat([masks, torch.stack(node_masks)])
-    )
-    rows = torch.arange(pairs.size)
-    torch.testing.assert_close(
-        ours[0],
-        corrupted_logits[rows, pairs.correct] - corrupted_logits[rows, pairs.incorrect],
-        atol=1e-4,
-        rtol=1e-4,
-    )
-    torch.testing.assert_close(
-        ours[1],
-        clean_logits[rows, pairs.correct] - clean_logits[rows, pairs.incorrect],
-        atol=1e-4,
-        rtol=1e-4,
-    )
-    node_sets = [
-        [p for name in scores.upstream if name not in keep for p in component_patches(name, loaded)]
-        for keep in keep_sets
-    ]
-    expected = patched_logit_differences(loaded, pairs, node_sets, corrupted_cache, base="clean")
-    torch.testing.assert_close(ours[2:], expected, atol=1e-4, rtol=1e-4)
+def test_edge_circuits_agree_with_node_circuits(tiny_gpt2_or_llama: HookedTransformer) -> None:
+    check_edge_circuits_agree_with_node_circuits(tiny_gpt2_or_llama)
 
 
 def test_answer_summary_scores_each_prompt_set_against_its_own_answer() -> None:
@@ -424,4 +292,75 @@ def test_answer_summary_scores_each_prompt_set_against_its_own_answer() -> None:
             "share_incorrect_over_correct": 2 / 3,
             "share_incorrect_is_top_prediction": 2 / 3,
         }
+    )
+
+
+@pytest.mark.parametrize("attn_only", [True, False])
+def test_attribution_with_another_metric_is_exact_where_it_is_linear(
+    tiny_gpt2_dir: Path, attn_only: bool
+) -> None:
+    """The correct answer's logit is linear in the final residual stream of a model without
+    norms: its estimate there equals the exact patch, and the base run's value is the corrupted
+    run's correct logit, read by hand from a plain forward."""
+    model = hand_built(tiny_gpt2_dir, attn_only)
+    batch = ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=0)
+    pairs = batch.tokens
+    points = residual_hook_names(model.cfg.n_layers)
+    final = points[-1]
+    _, clean_cache = run_cache(model, pairs, "clean", points)
+    _, corrupted_cache = run_cache(model, pairs, "corrupted", points)
+    base, estimates = attribution(
+        model, pairs, [final], clean_cache, base="corrupted", metric=correct_logit
+    )
+    with torch.no_grad():
+        plain = model(pairs.corrupted)[torch.arange(pairs.size), pairs.last]
+    torch.testing.assert_close(base, _by_hand(plain, pairs, "correct logit"))
+    groups = [batch.roles["end"]]
+    exact = patched_metric(
+        model,
+        pairs,
+        residual_patches(model, groups)[-1:],
+        clean_cache,
+        "corrupted",
+        corrupted_cache,
+        metric=correct_logit,
+    )[0]
+    estimate = (estimates[final].sum(-1) * groups[0]).sum(-1)
+    torch.testing.assert_close(estimate, exact - base, atol=1e-4, rtol=1e-4)
+    # Not the logit difference's estimate: the metric reached the gradient.
+    _, default = attribution(model, pairs, [final], clean_cache, base="corrupted")
+    assert not torch.allclose((default[final].sum(-1) * groups[0]).sum(-1), estimate, atol=1e-3)
+
+
+def test_edges_and_circuits_with_another_metric(tiny_gpt2_or_llama: HookedTransformer) -> None:
+    """Edge attribution with the correct answer's logit: each component's score is its own
+    attribution under that metric, and its edges add up to it; a circuit keeping every edge scores
+    the clean run's correct logit, one keeping none the corrupted run's, both read by hand."""
+    model = tiny_gpt2_or_llama
+    pairs = ioi_batch(model, IOIParams(n_pairs=3), seed=3).tokens
+    clean_logits, _ = run_cache(model, pairs, "clean", [])
+    corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", circuit_hooks(model))
+    scores = edge_attribution(model, pairs, corrupted_cache, base="clean", metric=correct_logit)
+    _, own = attribution(
+        model, pairs, output_hooks(model), corrupted_cache, base="clean", metric=correct_logit
+    )
+    for layer in range(model.cfg.n_layers):
+        expected = own[f"blocks.{layer}.hook_mlp_out"].sum() / pairs.size
+        assert float(scores.nodes[scores.upstream.index(f"m{layer}")]) == pytest.approx(
+            float(expected), abs=1e-5
+        )
+    torch.testing.assert_close(
+        torch.nansum(scores.scores, dim=1), scores.nodes, atol=1e-5, rtol=1e-4
+    )
+    assert scores.base_difference == pytest.approx(
+        float(_by_hand(clean_logits, pairs, "correct logit").mean()), abs=1e-4
+    )
+    valid = ~torch.isnan(scores.scores)
+    kept = torch.stack([valid, torch.zeros_like(valid)])
+    ours = edge_circuit_metric(model, pairs, corrupted_cache, kept, metric=correct_logit)
+    torch.testing.assert_close(
+        ours[0], _by_hand(clean_logits, pairs, "correct logit"), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ours[1], _by_hand(corrupted_logits, pairs, "correct logit"), atol=1e-4, rtol=1e-4
     )

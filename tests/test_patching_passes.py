@@ -11,108 +11,92 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from tests.test_patching import (
+from tests.helpers.patching import (
     N_PAIRS,
-    _hand_built,
-    loaded,  # noqa: F401  (the module-scoped model fixture)
+    check_attribution_is_exact_where_the_metric_is_linear,
+    check_edge_circuits_agree_with_node_circuits,
+    check_edge_scores_add_up_to_each_components_own_attribution,
+    hand_built,
 )
-from tests.test_patching import (
-    test_attribution_is_exact_where_the_metric_is_linear as attribution_is_exact,
-)
-from tests.test_patching import test_edge_circuits_agree_with_node_circuits as edge_circuits_agree
-from tests.test_patching import (
-    test_edge_scores_add_up_to_each_components_own_attribution as edge_scores_add_up,
-)
-from unraveled import patching
 from unraveled.datasets.ioi import IOIParams, ioi_batch
+from unraveled.patching import (
+    PromptPairs,
+    circuit_hooks,
+    edge_attribution,
+    edge_circuit_metric,
+    edge_circuit_passes,
+    gradient_passes,
+    run_cache,
+)
 
 
-@pytest.fixture(autouse=True)
-def smallest_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(patching, "GRADIENT_TOKENS", 1)
-    monkeypatch.setattr(patching, "EDGE_BUFFER_BYTES", 1)
+def test_edge_scores_from_one_row_per_gradient_pass(tiny_gpt2_or_llama: HookedTransformer) -> None:
+    check_edge_scores_add_up_to_each_components_own_attribution(
+        tiny_gpt2_or_llama, tokens_per_pass=1
+    )
 
 
-def test_edge_scores_from_one_row_per_gradient_pass(loaded: HookedTransformer) -> None:  # noqa: F811
-    edge_scores_add_up(loaded)
-
-
-def test_edge_circuits_one_circuit_per_pass(loaded: HookedTransformer) -> None:  # noqa: F811
-    edge_circuits_agree(loaded)
+def test_edge_circuits_one_circuit_per_pass(tiny_gpt2_or_llama: HookedTransformer) -> None:
+    check_edge_circuits_agree_with_node_circuits(tiny_gpt2_or_llama, buffer_bytes=1)
 
 
 @pytest.mark.parametrize("attn_only", [True, False])
 def test_attribution_from_one_row_per_gradient_pass(tiny_gpt2_dir: Path, attn_only: bool) -> None:
-    attribution_is_exact(tiny_gpt2_dir, attn_only)
+    check_attribution_is_exact_where_the_metric_is_linear(
+        tiny_gpt2_dir, attn_only, tokens_per_pass=1
+    )
 
 
-def _three_rows_per_pass(
-    model: HookedTransformer, seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Gradient passes of 3 rows for the batch test_patching builds with ``seed``: 3 + 1 of its 4."""
-    pos = ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=seed).tokens.clean.shape[1]
-    monkeypatch.setattr(patching, "GRADIENT_TOKENS", 3 * pos)
+def _three_rows_per_pass(model: HookedTransformer, seed: int) -> int:
+    """Tokens per gradient pass of 3 rows for the batch the checks build with ``seed``: 3 + 1
+    of its 4."""
+    return 3 * ioi_batch(model, IOIParams(n_pairs=N_PAIRS), seed=seed).tokens.clean.shape[1]
 
 
 @pytest.mark.parametrize(
     ("size", "pos", "tokens"), [(4, 10, 30), (5, 10, 20), (3, 40, 32), (1, 10, 32)]
 )
 def test_gradient_passes_cover_every_row_once_within_the_token_budget(
-    size: int, pos: int, tokens: int, monkeypatch: pytest.MonkeyPatch
+    size: int, pos: int, tokens: int
 ) -> None:
-    monkeypatch.setattr(patching, "GRADIENT_TOKENS", tokens)
     zeros = torch.zeros(size, pos, dtype=torch.long)
-    pairs = patching.PromptPairs(
+    pairs = PromptPairs(
         zeros,
         zeros,
         torch.zeros(size, dtype=torch.long),
         torch.zeros(size, dtype=torch.long),
         torch.zeros(size, dtype=torch.long),
     )
-    covered = [row for rows in patching._gradient_passes(pairs) for row in range(size)[rows]]
+    passes = gradient_passes(pairs, tokens)
+    covered = [row for rows in passes for row in range(size)[rows]]
     assert covered == list(range(size))
-    assert all(
-        len(range(size)[rows]) * pos <= max(tokens, pos)
-        for rows in patching._gradient_passes(pairs)
+    assert all(len(range(size)[rows]) * pos <= max(tokens, pos) for rows in passes)
+
+
+def test_edge_scores_from_uneven_gradient_passes(tiny_gpt2_or_llama: HookedTransformer) -> None:
+    check_edge_scores_add_up_to_each_components_own_attribution(
+        tiny_gpt2_or_llama, tokens_per_pass=_three_rows_per_pass(tiny_gpt2_or_llama, seed=2)
     )
-
-
-def test_edge_scores_from_uneven_gradient_passes(
-    loaded: HookedTransformer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _three_rows_per_pass(loaded, seed=2, monkeypatch=monkeypatch)
-    edge_scores_add_up(loaded)
 
 
 @pytest.mark.parametrize("attn_only", [True, False])
-def test_attribution_from_uneven_gradient_passes(
-    tiny_gpt2_dir: Path, attn_only: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _three_rows_per_pass(_hand_built(tiny_gpt2_dir, attn_only), seed=0, monkeypatch=monkeypatch)
-    attribution_is_exact(tiny_gpt2_dir, attn_only)
+def test_attribution_from_uneven_gradient_passes(tiny_gpt2_dir: Path, attn_only: bool) -> None:
+    tokens = _three_rows_per_pass(hand_built(tiny_gpt2_dir, attn_only), seed=0)
+    check_attribution_is_exact_where_the_metric_is_linear(
+        tiny_gpt2_dir, attn_only, tokens_per_pass=tokens
+    )
 
 
 def test_edge_circuits_a_few_prompts_per_pass_equal_one_pass(
-    loaded: HookedTransformer, monkeypatch: pytest.MonkeyPatch
+    tiny_gpt2_or_llama: HookedTransformer,
 ) -> None:
     """A circuit whose delta buffer exceeds the bound runs a few prompts per pass, each pass's
-    buffer within the bound, with the logit differences of all prompts in one pass to the bit."""
-    pairs = ioi_batch(loaded, IOIParams(n_pairs=5), seed=1).tokens
-    n_layers = loaded.cfg.n_layers
-    hooks = [
-        "hook_embed",
-        *(["hook_pos_embed"] if loaded.cfg.positional_embedding_type == "standard" else []),
-    ]
-    hooks += [f"blocks.{l}.attn.hook_z" for l in range(n_layers)] + [
-        f"blocks.{l}.hook_mlp_out" for l in range(n_layers)
-    ]
-    hooks += [f"blocks.{l}.hook_resid_{p}" for l in range(n_layers) for p in ("pre", "mid")] + [
-        f"blocks.{n_layers - 1}.hook_resid_post"
-    ]
-    _, corrupted_cache = patching.run_cache(loaded, pairs, "corrupted", hooks)
-    valid = ~torch.isnan(
-        patching.edge_attribution(loaded, pairs, corrupted_cache, base="clean").scores
-    )
+    buffer within the bound, every circuit and prompt once, with the results of all prompts in
+    one pass."""
+    model = tiny_gpt2_or_llama
+    pairs = ioi_batch(model, IOIParams(n_pairs=5), seed=1).tokens
+    _, corrupted_cache = run_cache(model, pairs, "corrupted", circuit_hooks(model))
+    valid = ~torch.isnan(edge_attribution(model, pairs, corrupted_cache, base="clean").scores)
     kept = torch.stack(
         [
             valid,
@@ -120,20 +104,23 @@ def test_edge_circuits_a_few_prompts_per_pass_equal_one_pass(
             valid & (torch.rand(valid.shape, generator=torch.Generator().manual_seed(0)) < 0.5),
         ]
     )
-    monkeypatch.setattr(patching, "EDGE_BUFFER_BYTES", 2**40)
-    one_pass = patching.edge_circuit_logit_differences(loaded, pairs, corrupted_cache, kept)
-    row_bytes = pairs.clean.shape[1] * loaded.cfg.d_model * kept.shape[1] * 4
-    monkeypatch.setattr(patching, "EDGE_BUFFER_BYTES", 2 * row_bytes + 1)
-    passes: list[tuple[int, int]] = []
-    in_one_pass = patching._edge_circuits_in_one_pass
-
-    def recorded(model, pairs, cache, kept):  # type: ignore[no-untyped-def]
-        passes.append((kept.shape[0], pairs.size))
-        return in_one_pass(model, pairs, cache, kept)
-
-    monkeypatch.setattr(patching, "_edge_circuits_in_one_pass", recorded)
-    split = patching.edge_circuit_logit_differences(loaded, pairs, corrupted_cache, kept)
-    assert passes == [(1, 2), (1, 2), (1, 1)] * 3
-    torch.testing.assert_close(
-        split, one_pass, rtol=1e-5, atol=1e-6
-    )  # float32 sums of other shapes: not always to the bit (GPT-2 small: equal)
+    one_pass = edge_circuit_metric(model, pairs, corrupted_cache, kept, buffer_bytes=2**40)
+    row_bytes = pairs.clean.shape[1] * model.cfg.d_model * kept.shape[1] * 4
+    bound = 2 * row_bytes + 1
+    passes = edge_circuit_passes(model, pairs, kept.shape[0], kept.shape[1], bound)
+    covered = sorted(
+        (circuit, row)
+        for one in passes
+        for circuit in range(kept.shape[0])[one.circuits]
+        for row in range(pairs.size)[one.rows]
+    )
+    assert covered == [(c, r) for c in range(kept.shape[0]) for r in range(pairs.size)]
+    assert all(
+        len(range(kept.shape[0])[one.circuits]) * len(range(pairs.size)[one.rows]) * row_bytes
+        <= bound
+        for one in passes
+    )
+    assert len(passes) > kept.shape[0]  # a circuit's prompts did not fit in one pass
+    split = edge_circuit_metric(model, pairs, corrupted_cache, kept, buffer_bytes=bound)
+    # float32 sums of other shapes: not always to the bit
+    torch.testing.assert_close(split, one_pass, rtol=1e-5, atol=1e-6)

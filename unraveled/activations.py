@@ -49,7 +49,19 @@ def tokenize_batch(
     gives; the mask keeps the padding out of every result. (GPT-2 pads with its BOS token, so the
     mask can't be recovered from the ids.)
     """
-    rows = [model.to_tokens(prompt, prepend_bos=prepend_bos)[0] for prompt in prompts]
+    return right_pad(
+        model, [model.to_tokens(prompt, prepend_bos=prepend_bos)[0] for prompt in prompts]
+    )
+
+
+def right_pad(
+    model: HookedTransformer, rows: Sequence[Int[Tensor, " _length"]]
+) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """Token rows of any lengths as one batch, right-padded with the model's pad token.
+
+    Returns:
+        The ids, and the mask: True at real tokens, False at padding.
+    """
     longest = max(len(row) for row in rows)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=rows[0].device)

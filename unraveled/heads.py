@@ -13,11 +13,13 @@ from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from torch import Tensor
 
+from unraveled.components import HeadComponent
+
 
 def induction_score(
     patterns: Float[Tensor, "layer head query_pos key_pos"], period: int
 ) -> Float[Tensor, "layer head"]:
-    """Mean attention from a repeated segment's tokens to the token after their earlier occurrence.
+    """Mean attention from each token of a repeated segment to the token after its earlier one.
 
     Assumes the last ``2 * period`` positions are a random segment followed by an exact copy of
     it (anything before, such as a BOS token, is ignored). Query ``q`` in the copy sees its own
@@ -46,7 +48,7 @@ def duplicate_token_score(
 ) -> Float[Tensor, "layer head"]:
     """Attention each token pays to earlier occurrences of the same token.
 
-    Averaged over the tokens that have one; zero when no token repeats.
+    Averaged over the tokens that have one (zero when no token repeats).
     """
     same = tokens[:, None] == tokens[None, :]
     earlier_same = torch.tril(same, diagonal=-1).to(patterns.dtype)
@@ -64,6 +66,9 @@ def top_heads(
     order = np.argsort(scores if lowest else -scores, axis=None, kind="stable")[:k]
     n_heads = scores.shape[1]
     return [
-        {"head": f"{index // n_heads}.{index % n_heads}", "score": float(scores.flat[index])}
+        {
+            "head": str(HeadComponent(int(index) // n_heads, int(index) % n_heads)),
+            "score": float(scores.flat[index]),
+        }
         for index in order
     ]

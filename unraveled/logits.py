@@ -29,16 +29,33 @@ def logit_lens(
     return model.unembed(model.ln_final(residuals))
 
 
-def answer_token_id(model: HookedTransformer, text: str, field: str) -> int:
-    """The single token id of ``text``; a clear error when it tokenizes to several tokens."""
+def single_token_id(
+    model: HookedTransformer, text: str, named: str, advice: str, pieces_note: str = ""
+) -> int:
+    """The token id of ``text``; a clear error when it tokenizes to several tokens.
+
+    Args:
+        model: The model whose tokenizer decides.
+        text: The text, as it appears in the prompt (a name with its leading space).
+        named: How the error names it, e.g. ``params.correct=' Mary'``.
+        advice: What the error tells the user to do, e.g. ``use a single-token answer``.
+        pieces_note: Added after the pieces the error lists, e.g. ``, with its leading space``.
+
+    Raises:
+        ValueError: ``text`` is several tokens (or none): naming it, its pieces and ``advice``.
+    """
     ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         raise ValueError(
-            f"{field}={text!r} is {len(ids)} tokens for this model ({pieces}); "
-            "use a single-token answer"
+            f"{named} is {len(ids)} tokens for this model ({pieces}{pieces_note}); {advice}"
         )
     return int(ids[0])
+
+
+def answer_token_id(model: HookedTransformer, text: str, field: str) -> int:
+    """The single token id of an answer; a clear error when it tokenizes to several tokens."""
+    return single_token_id(model, text, f"{field}={text!r}", "use a single-token answer")
 
 
 def logit_difference(

@@ -136,17 +136,14 @@ class IOIParams(Params):
     n_pairs: int = Field(8, ge=1, le=512, description="Number of prompt pairs.")
     corruption: Literal["swap", "abc"] = Field(
         "swap",
-        description=(
-            "swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third name."
-        ),
+        description="swap: S2 becomes the IO name (the answer flips); abc: S2 becomes a third "
+        "name.",
     )
     templates: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         min_length=1,
-        description=(
-            "Prompts with the slots {A} and {B} (the two names) and {S} (the repeated one); "
-            "optional {place} and {object}."
-        ),
+        description="Prompts with the slots {A} and {B} (the two names) and {S} (the repeated "
+        "one); optional {place} and {object}.",
     )
     names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_NAMES),
@@ -166,15 +163,15 @@ class IOIParams(Params):
             unknown = sorted(set(slots) - {*NAME_SLOTS, *OTHER_SLOTS})
             if unknown:
                 raise ValueError(
-                    f"template {number} ({template!r}) has unknown slots {unknown}; "
-                    "slots are {A}, {B}, {S}, {place}, {object}"
+                    f"template {number} ({template!r}) has unknown slots {unknown}; slots are "
+                    "{A}, {B}, {S}, {place}, {object}"
                 )
             for slot in NAME_SLOTS:
                 if slots.count(slot) != 1:
                     raise ValueError(
                         f"template {number} ({template!r}) has the name slot {{{slot}}} "
-                        f"{slots.count(slot)} times; "
-                        "each of {A}, {B} and {S} must appear exactly once"
+                        f"{slots.count(slot)} times; each of {{A}}, {{B}} and {{S}} must appear "
+                        "exactly once"
                     )
             if slots.index("S") < max(slots.index("A"), slots.index("B")):
                 raise ValueError(
@@ -182,8 +179,8 @@ class IOIParams(Params):
                 )
             if re.search(r"\{[ABS]\}\W*$", template):
                 raise ValueError(
-                    f"template {number} ({template!r}) ends with a name; "
-                    "it must end where the answer name would follow"
+                    f"template {number} ({template!r}) ends with a name; it must end where the "
+                    "answer name would follow"
                 )
         return templates
 
@@ -200,7 +197,7 @@ class IOIParams(Params):
 
 
 def corrupted_prompts_answer(params: IOIParams) -> Literal["correct", "incorrect"]:
-    """Which answer the corrupted prompts are scored against.
+    """Which answer the corrupted prompts are scored against (``patching.answer_summary``).
 
     It is the ``answer`` to give ``unraveled.patching.answer_summary`` for the corrupted prompts.
     ``swap`` makes the clean run's incorrect name the corrupted prompts' own answer; ``abc`` leaves
@@ -272,14 +269,15 @@ class IOIBatch:
 
 
 def _single_token(model: HookedTransformer, name: str, field: str) -> int:
-    ids = model.to_tokens(f" {name}", prepend_bos=False)[0].tolist()
-    if len(ids) != 1:
-        pieces = [model.tokenizer.decode([i]) for i in ids]
-        raise ValueError(
-            f"{field}: {name!r} is {len(ids)} tokens for this model ({pieces}, with its leading "
-            "space); use single-token names"
-        )
-    return int(ids[0])
+    from unraveled.logits import single_token_id
+
+    return single_token_id(
+        model,
+        f" {name}",
+        f"{field}: {name!r}",
+        "use single-token names",
+        ", with its leading space",
+    )
 
 
 def ioi_batch(
@@ -293,6 +291,7 @@ def ioi_batch(
     """
     import torch
 
+    from unraveled.activations import right_pad
     from unraveled.patching import PromptPairs
 
     ids = {name: _single_token(model, name, f"{field}.names") for name in params.names}
@@ -300,28 +299,25 @@ def ioi_batch(
     clean_rows = [model.to_tokens(pair.clean)[0] for pair in pairs]
     corrupted_rows = [model.to_tokens(pair.corrupted)[0] for pair in pairs]
     longest = max(len(row) for row in clean_rows)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    clean = torch.full((len(pairs), longest), pad, dtype=torch.long)
-    corrupted = clean.clone()
     roles = {role: torch.zeros(len(pairs), longest, dtype=torch.bool) for role in ROLES}
-    rows = zip(pairs, clean_rows, corrupted_rows, strict=True)
-    for row, (pair, clean_ids, corrupted_ids) in enumerate(rows):
+    for row, (pair, clean_ids, corrupted_ids) in enumerate(
+        zip(pairs, clean_rows, corrupted_rows, strict=True)
+    ):
         if len(clean_ids) != len(corrupted_ids):
             raise ValueError(
                 f"{field}: {pair.clean!r} is {len(clean_ids)} tokens but its corrupted partner "
-                f"{pair.corrupted!r} is {len(corrupted_ids)}: "
-                "a template must keep its names as separate words"
+                f"{pair.corrupted!r} is {len(corrupted_ids)}: a template must keep its names as "
+                "separate words"
             )
         io_at = (clean_ids == ids[pair.io]).nonzero().flatten().tolist()
         s_at = (clean_ids == ids[pair.s]).nonzero().flatten().tolist()
         if len(io_at) != 1 or len(s_at) != 2:
             raise ValueError(
                 f"{field}: in {pair.clean!r} the tokenizer finds {pair.io!r} {len(io_at)} times "
-                f"and {pair.s!r} {len(s_at)} times (expected 1 and 2): "
-                "a template must keep its names as separate words"
+                f"and {pair.s!r} {len(s_at)} times (expected 1 and 2): a template must keep its "
+                "names as separate words"
             )
         n = len(clean_ids)
-        clean[row, :n], corrupted[row, :n] = clean_ids, corrupted_ids
         marks = {
             "IO": [io_at[0]],
             "S1": [s_at[0]],
@@ -334,6 +330,7 @@ def ioi_batch(
         roles["other"][row, :n] = True
         for role in marks:
             roles["other"][row] &= ~roles[role][row]
+    (clean, _), (corrupted, _) = right_pad(model, clean_rows), right_pad(model, corrupted_rows)
     return IOIBatch(
         pairs=pairs,
         tokens=PromptPairs(
