@@ -24,9 +24,10 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from unraveled.compat import transformer_lens as tl_compat
 from unraveled.experiment import WeightsKind
-from unraveled.memory import return_freed_memory
 from unraveled.models.layout import fills_its_storage
+from unraveled.phases import phase_done
 
 
 def processing_flags(weights: WeightsKind) -> dict[str, bool]:
@@ -72,53 +73,6 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])
     return config
-
-
-_IN_PLACE_OPERATORS = {
-    f"__i{op}__"
-    for op in (
-        "add",
-        "sub",
-        "mul",
-        "matmul",
-        "truediv",
-        "floordiv",
-        "mod",
-        "pow",
-        "and",
-        "or",
-        "xor",
-        "lshift",
-        "rshift",
-    )
-} | {"__setitem__"}
-
-
-class _CloneFreeTensor(torch.Tensor):
-    """A tensor whose ``clone()`` is itself, and whose results are clone-free tensors too.
-
-    TransformerLens's weight processing copies the whole state dict at each of its steps (fold
-    LayerNorm, centre the unembedding, fold value biases), although every step is functional: it
-    builds new tensors for what it changes and modifies nothing in place. Those defensive copies
-    were the peak of a conversion (about 2 GB above the model itself for SmolLM2-135M).
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.Tensor.clone:
-            return args[0]
-        # An in-place edit of a "clone" would edit the tensor it came from (in the transformers
-        # model, or another step's input): refuse it rather than give wrong weights silently.
-        name = getattr(func, "__name__", "")
-        if (
-            (name.endswith("_") and not name.endswith("__"))
-            or name in _IN_PLACE_OPERATORS
-            or (kwargs or {}).get("out") is not None
-        ):
-            raise RuntimeError(
-                f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow"
-            )
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 def hooked_from_hf(
@@ -171,11 +125,9 @@ def hooked_from_hf(
             local_files_only=True,
         )
         flags = _applicable_flags(requested, cfg)
+        # Processing copies nothing (see unraveled.compat.transformer_lens).
         converted = [
-            {
-                key: value.as_subclass(_CloneFreeTensor)
-                for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()
-            }
+            tl_compat.without_copies(tl_loading.get_pretrained_state_dict(name, cfg, hf_model))
         ]
     del hf_model
     cfg.model_name = model_name
@@ -207,7 +159,7 @@ def _load_and_process(
     if fold_ln:
         _use_prenorm(model)
     processed = _process_weights(converted, model.cfg, {**flags, "fold_ln": fold_ln})
-    plain = {key: processed.pop(key).as_subclass(torch.Tensor) for key in list(processed)}
+    plain = {key: tl_compat.plain(processed.pop(key)) for key in list(processed)}
     missing = model.load_state_dict(plain, strict=False, assign=True).missing_keys
     if missing:
         raise ValueError(f"the converted checkpoint has no weights for {missing[:5]}")
@@ -234,7 +186,11 @@ def _process_weights(
         raise ValueError("weight processing expects float32 weights")
     layer_norm = cfg.normalization_type in ("LN", "LNPre")
     if flags["fold_ln"]:
-        holder.append(_fold_layer_norm(holder.pop(), cfg, layer_norm))
+        # Between the blocks and the unembedding, the blocks' replaced checkpoint tensors are
+        # holes in the heap that the unembedding, mapped afresh, can't reuse: a run hands them back.
+        holder.append(
+            tl_compat.fold_layer_norm(holder.pop(), cfg, layer_norm, layer_norm, phase_done)
+        )
     center_writing_weights = (
         flags["center_writing_weights"] and layer_norm and not getattr(cfg, "final_rms", False)
     )
@@ -250,26 +206,6 @@ def _process_weights(
                 if key in holder[0]:
                     holder[0][key] = holder[0][key] - holder[0][key].mean()
     return holder.pop()
-
-
-def _fold_layer_norm(
-    state_dict: dict[str, torch.Tensor], cfg: HookedTransformerConfig, layer_norm: bool
-) -> dict[str, torch.Tensor]:
-    """``ProcessWeights.fold_layer_norm``, step for step, with the freed memory handed back before
-    the final norm is folded into the unembedding.
-
-    Folding the blocks frees each checkpoint tensor it replaces into the heap, where it stays
-    while the unembedding, the largest tensor, is folded: handing it back first lowers a
-    conversion's peak (GPT-2 small: 55 MiB).
-    """
-    gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
-    for layer in range(cfg.n_layers):
-        state_dict = ProcessWeights._fold_layer(
-            state_dict, cfg, layer, layer_norm, layer_norm, None, gqa
-        )
-    state_dict = ProcessWeights._fold_final_rms_bias(state_dict, cfg, layer_norm, None)
-    return_freed_memory()
-    return ProcessWeights._fold_unembed_layer_norm(state_dict, cfg, layer_norm, layer_norm, None)
 
 
 def _use_prenorm(model: HookedTransformer) -> None:
@@ -302,12 +238,14 @@ def _own_dense_storage(model: HookedTransformer) -> None:
     """
     with torch.no_grad():
         for module in model.modules():
-            for tensors in (module._parameters, module._buffers):
-                for name, tensor in tensors.items():
-                    if tensor is None or fills_its_storage(tensor):
-                        continue
-                    own = tensor.detach().clone(memory_format=torch.contiguous_format)
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = own
-                    else:
-                        tensors[name] = own
+            for name, tensor in [
+                *module.named_parameters(recurse=False, remove_duplicate=False),
+                *module.named_buffers(recurse=False, remove_duplicate=False),
+            ]:
+                if fills_its_storage(tensor):
+                    continue
+                own = tensor.detach().clone(memory_format=torch.contiguous_format)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = own
+                else:
+                    setattr(module, name, own)

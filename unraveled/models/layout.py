@@ -73,7 +73,7 @@ def store_rearranged(model: HookedTransformer) -> HookedTransformer:
                 if not isinstance(module, kind):
                     continue
                 for name, order in orders.items():
-                    parameter = module._parameters.get(name)
+                    parameter = dict(module.named_parameters(recurse=False)).get(name)
                     if (
                         parameter is None
                         or parameter.dim() != len(order)

@@ -137,10 +137,11 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
                 )
             module_name, _, attribute = name.rpartition(".")
             module = model.get_submodule(module_name)
-            if attribute in module._parameters:
-                module._parameters[attribute].data = tensor
+            parameters = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+            if attribute in parameters:
+                parameters[attribute].data = tensor
             else:
-                module._buffers[attribute] = tensor
+                setattr(module, attribute, tensor)  # a buffer
 
 
 def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
