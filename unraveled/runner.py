@@ -38,6 +38,7 @@ from unraveled.config import DEFAULT_MODEL, LoadedConfig
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
 from unraveled.memory import PeakMemory, return_freed_memory
+from unraveled.phases import handing_back
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model
 from unraveled.models.shape import ModelShape, model_shape
 from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model
@@ -81,7 +82,8 @@ class ModelPool:
         if self.held_kind(name) == weights:
             return self._loaded[name][1]
         self.release(name)
-        loaded = self._load(name, weights, source_label)
+        with handing_back(return_freed_memory):  # between a conversion's steps
+            loaded = self._load(name, weights, source_label)
         return_freed_memory()  # the conversion's temporary copies
         self._loaded[name] = (weights, loaded)
         return loaded
@@ -427,7 +429,8 @@ def run_one(
         with PeakMemory() as peak:
             started = time.perf_counter()
             _seed_everything(config.run.seed)
-            result = config.experiment.compute(loaded.model, config.params, config.run.seed)
+            with handing_back(return_freed_memory):  # between the compute's phases
+                result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
             return_freed_memory()  # the activations compute dropped, before drawing adds its own
             writing = True
