@@ -22,8 +22,9 @@ MB = 1024 * 1024
 
 
 def return_freed_memory() -> None:
-    """Free what only reference cycles still hold (figures, caches), then hand the heap's free
-    pages back to the system.
+    """Free what only reference cycles hold, then hand the heap's free pages back to the system.
+
+    Reference cycles hold figures and caches once nothing else does.
 
     glibc keeps freed blocks smaller than its mmap threshold (which grows to 32 MB once a large
     block is freed) for reuse, but the next step often allocates in other sizes and grows the heap
@@ -46,6 +47,7 @@ class PeakMemory:
     """``with PeakMemory() as peak: ...`` then ``peak.mb``: the highest RSS seen, in MiB."""
 
     def __init__(self) -> None:
+        """Start from this process's RSS now; sampling starts on entering the ``with`` block."""
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
@@ -57,9 +59,11 @@ class PeakMemory:
 
     @property
     def mb(self) -> float:
+        """The highest RSS seen, in MiB."""
         return self.peak_bytes / MB
 
     def __enter__(self) -> PeakMemory:
+        """Start sampling."""
         self._thread.start()
         return self
 
@@ -69,6 +73,7 @@ class PeakMemory:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        """Stop sampling, counting the RSS at the end too."""
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)

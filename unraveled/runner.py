@@ -38,10 +38,10 @@ from unraveled.config import DEFAULT_MODEL, LoadedConfig
 from unraveled.errors import ConfigError, ModelUnavailableError, ParamError, UnraveledError
 from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
 from unraveled.memory import PeakMemory, return_freed_memory
-from unraveled.phases import handing_back
 from unraveled.models import FALLBACK_MODEL, LoadedModel, load_model
 from unraveled.models.shape import ModelShape, model_shape
 from unraveled.models.sources import BUNDLED_MODELS, HubModel, LocalCheckpoint, resolve_model
+from unraveled.phases import handing_back
 from unraveled.render import export, views
 from unraveled.render.pages import write_pages
 

@@ -9,8 +9,9 @@ initialisation, once) and the transform are UMAP's own.
 
 UMAP's other numba kernels (the fuzzy graph's and the layout's) are compiled afresh in every
 process too, 4-8 s here; ``unraveled.compat.umap.cache_kernels`` keeps them on disk, as numba's
-``cache=True`` would, so only the first run on a machine compiles them. ``make setup`` makes that first run
-(``python -m unraveled.umap_fit``, ``compile_kernels``), as pip compiles bytecode at install.
+``cache=True`` would, so only the first run on a machine compiles them. ``make setup`` makes that
+first run (``python -m unraveled.umap_fit``, ``compile_kernels``), as pip compiles bytecode at
+install.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from unraveled.compat.umap import ExactNeighbourIndex, cache_kernels
 def umap_3d(
     fit_on: Float[NDArray, "n d"], place: Float[NDArray, "m d"], neighbours: int, seed: int
 ) -> Float[NDArray, "m 3"]:
-    """Fit a 3D UMAP (spectral initialisation) on ``fit_on`` and return where ``place`` lands in it."""
+    """Fit a 3D UMAP (spectral initialisation) on ``fit_on``; where ``place`` lands in it."""
     import umap  # slow to import (numba); only UMAP users pay for it
 
     cache_kernels()

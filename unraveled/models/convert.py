@@ -46,9 +46,10 @@ def processing_flags(weights: WeightsKind) -> dict[str, bool]:
 
 
 def _applicable_flags(flags: dict[str, bool], cfg: HookedTransformerConfig) -> dict[str, bool]:
-    """The processing ``from_pretrained`` actually applies to a model of ``cfg``: it skips folding
-    and centring where they would change the model's function (shortformer positions, post-norm
-    blocks, soft-capped logits).
+    """The processing ``from_pretrained`` actually applies to a model of ``cfg``.
+
+    It skips folding and centring where they would change the model's function (shortformer
+    positions, post-norm blocks, soft-capped logits).
     """
     shortformer = cfg.positional_embedding_type == "shortformer"
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
@@ -112,7 +113,8 @@ def hooked_from_hf(
     with tempfile.TemporaryDirectory() as tmp:
         if official_name is None:
             # TransformerLens guesses the architecture from the path when it contains "llama" or
-            # "gemma" (and then has no config to read); a neutral folder name makes it read config.json.
+            # "gemma" (and then has no config to read); a neutral folder name makes it read
+            # config.json.
             config_dir = Path(tmp) / "checkpoint"
             config_dir.mkdir()
             (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
@@ -172,8 +174,9 @@ def _load_and_process(
 def _process_weights(
     holder: list[dict[str, torch.Tensor]], cfg: HookedTransformerConfig, flags: dict[str, bool]
 ) -> dict[str, torch.Tensor]:
-    """``ProcessWeights.process_weights``, step for step, handing each step the only reference to
-    the state dict (taken from ``holder``).
+    """``ProcessWeights.process_weights``, step for step, each step given the only reference.
+
+    The state dict is taken from ``holder`` for each step.
 
     ``process_weights`` keeps its argument while each step builds the next dict, so every tensor a
     step replaces stayed alive until the step returned: half a model more at the peak. Float32
@@ -209,8 +212,9 @@ def _process_weights(
 
 
 def _use_prenorm(model: HookedTransformer) -> None:
-    """Norms without weights, once their weights are folded into the next layer (as
-    ``load_and_process_state_dict`` does).
+    """Norms without weights, once their weights are folded into the next layer.
+
+    As ``load_and_process_state_dict`` does.
     """
     prenorm = {"LN": (LayerNormPre, "LNPre"), "RMS": (RMSNormPre, "RMSPre")}.get(
         model.cfg.normalization_type
@@ -227,8 +231,10 @@ def _use_prenorm(model: HookedTransformer) -> None:
 
 
 def _own_dense_storage(model: HookedTransformer) -> None:
-    """Give each parameter and buffer that is a view into a larger tensor (a checkpoint tensor
-    that held several, as GPT-2's fused query/key/value matrix) its own contiguous storage.
+    """Give each parameter and buffer that is a view into a larger tensor its own storage.
+
+    Such a tensor is part of a checkpoint tensor that held several, as GPT-2's fused
+    query/key/value matrix; its own storage is contiguous.
 
     A tensor that fills its storage keeps it, in whatever memory order it has: the folded
     unembedding comes out of processing transposed, which is the layout ``store_rearranged``
