@@ -32,7 +32,6 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformers import PreTrainedTokenizerBase
 
     from unraveled.engines.state import AtlasSettings, AtlasState
-    from unraveled.running_stats import TopK
 
 # Validating a config imports this module: torch, transformer_lens and matplotlib are imported
 # inside the functions that need them.
@@ -352,7 +351,7 @@ def atlas_settings(params: CorpusAtlasParams, prepend_bos: bool) -> AtlasSetting
 def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> CorpusAtlasResult:
     from unraveled.corpus import corpus_windows
     from unraveled.engines import run_engine
-    from unraveled.memory import return_freed_memory
+    from unraveled.phases import phase_done
 
     prepend_bos = bool(model.cfg.default_prepend_bos)
     if params.context_tokens + prepend_bos > model.cfg.n_ctx:
@@ -374,11 +373,9 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
     started = time.perf_counter()
     state = run_engine(params.engine, model, windows.tokens, settings, workers=params.ray_workers)
     seconds = time.perf_counter() - started
-    # The batches' freed temporaries, then (below) the state's per-layer arrays the summary
-    # replaced, are holes in the heap that stay resident: the summary's stacks are mapped afresh
-    # and the render's hundreds of thousands of small Python objects go to pymalloc's own arenas, so neither
-    # reuses them (GPT-2-small-shaped: 0.1 GB after the batches, 0.06 GB after the summary).
-    return_freed_memory()
+    # The batches' freed temporaries are holes in the heap that the summary's arrays, mapped
+    # afresh, don't reuse: a run hands them back here (a notebook's process is left alone).
+    phase_done()
     result = summarise(
         state,
         model,
@@ -400,8 +397,6 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
         },
         windows.n_tokens / seconds,
     )
-    del state
-    return_freed_memory()
     return result
 
 
@@ -413,16 +408,14 @@ def summarise(
     corpus: dict[str, Any],
     tokens_per_second: float,
 ) -> CorpusAtlasResult:
-    """The merged state as arrays for rendering, with the text of every token shown.
-
-    The top-k arrays move into the result (see ``_stack_layers``): state and result share them.
-    """
+    """The merged state as arrays for rendering, with the text of every token shown."""
     neuron_top = {
-        name: _stack_layers(state.neuron_top, name)
+        name: np.stack([getattr(top, name) for top in state.neuron_top])
         for name in ("values", "context_ids", "context_values")
     }
     residual_top = {
-        name: _stack_layers(state.residual_top, name) for name in ("values", "index", "context_ids")
+        name: np.stack([getattr(top, name) for top in state.residual_top])
+        for name in ("values", "index", "context_ids")
     }
     top_context_ids, residual_top_context_ids = (
         neuron_top["context_ids"],
@@ -463,21 +456,6 @@ def summarise(
         sequence_length=params.context_tokens + settings.prepend_bos,
         tokens_per_second=tokens_per_second,
     )
-
-
-def _stack_layers(tops: list[TopK], name: str) -> NDArray[Any]:
-    """Field ``name`` of every layer's ``TopK``, stacked over layers, with no second copy.
-
-    Each layer's array is copied into the stack and replaced by its row of it (the same values),
-    so the old one is freed at once: ``np.stack`` would hold the state's arrays and the result's
-    side by side (a second copy of the top contexts, the state's largest arrays).
-    """
-    first = getattr(tops[0], name)
-    stacked = np.empty((len(tops), *first.shape), dtype=first.dtype)
-    for layer, top in enumerate(tops):
-        stacked[layer] = getattr(top, name)
-        setattr(top, name, stacked[layer])
-    return stacked
 
 
 def render(result: CorpusAtlasResult) -> Iterator[Artifact]:

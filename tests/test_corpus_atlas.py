@@ -169,7 +169,7 @@ def test_neuron_browser_data_decodes_to_the_top_contexts(
             )
 
 
-def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(
+def test_summary_stacks_the_top_k_arrays_and_leaves_the_engine_state_alone(
     tiny_gpt2_dir: Path, tiny_model: SharedTinyModels, atlas_corpus: Path
 ) -> None:
     from unraveled.experiments.corpus_atlas import atlas_settings, summarise
@@ -193,18 +193,18 @@ def test_summary_takes_over_the_top_k_arrays_instead_of_copying_them(
         "residual_top_index": (state.residual_top, "index"),
         "residual_top_context_ids": (state.residual_top, "context_ids"),
     }
-    expected = {
-        field: np.stack([getattr(top, name) for top in tops])
-        for field, (tops, name) in fields.items()
-    }
+    before = {field: [getattr(top, name) for top in tops] for field, (tops, name) in fields.items()}
+    copies = {field: [array.copy() for array in arrays] for field, arrays in before.items()}
     result = summarise(state, model, settings, params, {}, 1.0)
     for field, (tops, name) in fields.items():
-        np.testing.assert_array_equal(getattr(result, field), expected[field])
-        assert getattr(result, field).dtype == expected[field].dtype
-        # One copy of each array, held by both: the state's layers are rows of the result's.
+        stacked = getattr(result, field)
+        assert stacked.dtype == copies[field][0].dtype
         for layer, top in enumerate(tops):
-            assert np.shares_memory(getattr(top, name), getattr(result, field)[layer])
-            np.testing.assert_array_equal(getattr(top, name), expected[field][layer])
+            np.testing.assert_array_equal(stacked[layer], copies[field][layer])
+            # The engine's state is its own: the summary neither replaced nor edited its arrays.
+            assert getattr(top, name) is before[field][layer]
+            np.testing.assert_array_equal(getattr(top, name), copies[field][layer])
+            assert not np.shares_memory(getattr(top, name), stacked)
 
 
 def test_the_engines_keep_the_sizes_the_params_give_and_have_none_of_their_own(
@@ -274,9 +274,9 @@ def test_massive_criterion_is_sun_et_al_s_with_a_dimension_just_above_and_one_ju
     """Sun et al. 2024: |value| > 100 and >= 1000 x the median |value| of the layer's activations.
 
     The floor is lowered to 1 for the tiny model. Layer 0's residual gets, at window position 5,
-    dimension 7 at 1.05 and dimension 9 at 0.95
-    times 1000 x the median (numpy's, over every activation of the layer), and dimension 13 at
-    the first position; any other statistic than that median, 5% off, flips one of 7 and 9."""
+    dimension 7 at 1.05 and dimension 9 at 0.95 times 1000 x the median (numpy's, over every
+    activation of the layer), and dimension 13 at the first position; any other statistic than
+    that median, 5% off, flips one of 7 and 9."""
     from unraveled.corpus import corpus_windows
 
     model = load_tiny(tiny_gpt2_dir, shared_weight_cache_dir)

@@ -1,4 +1,5 @@
-"""The runner holds one model at a time: a model is freed before the other kind of its weights loads."""
+"""The runner owns memory: it holds one model at a time (a model is freed before the other kind
+of its weights loads) and hands freed memory back between phases; library code never does."""
 
 from __future__ import annotations
 
@@ -94,3 +95,68 @@ def test_freeing_memory_frees_the_buffers_mkl_keeps() -> None:
     # MKL's own count of the bytes its allocator holds, not the function's return value.
     assert mem_stat(ctypes.byref(buffers)) == 0
     assert buffers.value == 0
+
+
+def _record_hand_backs(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """Record every hand-back of freed memory, whoever makes it (``return_freed_memory`` frees
+    MKL's buffers through ``unraveled.compat.mkl``)."""
+    from unraveled.compat import mkl
+
+    real_free = mkl.free_buffers
+
+    def freeing() -> None:
+        events.append("hand back")
+        real_free()
+
+    monkeypatch.setattr(mkl, "free_buffers", freeing)
+
+
+def _record(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, events: list[str]) -> None:
+    real = getattr(owner, name)
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        events.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(
+        owner, name, staticmethod(recorded) if isinstance(owner, type) else recorded
+    )
+
+
+def test_a_conversion_and_a_compute_outside_a_run_hand_no_memory_back(
+    tiny_gpt2_dir: Path, weight_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notebook's process is its own: library functions compute and return."""
+    from unraveled.experiments.corpus_atlas import CorpusAtlasParams, compute
+
+    from unraveled.models import load_model
+
+    events: list[str] = []
+    _record_hand_backs(monkeypatch, events)
+    loaded = load_model(str(tiny_gpt2_dir), "processed", fallback=None)
+    assert not loaded.from_weight_cache  # converted here
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("So let it be with Caesar. The noble Brutus hath told you. " * 20)
+    compute(loaded.model, CorpusAtlasParams(corpus=[str(corpus)], context_tokens=16), seed=0)
+    assert events == []
+
+
+def test_the_runner_hands_memory_back_between_a_conversions_steps_and_a_computes_phases(
+    tiny_gpt2_dir: Path, weight_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformer_lens.weight_processing import ProcessWeights
+    from unraveled.experiments import corpus_atlas
+
+    events: list[str] = []
+    _record_hand_backs(monkeypatch, events)
+    _record(monkeypatch, ProcessWeights, "_fold_final_rms_bias", events)
+    _record(monkeypatch, ProcessWeights, "_fold_unembed_layer_norm", events)
+    _record(monkeypatch, corpus_atlas, "summarise", events)
+    config = load_config(
+        "corpus_atlas", overrides=["params.context_tokens=16", "params.max_tokens=64"]
+    )
+    runner.run_configs([config], tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    # The blocks folded, what they freed handed back, then the unembedding folded.
+    assert events[:3] == ["_fold_final_rms_bias", "hand back", "_fold_unembed_layer_norm"]
+    # The engine's batches done and handed back before the summary allocates.
+    assert events[events.index("summarise") - 1] == "hand back"

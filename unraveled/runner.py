@@ -44,6 +44,7 @@ from unraveled.memory import PeakMemory, return_freed_memory
 from unraveled.models.loading import LoadedModel, load_planned
 from unraveled.models.plan import PlannedModel, RunPlan
 from unraveled.models.shape import ModelShape, model_shape
+from unraveled.phases import handing_back
 from unraveled.render import export, views
 from unraveled.render.pages import write_pages
 
@@ -81,7 +82,8 @@ class ModelPool:
         if self.held_kind(planned) == weights:
             return self._loaded[planned][1]
         self.release(planned)
-        loaded = load_planned(planned, weights, self.device)
+        with handing_back(return_freed_memory):  # between a conversion's steps
+            loaded = load_planned(planned, weights, self.device)
         logger.info(
             "loaded %s (%s weights) from %s in %.1f s",
             loaded.label(),
@@ -365,7 +367,8 @@ def run_one(
         with PeakMemory() as peak:
             started = time.perf_counter()
             _seed_everything(config.run.seed)
-            result = config.experiment.compute(loaded.model, config.params, config.run.seed)
+            with handing_back(return_freed_memory):  # between the compute's phases
+                result = config.experiment.compute(loaded.model, config.params, config.run.seed)
             computed = time.perf_counter()
             return_freed_memory()  # the activations compute dropped, before drawing adds its own
             writing = True

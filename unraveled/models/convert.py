@@ -24,9 +24,10 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.weight_processing import ProcessWeights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from unraveled.compat import transformer_lens as tl_compat
 from unraveled.experiment import WeightsKind
-from unraveled.memory import return_freed_memory
 from unraveled.models.layout import fills_its_storage
+from unraveled.phases import phase_done
 
 
 def processing_flags(weights: WeightsKind) -> dict[str, bool]:
@@ -45,9 +46,10 @@ def processing_flags(weights: WeightsKind) -> dict[str, bool]:
 
 
 def _applicable_flags(flags: dict[str, bool], cfg: HookedTransformerConfig) -> dict[str, bool]:
-    """The processing ``from_pretrained`` actually applies to a model of ``cfg``: it skips folding
-    and centring where they would change the model's function (shortformer positions, post-norm
-    blocks, soft-capped logits).
+    """The processing ``from_pretrained`` actually applies to a model of ``cfg``.
+
+    It skips folding and centring where they would change the model's function (shortformer
+    positions, post-norm blocks, soft-capped logits).
     """
     shortformer = cfg.positional_embedding_type == "shortformer"
     post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
@@ -72,53 +74,6 @@ def _hf_config_dict(hf_model: PreTrainedModel) -> dict[str, Any]:
     if "n_positions" in config:
         config.setdefault("n_ctx", config["n_positions"])
     return config
-
-
-_IN_PLACE_OPERATORS = {
-    f"__i{op}__"
-    for op in (
-        "add",
-        "sub",
-        "mul",
-        "matmul",
-        "truediv",
-        "floordiv",
-        "mod",
-        "pow",
-        "and",
-        "or",
-        "xor",
-        "lshift",
-        "rshift",
-    )
-} | {"__setitem__"}
-
-
-class _CloneFreeTensor(torch.Tensor):
-    """A tensor whose ``clone()`` is itself, and whose results are clone-free tensors too.
-
-    TransformerLens's weight processing copies the whole state dict at each of its steps (fold
-    LayerNorm, centre the unembedding, fold value biases), although every step is functional: it
-    builds new tensors for what it changes and modifies nothing in place. Those defensive copies
-    were the peak of a conversion (about 2 GB above the model itself for SmolLM2-135M).
-    """
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.Tensor.clone:
-            return args[0]
-        # An in-place edit of a "clone" would edit the tensor it came from (in the transformers
-        # model, or another step's input): refuse it rather than give wrong weights silently.
-        name = getattr(func, "__name__", "")
-        if (
-            (name.endswith("_") and not name.endswith("__"))
-            or name in _IN_PLACE_OPERATORS
-            or (kwargs or {}).get("out") is not None
-        ):
-            raise RuntimeError(
-                f"weight processing edits a tensor in place ({name}), which the lean conversion can't allow"
-            )
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 def hooked_from_hf(
@@ -158,7 +113,8 @@ def hooked_from_hf(
     with tempfile.TemporaryDirectory() as tmp:
         if official_name is None:
             # TransformerLens guesses the architecture from the path when it contains "llama" or
-            # "gemma" (and then has no config to read); a neutral folder name makes it read config.json.
+            # "gemma" (and then has no config to read); a neutral folder name makes it read
+            # config.json.
             config_dir = Path(tmp) / "checkpoint"
             config_dir.mkdir()
             (config_dir / "config.json").write_text(json.dumps(_hf_config_dict(hf_model)))
@@ -171,11 +127,9 @@ def hooked_from_hf(
             local_files_only=True,
         )
         flags = _applicable_flags(requested, cfg)
+        # Processing copies nothing (see unraveled.compat.transformer_lens).
         converted = [
-            {
-                key: value.as_subclass(_CloneFreeTensor)
-                for key, value in tl_loading.get_pretrained_state_dict(name, cfg, hf_model).items()
-            }
+            tl_compat.without_copies(tl_loading.get_pretrained_state_dict(name, cfg, hf_model))
         ]
     del hf_model
     cfg.model_name = model_name
@@ -207,7 +161,7 @@ def _load_and_process(
     if fold_ln:
         _use_prenorm(model)
     processed = _process_weights(converted, model.cfg, {**flags, "fold_ln": fold_ln})
-    plain = {key: processed.pop(key).as_subclass(torch.Tensor) for key in list(processed)}
+    plain = {key: tl_compat.plain(processed.pop(key)) for key in list(processed)}
     missing = model.load_state_dict(plain, strict=False, assign=True).missing_keys
     if missing:
         raise ValueError(f"the converted checkpoint has no weights for {missing[:5]}")
@@ -220,8 +174,9 @@ def _load_and_process(
 def _process_weights(
     holder: list[dict[str, torch.Tensor]], cfg: HookedTransformerConfig, flags: dict[str, bool]
 ) -> dict[str, torch.Tensor]:
-    """``ProcessWeights.process_weights``, step for step, handing each step the only reference to
-    the state dict (taken from ``holder``).
+    """``ProcessWeights.process_weights``, step for step, each step given the only reference.
+
+    The state dict is taken from ``holder`` for each step.
 
     ``process_weights`` keeps its argument while each step builds the next dict, so every tensor a
     step replaces stayed alive until the step returned: half a model more at the peak. Float32
@@ -234,7 +189,11 @@ def _process_weights(
         raise ValueError("weight processing expects float32 weights")
     layer_norm = cfg.normalization_type in ("LN", "LNPre")
     if flags["fold_ln"]:
-        holder.append(_fold_layer_norm(holder.pop(), cfg, layer_norm))
+        # Between the blocks and the unembedding, the blocks' replaced checkpoint tensors are
+        # holes in the heap that the unembedding, mapped afresh, can't reuse: a run hands them back.
+        holder.append(
+            tl_compat.fold_layer_norm(holder.pop(), cfg, layer_norm, layer_norm, phase_done)
+        )
     center_writing_weights = (
         flags["center_writing_weights"] and layer_norm and not getattr(cfg, "final_rms", False)
     )
@@ -252,29 +211,10 @@ def _process_weights(
     return holder.pop()
 
 
-def _fold_layer_norm(
-    state_dict: dict[str, torch.Tensor], cfg: HookedTransformerConfig, layer_norm: bool
-) -> dict[str, torch.Tensor]:
-    """``ProcessWeights.fold_layer_norm``, step for step, with the freed memory handed back before
-    the final norm is folded into the unembedding.
-
-    Folding the blocks frees each checkpoint tensor it replaces into the heap, where it stays
-    while the unembedding, the largest tensor, is folded: handing it back first lowers a
-    conversion's peak (GPT-2 small: 55 MiB).
-    """
-    gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
-    for layer in range(cfg.n_layers):
-        state_dict = ProcessWeights._fold_layer(
-            state_dict, cfg, layer, layer_norm, layer_norm, None, gqa
-        )
-    state_dict = ProcessWeights._fold_final_rms_bias(state_dict, cfg, layer_norm, None)
-    return_freed_memory()
-    return ProcessWeights._fold_unembed_layer_norm(state_dict, cfg, layer_norm, layer_norm, None)
-
-
 def _use_prenorm(model: HookedTransformer) -> None:
-    """Norms without weights, once their weights are folded into the next layer (as
-    ``load_and_process_state_dict`` does).
+    """Norms without weights, once their weights are folded into the next layer.
+
+    As ``load_and_process_state_dict`` does.
     """
     prenorm = {"LN": (LayerNormPre, "LNPre"), "RMS": (RMSNormPre, "RMSPre")}.get(
         model.cfg.normalization_type
@@ -291,8 +231,10 @@ def _use_prenorm(model: HookedTransformer) -> None:
 
 
 def _own_dense_storage(model: HookedTransformer) -> None:
-    """Give each parameter and buffer that is a view into a larger tensor (a checkpoint tensor
-    that held several, as GPT-2's fused query/key/value matrix) its own contiguous storage.
+    """Give each parameter and buffer that is a view into a larger tensor its own storage.
+
+    Such a tensor is part of a checkpoint tensor that held several, as GPT-2's fused
+    query/key/value matrix; its own storage is contiguous.
 
     A tensor that fills its storage keeps it, in whatever memory order it has: the folded
     unembedding comes out of processing transposed, which is the layout ``store_rearranged``
@@ -302,12 +244,14 @@ def _own_dense_storage(model: HookedTransformer) -> None:
     """
     with torch.no_grad():
         for module in model.modules():
-            for tensors in (module._parameters, module._buffers):
-                for name, tensor in tensors.items():
-                    if tensor is None or fills_its_storage(tensor):
-                        continue
-                    own = tensor.detach().clone(memory_format=torch.contiguous_format)
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = own
-                    else:
-                        tensors[name] = own
+            for name, tensor in [
+                *module.named_parameters(recurse=False, remove_duplicate=False),
+                *module.named_buffers(recurse=False, remove_duplicate=False),
+            ]:
+                if fills_its_storage(tensor):
+                    continue
+                own = tensor.detach().clone(memory_format=torch.contiguous_format)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = own
+                else:
+                    setattr(module, name, own)

@@ -45,17 +45,20 @@ def inverse(order: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
-    """The permutation under which ``tensor`` is contiguous, or None when no permutation makes it
-    so (a strided view, an expanded tensor): its dimensions from the outermost in memory.
+    """The permutation under which ``tensor`` is contiguous, or None when none makes it so.
+
+    The permutation lists its dimensions from the outermost in memory; None for a strided view
+    or an expanded tensor.
     """
     order = tuple(sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim)))
     return order if tensor.permute(order).is_contiguous() else None
 
 
 def fills_its_storage(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is the whole of its storage, element for element, in some memory order:
-    not a view into a larger tensor (it may share the storage with an equal view, as a tied
-    unembedding does with its embedding).
+    """Whether ``tensor`` is the whole of its storage, element for element, in some memory order.
+
+    That is, not a view into a larger tensor (it may share the storage with an equal view, as a
+    tied unembedding does with its embedding).
     """
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return whole and tensor.storage_offset() == 0 and memory_order(tensor) is not None
@@ -73,7 +76,7 @@ def store_rearranged(model: HookedTransformer) -> HookedTransformer:
                 if not isinstance(module, kind):
                     continue
                 for name, order in orders.items():
-                    parameter = module._parameters.get(name)
+                    parameter = dict(module.named_parameters(recurse=False)).get(name)
                     if (
                         parameter is None
                         or parameter.dim() != len(order)

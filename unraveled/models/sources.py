@@ -433,28 +433,11 @@ BUNDLED_MODELS = {
 }
 
 
-@functools.cache
 def _transformer_lens_names() -> dict[str, str]:
-    """TransformerLens's model names and aliases (lower case) mapped to official names.
+    """TransformerLens's model names and aliases (lower case) mapped to official names."""
+    from unraveled.compat.transformer_lens import model_names
 
-    Read from its ``supported_models.py``, a plain table, loaded by path: importing it through the
-    package would import all of TransformerLens and torch (about 5 s), and resolving a name must
-    stay fast. Same mapping as ``loading_from_pretrained.make_model_alias_map``.
-    """
-    spec = importlib.util.find_spec("transformer_lens")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = Path(next(iter(spec.submodule_search_locations))) / "supported_models.py"
-    table_spec = importlib.util.spec_from_file_location("_unraveled_tl_supported_models", path)
-    assert table_spec is not None and table_spec.loader is not None
-    table: Any = importlib.util.module_from_spec(table_spec)
-    table_spec.loader.exec_module(table)
-    names: dict[str, str] = {}
-    for official in table.OFFICIAL_MODEL_NAMES:
-        for alias in table.MODEL_ALIASES.get(official, []):
-            names[alias.lower()] = official
-        names[official.lower()] = official
-    return names
+    return model_names()
 
 
 def resolve_model_source(name: str, given_by: str) -> ModelSource:

@@ -94,8 +94,9 @@ def _config_from_json(encoded: dict[str, Any]) -> HookedTransformerConfig:
 
 
 def read_tokenizer_and_context(key: str) -> tuple[PreTrainedTokenizerBase, int] | None:
-    """The tokenizer and context length of the entry for ``key``, without its weights; None when
-    there is no entry or it can't be read (``load_entry`` then removes it).
+    """The tokenizer and context length of the entry for ``key``, without its weights.
+
+    None when there is no entry or it can't be read (``load_entry`` then removes it).
     """
     if not has_entry(key):
         return None
@@ -109,8 +110,9 @@ def read_tokenizer_and_context(key: str) -> tuple[PreTrainedTokenizerBase, int] 
 
 
 def _read_weights(model: HookedTransformer, path: Path) -> None:
-    """Make the stored tensors ``model``'s parameters and buffers, one tensor at a time, each in
-    the layout and with the ties it was stored with (``_tensors_to_store``).
+    """Make the stored tensors ``model``'s parameters and buffers, one tensor at a time.
+
+    Each is in the layout and has the ties it was stored with (``_tensors_to_store``).
 
     Each tensor read becomes the parameter itself rather than being copied into the one the model
     was built with, whose memory was never written (``init_weights`` is off) and so never held:
@@ -123,7 +125,8 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
         missing, unexpected = sorted(own.keys() - names), sorted(names - own.keys())
         if missing or unexpected:
             raise ValueError(
-                f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{path} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
             )
         read: dict[str, torch.Tensor] = {}
         for name in own:
@@ -133,20 +136,23 @@ def _read_weights(model: HookedTransformer, path: Path) -> None:
             tensor = read[source].permute(inverse(tuple(order)))
             if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
                 raise ValueError(
-                    f"{path}: {name} is stored as {tuple(tensor.shape)} {tensor.dtype}, the model has {tuple(own[name].shape)} {own[name].dtype}"
+                    f"{path}: {name} is stored as {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"the model has {tuple(own[name].shape)} {own[name].dtype}"
                 )
             module_name, _, attribute = name.rpartition(".")
             module = model.get_submodule(module_name)
-            if attribute in module._parameters:
-                module._parameters[attribute].data = tensor
+            parameters = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+            if attribute in parameters:
+                parameters[attribute].data = tensor
             else:
-                module._buffers[attribute] = tensor
+                setattr(module, attribute, tensor)  # a buffer
 
 
 def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
-    """The cached model for ``key``, on the CPU, and its checkpoint's parameter count; None when
-    there is no entry, or when the entry can't be read (it is then removed, saying so, and the
-    caller converts the weights again).
+    """The cached model for ``key``, on the CPU, and its checkpoint's parameter count.
+
+    None when there is no entry, or when the entry can't be read (it is then removed, saying so,
+    and the caller converts the weights again).
     """
     entry = _entry(key)
     if not has_entry(key):
@@ -163,7 +169,8 @@ def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
         Exception
     ) as error:  # a damaged file: safetensors, json, tokenizers and torch each raise their own
         logger.warning(
-            "the converted-weights cache entry %s can't be read (%s: %s); removing it and converting again",
+            "the converted-weights cache entry %s can't be read (%s: %s); "
+            "removing it and converting again",
             entry,
             type(error).__name__,
             error,
@@ -176,9 +183,11 @@ def load_entry(key: str) -> tuple[HookedTransformer, int] | None:
 def _tensors_to_store(
     model: HookedTransformer,
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, tuple[int, ...]]]]:
-    """The state dict as safetensors takes it (contiguous tensors, each storage once), and the
-    layout that rebuilds the rest: for each tensor not stored as itself, the stored tensor that
-    holds its storage and the permutation of that tensor's dimensions that gives it.
+    """The state dict as safetensors takes it, and the layout that rebuilds the rest.
+
+    The state dict holds contiguous tensors, each storage once; the layout gives, for each tensor
+    not stored as itself, the stored tensor that holds its storage and the permutation of that
+    tensor's dimensions that gives it.
 
     Each tensor is stored in its memory order, so a rearranged weight is written as laid out and
     nothing is copied; a tensor shared under several names (the tied unembedding, the layers'
@@ -207,9 +216,10 @@ def _tensors_to_store(
 
 
 def store_entry(key: str, model: HookedTransformer, checkpoint_parameters: int) -> Path:
-    """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count; returns
-    the entry's folder. When another process stores the same entry at the same time, the first
-    one renamed into place is kept and the other's copy dropped.
+    """Write ``model`` under ``key``, atomically, with its checkpoint's parameter count.
+
+    Returns the entry's folder. When another process stores the same entry at the same time, the
+    first one renamed into place is kept and the other's copy dropped.
     """
     entry = _entry(key)
     entry.parent.mkdir(parents=True, exist_ok=True)
