@@ -144,12 +144,12 @@ def _output_folder(out: str) -> Path:
 def _long_lived_imports() -> Iterator[None]:
     """Keep the garbage collector off the objects the heavy imports make, for the whole run.
 
-    Importing torch, transformers and TransformerLens makes some 650,000 objects that live as
-    long as the process. Collecting while they are made frees nothing, and every full collection
-    afterwards (the runner's after each model and config, and Python's own) walks them all again:
-    about 0.5 s each, some 5 s of a five-config run. So the collector is off while they are
-    imported, and then they are frozen (``gc.freeze``) until the run ends; everything made later
-    (models, activations, figures) is collected as before.
+    Importing torch, transformers and TransformerLens makes hundreds of thousands of objects that
+    live as long as the process. Collecting while they are made frees nothing, and every full
+    collection afterwards (the runner's after each model and config, and Python's own) walks them
+    all again, a cost paid over and over in a run of several configs. So the collector is off
+    while they are imported, and then they are frozen (``gc.freeze``) until the run ends;
+    everything made later (models, activations, figures) is collected as before.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -213,8 +213,8 @@ def update(
     """Run one batch of windows and fold its statistics into ``state``, in place; returns it.
 
     In place, so that each layer's old statistics are freed as soon as they are merged: a copy
-    of the state beside the old one was the corpus atlas's largest allocation (0.1 GB for GPT-2
-    small, whose top contexts it holds for 37k neurons).
+    of the state beside the old one was the corpus atlas's largest allocation (the state holds
+    top contexts for every neuron of every layer).
 
     Args:
         state: The state so far; updated.
