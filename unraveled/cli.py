@@ -2,8 +2,9 @@
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
 0 ok, 2 bad input (config, name or option), 3 a model can't be had (a model the user named, or
-the default with the fallback off), 130 interrupted (Ctrl-C). Every command validates its input before importing torch or
-TransformerLens, so help, listing and input errors answer in well under a second.
+the default with the fallback off), 130 interrupted (Ctrl-C). Every command validates its input
+before importing torch or TransformerLens, so help, listing and input errors answer in well under
+a second.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 CONFIG_DIR_HELP = (
-    "A folder of your own configs (NAME.yaml). They add to the built-in configs, and one named like a "
-    "built-in config overrides it. Without --config-dir only the built-in configs are used "
+    "A folder of your own configs (NAME.yaml). They add to the built-in configs, and one named "
+    "like a built-in config overrides it. Without --config-dir only the built-in configs are used "
     "(a ./configs folder is read only when named: --config-dir configs)."
 )
 
@@ -143,12 +144,12 @@ def _output_folder(out: str) -> Path:
 def _long_lived_imports() -> Iterator[None]:
     """Keep the garbage collector off the objects the heavy imports make, for the whole run.
 
-    Importing torch, transformers and TransformerLens makes some 650,000 objects that live as
-    long as the process. Collecting while they are made frees nothing, and every full collection
-    afterwards (the runner's after each model and config, and Python's own) walks them all again:
-    about 0.5 s each, some 5 s of a five-config run. So the collector is off while they are
-    imported, and then they are frozen (``gc.freeze``) until the run ends; everything made later
-    (models, activations, figures) is collected as before.
+    Importing torch, transformers and TransformerLens makes hundreds of thousands of objects that
+    live as long as the process. Collecting while they are made frees nothing, and every full
+    collection afterwards (the runner's after each model and config, and Python's own) walks them
+    all again, a cost paid over and over in a run of several configs. So the collector is off
+    while they are imported, and then they are frozen (``gc.freeze``) until the run ends;
+    everything made later (models, activations, figures) is collected as before.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -267,7 +268,10 @@ def export(
         ),
     ],
 ) -> None:
-    """Write PAGE as one self-contained HTML file to share: its script and images inlined, no other file needed."""
+    """Write PAGE as one self-contained HTML file to share.
+
+    Its script and images are inlined: no other file is needed.
+    """
     from unraveled.outputs import write_text_atomic
     from unraveled.render.export import self_contained_page
 
@@ -287,7 +291,8 @@ def export(
         raise ConfigError(str(page), None, str(error)) from None
     write_text_atomic(to, text)
     console.print(
-        f"wrote {to} ({len(text.encode()) / 1e6:.1f} MB), a single file: it opens anywhere, offline",
+        f"wrote {to} ({len(text.encode()) / 1e6:.1f} MB), a single file: "
+        "it opens anywhere, offline",
         soft_wrap=True,
         markup=False,
         highlight=False,

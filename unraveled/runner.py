@@ -101,7 +101,7 @@ class ModelPool:
         return held[0] if held is not None else None
 
     def release(self, planned: PlannedModel | None = None) -> None:
-        """Free model ``planned`` (every model when None), and hand the memory back to the system."""
+        """Free model ``planned`` (every model when None) and hand the memory back to the system."""
         if planned is None:
             self._loaded.clear()
         elif self._loaded.pop(planned, None) is None:
@@ -136,7 +136,7 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def _stamp_model(figure: Figure, model_label: str) -> None:
-    """Put the model actually used into the figure's title, so no figure can be mistaken for GPT-2."""
+    """Put the model actually used into the figure's title: no figure can be mistaken for GPT-2."""
     title = figure.figure.get_suptitle()
     figure.figure.suptitle(f"{title}\nmodel: {model_label}" if title else f"model: {model_label}")
 
@@ -283,8 +283,10 @@ def _write_artifacts(
     out_dir: Path,
     href_to_out: str,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Save every artifact into ``staging``, and the views' shared script into ``out_dir``'s
-    assets (``href_to_out`` leads there from the views); returns the manifest's records of each kind.
+    """Save every artifact into ``staging``; returns the manifest's records of each kind.
+
+    The views' shared script goes into ``out_dir``'s assets (``href_to_out`` leads there from the
+    views).
     """
     figure_records, view_records, table_records = [], [], []
     for artifact in config.experiment.render(result):
@@ -335,7 +337,8 @@ def _write_artifacts(
 
 def _unwritable(error: OSError, what: str) -> UnraveledError:
     return UnraveledError(
-        f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). Free space or fix the folder's permissions, then run again"
+        f"{what}: {error.strerror or error} ({error.filename or 'the output folder'}). "
+        "Free space or fix the folder's permissions, then run again"
     )
 
 
@@ -350,6 +353,10 @@ def run_one(
     """Run one config on one loaded model and publish its outputs; returns the run's folder.
 
     Args:
+        config: The config to run.
+        loaded: The model to run it on, loaded.
+        out_dir: ``--out``: the outputs' folder.
+        formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
         folder: The model's folder under ``out_dir`` (``outputs.model_folder``; default its slug).
         identity: The model's ``model_identity`` (default ``loaded.planned.identity``).
 
@@ -421,7 +428,8 @@ def run_one(
             raise
         raise _unwritable(
             error,
-            f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was published, earlier outputs are untouched",
+            f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was "
+            "published, earlier outputs are untouched",
         ) from None
     except BaseException:
         if staging is not None:
@@ -431,8 +439,10 @@ def run_one(
 
 
 def _prepare_output_folder(out_dir: Path, targets: Sequence[Path]) -> None:
-    """Check ``out_dir``'s index, compare folder and the run folders ``targets``, undo what
-    interrupted runs left (swaps, temporary files), and rebuild the pages where a run was left
+    """Check the output folder and repair what interrupted runs left in it.
+
+    Checks ``out_dir``'s index, compare folder and the run folders ``targets``, undoes what
+    interrupted runs left (swaps, temporary files), and rebuilds the pages where a run was left
     without its page.
 
     Raises:

@@ -1,14 +1,14 @@
 """A 3D UMAP fitted once, with exact nearest neighbours from scikit-learn.
 
 UMAP finds neighbours with pynndescent for more than 4096 points, whose numba kernels are
-compiled afresh in every process (about 40 s here, most of the original token-journey script's
-time). Exact neighbours for ~10,000 points take about a second, so we compute them with
+compiled afresh in every process (most of the original token-journey script's time). Exact
+neighbours for ~10,000 points are cheap to compute, so we compute them with
 scikit-learn and hand them to UMAP through its ``precomputed_knn`` parameter, with an exact
 search index that ``UMAP.transform`` queries to place new points. The fit itself (spectral
 initialisation, once) and the transform are UMAP's own.
 
 UMAP's other numba kernels (the fuzzy graph's and the layout's) are compiled afresh in every
-process too, 4-8 s here; ``unraveled.compat.umap.cache_kernels`` keeps them on disk, as numba's
+process too; ``unraveled.compat.umap.cache_kernels`` keeps them on disk, as numba's
 ``cache=True`` would, so only the first run on a machine compiles them. ``make setup`` makes that
 first run (``python -m unraveled.umap_fit``, ``compile_kernels``), as pip compiles bytecode at
 install.
@@ -60,8 +60,8 @@ def compile_kernels() -> None:
 
     A small fit calls the same kernels with the same argument types as a full one (the types
     depend on dtypes, not sizes), so a later process loads all of them, pynndescent's (compiled
-    at its import) included, and compiles none. Compiling them takes about 40 s and 130-190 MiB
-    that stay with the process; ``make setup`` pays that in its own short process once, and every
+    at its import) included, and compiles none. Compiling them takes long and leaves memory
+    with the process; ``make setup`` pays that in its own short process once, and every
     run after it (``make all``) loads the compiled code instead.
     """
     rng = np.random.default_rng(0)

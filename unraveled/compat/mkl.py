@@ -1,11 +1,10 @@
 """Freeing the buffers MKL keeps, through the name torch exports; checked on torch 2.13.0.
 
 MKL (torch's BLAS on x86) keeps the buffers its matrix products allocate for reuse, outside
-Python and torch: 15-35 MB after a config on GPT-2 small, more after each config that multiplies
-other shapes. ``mkl_free_buffers()`` is MKL's public call that frees them, but torch links MKL
-statically and exports it only under MKL's internal name, ``mkl_serv_free_buffers`` (of which
-``mkl_free_buffers`` is an alias in MKL's own libraries), with the same signature:
-``void (void)``.
+Python and torch, and more after each config that multiplies other shapes. ``mkl_free_buffers()``
+is MKL's public call that frees them, but torch links MKL statically and exports it only under
+MKL's internal name, ``mkl_serv_free_buffers`` (of which ``mkl_free_buffers`` is an alias in
+MKL's own libraries), with the same signature: ``void (void)``.
 
 Where torch says it has MKL (``torch.backends.mkl.is_available()``) on Linux, that name must be
 in ``libtorch_cpu.so``: if it is not, ``free_buffers`` raises ``IncompatibleDependencyError``

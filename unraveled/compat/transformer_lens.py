@@ -5,8 +5,8 @@ Three things, each for a reason its public API has no answer to:
 - Weight processing without its copies (``without_copies``). Each step of
   ``ProcessWeights`` (fold LayerNorm, centre the writing weights and the unembedding, fold the
   value biases) starts by cloning the whole state dict, then builds new tensors for what it
-  changes and modifies nothing in place. Those defensive copies were a conversion's peak (about
-  2 GB above the model itself for SmolLM2-135M). A ``CloneFreeTensor``'s ``clone()`` is itself,
+  changes and modifies nothing in place. Those defensive copies were a conversion's peak, well
+  above the model itself. A ``CloneFreeTensor``'s ``clone()`` is itself,
   which is right only while no step edits a tensor in place: so it refuses any in-place edit,
   and a version that starts making them fails loudly instead of editing the checkpoint's
   tensors.
@@ -17,7 +17,7 @@ Three things, each for a reason its public API has no answer to:
   (``_fold_layer``, ``_fold_final_rms_bias``, ``_fold_unembed_layer_norm``) are called in its
   order, with the caller's ``between`` in between.
 - The table of model names (``model_names``), read from ``supported_models.py``'s source:
-  importing it imports all of TransformerLens and torch first (5 s or more), and resolving a
+  importing it imports all of TransformerLens and torch first (seconds), and resolving a
   name in the CLI must stay fast. The table must stay literal lists and dicts.
 
 All are checked for TransformerLens 3.9.x (``CHECKED``), and the private steps' presence; any

@@ -7,7 +7,7 @@ Two things, each for a reason its public API has no answer to:
   then queries the index through ``NNDescent``'s interface, private attribute
   ``_angular_trees`` included.
 - UMAP's numba kernels cached on disk (``cache_kernels``): umap compiles them in every process
-  (4-8 s), and the layout kernel is a private function,
+  (seconds each time), and the layout kernel is a private function,
   ``layouts._nb_optimize_layout_euclidean_single_epoch`` (from umap-learn 0.5.7 on).
 
 Both are checked for umap-learn 0.5.7 up to 0.5.x (``CHECKED``, and the kernel's presence);

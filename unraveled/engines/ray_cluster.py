@@ -1,5 +1,7 @@
-"""Where the Ray engine runs: a cluster at ``RAY_ADDRESS``, checked before any model loads, or a
-Ray started on this machine for one run, in the run's own temporary folder, and cleaned up.
+"""Where the Ray engine runs: a cluster at ``RAY_ADDRESS``, or a Ray of the run's own.
+
+A cluster at ``RAY_ADDRESS`` is checked before any model loads; otherwise a Ray is started on
+this machine for one run, in the run's own temporary folder, and cleaned up.
 
 Importing this module does not import Ray: the check talks to the cluster from a child process
 it can stop, because ``ray.init`` on an address that never answers retries for minutes.
@@ -50,7 +52,9 @@ import json, os, sys
 import ray
 print("imported", flush=True)
 try:
-    ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address=sys.argv[1], include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     answer = {"total": ray.cluster_resources(), "free": ray.available_resources()}
 except BaseException as error:
     answer = {"error": f"{type(error).__name__}: {error}".strip()}
@@ -64,7 +68,10 @@ class RayEngineError(UnraveledError):
 
 
 def ray_address() -> str | None:
-    """``RAY_ADDRESS`` as the Ray engine reads it; None (also for ``local``) starts Ray on this machine."""
+    """``RAY_ADDRESS`` as the Ray engine reads it.
+
+    None (also for ``local``) starts Ray on this machine.
+    """
     address = os.environ.get("RAY_ADDRESS", "").strip()
     return None if address in ("", "local") else address
 
@@ -102,8 +109,10 @@ def _tcp_problem(host: str, port: int) -> str | None:
 
 
 def probe_cluster(address: str) -> dict[str, Any]:
-    """Join the cluster at ``address`` from a child process, stopped ``CONNECT_BUDGET_S`` after it
-    started (or ``MIN_CONNECT_S`` after it imported Ray, when that alone took longer).
+    """Join the cluster at ``address`` from a child process, stopped if it takes too long.
+
+    The child is stopped ``CONNECT_BUDGET_S`` after it started (or ``MIN_CONNECT_S`` after it
+    imported Ray, when that alone took longer).
 
     Returns:
         ``{"total": resources, "free": resources}`` as Ray reports them, or ``{"error": why}``.
@@ -140,7 +149,8 @@ def probe_cluster(address: str) -> dict[str, Any]:
                     pass  # something else printed on start-up (a sitecustomize, say)
             except queue.Empty:
                 return {
-                    "error": f"the child process could not import Ray within {IMPORT_BUDGET_S:.0f} s"
+                    "error": "the child process could not import Ray within "
+                    f"{IMPORT_BUDGET_S:.0f} s"
                 }
             if imported is None:
                 return {"error": f"the child process could not import Ray ({_last_line(errors)})"}
@@ -172,8 +182,9 @@ def probe_cluster(address: str) -> dict[str, Any]:
 
 
 def _answer(lines: queue.Queue[str | None], deadline: float) -> str | None:
-    """The probe's answer: the last line starting with ``{`` it wrote before it ended (Ray may print
-    other lines around it); None when there was none.
+    """The probe's answer: the last line starting with ``{`` it wrote before it ended.
+
+    Ray may print other lines around it; None when there was none.
 
     Raises:
         queue.Empty: The child had not ended by ``deadline`` (a ``time.monotonic()``).
@@ -186,7 +197,7 @@ def _answer(lines: queue.Queue[str | None], deadline: float) -> str | None:
 
 
 def _last_line(stream: Any) -> str:
-    """The last non-empty line a child wrote to ``stream`` (a temporary file), for an error message."""
+    """The last non-empty line a child wrote to ``stream`` (a temporary file), for a message."""
     stream.seek(0)
     text = stream.read().decode(errors="replace")
     found = [line.strip() for line in text.splitlines() if line.strip()]
@@ -194,7 +205,7 @@ def _last_line(stream: Any) -> str:
 
 
 def check_ray(workers: int | None, source: str) -> None:
-    """Before any model loads: reach the cluster ``RAY_ADDRESS`` names, or fail naming what was tried.
+    """Before any model loads: reach the cluster ``RAY_ADDRESS`` names, or fail saying how.
 
     Without ``RAY_ADDRESS`` (or with ``local``) the run starts its own Ray, sized to
     ``workers``: nothing to check.
@@ -215,8 +226,9 @@ def check_ray(workers: int | None, source: str) -> None:
         return ConfigError(
             "RAY_ADDRESS",
             None,
-            f"{address!r}: {problem} (tried {tried}). {source} runs on the Ray cluster RAY_ADDRESS names: "
-            f"{ADDRESS_FORMS}; unset RAY_ADDRESS to start Ray on this machine, or set params.engine=local",
+            f"{address!r}: {problem} (tried {tried}). {source} runs on the Ray cluster "
+            f"RAY_ADDRESS names: {ADDRESS_FORMS}; unset RAY_ADDRESS to start Ray on this machine, "
+            "or set params.engine=local",
         )
 
     try:
@@ -240,7 +252,8 @@ def check_ray(workers: int | None, source: str) -> None:
     logger.info("ray: cluster at %s reached: %d CPUs, %d free", address, total_cpus, free_cpus)
     if workers is not None and workers > free_cpus:
         logger.warning(
-            "ray: params.ray_workers=%d but the cluster at %s has %d free CPU(s) of %d now: the run will use as many workers as it can place then",
+            "ray: params.ray_workers=%d but the cluster at %s has %d free CPU(s) of %d now: "
+            "the run will use as many workers as it can place then",
             workers,
             address,
             free_cpus,
@@ -249,12 +262,13 @@ def check_ray(workers: int | None, source: str) -> None:
 
 
 def check_engines(configs: Sequence[LoadedConfig]) -> None:
-    """``check_ray`` for every config that runs on Ray (once per invocation: one ``RAY_ADDRESS``)."""
+    """``check_ray`` for the configs that run on Ray (once per invocation: one ``RAY_ADDRESS``)."""
     for config in configs:
         if getattr(config.params, "engine", None) == "ray":
+            from_set = ", from --set" if "params.engine" in config.set_keys else ""
             check_ray(
                 getattr(config.params, "ray_workers", None),
-                f"params.engine=ray ({config.path}{', from --set' if 'params.engine' in config.set_keys else ''})",
+                f"params.engine=ray ({config.path}{from_set})",
             )
             return
 
@@ -266,8 +280,9 @@ def _temp_root() -> str:
 
 
 def _remove_abandoned(root: str) -> None:
-    """Remove the Ray folders (and stop the Ray processes) of earlier runs whose driver is gone:
-    real folders of this user's only (``sweep`` leaves links and other users' entries alone).
+    """Remove the Ray folders (and stop the Ray processes) of earlier runs whose driver is gone.
+
+    Real folders of this user's only (``sweep`` leaves links and other users' entries alone).
     """
     for folder in Path(root).glob("unraveled-ray-*"):
         pid = folder.name.removeprefix("unraveled-ray-").partition("-")[0]
@@ -276,10 +291,11 @@ def _remove_abandoned(root: str) -> None:
 
 
 def _new_folder(root: str) -> str:
-    """A new folder ``unraveled-ray-PID-N`` in ``root``: named after the driver, for
-    ``_remove_abandoned``, and numbered, as this process may have run Ray before or an earlier
-    process with this pid may have left its folder (kept until ``_remove_abandoned`` sees that
-    pid dead).
+    """A new folder ``unraveled-ray-PID-N`` in ``root``.
+
+    Named after the driver, for ``_remove_abandoned``, and numbered, as this process may have run
+    Ray before or an earlier process with this pid may have left its folder (kept until
+    ``_remove_abandoned`` sees that pid dead).
     """
     number = 0
     while True:

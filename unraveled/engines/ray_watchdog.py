@@ -47,7 +47,10 @@ RAY_SCRIPTS = (
 
 
 def is_ray_command(process: psutil.Process) -> bool:
-    """Whether ``process``'s command line is one of a Ray's own processes (False when unreadable or gone)."""
+    """Whether ``process``'s command line is one of a Ray's own processes.
+
+    False when the command line is unreadable or the process is gone.
+    """
     try:
         command = process.cmdline()
     except psutil.Error:
@@ -63,7 +66,7 @@ def is_ray_command(process: psutil.Process) -> bool:
 
 
 def is_own_folder(folder: str) -> bool:
-    """Whether ``folder`` itself (not what a link there points to) is a directory owned by this user."""
+    """Whether ``folder`` itself (not what a link there points to) is a directory of this user's."""
     try:
         info = os.lstat(folder)
     except OSError:
@@ -72,10 +75,11 @@ def is_own_folder(folder: str) -> bool:
 
 
 def session_processes(folder: str) -> list[psutil.Process]:
-    """This user's Ray processes of the session in ``folder``: recognisably Ray by their command
-    line, and either carrying ``SESSION_MARKER=folder`` in their environment or holding a file open
-    in the folder (a process that retitles itself, as Ray's agents do, may overwrite its
-    environment; it keeps its log files open there).
+    """This user's Ray processes of the session in ``folder``.
+
+    Those recognisably Ray by their command line, and either carrying ``SESSION_MARKER=folder``
+    in their environment or holding a file open in the folder (a process that retitles itself,
+    as Ray's agents do, may overwrite its environment; it keeps its log files open there).
     """
     inside = os.path.join(os.path.abspath(folder), "")
     found = []
@@ -93,7 +97,10 @@ def session_processes(folder: str) -> list[psutil.Process]:
 
 
 def descendants(pid: int, since: float) -> list[psutil.Process]:
-    """The processes below ``pid`` started at or after ``since`` (a ``time.time()``), this one excepted."""
+    """The processes below ``pid`` started at or after ``since`` (a ``time.time()``).
+
+    This process itself is left out.
+    """
     try:
         found = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
@@ -109,8 +116,10 @@ def descendants(pid: int, since: float) -> list[psutil.Process]:
 
 
 def stop(processes: Iterable[psutil.Process]) -> int:
-    """Kill those of ``processes`` still running that are Ray's (psutil checks each is still the
-    same process; its command line is read now, as it may have started as another); returns how many.
+    """Kill those of ``processes`` still running that are Ray's; returns how many.
+
+    psutil checks each is still the same process; its command line is read now, as it may have
+    started as another.
     """
     running = [process for process in processes if process.is_running() and is_ray_command(process)]
     for process in running:
@@ -123,9 +132,10 @@ def stop(processes: Iterable[psutil.Process]) -> int:
 
 
 def sweep(folder: str, processes: Iterable[psutil.Process] = ()) -> int:
-    """Stop the Ray processes among ``processes`` and the session's, then remove the folder; returns
-    how many were stopped. A ``folder`` that is a link, not a directory or another user's is left
-    alone, and so is anything it names.
+    """Stop the Ray processes among ``processes`` and the session's, then remove the folder.
+
+    Returns how many were stopped. A ``folder`` that is a link, not a directory or another
+    user's is left alone, and so is anything it names.
     """
     if not is_own_folder(folder):
         return stop(processes)
@@ -135,7 +145,10 @@ def sweep(folder: str, processes: Iterable[psutil.Process] = ()) -> int:
 
 
 def watch(driver_pid: int, folder: str, since: float) -> None:
-    """Note the driver's descendants started since ``since`` until it exits, then sweep whatever of its Ray is left."""
+    """Note the driver's descendants started since ``since`` until it exits, then sweep its Ray.
+
+    Whatever of that Ray is left when the driver is gone is stopped, and its folder removed.
+    """
     seen: dict[int, psutil.Process] = {}
     try:
         driver = psutil.Process(driver_pid)

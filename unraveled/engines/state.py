@@ -1,5 +1,7 @@
-"""What the corpus engines accumulate: the running state of every neuron, residual dimension and
-head, updated one batch of windows at a time and merged exactly across shards.
+"""What the corpus engines accumulate, batch by batch, and merge exactly across shards.
+
+The running state of every neuron, residual dimension and head, updated one batch of windows at
+a time.
 
 Definitions (also written into the atlas's metrics):
 
@@ -63,6 +65,7 @@ class AtlasSettings:
 
     @property
     def context(self) -> int:
+        """Tokens of context kept around each top token, the token itself included."""
         return self.context_before + 1 + self.context_after
 
 
@@ -81,6 +84,7 @@ class AtlasState:
 
     @classmethod
     def empty(cls, n_layers: int, d_mlp: int, d_model: int, settings: AtlasSettings) -> AtlasState:
+        """The state before any window: nothing counted, nothing kept."""
         return cls(
             neurons=[Moments.empty(d_mlp) for _ in range(n_layers)],
             neuron_top=[
@@ -100,20 +104,27 @@ class AtlasState:
 
     @classmethod
     def for_model(cls, model: HookedTransformer, settings: AtlasSettings) -> AtlasState:
+        """The empty state sized to ``model``'s layers, MLP width and residual width."""
         cfg = model.cfg
         assert cfg.d_mlp is not None, "the corpus atlas needs MLP layers"
         return cls.empty(cfg.n_layers, cfg.d_mlp, cfg.d_model, settings)
 
     def merge(self, other: AtlasState) -> AtlasState:
+        """The state of both shards' windows together (neither input is changed)."""
         return AtlasState(
-            neurons=[a.merge(b) for a, b in zip(self.neurons, other.neurons)],
-            neuron_top=[a.merge(b) for a, b in zip(self.neuron_top, other.neuron_top)],
-            residual=[a.merge(b) for a, b in zip(self.residual, other.residual)],
-            residual_first=[a.merge(b) for a, b in zip(self.residual_first, other.residual_first)],
-            residual_histogram=[
-                a.merge(b) for a, b in zip(self.residual_histogram, other.residual_histogram)
+            neurons=[a.merge(b) for a, b in zip(self.neurons, other.neurons, strict=True)],
+            neuron_top=[a.merge(b) for a, b in zip(self.neuron_top, other.neuron_top, strict=True)],
+            residual=[a.merge(b) for a, b in zip(self.residual, other.residual, strict=True)],
+            residual_first=[
+                a.merge(b) for a, b in zip(self.residual_first, other.residual_first, strict=True)
             ],
-            residual_top=[a.merge(b) for a, b in zip(self.residual_top, other.residual_top)],
+            residual_histogram=[
+                a.merge(b)
+                for a, b in zip(self.residual_histogram, other.residual_histogram, strict=True)
+            ],
+            residual_top=[
+                a.merge(b) for a, b in zip(self.residual_top, other.residual_top, strict=True)
+            ],
             heads=self.heads.merge(other.heads),
             n_windows=self.n_windows + other.n_windows,
         )
@@ -138,6 +149,7 @@ class RepeatMasks:
 
     @classmethod
     def of(cls, tokens: Int[Tensor, "window pos"]) -> RepeatMasks:
+        """The masks of a batch of token windows."""
         same = tokens[:, :, None] == tokens[:, None, :]
         with_successor = torch.tril(same, diagonal=-2)  # earlier j with j + 1 < q
         latest = (with_successor * torch.arange(tokens.shape[1])).argmax(dim=-1)
@@ -163,7 +175,8 @@ def head_scores_per_window(
     induction_mass = patterns.gather(-1, target)[..., 0]
     return {
         "entropy": attention_entropy_by_head(patterns),
-        # As unraveled.analysis.attention_sink_by_head: query 0 can only attend to itself, so it is left out.
+        # As unraveled.analysis.attention_sink_by_head: query 0 can only attend to itself, so it
+        # is left out.
         "first_token": patterns[..., 1:, 0].mean(dim=-1),
         "previous_token": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1),
         "duplicate_token": _mean_where(duplicate_mass, masks.has_earlier),
@@ -182,7 +195,7 @@ def _mean_where(
 def model_inputs(
     model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings
 ) -> Int[Tensor, "window seq"]:
-    """The windows as model input: token ids, with the BOS token in front when the model wants one."""
+    """The windows as model input: token ids, with the BOS token in front if the model wants one."""
     tokens = torch.as_tensor(windows, dtype=torch.long)
     if settings.prepend_bos:
         bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
@@ -200,8 +213,8 @@ def update(
     """Run one batch of windows and fold its statistics into ``state``, in place; returns it.
 
     In place, so that each layer's old statistics are freed as soon as they are merged: a copy
-    of the state beside the old one was the corpus atlas's largest allocation (0.1 GB for GPT-2
-    small, whose top contexts it holds for 37k neurons).
+    of the state beside the old one was the corpus atlas's largest allocation (the state holds
+    top contexts for every neuron of every layer).
 
     Args:
         state: The state so far; updated.

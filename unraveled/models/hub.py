@@ -1,7 +1,7 @@
 """The Hugging Face side: the local cache first, then the hub, and a fast answer when neither works.
 
-TransformerLens retries an unreachable hub for about 23 s before failing; a short probe here
-answers in a few seconds and says what was tried.
+TransformerLens retries an unreachable hub for a long while before failing; a short probe here
+(``HUB_PROBE_TIMEOUT_S``) answers sooner and says what was tried.
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ def hf_model_from_folder(folder: Path) -> PreTrainedModel:
     """The transformers model of a checkpoint folder, in float32, its weights in memory of its own.
 
     transformers maps safetensors files into memory, and the pages it reads count as the process's
-    memory until every tensor of the file is gone: converting GPT-2 small peaked 0.3 GB higher
-    that way. Read one tensor at a time instead, so each is freed as soon as conversion has
-    replaced it. ``.bin`` checkpoints load as transformers loads them.
+    memory until every tensor of the file is gone, which raises a conversion's peak. Read one
+    tensor at a time instead, so each is freed as soon as conversion has replaced it. ``.bin``
+    checkpoints load as transformers loads them.
     """
     files = _safetensors_files(folder)
     if not files:
