@@ -45,12 +45,12 @@ def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
 @pytest.fixture(scope="module")
 def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
     """The tiny Llama with its unembedding tied to its embedding, as SmolLM2's is."""
-    from tests.conftest import _save_checkpoint
+    from tests.helpers.models import save_checkpoint
 
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     config.tie_word_embeddings = True
     torch.manual_seed(3)
-    return _save_checkpoint(
+    return save_checkpoint(
         LlamaForCausalLM(config),
         AutoTokenizer.from_pretrained(tiny_llama_dir),
         tmp_path_factory.mktemp("tied") / "tiny-tied",

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.activations import collect_activations
 from unraveled.errors import ParamError
 from unraveled.logits import answer_token_id, residual_hook_names

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB, SharedTinyModels
+from tests.helpers.cli import UNREACHABLE_HUB
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.models import hub, load_model
 from unraveled.models.shape import model_shape

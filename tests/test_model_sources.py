@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import FAKE_SNAPSHOT, UNREACHABLE_HUB, CliRun, run_cli
+from tests.helpers.cli import UNREACHABLE_HUB, CliRun, run_cli
+from tests.helpers.models import FAKE_SNAPSHOT
 from unraveled.cli import main
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHARED_EXPENSIVE_FIXTURES
+from tests.helpers.tiers import SHARED_EXPENSIVE_FIXTURES
 
 
 def test_tests_sharing_an_expensive_fixture_are_grouped_for_one_worker(
