@@ -36,6 +36,9 @@ from tests.helpers.models import FAKE_SNAPSHOT, SharedTinyModels, save_checkpoin
 from tests.helpers.tiers import SHARED_EXPENSIVE_FIXTURES, TIER_OF_FIXTURE
 from unraveled.bench import real_gpt2_tokenizer
 
+# tests/test_tiers.py runs a pytest inside the test run.
+pytest_plugins = ("pytester",)
+
 # REPO_ROOT and UNREACHABLE_HUB are re-exported for the modules that still import them from here
 # (tests/test_corpus*.py and tests/test_ray_edges.py, on another branch); the rest import helpers
 # from tests.helpers.
