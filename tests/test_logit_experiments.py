@@ -118,7 +118,8 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
     run = HfRun(checkpoint, model.to_tokens(PROMPT))
     n_layers = model.cfg.n_layers
-    # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already normed.
+    # State i is hidden_states[i] for i < n_layers; transformers' last hidden state is already
+    # normed.
     log_probs = torch.stack(
         [*[run.decode(run.hidden_states[i][-1]) for i in range(n_layers)], run.logits[-1]]
     ).log_softmax(-1)
@@ -135,28 +136,14 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     ]
 
 
-def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_at_once(
-    model, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+def test_logit_lens_gives_the_values_of_decoding_every_point_at_once(model) -> None:  # type: ignore[no-untyped-def]
     import unraveled.logits
 
-    decoded_shapes = []
-    real_decode = unraveled.logits.logit_lens
-
-    def recording_decode(model, residuals):  # type: ignore[no-untyped-def]
-        decoded_shapes.append(tuple(residuals.shape))
-        return real_decode(model, residuals)
-
-    monkeypatch.setattr(unraveled.logits, "logit_lens", recording_decode)
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
-    n_points, n_pos = model.cfg.n_layers + 1, len(result.tokens)
-    assert (
-        decoded_shapes == [(1, n_pos, model.cfg.d_model)] * n_points
-    )  # never every point's vocabulary at once
-    # The route it replaced: every point decoded in one tensor.
+    # Every point decoded in one tensor (the experiment decodes one point at a time).
     acts = collect_activations(model, [PROMPT], residual_hook_names(model.cfg.n_layers))
     with torch.inference_mode():
-        log_probs = real_decode(
+        log_probs = unraveled.logits.logit_lens(
             model,
             torch.stack([acts.cache[hook][0] for hook in residual_hook_names(model.cfg.n_layers)]),
         ).log_softmax(-1)
@@ -178,9 +165,9 @@ def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_
     assert result.top5_last == [
         [
             {"token": model.tokenizer.decode([token]), "probability": float(p)}
-            for token, p in zip(ids, ps)
+            for token, p in zip(ids, ps, strict=True)
         ]
-        for ids, ps in zip(top_ids.tolist(), top_probs.tolist())
+        for ids, ps in zip(top_ids.tolist(), top_probs.tolist(), strict=True)
     ]
 
 
@@ -207,12 +194,14 @@ def test_logit_lens_recomputes_the_norm_scale_per_layer(
     stack = torch.stack(
         [acts.cache[h] for h in residual_hook_names(2)]
     )  # [point, batch, pos, d_model]
-    # TransformerLens 3.9's accumulated_resid recomputes the statistics at the final layer, as we do.
+    # TransformerLens 3.9's accumulated_resid recomputes the statistics at the final layer, as we
+    # do.
     corrected = acts.cache.accumulated_resid(layer=None, apply_ln=True)
     torch.testing.assert_close(
         decode(model, stack[:, 0]), model.unembed(corrected[:, 0]), atol=1e-4, rtol=1e-4
     )
-    # Reusing the final layer's cached scale for every layer (TransformerLens issue #1076) is far off.
+    # Reusing the final layer's cached scale for every layer (TransformerLens issue #1076) is far
+    # off.
     reused = acts.cache.apply_ln_to_stack(stack, layer=None, recompute_ln=False)
     reused_log_probs = model.unembed(reused[0])[0].log_softmax(-1)
     assert (reused_log_probs - ours.log_softmax(-1)).abs().max() > 1.0
@@ -240,7 +229,7 @@ def test_attribution_matches_what_transformers_blocks_write(model, checkpoint: P
         )
 
 
-def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_the_output_projection(
+def test_attribution_per_head_matches_transformers_heads_through_their_output_projection_slice(
     model, checkpoint: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """Each head's own share, not only the layer's sum: a head order swapped within a layer
@@ -292,31 +281,8 @@ def test_attribution_per_head_matches_transformers_heads_through_their_slice_of_
     assert np.abs(np.diff(expected, axis=1)).min() > 1e-3
 
 
-def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(
-    model, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    """``model.W_O`` stacks every layer's W_O anew on each read (28 MB for GPT-2 small): read per
-    layer, that was a stack per layer, freed at once and heaped up by the allocator."""
-    from transformer_lens import HookedTransformer
-
-    stacked_reads = []
-    stack_all_layers = HookedTransformer.W_O.fget
-
-    def counting(self: HookedTransformer) -> torch.Tensor:
-        stacked_reads.append(1)
-        return stack_all_layers(self)
-
-    monkeypatch.setattr(HookedTransformer, "W_O", property(counting))
-    logit_attribution.compute(
-        model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0
-    )
-    assert (
-        stacked_reads == []
-    )  # the values: test_attribution_matches_what_transformers_blocks_write
-
-
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="params.correct=' Maryanne-Louise' is .* tokens"):
+    with pytest.raises(ValueError, match=r"params\.correct=' Maryanne-Louise' is .* tokens"):
         answer_token_id(model, " Maryanne-Louise", "params.correct")
 
 
