@@ -61,7 +61,8 @@ def _plain_restored_probability(
     hook_names: list[str],
     position: int,
 ) -> float:
-    """ROME's trace_with_patch, the slow way: one full forward per noise sample, hooks on the whole model."""
+    """ROME's trace_with_patch, the slow way: one full forward per noise sample, hooks on the whole
+    model."""
     with torch.inference_mode():
         _, clean = model.run_with_cache(tokens[None])
         probabilities = []
@@ -176,7 +177,7 @@ def test_noise_scale_is_three_standard_deviations_of_the_checkpoint_embeddings(
         last = first + len(fact.subject)
         ids += [
             token
-            for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])
+            for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
             if a < last and b > first
         ]
     embeddings = (
@@ -315,9 +316,8 @@ def test_peak_and_spread_match_a_hand_computation() -> None:
     zeros_a, zeros_b = np.zeros((2, 2, 5)), np.zeros((2, 2, 3))
     mlp_a = zeros_a.copy()
     mlp_a[:, :, :] = [[0.1], [0.3]]  # restoring changes nothing by default: effect 0
-    mlp_a[0, 1, 1] = (
-        0.9  # sample 0, layer 1, middle token: raw 0.9, effect 0.8 (a single cell, the group's only one)
-    )
+    # Sample 0, layer 1, middle token: raw 0.9, effect 0.8 (a single cell, the group's only one).
+    mlp_a[0, 1, 1] = 0.9
     mlp_a[1, 1, 1] = 0.3  # sample 1: effect 0.0 -> A's middle group at layer 1: 0.4
     mlp_a[0, 0, 2] = 0.6  # last subject token, layer 0: effects 0.5 and 0.5
     mlp_a[1, 0, 2] = 0.8
@@ -329,9 +329,11 @@ def test_peak_and_spread_match_a_hand_computation() -> None:
     b = _hand_fact(3, (0, 1), {"mlp": mlp_b, "residual": mlp_b, "attn": mlp_b}, [0.0, 0.2])
     effects = causal_tracing.grouped_effects([a, b], "mlp")
     # Last subject token, layer 0: A's position 2 (0.5, 0.5) and B's position 0 (0.3, 0.1).
-    # Pooled over (fact, position): (0.5 + 0.2) / 2 = 0.35; per sample: (0.5 + 0.3) / 2, (0.5 + 0.1) / 2.
-    # Middle subject tokens, layer 1: only A: (0.8 + 0.0) / 2 = 0.4 -> the peak, though last-subject
-    # holds the largest per-fact mean at layer 0 (A: 0.5) and the raw probability 0.9 sits elsewhere.
+    # Pooled over (fact, position): (0.5 + 0.2) / 2 = 0.35; per sample: (0.5 + 0.3) / 2,
+    # (0.5 + 0.1) / 2.
+    # Middle subject tokens, layer 1: only A: (0.8 + 0.0) / 2 = 0.4 -> the peak, though
+    # last-subject holds the largest per-fact mean at layer 0 (A: 0.5) and the raw probability 0.9
+    # sits elsewhere.
     assert effects.average[1, 1] == pytest.approx(0.4)
     assert effects.average[2, 0] == pytest.approx(0.35)
     np.testing.assert_allclose(effects.per_sample[:, 2, 0], [0.4, 0.3])

@@ -165,7 +165,8 @@ HYDRA_TRAIN = "defaults:\n  - model: resnet\n  - _self_\ntrainer:\n  max_epochs:
 
 @pytest.fixture
 def foreign_project(elsewhere: Path) -> Path:
-    """A working folder whose configs/ belongs to another tool (Hydra), with a file named like a built-in config."""
+    """A working folder whose configs/ belongs to another tool (Hydra), with a file named like a
+    built-in config."""
     _write(elsewhere / "configs", "train", HYDRA_TRAIN)
     _write(
         elsewhere / "configs", "mlp", "experiment: mlp\ndescription: Another project's mlp file.\n"
@@ -245,8 +246,8 @@ def test_unknown_name_lists_both_sources_and_suggests_the_close_name(
     message = " ".join(done.stderr.split())
     assert "no config named 'extra_norm'; did you mean 'extra_norms'?" in message
     assert (
-        f"(built-in: {', '.join(SHIPPED)}; in {mine}/: extra_norms); {mine / 'extra_norm.yml'} is not read: config files end in .yaml"
-        in message
+        f"(built-in: {', '.join(SHIPPED)}; in {mine}/: extra_norms); "
+        f"{mine / 'extra_norm.yml'} is not read: config files end in .yaml" in message
     )
     alone = run_cli(["run", "embedings", "--out", "out"], {}, cwd=elsewhere)
     assert (
@@ -299,7 +300,8 @@ def _copy_of_the_checkout(destination: Path) -> Path:
 
 def test_the_wheel_ships_every_config_where_the_loader_reads_it(tmp_path: Path) -> None:
     checkout_before = sorted(os.listdir(REPO_ROOT))
-    # setuptools writes build/ and *.egg-info next to the sources: build from a copy, never the checkout.
+    # setuptools writes build/ and *.egg-info next to the sources: build from a copy, never the
+    # checkout.
     source = _copy_of_the_checkout(tmp_path / "source")
     dist = tmp_path / "dist"
     build = [
@@ -311,7 +313,8 @@ def test_the_wheel_ships_every_config_where_the_loader_reads_it(tmp_path: Path) 
     built = subprocess.run(build, cwd=source, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     assert sorted(os.listdir(REPO_ROOT)) == checkout_before
-    # setuptools warns of a folder that is importable but not in `packages` (and would drop it in a later release).
+    # setuptools warns of a folder that is importable but not in `packages` (and would drop it in a
+    # later release).
     assert "absent from the `packages` configuration" not in built.stdout + built.stderr
 
     (wheel,) = dist.glob("unraveled-*.whl")
@@ -331,11 +334,15 @@ def test_the_wheel_ships_every_config_where_the_loader_reads_it(tmp_path: Path) 
         ]
         archive.extractall(tmp_path / "site")
 
-    # The unpacked wheel, first on the path, from an empty folder: the installed package reads its own copy.
+    # The unpacked wheel, first on the path, from an empty folder: the installed package reads its
+    # own copy.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(tmp_path / "site"), "COLUMNS": "240"}
-    probe = "import unraveled, unraveled.config as c; print(unraveled.__file__); print(c.builtin_config_dir())"
+    probe = (
+        "import unraveled, unraveled.config as c; print(unraveled.__file__); "
+        "print(c.builtin_config_dir())"
+    )
     where = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=elsewhere,

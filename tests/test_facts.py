@@ -29,7 +29,8 @@ def test_subject_span_matches_the_tokenizer_offsets(
 ) -> None:  # type: ignore[no-untyped-def]
     for index, fact in enumerate(FACTS):
         tokenized = tokenize_fact(tiny_gpt2, fact, f"facts[{index}]")
-        # Independently: the tokens whose characters overlap the subject, from the tokenizer's offsets.
+        # Independently: the tokens whose characters overlap the subject, from the tokenizer's
+        # offsets.
         encoding = gpt2_tokenizer(fact.prompt, return_offsets_mapping=True)
         first = fact.prompt.find(fact.subject)
         last = first + len(fact.subject)

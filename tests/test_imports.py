@@ -22,9 +22,14 @@ PROBE = """
 import json, sys
 from unraveled.cli import main
 from unraveled.config import config_names, load_config
-statuses = [main(["--help"]), main(["list"]), main(["run", "embeddings", "--set", "params.chunk_tokens=-1"])]
+statuses = [
+    main(["--help"]),
+    main(["list"]),
+    main(["run", "embeddings", "--set", "params.chunk_tokens=-1"]),
+]
 configs = [load_config(name).name for name in config_names()]
-print(json.dumps({"statuses": statuses, "configs": configs, "loaded": [m for m in %r if m in sys.modules]}))
+loaded = [m for m in %r if m in sys.modules]
+print(json.dumps({"statuses": statuses, "configs": configs, "loaded": loaded}))
 """
 
 

@@ -44,7 +44,8 @@ def test_applied_scale_and_gamma_correlation_match_transformers(
         handle.remove()
     for which, modules in norms.items():
         for layer, norm in enumerate(modules):
-            # The divisor the norm applies at each position: LayerNorm's std, RMSNorm's root mean square.
+            # The divisor the norm applies at each position: LayerNorm's std, RMSNorm's root mean
+            # square.
             eps = norm.eps if gpt2 else norm.variance_epsilon
             scales = [
                 ((x.var(-1, unbiased=False) if gpt2 else x.pow(2).mean(-1)) + eps).sqrt()

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make not i
 
 
 def _torch_install(extra: list[str], env: dict[str, str]) -> str:
-    """The line of ``make setup`` that installs torch, printed, not run (-B: as on a fresh clone)."""
+    """The line of ``make setup`` that installs torch, printed, not run (-B: as on a fresh
+    clone)."""
     full_env = {key: value for key, value in os.environ.items() if key != "TORCH_INDEX_URL"} | env
     planned = subprocess.run(
         ["make", "-n", "-B", "setup", *extra],

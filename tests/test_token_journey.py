@@ -19,8 +19,11 @@ ORIGINAL_SENTENCES = [
     "He killed two birds with one stone by taking a quick action",
     "She won the race and broke the record in her age group by ten seconds",
     "A rolling stone gathers no moss, it moves through hill and dale without a single pause",
-    "Despite the stormy weather and the warning from the news, we ventured out into the dense forest, hoping to catch a glimpse of the rare wildlife species",
-    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting a golden glow on the shimmering lake, I found myself lost in thought, reflecting on the decisions of the past and how they had led me to this particular point in my life",
+    "Despite the stormy weather and the warning from the news, we ventured out into the dense "
+    "forest, hoping to catch a glimpse of the rare wildlife species",
+    "In the quiet moments of the evening, as the sun began to set over the distant hills, casting "
+    "a golden glow on the shimmering lake, I found myself lost in thought, reflecting on the "
+    "decisions of the past and how they had led me to this particular point in my life",
 ]
 
 
