@@ -36,8 +36,8 @@ all: $(READY)
 test: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy"
 
-# For development: no real model (no SmolLM2 conversion, no GPT-2 small) and no browser, in under
-# a minute. Tests get these marks from the fixtures they use (tests/conftest.py).
+# For development: `make test` without the tests that need a real model (the SmolLM2 conversion,
+# GPT-2 small) or a browser. Tests get these marks from the fixtures they use (tests/conftest.py).
 test-fast: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser"
 
