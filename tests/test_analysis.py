@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unraveled.experiments.layernorm import layer_norm_toy
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.activations import collect_activations
 from unraveled.analysis import (
     attention_entropy_by_head,

@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgba
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import attention
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.config import load_config
 
 PROMPT = "Alice gave Bob a goose, and he gave her a duck."

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle
 from scipy import stats
 from unraveled.experiments import attribution_patching
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.datasets.ioi import ROLES, IOIParams
 from unraveled.errors import ParamError

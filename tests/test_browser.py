@@ -1,86 +1,54 @@
 """The HTML outputs in a real headless Chromium, with no network: views render, links resolve.
 
-Skipped, saying why, where Chromium isn't installed; ``.ci/run`` installs it so CI runs these.
+Skipped, saying why, where Chromium isn't installed (the ``browser`` fixture); ``.ci/run`` installs
+it so CI runs these.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
+from subprocess import CompletedProcess
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TwoModelReport
+from tests.helpers.browser import console_messages
+from tests.helpers.cli import TwoModelReport
 
-CHROMIUM = (
-    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium not found (apt-get install chromium); .ci/run installs it"
-)
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--run-all-compositor-stages-before-draw",
-    "--virtual-time-budget=15000",
-    # Nothing may come from the network: send every host to an address where nothing listens.
-    "--host-resolver-rules=MAP * 127.0.0.1:9",
-    "--proxy-server=127.0.0.1:9",
-    # Without this, headless Chromium prints nothing of the page's console.
-    "--enable-logging=stderr",
-    "--v=0",
-]
+Browser = Callable[..., CompletedProcess[str]]
 
 
-def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def console_messages(run: subprocess.CompletedProcess[str]) -> list[str]:
-    """What the page wrote to its console (errors and uncaught exceptions included)."""
-    return re.findall(r":CONSOLE[^\]]*\] (.*)", run.stderr)
-
-
-def test_console_check_catches_a_broken_page(tmp_path: Path) -> None:
+def test_console_check_catches_a_broken_page(browser: Browser, tmp_path: Path) -> None:
     page = tmp_path / "broken.html"
     page.write_text(
         '<html><body><script>console.error("boom"); notDefined();</script></body></html>'
     )
-    messages = console_messages(chromium(page, tmp_path / "profile", "--dump-dom"))
+    messages = console_messages(browser(page, tmp_path / "profile", "--dump-dom"))
     assert any("boom" in m for m in messages) and any(
         "Uncaught ReferenceError" in m for m in messages
     )
 
 
-def test_attention_view_renders_offline(two_model_report: TwoModelReport, tmp_path: Path) -> None:
+def test_attention_view_renders_offline(
+    two_model_report: TwoModelReport, browser: Browser, tmp_path: Path
+) -> None:
     page = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
-    dumped = chromium(page, tmp_path / "dom", "--dump-dom")
+    dumped = browser(page, tmp_path / "dom", "--dump-dom")
     dom = dumped.stdout
     assert console_messages(dumped) == []
     # circuitsvis drew one thumbnail canvas per head plus the zoomed head: the bundle ran offline.
     assert len(re.findall(r"<canvas", dom)) == 4 + 1
     assert all(f"L1H{head}" in dom for head in range(4))
-    assert_not_blank(page, tmp_path)
+    assert_not_blank(browser, page, tmp_path)
 
 
 def test_exported_view_renders_alone_offline(
-    two_model_report: TwoModelReport, tmp_path: Path
+    two_model_report: TwoModelReport, browser: Browser, tmp_path: Path
 ) -> None:
     from unraveled.cli import main
 
@@ -88,24 +56,23 @@ def test_exported_view_renders_alone_offline(
     alone = tmp_path / "elsewhere" / "shared.html"  # far from the output folder and its assets/
     alone.parent.mkdir()
     assert main(["export", str(view), "--to", str(alone)]) == 0
-    dumped = chromium(alone, tmp_path / "dom", "--dump-dom")
+    dumped = browser(alone, tmp_path / "dom", "--dump-dom")
     assert console_messages(dumped) == []
     assert len(re.findall(r"<canvas", dumped.stdout)) == 4 + 1
-    assert_not_blank(alone, tmp_path)
+    assert_not_blank(browser, alone, tmp_path)
 
 
 def test_view_copied_without_its_assets_says_where_its_script_is(
-    two_model_report: TwoModelReport, tmp_path: Path
+    two_model_report: TwoModelReport, browser: Browser, tmp_path: Path
 ) -> None:
     view = two_model_report.out / "tiny-gpt2" / "attention" / "views" / "attention_layer_01.html"
     copied = tmp_path / "copied.html"
     copied.write_text(view.read_text())
-    dom = chromium(copied, tmp_path / "dom", "--dump-dom").stdout
+    dom = browser(copied, tmp_path / "dom", "--dump-dom").stdout
     assert re.search(r'<p id="missing-script" class="missing">', dom)  # shown: no longer hidden
     assert "<canvas" not in dom and "unraveled export" in dom
-    shown = chromium(
-        view, tmp_path / "dom2", "--dump-dom"
-    ).stdout  # in place, the notice stays hidden
+    # In place, the notice stays hidden.
+    shown = browser(view, tmp_path / "dom2", "--dump-dom").stdout
     assert re.search(r'<p id="missing-script" class="missing" hidden', shown)
 
 
@@ -128,9 +95,9 @@ def parsed(html: str) -> _Page:
     return page
 
 
-def assert_not_blank(page: Path, tmp_path: Path) -> None:
+def assert_not_blank(browser: Browser, page: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
-    done = chromium(page, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1400,1000")
+    done = browser(page, tmp_path / "shot", f"--screenshot={shot}", "--window-size=1400,1000")
     assert shot.is_file(), done.stderr
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
@@ -140,10 +107,10 @@ def assert_not_blank(page: Path, tmp_path: Path) -> None:
     "page", ["index.html", "tiny-llama/attention/index.html", "compare/logit_lens.html"]
 )
 def test_report_page_renders_offline_and_every_link_resolves(
-    two_model_report: TwoModelReport, page: str, tmp_path: Path
+    two_model_report: TwoModelReport, browser: Browser, page: str, tmp_path: Path
 ) -> None:
     path = two_model_report.out / page
-    dumped = chromium(path, tmp_path / "dom", "--dump-dom")
+    dumped = browser(path, tmp_path / "dom", "--dump-dom")
     assert console_messages(dumped) == []
     dom = parsed(dumped.stdout)
     assert len(dom.targets) > 10
@@ -156,11 +123,11 @@ def test_report_page_renders_offline_and_every_link_resolves(
             assert fragment in parsed(resolved.read_text()).ids, (
                 f"{page} links to missing anchor {target}"
             )
-    assert_not_blank(path, tmp_path)
+    assert_not_blank(browser, path, tmp_path)
 
 
 def test_index_contents_stay_in_view_while_scrolling(
-    two_model_report: TwoModelReport, tmp_path: Path
+    two_model_report: TwoModelReport, browser: Browser, tmp_path: Path
 ) -> None:
     # A copy of the index that scrolls to the bottom once loaded and reports where the contents are.
     probe = two_model_report.out / "sticky-probe.html"
@@ -173,12 +140,11 @@ def test_index_contents_stay_in_view_while_scrolling(
         (two_model_report.out / "index.html").read_text().replace("</body>", script + "</body>")
     )
     try:
-        dumped = chromium(probe, tmp_path / "dom", "--dump-dom", "--window-size=1400,500")
+        dumped = browser(probe, tmp_path / "dom", "--dump-dom", "--window-size=1400,500")
     finally:
         probe.unlink()
     found = re.search(r"<title>scrolled (\d+) nav (-?[\d.]+) (-?[\d.]+)</title>", dumped.stdout)
     assert found is not None, dumped.stdout[:500]
     scrolled, top, bottom = (float(value) for value in found.groups())
-    assert (
-        scrolled > 500 and abs(top) < 1 and bottom > 0
-    )  # without position:sticky, top would be -scrolled
+    # Without position:sticky, top would be -scrolled.
+    assert scrolled > 500 and abs(top) < 1 and bottom > 0

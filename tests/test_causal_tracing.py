@@ -12,7 +12,7 @@ from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, GPT2TokenizerFast
 from unraveled.experiments import causal_tracing
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.datasets.facts import FACTS, Fact, tokenize_fact
 from unraveled.tracing import (

@@ -149,7 +149,8 @@ def test_run_hides_the_imports_from_the_garbage_collector_only_while_it_runs(
         main(["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "out")])
         == 0
     )
-    # torch, transformers and TransformerLens's objects out of the collector's sight during the run...
+    # torch, transformers and TransformerLens's objects out of the collector's sight during the
+    # run...
     assert seen["enabled"] is True and isinstance(seen["frozen"], int) and seen["frozen"] > 100_000
     # ... and back in it afterwards, so a caller's later garbage is collected as before.
     assert gc.isenabled() and gc.get_freeze_count() == 0

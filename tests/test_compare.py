@@ -9,7 +9,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from tests.conftest import TwoModelReport
+from tests.helpers.cli import TwoModelReport
 
 MODELS = ["tiny-gpt2", "tiny-llama"]
 CONFIGS = ["attention", "logit_lens"]

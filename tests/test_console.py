@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CliRun
+from tests.helpers.cli import CliRun
 from unraveled.cli import main
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from transformers import GPT2TokenizerFast
 
-from tests.conftest import UNREACHABLE_HUB
+from tests.helpers.cli import UNREACHABLE_HUB
 from tests.helpers.corpus import TEXT
 from unraveled import corpus
 from unraveled.cli import main

@@ -24,9 +24,9 @@ from unraveled.experiments.corpus_atlas import (
     render,
 )
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.browser import CHROMIUM, chromium, console_messages
 from tests.helpers.corpus import TEXT, load_tiny
-from tests.test_browser import CHROMIUM, chromium, console_messages
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.corpus import TOKENIZE_CHARS
 from unraveled.experiment import ParamError, Table

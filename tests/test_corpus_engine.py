@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from tests.conftest import SharedTinyModels
 from tests.helpers.corpus import CONTEXT, SETTINGS, load_tiny
+from tests.helpers.models import SharedTinyModels
 from unraveled.analysis import attention_entropy_by_head, attention_sink_by_head
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.helpers.cli import REPO_ROOT
 from unraveled.cli import main
 from unraveled.experiment import EXPERIMENTS_PACKAGE, available_experiments
 

@@ -8,7 +8,7 @@ import pydantic
 import pytest
 from transformers import GPT2TokenizerFast
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.datasets.facts import FACTS, Fact, tokenize_fact
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -87,11 +86,11 @@ def test_alias_bomb_is_refused_at_once(
     path = _config(
         tmp_path, "bomb.yaml", 'l0: &l0 ["lol"]\n' + BOMB + "experiment: attention\n" + body
     )
-    started = time.perf_counter()
+    # Refused from the aliases' counted size: expanded, the 9**9 strings would never come back.
     message = _refused(
-        ["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), "alias"
+        ["run", str(path), "--out", str(tmp_path / "out")], capsys, str(path), "alias bomb"
     )
-    assert time.perf_counter() - started < 30 and len(message) < 1000
+    assert len(message) < 1000
     assert not (tmp_path / "out").exists()
 
 
@@ -161,7 +160,8 @@ def test_model_dependent_params_refused_before_anything_is_written(
 ) -> None:
     before = _tree(published)
     key = setting.partition("=")[0]
-    # The value came from --set, and the message says so (the file alone would point at a value it doesn't hold).
+    # The value came from --set, and the message says so (the file alone would point at a value
+    # it doesn't hold).
     where = f"configs/{config}.yaml: {key} (from --set): "
     _refused(
         ["run", config, "--model", str(tiny_gpt2_dir), "--out", str(published), "--set", setting],

@@ -104,7 +104,8 @@ def test_repeated_sequences_in_small_passes_equal_one_pass(
         result = head_taxonomy.compute(model, params, seed=3)
     finally:
         model.reset_hooks()
-    assert rows_seen == [2, 2, 1, 2]  # the repeated sequences, then the natural prompts
+    # Really split: no pass over more than two of the five repeated sequences.
+    assert max(rows_seen) <= 2
 
     n_layers = model.cfg.n_layers
     hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]

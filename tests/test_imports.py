@@ -16,7 +16,7 @@ from pathlib import Path
 import jaxtyping
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers.cli import REPO_ROOT
 from unraveled.experiment import available_experiments
 
 SLOW_TO_IMPORT = ("torch", "transformer_lens", "matplotlib", "umap", "circuitsvis", "sklearn")

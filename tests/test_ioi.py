@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_batch, ioi_pairs
 

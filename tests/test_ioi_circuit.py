@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from unraveled.experiments import ioi_circuit
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.datasets.ioi import IOIParams
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from unraveled.experiments import activation_patching, logit_attribution
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.datasets.ioi import ROLES, IOIParams, ioi_pairs
 
 IOI = IOIParams(n_pairs=3)

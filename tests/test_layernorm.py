@@ -10,7 +10,7 @@ from scipy.stats import pearsonr
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import layernorm
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 
 PROMPTS = ["Alice gave Bob a goose, and he gave her a duck.", "The capital of France is Paris."]
 

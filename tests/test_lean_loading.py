@@ -45,12 +45,12 @@ def _stock_transformer_lens(folder: Path, weights: str) -> HookedTransformer:
 @pytest.fixture(scope="module")
 def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
     """The tiny Llama with its unembedding tied to its embedding, as SmolLM2's is."""
-    from tests.conftest import _save_checkpoint
+    from tests.helpers.models import save_checkpoint
 
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     config.tie_word_embeddings = True
     torch.manual_seed(3)
-    return _save_checkpoint(
+    return save_checkpoint(
         LlamaForCausalLM(config),
         AutoTokenizer.from_pretrained(tiny_llama_dir),
         tmp_path_factory.mktemp("tied") / "tiny-tied",
@@ -91,7 +91,7 @@ def test_lean_conversion_equals_transformer_lens_stock_processing(
     storages = [parameter.untyped_storage() for parameter in lean.parameters()]
     assert all(
         storage.nbytes() == parameter.numel() * 4
-        for storage, parameter in zip(storages, lean.parameters())
+        for storage, parameter in zip(storages, lean.parameters(), strict=True)
     )
     tied = (
         weights == "raw"
@@ -205,7 +205,7 @@ def test_damaged_cache_entry_is_converted_again_saying_so(
 def test_model_is_moved_to_the_device_asked_for_whether_converted_or_cached(
     tiny_gpt2_dir: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No GPU here: ``HookedTransformer.to`` records where it was asked to go (and stays on the CPU)."""
+    """No GPU here: ``HookedTransformer.to`` records where it was asked to go (stays on the CPU)."""
     moved_to: list[str] = []
     to = HookedTransformer.to
 
@@ -298,7 +298,8 @@ def test_hugging_face_cache_model_converts_as_transformer_lens_from_pretrained_d
     weights: str, hf_home_with_gpt2: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``gpt2`` from the Hugging Face cache: the lean conversion against TransformerLens's own
-    ``from_pretrained`` of the same cached snapshot (here, the tiny checkpoint laid out as ``gpt2``)."""
+    ``from_pretrained`` of the same cached snapshot (here, the tiny checkpoint laid out as
+    ``gpt2``)."""
     from unraveled.models import hub
 
     hub_cache = hf_home_with_gpt2 / "hub"
@@ -367,7 +368,8 @@ def test_conversion_frees_each_checkpoint_tensor_once_processing_has_replaced_it
         return staticmethod(measured)
 
     # Folding the final norm into the unembedding comes after every block is folded, inside the
-    # same step: the blocks' checkpoint tensors it replaced must be gone already, not at the end of the step.
+    # same step: the blocks' checkpoint tensors it replaced must be gone already, not at the end
+    # of the step.
     monkeypatch.setattr(
         ProcessWeights,
         "_fold_unembed_layer_norm",

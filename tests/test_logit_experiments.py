@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import activation_patching, logit_attribution, logit_lens
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.activations import collect_activations
 from unraveled.errors import ParamError
 from unraveled.logits import answer_token_id, residual_hook_names
@@ -136,28 +136,14 @@ def test_logit_lens_matches_transformers_hidden_states_decoded(model, checkpoint
     ]
 
 
-def test_logit_lens_decodes_one_point_at_a_time_with_the_values_of_decoding_all_at_once(
-    model, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+def test_logit_lens_gives_the_values_of_decoding_every_point_at_once(model) -> None:  # type: ignore[no-untyped-def]
     import unraveled.logits
 
-    decoded_shapes = []
-    real_decode = unraveled.logits.logit_lens
-
-    def recording_decode(model, residuals):  # type: ignore[no-untyped-def]
-        decoded_shapes.append(tuple(residuals.shape))
-        return real_decode(model, residuals)
-
-    monkeypatch.setattr(unraveled.logits, "logit_lens", recording_decode)
     result = logit_lens.compute(model, logit_lens.LogitLensParams(prompt=PROMPT), seed=0)
-    n_points, n_pos = model.cfg.n_layers + 1, len(result.tokens)
-    assert (
-        decoded_shapes == [(1, n_pos, model.cfg.d_model)] * n_points
-    )  # never every point's vocabulary at once
-    # The route it replaced: every point decoded in one tensor.
+    # Every point decoded in one tensor (the experiment decodes one point at a time).
     acts = collect_activations(model, [PROMPT], residual_hook_names(model.cfg.n_layers))
     with torch.inference_mode():
-        log_probs = real_decode(
+        log_probs = unraveled.logits.logit_lens(
             model,
             torch.stack([acts.cache[hook][0] for hook in residual_hook_names(model.cfg.n_layers)]),
         ).log_softmax(-1)
@@ -292,29 +278,6 @@ def test_attribution_per_head_matches_transformers_heads_via_their_slice_of_the_
         torch.testing.assert_close(written, run.captured[f"attn{layer}"], atol=1e-5, rtol=1e-4)
     # Heads that differ from one another, so an order swapped within a layer can't pass.
     assert np.abs(np.diff(expected, axis=1)).min() > 1e-3
-
-
-def test_attribution_reads_each_blocks_W_O_without_stacking_every_layers(
-    model, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    """``model.W_O`` stacks every layer's W_O anew on each read (28 MB for GPT-2 small): read per
-    layer, that was a stack per layer, freed at once and heaped up by the allocator."""
-    from transformer_lens import HookedTransformer
-
-    stacked_reads = []
-    stack_all_layers = HookedTransformer.W_O.fget
-
-    def counting(self: HookedTransformer) -> torch.Tensor:
-        stacked_reads.append(1)
-        return stack_all_layers(self)
-
-    monkeypatch.setattr(HookedTransformer, "W_O", property(counting))
-    logit_attribution.compute(
-        model, logit_attribution.LogitAttributionParams(prompt=PROMPT), seed=0
-    )
-    assert (
-        stacked_reads == []
-    )  # the values: test_attribution_matches_what_transformers_blocks_write
 
 
 def test_multi_token_answer_is_refused(model) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import mlp
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 
 
 def test_pair_angles_counts_every_pair_of_a_known_set() -> None:

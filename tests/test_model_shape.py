@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UNREACHABLE_HUB, SharedTinyModels
+from tests.helpers.cli import UNREACHABLE_HUB
+from tests.helpers.models import SharedTinyModels
 from unraveled.cli import main
 from unraveled.errors import ModelUnavailableError
 from unraveled.models import hub, load_model
@@ -55,7 +56,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.fixture
 def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gpt2 in no Hugging Face cache, and a hub that refuses at once: it falls back to the bundled model."""
+    """gpt2 in no Hugging Face cache, a hub that refuses at once: the bundled model stands in."""
     monkeypatch.setattr(hub.hf_constants, "ENDPOINT", UNREACHABLE_HUB)
     monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
 
@@ -150,8 +151,8 @@ def test_overlong_prompt_is_refused_before_any_model_loads(
     assert status == 2, message
     # attention allows 128 tokens; the tiny model's context, 64, is the tighter limit.
     assert (
-        f"{source} 101 tokens (BOS included), more than the 64 allowed by the model's context; shorten the prompt (tiny-gpt2)"
-        in message
+        f"{source} 101 tokens (BOS included), more than the 64 allowed by the model's context; "
+        "shorten the prompt (tiny-gpt2)" in message
     )
     assert no_loading == [] and not out.exists() and not weight_cache.exists()
 
@@ -180,8 +181,8 @@ def test_overlong_prompt_on_the_fallback_is_refused_before_the_bundled_model_con
     message = " ".join(capsys.readouterr().err.split())
     assert status == 2, message
     assert (
-        "configs/logit_lens.yaml: params.prompt (from --set): 701 tokens (BOS included), more than the 64 allowed by this experiment's max_prompt_tokens"
-        in message
+        "configs/logit_lens.yaml: params.prompt (from --set): 701 tokens (BOS included), more "
+        "than the 64 allowed by this experiment's max_prompt_tokens" in message
     )
     assert "(smollm2-135m (fallback: gpt2 unavailable))" in message
     assert no_loading == [] and not out.exists() and not weight_cache.exists()
@@ -211,7 +212,7 @@ def test_answer_of_several_tokens_is_refused_before_any_model_loads(
     assert status == 2, message
     # GPT-2's tokenizer splits " Marylebone" in three: " Mary", "le", "bone".
     assert (
-        "configs/logit_attribution.yaml: params.correct (from --set): ' Marylebone' is 3 tokens for this model ([' Mary', 'le', 'bone']); expected one token"
-        in message
+        "configs/logit_attribution.yaml: params.correct (from --set): ' Marylebone' is 3 tokens "
+        "for this model ([' Mary', 'le', 'bone']); expected one token" in message
     )
     assert no_loading == [] and not out.exists() and not weight_cache.exists()

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unraveled.errors import BadCheckpointError, ConfigError
 from unraveled.models import hub, load_model
-from unraveled.models.plan import plan_model
 from unraveled.models import weight_cache as converted_weights
+from unraveled.models.plan import plan_model
 from unraveled.models.sources import HubModel, LocalCheckpoint
 
 PROMPTS = [
@@ -85,7 +85,7 @@ def test_weight_cache_is_invalidated_when_the_checkpoint_changes(
 def test_directory_without_config_is_refused_with_what_was_expected(
     tmp_path: Path, weight_cache: Path
 ) -> None:
-    with pytest.raises(BadCheckpointError, match="no config.json"):
+    with pytest.raises(BadCheckpointError, match=r"no config\.json"):
         load_model(str(tmp_path))  # a folder the user named is bad input: no fallback
 
 
@@ -114,7 +114,10 @@ def test_tests_and_their_subprocesses_never_touch_the_users_caches(
 ) -> None:
     expected = [str(isolated_caches["UNRAVELED_CACHE"]), str(isolated_caches["HF_HOME"] / "hub")]
     assert [str(converted_weights.cache_root()), hub.hf_cache_dir()] == expected
-    probe = "from unraveled.models import hub, weight_cache; print(weight_cache.cache_root()); print(hub.hf_cache_dir())"
+    probe = (
+        "from unraveled.models import hub, weight_cache; "
+        "print(weight_cache.cache_root()); print(hub.hf_cache_dir())"
+    )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,8 @@ def test_a_swap_killed_between_its_renames_is_undone_by_any_later_run(
 ) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
     before = _tree(run_dir)
-    # What kill -9 after the first rename leaves: the config's run moved aside, nothing in its place.
+    # What kill -9 after the first rename leaves: the config's run moved aside, nothing in its
+    # place.
     os.replace(run_dir, run_dir.with_name(".layernorm.previous"))
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
@@ -449,15 +450,15 @@ def test_an_interrupted_page_rebuild_is_finished_by_the_next_run(
     out: Path, tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
-    # What a kill during the rebuild leaves: the run without its page, a temporary file of a dead process.
+    # What a kill during the rebuild leaves: the run without its page, a temporary file of a dead
+    # process.
     (run_dir / "index.html").unlink()
     (out / ".index.html.tmp-999999999-abcd").write_text("<html>half")
     (run_dir / ".index.html.tmp-999999999-efgh").write_text("<html>half")
     second = _config_named(tmp_path / "configs", "layernorm_again")
     assert main(["run", str(second), "--model", str(tiny_gpt2_dir), "--out", str(out)]) == 0
-    assert (run_dir / "index.html").is_file() and "tiny-gpt2/layernorm/index.html" in _index_links(
-        out
-    )
+    assert (run_dir / "index.html").is_file()
+    assert "tiny-gpt2/layernorm/index.html" in _index_links(out)
     assert not [path for path in out.rglob(".*tmp-*")]
 
 
@@ -465,7 +466,6 @@ def test_a_start_that_is_refused_still_rebuilds_what_an_interrupted_rebuild_left
     out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = out / "tiny-gpt2" / "layernorm"
-    page = (run_dir / "index.html").read_bytes()
     (run_dir / "index.html").unlink()
     # A run published by a process killed before its page rebuild: on disk, in no page.
     unlisted = out / "tiny-gpt2" / "unlisted"
@@ -500,7 +500,8 @@ def test_an_unwritable_model_folder_is_refused_before_computing(
 ) -> None:
     model_dir = out / "tiny-gpt2"
     real_access = os.access
-    # Root writes anywhere; a read-only mount is what an ordinary user's read-only folder looks like to root.
+    # Root writes anywhere; a read-only mount is what an ordinary user's read-only folder looks like
+    # to root.
     monkeypatch.setattr(
         outputs.os,
         "access",
@@ -710,71 +711,80 @@ def test_two_runs_into_one_folder_at_once_both_reach_the_index(
 
 
 # 18. Waiting for another process's lock, saying so.
-def test_a_run_waiting_for_a_lock_says_who_holds_it(
-    out: Path, tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import fcntl, os, sys, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        started = time.perf_counter()
-        assert (
-            main(
-                [
-                    "run",
-                    "layernorm",
-                    "--model",
-                    str(tiny_gpt2_dir),
-                    "--out",
-                    str(out),
-                    "--set",
-                    "seed=1",
-                ]
-            )
-            == 0
-        )
-        assert time.perf_counter() - started > 1
-    finally:
-        holder.wait(timeout=30)
-    message = _err(capsys)
-    assert (
-        f"waiting for pid {holder.pid} (" in message
-        and "import fcntl" in message
-        and f"holds the lock on {out}" in message
-    )
-    assert "got the lock" in message
+# Holds the lock on a folder until told to let go (or for a minute), and writes a file just before.
+LOCK_HOLDER = (
+    "import fcntl, os, pathlib, select, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+    "select.select([sys.stdin], [], [], 60); pathlib.Path(sys.argv[2]).touch()"
+)
 
 
-def test_a_page_rebuild_waits_for_another_runs_rebuild(out: Path, tmp_path: Path) -> None:
-    """Two rebuilds one after the other, never interleaved: an index written from what one run
-    read before the other published would lose the other's run."""
-    import threading
+class _LetGoOnceWaiting(logging.Handler):
+    """Keeps what ``unraveled.outputs`` logs, and tells the lock's holder to let go once a message
+    says this process waits for it."""
 
+    def __init__(self, holder: subprocess.Popen[str]) -> None:
+        super().__init__(logging.INFO)
+        self.holder = holder
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if record.getMessage().startswith("waiting for") and self.holder.stdin is not None:
+            self.holder.stdin.write("go\n")
+            self.holder.stdin.flush()
+
+
+def _run_into(out: Path, tiny_gpt2_dir: Path) -> None:
+    args = ["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=1"]
+    assert main(args) == 0
+
+
+def _rebuild_pages(out: Path, tiny_gpt2_dir: Path) -> None:
     from unraveled.render.pages import write_pages
 
+    write_pages(out)
+
+
+@pytest.mark.parametrize(
+    ("waiter", "purpose"),
+    [(_run_into, "recovering interrupted runs"), (_rebuild_pages, "rebuilding the pages")],
+    ids=["run", "page rebuild"],
+)
+def test_a_run_or_page_rebuild_waits_for_the_process_holding_the_lock_and_says_who(
+    waiter: Callable[[Path, Path], None],
+    purpose: str,
+    out: Path,
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never interleaved with another process's run or rebuild: an index written from what one
+    run read before the other published would lose the other's run."""
+    released = tmp_path / "released"
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import fcntl, os, time; fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)",
-        ],
+        [sys.executable, "-c", LOCK_HOLDER, str(out), str(released)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    log = logging.getLogger("unraveled.outputs")
+    handler = _LetGoOnceWaiting(holder)
+    monkeypatch.setattr(log, "level", logging.INFO)
+    log.addHandler(handler)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        rebuilt = threading.Event()
-        rebuild = threading.Thread(target=lambda: (write_pages(out), rebuilt.set()))
-        rebuild.start()
-        assert not rebuilt.wait(1.0)  # still waiting for the other process
-        rebuild.join(timeout=60)
-        assert rebuilt.is_set()
+        waiter(out, tiny_gpt2_dir)
+        assert released.exists()  # done only once the holder had let go
     finally:
-        holder.wait(timeout=30)
+        log.removeHandler(handler)
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=90)
+    said = " ".join(" ".join(handler.messages).split())
+    assert (
+        f"waiting for pid {holder.pid} (" in said
+        and "import fcntl" in said
+        and f"holds the lock on {out} ({purpose} there)" in said
+    ), said
+    assert f"got the lock on {out}" in said

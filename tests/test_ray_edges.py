@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.helpers.cli import REPO_ROOT, run_cli
 from tests.helpers.corpus import CONTEXT, SETTINGS, TEXT, load_tiny
 from unraveled.corpus import corpus_windows
 from unraveled.engines.local import run_local

@@ -133,7 +133,7 @@ def test_a_conversion_and_a_compute_outside_a_run_hand_no_memory_back(
 
     events: list[str] = []
     _record_hand_backs(monkeypatch, events)
-    loaded = load_model(str(tiny_gpt2_dir), "processed", fallback=None)
+    loaded = load_model(str(tiny_gpt2_dir), "processed")
     assert not loaded.from_weight_cache  # converted here
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("So let it be with Caesar. The noble Brutus hath told you. " * 20)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from unraveled.experiments import logit_lens, token_journey
 
-from tests.conftest import SharedTinyModels
+from tests.helpers.models import SharedTinyModels
 from unraveled.analysis import state_labels
 from unraveled.config import load_config
 

@@ -51,7 +51,8 @@ def test_umap_kernels_compiled_by_a_fit_are_kept_on_disk() -> None:
         assert ".nbi" in kept and ".nbc" in kept, (
             f"{kernel.py_func.__name__}: no compiled code kept in {folder}"
         )
-    # The parallel layout kernel shares the serial one's Python function and cache key: it must stay uncached.
+    # The parallel layout kernel shares the serial one's Python function and cache key: it must
+    # stay uncached.
     assert layouts._nb_optimize_layout_euclidean_single_epoch_parallel.stats.cache_path is None
 
 
@@ -67,12 +68,14 @@ from numba.core import event
 def compiled(run):
     with event.install_recorder("numba:compile") as recorder:
         run()
-    return sorted({e.data["dispatcher"].py_func.__module__ for _, e in recorder.buffer if e.is_start})
+    starts = [e for _, e in recorder.buffer if e.is_start]
+    return sorted({e.data["dispatcher"].py_func.__module__ for e in starts})
 
 at_import = compiled(lambda: __import__("umap"))
 from unraveled.umap_fit import umap_3d
 rng = np.random.default_rng(1)
-in_fit = compiled(lambda: umap_3d(rng.standard_normal((500, 40)).astype(np.float32), rng.standard_normal((4, 40)), 10, 3))
+points = rng.standard_normal((500, 40)).astype(np.float32)
+in_fit = compiled(lambda: umap_3d(points, rng.standard_normal((4, 40)), 10, 3))
 probe = compiled(lambda: njit(lambda x: x + 1)(1))
 print(json.dumps({"at_import": at_import, "in_fit": in_fit, "probe": probe}))
 """
