@@ -127,7 +127,7 @@ def compute(
 
     from unraveled.datasets.ioi import ioi_batch
     from unraveled.logits import answer_token_id
-    from unraveled.patching import PromptPairs, logit_differences
+    from unraveled.patching import PromptPairs, embedding_hooks, logit_differences
 
     if params.prompts == "ioi":
         pairs = ioi_batch(model, params.ioi, seed, "params.ioi").tokens
@@ -146,13 +146,10 @@ def compute(
         )
         correct_name, incorrect_name = params.correct, params.incorrect
     n_layers = model.cfg.n_layers
-    embedding_hooks = [
-        "hook_embed",
-        *(["hook_pos_embed"] if model.cfg.positional_embedding_type == "standard" else []),
-    ]
+    embedding_hook_names = embedding_hooks(model)
     normalized = model.cfg.normalization_type is not None
     hooks = [
-        *embedding_hooks,
+        *embedding_hook_names,
         *[f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)],
         *[f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)],
         *(["ln_final.hook_scale"] if normalized else []),
@@ -181,7 +178,7 @@ def compute(
         )  # [batch, layer, head, d_model]
         components = torch.cat(
             [
-                torch.stack([at_last(hook) for hook in embedding_hooks], dim=1),
+                torch.stack([at_last(hook) for hook in embedding_hook_names], dim=1),
                 head_outputs.flatten(1, 2),
                 model.b_O.expand(pairs.size, -1, -1),
                 torch.stack(
@@ -200,13 +197,13 @@ def compute(
             model.W_U[:, pairs.correct] - model.W_U[:, pairs.incorrect]
         ).T  # [batch, d_model]
         contributions = torch.einsum("bcm,bm->bc", components, direction).mean(0).numpy()
-    n_embed, n_heads = len(embedding_hooks), n_layers * model.cfg.n_heads
+    n_embed, n_heads = len(embedding_hook_names), n_layers * model.cfg.n_heads
     head_part = contributions[n_embed : n_embed + n_heads].reshape(n_layers, model.cfg.n_heads)
     return LogitAttributionResult(
         logit_difference=float(logit_differences(logits, pairs).mean()),
         embeddings={
             hook.removeprefix("hook_"): float(value)
-            for hook, value in zip(embedding_hooks, contributions[:n_embed], strict=True)
+            for hook, value in zip(embedding_hook_names, contributions[:n_embed], strict=True)
         },
         heads=head_part,
         attention_bias=contributions[n_embed + n_heads : n_embed + n_heads + n_layers],

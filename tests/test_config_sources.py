@@ -328,6 +328,20 @@ def test_the_wheel_ships_every_config_where_the_loader_reads_it(tmp_path: Path) 
             )
         for template in sorted((REPO_ROOT / "unraveled" / "templates").iterdir()):
             assert archive.read(f"unraveled/templates/{template.name}") == template.read_bytes()
+        # Every module of the checkout ships: a subpackage missing from `packages` is dropped
+        # without a word (the experiments import theirs only when they compute).
+        shipped = set(archive.namelist())
+        modules = [
+            *(
+                path.relative_to(REPO_ROOT).as_posix()
+                for path in (REPO_ROOT / "unraveled").rglob("*.py")
+            ),
+            *(
+                f"unraveled/experiments/{path.name}"
+                for path in (REPO_ROOT / "experiments").glob("*.py")
+            ),
+        ]
+        assert [module for module in modules if module not in shipped] == []
         assert not [
             entry
             for entry in archive.namelist()

@@ -557,26 +557,42 @@ def _no_tokenizer_read(*args: object, **kwargs: object) -> None:
     raise AssertionError("the tokenizer was read before the corpus's files were checked")
 
 
-def _peak_rss_mb(args: list[str], env: dict[str, str]) -> float:
-    """Peak resident memory of ``python -m unraveled ARGS`` in a fresh process (its rusage)."""
+# Runs ``python -m unraveled`` and, as it ends, writes its own peak (VmHWM) to argv[1]: the
+# kernel's ru_maxrss of a child starts from the peak of the process that started it (carried over
+# exec), so a pytest worker that has loaded a model would give every child its own peak as a floor.
+_OWN_PEAK = """
+import atexit, re, runpy, sys
+from pathlib import Path
+
+result = sys.argv.pop(1)
+
+def write_peak():
+    status = Path("/proc/self/status").read_text()
+    Path(result).write_text(re.search(r"^VmHWM:\\s+(\\d+) kB", status, re.MULTILINE)[1])
+
+atexit.register(write_peak)
+sys.argv[0] = "unraveled"
+runpy.run_module("unraveled", run_name="__main__", alter_sys=True)
+"""
+
+
+def _peak_rss_mb(args: list[str], env: dict[str, str], result: Path) -> float:
+    """Peak resident memory of ``python -m unraveled ARGS`` in a fresh process, as it saw it."""
     full_env = {
         **os.environ,
         "HF_ENDPOINT": UNREACHABLE_HUB,
         "HF_HUB_DISABLE_TELEMETRY": "1",
         **env,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "unraveled", *args],
+    done = subprocess.run(
+        [sys.executable, "-c", _OWN_PEAK, str(result), *args],
         env=full_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, process.stderr.read().decode() if process.stderr else ""
-    if process.stderr:
-        process.stderr.close()
-    return usage.ru_maxrss / 1024
+    assert done.returncode == 0, done.stderr
+    return int(result.read_text()) / 1024
 
 
 def test_memory_does_not_grow_with_a_documents_length(
@@ -612,7 +628,9 @@ def test_memory_does_not_grow_with_a_documents_length(
             f"params.sample={sample}",
         ]
         started = time.perf_counter()
-        peaks[name] = _peak_rss_mb(args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)})
+        peaks[name] = _peak_rss_mb(
+            args, {"UNRAVELED_CACHE": str(shared_weight_cache_dir)}, tmp_path / f"{name}.peak"
+        )
         seconds[name] = round(time.perf_counter() - started, 1)
         metrics = json.loads(
             (tmp_path / name / "tiny-gpt2" / "corpus_atlas" / "metrics.json").read_text()

@@ -531,13 +531,6 @@ def run_configs(
             started = time.perf_counter()
             target = run_one(config, loaded, out_dir, formats, *folders[planned])
             return_freed_memory()  # the config's activations and figures
-            if target in written:  # e.g. two models that both fell back to the bundled one
-                logger.warning(
-                    "%s replaced an earlier run of this invocation: %s ran on %s again",
-                    target,
-                    config.name,
-                    loaded.label(),
-                )
             written.append(target)
             try:
                 write_pages(out_dir)

@@ -62,7 +62,7 @@ def attribution(
     estimates: dict[str, Tensor] = {}
     for rows in gradient_passes(pairs, tokens_per_pass):
         part = pairs.rows(rows)
-        base_scores[rows], activations, grads = _with_gradients(
+        base_scores[rows], activations, grads = forward_and_gradients(
             model, part.tokens(base), part, hooks, metric
         )
         for name in hooks:
@@ -73,7 +73,7 @@ def attribution(
     return base_scores, estimates
 
 
-def _with_gradients(
+def forward_and_gradients(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     pairs: PromptPairs,

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from unraveled.components import EMBEDDINGS, LOGITS, HeadComponent, MLPComponent
-from unraveled.patching.attribution import GRADIENT_TOKENS, _with_gradients, gradient_passes
+from unraveled.patching.attribution import GRADIENT_TOKENS, forward_and_gradients, gradient_passes
 from unraveled.patching.metrics import Metric, logit_difference
 from unraveled.patching.pairs import Cache, PromptPairs, Which
 from unraveled.patching.patches import embedding_hooks, split_head_inputs
@@ -129,7 +129,7 @@ def edge_attribution(
     for rows in gradient_passes(pairs, tokens_per_pass):
         part = pairs.rows(rows)
         with split_head_inputs(model):
-            base_scores[rows], activations, grads = _with_gradients(
+            base_scores[rows], activations, grads = forward_and_gradients(
                 model, part.tokens(base), part, [*outputs, *_input_hooks(model)], metric
             )
         deltas = {name: source[name][rows] - activations[name] for name in outputs}
