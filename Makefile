@@ -37,9 +37,11 @@ test: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy"
 
 # For development: `make test` without the tests that need a real model (the SmolLM2 conversion,
-# GPT-2 small) or a browser. Tests get these marks from the fixtures they use (tests/conftest.py).
+# GPT-2 small), a browser, another process (the CLI, Ray), a model conversion of their own or a
+# UMAP fit. Tests get these marks from the fixtures they use and the names their code calls
+# (tests/conftest.py, tests/helpers/tiers.py).
 test-fast: $(READY)
-	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser"
+	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser and not process and not conversion and not umap"
 
 # Defaults checked at their full cost (causal tracing's peaks under two seeds): CI runs it after `make test`.
 test-heavy: $(READY)

@@ -33,7 +33,13 @@ from tests.gpt2_tokenizer import real_gpt2_tokenizer
 from tests.helpers.browser import CHROMIUM, chromium
 from tests.helpers.cli import CliRun, TwoModelReport, run_cli
 from tests.helpers.models import FAKE_SNAPSHOT, SharedTinyModels, save_checkpoint
-from tests.helpers.tiers import SHARED_EXPENSIVE_FIXTURES, TIER_OF_FIXTURE
+from tests.helpers.tiers import (
+    NAMES_THAT_CONVERT,
+    NAMES_THAT_START_PROCESSES,
+    SHARED_EXPENSIVE_FIXTURES,
+    TIER_OF_FIXTURE,
+    names_in,
+)
 
 # tests/test_tiers.py runs a pytest inside the test run.
 pytest_plugins = ("pytester",)
@@ -50,8 +56,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         # Every fixture the test needs, directly or through other fixtures.
         fixtures = getattr(item, "fixturenames", ())
-        for fixture, tier in TIER_OF_FIXTURE.items():
-            if fixture in fixtures and item.get_closest_marker(tier) is None:
+        tiers = {tier for fixture, tier in TIER_OF_FIXTURE.items() if fixture in fixtures}
+        function = getattr(item, "function", None)
+        names = names_in(function.__code__) if function is not None else set()
+        if NAMES_THAT_START_PROCESSES & names:
+            tiers.add("process")
+        if NAMES_THAT_CONVERT & names:
+            tiers.add("conversion")
+        for tier in sorted(tiers):
+            if item.get_closest_marker(tier) is None:
                 item.add_marker(tier)
         shared = [name for name in SHARED_EXPENSIVE_FIXTURES if name in fixtures]
         if item.get_closest_marker("umap") is not None:

@@ -155,7 +155,7 @@ def test_the_runner_hands_memory_back_between_a_conversions_steps_and_a_computes
     config = load_config(
         "corpus_atlas", overrides=["params.context_tokens=16", "params.max_tokens=64"]
     )
-    runner.run_configs([config], tmp_path / "out", models=[str(tiny_gpt2_dir)])
+    runner.run_configs(plan_runs([config], [str(tiny_gpt2_dir)]), tmp_path / "out")
     # The blocks folded, what they freed handed back, then the unembedding folded.
     assert events[:3] == ["_fold_final_rms_bias", "hand back", "_fold_unembed_layer_norm"]
     # The engine's batches done and handed back before the summary allocates.

@@ -21,10 +21,21 @@ def test_on_the_fallback(smollm2_fallback_run): pass
 def test_on_gpt2_small(gpt2): pass
 def test_on_raw_gpt2_small(gpt2_raw): pass
 def test_in_a_browser(browser, two_model_report): pass
+def test_on_a_local_ray(local_ray): pass
+def test_through_the_cli():
+    run_cli(["list"], {})
+def test_converts(weight_cache): pass
+def test_loads_its_own(tiny_gpt2_dir):
+    load_model(str(tiny_gpt2_dir), "raw")
+def test_two_runs_at_once():
+    return [subprocess.Popen(["true"]) for _ in range(2)]
+@pytest.mark.umap
+def test_a_umap_fit(): pass
 @pytest.mark.heavy
 def test_heavy(): pass
 """
-FAST = "not heavy and not slow and not browser"  # the Makefile's test-fast
+# make test-fast
+FAST = "not heavy and not slow and not browser and not process and not conversion and not umap"
 
 
 def _selected(pytester: pytest.Pytester, marks: str) -> list[str]:
@@ -42,8 +53,16 @@ def test_a_tests_tier_follows_from_the_fixtures_it_uses(pytester: pytest.Pyteste
         "test_on_raw_gpt2_small",
     ]
     assert _selected(pytester, "browser") == ["test_in_a_browser"]
+    assert _selected(pytester, "conversion") == ["test_converts", "test_loads_its_own"]
+    assert _selected(pytester, "process") == [
+        "test_on_the_fallback",
+        "test_in_a_browser",
+        "test_on_a_local_ray",
+        "test_through_the_cli",
+        "test_two_runs_at_once",
+    ]
     # `make test` still runs every one but the heavy ones.
-    assert len(_selected(pytester, "not heavy")) == 6
+    assert len(_selected(pytester, "not heavy")) == 12
 
 
 def test_tests_sharing_an_expensive_fixture_are_grouped_for_one_worker(

@@ -2,18 +2,54 @@
 
 ``make test`` runs every test but the ``heavy`` ones; ``make test-fast`` also leaves out the
 ``slow`` ones (a real model: the bundled SmolLM2, converted from its GGUF file once a session, or
-GPT-2 small, downloaded on first use) and the ``browser`` ones (a headless Chromium). A test that
+GPT-2 small, downloaded on first use), the ``browser`` ones (a headless Chromium), the ``process``
+ones (they start the CLI, Ray or another process, or run whole configs) and the ``umap`` ones
+(numba compiles UMAP's kernels). A test that
 uses one of these fixtures, directly or through another fixture, is given the fixture's mark.
 """
 
 from __future__ import annotations
+
+from types import CodeType
 
 TIER_OF_FIXTURE = {
     "smollm2_cache": "slow",
     "gpt2": "slow",
     "gpt2_raw": "slow",
     "browser": "browser",
+    # Fixtures that start processes (the CLI, a local Ray, a filesystem) or run whole configs.
+    "smollm2_fallback_run": "process",
+    "two_model_report": "process",
+    "atlas_runs": "process",
+    "published": "process",
+    "local_ray": "process",
+    "one_cpu_cluster": "process",
+    "tiny_filesystem": "process",
+    # A cache of the test's own: the test converts a model into it (the shared tiny models are
+    # converted once a session, and every fast test may use them).
+    "weight_cache": "conversion",
 }
+
+# A test whose own code loads a model itself converts it.
+NAMES_THAT_CONVERT = frozenset({"load_model", "hooked_from_hf", "load_planned", "load_tiny"})
+
+# A test whose own code names one of these starts a process (the CLI as a user runs it, a build,
+# a child measuring memory) or runs whole configs (the CLI's ``main``, the runner's
+# ``run_configs``): it is marked ``process`` too.
+NAMES_THAT_START_PROCESSES = frozenset(
+    {"run_cli", "subprocess", "_peak_rss_mb", "pytester", "main", "run_configs", "ray"}
+)
+
+
+def names_in(code: CodeType) -> set[str]:
+    """The global and attribute names a function's code uses, its nested functions' and
+    comprehensions' included."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            names |= names_in(constant)
+    return names
+
 
 # `make test` runs the tests on two pytest-xdist workers (--dist loadgroup). A session- or
 # module-scoped fixture is set up once per worker that needs it, so the tests sharing an expensive
