@@ -241,9 +241,24 @@ def test_ctrl_c_inside_the_swap_waits_for_its_end(
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(outputs.os, "replace", replace_then_ctrl_c)
-    status = main(
-        ["run", "layernorm", "--model", str(tiny_gpt2_dir), "--out", str(out), "--set", "seed=3"]
-    )
+    # Ctrl-C as a CLI process handles it: an earlier test in this worker (a local Ray) may have
+    # left SIGINT ignored, and an ignored Ctrl-C rightly lets the run finish.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = main(
+            [
+                "run",
+                "layernorm",
+                "--model",
+                str(tiny_gpt2_dir),
+                "--out",
+                str(out),
+                "--set",
+                "seed=3",
+            ]
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert status == 130 and "interrupted" in capsys.readouterr().err
     assert ".layernorm.previous" in calls  # the Ctrl-C did arrive inside the window
     manifest = json.loads((out / "tiny-gpt2" / "layernorm" / "manifest.json").read_text())
