@@ -26,7 +26,7 @@ correlations over the components whose |exact| effect reaches each of ``EFFECT_T
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from unraveled.datasets.ioi import ROLES, IOIParams
 from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from matplotlib.axes import Axes
     from torch import Tensor
     from transformer_lens import HookedTransformer
 
@@ -444,6 +445,42 @@ def _agreement_text(name: str, found: dict[str, Any]) -> str:
     )
 
 
+def _exact_beside_estimate(
+    axes: Sequence[Axes],
+    exact: NDArray,
+    estimate: NDArray,
+    what: str,
+    xlabel: str,
+    ylabel: str,
+    bound: float,
+    missing: str | None = None,
+) -> None:
+    """Exact patching (left) and its attribution estimate (right) on one symmetric colour scale.
+
+    ``missing`` colours the cells with no value (NaN), where there are any.
+    """
+    from unraveled.render.figures import heatmap
+
+    for panel, values, name in (
+        (axes[0], exact, "exact patching"),
+        (axes[1], estimate, "attribution estimate"),
+    ):
+        heatmap(
+            panel,
+            values,
+            f"{what}, {name}",
+            xlabel,
+            ylabel,
+            cmap="RdBu_r",
+            colorbar_label="share recovered",
+            centre_zero=True,
+        )
+        image = panel.images[0]
+        if missing is not None:
+            image.set_cmap(image.get_cmap().with_extremes(bad=missing))
+        image.set_clim(-bound, bound)
+
+
 def _mark_cells(axes, cells: Bool[NDArray, "row col"], gid: str, **style: Any) -> None:
     """A rectangle over each marked cell of a heatmap, tagged ``gid``.
 
@@ -459,7 +496,7 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     """Estimate against exact: scatter plots, head grids and the residual stream's grid."""
     from matplotlib.patches import Patch as LegendPatch
 
-    from unraveled.render.figures import heatmap, panels
+    from unraveled.render.figures import panels
 
     agreements = result.agreements()
     n_layers, n_heads = result.heads_exact.shape
@@ -580,21 +617,9 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     overlaps = ", ".join(
         f"{shared} of the top {k}" for k, shared in agreements["heads"]["top_k_overlap"].items()
     )
-    for panel, values, name in (
-        (axes[0], result.heads_exact, "exact patching"),
-        (axes[1], result.heads_estimate, "attribution estimate"),
-    ):
-        heatmap(
-            panel,
-            values,
-            f"Heads, {name}",
-            "Head",
-            "Layer",
-            cmap="RdBu_r",
-            colorbar_label="share recovered",
-            centre_zero=True,
-        )
-        panel.images[0].set_clim(-bound, bound)
+    _exact_beside_estimate(
+        axes, result.heads_exact, result.heads_estimate, "Heads", "Head", "Layer", bound
+    )
     figure.suptitle(
         f"Of the heads with the largest |exact| effect, the estimate ranks {overlaps} among its "
         "own largest"
@@ -616,47 +641,33 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     off = exact_cells & (
         np.abs(np.nan_to_num(result.residual_exact) - result.residual_estimate) > ESTIMATE_OFF
     )
-    for panel, values, name in (
-        (axes[0], result.residual_exact, "exact patching"),
-        (axes[1], result.residual_estimate, "attribution estimate"),
-    ):
-        heatmap(
-            panel,
-            values,
-            f"Residual stream, {name}",
-            "Position group",
-            "",
-            cmap="RdBu_r",
-            colorbar_label="share recovered",
-            centre_zero=True,
-        )
-        image = panel.images[0]
-        image.set_cmap(image.get_cmap().with_extremes(bad="lightgrey"))
-        image.set_clim(-bound, bound)
+    _exact_beside_estimate(
+        axes,
+        result.residual_exact,
+        result.residual_estimate,
+        "Residual stream",
+        "Position group",
+        "",
+        bound,
+        missing="lightgrey",
+    )
+    for panel in axes:
         panel.set_xticks(range(len(result.roles)), result.roles)
         panel.set_yticks(
             range(0, len(result.residual_labels), 2), result.residual_labels[::2], fontsize=6
         )
     legend = []
     if estimate_only:
-        _mark_cells(
-            axes[0],
-            ~exact_cells,
-            "estimate_only",
-            facecolor="none",
-            edgecolor="grey",
-            hatch="//",
-            linewidth=0,
-        )
-        _mark_cells(
-            axes[1],
-            ~exact_cells,
-            "estimate_only",
-            facecolor="none",
-            edgecolor="grey",
-            hatch="//",
-            linewidth=0,
-        )
+        for panel in axes:
+            _mark_cells(
+                panel,
+                ~exact_cells,
+                "estimate_only",
+                facecolor="none",
+                edgecolor="grey",
+                hatch="//",
+                linewidth=0,
+            )
         legend.append(
             LegendPatch(
                 facecolor="white",

@@ -252,3 +252,19 @@ def test_estimate_only_and_badly_estimated_residual_cells_are_marked_on_the_figu
         for legend in residual.legends
         for text in legend.get_texts()
     )
+
+
+def test_each_panel_draws_the_values_its_title_names() -> None:
+    exact = np.zeros((4, len(ROLES)))
+    exact[2, ROLES.index("IO")] = 0.7
+    result = _hand_made_result(exact)
+    figures = {figure.name: figure.figure for figure in attribution_patching.render(result)}
+    for name, (left, right) in {
+        "02_heads_exact_and_estimate": (result.heads_exact, result.heads_estimate),
+        "03_residual_exact_and_estimate": (result.residual_exact, result.residual_estimate),
+    }.items():
+        panels = [axes for axes in figures[name].axes if axes.images]
+        assert ["exact patching" in axes.get_title() for axes in panels] == [True, False]
+        assert ["attribution estimate" in axes.get_title() for axes in panels] == [False, True]
+        np.testing.assert_array_equal(np.ma.filled(panels[0].images[0].get_array(), 0.0), left)
+        np.testing.assert_array_equal(np.ma.filled(panels[1].images[0].get_array(), 0.0), right)
