@@ -1,0 +1,217 @@
+"""The interventions: add a vector to an activation, or replace the activation by a value.
+
+Both act at every position from ``from_position`` on (0: every position), at one hook point:
+``blocks.{layer}.hook_resid_pre`` by default, or any hook point named. A position is the token's
+index in the whole sequence, prompt and generated tokens alike (BOS, when prepended, is 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from jaxtyping import Float
+
+from unraveled.errors import ParamError
+from unraveled.experiment import RESOLVE_ANNOTATIONS
+from unraveled.interventions.base import HookFunction, Intervention, Positions
+
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
+
+# Hook points whose activations are [batch, pos, d_model]: a vector for them has d_model entries.
+_RESIDUAL_WIDTH_SUFFIXES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
+
+
+def _hook_point(layer: int | None, hook_name: str | None) -> str:
+    if (layer is None) == (hook_name is None):
+        raise ParamError("layer", "give exactly one of layer (for its hook_resid_pre) or hook_name")
+    return hook_name if hook_name is not None else f"blocks.{layer}.hook_resid_pre"
+
+
+def _check_layer(model: HookedTransformer, layer: int | None) -> None:
+    n_layers = model.cfg.n_layers
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ParamError(
+            "layer",
+            f"{layer} is out of range: the model has {n_layers} layers (use 0..{n_layers - 1})",
+        )
+
+
+def _check_from_position(from_position: int) -> None:
+    if from_position < 0:
+        raise ParamError("from_position", f"{from_position}: expected a position >= 0")
+
+
+def _check_vector(model: HookedTransformer, hook_name: str, vector: Tensor, field: str) -> None:
+    import torch
+
+    if not bool(torch.isfinite(vector).all()):
+        raise ParamError(field, "has entries that are not finite (nan or inf)")
+    if hook_name.endswith(_RESIDUAL_WIDTH_SUFFIXES) and tuple(vector.shape) != (model.cfg.d_model,):
+        raise ParamError(
+            field,
+            f"has shape {tuple(vector.shape)}; {hook_name} is d_model = {model.cfg.d_model} wide",
+        )
+
+
+def _from_position_on(
+    activation: Tensor, positions: Positions, from_position: int, edit: HookFunction
+) -> Tensor:
+    """``edit`` applied to the activation's positions at or after ``from_position`` only."""
+    import torch
+
+    start = from_position - positions.offset
+    if start <= 0:
+        return edit(activation)
+    if start >= activation.shape[1]:
+        return activation
+    return torch.cat([activation[:, :start], edit(activation[:, start:])], dim=1)
+
+
+class AddVector(Intervention):
+    """Add ``coefficient * vector`` to an activation (activation addition, steering).
+
+    Args:
+        vector: The direction, as wide as the activation's last axis (``d_model`` for the
+            residual stream).
+        layer: Add at ``blocks.{layer}.hook_resid_pre``; or give ``hook_name`` instead.
+        coefficient: The multiple of ``vector`` added; must be finite.
+        hook_name: Any hook point, instead of ``layer``.
+        from_position: Add at this sequence position and every later one (0: all positions).
+
+    Raises:
+        ParamError: A coefficient that is not finite, a negative position, or neither or both
+            of layer and hook_name.
+    """
+
+    def __init__(
+        self,
+        vector: Float[Tensor, " d"],
+        layer: int | None = None,
+        coefficient: float = 1.0,
+        *,
+        hook_name: str | None = None,
+        from_position: int = 0,
+    ) -> None:
+        """Keep the vector and where it goes; checked against a model by ``validate``."""
+        if not math.isfinite(coefficient):
+            raise ParamError("coefficient", f"{coefficient}: expected a finite number")
+        _check_from_position(from_position)
+        self.hook_name = _hook_point(layer, hook_name)
+        self.layer = layer
+        self.vector = vector
+        self.coefficient = float(coefficient)
+        self.from_position = from_position
+
+    def __repr__(self) -> str:
+        """Where it hooks, with what coefficient and from which position."""
+        return (
+            f"AddVector({self.hook_name}, coefficient={self.coefficient}, "
+            f"from_position={self.from_position}, |vector|={float(self.vector.norm()):.3g})"
+        )
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The one hook point it adds at."""
+        return (self.hook_name,)
+
+    @property
+    def position_dependent(self) -> bool:
+        """True when it starts after position 0."""
+        return self.from_position > 0
+
+    def validate(self, model: HookedTransformer) -> None:
+        """The layer is in range, the hook point exists, the vector is finite and fits."""
+        _check_layer(model, self.layer)
+        super().validate(model)
+        _check_vector(model, self.hook_name, self.vector, "vector")
+
+    def hooks(
+        self, model: HookedTransformer, positions: Positions
+    ) -> list[tuple[str, HookFunction]]:
+        """One hook adding the scaled vector from ``from_position`` on."""
+        delta = (self.coefficient * self.vector.detach().double()).to(
+            device=model.cfg.device, dtype=model.cfg.dtype
+        )
+        from_position = self.from_position
+
+        def add(activation: Tensor) -> Tensor:
+            return activation + delta
+
+        def hook(activation: Tensor, hook: object) -> Tensor:
+            return _from_position_on(activation, positions, from_position, add)
+
+        return [(self.hook_name, hook)]
+
+
+class Ablate(Intervention):
+    """Replace an activation by zero, or by a fixed ``value`` (e.g. its mean over a dataset).
+
+    Args:
+        layer: Ablate ``blocks.{layer}.hook_resid_pre``; or give ``hook_name`` instead.
+        hook_name: Any hook point, instead of ``layer``.
+        value: What the activation becomes (broadcast over batch and positions); zero if None.
+        from_position: Ablate this sequence position and every later one (0: all positions).
+    """
+
+    def __init__(
+        self,
+        layer: int | None = None,
+        *,
+        hook_name: str | None = None,
+        value: Float[Tensor, "*shape"] | None = None,
+        from_position: int = 0,
+    ) -> None:
+        """Keep where it goes and the value; checked against a model by ``validate``."""
+        _check_from_position(from_position)
+        self.hook_name = _hook_point(layer, hook_name)
+        self.layer = layer
+        self.value = value
+        self.from_position = from_position
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The one hook point it replaces."""
+        return (self.hook_name,)
+
+    @property
+    def position_dependent(self) -> bool:
+        """True when it starts after position 0."""
+        return self.from_position > 0
+
+    def validate(self, model: HookedTransformer) -> None:
+        """The layer is in range, the hook point exists, a value is finite and fits."""
+        _check_layer(model, self.layer)
+        super().validate(model)
+        if self.value is not None:
+            _check_vector(model, self.hook_name, self.value, "value")
+
+    def hooks(
+        self, model: HookedTransformer, positions: Positions
+    ) -> list[tuple[str, HookFunction]]:
+        """One hook replacing the activation from ``from_position`` on."""
+        import torch
+
+        value = (
+            None
+            if self.value is None
+            else self.value.detach().to(device=model.cfg.device, dtype=model.cfg.dtype)
+        )
+
+        def replace(activation: Tensor) -> Tensor:
+            if value is None:
+                return torch.zeros_like(activation)
+            return value.expand_as(activation).clone()
+
+        def hook(activation: Tensor, hook: object) -> Tensor:
+            return _from_position_on(activation, positions, self.from_position, replace)
+
+        return [(self.hook_name, hook)]
