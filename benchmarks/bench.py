@@ -28,6 +28,7 @@ Row groups, each a function decorated with ``@bench_group``:
 - ``corpus_atlas``: engine throughput and memory against corpus size
   (:mod:`benchmarks.corpus_atlas`).
 - ``causal``: the causal experiments' computes (:mod:`benchmarks.causal`).
+- ``generation``: tokens/s under a steering hook against unhooked (:mod:`benchmarks.generation`).
 - ``model_load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
 
 Add a group by writing a function that returns ``Row``s and decorating it with ``@bench_group``.
@@ -45,6 +46,7 @@ from pathlib import Path
 from benchmarks.causal import causal_rows
 from benchmarks.causal_tracing import causal_tracing_rows
 from benchmarks.corpus_atlas import corpus_atlas_rows
+from benchmarks.generation import generation_rows
 from benchmarks.models import gpt2_small_shaped_checkpoint, known_facts_of, load_twice
 from benchmarks.processes import call_in_child, run_cli
 from benchmarks.table import Row, format_table
@@ -195,6 +197,12 @@ def corpus_atlas() -> list[Row]:
 def causal() -> list[Row]:
     """The causal experiments' computes at their defaults, on the bundled SmolLM2."""
     return causal_rows(BUNDLED_SMOLLM2)
+
+
+@bench_group
+def generation() -> list[Row]:
+    """Generation under a steering hook against unhooked generation, on the bundled SmolLM2."""
+    return generation_rows(BUNDLED_SMOLLM2)
 
 
 @bench_group
