@@ -107,7 +107,7 @@ class SteeringParams(Params):
     prompts: list[Prompt] = Field(
         ["I think that you are", "The movie was", "My neighbour is"], min_length=1, max_length=8
     )
-    max_new_tokens: int = Field(12, ge=1, le=256)
+    max_new_tokens: int = Field(10, ge=1, le=256)
     n_samples: int = Field(2, ge=1, le=16, description="Samples per prompt and coefficient.")
     sampling: Sampling = Sampling(method="sample", temperature=0.8)
     targets: list[Answer] = Field([" love", " wonderful", " happy", " great"], min_length=1)
