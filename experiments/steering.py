@@ -321,7 +321,7 @@ def render(result: SteeringResult) -> Iterator[Artifact]:
         label="min to max over positions",
     )
     price_axes.set(
-        title="The price: KL(unsteered || steered) on the neutral text",
+        title="Price: KL(unsteered || steered), neutral text",
         xlabel="steering coefficient",
         ylabel=f"KL (nats), n = {result.kl.shape[1]} positions",
     )
@@ -350,9 +350,7 @@ def render(result: SteeringResult) -> Iterator[Artifact]:
             y = 1 - (row + 0.5) / n_coef
             weight = "bold" if coefficient == 0 else "normal"
             axes.text(0, y, label, fontsize=8, va="center", fontweight=weight)
-            axes.text(
-                0.13, y, "\n".join(textwrap.wrap(text, width)), fontsize=8, va="center", wrap=True
-            )
+            axes.text(0.13, y, "\n".join(textwrap.wrap(text, width)), fontsize=8, va="center")
     yield Figure(
         "02_generations",
         figure,
