@@ -2,7 +2,8 @@
 
 Same weights (the bundled SmolLM2), same prompt, greedy, key-value cache on, measured in one run:
 the hooked tokens/s must be at least 90% of the unhooked (issue 23's budget). Each side is timed
-as the best of a few repeats, interleaved, so that a busy machine slows both alike.
+as the best of a few repeats, interleaved in alternating order, so that a busy machine slows
+both alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from benchmarks.table import Row
 
 PROMPT = "I think that you are"
 NEW_TOKENS = 32
-REPEATS = 3
+REPEATS = 4
 BUDGET = 0.9
 
 
@@ -30,8 +31,11 @@ def generation_rows(name: str) -> list[Row]:
     steering = [AddVector(vector, layer, 4.0)]
     generate(model, PROMPT, 2)  # warm-up: first-call allocations land in neither side
     best = {"unhooked": float("inf"), "hooked": float("inf")}
-    for _ in range(REPEATS):
-        for side, interventions in (("unhooked", []), ("hooked", steering)):
+    sides = [("unhooked", []), ("hooked", steering)]
+    for repeat in range(REPEATS):
+        # Alternating which side goes first, so that a load that changes over time favours
+        # neither.
+        for side, interventions in sides if repeat % 2 == 0 else sides[::-1]:
             started = time.perf_counter()
             generate(model, PROMPT, NEW_TOKENS, interventions)
             best[side] = min(best[side], time.perf_counter() - started)
