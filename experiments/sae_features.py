@@ -75,8 +75,8 @@ DEFINITIONS = {
         f"{PLANTED_FEATURES} unit directions in {PLANTED_DIMS} dimensions, pushed apart as far "
         "as they go (SAELens's synthetic FeatureDictionary, orthogonalised), each firing "
         f"independently on {PLANTED_FIRING:.0%} of samples with magnitude 1 +- 0.1; an SAE of "
-        f"the run's architecture and {PLANTED_WIDTH} features trained on them; a planted direction is recovered when "
-        "the largest cosine with any decoder direction is above 0.9"
+        f"the run's architecture and {PLANTED_WIDTH} features trained on them; a planted "
+        "direction is recovered when the largest cosine with any decoder direction is above 0.9"
     ),
     "corpus_markup": MARKDOWN_HANDLING,
 }
