@@ -291,6 +291,12 @@ def check(model: HookedTransformer, params: SaeFeaturesParams) -> None:
     hook = hook_of(model, params, sae)
     if sae is None:
         check_hook(model, hook)
+    elif params.hook is None and hook not in model.hook_dict:
+        raise ParamError(
+            "source",
+            f"the SAE was trained on {hook!r}, a hook this model doesn't have: an SAE for "
+            "another model",
+        )
     else:
         check_sae_fits(sae, model, hook)
     if params.context_tokens + bool(model.cfg.default_prepend_bos) > model.cfg.n_ctx:

@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import SAE
 
+from tests.helpers.corpus import load_tiny
 from tests.helpers.sae import PLANTED_SETTINGS, planted_directions, planted_stream
-from unraveled.sae.activations import default_hook, hook_activations
+from unraveled.sae.activations import activation_chunks, default_hook, hook_activations
 from unraveled.sae.training import TrainSettings, train_sae, training_batches
 
 
@@ -116,7 +119,7 @@ def _run(
         ),
         (["params.source={path: NOTANSAE}"], "params.source.path", "can't load it as an SAE"),
         (["params.source={path: EMPTY}"], "params.source.path", "not an SAE in SAELens's format"),
-        (["params.source={path: OTHER}"], "params.hook", "trained on 'toy'"),
+        (["params.source={path: OTHER}"], "params.source", "trained on 'toy'"),
         (
             ["params.source={path: OTHER}", "params.hook=blocks.1.hook_resid_pre"],
             "params.hook",
@@ -201,3 +204,83 @@ def test_pretrained_sae_with_the_hub_unreachable_fails_within_seconds(
     with pytest.raises(ModelUnavailableError, match=r"params\.source: can't download SAE"):
         load_pretrained_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
     assert time.perf_counter() - started < 10
+
+
+def test_run_saves_the_sae_in_saelens_format_and_records_the_windows(
+    tiny_gpt2_dir: Path,
+    shared_weight_cache_dir: Path,
+    corpus_file: Path,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    args = [
+        "--set",
+        "params.width=32",
+        "--set",
+        "params.k=4",
+        "--set",
+        "params.training_tokens=256",
+        "--set",
+        "params.batch_tokens=64",
+        "--set",
+        "params.buffer_tokens=128",
+        "--set",
+        "params.planted_check=false",
+    ]
+    status, _ = _run(args, tiny_gpt2_dir, shared_weight_cache_dir, out, corpus_file)
+    assert status == 0
+    run = out / "tiny-gpt2" / "sae_features"
+    sae = SAE.load_from_disk(run / "sae")
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 32)
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [saved["folder"] for saved in manifest["saved"]] == ["sae"]
+    windows = dict(np.load(run / "windows.npz"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert windows["held_out"].sum() == 2 == metrics["corpus"]["held_out_windows"]
+    assert len(windows["start"]) == 2 + 256 // 16
+    assert "SAE.load_from_disk" in metrics["saved_sae"]["load"]
+    # Reused: the saved folder as the source of a later run on the same model and hook.
+    again = tmp_path / "again"
+    status, _ = _run(
+        ["--set", f"params.source={{path: {run / 'sae'}}}"],
+        tiny_gpt2_dir,
+        shared_weight_cache_dir,
+        again,
+        corpus_file,
+    )
+    assert status == 0
+    assert not (again / "tiny-gpt2" / "sae_features" / "sae").exists()
+
+
+def test_ray_workers_give_the_local_engines_activations(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    from unraveled.corpus import corpus_windows
+
+    cache = tmp_path / "cache"
+    model = load_tiny(tiny_gpt2_dir, cache)
+    monkeypatch.setenv("UNRAVELED_CACHE", str(cache))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    folder = Path(tempfile.mkdtemp(prefix="unraveled-test-ray-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    windows = corpus_windows(model.tokenizer, [], 16, 16 * 7, seed=3).tokens
+    hook = default_hook(model)
+    local = list(activation_chunks(model, hook, windows, 3, True))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(folder),
+    )
+    try:
+        distributed = list(activation_chunks(model, hook, windows, 3, True, engine="ray"))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [len(chunk) for chunk in distributed] == [48, 48, 16]
+    for ours, theirs in zip(local, distributed, strict=True):
+        assert torch.equal(ours, theirs)
