@@ -14,6 +14,8 @@ from unraveled.experiment import Figure
 from unraveled.render.figures import panels
 from unraveled.sae.evaluation import DENSE_THRESHOLD, SAEEvaluation
 
+# A single panel wide enough for its three-line title.
+WIDE_PANEL_INCHES = (7.0, 4.8)
 # Histogram bins per decade of density.
 BINS_PER_DECADE = 8
 # The CE-loss bars: their order, labels and colours.
@@ -37,6 +39,7 @@ def density_figure(evaluation: SAEEvaluation) -> MplFigure:
     density = evaluation.feature_density
     live = np.log10(density[density > 0])
     figure, (axes,) = panels(1)
+    figure.set_size_inches(WIDE_PANEL_INCHES)
     # From the lowest density one token can give (1 / tokens) to 1, whole decades (one at least).
     lowest = min(-1.0, np.floor(np.log10(1 / evaluation.n_tokens)))
     edges = np.linspace(lowest, 0, int(-lowest) * BINS_PER_DECADE + 1)
@@ -51,8 +54,8 @@ def density_figure(evaluation: SAEEvaluation) -> MplFigure:
     d_sae = len(density)
     axes.set(
         title=f"Feature density over {_evaluated(evaluation)}\n"
-        f"{n_dead:,} of {d_sae:,} features dead (never active, not drawn), "
-        f"{n_dense:,} dense",
+        f"{n_dead:,} of {d_sae:,} features dead (never active, not drawn),\n"
+        f"{n_dense:,} dense (active on > {DENSE_THRESHOLD:.0%})",
         xlabel="log10(fraction of tokens the feature is active on)",
         ylabel="features",
     )
@@ -85,8 +88,7 @@ def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
     )
     variance_axes.set(
         title=f"Variance explained: {evaluation.explained_variance:.3f} "
-        f"(MSE {evaluation.mse:.3g})\nper window: 1 - its MSE / the variance over all "
-        f"{evaluation.n_windows:,} windows",
+        f"(MSE {evaluation.mse:.3g})\nper window: 1 - its MSE / all windows' variance",
         xlabel="fraction of variance explained",
         ylabel="windows",
     )
@@ -99,6 +101,7 @@ def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
 def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
     """The clean, spliced and zero-ablation losses as bars, each window's loss as a dot."""
     figure, (axes,) = panels(1)
+    figure.set_size_inches(WIDE_PANEL_INCHES)
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, evaluation.n_windows)
     for position, (name, label, colour) in enumerate(CE_BARS):
         axes.bar(position, getattr(evaluation, name), color=colour, alpha=0.6, label=label)
@@ -115,7 +118,7 @@ def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
         title=f"CE loss recovered: {evaluation.ce_loss_recovered:.3f} "
         "= (zero - spliced) / (zero - clean)\n"
         f"{evaluation.ce_loss_tokens:,} next-token predictions, {evaluation.n_windows:,} "
-        "held-out windows (dots: per window)",
+        "held-out windows\n(dots: per window)",
         ylabel="mean next-token loss (nats)",
     )
     axes.grid(True, axis="y", alpha=0.4)
