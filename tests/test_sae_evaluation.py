@@ -248,6 +248,8 @@ def test_streaming_in_batches_equals_one_batch(model: Any, windows: torch.Tensor
 
 
 def test_special_tokens_are_excluded_as_sae_lens_does(model: Any, windows: torch.Tensor) -> None:
+    """By default the tokenizer's special tokens (get_special_token_ids, as run_evals); ``[]``
+    or False excludes nothing."""
     sae = partial_sae()
     default = evaluate_sae(model, sae, HOOK, windows, batch_windows=6)
     assert default.excluded_token_ids == (EOS,)
@@ -257,8 +259,6 @@ def test_special_tokens_are_excluded_as_sae_lens_does(model: Any, windows: torch
     assert everything.excluded_token_ids == ()
     assert everything.n_tokens == windows.numel()
     assert everything.mse != pytest.approx(default.mse)
-    # The same as SAELens's own run on these tokens: its get_recons_loss, masked as in
-    # get_downstream_reconstruction_metrics.
     assert default.metrics()["excluded_token_ids"] == [EOS]
 
 
