@@ -1,0 +1,1 @@
+"""Sparse autoencoders with SAELens: training, evaluation, feature browser, attribution."""
