@@ -79,3 +79,36 @@ def test_estimate_is_only_an_estimate_further_from_the_logits(tiny_gpt2_dir: Pat
     for rank, feature in enumerate(result.top_features[:2]):
         by_hand = _exact_by_hand(model, sae, NONLINEAR_HOOK, pairs, int(feature))
         assert result.exact[rank] == pytest.approx(by_hand - result.corrupted_metric, abs=1e-4)
+
+
+def test_figure_draws_estimate_and_exact_where_their_labels_say() -> None:
+    from unraveled.sae.attribution import FeatureAttribution
+    from unraveled.sae.figures_attribution import attribution_figure, attribution_table
+
+    result = FeatureAttribution(
+        hook_name=LINEAR_HOOK,
+        clean_metric=2.0,
+        corrupted_metric=-1.0,
+        estimate=np.array([0.1, -2.0, 0.5, 1.0]),
+        error_estimate=0.4,
+        top_features=np.array([1, 3, 2]),
+        exact=np.array([-1.5, 0.9, 0.7]),
+        correlation=0.9,
+    )
+    figure = attribution_figure(result).figure
+    bars, scatter = figure.axes
+    drawn = {
+        container.get_label(): [patch.get_height() for patch in container.patches]
+        for container in bars.containers
+    }
+    assert drawn == {"attribution estimate": [-2.0, 1.0, 0.5], "exact patching": [-1.5, 0.9, 0.7]}
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["1", "3", "2"]
+    np.testing.assert_array_equal(
+        scatter.collections[0].get_offsets(), [[-2.0, -1.5], [1.0, 0.9], [0.5, 0.7]]
+    )
+    assert "r = 0.900" in scatter.get_title() and "3.000" in figure.get_suptitle()
+    table = attribution_table(result, browser_page="feature_browser")
+    assert list(table.columns["browser"]) == [
+        f"views/feature_browser.html#feature-{i}" for i in (1, 3, 2)
+    ]
+    np.testing.assert_array_equal(table.columns["exact"], result.exact)
