@@ -35,10 +35,12 @@ click("index"); out.index = rows();
 type("1"); out.search_1 = rows();
 type(SEARCH_TOKEN); out.search_token = rows();
 type(""); out.all = rows();
-out.selected = window.featureBrowser.select(2) &&
+out.selected = window.featureBrowser.select(SELECTED) &&
   document.querySelector("#fb-detail h2").textContent;
 out.contexts = document.querySelectorAll("#fb-contexts .fb-context").length;
 out.bars = document.querySelectorAll("#fb-detail svg rect").length;
+const topSpan = document.querySelector("#fb-contexts .fb-context .top");
+out.top_title = topSpan.title; out.top_background = topSpan.style.background;
 const pre = document.createElement("pre"); pre.id = "probe";
 pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
 </script>"""
@@ -91,7 +93,11 @@ def test_browser_opens_offline_and_sorts_and_searches(
     probe = page.with_name("probe.html")
     probe.write_text(
         page.read_text().replace(
-            "</body>", PROBE.replace("SEARCH_TOKEN", json.dumps(top_text.strip())) + "</body>"
+            "</body>",
+            PROBE.replace("SEARCH_TOKEN", json.dumps(top_text.strip())).replace(
+                "SELECTED", str(busiest)
+            )
+            + "</body>",
         )
     )
     run = browser(probe, tmp_path / "profile-probe", "--dump-dom")
@@ -110,6 +116,13 @@ def test_browser_opens_offline_and_sorts_and_searches(
         texts = [data.vocab.get(int(data.context_ids[0, hit, SETTINGS.context_before]), "")]
         texts += [data.vocab[int(i)] for i in data.promoted_ids[hit]]
         assert any(top_text.strip().lower() in t.lower() for t in texts)
-    assert found["selected"] == "Feature 2"
-    assert found["contexts"] == int(np.isfinite(data.top_values[:, 2]).sum())
+    assert found["selected"] == f"Feature {busiest}"
+    assert found["contexts"] == int(np.isfinite(data.top_values[:, busiest]).sum()) > 0
     assert found["bars"] == data.histogram.shape[1]
+    # The first context's top token: its activation in the tooltip, shaded by value / max.
+    value = float(data.top_values[0, busiest])
+    assert float(found["top_title"].rsplit(": ", 1)[1]) == pytest.approx(value, rel=0.01)
+    # Chromium writes an opaque colour back as rgb(...), without the alpha.
+    alpha_match = re.search(r"rgba\([^)]*, ([\d.]+)\)", found["top_background"])
+    alpha = float(alpha_match.group(1)) if alpha_match else 1.0
+    assert alpha == pytest.approx(value / data.max_activation[busiest], abs=0.011)

@@ -2,8 +2,9 @@
 
 The page lists the features (sortable by index, density and max activation; searchable by index
 or by a token a feature fires on or promotes) and shows, for the feature picked, its top
-activating contexts (tokens shaded by its activation, the top token outlined), its activation
-histogram, and the tokens its decoder direction promotes and suppresses. The script
+activating contexts (tokens shaded by its activation, in hundredths of its largest, the top
+token outlined), its activation histogram, and the tokens its decoder direction promotes and
+suppresses. The script
 (``templates/feature_browser.js``) is written once into the output folder's assets and shared by
 every browser page; each page holds only its data. ``views/<name>.html#feature-<i>`` opens on
 feature ``i`` (``feature_href``), for links from other pages.
@@ -78,13 +79,11 @@ def feature_browser_page(
             ids = data.context_ids[row, index]
             inside = ids >= 0
             centre = int(inside[:context_before].sum())  # the top token, past the -1 padding
-            context_rows.append(
-                [
-                    ids[inside].tolist(),
-                    _round(data.context_values[row, index][inside]),
-                    centre,
-                ]
-            )
+            # In hundredths of the feature's max activation: all the shading resolves, and
+            # a third of the page's bytes.
+            scale = float(data.max_activation[index]) or 1.0
+            hundredths = np.round(100 * data.context_values[row, index][inside] / scale)
+            context_rows.append([ids[inside].tolist(), hundredths.astype(int).tolist(), centre])
         entries.append(
             {
                 "index": int(index),

@@ -151,8 +151,10 @@ tokens · max activation ${feature.max.toFixed(3)} · mean ${feature.mean.toPrec
       ids.forEach((id, i) => {
         const span = document.createElement("span");
         span.textContent = token(id);
-        span.style.background = shade(values[i], feature.max);
-        span.title = `${JSON.stringify(token(id))}: ${values[i]}`;
+        // values[i]: hundredths of the feature's max activation.
+        const activation = values[i] * (feature.max || 1) / 100;
+        span.style.background = shade(activation, feature.max);
+        span.title = `${JSON.stringify(token(id))}: ${activation.toPrecision(3)}`;
         if (i === centre) span.className = "top";
         line.appendChild(span);
       });
