@@ -53,7 +53,7 @@ from unraveled.models.loading import LoadedModel, load_planned
 from unraveled.models.plan import PlannedModel, RunPlan
 from unraveled.models.shape import ModelShape, model_shape
 from unraveled.phases import handing_back
-from unraveled.render import export, views
+from unraveled.render import export, script_page, views
 from unraveled.render.pages import write_pages
 
 if TYPE_CHECKING:
@@ -329,6 +329,17 @@ def _write_artifacts(
                     "title": artifact.title,
                     "bytes": path.stat().st_size,
                 }
+            )
+        elif isinstance(artifact, script_page.ScriptPage):
+            view_records.append(
+                script_page.save(
+                    artifact,
+                    staging,
+                    out_dir / outputs.ASSETS_DIR,
+                    f"{href_to_out}/{outputs.ASSETS_DIR}",
+                    href_to_index,
+                    loaded.label(),
+                )
             )
         elif isinstance(artifact, Table):
             path = staging / f"{artifact.name}.npz"
