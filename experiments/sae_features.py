@@ -38,6 +38,9 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
+    from unraveled.sae.browser import FeatureBrowserData
+    from unraveled.sae.evaluation import SAEEvaluation
+
 # Validating a config imports this module: torch, SAELens and TransformerLens are imported inside
 # the functions that need them.
 MAX_CONTEXT_TOKENS = 1024
@@ -334,6 +337,9 @@ class SaeFeaturesResult:
     held_out: NDArray[np.bool_]
     training: dict[str, Any] | None
     planted: PlantedRecovery | None
+    evaluation: SAEEvaluation
+    browser: FeatureBrowserData
+    browser_context_before: int
 
     def metrics(self) -> dict[str, Any]:
         """The SAE's shape and provenance, the training's numbers, the planted-features check."""
@@ -349,6 +355,7 @@ class SaeFeaturesResult:
                 "source": self.source,
             },
             "corpus": self.corpus,
+            "evaluation": self.evaluation.metrics(),
         }
         if self.training is not None:
             found["training"] = self.training
@@ -503,6 +510,8 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
         }
         if params.planted_check:
             planted = planted_recovery(params, seed)
+    held = windows.tokens[held_out]
+    evaluated, browser, browser_settings = _evaluate(model, sae, hook, held, params, prepend_bos)
     source: dict[str, Any] = (
         {"trained": "in this run"}
         if params.source is None
@@ -529,13 +538,49 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
         held_out=held_out,
         training=training,
         planted=planted,
+        evaluation=evaluated,
+        browser=browser,
+        browser_context_before=browser_settings.context_before,
     )
 
 
+def _evaluate(
+    model: HookedTransformer,
+    sae: SAE,
+    hook: str,
+    held: Int[NDArray, "window pos"],
+    params: SaeFeaturesParams,
+    prepend_bos: bool,
+) -> tuple[SAEEvaluation, FeatureBrowserData, Any]:
+    """The SAE's evaluation and its feature browser's data, both on the held-out windows."""
+    import torch
+
+    from unraveled.sae.browser import BrowserSettings, feature_browser_data
+    from unraveled.sae.evaluation import evaluate_sae
+
+    tokens = torch.from_numpy(held.astype(np.int64))
+    if prepend_bos:  # as in training; evaluate_sae leaves the special tokens' positions out
+        bos = torch.full((len(tokens), 1), model.tokenizer.bos_token_id, dtype=torch.int64)
+        tokens = torch.cat([bos, tokens], dim=1)
+    evaluated = evaluate_sae(model, sae, hook, tokens, params.batch_windows)
+    settings = BrowserSettings(batch_windows=params.batch_windows, prepend_bos=prepend_bos)
+    return evaluated, feature_browser_data(model, sae, hook, held, settings), settings
+
+
 def render(result: SaeFeaturesResult) -> Iterator[Artifact]:
-    """The planted-features figure, the windows table, and the trained SAE in SAELens's format."""
+    """Figures (planted features, evaluation), feature browser, tables, the trained SAE saved."""
+    from unraveled.render.feature_browser import feature_browser_page
+    from unraveled.sae.figures import evaluation_figures
+
     if result.planted is not None:
         yield planted_figure(result.planted, result.sae.cfg.architecture())
+    yield from evaluation_figures(result.evaluation, first_number=2)
+    yield feature_browser_page(
+        result.browser,
+        result.browser_context_before,
+        facts={"windows": f"the {int(result.held_out.sum())} held-out windows"},
+    )
+    yield from result.evaluation.tables()
     yield Table(
         "windows",
         {"start": result.window_start, "held_out": result.held_out},

@@ -239,6 +239,8 @@ def test_run_saves_the_sae_in_saelens_format_and_records_the_windows(
     metrics = json.loads((run / "metrics.json").read_text())
     assert windows["held_out"].sum() == 2 == metrics["corpus"]["held_out_windows"]
     assert len(windows["start"]) == 2 + 256 // 16
+    assert np.isfinite(metrics["evaluation"]["explained_variance"])
+    assert (run / "views" / "feature_browser.html").exists()
     assert "SAE.load_from_disk" in metrics["saved_sae"]["load"]
     # Reused: the saved folder as the source of a later run on the same model and hook.
     again = tmp_path / "again"
