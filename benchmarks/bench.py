@@ -27,6 +27,8 @@ Row groups, each a function decorated with ``@bench_group``:
   restorations against one forward pass per restoration (:mod:`benchmarks.causal_tracing`).
 - ``corpus_atlas``: engine throughput and memory against corpus size
   (:mod:`benchmarks.corpus_atlas`).
+- ``sae``: ``sae_features``'s activation generation against a plain forward pass stopped at the
+  hook, and its memory at 1x and 2x the training tokens (:mod:`benchmarks.sae`).
 - ``causal``: the causal experiments' computes (:mod:`benchmarks.causal`).
 - ``generation``: tokens/s under a steering hook against unhooked (:mod:`benchmarks.generation`).
 - ``model_load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
@@ -49,6 +51,7 @@ from benchmarks.corpus_atlas import corpus_atlas_rows
 from benchmarks.generation import generation_rows
 from benchmarks.models import gpt2_small_shaped_checkpoint, known_facts_of, load_twice
 from benchmarks.processes import call_in_child, run_cli
+from benchmarks.sae import sae_rows
 from benchmarks.table import Row, format_table
 from unraveled.manifest import read_manifest
 from unraveled.models import BUNDLED_SMOLLM2
@@ -191,6 +194,12 @@ def causal_tracing() -> list[Row]:
 def corpus_atlas() -> list[Row]:
     """The corpus engines' throughput and the atlas's memory, on the bundled SmolLM2."""
     return corpus_atlas_rows(BUNDLED_SMOLLM2)
+
+
+@bench_group
+def sae() -> list[Row]:
+    """SAE activation generation against a plain stopped pass, and memory against tokens."""
+    return sae_rows(BUNDLED_SMOLLM2)
 
 
 @bench_group

@@ -26,6 +26,7 @@ import sys
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,7 +129,21 @@ class Table:
             raise ValueError(f"table {self.name!r}: columns differ in length: {lengths}")
 
 
-Artifact = Figure | View | Table
+@dataclass(frozen=True)
+class Saved:
+    """A folder that ``save`` writes, kept as ``<name>/`` next to ``metrics.json``.
+
+    For what a library saves in its own format (a trained SAE, in SAELens's): the runner makes
+    the folder inside the run's staging folder and calls ``save(folder)``, so it is published
+    with the run or not at all.
+    """
+
+    name: str
+    save: Callable[[Path], object]
+    description: str = ""
+
+
+Artifact = Figure | View | Table | Saved
 P = TypeVar("P", bound=Params)
 R = TypeVar("R", bound=Result)
 

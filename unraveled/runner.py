@@ -38,14 +38,22 @@ import torch
 from unraveled import outputs
 from unraveled.config import LoadedConfig
 from unraveled.errors import ConfigError, ParamError, UnraveledError
-from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
+from unraveled.experiment import (
+    Figure,
+    Saved,
+    Table,
+    View,
+    WeightsKind,
+    check_params,
+    check_text_params,
+)
 from unraveled.manifest import SCHEMA_VERSION, RunManifest
 from unraveled.memory import PeakMemory, return_freed_memory
 from unraveled.models.loading import LoadedModel, load_planned
 from unraveled.models.plan import PlannedModel, RunPlan
 from unraveled.models.shape import ModelShape, model_shape
 from unraveled.phases import handing_back
-from unraveled.render import export, views
+from unraveled.render import export, script_page, views
 from unraveled.render.pages import write_pages
 
 if TYPE_CHECKING:
@@ -288,7 +296,7 @@ def _write_artifacts(
     The views' shared script goes into ``out_dir``'s assets (``href_to_out`` leads there from the
     views).
     """
-    figure_records, view_records, table_records = [], [], []
+    figure_records, view_records, table_records, saved_records = [], [], [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
             _stamp_model(artifact, loaded.label())
@@ -322,6 +330,17 @@ def _write_artifacts(
                     "bytes": path.stat().st_size,
                 }
             )
+        elif isinstance(artifact, script_page.ScriptPage):
+            view_records.append(
+                script_page.save(
+                    artifact,
+                    staging,
+                    out_dir / outputs.ASSETS_DIR,
+                    f"{href_to_out}/{outputs.ASSETS_DIR}",
+                    href_to_index,
+                    loaded.label(),
+                )
+            )
         elif isinstance(artifact, Table):
             path = staging / f"{artifact.name}.npz"
             np.savez_compressed(path, **artifact.columns)
@@ -332,7 +351,20 @@ def _write_artifacts(
                     "bytes": path.stat().st_size,
                 }
             )
-    return {"figures": figure_records, "views": view_records, "tables": table_records}
+        elif isinstance(artifact, Saved):
+            path = staging / artifact.name
+            path.mkdir()
+            artifact.save(path)
+            saved_records.append(
+                {
+                    "folder": path.name,
+                    "description": artifact.description,
+                    "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+                }
+            )
+    records = {"figures": figure_records, "views": view_records, "tables": table_records}
+    # Only runs that save a folder record them: other manifests stay as they were.
+    return records | ({"saved": saved_records} if saved_records else {})
 
 
 def _unwritable(error: OSError, what: str) -> UnraveledError:

@@ -178,7 +178,8 @@ def top_k_of_batch(
     """The batch's own top ``k`` per feature, with contexts, in the canonical order.
 
     Args:
-        values: The feature's value at every token of each window.
+        values: The feature's value at every token of each window; -inf ranks a token out (it
+            is never kept: a feature with fewer other values keeps unfilled rows).
         token_ids: The windows' token ids.
         window_offset: Global index of each window's position 0 (``window * window_length``).
         k: How many to keep.
@@ -198,7 +199,9 @@ def top_k_of_batch(
     kth = np.take_along_axis(flat, rows, axis=0).min(axis=0)
     # Where values equal to the k-th largest don't all fit, the lower global index must win
     # (as in ``merge``), which argpartition doesn't promise: settle those features one by one.
-    for f in np.nonzero((flat >= kth[None, :]).sum(axis=0) > k_batch)[0]:
+    # A k-th value of -inf needs no settling: -inf values are never kept (below).
+    unsettled = ((flat >= kth[None, :]).sum(axis=0) > k_batch) & np.isfinite(kth)
+    for f in np.nonzero(unsettled)[0]:
         tied = np.nonzero(flat[:, f] >= kth[f])[0]
         rows[:, f] = tied[
             np.lexsort((global_index[tied], -flat[tied, f].astype(np.float64)))[:k_batch]
@@ -223,6 +226,13 @@ def top_k_of_batch(
         context_ids=context_ids,
         context_values=context_values,
     )
+    # A value of -inf (a token ranked out, e.g. where an SAE feature is inactive) is an unfilled
+    # row, whichever -inf argpartition picked: the result doesn't depend on the split.
+    unfilled = np.isneginf(top.values)
+    if unfilled.any():
+        top.index[unfilled] = NO_INDEX
+        top.context_ids[unfilled[:payload_rows]] = -1
+        top.context_values[unfilled[:payload_rows]] = 0.0
     return top if k_batch == k else TopK.empty(k, n_features, len(offsets), payload_rows).merge(top)
 
 

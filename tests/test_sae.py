@@ -1,0 +1,288 @@
+"""SAEs with SAELens: the planted-features known answer, save and reload, activations stopped at
+the hook, the fixed-size buffer, the local and Ray engines' activations, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+
+from tests.helpers.corpus import load_tiny
+from tests.helpers.sae import PLANTED_SETTINGS, planted_directions, planted_stream
+from unraveled.sae.activations import activation_chunks, default_hook, hook_activations
+from unraveled.sae.training import TrainSettings, train_sae, training_batches
+
+
+@pytest.fixture(scope="module")
+def planted_sae() -> tuple[torch.Tensor, SAE]:
+    directions = planted_directions(0)
+    sae = train_sae(planted_stream(directions, 1), 16, PLANTED_SETTINGS, {"hook_name": "toy"}, 0)
+    return directions, sae
+
+
+def test_trained_sae_recovers_90_percent_of_planted_features(
+    planted_sae: tuple[torch.Tensor, SAE],
+) -> None:
+    directions, sae = planted_sae
+    decoder = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    best = (directions @ decoder.T).max(dim=1).values
+    assert (best > 0.9).float().mean() >= 0.9, best
+
+
+def test_saved_and_reloaded_sae_gives_identical_encodings(
+    planted_sae: tuple[torch.Tensor, SAE], tmp_path: Path
+) -> None:
+    directions, sae = planted_sae
+    sae.save_model(tmp_path / "sae")
+    again = SAE.load_from_disk(tmp_path / "sae")
+    samples = next(planted_stream(directions, 7))
+    assert torch.equal(sae.encode(samples), again.encode(samples))
+    assert again.cfg.metadata.hook_name == "toy"
+
+
+def test_activations_stop_at_the_hook_and_equal_the_full_pass_cache(
+    tiny_gpt2_or_llama: object,
+) -> None:
+    model = tiny_gpt2_or_llama
+    windows = torch.randint(0, 1000, (3, 10))
+    for hook in (default_hook(model), "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"):
+        bos = torch.full((3, 1), model.tokenizer.bos_token_id)
+        _, cache = model.run_with_cache(torch.cat([bos, windows], dim=1), names_filter=hook)
+        expected = cache[hook][:, 1:].reshape(30, -1)
+        got = hook_activations(model, hook, windows, prepend_bos=True)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert default_hook(model) == "blocks.1.hook_resid_pre"
+
+
+def test_buffer_holds_a_fixed_number_of_tokens_and_loses_none() -> None:
+    settings = TrainSettings("topk", 8, 2, 1.0, 10_000, 32, 256, 1e-3)
+    chunks = (torch.arange(i * 50, (i + 1) * 50, dtype=torch.float32)[:, None] for i in range(40))
+    torch.manual_seed(0)
+    served = torch.cat(list(training_batches(chunks, settings)))
+    # Every token once (the last partial batch excepted), in a shuffled order.
+    assert len(served) == 2000 // 32 * 32
+    assert len(set(served[:, 0].tolist())) == len(served)
+    assert not torch.equal(served[:, 0], torch.arange(len(served), dtype=torch.float32))
+
+
+@pytest.fixture(scope="module")
+def saved_planted_folder(
+    planted_sae: tuple[torch.Tensor, SAE], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The planted SAE (d_in 16, hook 'toy') saved: an SAE for another model and hook."""
+    folder = tmp_path_factory.mktemp("other_sae") / "sae"
+    planted_sae[1].save_model(folder)
+    return folder
+
+
+def _run(
+    args: list[str], tiny_gpt2_dir: Path, cache: Path, out: Path, corpus: Path
+) -> tuple[int, str]:
+    from unraveled.cli import main
+
+    with mock.patch.dict(os.environ, {"UNRAVELED_CACHE": str(cache)}):
+        full = [
+            "run",
+            "sae_features",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--out",
+            str(out),
+            "--set",
+            f"params.corpus=[{corpus}]",
+            "--set",
+            "params.context_tokens=16",
+            "--set",
+            "params.eval_tokens=32",
+            *args,
+        ]
+        return main(full), ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        (["params.source={release: no-such-release, id: x}"], "params.source.release", "not one"),
+        (
+            ["params.source={release: gpt2-small-res-jb, id: nope}"],
+            "params.source.id",
+            "not an SAE",
+        ),
+        (["params.source={path: NOTANSAE}"], "params.source.path", "can't load it as an SAE"),
+        (["params.source={path: EMPTY}"], "params.source.path", "not an SAE in SAELens's format"),
+        (["params.source={path: OTHER}"], "params.source", "trained on 'toy'"),
+        (
+            ["params.source={path: OTHER}", "params.hook=blocks.1.hook_resid_pre"],
+            "params.hook",
+            "toy",
+        ),
+        (["params.width=1"], "params.width", "greater than or equal"),
+        (["params.width=8", "params.k=9"], "params.k", "k <= width"),
+        (["params.eval_tokens=100000"], "params.eval_tokens", "too few"),
+        (["params.hook=blocks.9.hook_resid_pre"], "params.hook", "not a hook"),
+    ],
+)
+def test_bad_input_is_exit_2_naming_the_field_with_nothing_written(
+    overrides: list[str],
+    field: str,
+    words: str,
+    tiny_gpt2_dir: Path,
+    shared_weight_cache_dir: Path,
+    corpus_file: Path,
+    saved_planted_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    not_an_sae = tmp_path / "not_an_sae"
+    not_an_sae.mkdir()
+    (not_an_sae / "cfg.json").write_text("{}")
+    (not_an_sae / "sae_weights.safetensors").write_text("not weights")
+    args = []
+    for override in overrides:
+        override = (
+            override.replace("NOTANSAE", str(not_an_sae))
+            .replace("OTHER", str(saved_planted_folder))
+            .replace("EMPTY", str(tmp_path))
+        )
+        args += ["--set", override]
+    out = tmp_path / "out"
+    status, _ = _run(args, tiny_gpt2_dir, shared_weight_cache_dir, out, corpus_file)
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert field in error and words in error, error
+    assert not (out / "tiny-gpt2" / "sae_features").exists()
+
+
+def test_sae_of_another_size_is_refused_naming_the_source(
+    tiny_gpt2_dir: Path,
+    shared_weight_cache_dir: Path,
+    corpus_file: Path,
+    saved_planted_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The planted SAE's hook name made the run's: only d_in (16, not 64) is wrong.
+    folder = tmp_path / "relabelled"
+    shutil.copytree(saved_planted_folder, folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_pre"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    status, _ = _run(
+        ["--set", f"params.source={{path: {folder}}}"],
+        tiny_gpt2_dir,
+        shared_weight_cache_dir,
+        out,
+        corpus_file,
+    )
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "params.source" in error and "d_in=16" in error and "has 64" in error, error
+    assert not (out / "tiny-gpt2" / "sae_features").exists()
+
+
+def test_pretrained_sae_with_the_hub_unreachable_fails_within_seconds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from unraveled.errors import ModelUnavailableError
+    from unraveled.sae.loading import load_pretrained_sae
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=r"params\.source: can't download SAE"):
+        load_pretrained_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+    assert time.perf_counter() - started < 10
+
+
+def test_run_saves_the_sae_in_saelens_format_and_records_the_windows(
+    tiny_gpt2_dir: Path,
+    shared_weight_cache_dir: Path,
+    corpus_file: Path,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    args = [
+        "--set",
+        "params.width=32",
+        "--set",
+        "params.k=4",
+        "--set",
+        "params.training_tokens=256",
+        "--set",
+        "params.batch_tokens=64",
+        "--set",
+        "params.buffer_tokens=128",
+        "--set",
+        "params.planted_check=false",
+    ]
+    status, _ = _run(args, tiny_gpt2_dir, shared_weight_cache_dir, out, corpus_file)
+    assert status == 0
+    run = out / "tiny-gpt2" / "sae_features"
+    sae = SAE.load_from_disk(run / "sae")
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 32)
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [saved["folder"] for saved in manifest["saved"]] == ["sae"]
+    windows = dict(np.load(run / "windows.npz"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert windows["held_out"].sum() == 2 == metrics["corpus"]["held_out_windows"]
+    assert len(windows["start"]) == 2 + 256 // 16
+    assert np.isfinite(metrics["evaluation"]["explained_variance"])
+    assert (run / "views" / "feature_browser.html").exists()
+    assert "SAE.load_from_disk" in metrics["saved_sae"]["load"]
+    # Reused: the saved folder as the source of a later run on the same model and hook.
+    again = tmp_path / "again"
+    status, _ = _run(
+        ["--set", f"params.source={{path: {run / 'sae'}}}"],
+        tiny_gpt2_dir,
+        shared_weight_cache_dir,
+        again,
+        corpus_file,
+    )
+    assert status == 0
+    assert not (again / "tiny-gpt2" / "sae_features" / "sae").exists()
+
+
+def test_ray_workers_give_the_local_engines_activations(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    from unraveled.corpus import corpus_windows
+
+    cache = tmp_path / "cache"
+    model = load_tiny(tiny_gpt2_dir, cache)
+    monkeypatch.setenv("UNRAVELED_CACHE", str(cache))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    folder = Path(tempfile.mkdtemp(prefix="unraveled-test-ray-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    windows = corpus_windows(model.tokenizer, [], 16, 16 * 7, seed=3).tokens
+    hook = default_hook(model)
+    local = list(activation_chunks(model, hook, windows, 3, True))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(folder),
+    )
+    try:
+        distributed = list(activation_chunks(model, hook, windows, 3, True, engine="ray"))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [len(chunk) for chunk in distributed] == [48, 48, 16]
+    for ours, theirs in zip(local, distributed, strict=True):
+        assert torch.equal(ours, theirs)

@@ -1,0 +1,97 @@
+"""The SAE evaluation's figures (unraveled.sae.figures) draw the numbers their titles name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.patches import Rectangle, StepPatch
+
+from unraveled.sae.evaluation import SAEEvaluation
+from unraveled.sae.figures import (
+    ce_loss_figure,
+    density_figure,
+    evaluation_figures,
+    sparsity_figure,
+)
+
+# 10 features over 1000 tokens: two dead, two dense (> 10%), the rest spread over decades.
+FEATURE_COUNTS = np.array([0, 0, 1, 3, 10, 30, 60, 99, 101, 1000])
+
+
+@pytest.fixture
+def evaluation() -> SAEEvaluation:
+    return SAEEvaluation(
+        hook_name="blocks.1.hook_resid_pre",
+        n_windows=4,
+        window_tokens=251,
+        excluded_token_ids=(50256,),
+        n_tokens=1000,
+        l0=1.5,
+        l0_counts=np.array([100, 400, 400, 100, 0, 0, 0, 0, 0, 0, 0]),
+        mse=0.25,
+        explained_variance=0.8,
+        mse_per_window=np.array([0.2, 0.3, 0.25, 0.25]),
+        explained_variance_per_window=np.array([0.84, 0.76, 0.8, np.nan]),
+        feature_counts=FEATURE_COUNTS,
+        ce_loss_clean=3.0,
+        ce_loss_spliced=3.5,
+        ce_loss_zero_ablation=8.0,
+        ce_loss_tokens=996,
+        ce_loss_clean_per_window=np.array([2.9, 3.1, 3.0, 3.0]),
+        ce_loss_spliced_per_window=np.array([3.4, 3.6, 3.5, 3.5]),
+        ce_loss_zero_ablation_per_window=np.array([7.9, 8.1, 8.0, 8.0]),
+    )
+
+
+def test_density_histogram_counts_live_features_and_names_the_dead(
+    evaluation: SAEEvaluation,
+) -> None:
+    axes = density_figure(evaluation).axes[0]
+    bars = [patch for patch in axes.patches if isinstance(patch, Rectangle)]
+    edges = [bar.get_x() for bar in bars] + [bars[-1].get_x() + bars[-1].get_width()]
+    # Bins from 1 / 1000 tokens (10^-3) to 1; the eight live features each in the bin of its
+    # log10 density, no bar for the two dead ones.
+    assert edges[0] == pytest.approx(-3) and edges[-1] == pytest.approx(0)
+    live = np.log10(FEATURE_COUNTS[2:] / 1000)
+    expected, _ = np.histogram(live, bins=edges)
+    np.testing.assert_array_equal([bar.get_height() for bar in bars], expected)
+    assert expected.sum() == 8
+    title = axes.get_title()
+    assert "2 of 10 features dead" in title
+    assert "2 dense" in title
+    assert "1,000 tokens, 4 held-out windows" in title
+    assert evaluation.metrics()["dead_features"] == 2
+
+
+def test_l0_and_variance_panels_draw_the_counts(evaluation: SAEEvaluation) -> None:
+    l0_axes, variance_axes = sparsity_figure(evaluation).axes
+    (stairs,) = [patch for patch in l0_axes.patches if isinstance(patch, StepPatch)]
+    # Up to the largest L0 any token had.
+    np.testing.assert_array_equal(stairs.get_data().values, [100, 400, 400, 100])
+    assert l0_axes.lines[0].get_xdata()[0] == 1.5
+    assert "L0: 1.5 active features per token" in l0_axes.get_title()
+    assert "1,000 tokens" in l0_axes.get_title()
+    # The three windows with tokens, one each; the overall fraction marked.
+    bars = [patch.get_height() for patch in variance_axes.patches]
+    assert sum(bars) == 3
+    assert variance_axes.lines[0].get_xdata()[0] == 0.8
+    assert "Variance explained: 0.800" in variance_axes.get_title()
+
+
+def test_ce_bars_are_the_three_losses(evaluation: SAEEvaluation) -> None:
+    axes = ce_loss_figure(evaluation).axes[0]
+    heights = [patch.get_height() for patch in axes.patches]
+    assert heights == [3.0, 3.5, 8.0]
+    labels = [tick.get_text() for tick in axes.get_xticklabels()]
+    assert labels == ["clean", "SAE spliced in", "zero-ablated"]
+    # Per window, a dot at each loss.
+    dots = [collection.get_offsets()[:, 1] for collection in axes.collections]
+    np.testing.assert_allclose(dots[1], evaluation.ce_loss_spliced_per_window)
+    title = axes.get_title()
+    assert f"CE loss recovered: {(8.0 - 3.5) / (8.0 - 3.0):.3f}" in title
+    assert "996 next-token predictions, 4 held-out windows" in title
+
+
+def test_evaluation_figures_are_numbered_from_the_first(evaluation: SAEEvaluation) -> None:
+    names = [figure.name for figure in evaluation_figures(evaluation, first_number=3)]
+    assert names == ["03_sae_feature_density", "04_sae_l0_and_variance_explained", "05_sae_ce_loss"]

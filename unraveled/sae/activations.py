@@ -1,0 +1,120 @@
+"""A hook's activations over corpus windows, streamed: forward passes stopped at the hook's layer.
+
+``hook_activations`` runs one batch of windows only as far as the hook needs (``stop_at_layer``)
+and returns that hook's activations, one row per token. ``activation_chunks`` streams a set of
+windows batch by batch, on the local engine or on Ray workers (``unraveled.sae.ray``), in the
+same batches either way, so the same windows give the same activations wherever they run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from numpy.typing import NDArray
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from unraveled.engines.local import batches
+
+EngineName = Literal["local", "ray"]
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def default_hook(model: HookedTransformer) -> str:
+    """The residual stream entering the middle block: ``blocks.{n_layers // 2}.hook_resid_pre``."""
+    return f"blocks.{model.cfg.n_layers // 2}.hook_resid_pre"
+
+
+def hook_block(hook_name: str) -> int | None:
+    """The block a hook is in (``blocks.L....`` -> L), or None for hooks outside the blocks."""
+    found = _BLOCK.match(hook_name)
+    return int(found.group(1)) if found else None
+
+
+def hook_activations(
+    model: HookedTransformer,
+    hook_name: str,
+    windows: Int[Tensor, "window pos"],
+    prepend_bos: bool,
+) -> Float[Tensor, "token d_in"]:
+    """``hook_name``'s activations on ``windows``, one row per window token, in window order.
+
+    The forward pass stops where the hook is reached: the residual stream entering block L is
+    the output of ``stop_at_layer=L``; any other hook in block L runs blocks 0..L. With
+    ``prepend_bos`` a BOS token goes before each window (as the model was trained) and its
+    position is left out: it is the same in every window and carries outsized activations.
+
+    Args:
+        model: The model.
+        hook_name: A hook point of ``model`` (``model.hook_dict``).
+        windows: Token ids, one window per row, without BOS.
+        prepend_bos: Put the model's BOS before each window.
+    """
+    tokens = windows.to(model.cfg.device)
+    if prepend_bos:
+        bos = torch.full((len(tokens), 1), model.tokenizer.bos_token_id, device=tokens.device)
+        tokens = torch.cat([bos, tokens], dim=1)
+    block = hook_block(hook_name)
+    with torch.inference_mode():
+        if block is not None and hook_name == f"blocks.{block}.hook_resid_pre":
+            acts = model(tokens, stop_at_layer=block)
+        else:
+            captured: list[Tensor] = []
+
+            def keep(activation: Tensor, hook: object) -> None:
+                captured.append(activation)
+
+            stop = None if block is None else block + 1
+            model.run_with_hooks(tokens, stop_at_layer=stop, fwd_hooks=[(hook_name, keep)])
+            acts = captured[0]
+    acts = acts[:, int(prepend_bos) :]
+    return acts.reshape(-1, acts.shape[-1]).float().cpu()
+
+
+def window_batches(n_windows: int, batch_windows: int) -> list[range]:
+    """The batches every engine cuts ``n_windows`` into (``unraveled.engines.local.batches``)."""
+    return list(batches(0, n_windows, batch_windows))
+
+
+def activation_chunks(
+    model: HookedTransformer,
+    hook_name: str,
+    windows: Int[NDArray, "window pos"],
+    batch_windows: int,
+    prepend_bos: bool,
+    engine: EngineName = "local",
+    workers: int | None = None,
+    epochs: int | None = 1,
+) -> Iterator[Float[Tensor, "token d_in"]]:
+    """``hook_name``'s activations on ``windows``, one batch of windows at a time, in order.
+
+    Args:
+        model: The model.
+        hook_name: The hook.
+        windows: Token ids, one window per row, without BOS.
+        batch_windows: Windows per forward pass.
+        prepend_bos: Put the model's BOS before each window (and leave its position out).
+        engine: ``local`` (this process) or ``ray`` (Ray workers; the driver receives the chunks
+            in window order, a few batches ahead of the consumer).
+        workers: Ray workers at most (default: every CPU Ray can place).
+        epochs: Passes over the windows; None repeats them without end (a training stream read
+            as far as needed).
+    """
+    if engine == "ray":
+        from unraveled.sae.ray import ray_activation_chunks  # Ray is imported only when asked for
+
+        yield from ray_activation_chunks(
+            model, hook_name, windows, batch_windows, prepend_bos, workers, epochs
+        )
+        return
+    passes = 0
+    while epochs is None or passes < epochs:
+        for batch in window_batches(len(windows), batch_windows):
+            chosen = torch.from_numpy(windows[batch.start : batch.stop].astype(np.int64))
+            yield hook_activations(model, hook_name, chosen, prepend_bos)
+        passes += 1
