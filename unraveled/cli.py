@@ -1,4 +1,4 @@
-"""The command line: routing only. ``unraveled list | run | models | export``.
+"""The command line: routing only. ``unraveled list | run | models | export | report``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
 0 ok, 2 bad input (config, name or option), 3 a model can't be had (a model the user named, or
@@ -297,6 +297,25 @@ def export(
         markup=False,
         highlight=False,
     )
+
+
+@app.command()
+def report(
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="An output folder of runs (--out of unraveled run).", show_default=False
+        ),
+    ],
+) -> None:
+    """Rebuild the report's pages (index, run and compare pages) over the runs in OUT.
+
+    For runs saved from Python (``RunResult.save``) or pages deleted or out of date.
+    """
+    from unraveled.api import report as rebuild_report
+
+    index = rebuild_report(out)
+    console.print(f"rebuilt the pages; open {index}", soft_wrap=True, markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
