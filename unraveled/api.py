@@ -105,9 +105,11 @@ def _runner() -> Any:
     import unraveled.render.figures
     import unraveled.runner
 
-    after = dict.__getitem__(matplotlib.rcParams, "backend")
-    if isinstance(before, str) and before != after:
-        matplotlib.use(before)
+    if dict.__getitem__(matplotlib.rcParams, "backend") != before:
+        if isinstance(before, str):
+            matplotlib.use(before)
+        else:  # not chosen yet: pyplot chooses on import, as it would have (inline in Jupyter)
+            dict.__setitem__(matplotlib.rcParams, "backend", before)
     return unraveled.runner
 
 
@@ -241,8 +243,11 @@ def _coerce(value: Any) -> Any:
     """
     if isinstance(value, Mapping):
         return {key: _coerce(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_coerce(item) for item in value)
+    if isinstance(value, list):
+        return [_coerce(item) for item in value]
+    if isinstance(value, tuple):
+        items = [_coerce(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # namedtuple
     module = type(value).__module__
     if module == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         return value.item()  # numpy's bool, int and float scalars as Python's
