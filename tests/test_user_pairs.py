@@ -188,7 +188,8 @@ def test_attribution_patching_with_a_nonlinear_metric(model) -> None:  # type: i
 
             slopes.append(np.mean(naive_scores(model, ROWS, log_prob, hook, nudged)))
         derivative = (slopes[0] - slopes[1]) / (2 * step)
-        assert result.heads_estimate[layer, head] == pytest.approx(derivative / span, abs=2e-3)
+        # Central differences of step 0.01 in float32: agree to about 1e-3 of the value.
+        assert result.heads_estimate[layer, head] == pytest.approx(derivative / span, rel=3e-3)
 
 
 def test_ioi_circuit_with_a_nonlinear_metric_keeps_what_naive_patching_keeps(model) -> None:  # type: ignore[no-untyped-def]
@@ -235,8 +236,8 @@ def test_ioi_circuit_with_a_nonlinear_metric_keeps_what_naive_patching_keeps(mod
     clean_mean = np.mean(clean_scores(model, ROWS, log_prob))
     corrupted_mean = np.mean(naive_scores(model, ROWS, log_prob))
     share = (np.mean(kept) - corrupted_mean) / (clean_mean - corrupted_mean)
-    assert result.sizes[1:3] == [1, 3]
-    assert result.faithfulness[2] == pytest.approx(share, abs=1e-3)
+    assert result.sizes == [0, 3, len(result.nodes)]
+    assert result.faithfulness[1] == pytest.approx(share, abs=1e-3)
 
 
 def test_a_metric_giving_one_number_is_refused_naming_it(model) -> None:  # type: ignore[no-untyped-def]
@@ -505,3 +506,34 @@ def test_logit_attribution_needs_no_equal_lengths_but_one_token_answers(model) -
             logit_attribution.LogitAttributionParams(pairs=rows),
             model,
         )
+
+
+def test_pairs_of_one_length_are_patched_at_each_position(model) -> None:  # type: ignore[no-untyped-def]
+    rows = [
+        ROWS[1],
+        {
+            "clean": "The capital of Spain is the city of",
+            "corrupted": "The capital of Japan is the city of",
+            "clean_answer": " Madrid",
+            "corrupted_answer": " Tokyo",
+        },
+    ]
+    result = activation_patching.compute(
+        model,
+        activation_patching.ActivationPatchingParams(pairs=rows, metric=clean_answer_log_prob),
+        seed=0,
+    )
+    n_pos = model.to_tokens(rows[0]["clean"]).shape[1]
+    assert not result.position_groups and len(result.tokens) == n_pos
+    # Shared tokens are labels; where the prompts differ, the position's index.
+    assert result.tokens[1] == "The" and result.tokens[4] == "position 4"
+    clean = np.mean(clean_scores(model, rows, log_prob))
+    corrupted = np.mean(naive_scores(model, rows, log_prob))
+    for position in (3, 4, n_pos - 1):
+
+        def one_position(act, clean_act, _c, _x, position=position) -> None:  # type: ignore[no-untyped-def]
+            act[:, position] = clean_act[:, position]
+
+        naive = naive_scores(model, rows, log_prob, "blocks.1.hook_resid_pre", one_position)
+        share = (np.mean(naive) - corrupted) / (clean - corrupted)
+        assert result.residual[1, position] == pytest.approx(share, abs=1e-3)

@@ -78,12 +78,12 @@ def naive_scores(
 
             def write(
                 activation: Tensor,
-                hook_point: Any,
+                hook: Any,
                 cache: Any = cache,
                 clean: Tensor = clean,
                 corrupted: Tensor = corrupted,
             ) -> Tensor:
-                replace(activation, cache[hook_point.name], clean, corrupted)
+                replace(activation, cache[hook.name], clean, corrupted)
                 return activation
 
             hooks = [(hook, write)]

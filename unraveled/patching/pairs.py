@@ -177,7 +177,8 @@ def position_groups(
             else f"position {index}"
             for index, column in enumerate(pairs.clean.T)
         ]
-        return labels, list(torch.eye(n_pos, dtype=torch.bool)[:, None, :]), False
+        each = torch.eye(n_pos, dtype=torch.bool)[:, None, :].repeat(1, pairs.size, 1)
+        return labels, list(each), False
     positions = torch.arange(n_pos)[None]
     real = positions < lengths[:, None]
     end = positions == pairs.last[:, None]
