@@ -385,7 +385,7 @@ BAD_CASES: dict[str, tuple[dict[str, Any], list[Any] | None, str]] = {
     "prompt_too_long": (
         {"pairs": [{**ROWS[0], "clean": LONG, "corrupted": LONG.replace("word", "text")}]},
         None,
-        "params.pairs[0].clean: 71 tokens (BOS included), more than the 64 allowed by the model",
+        "params.pairs[0].clean: 72 tokens (BOS included), more than the 64 allowed by the model",
     ),
     "too_many": (
         {"pairs": ROWS, "max_pairs": 2},
@@ -427,7 +427,7 @@ BAD_CASES: dict[str, tuple[dict[str, Any], list[Any] | None, str]] = {
     "file_lengths_differ": (
         {"pairs_file": "pairs.jsonl"},
         [{**ROWS[0], "corrupted": "When Mary went to the store"}],
-        "params.pairs_file: pairs.jsonl line 1: corrupted: 7 tokens, but its clean prompt has 14",
+        "params.pairs_file: pairs.jsonl line 1: corrupted: 7 tokens, but its clean prompt has 15",
     ),
     "file_too_many": (
         {"pairs_file": "pairs.jsonl", "max_pairs": 2},
