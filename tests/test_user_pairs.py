@@ -151,7 +151,8 @@ def test_activation_patching_with_a_nonlinear_metric_is_naive_one_hook_patching(
                 act[:, at] = clean_act[:, at]
 
             naive = naive_scores(model, ROWS, log_prob, hook, group_from_clean)
-            assert result.residual[point, column] == pytest.approx(share(naive), abs=1e-3)
+            # float32, batched and started mid-model against whole single runs
+            assert result.residual[point, column] == pytest.approx(share(naive), rel=2e-3, abs=1e-3)
     # The last token restored after the last block is the clean run; before the change, nothing.
     assert result.residual[-1, CHANGE_GROUPS.index("end")] == pytest.approx(1.0, abs=1e-4)
     _close(result.residual[:, 0], 0.0)

@@ -32,7 +32,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_serializer,
@@ -223,7 +222,6 @@ class PromptPairsParams(Params):
         description="Or a JSONL file of them, one object with those keys per line (relative "
         "paths are from the working directory).",
     )
-    _file_rows: list[PairRow] | None = PrivateAttr(None)
 
     @field_validator("pairs", mode="before")
     @classmethod
@@ -313,12 +311,13 @@ class PromptPairsParams(Params):
             return [PairRow(pair, index=index) for index, pair in enumerate(self.pairs)]
         if self.pairs_file is None:
             return []
-        if self._file_rows is None:
-            try:
-                self._file_rows = read_pairs_file(self.pairs_file, self.max_pairs)
-            except ValueError as error:
-                raise ParamError("pairs_file", str(error)) from None
-        return self._file_rows
+        # Read again at each call (a few thousand lines at most): a private attribute caching it
+        # would give every params class pydantic's model_post_init, whose annotations the test
+        # suite's type checks can't resolve.
+        try:
+            return read_pairs_file(self.pairs_file, self.max_pairs)
+        except ValueError as error:
+            raise ParamError("pairs_file", str(error)) from None
 
 
 MetricFunction = Callable[..., Any]
