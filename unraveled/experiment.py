@@ -95,6 +95,18 @@ class Figure:
     figure: MplFigure
     caption: str = ""
 
+    def _repr_png_(self) -> bytes:
+        """The figure as PNG, for front ends that show images only."""
+        from unraveled.render import notebook
+
+        return notebook.figure_png(self)
+
+    def _repr_html_(self) -> str:
+        """The figure inline in Jupyter (an embedded PNG), its caption below."""
+        from unraveled.render import notebook
+
+        return notebook.figure_html(self)
+
 
 @dataclass(frozen=True)
 class View:
@@ -108,6 +120,12 @@ class View:
     title: str
     elements: list[Element]
     facts: dict[str, str] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        """The view drawn inline in Jupyter, offline (see ``unraveled.render.notebook``)."""
+        from unraveled.render import notebook
+
+        return notebook.view_html(self)
 
 
 @dataclass(frozen=True)
