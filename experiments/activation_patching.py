@@ -269,4 +269,6 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    # Patches from a layer on; reads patched activations by their hook's name.
+    needs=frozenset({"start_at_layer", "hook_names"}),
 )

@@ -712,4 +712,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    needs=frozenset({"hook_names"}),  # activations and gradients kept by their hook's name
 )

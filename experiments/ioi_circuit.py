@@ -523,4 +523,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    needs=frozenset({"hook_names"}),  # edges' activations kept by their hook's name
 )
