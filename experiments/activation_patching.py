@@ -315,4 +315,6 @@ EXPERIMENT = Experiment(
     render=render,
     check=check,
     check_before_loading=check_before_loading,
+    # Patches from a layer on; reads patched activations by their hook's name.
+    needs=frozenset({"start_at_layer", "hook_names"}),
 )

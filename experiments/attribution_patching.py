@@ -781,4 +781,5 @@ EXPERIMENT = Experiment(
     render=render,
     check=check,
     check_before_loading=check_before_loading,
+    needs=frozenset({"hook_names"}),  # activations and gradients kept by their hook's name
 )

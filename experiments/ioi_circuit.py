@@ -582,4 +582,5 @@ EXPERIMENT = Experiment(
     render=render,
     check=check,
     check_before_loading=check_before_loading,
+    needs=frozenset({"hook_names"}),  # edges' activations kept by their hook's name
 )
