@@ -57,10 +57,12 @@ lens
 lens.metrics()["final_prediction"]
 
 # %% [markdown]
-# A result's figures are matplotlib figures, drawn on first use; each shows inline.
+# A result's figures are drawn on first use and show inline (`.figure` is the matplotlib
+# figure). Its views draw inline too, offline: the first view a kernel shows carries circuitsvis's
+# script, the later ones use it.
 
 # %%
-lens.figures[0].figure
+lens.figures[0]
 
 # %% [markdown]
 # ## Attention patterns: an interactive view
@@ -102,13 +104,49 @@ patched = patching.metrics()
 patched["clean_logit_difference"], patched["corrupted_logit_difference"]
 
 # %% [markdown]
+# ## Your own pairs and your own metric
+#
+# The patching experiments take your own clean/corrupted pairs (each checked: one-token answers,
+# equal token lengths) and, from Python, a metric in place of the logit difference: it gets the
+# logits at each prompt's last token, `[batch, d_vocab]`, and the batch (`pairs.correct` and
+# `pairs.incorrect` are the answers' token ids), and returns one score per prompt. Here: the
+# log-probability of the clean answer.
+
+
+# %%
+def clean_answer_log_prob(last_logits, pairs):
+    rows = torch.arange(last_logits.shape[0])
+    return last_logits.log_softmax(-1)[rows, pairs.correct]
+
+
+my_pairs = [
+    {
+        "clean": "The capital of France is the city of",
+        "corrupted": "The capital of Italy is the city of",
+        "clean_answer": " Paris",
+        "corrupted_answer": " Rome",
+    },
+    {
+        "clean": "When Mary and John went to the store, John gave a drink to",
+        "corrupted": "When Mary and John went to the store, Mary gave a drink to",
+        "clean_answer": " Mary",
+        "corrupted_answer": " John",
+    },
+]
+custom = ur.run("activation_patching", model, pairs=my_pairs, metric=clean_answer_log_prob)
+custom.metrics()["metric"]
+
+# %%
+custom.figures[1]
+
+# %% [markdown]
 # ## LayerNorm's gammas: raw weights
 #
 # The gammas exist only in the raw weights (processing folds them into the next layer).
 
 # %%
 norms = ur.run("layernorm", model, prompts=["The quick brown fox", "jumps over the lazy dog"])
-norms.figures[1].figure
+norms.figures[1]
 
 # %% [markdown]
 # ## Save a run, rebuild the report

@@ -341,3 +341,18 @@ def test_processed_experiments_that_raw_weights_serve_give_the_same_numbers(
 def test_a_processed_experiment_raw_weights_change_is_refused(users_raw_model: Any) -> None:
     with pytest.raises(ParamError, match=r"^model: .*HookedTransformer.from_pretrained\('gpt2'\)"):
         ur.run("logit_attribution", users_raw_model)
+
+
+def test_a_transformer_bridge_runs_what_it_can_and_is_refused_the_rest(
+    tiny_gpt2_dir: Path,
+) -> None:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(tiny_gpt2_dir), device="cpu")
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.requires_grad_(False)
+    result = ur.run("logit_lens", bridge, prompt="The capital of France is")
+    assert result.model["loaded_from"].startswith("loaded by the user (a TransformerBridge")
+    assert result.model["weights"] == "processed"
+    with pytest.raises(ParamError, match=r"^model: activation_patching can't run on a Transf"):
+        ur.run("activation_patching", bridge)

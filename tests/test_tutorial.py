@@ -35,6 +35,10 @@ def test_tutorial_runs_top_to_bottom(
     ]
     shown = [output.get("data", {}) for output in outputs]
     assert any("image/png" in data for data in shown), "no figure shown inline"
+    views = [
+        data["text/html"] for data in shown if "circuitsvis" in data.get("text/html", "").lower()
+    ]
+    assert views, "no view shown inline"
     assert (tmp_path / "tutorial-outputs" / "index.html").is_file()
     assert (tmp_path / "tutorial-outputs" / "tiny-gpt2" / "logit_lens" / "manifest.json").is_file()
     assert (tmp_path / "tutorial-outputs" / "tiny-gpt2" / "attention" / "views").is_dir()

@@ -35,6 +35,7 @@ from unraveled.experiment import RESOLVE_ANNOTATIONS, Experiment, WeightsKind, c
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:
     from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
 
     from unraveled.experiment import Figure, Table, View
     from unraveled.models.loading import LoadedModel
@@ -162,7 +163,7 @@ def _remember(loaded: LoadedModel, device: str) -> None:
     )
 
 
-def provenance(model: HookedTransformer) -> dict[str, Any]:
+def provenance(model: HookedTransformer | TransformerBridge) -> dict[str, Any]:
     """What a run's manifest says about ``model``: its name, source, weights and shape.
 
     For a model from ``load_model``: the name asked for, where its weights were read, which
@@ -173,13 +174,17 @@ def provenance(model: HookedTransformer) -> dict[str, Any]:
     return _run_model(model).record
 
 
-def _described_weights(model: HookedTransformer) -> WeightsKind:
+def _described_weights(model: HookedTransformer | TransformerBridge) -> WeightsKind:
     """Whether a model the user loaded holds processed weights, read off the weights themselves.
 
     Processed: its norms were folded into the next weights (``LNPre``/``RMSPre``), or its
     embedding rows are centred (``center_writing_weights``). Either changes what the raw-weights
     experiments report.
     """
+    from unraveled.compat.bridge import is_bridge
+
+    if is_bridge(model):  # set by enable_compatibility_mode's processing (compat.bridge)
+        return "processed" if getattr(model, "_weights_processed", False) else "raw"
     if model.cfg.normalization_type in _FOLDED_NORMS:
         return "processed"
     embedding = model.W_E.detach()
@@ -190,7 +195,7 @@ def _described_weights(model: HookedTransformer) -> WeightsKind:
     return "raw"
 
 
-def _run_model(model: HookedTransformer, note: str | None = None) -> RunModel:
+def _run_model(model: HookedTransformer | TransformerBridge, note: str | None = None) -> RunModel:
     """How ``model``'s runs are published: from its provenance, or described from its config."""
     runner = _runner()
     known = _REGISTRY.get(model)
@@ -211,7 +216,8 @@ def _run_model(model: HookedTransformer, note: str | None = None) -> RunModel:
                 "label": name,
                 "is_fallback": False,
                 "fallback_reason": None,
-                "loaded_from": "loaded by the user (a HookedTransformer passed to unraveled.run)",
+                "loaded_from": f"loaded by the user (a {type(model).__name__} passed to "
+                "unraveled.run)",
                 "revision": None,
                 "from_weight_cache": None,
                 "weights": weights,
@@ -396,13 +402,17 @@ def _model_for(
     )
 
 
-def run(name: str, model: HookedTransformer, *, seed: int = 0, **params: Any) -> RunResult:
+def run(
+    name: str, model: HookedTransformer | TransformerBridge, *, seed: int = 0, **params: Any
+) -> RunResult:
     """Run one experiment on ``model`` with the command line's checks; nothing is written.
 
     Args:
         name: The experiment (``unraveled list`` names them: ``logit_lens``, ``attention``, ...).
             Its built-in config gives every param not given here.
-        model: A ``HookedTransformer``: from ``load_model``, or one you loaded yourself.
+        model: A ``HookedTransformer``: from ``load_model``, or one you loaded yourself; or a
+            ``TransformerBridge`` in compatibility mode, for the experiments whose hooks it
+            provides (``unraveled.compat.bridge``).
         seed: Seeds Python, numpy and torch before computing (``0 <= seed < 2**32``).
         **params: The config's ``params`` (``unraveled params NAME`` lists them), validated by
             the same schema as YAML; numpy and torch scalars are taken as Python numbers. A
@@ -419,13 +429,22 @@ def run(name: str, model: HookedTransformer, *, seed: int = 0, **params: Any) ->
             a prompt too long, a head or layer out of range, a multi-token answer, or a model
             whose kind of weights the experiment can't use (see ``_model_for``).
     """
+    from unraveled.compat.bridge import check_bridge, is_bridge
+
     config = _config(name, seed, params)
     _check_model_type(model)
     experiment, validated = config.experiment, config.params
+    try:
+        check_bridge(model, config.name, experiment)  # what a bridge lacks, before anything runs
+    except ParamError as error:
+        raise ParamError(error.field, error.problem, prefix="") from None
     if experiment.check_before_loading is not None:
         experiment.check_before_loading(validated, model.tokenizer, model.cfg.n_ctx)
     check_params(experiment, validated, model)
-    compute_on, note = _model_for(config.name, experiment, model)
+    # A bridge's kind of weights was checked with the rest of it.
+    compute_on, note = (
+        (model, None) if is_bridge(model) else _model_for(config.name, experiment, model)
+    )
     runner = _runner()
     computed = runner.compute_run(config, compute_on)
     return RunResult(computed, _run_model(compute_on, note))
@@ -434,13 +453,18 @@ def run(name: str, model: HookedTransformer, *, seed: int = 0, **params: Any) ->
 def _check_model_type(model: Any) -> None:
     from transformer_lens import HookedTransformer
 
-    if not isinstance(model, HookedTransformer):
+    from unraveled.compat.bridge import is_bridge
+
+    if not isinstance(model, HookedTransformer) and not is_bridge(model):
         hint = (
             f"; load it first: model = unraveled.load_model({model!r})"
             if isinstance(model, (str, Path))
             else ""
         )
-        raise TypeError(f"model: expected a HookedTransformer, got {type(model).__name__}{hint}")
+        raise TypeError(
+            f"model: expected a HookedTransformer (or a TransformerBridge), "
+            f"got {type(model).__name__}{hint}"
+        )
 
 
 def report(out_dir: str | Path) -> Path:

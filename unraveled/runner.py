@@ -39,7 +39,15 @@ from transformer_lens import HookedTransformer
 from unraveled import outputs
 from unraveled.config import LoadedConfig
 from unraveled.errors import ConfigError, ParamError, UnraveledError
-from unraveled.experiment import Figure, Table, View, WeightsKind, check_params, check_text_params
+from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
+    Figure,
+    Table,
+    View,
+    WeightsKind,
+    check_params,
+    check_text_params,
+)
 from unraveled.manifest import SCHEMA_VERSION, RunManifest
 from unraveled.memory import PeakMemory, return_freed_memory
 from unraveled.models.loading import LoadedModel, load_planned
@@ -49,7 +57,8 @@ from unraveled.phases import handing_back
 from unraveled.render import export, views
 from unraveled.render.pages import write_pages
 
-if TYPE_CHECKING:
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:
+    from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -303,7 +312,7 @@ class ComputedRun:
     peak_rss_mb: float
 
 
-def compute_run(config: LoadedConfig, model: HookedTransformer) -> ComputedRun:
+def compute_run(config: LoadedConfig, model: HookedTransformer | TransformerBridge) -> ComputedRun:
     """Seed everything and compute ``config``'s result on ``model``; nothing is written."""
     with PeakMemory() as peak:
         started = time.perf_counter()
