@@ -351,7 +351,10 @@ def test_a_transformer_bridge_runs_what_it_can_and_is_refused_the_rest(
     bridge = TransformerBridge.boot_transformers(str(tiny_gpt2_dir), device="cpu")
     bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.requires_grad_(False)
-    result = ur.run("logit_lens", bridge, prompt="The capital of France is")
+    from tests.test_bridge import duck_typed  # experiments are annotated HookedTransformer
+
+    with duck_typed():
+        result = ur.run("logit_lens", bridge, prompt="The capital of France is")
     assert result.model["loaded_from"].startswith("loaded by the user (a TransformerBridge")
     assert result.model["weights"] == "processed"
     with pytest.raises(ParamError, match=r"^model: activation_patching can't run on a Transf"):

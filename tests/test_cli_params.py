@@ -37,7 +37,7 @@ def test_params_prints_types_defaults_bounds_choices_and_nested_params(
 ) -> None:
     rows = _rows(capsys, "activation_patching")
     assert rows["ioi.n_pairs"] == ["int", "8", ">= 1; <= 512", "Number of prompt pairs."]
-    assert rows["prompts"][:3] == ["str", "'pair'", "one of 'pair', 'ioi'"]
+    assert rows["prompts"][:3] == ["str", "'pair'", "one of 'pair', 'ioi', 'pairs'"]
     assert rows["ioi"][:2] == ["IOIParams", "(below)"]
     assert rows["ioi.names"][0] == "list[str]" and rows["ioi.names"][2] == "min_length 3"
     assert "one token" in rows["clean_answer"][2]
