@@ -10,7 +10,10 @@ stream at that layer: the layers before it would only recompute what the corrupt
 With ``prompts: ioi`` the patches run over a dataset of IOI prompt pairs instead of one pair, the
 logit differences are averaged over the pairs, and the residual stream is patched per group of
 positions (the names, the token after the first subject, the last token, the rest), since the
-prompts' positions don't line up.
+prompts' positions don't line up. With ``prompts: pairs`` they run over your own pairs
+(``unraveled.datasets.pairs``): per position when every prompt has the same token length, else
+per group of positions around the tokens the prompts differ in. From Python, ``metric`` replaces
+the logit difference.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from unraveled.datasets.ioi import IOIParams
+from unraveled.datasets.pairs import PatchingMetricParams, check_pairs, metric_name
 from unraveled.experiment import (
     RESOLVE_ANNOTATIONS,
     Answer,
@@ -33,19 +37,19 @@ from unraveled.experiment import (
     Experiment,
     Figure,
     ParamError,
-    Params,
     Prompt,
     prompt_token_count,
 )
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
 TOP_K = 10
 
 
-class ActivationPatchingParams(Params):
-    """One clean/corrupted pair and its answers, or the IOI dataset."""
+class ActivationPatchingParams(PatchingMetricParams):
+    """One clean/corrupted pair and its answers, the IOI dataset, or your own pairs."""
 
     clean: Prompt = "When Mary and John went to the store, John gave a drink to"
     corrupted: Prompt = "When Mary and John went to the store, Mary gave a drink to"
@@ -53,8 +57,10 @@ class ActivationPatchingParams(Params):
     corrupted_answer: Answer = Field(
         " John", description="The corrupted prompt's answer (one token)."
     )
-    prompts: Literal["pair", "ioi"] = Field(
-        "pair", description="pair: the one pair above; ioi: the IOI dataset in params.ioi."
+    prompts: Literal["pair", "ioi", "pairs"] = Field(
+        "pair",
+        description="pair: the one pair above; ioi: the IOI dataset in params.ioi; pairs: your "
+        "own, in params.pairs or params.pairs_file.",
     )
     ioi: IOIParams = Field(
         default_factory=IOIParams, description="The IOI prompt pairs, when prompts is ioi."
@@ -75,8 +81,14 @@ class ActivationPatchingResult:
     n_pairs: int = 1
     answers: dict[str, dict[str, float]] = field(default_factory=dict)
     position_groups: bool = False
-    """Whether the residual's columns are groups of positions (``ROLES``, over IOI pairs) rather
-    than one pair's positions."""
+    """Whether the residual's columns are groups of positions (``ROLES`` over IOI pairs,
+    ``patching.CHANGE_GROUPS`` over your own pairs of different lengths) rather than positions."""
+    pairs_kind: str = "IOI"
+    """Whose pairs several pairs are, for titles: ``IOI`` or ``your``."""
+    metric: str | None = None
+    """The custom metric's qualified name; None for the logit difference."""
+    metric_label: str = "logit difference"
+    """How figures name the metric."""
 
     @property
     def position_kind(self) -> str:
@@ -107,11 +119,13 @@ class ActivationPatchingResult:
 
         order = np.argsort(-self.residual, axis=None)[:TOP_K]
         n_pos = self.residual.shape[1]
+        scored = "logit_difference" if self.metric is None else "metric"
         return {
             "n_pairs": self.n_pairs,
+            **({} if self.metric is None else {"metric": self.metric}),
             "position_groups" if self.position_groups else "tokens": self.tokens,
-            "clean_logit_difference": self.clean_difference,
-            "corrupted_logit_difference": self.corrupted_difference,
+            f"clean_{scored}": self.clean_difference,
+            f"corrupted_{scored}": self.corrupted_difference,
             "answers": self.answers,
             "residual_points": self.residual_labels,
             "residual_recovered": self.residual,
@@ -135,15 +149,22 @@ def compute(
         Recovery,
         answer_summary,
         head_patches,
+        logit_difference,
         patched_metric,
+        position_groups,
         residual_patches,
         run_cache,
         single_pair,
+        user_pairs,
     )
 
+    grouped = params.prompts == "ioi"
     if params.prompts == "ioi":
         batch = ioi_batch(model, params.ioi, seed, "params.ioi")
         pairs, groups, labels = batch.tokens, [batch.roles[role] for role in ROLES], list(ROLES)
+    elif params.prompts == "pairs":
+        pairs = user_pairs(model, [row.pair for row in params.rows()])
+        labels, groups, grouped = position_groups(model, pairs)
     else:
         answers = (
             answer_token_id(model, params.clean_answer, "params.clean_answer"),
@@ -158,8 +179,8 @@ def compute(
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     clean_logits, clean_cache = run_cache(model, pairs, "clean", [*residual_hooks, *z_hooks])
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", residual_hooks)
-    # The corrupted prompt of a single pair answers params.corrupted_answer, the pairs' incorrect
-    # token.
+    # The corrupted prompt of a pair of your own answers its corrupted answer, the pairs'
+    # incorrect token.
     corrupted_answer = (
         corrupted_prompts_answer(params.ioi) if params.prompts == "ioi" else "incorrect"
     )
@@ -167,19 +188,29 @@ def compute(
         answer_summary(clean_logits, pairs),
         answer_summary(corrupted_logits, pairs, corrupted_answer),
     )
-    recovery = Recovery.between(
-        clean["mean_logit_difference"],
-        corrupted["mean_logit_difference"],
-        "params.ioi" if params.prompts == "ioi" else "params",
+    metric = params.metric or logit_difference
+    recovery = Recovery.of(
+        metric,
+        clean_logits,
+        corrupted_logits,
+        pairs,
+        {"ioi": "params.ioi", "pairs": params.pairs_field}.get(params.prompts, "params"),
+        metric_name(params.metric),
     )
     started = time.perf_counter()
     # Point p of the residual stream is the input to block p (the last point feeds the
     # unembedding).
     residual = patched_metric(
-        model, pairs, residual_patches(model, groups), clean_cache, "corrupted", corrupted_cache
+        model,
+        pairs,
+        residual_patches(model, groups),
+        clean_cache,
+        "corrupted",
+        corrupted_cache,
+        metric=metric,
     )
     heads = patched_metric(
-        model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache
+        model, pairs, head_patches(model), clean_cache, "corrupted", corrupted_cache, metric=metric
     )
     seconds = time.perf_counter() - started
     return ActivationPatchingResult(
@@ -195,7 +226,10 @@ def compute(
         seconds=seconds,
         n_pairs=pairs.size,
         answers={"clean": clean, "corrupted": corrupted},
-        position_groups=params.prompts == "ioi",
+        position_groups=grouped,
+        pairs_kind="IOI" if params.prompts == "ioi" else "your",
+        metric=None if params.metric is None else metric_name(params.metric, qualified=True),
+        metric_label=metric_name(params.metric),
     )
 
 
@@ -207,11 +241,11 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     figure.set_size_inches(
         max(8.0, 0.7 * len(result.tokens)), max(5.0, 0.3 * len(result.residual_labels))
     )
-    over = "" if result.n_pairs == 1 else f", mean over {result.n_pairs} IOI pairs"
+    over = "" if result.n_pairs == 1 else f", mean over {result.n_pairs} {result.pairs_kind} pairs"
     heatmap(
         axes,
         result.residual,
-        "Residual stream patched from the clean run: share of the logit difference "
+        f"Residual stream patched from the clean run: share of the {result.metric_label} "
         f"recovered{over}",
         result.position_kind,
         "",
@@ -241,15 +275,26 @@ def render(result: ActivationPatchingResult) -> Iterator[Artifact]:
     yield Figure("02_head_patching", figure, "Patching each head's output at every position")
 
 
+def check_before_loading(
+    params: ActivationPatchingParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
+) -> None:
+    """Your own pairs, against the tokenizer: prompts that fit, one-token answers, equal lengths."""
+    if params.prompts == "pairs" and tokenizer is not None:
+        check_pairs(params, tokenizer, n_ctx)
+
+
 def check(model: HookedTransformer, params: ActivationPatchingParams) -> None:
     """One pair is patched position by position: same token length.
 
-    IOI names must be single tokens.
+    IOI names must be single tokens; your own pairs are checked as before loading.
     """
     from unraveled.datasets.ioi import check_ioi_names
 
     if params.prompts == "ioi":
         check_ioi_names(model, params.ioi)
+        return
+    if params.prompts == "pairs":
+        check_pairs(params, model.tokenizer, model.cfg.n_ctx)
         return
     clean, corrupted = (
         prompt_token_count(model, params.clean),
@@ -269,4 +314,7 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    check_before_loading=check_before_loading,
+    # Patches from a layer on; reads patched activations by their hook's name.
+    needs=frozenset({"start_at_layer", "hook_names"}),
 )

@@ -21,6 +21,11 @@ nothing (exact and estimate both near 0), and their agreement alone makes a rank
 all heads look high. So the metrics and figures also give the top-k overlap (of the k components
 with the largest |exact| effect, how many are among the k largest |estimates|) and the
 correlations over the components whose |exact| effect reaches each of ``EFFECT_THRESHOLDS``.
+
+With ``prompts: pairs`` the same runs over your own pairs (``unraveled.datasets.pairs``), the
+residual stream per position or per group of positions around the change
+(``patching.position_groups``); from Python, ``metric`` replaces the logit difference in the
+gradients and the exact patches alike.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from jaxtyping import Bool, Float
@@ -37,12 +42,14 @@ from pydantic import Field
 
 from unraveled.components import HeadComponent
 from unraveled.datasets.ioi import ROLES, IOIParams
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
+from unraveled.datasets.pairs import PatchingMetricParams, check_pairs, metric_name
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from matplotlib.axes import Axes
     from torch import Tensor
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
     from unraveled.patching import Patch, PromptPairs
 
@@ -54,8 +61,18 @@ EFFECT_THRESHOLDS = (0.01, 0.05)
 clean-minus-corrupted difference); the figures quote the last."""
 
 
-class AttributionPatchingParams(Params):
-    """The IOI pairs, and whether the residual stream is patched exactly at every position."""
+class AttributionPatchingParams(PatchingMetricParams):
+    """The IOI pairs or yours, and whether the residual stream is patched exactly everywhere."""
+
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        *PatchingMetricParams.OMITTED_AT_DEFAULT,
+        "prompts",
+    )
+    prompts: Literal["ioi", "pairs"] = Field(
+        "ioi",
+        description="ioi: the IOI pairs of params.ioi; pairs: your own, in params.pairs or "
+        "params.pairs_file.",
+    )
 
     # The exact side costs one partial forward per component and pair (270 heads and 30 MLPs on
     # SmolLM2: minutes for a few pairs): 2 pairs (one ABBA, one BABA) by default; the estimate
@@ -149,6 +166,10 @@ class AttributionPatchingResult:
     changes nothing, so exact and estimate are both 0 there by construction."""
     attribution_seconds: float
     exact_seconds: dict[str, float]
+    pairs_kind: str = "IOI"
+    """Whose pairs: ``IOI`` or ``your``."""
+    metric: str | None = None
+    """The custom metric's qualified name; None for the logit difference."""
 
     def residual_has_exact(self) -> Bool[NDArray, " role"]:
         """Which position groups of the residual stream were patched exactly."""
@@ -225,16 +246,24 @@ class AttributionPatchingResult:
         """The numbers of metrics.json."""
         from unraveled.heads import top_heads
 
+        answers = (
+            "correct: the indirect object, the clean prompts' answer; incorrect: the "
+            "subject. Clean prompts are scored against the correct answer, corrupted ones against "
+            "their own (with corruption swap, the subject; with abc, which has none, against the "
+            "clean answer)"
+            if self.pairs_kind == "IOI"
+            else "correct: each pair's clean answer; incorrect: its corrupted answer. Clean "
+            "prompts are scored against the correct answer, corrupted ones against their own"
+        )
+        scored = "logit difference" if self.metric is None else f"metric {self.metric}"
         return {
             "n_pairs": len(self.examples),
+            **({} if self.metric is None else {"metric": self.metric}),
             "example_pairs": self.examples[:4],
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "answers": "correct: the indirect object, the clean prompts' answer; incorrect: the "
-            "subject. Clean prompts are scored against the correct answer, corrupted ones against "
-            "their own (with corruption swap, the subject; with abc, which has none, against the "
-            "clean answer)",
-            "units": "share of the clean-minus-corrupted mean logit difference recovered (0 "
+            "answers": answers,
+            "units": f"share of the clean-minus-corrupted mean {scored} recovered (0 "
             "corrupted, 1 clean)",
             "agreement_estimate_vs_exact": self.agreements(),
             "agreement_definitions": {
@@ -281,35 +310,65 @@ def compute(
         attribution,
         estimates_per_component,
         head_patches,
+        logit_difference,
         mlp_patches,
         patchable_hooks,
         patched_metric,
+        position_groups,
         residual_patches,
         run_cache,
+        user_pairs,
     )
 
-    batch = ioi_batch(model, params.ioi, seed)
-    pairs = batch.tokens
-    groups = [batch.roles[role] for role in ROLES]
+    if params.prompts == "pairs":
+        rows = [row.pair for row in params.rows()]
+        pairs = user_pairs(model, rows)
+        roles, groups, _ = position_groups(model, pairs)
+        examples = [
+            {
+                "clean": row.clean,
+                "corrupted": row.corrupted,
+                "correct": row.clean_answer,
+                "incorrect": row.corrupted_answer,
+            }
+            for row in rows
+        ]
+        field, corrupted_answer = params.pairs_field, "incorrect"
+    else:
+        batch = ioi_batch(model, params.ioi, seed)
+        pairs, roles = batch.tokens, list(ROLES)
+        groups = [batch.roles[role] for role in ROLES]
+        examples = [
+            {
+                "clean": p.clean,
+                "corrupted": p.corrupted,
+                "correct": f" {p.io}",
+                "incorrect": f" {p.s}",
+                "order": p.order,
+            }
+            for p in batch.pairs
+        ]
+        field, corrupted_answer = "params.ioi", corrupted_prompts_answer(params.ioi)
+    metric = params.metric or logit_difference
     hooks = patchable_hooks(model)
     started = time.perf_counter()
     clean_logits, clean_cache = run_cache(model, pairs, "clean", hooks)
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", hooks)
-    _, estimates = attribution(model, pairs, hooks, clean_cache, base="corrupted")
+    _, estimates = attribution(model, pairs, hooks, clean_cache, base="corrupted", metric=metric)
     heads_estimate, mlps_estimate, residual_estimate = estimates_per_component(
         model, estimates, groups
     )
     attribution_seconds = time.perf_counter() - started
 
     clean = answer_summary(clean_logits, pairs)
-    corrupted = answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
-    recovery = Recovery.between(
-        clean["mean_logit_difference"], corrupted["mean_logit_difference"], "params.ioi"
+    corrupted = answer_summary(corrupted_logits, pairs, corrupted_answer)
+    recovery = Recovery.of(
+        metric, clean_logits, corrupted_logits, pairs, field, metric_name(params.metric)
     )
 
     def recovered(patch_sets: list[list[Patch]]) -> NDArray:
         patched = patched_metric(
-            model, pairs, patch_sets, clean_cache, "corrupted", corrupted_cache
+            model, pairs, patch_sets, clean_cache, "corrupted", corrupted_cache, metric=metric
         )
         return recovery.share(patched).numpy()
 
@@ -334,36 +393,29 @@ def compute(
     ]
     started = time.perf_counter()
     residual = recovered(residual_patches(model, [groups[index] for index in exact_groups]))
-    residual_exact = np.full((n_points, len(ROLES)), np.nan, dtype=np.float32)
+    residual_exact = np.full((n_points, len(groups)), np.nan, dtype=np.float32)
     residual_exact[:, exact_groups] = residual.reshape(n_points, len(exact_groups))
     exact_seconds["residual"] = time.perf_counter() - started
     return AttributionPatchingResult(
-        examples=[
-            {
-                "clean": p.clean,
-                "corrupted": p.corrupted,
-                "correct": f" {p.io}",
-                "incorrect": f" {p.s}",
-                "order": p.order,
-            }
-            for p in batch.pairs
-        ],
+        examples=examples,
         clean=clean,
         corrupted=corrupted,
         residual_labels=[
             *[f"before block {layer}" for layer in range(model.cfg.n_layers)],
             "after the last block",
         ],
-        roles=list(ROLES),
+        roles=roles,
         heads_estimate=(heads_estimate / recovery.span).numpy(),
         heads_exact=heads_exact.reshape(model.cfg.n_layers, model.cfg.n_heads),
         mlps_estimate=(mlps_estimate / recovery.span).numpy(),
         mlps_exact=mlps_exact,
         residual_estimate=(residual_estimate / recovery.span).numpy(),
         residual_exact=residual_exact,
-        residual_groups_before_change=[ROLES[index] for index in before_change],
+        residual_groups_before_change=[roles[index] for index in before_change],
         attribution_seconds=attribution_seconds,
         exact_seconds=exact_seconds,
+        pairs_kind="your" if params.prompts == "pairs" else "IOI",
+        metric=None if params.metric is None else metric_name(params.metric, qualified=True),
     )
 
 
@@ -596,7 +648,10 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     )
     seconds = sum(result.exact_seconds.values())
     figure.suptitle(
-        f"Attribution patching against exact patching, {len(result.examples)} IOI pairs "
+        f"Attribution patching against exact patching, {len(result.examples)} "
+        f"{result.pairs_kind} pairs"
+        + ("" if result.metric is None else f", metric {result.metric.rsplit('.', 1)[-1]}")
+        + " "
         f"(attribution {result.attribution_seconds:.1f} s, exact {seconds:.1f} s)"
     )
     compared = "every head and MLP, and the residual stream at " + (
@@ -699,11 +754,24 @@ def render(result: AttributionPatchingResult) -> Iterator[Artifact]:
     )
 
 
+def check_before_loading(
+    params: AttributionPatchingParams,
+    tokenizer: PreTrainedTokenizerBase | None,
+    n_ctx: int | None,
+) -> None:
+    """Your own pairs, against the tokenizer: prompts that fit, one-token answers, equal lengths."""
+    if params.prompts == "pairs" and tokenizer is not None:
+        check_pairs(params, tokenizer, n_ctx)
+
+
 def check(model: HookedTransformer, params: AttributionPatchingParams) -> None:
-    """Every IOI name must be one token for this model."""
+    """Every IOI name must be one token for this model; your own pairs as before loading."""
     from unraveled.datasets.ioi import check_ioi_names
 
-    check_ioi_names(model, params.ioi)
+    if params.prompts == "pairs":
+        check_pairs(params, model.tokenizer, model.cfg.n_ctx)
+    else:
+        check_ioi_names(model, params.ioi)
 
 
 EXPERIMENT = Experiment(
@@ -712,4 +780,6 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    check_before_loading=check_before_loading,
+    needs=frozenset({"hook_names"}),  # activations and gradients kept by their hook's name
 )

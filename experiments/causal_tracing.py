@@ -585,4 +585,7 @@ EXPERIMENT = Experiment(
     render=render,
     weights="raw",
     check=check,
+    # The residual stream after the last block decodes predictions; restored states are put
+    # back by their hook's name.
+    needs=frozenset({"stop_at_layer", "hook_names"}),
 )

@@ -507,4 +507,5 @@ EXPERIMENT = Experiment(
     render=render,
     weights="raw",
     check=check,
+    needs=frozenset({"W_pos"}),
 )

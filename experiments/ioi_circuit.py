@@ -17,6 +17,9 @@ sizes whose heads and MLPs are drawn at random, ``random_draws`` times: the shar
 circuit keeps depends on which components it happens to draw, so one draw is no baseline; their
 mean and their spread are reported. Everything kept gives exactly the clean run (1), nothing kept
 exactly the corrupted run (0).
+
+With ``prompts: pairs`` the same runs over your own pairs (``unraveled.datasets.pairs``); from
+Python, ``metric`` replaces the logit difference in the edge scores and both faithfulness curves.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from jaxtyping import Float
@@ -40,13 +43,15 @@ from unraveled.components import (
     parse_component,
 )
 from unraveled.datasets.ioi import IOIParams
-from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure, Params
+from unraveled.datasets.pairs import PatchingMetricParams, check_pairs, metric_name
+from unraveled.experiment import RESOLVE_ANNOTATIONS, Artifact, Experiment, Figure
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from torch import Tensor
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
-    from unraveled.patching import PromptPairs
+    from unraveled.patching import Metric, PromptPairs
 
 Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
@@ -63,9 +68,18 @@ INPUT_COLOURS = {
 }
 
 
-class IOICircuitParams(Params):
-    """The IOI pairs, how many edges to show, and the circuits the faithfulness curves keep."""
+class IOICircuitParams(PatchingMetricParams):
+    """The IOI pairs or yours, how many edges to show, and the circuits the curves keep."""
 
+    OMITTED_AT_DEFAULT: ClassVar[tuple[str, ...]] = (
+        *PatchingMetricParams.OMITTED_AT_DEFAULT,
+        "prompts",
+    )
+    prompts: Literal["ioi", "pairs"] = Field(
+        "ioi",
+        description="ioi: the IOI pairs of params.ioi; pairs: your own, in params.pairs or "
+        "params.pairs_file.",
+    )
     ioi: IOIParams = Field(default_factory=IOIParams, description="The IOI prompt pairs.")
     top_edges: int = Field(
         30, ge=1, le=500, description="Edges drawn in the circuit figure and listed in the metrics."
@@ -111,6 +125,10 @@ class IOICircuitResult:
     n_layers: int
     n_heads: int
     seconds: dict[str, float]
+    metric: str | None = None
+    """The custom metric's qualified name; None for the logit difference."""
+    metric_label: str = "logit difference"
+    """How figures name the metric."""
 
     def metrics(self) -> dict[str, Any]:
         """The numbers of metrics.json."""
@@ -119,12 +137,15 @@ class IOICircuitResult:
             size for size, kept in zip(self.sizes, self.faithfulness, strict=True) if kept >= 0.8
         ]
         draws = self.random_faithfulness
+        scored = "logit difference" if self.metric is None else f"metric {self.metric}"
         return {
             "n_pairs": self.n_pairs,
+            **({} if self.metric is None else {"metric": self.metric}),
             "clean": self.clean,
             "corrupted": self.corrupted,
-            "scores": "estimated change of the mean logit difference when the edge (or "
-            "component) alone is corrupted, in logits",
+            "scores": f"estimated change of the mean {scored} when the edge (or "
+            "component) alone is corrupted"
+            + (", in logits" if self.metric is None else ", in its units"),
             "n_edges_scored": self.n_edges,
             "top_edges": self.edges,
             "top_components": [
@@ -166,19 +187,26 @@ def circuit_faithfulness(
     nodes: list[str],
     dropped: list[list[int]],
     corrupted_cache: Any,
+    metric: Metric | None = None,
 ) -> Float[Tensor, "circuit batch"]:
-    """The clean prompts' logit differences with some components patched from the corrupted run.
+    """The clean prompts' metric with some components patched from the corrupted run.
 
     Circuit i patches the components ``dropped[i]`` (indices into ``nodes``) and keeps every
-    other one.
+    other one. The metric is the logit difference unless ``metric`` is given.
     """
-    from unraveled.patching import component_patches, patched_metric
+    from unraveled.patching import component_patches, logit_difference, patched_metric
 
     # Each component's patches built once and shared by every circuit that drops it.
     patches = [component_patches(node, model) for node in nodes]
     patch_sets = [[patch for index in indices for patch in patches[index]] for indices in dropped]
     return patched_metric(
-        model, pairs, patch_sets, corrupted_cache, base="clean", max_rows=FAITHFULNESS_ROWS
+        model,
+        pairs,
+        patch_sets,
+        corrupted_cache,
+        base="clean",
+        metric=metric or logit_difference,
+        max_rows=FAITHFULNESS_ROWS,
     )
 
 
@@ -193,22 +221,29 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         circuit_hooks,
         edge_attribution,
         edge_circuit_metric,
+        logit_difference,
         run_cache,
+        user_pairs,
     )
 
-    batch = ioi_batch(model, params.ioi, seed)
-    pairs = batch.tokens
+    if params.prompts == "pairs":
+        pairs = user_pairs(model, [row.pair for row in params.rows()])
+        field, corrupted_answer = params.pairs_field, "incorrect"
+    else:
+        pairs = ioi_batch(model, params.ioi, seed).tokens
+        field, corrupted_answer = "params.ioi", corrupted_prompts_answer(params.ioi)
+    metric = params.metric or logit_difference
     clean_logits, _ = run_cache(model, pairs, "clean", [])
     started = time.perf_counter()
     corrupted_logits, corrupted_cache = run_cache(model, pairs, "corrupted", circuit_hooks(model))
-    scores = edge_attribution(model, pairs, corrupted_cache, base="clean")
+    scores = edge_attribution(model, pairs, corrupted_cache, base="clean", metric=metric)
     edge_seconds = time.perf_counter() - started
     clean, corrupted = (
         answer_summary(clean_logits, pairs),
-        answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi)),
+        answer_summary(corrupted_logits, pairs, corrupted_answer),
     )
-    recovery = Recovery.between(
-        clean["mean_logit_difference"], corrupted["mean_logit_difference"], "params.ioi"
+    recovery = Recovery.of(
+        metric, clean_logits, corrupted_logits, pairs, field, metric_name(params.metric)
     )
 
     matrix = scores.scores.numpy()
@@ -260,7 +295,7 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
     dropped = [ranked[size:] for size in sizes] + [
         order[sizes[index] :] for order in draws for index in between
     ]
-    kept = circuit_faithfulness(model, pairs, nodes, dropped, corrupted_cache)
+    kept = circuit_faithfulness(model, pairs, nodes, dropped, corrupted_cache, metric)
     faithfulness_seconds = time.perf_counter() - started
     shares = recovery.share(kept).numpy()
     ranked_shares = shares[: len(sizes)]
@@ -279,7 +314,7 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
         masks = torch.zeros(len(edge_counts), *matrix.shape, dtype=torch.bool)
         for row, count in enumerate(edge_counts):
             masks[row].view(-1)[torch.from_numpy(by_score[:count])] = True
-        edge_kept = edge_circuit_metric(model, pairs, corrupted_cache, masks)
+        edge_kept = edge_circuit_metric(model, pairs, corrupted_cache, masks, metric)
         edge_shares = recovery.share(edge_kept).numpy()
         edge_faithfulness_seconds = time.perf_counter() - started
     return IOICircuitResult(
@@ -303,6 +338,8 @@ def compute(model: HookedTransformer, params: IOICircuitParams, seed: int) -> IO
             "node_faithfulness": faithfulness_seconds,
             "edge_faithfulness": edge_faithfulness_seconds,
         },
+        metric=None if params.metric is None else metric_name(params.metric, qualified=True),
+        metric_label=metric_name(params.metric),
     )
 
 
@@ -396,10 +433,18 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     ]
     handles += [
         Line2D(
-            [], [], color="grey", linestyle="-", label="corrupting it lowers the logit difference"
+            [],
+            [],
+            color="grey",
+            linestyle="-",
+            label=f"corrupting it lowers the {result.metric_label}",
         ),
         Line2D(
-            [], [], color="grey", linestyle="--", label="corrupting it raises the logit difference"
+            [],
+            [],
+            color="grey",
+            linestyle="--",
+            label=f"corrupting it raises the {result.metric_label}",
         ),
     ]
     axes.legend(
@@ -443,7 +488,7 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xscale("log")
     axes.set(
-        title="Faithfulness: share of the clean logit difference kept by the circuit alone\n"
+        title=f"Faithfulness: share of the clean {result.metric_label} kept by the circuit alone\n"
         "(everything outside it takes its corrupted output)",
         xlabel="components kept (1 = the embeddings alone; then heads and MLPs; 0 plotted at 0.5)",
         ylabel="share kept (1 clean, 0 corrupted)",
@@ -493,7 +538,9 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     image = axes.imshow(
         values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest"
     )
-    figure.colorbar(image, ax=axes, label="estimated change of the logit difference when corrupted")
+    figure.colorbar(
+        image, ax=axes, label=f"estimated change of the {result.metric_label} when corrupted"
+    )
     axes.set_xticks(
         [*range(result.n_heads), result.n_heads + 1],
         [*[str(h) for h in range(result.n_heads)], "MLP"],
@@ -510,11 +557,22 @@ def render(result: IOICircuitResult) -> Iterator[Artifact]:
     )
 
 
+def check_before_loading(
+    params: IOICircuitParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
+) -> None:
+    """Your own pairs, against the tokenizer: prompts that fit, one-token answers, equal lengths."""
+    if params.prompts == "pairs" and tokenizer is not None:
+        check_pairs(params, tokenizer, n_ctx)
+
+
 def check(model: HookedTransformer, params: IOICircuitParams) -> None:
-    """Every IOI name must be one token for this model."""
+    """Every IOI name must be one token for this model; your own pairs as before loading."""
     from unraveled.datasets.ioi import check_ioi_names
 
-    check_ioi_names(model, params.ioi)
+    if params.prompts == "pairs":
+        check_pairs(params, model.tokenizer, model.cfg.n_ctx)
+    else:
+        check_ioi_names(model, params.ioi)
 
 
 EXPERIMENT = Experiment(
@@ -523,4 +581,6 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    check_before_loading=check_before_loading,
+    needs=frozenset({"hook_names"}),  # edges' activations kept by their hook's name
 )

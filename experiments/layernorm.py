@@ -239,4 +239,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     weights="raw",
+    needs=frozenset({"W_pos"}),
 )

@@ -13,49 +13,78 @@ into the layer's attention output bias by the processed weights (TransformerLens
 With ``prompts: ioi`` the attribution is averaged over a dataset of IOI prompts (the clean
 prompts of ``unraveled.datasets.ioi``; correct = the indirect object, incorrect = the subject),
 each at its own last token with its own answers; the parts still add up to the mean logit
-difference.
+difference. With ``prompts: pairs``, over the clean prompts of your own pairs
+(``unraveled.datasets.pairs``), correct = each pair's clean answer, incorrect = its corrupted
+answer; their corrupted prompts are not read.
+
+A metric of your own (the patching experiments' ``metric``) is refused: the attribution is exact
+because the logit difference is linear in the final residual stream (given the final norm's
+scale), and a nonlinear metric has no such split. Its gradient would give a first-order estimate
+instead, which is what ``attribution_patching`` reports, beside exact patching.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from jaxtyping import Float
 from numpy.typing import NDArray
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from unraveled.datasets.ioi import IOIParams
+from unraveled.datasets.pairs import PromptPairsParams, check_pairs
 from unraveled.experiment import (
     RESOLVE_ANNOTATIONS,
     Answer,
     Artifact,
     Experiment,
     Figure,
-    Params,
     Prompt,
 )
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerBase
 
 TOP_K = 10
 
 
-class LogitAttributionParams(Params):
-    """The logit attribution experiment's params: the prompt or IOI prompts, and the answers."""
+NO_METRIC = (
+    "direct logit attribution splits the logit difference of two answers exactly, because it is "
+    "linear in what each component writes; a metric of your own has no such split (its gradient "
+    "gives a first-order estimate: run attribution_patching with it). Leave metric unset"
+)
+
+
+class LogitAttributionParams(PromptPairsParams):
+    """The logit attribution experiment's params: the prompt, IOI prompts or yours, the answers."""
+
+    SAME_LENGTH: ClassVar[bool] = False  # the corrupted prompts are not read
 
     prompt: Prompt = "When Mary and John went to the store, John gave a drink to"
     correct: Answer = Field(" Mary", description="The answer the model should give (one token).")
     incorrect: Answer = Field(" John", description="The competing answer (one token).")
-    prompts: Literal["single", "ioi"] = Field(
-        "single", description="single: the prompt above; ioi: the clean prompts of params.ioi."
+    prompts: Literal["single", "ioi", "pairs"] = Field(
+        "single",
+        description="single: the prompt above; ioi: the clean prompts of params.ioi; pairs: the "
+        "clean prompts of your own pairs (params.pairs or params.pairs_file) and their answers.",
     )
     ioi: IOIParams = Field(
         default_factory=IOIParams, description="The IOI prompts, when prompts is ioi."
     )
+    metric: SkipJsonSchema[None] = Field(None, exclude=True, description=f"Refused: {NO_METRIC}.")
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _no_metric(cls, value: Any) -> Any:
+        if value is not None:
+            raise PydanticCustomError("metric", NO_METRIC)
+        return value
 
 
 @dataclass(frozen=True)
@@ -83,6 +112,8 @@ class LogitAttributionResult:
     correct: str
     incorrect: str
     n_prompts: int = 1
+    prompts_kind: str = "IOI"
+    """Whose prompts several are: ``IOI`` or ``your pairs'``."""
 
     @property
     def attention_per_layer(self) -> Float[NDArray, " layer"]:
@@ -127,11 +158,14 @@ def compute(
 
     from unraveled.datasets.ioi import ioi_batch
     from unraveled.logits import answer_token_id
-    from unraveled.patching import PromptPairs, embedding_hooks, logit_differences
+    from unraveled.patching import PromptPairs, embedding_hooks, logit_differences, user_pairs
 
     if params.prompts == "ioi":
         pairs = ioi_batch(model, params.ioi, seed, "params.ioi").tokens
         correct_name, incorrect_name = "the indirect object", "the subject"
+    elif params.prompts == "pairs":
+        pairs = user_pairs(model, [row.pair for row in params.rows()], clean_only=True)
+        correct_name, incorrect_name = "the clean answer", "the corrupted answer"
     else:
         correct = answer_token_id(model, params.correct, "params.correct")
         incorrect = answer_token_id(model, params.incorrect, "params.incorrect")
@@ -212,6 +246,7 @@ def compute(
         correct=correct_name,
         incorrect=incorrect_name,
         n_prompts=pairs.size,
+        prompts_kind="IOI" if params.prompts != "pairs" else "clean",
     )
 
 
@@ -225,7 +260,8 @@ def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     if result.n_prompts > 1:
         answers = (
             f"logit({result.correct}) - logit({result.incorrect}) = "
-            f"{result.logit_difference:.3f}, mean over {result.n_prompts} IOI prompts"
+            f"{result.logit_difference:.3f}, mean over {result.n_prompts} "
+            f"{result.prompts_kind} prompts"
         )
     figure, (axes,) = panels(1)
     figure.set_size_inches(12, 5)
@@ -269,12 +305,22 @@ def render(result: LogitAttributionResult) -> Iterator[Artifact]:
     )
 
 
+def check_before_loading(
+    params: LogitAttributionParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
+) -> None:
+    """Your own pairs, against the tokenizer: prompts that fit, one-token answers."""
+    if params.prompts == "pairs" and tokenizer is not None:
+        check_pairs(params, tokenizer, n_ctx)
+
+
 def check(model: HookedTransformer, params: LogitAttributionParams) -> None:
-    """With IOI prompts, every name must be one token for this model."""
+    """With IOI prompts, every name must be one token for this model; your pairs as before."""
     from unraveled.datasets.ioi import check_ioi_names
 
     if params.prompts == "ioi":
         check_ioi_names(model, params.ioi)
+    if params.prompts == "pairs":
+        check_pairs(params, model.tokenizer, model.cfg.n_ctx)
 
 
 EXPERIMENT = Experiment(
@@ -283,4 +329,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    check_before_loading=check_before_loading,
 )

@@ -1,4 +1,4 @@
-"""The command line: routing only. ``unraveled list | run | models | export``.
+"""The command line: routing only. ``unraveled list | run | params | models | export | report``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests can call it directly:
 0 ok, 2 bad input (config, name or option), 3 a model can't be had (a model the user named, or
@@ -15,17 +15,20 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from unraveled.config import (
     OVERRIDES_BUILTIN,
     ConfigSources,
     LoadedConfig,
+    _did_you_mean,
     config_names,
     load_config,
 )
@@ -75,9 +78,38 @@ def _log_handler() -> logging.Handler:
     return handler
 
 
+def version() -> str:
+    """The installed distribution's version; the package's own where it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("unraveled")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import unraveled
+
+        return unraveled.__version__
+
+
+def _print_version(value: bool) -> bool:
+    if value:
+        typer.echo(f"unraveled {version()}")
+        raise typer.Exit()
+    return value  # typer passes on what the callback returns
+
+
 @app.callback()
 def _setup(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     # Third-party libraries log plenty at INFO (TransformerLens to the root logger): show only
     # their warnings, and our own progress.
@@ -241,6 +273,41 @@ def run(
 
 
 @app.command()
+def params(
+    name: Annotated[
+        str, typer.Argument(help="An experiment's name (unraveled list shows each config's).")
+    ],
+) -> None:
+    """Show an experiment's params: type, default, bounds and description of each."""
+    from unraveled.experiment import available_experiments, load_experiment
+    from unraveled.param_docs import describe_params
+
+    names = available_experiments()
+    if name not in names:
+        raise ConfigError(
+            name,
+            None,
+            f"not an experiment{_did_you_mean(name, names)} (experiments: {', '.join(names)})",
+        )
+    experiment = load_experiment(name)
+    table = Table(
+        Column("param", no_wrap=True),
+        "type",
+        "default",
+        "bounds",
+        "description",
+        title=f"{name}: {experiment.title}",
+        caption="Set in a config's params block, with --set params.KEY=VALUE, or as keyword "
+        "arguments from Python; nested params as KEY.SUBKEY.",
+        caption_justify="left",
+    )
+    for doc in describe_params(experiment.params, experiment.max_prompt_tokens):
+        # Text, not markup: "list[str]" would otherwise lose its "[str]" as a markup tag.
+        table.add_row(*(Text(cell) for cell in astuple(doc)))
+    _print_table(table)
+
+
+@app.command()
 def models(
     names: Annotated[list[str] | None, typer.Argument(help="Model names to check.")] = None,
 ) -> None:
@@ -297,6 +364,25 @@ def export(
         markup=False,
         highlight=False,
     )
+
+
+@app.command()
+def report(
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="An output folder of runs (--out of unraveled run).", show_default=False
+        ),
+    ],
+) -> None:
+    """Rebuild the report's pages (index, run and compare pages) over the runs in OUT.
+
+    For runs saved from Python (``RunResult.save``) or pages deleted or out of date.
+    """
+    from unraveled.api import report as rebuild_report
+
+    index = rebuild_report(out)
+    console.print(f"rebuilt the pages; open {index}", soft_wrap=True, markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,7 +198,9 @@ def _from_set(key: str, set_keys: Collection[str]) -> bool:
 
 
 def _field_label(key: str, set_keys: Collection[str]) -> str:
-    return f"{key} (from --set)" if _from_set(key, set_keys) else key
+    # A list item by its index, as Python writes it: params.pairs[3].corrupted.
+    shown = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+    return f"{shown} (from --set)" if _from_set(key, set_keys) else shown
 
 
 def builtin_config_dir() -> Path:

@@ -33,16 +33,23 @@ class ConfigError(UnraveledError):
         super().__init__(f"{where}: {problem}")
 
 
-class ParamError(UnraveledError):
-    """A param the loaded model can't take, raised by model checks; the runner adds the file."""
+class ParamError(UnraveledError, ValueError):
+    """A param the model can't take, or a value the params' schema refuses (exit 2).
+
+    Raised by the model checks (the runner adds the config file) and by ``unraveled.run`` for a
+    keyword argument. A ``ValueError`` too, as Python code expects of a bad argument.
+    """
 
     exit_code = 2
 
-    def __init__(self, field: str, problem: str) -> None:
-        """The error at ``params.<field>``; ``problem`` says what the model can take."""
+    def __init__(self, field: str, problem: str, *, prefix: str = "params.") -> None:
+        """The error at ``params.<field>``; ``problem`` says what the model can take.
+
+        ``prefix=""`` names an argument that is not a param (``unraveled.run``'s ``seed``).
+        """
         self.field = field
         self.problem = problem
-        super().__init__(f"params.{field}: {problem}")
+        super().__init__(f"{prefix}{field}: {problem}")
 
 
 class ModelUnavailableError(UnraveledError):

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 EXPERIMENTS_PACKAGE = "unraveled.experiments"
 WeightsKind = Literal["processed", "raw"]
+# What an experiment uses of a model beyond run_with_cache/run_with_hooks and the weights all
+# TransformerLens models have; see Experiment.needs.
+ModelNeed = Literal["start_at_layer", "stop_at_layer", "hook_names", "W_pos"]
 DEFAULT_MAX_PROMPT_TOKENS = 128
 
 
@@ -96,6 +99,18 @@ class Figure:
     figure: MplFigure
     caption: str = ""
 
+    def _repr_png_(self) -> bytes:
+        """The figure as PNG, for front ends that show images only."""
+        from unraveled.render import notebook
+
+        return notebook.figure_png(self)
+
+    def _repr_html_(self) -> str:
+        """The figure inline in Jupyter (an embedded PNG), its caption below."""
+        from unraveled.render import notebook
+
+        return notebook.figure_html(self)
+
 
 @dataclass(frozen=True)
 class View:
@@ -109,6 +124,12 @@ class View:
     title: str
     elements: list[Element]
     facts: dict[str, str] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        """The view drawn inline in Jupyter, offline (see ``unraveled.render.notebook``)."""
+        from unraveled.render import notebook
+
+        return notebook.view_html(self)
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,11 @@ class Experiment(Generic[P, R]):
             input that can be refused before the model loads (the files a param names); the
             runner calls it with the model's tokenizer and context read without its weights,
             each None when they can't be had without loading.
+        needs: What it uses of the model that not every TransformerLens model has, so that one
+            lacking it (a ``TransformerBridge``, ``unraveled.compat.bridge``) is refused before
+            anything is computed: ``start_at_layer`` (a forward pass from a layer on),
+            ``stop_at_layer`` (one stopped after the last block, returning the residual stream),
+            ``hook_names`` (hooks that see the name they were added under), ``W_pos``.
     """
 
     title: str
@@ -180,6 +206,7 @@ class Experiment(Generic[P, R]):
     check_before_loading: Callable[[P, PreTrainedTokenizerBase | None, int | None], None] | None = (
         None
     )
+    needs: frozenset[ModelNeed] = frozenset()
 
 
 def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:

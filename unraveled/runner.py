@@ -34,11 +34,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from transformer_lens import HookedTransformer
 
 from unraveled import outputs
 from unraveled.config import LoadedConfig
 from unraveled.errors import ConfigError, ParamError, UnraveledError
 from unraveled.experiment import (
+    RESOLVE_ANNOTATIONS,
     Figure,
     Saved,
     Table,
@@ -56,7 +58,8 @@ from unraveled.phases import handing_back
 from unraveled.render import export, script_page, views
 from unraveled.render.pages import write_pages
 
-if TYPE_CHECKING:
+if TYPE_CHECKING or RESOLVE_ANNOTATIONS:
+    from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -281,10 +284,51 @@ def check_device(device: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class RunModel:
+    """The model a run is published under: its label, folder, identity and manifest record.
+
+    Built from a ``LoadedModel`` (``RunModel.of``) for the CLI and ``unraveled.load_model``, or
+    from a model the user loaded (``unraveled.api``).
+    """
+
+    label: str
+    slug: str
+    identity: str
+    record: dict[str, Any]
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> RunModel:
+        """How a model loaded through the plan is published."""
+        return cls(loaded.label(), loaded.slug, loaded.planned.identity, _model_record(loaded))
+
+
+@dataclass(frozen=True)
+class ComputedRun:
+    """A config's result, computed and not yet written, with what the manifest records of it."""
+
+    config: LoadedConfig
+    result: Any
+    compute_seconds: float
+    peak_rss_mb: float
+
+
+def compute_run(config: LoadedConfig, model: HookedTransformer | TransformerBridge) -> ComputedRun:
+    """Seed everything and compute ``config``'s result on ``model``; nothing is written."""
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        _seed_everything(config.run.seed)
+        with handing_back(return_freed_memory):  # between the compute's phases
+            result = config.experiment.compute(model, config.params, config.run.seed)
+        computed = time.perf_counter()
+    return_freed_memory()  # the activations compute dropped, before drawing adds its own
+    return ComputedRun(config, result, computed - started, peak.mb)
+
+
 def _write_artifacts(
     config: LoadedConfig,
     result: Any,
-    loaded: LoadedModel,
+    model_label: str,
     staging: Path,
     href_to_index: str,
     formats: Sequence[str],
@@ -299,7 +343,7 @@ def _write_artifacts(
     figure_records, view_records, table_records, saved_records = [], [], [], []
     for artifact in config.experiment.render(result):
         if isinstance(artifact, Figure):
-            _stamp_model(artifact, loaded.label())
+            _stamp_model(artifact, model_label)
             figure_records.append(
                 export.save_figure(
                     artifact.figure, staging, artifact.name, artifact.caption, formats, FIGURE_DPI
@@ -309,7 +353,7 @@ def _write_artifacts(
         elif isinstance(artifact, View):
             path = staging / "views" / f"{artifact.name}.html"
             path.parent.mkdir(exist_ok=True)
-            facts = {"model": loaded.label(), **artifact.facts}
+            facts = {"model": model_label, **artifact.facts}
             bundle = views.write_shared_bundle(out_dir / outputs.ASSETS_DIR)
             bundle_href = f"{href_to_out}/{outputs.ASSETS_DIR}/{bundle.name}"
             path.write_text(
@@ -338,7 +382,7 @@ def _write_artifacts(
                     out_dir / outputs.ASSETS_DIR,
                     f"{href_to_out}/{outputs.ASSETS_DIR}",
                     href_to_index,
-                    loaded.label(),
+                    model_label,
                 )
             )
         elif isinstance(artifact, Table):
@@ -397,25 +441,46 @@ def run_one(
         UnraveledError: The outputs can't be written (disk full, permissions): nothing of this
             run is published and earlier outputs are untouched.
     """
-    target = outputs.run_target(out_dir, folder or loaded.slug, config.name)
+    computed = compute_run(config, loaded.model)
+    return publish_run(computed, RunModel.of(loaded), out_dir, formats, folder, identity)
+
+
+def publish_run(
+    computed: ComputedRun,
+    model: RunModel,
+    out_dir: Path,
+    formats: Sequence[str] = export.DEFAULT_FORMATS,
+    folder: str | None = None,
+    identity: str | None = None,
+) -> Path:
+    """Render a computed run and publish its outputs as ``OUT/<model>/<config>``; returns it.
+
+    Args:
+        computed: The config's result (``compute_run``).
+        model: The model it was computed on, as the outputs name it.
+        out_dir: ``--out``: the outputs' folder.
+        formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
+        folder: The model's folder under ``out_dir`` (``outputs.model_folder``; default its slug).
+        identity: The model's ``model_identity`` (default ``model.identity``).
+
+    Raises:
+        ConfigError: The run's folder is something else than a run (exit 2); nothing is replaced.
+        UnraveledError: The outputs can't be written (disk full, permissions): nothing of this
+            run is published and earlier outputs are untouched.
+    """
+    config, result = computed.config, computed.result
+    target = outputs.run_target(out_dir, folder or model.slug, config.name)
     # Relative to where the view pages will live once published, not to the staging folder.
     href_to_index = Path(os.path.relpath(out_dir / "index.html", target / "views")).as_posix()
     staging: Path | None = None
-    writing = False  # an OSError from here on is the output folder's, not the experiment's
     try:
         with PeakMemory() as peak:
             started = time.perf_counter()
-            _seed_everything(config.run.seed)
-            with handing_back(return_freed_memory):  # between the compute's phases
-                result = config.experiment.compute(loaded.model, config.params, config.run.seed)
-            computed = time.perf_counter()
-            return_freed_memory()  # the activations compute dropped, before drawing adds its own
-            writing = True
             staging = outputs.make_staging_dir(target)
             records = _write_artifacts(
                 config,
                 result,
-                loaded,
+                model.label,
                 staging,
                 href_to_index,
                 formats,
@@ -435,17 +500,17 @@ def run_one(
                 "overrides": config.overrides(),
                 "resolved_config": config.resolved(),
                 "seed": config.run.seed,
-                "model": _model_record(loaded),
-                "model_identity": identity or loaded.planned.identity,
+                "model": model.record,
+                "model_identity": identity or model.identity,
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "timings_seconds": {
-                    "compute": computed - started,
-                    "render": rendered - computed,
-                    "total": rendered - started,
+                    "compute": computed.compute_seconds,
+                    "render": rendered - started,
+                    "total": computed.compute_seconds + rendered - started,
                 },
                 # Peak resident memory of the process while this config computed and rendered,
                 # the loaded model included (sampled: see unraveled.memory).
-                "peak_rss_mb": round(peak.mb, 1),
+                "peak_rss_mb": round(max(computed.peak_rss_mb, peak.mb), 1),
                 **records,
                 "versions": _package_versions(),
                 "git_commit": _git_commit(),
@@ -456,8 +521,6 @@ def run_one(
     except OSError as error:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if not writing:
-            raise
         raise _unwritable(
             error,
             f"can't write {config.name}'s outputs into {target.parent}; nothing of this run was "
@@ -467,6 +530,35 @@ def run_one(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    return target
+
+
+def save_run(
+    computed: ComputedRun,
+    model: RunModel,
+    out_dir: Path,
+    formats: Sequence[str] = export.DEFAULT_FORMATS,
+) -> Path:
+    """Publish one computed run into ``out_dir`` as ``run_configs`` does, then rebuild the pages.
+
+    The output folder is checked and repaired first, and the model gets the folder
+    ``run_configs`` would give it (``outputs.model_folder``). Returns the run's folder.
+
+    Raises:
+        ConfigError: Something else than a run or the report's pages is in the way (exit 2).
+        UnraveledError: The outputs can't be written; nothing of this run is published.
+    """
+    _prepare_output_folder(out_dir, [outputs.run_target(out_dir, model.slug, computed.config.name)])
+    folder = outputs.model_folder(out_dir, model.slug, model.identity, {})
+    target = outputs.run_target(out_dir, folder, computed.config.name)
+    outputs.check_output_folder(out_dir, [target])
+    publish_run(computed, model, out_dir, formats, folder)
+    try:
+        write_pages(out_dir)
+    except OSError as error:
+        raise _unwritable(
+            error, f"{target} is published, but the pages could not be rebuilt"
+        ) from None
     return target
 
 

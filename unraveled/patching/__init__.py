@@ -44,7 +44,16 @@ from unraveled.patching.metrics import (
     logit_difference,
     logit_differences,
 )
-from unraveled.patching.pairs import Cache, PromptPairs, Which, run_cache, single_pair
+from unraveled.patching.pairs import (
+    CHANGE_GROUPS,
+    Cache,
+    PromptPairs,
+    Which,
+    position_groups,
+    run_cache,
+    single_pair,
+    user_pairs,
+)
 from unraveled.patching.patches import (
     Patch,
     component_patches,
@@ -58,6 +67,7 @@ from unraveled.patching.patches import (
 )
 
 __all__ = [
+    "CHANGE_GROUPS",
     "EDGE_BUFFER_BYTES",
     "GRADIENT_TOKENS",
     "MAX_ROWS",
@@ -89,9 +99,11 @@ __all__ = [
     "output_hooks",
     "patchable_hooks",
     "patched_metric",
+    "position_groups",
     "residual_patches",
     "run_cache",
     "single_pair",
     "split_head_inputs",
     "upstream_names",
+    "user_pairs",
 ]

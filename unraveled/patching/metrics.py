@@ -83,19 +83,58 @@ class Recovery:
     corrupted: float
 
     @classmethod
-    def between(cls, clean: float, corrupted: float, field: str) -> Recovery:
+    def between(
+        cls, clean: float, corrupted: float, field: str, metric: str = "logit difference"
+    ) -> Recovery:
         """The scale from ``corrupted`` to ``clean``; an error naming ``field`` when they agree.
 
         Raises:
-            ValueError: The clean and corrupted runs score the same, so no patch can recover
-                anything.
+            ValueError: The clean and corrupted runs score the same (by ``metric``, named in
+                the message), so no patch can recover anything.
         """
         if abs(clean - corrupted) < 1e-6:
             raise ValueError(
-                f"{field}: the clean and corrupted prompts give the same mean logit difference: "
+                f"{field}: the clean and corrupted prompts give the same mean {metric}: "
                 "nothing to recover"
             )
         return cls(clean, corrupted)
+
+    @classmethod
+    def of(
+        cls,
+        metric: Metric,
+        clean_logits: Float[Tensor, "batch d_vocab"],
+        corrupted_logits: Float[Tensor, "batch d_vocab"],
+        pairs: PromptPairs,
+        field: str,
+        name: str = "logit difference",
+    ) -> Recovery:
+        """The scale from the corrupted run's mean ``metric`` to the clean run's.
+
+        Args:
+            metric: The metric (``name`` in messages).
+            clean_logits: The clean prompts' logits at each prompt's last token.
+            corrupted_logits: The corrupted prompts'.
+            pairs: The pairs.
+            field: The param an error names when the runs score the same.
+            name: How messages name the metric.
+
+        Raises:
+            ParamError: The metric does not give one score per prompt (naming ``metric``).
+            ValueError: The clean and corrupted runs score the same.
+        """
+        from unraveled.errors import ParamError
+
+        scores = [metric(logits, pairs) for logits in (clean_logits, corrupted_logits)]
+        for score in scores:
+            if not isinstance(score, Tensor) or score.shape != (pairs.size,):
+                shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+                raise ParamError(
+                    "metric",
+                    f"{name} returned {shape}; expected a tensor of one score per prompt, "
+                    f"shape ({pairs.size},)",
+                )
+        return cls.between(float(scores[0].mean()), float(scores[1].mean()), field, name)
 
     @property
     def span(self) -> float:

@@ -158,14 +158,23 @@ def page(
             run_href=run_href,
             bundle_href=bundle_href,
             bundle=None if bundle_href else circuitsvis_bundle(),
-            elements=[
-                (
-                    element,
-                    _script_json(element.props),
-                    _script_json(element.tables),
-                    _script_json(element.scales),
-                )
-                for element in elements
-            ],
+            elements=element_scripts(elements),
         )
     )
+
+
+def element_scripts(elements: list[Element]) -> list[tuple[Element, str, str, str]]:
+    """Each element with its props, tables and scales as script-safe JSON.
+
+    What the templates' ``elements.html.j2`` macros draw from, for a view page and for a view
+    shown in a notebook alike.
+    """
+    return [
+        (
+            element,
+            _script_json(element.props),
+            _script_json(element.tables),
+            _script_json(element.scales),
+        )
+        for element in elements
+    ]

@@ -1,0 +1,95 @@
+"""Every experiment through the Python route on a HookedTransformer the user loaded: the CLI's
+checks run, and the result is the experiment's own (the numbers themselves are tested against
+independent computations in each experiment's tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import unraveled as ur
+from unraveled.experiment import available_experiments, load_experiment
+from unraveled.outputs import to_jsonable
+
+LONG_PROMPT = " ".join(["word"] * 201)
+# Small sizes: what is checked here doesn't depend on them.
+SMALL: dict[str, dict[str, Any]] = {
+    "embeddings": {"chunk_tokens": 50, "local_subsets": 2, "local_neighbours": 100},
+    "mlp": {"toy_vectors": 50, "toy_dims": 10, "toy_steps": 20},
+    "token_journey": {"umap_fit_tokens": 300, "token_index": 2},
+    "head_taxonomy": {"repeat_batch": 2, "repeat_length": 8},
+    "ioi_circuit": {"ioi": {"n_pairs": 2}, "random_draws": 2, "edge_counts": [30]},
+    "attribution_patching": {"ioi": {"n_pairs": 2}},
+    "causal_tracing": {"n_facts": 1, "noise_samples": 2, "max_traced_tokens": None},
+    "corpus_atlas": {"context_tokens": 16, "top_k": 6, "browser_samples": 4},
+}
+# A param each experiment refuses for this model, and the field the error names.
+BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "attention": ({"head": 4}, "head"),
+    "layernorm": ({"prompts": ["fine", LONG_PROMPT]}, "prompts"),
+    "mlp": ({"prompts": [LONG_PROMPT]}, "prompts"),
+    "token_journey": ({"sentence": LONG_PROMPT}, "sentence"),
+    "logit_lens": ({"prompt": LONG_PROMPT}, "prompt"),
+    "head_taxonomy": ({"prompts": [LONG_PROMPT]}, "prompts"),
+    "logit_attribution": ({"correct": " Mary Ann"}, "correct"),
+    "activation_patching": ({"corrupted_answer": " Mary Ann"}, "corrupted_answer"),
+    "attribution_patching": ({"clean": LONG_PROMPT}, "clean"),
+    "ioi_circuit": ({"ioi": {"names": [" Mary Ann", " John", " Tom"]}}, "ioi"),
+    "causal_tracing": (
+        {"facts": [{"prompt": LONG_PROMPT, "subject": "word", "answer": " x"}]},
+        "facts",
+    ),
+    "corpus_atlas": ({"corpus": ["/no/such/file.txt"]}, "corpus"),
+    "embeddings": ({"local_subsets": 0}, "local_subsets"),
+}
+
+
+def test_every_experiment_is_covered() -> None:
+    assert set(BAD) == set(available_experiments())
+
+
+@pytest.fixture(scope="module")
+def users_models(tiny_gpt2_dir: Path, shared_weight_cache_dir: Path) -> dict[str, Any]:
+    """The tiny GPT-2 in each kind of weights, as HookedTransformers ur never saw."""
+    from unraveled.models.loading import load_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNRAVELED_CACHE", str(shared_weight_cache_dir))
+        return {kind: load_model(str(tiny_gpt2_dir), kind).model for kind in ("processed", "raw")}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_every_experiment_from_python_with_the_cli_checks(
+    name: str, users_models: dict[str, Any], corpus_file: Path
+) -> None:
+    experiment = load_experiment(name)
+    model = users_models[experiment.weights]
+    small = dict(SMALL.get(name, {}))
+    if name == "corpus_atlas":
+        small["corpus"] = [str(corpus_file)]
+    if name == "causal_tracing":  # a fact the tiny model gets right: it knows none of the set's
+        from tests.test_causal_tracing import _known_fact
+
+        small["facts"] = [_known_fact(model).model_dump()]
+    bad, field = BAD[name]
+    with pytest.raises(ValueError, match=rf"^params\.{field}"):
+        ur.run(name, model, **{**small, **bad})
+    result = ur.run(name, model, **small)
+    direct = experiment.compute(model, result.params, 0)
+    assert to_jsonable(_without_timings(result.metrics())) == to_jsonable(
+        _without_timings(direct.metrics())
+    )
+    assert result.figures or result.views
+    assert result.model["loaded_from"].startswith("loaded by the user")
+
+
+def _without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _without_timings(v)
+            for k, v in value.items()
+            if "seconds" not in k and "per_second" not in k
+        }
+    return value
