@@ -263,7 +263,7 @@ def _map_figure(
     from unraveled.render.figures import heatmap, panels
 
     relative, error = result.relative(patched), result.standard_error(patched)
-    figure, (grid, bars) = panels(2, width_ratios=[1.6, 1])
+    figure, (grid, bars) = panels(2, width_ratios=[1.6, 1.0])
     figure.set_size_inches(14, max(5.0, 0.22 * relative.shape[0] + 2))
     heatmap(
         grid,
