@@ -28,6 +28,8 @@ Row groups, each a function decorated with ``@bench_group``:
 - ``corpus_atlas``: engine throughput and memory against corpus size
   (:mod:`benchmarks.corpus_atlas`).
 - ``causal``: the causal experiments' computes (:mod:`benchmarks.causal`).
+- ``path_patching``: path patching's cost per sender against exact activation patching's per
+  head, same weights, one run (:mod:`benchmarks.path_patching`).
 - ``model_load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
 
 Add a group by writing a function that returns ``Row``s and decorating it with ``@bench_group``.
@@ -46,6 +48,7 @@ from benchmarks.causal import causal_rows
 from benchmarks.causal_tracing import causal_tracing_rows
 from benchmarks.corpus_atlas import corpus_atlas_rows
 from benchmarks.models import gpt2_small_shaped_checkpoint, known_facts_of, load_twice
+from benchmarks.path_patching import path_patching_rows
 from benchmarks.processes import call_in_child, run_cli
 from benchmarks.table import Row, format_table
 from unraveled.manifest import read_manifest
@@ -195,6 +198,12 @@ def corpus_atlas() -> list[Row]:
 def causal() -> list[Row]:
     """The causal experiments' computes at their defaults, on the bundled SmolLM2."""
     return causal_rows(BUNDLED_SMOLLM2)
+
+
+@bench_group
+def path_patching() -> list[Row]:
+    """Path patching's cost per sender against activation patching's per head, bundled SmolLM2."""
+    return path_patching_rows(BUNDLED_SMOLLM2)
 
 
 @bench_group
