@@ -344,7 +344,7 @@ def check(model: HookedTransformer, params: PathPatchingParams) -> None:
             raise ParamError(
                 "receivers",
                 f"{name!r} is out of range: the model has {n_layers} layers of {n_heads} heads "
-                f"(use 0..{n_layers - 1}.0..{n_heads - 1})",
+                f"(layers 0..{n_layers - 1}, heads 0..{n_heads - 1})",
             )
     if all(name.split(".")[0] == "0" for name in params.receivers):
         raise ParamError("receivers", "every receiver is in layer 0, where no head can send to it")
