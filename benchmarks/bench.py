@@ -31,6 +31,8 @@ Row groups, each a function decorated with ``@bench_group``:
   hook, and its memory at 1x and 2x the training tokens (:mod:`benchmarks.sae`).
 - ``causal``: the causal experiments' computes (:mod:`benchmarks.causal`).
 - ``generation``: tokens/s under a steering hook against unhooked (:mod:`benchmarks.generation`).
+- ``path_patching``: path patching's cost per sender against exact activation patching's per
+  head, same weights, one run (:mod:`benchmarks.path_patching`).
 - ``model_load``: the bundled SmolLM2 loaded into an empty cache, then from the cache.
 
 Add a group by writing a function that returns ``Row``s and decorating it with ``@bench_group``.
@@ -50,6 +52,7 @@ from benchmarks.causal_tracing import causal_tracing_rows
 from benchmarks.corpus_atlas import corpus_atlas_rows
 from benchmarks.generation import generation_rows
 from benchmarks.models import gpt2_small_shaped_checkpoint, known_facts_of, load_twice
+from benchmarks.path_patching import path_patching_rows
 from benchmarks.processes import call_in_child, run_cli
 from benchmarks.sae import sae_rows
 from benchmarks.table import Row, format_table
@@ -212,6 +215,12 @@ def causal() -> list[Row]:
 def generation() -> list[Row]:
     """Generation under a steering hook against unhooked generation, on the bundled SmolLM2."""
     return generation_rows(BUNDLED_SMOLLM2)
+
+
+@bench_group
+def path_patching() -> list[Row]:
+    """Path patching's cost per sender against activation patching's per head, bundled SmolLM2."""
+    return path_patching_rows(BUNDLED_SMOLLM2)
 
 
 @bench_group
