@@ -86,6 +86,16 @@ def test_api_import_is_lazy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_every_exported_name_is_the_module_it_comes_from() -> None:
+    from unraveled import api, errors, interventions
+
+    for name in ur.__all__:
+        home = interventions if name in ur._INTERVENTIONS else api
+        expected = errors.ParamError if name == "ParamError" else getattr(home, name)
+        assert getattr(ur, name) is expected, name
+    assert ur.steer is interventions.steer and ur.generate is interventions.generate
+
+
 def test_param_error_is_a_value_error_naming_the_field(loaded: Any) -> None:
     with pytest.raises(ValueError, match=r"^params\.head: .*valid integer.*3\.5"):
         ur.run("attention", loaded, head=3.5)

@@ -19,11 +19,46 @@ and the command line import it, and must answer before torch is imported).
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ParamError", "RunResult", "load_model", "provenance", "report", "run"]
+# Interventions (docs/interventions.md): ``with ur.steer(model, vector, layer, coefficient):``.
+_INTERVENTIONS = frozenset(
+    [
+        "Ablate",
+        "AddVector",
+        "Intervention",
+        "contrastive_vector",
+        "generate",
+        "intervening",
+        "steer",
+    ]
+)
+__all__ = [
+    "Ablate",
+    "AddVector",
+    "Intervention",
+    "ParamError",
+    "RunResult",
+    "contrastive_vector",
+    "generate",
+    "intervening",
+    "load_model",
+    "provenance",
+    "report",
+    "run",
+    "steer",
+]
 
 if TYPE_CHECKING:
     from unraveled.api import RunResult, load_model, provenance, report, run
     from unraveled.errors import ParamError
+    from unraveled.interventions import (
+        Ablate,
+        AddVector,
+        Intervention,
+        contrastive_vector,
+        generate,
+        intervening,
+        steer,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +67,10 @@ def __getattr__(name: str) -> Any:
         from unraveled.errors import ParamError
 
         return ParamError
+    if name in _INTERVENTIONS:
+        from unraveled import interventions
+
+        return getattr(interventions, name)
     if name in __all__:
         from unraveled import api
 
