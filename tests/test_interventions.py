@@ -301,3 +301,38 @@ def test_kl_against_torch(tiny_gpt2_or_llama: Any) -> None:
     torch.testing.assert_close(got, expected)
     assert float(got.min()) > 0
     assert float(kl_per_position(reference, reference).abs().max()) < 1e-12
+
+
+def test_ablating_a_pattern_from_a_position_zeroes_query_rows_not_heads(
+    tiny_gpt2_or_llama: Any,
+) -> None:
+    model = tiny_gpt2_or_llama
+    tokens = model.to_tokens(PROMPT)
+    hook_name = "blocks.0.attn.hook_pattern"
+
+    def by_hand(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        activation = activation.clone()
+        activation[:, :, 2:] = 0.0  # [batch, head, query, key]: queries 2 on
+        return activation
+
+    with torch.inference_mode():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, by_hand)])
+        with intervening(model, Ablate(hook_name=hook_name, from_position=2)):
+            ablated = model(tokens)
+    torch.testing.assert_close(ablated, expected)
+
+
+def test_from_position_at_a_hook_with_no_known_position_axis_is_refused(
+    tiny_gpt2_or_llama: Any,
+) -> None:
+    model = tiny_gpt2_or_llama
+    with pytest.raises(ParamError, match="from_position"):
+        Ablate(hook_name="blocks.0.ln1.hook_scale", from_position=2).validate(model)
+
+
+def test_an_ablation_value_of_the_wrong_shape_is_refused(tiny_gpt2_or_llama: Any) -> None:
+    model = tiny_gpt2_or_llama
+    bad = torch.zeros(model.cfg.d_head + 1)
+    with pytest.raises(ParamError, match="value"):
+        Ablate(hook_name="blocks.0.attn.hook_z", value=bad).validate(model)
+    Ablate(hook_name="blocks.0.attn.hook_z", value=torch.zeros(model.cfg.d_head)).validate(model)

@@ -62,18 +62,86 @@ def _check_vector(model: HookedTransformer, hook_name: str, vector: Tensor, fiel
         )
 
 
+# Hook points whose sequence-position axis is known. Attention patterns and scores are
+# [batch, head, query, key]: a token's position there is its query (axis 2); every other hook
+# point named here is [batch, pos, ...] (hook_z/q/k/v are [batch, pos, head, d_head]).
+_QUERY_AXIS_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+_POSITION_AXIS_1_SUFFIXES = (
+    *_RESIDUAL_WIDTH_SUFFIXES,
+    "hook_embed",
+    "hook_pos_embed",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "attn.hook_result",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_attn_in",
+    "hook_mlp_in",
+)
+
+
+def position_axis(hook_name: str) -> int | None:
+    """The sequence-position axis of the hook point's activation; None when not known."""
+    if hook_name.endswith(_QUERY_AXIS_SUFFIXES):
+        return 2
+    if hook_name.endswith(_POSITION_AXIS_1_SUFFIXES):
+        return 1
+    return None
+
+
+def _check_position_axis(hook_name: str, from_position: int) -> None:
+    if from_position > 0 and position_axis(hook_name) is None:
+        raise ParamError(
+            "from_position",
+            f"{from_position}: {hook_name} has no known position axis, so a position can't be "
+            "told apart there; use from_position 0 or a residual, attention or MLP hook point",
+        )
+
+
+def _check_value_shape(model: HookedTransformer, hook_name: str, value: Tensor) -> None:
+    """The value broadcasts to the hook point's activation (read from a 2-token forward pass)."""
+    import torch
+
+    probe = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(probe, names_filter=[hook_name])
+    shape = tuple(cache[hook_name].shape)
+    try:
+        fits = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ParamError(
+            "value",
+            f"has shape {tuple(value.shape)}, which does not broadcast to {hook_name}'s "
+            f"activation (shape {shape} on 2 tokens of 1 prompt)",
+        )
+
+
 def _from_position_on(
-    activation: Tensor, positions: Positions, from_position: int, edit: HookFunction
+    activation: Tensor,
+    positions: Positions,
+    from_position: int,
+    edit: HookFunction,
+    axis: int,
 ) -> Tensor:
-    """``edit`` applied to the activation's positions at or after ``from_position`` only."""
+    """``edit`` applied to the activation's positions (along ``axis``) from ``from_position`` on."""
     import torch
 
     start = from_position - positions.offset
     if start <= 0:
         return edit(activation)
-    if start >= activation.shape[1]:
+    if start >= activation.shape[axis]:
         return activation
-    return torch.cat([activation[:, :start], edit(activation[:, start:])], dim=1)
+    before, after = activation.split([start, activation.shape[axis] - start], dim=axis)
+    return torch.cat([before, edit(after)], dim=axis)
 
 
 class AddVector(Intervention):
@@ -88,8 +156,8 @@ class AddVector(Intervention):
         from_position: Add at this sequence position and every later one (0: all positions).
 
     Raises:
-        ParamError: A coefficient that is not finite, a negative position, or neither or both
-            of layer and hook_name.
+        ParamError: A coefficient that is not finite, a negative position, a later position at
+            a hook point with no known position axis, or neither or both of layer and hook_name.
     """
 
     def __init__(
@@ -132,6 +200,7 @@ class AddVector(Intervention):
         """The layer is in range, the hook point exists, the vector is finite and fits."""
         _check_layer(model, self.layer)
         super().validate(model)
+        _check_position_axis(self.hook_name, self.from_position)
         _check_vector(model, self.hook_name, self.vector, "vector")
 
     def hooks(
@@ -142,12 +211,13 @@ class AddVector(Intervention):
             device=model.cfg.device, dtype=model.cfg.dtype
         )
         from_position = self.from_position
+        axis = position_axis(self.hook_name) or 1
 
         def add(activation: Tensor) -> Tensor:
             return activation + delta
 
         def hook(activation: Tensor, hook: object) -> Tensor:
-            return _from_position_on(activation, positions, from_position, add)
+            return _from_position_on(activation, positions, from_position, add, axis)
 
         return [(self.hook_name, hook)]
 
@@ -191,8 +261,10 @@ class Ablate(Intervention):
         """The layer is in range, the hook point exists, a value is finite and fits."""
         _check_layer(model, self.layer)
         super().validate(model)
+        _check_position_axis(self.hook_name, self.from_position)
         if self.value is not None:
             _check_vector(model, self.hook_name, self.value, "value")
+            _check_value_shape(model, self.hook_name, self.value)
 
     def hooks(
         self, model: HookedTransformer, positions: Positions
@@ -211,7 +283,10 @@ class Ablate(Intervention):
                 return torch.zeros_like(activation)
             return value.expand_as(activation).clone()
 
+        from_position = self.from_position
+        axis = position_axis(self.hook_name) or 1
+
         def hook(activation: Tensor, hook: object) -> Tensor:
-            return _from_position_on(activation, positions, self.from_position, replace)
+            return _from_position_on(activation, positions, from_position, replace, axis)
 
         return [(self.hook_name, hook)]
