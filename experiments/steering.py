@@ -196,13 +196,33 @@ def _check_vector_prompts(params: SteeringParams, tokenizer: PreTrainedTokenizer
                 )
 
 
+def _check_from_position(params: SteeringParams, prompt_lengths: list[int]) -> None:
+    # The target log-prob is read at each prompt's last token: steering that starts after it
+    # leaves that reading untouched (a change of 0) while it still moves the generations and KL.
+    last = min(prompt_lengths) - 1
+    if params.from_position > last:
+        raise ParamError(
+            "from_position",
+            f"{params.from_position} is past the shortest prompt's last token (position {last}, "
+            "BOS counted as 0), where the target log-prob is read, so it would report no change; "
+            f"use at most {last}",
+        )
+
+
 def check_before_loading(
     params: SteeringParams, tokenizer: PreTrainedTokenizerBase | None, n_ctx: int | None
 ) -> None:
-    """The contrastive prompts fit; each prompt plus max_new_tokens fits the context."""
+    """The contrastive prompts fit; from_position is within every prompt; each prompt fits.
+
+    Each prompt plus max_new_tokens must fit the context.
+    """
     if tokenizer is None:
         return
     _check_vector_prompts(params, tokenizer)
+    _check_from_position(
+        params,
+        [len(tokenizer.encode(prompt, add_special_tokens=False)) + 1 for prompt in params.prompts],
+    )
     if n_ctx is not None:
         longest = max(
             len(tokenizer.encode(prompt, add_special_tokens=False)) + 1 for prompt in params.prompts
@@ -220,6 +240,7 @@ def check(model: HookedTransformer, params: SteeringParams) -> None:
     from unraveled.interventions.generation import check_generation_length, prompt_tokens
 
     _check_vector_prompts(params, model.tokenizer)
+    _check_from_position(params, [len(prompt_tokens(model, prompt)) for prompt in params.prompts])
     for prompt in params.prompts:
         check_generation_length(model, len(prompt_tokens(model, prompt)), params.max_new_tokens)
 

@@ -12,6 +12,7 @@ import torch
 from unraveled.experiments import steering
 
 from tests.helpers.cli import run_cli
+from unraveled.errors import ParamError
 from unraveled.interventions import AddVector, generate
 
 SMALL = {
@@ -140,6 +141,11 @@ def test_steering_runs_through_the_cli(
         ("params.coefficients=[1.0, .inf]", "params.coefficients.1 (from --set)"),
         ("params.max_new_tokens=0", "params.max_new_tokens (from --set)"),
         ("params.max_new_tokens=60", "params.max_new_tokens (from --set): 60 new tokens"),
+        (
+            "params.from_position=4",
+            "params.from_position (from --set): 4 is past the shortest prompt's last token "
+            "(position 3,",
+        ),
     ],
 )
 def test_bad_input_exits_2_naming_the_field(
@@ -154,3 +160,13 @@ def test_bad_input_exits_2_naming_the_field(
     assert said in " ".join(done.stderr.split()), done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_from_position_past_a_prompt_is_refused(tiny_gpt2_or_llama: Any) -> None:
+    model = tiny_gpt2_or_llama
+    # "The movie was" is the shortest prompt: its last token is at len(to_tokens) - 1 (BOS is 0
+    # when the model prepends it); the target log-prob is read there.
+    last = model.to_tokens("The movie was").shape[1] - 1
+    steering.check(model, _params(from_position=last))
+    with pytest.raises(ParamError, match="from_position"):
+        steering.check(model, _params(from_position=last + 1))
