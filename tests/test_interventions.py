@@ -336,3 +336,39 @@ def test_an_ablation_value_of_the_wrong_shape_is_refused(tiny_gpt2_or_llama: Any
     with pytest.raises(ParamError, match="value"):
         Ablate(hook_name="blocks.0.attn.hook_z", value=bad).validate(model)
     Ablate(hook_name="blocks.0.attn.hook_z", value=torch.zeros(model.cfg.d_head)).validate(model)
+
+
+def test_a_later_position_under_transformer_lens_cached_generate_raises(
+    tiny_gpt2_or_llama: Any,
+) -> None:
+    model = tiny_gpt2_or_llama
+    tokens = model.to_tokens(PROMPT)
+    vector = _random_vector(model)
+    with (
+        pytest.raises(ParamError, match="from_position"),
+        steer(model, vector, 1, 8.0, from_position=2),
+    ):
+        model.generate(tokens, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+    assert _hooked(model) == []
+
+
+def test_a_later_position_under_transformer_lens_uncached_generate_matches_ours(
+    tiny_gpt2_or_llama: Any,
+) -> None:
+    model = tiny_gpt2_or_llama
+    tokens = model.to_tokens(PROMPT)
+    vector = _random_vector(model)
+    start = tokens.shape[1] + 2  # among the generated tokens
+    with steer(model, vector, 1, 8.0, from_position=start):
+        theirs = model.generate(
+            tokens,
+            max_new_tokens=6,
+            do_sample=False,
+            stop_at_eos=False,
+            verbose=False,
+            use_past_kv_cache=False,
+        )
+    ours = generate(model, tokens[0], 6, [AddVector(vector, 1, 8.0, from_position=start)])
+    unsteered = generate(model, tokens[0], 6)
+    assert ours.tokens.tolist() == theirs.tolist()
+    assert ours.tokens.tolist() != unsteered.tokens.tolist()

@@ -11,7 +11,9 @@ holds only the new token, at the sequence's position ``offset``. ``Positions`` c
 offset to position-dependent interventions; ``unraveled.interventions.generate`` sets it before
 every step. Under a plain ``intervening`` block it stays 0, which is right for any forward pass
 that starts at the sequence's first token (``model(tokens)``, ``run_with_cache``,
-``model.generate(..., use_past_kv_cache=False)``).
+``model.generate(..., use_past_kv_cache=False)``). A position-dependent hook that, untracked, sees
+a 1-token pass right after a longer one (a cached step of TransformerLens's ``model.generate``)
+raises rather than silently leave the step unsteered.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ HookFunction = Callable[..., Any]
 
 @dataclass
 class Positions:
-    """The sequence position of the first activation a hook sees in the current forward pass."""
+    """The sequence position of the first activation a hook sees in the current forward pass.
+
+    Attributes:
+        offset: That position.
+        tracked: True when a generation loop sets ``offset`` before each step (unraveled's
+            ``generate``); False under a plain block, where every pass is taken to start at 0.
+    """
 
     offset: int = 0
+    tracked: bool = False
 
 
 class Intervention(ABC):

@@ -144,6 +144,31 @@ def _from_position_on(
     return torch.cat([before, edit(after)], dim=axis)
 
 
+def _positioned_hook(
+    positions: Positions, from_position: int, edit: HookFunction, axis: int
+) -> HookFunction:
+    """A hook applying ``edit`` from ``from_position`` on, refusing passes it can't position."""
+    previous_length = 0
+
+    def hook(activation: Tensor, hook: object) -> Tensor:
+        nonlocal previous_length
+        length = activation.shape[axis]
+        # Untracked, a 1-token pass after a longer one is a key-value-cached generation step
+        # (TransformerLens's model.generate): its token is at an unknown position, not at 0.
+        if from_position > 0 and not positions.tracked and length == 1 and previous_length > 1:
+            raise ParamError(
+                "from_position",
+                f"{from_position}: a 1-token forward pass followed a {previous_length}-token one, "
+                "as in a cached generation step, whose position the hook can't know; generate "
+                "with unraveled.interventions.generate, or model.generate(..., "
+                "use_past_kv_cache=False)",
+            )
+        previous_length = length
+        return _from_position_on(activation, positions, from_position, edit, axis)
+
+    return hook
+
+
 class AddVector(Intervention):
     """Add ``coefficient * vector`` to an activation (activation addition, steering).
 
@@ -210,16 +235,12 @@ class AddVector(Intervention):
         delta = (self.coefficient * self.vector.detach().double()).to(
             device=model.cfg.device, dtype=model.cfg.dtype
         )
-        from_position = self.from_position
-        axis = position_axis(self.hook_name) or 1
 
         def add(activation: Tensor) -> Tensor:
             return activation + delta
 
-        def hook(activation: Tensor, hook: object) -> Tensor:
-            return _from_position_on(activation, positions, from_position, add, axis)
-
-        return [(self.hook_name, hook)]
+        axis = position_axis(self.hook_name) or 1
+        return [(self.hook_name, _positioned_hook(positions, self.from_position, add, axis))]
 
 
 class Ablate(Intervention):
@@ -283,10 +304,5 @@ class Ablate(Intervention):
                 return torch.zeros_like(activation)
             return value.expand_as(activation).clone()
 
-        from_position = self.from_position
         axis = position_axis(self.hook_name) or 1
-
-        def hook(activation: Tensor, hook: object) -> Tensor:
-            return _from_position_on(activation, positions, from_position, replace, axis)
-
-        return [(self.hook_name, hook)]
+        return [(self.hook_name, _positioned_hook(positions, self.from_position, replace, axis))]

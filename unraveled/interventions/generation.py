@@ -143,6 +143,7 @@ def generate(
         torch.random.fork_rng(devices=fork_devices),
         intervening(model, *interventions) as positions,
     ):
+        positions.tracked = True
         if seed is not None:
             torch.manual_seed(seed)
         cache = (

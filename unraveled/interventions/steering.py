@@ -109,7 +109,9 @@ def steer(
     The hook is removed on the way out, also when the body raises. Position-independent (the
     default ``from_position=0``) it is right under ``model.generate`` with its key-value cache
     too; from a later position on, generate with ``unraveled.interventions.generate``, which
-    tells the hook where each cached step starts.
+    tells the hook where each cached step starts (or ``model.generate(...,
+    use_past_kv_cache=False)``). Under ``model.generate`` with its cache the hook raises
+    ``ParamError`` at the first cached step rather than leave it unsteered.
 
     Example:
         >>> with steer(model, vector, layer=6, coefficient=4.0):
