@@ -245,11 +245,21 @@ def test_contrastive_vector_is_the_mean_difference_by_hand(
     model = tiny_gpt2_or_llama
     hook = "blocks.1.hook_resid_pre"
 
+    # Pairs of unequal length: a BOS averaged in would not cancel between them.
+    assert [len(model.to_tokens(p)[0]) for p in POSITIVE] != [
+        len(model.to_tokens(n)[0]) for n in NEGATIVE
+    ]
+
     def reading(prompt: str) -> torch.Tensor:
         # One prompt at a time: no padding, nothing to mask.
-        _, cache = model.run_with_cache(model.to_tokens(prompt), names_filter=hook)
+        tokens = model.to_tokens(prompt)
+        _, cache = model.run_with_cache(tokens, names_filter=hook)
         resid = cache[hook][0]
-        return resid[-1] if position == "last" else resid.mean(dim=0)
+        if position == "last":
+            return resid[-1]
+        # The mean leaves out BOS, which the model prepends.
+        assert int(tokens[0, 0]) == model.tokenizer.bos_token_id
+        return resid[1:].mean(dim=0)
 
     expected = torch.stack(
         [reading(p) - reading(n) for p, n in zip(POSITIVE, NEGATIVE, strict=True)]

@@ -63,11 +63,13 @@ def contrastive_vector(
         positive: The positive prompts.
         negative: The negative prompts, paired with ``positive`` in order.
         layer: The block whose ``hook_resid_pre`` is read (and later steered).
-        position: ``last``: each prompt's last token (CAA); ``mean``: the mean over its tokens.
+        position: ``last``: each prompt's last token (CAA); ``mean``: the mean over its tokens,
+            BOS left out when one is prepended.
         prepend_bos: Overrides the model's default.
 
     Raises:
-        ParamError: Empty or unequal sets, or a layer out of range.
+        ParamError: Empty or unequal sets, a layer out of range, or (``mean``) a prompt with
+            no token but BOS.
     """
     import torch
 
@@ -90,7 +92,15 @@ def contrastive_vector(
         last = mask.sum(dim=1) - 1
         per_prompt = resid[torch.arange(len(resid)), last]
     else:
-        per_prompt = (resid * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        # BOS is the same token in every prompt, with a residual far larger than the others' in
+        # GPT-2: averaged in, it would enter as (1/len(pos) - 1/len(neg)) * resid_BOS.
+        if model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos:
+            mask = mask.clone()
+            mask[:, 0] = False
+        counts = mask.sum(dim=1, keepdim=True)
+        if bool((counts == 0).any()):
+            raise ParamError("positive", "a prompt has no token besides BOS to average over")
+        per_prompt = (resid * mask[..., None]).sum(dim=1) / counts
     n = len(positive)
     return (per_prompt[:n] - per_prompt[n:]).mean(dim=0).to(model.cfg.dtype).cpu()
 
