@@ -170,3 +170,35 @@ def test_from_position_past_a_prompt_is_refused(tiny_gpt2_or_llama: Any) -> None
     steering.check(model, _params(from_position=last))
     with pytest.raises(ParamError, match="from_position"):
         steering.check(model, _params(from_position=last + 1))
+
+
+def test_steered_greedy_generation_against_a_hand_written_loop(tiny_gpt2_or_llama: Any) -> None:
+    model = tiny_gpt2_or_llama
+    params = _params(sampling={"method": "greedy"}, n_samples=1, coefficients=[6.0])
+    result = steering.compute(model, params, seed=0)
+    hook = "blocks.1.hook_resid_pre"
+
+    def last(text: str) -> torch.Tensor:
+        return model.run_with_cache(model.to_tokens(text), names_filter=hook)[1][hook][0, -1]
+
+    vector = torch.stack(
+        [
+            last(p) - last(n)
+            for p, n in zip(SMALL["vector"]["positive"], SMALL["vector"]["negative"], strict=True)
+        ]
+    ).mean(dim=0)
+
+    def add(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        return activation + 6.0 * vector
+
+    row = result.coefficients.tolist().index(6.0)
+    for column, prompt in enumerate(SMALL["prompts"]):
+        # No cache: the whole sequence each step, the vector added at every position, argmax.
+        tokens = model.to_tokens(prompt)
+        n_prompt = tokens.shape[1]
+        with torch.inference_mode():
+            for _ in range(SMALL["max_new_tokens"]):
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, add)])
+                tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+        expected = model.tokenizer.decode(tokens[0, n_prompt:])
+        assert result.generations[row][column] == [expected]
