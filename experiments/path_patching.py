@@ -356,4 +356,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    needs=frozenset({"start_at_layer", "hook_names", "block_internals"}),
 )
