@@ -44,6 +44,10 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
 
 GPT2_SMALL_NAME_MOVERS = ("9.6", "9.9", "10.0")
 """Wang et al. (2022)'s name movers in GPT-2 small, the default receivers there."""
+GPT2_SMALL_NAMES = frozenset({"gpt2", "gpt2-small", "openai-community/gpt2"})
+"""The names GPT-2 small is loaded under: only it gets the published name movers."""
+MIN_CLEAN_LOGIT_DIFFERENCE = 0.1
+"""Below this clean mean logit difference (IO - S) the model is refused: it doesn't do IOI."""
 TOP_K = 10
 HeadName = Annotated[str, Field(pattern=r"^\d+\.\d+$")]
 
@@ -59,7 +63,7 @@ class PathPatchingParams(Params):
         None,
         max_length=32,
         description="Receiver heads 'L.H' for the second map; default: GPT-2 small's name movers "
-        "9.6, 9.9, 10.0 on a GPT-2-small-shaped GPT-2, else the n_receivers heads whose path to "
+        "9.6, 9.9, 10.0 on GPT-2 small (loaded as gpt2), else the n_receivers heads whose path to "
         "the logits lowers the logit difference most.",
     )
     n_receivers: int = Field(
@@ -100,8 +104,7 @@ class PathPatchingResult:
 
     def relative(self, patched: Float[NDArray, "layer head batch"]) -> Float[NDArray, "layer head"]:
         """(patched - clean) / clean mean logit difference, in percent (the paper's figures)."""
-        clean = float(self.clean_per_pair.mean())
-        return 100 * (patched.mean(-1) - clean) / clean
+        return _relative(patched, self.clean_per_pair)
 
     def standard_error(
         self, patched: Float[NDArray, "layer head batch"]
@@ -161,14 +164,35 @@ class PathPatchingResult:
         }
 
 
+def _relative(
+    patched: Float[NDArray, "layer head batch"], clean_per_pair: Float[NDArray, " batch"]
+) -> Float[NDArray, "layer head"]:
+    clean = float(clean_per_pair.mean())
+    return 100 * (patched.mean(-1) - clean) / clean
+
+
+def _check_does_ioi(clean_per_pair: Float[NDArray, " batch"]) -> None:
+    # Changes are relative to the clean mean: at or below 0 their signs invert (and the receivers
+    # chosen from them), near 0 they blow up. A model that doesn't prefer IO has no IOI circuit.
+    clean = float(clean_per_pair.mean())
+    if clean < MIN_CLEAN_LOGIT_DIFFERENCE:
+        raise ParamError(
+            "ioi",
+            f"the model doesn't do IOI on these pairs: its clean mean logit difference (IO - S) "
+            f"is {clean:.3g}, expected at least {MIN_CLEAN_LOGIT_DIFFERENCE} for changes "
+            "relative to it to mean anything",
+        )
+
+
 def _is_gpt2_small(model: HookedTransformer) -> bool:
+    # By name too: a fine-tune or a random checkpoint of GPT-2 small's shape has its own heads.
     cfg = model.cfg
-    return (cfg.original_architecture, cfg.n_layers, cfg.n_heads, cfg.d_model) == (
-        "GPT2LMHeadModel",
-        12,
-        12,
-        768,
-    )
+    return cfg.model_name in GPT2_SMALL_NAMES and (
+        cfg.original_architecture,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.d_model,
+    ) == ("GPT2LMHeadModel", 12, 12, 768)
 
 
 def _receivers(
@@ -208,6 +232,8 @@ def compute(model: HookedTransformer, params: PathPatchingParams, seed: int) -> 
     corrupted_logits, corrupted_cache = run_cache(
         model, pairs, "corrupted", [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     )
+    clean_per_pair = logit_difference(clean_logits, pairs).numpy()
+    _check_does_ioi(clean_per_pair)
     clean = answer_summary(clean_logits, pairs)
     corrupted = answer_summary(corrupted_logits, pairs, corrupted_prompts_answer(params.ioi))
     started = time.perf_counter()
@@ -215,8 +241,7 @@ def compute(model: HookedTransformer, params: PathPatchingParams, seed: int) -> 
         model, pairs, clean_cache, corrupted_cache, freeze_mlps=params.freeze_mlps
     ).reshape(n_layers, n_heads, pairs.size)
     logits_seconds = time.perf_counter() - started
-    clean_per_pair = logit_difference(clean_logits, pairs).numpy()
-    relative = 100 * (to_logits.numpy().mean(-1) / clean_per_pair.mean() - 1)
+    relative = _relative(to_logits.numpy(), clean_per_pair)
     receivers, choice = _receivers(model, params, relative)
     started = time.perf_counter()
     to_receivers = path_patch_to_receivers(
@@ -356,4 +381,5 @@ EXPERIMENT = Experiment(
     compute=compute,
     render=render,
     check=check,
+    needs=frozenset({"start_at_layer", "hook_names", "block_internals"}),
 )

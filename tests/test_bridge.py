@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.cli import REPO_ROOT
+from tests.helpers.corpus import TEXT
 from tests.helpers.models import SharedTinyModels
 from unraveled.compat.bridge import check_bridge
 from unraveled.datasets.ioi import IOIParams
@@ -39,6 +40,20 @@ SMALL: dict[str, dict[str, Any]] = {
         "max_tokens": 32,
         "browser_samples": 1,
         "sample": "first",
+    },
+    "steering": {"layer": 1, "max_new_tokens": 2, "n_samples": 1},
+    # The tiny model's context is short: windows of 16 tokens, a few hundred tokens to train on.
+    "sae_features": {
+        "width": 8,
+        "k": 2,
+        "training_tokens": 64,
+        "batch_tokens": 32,
+        "buffer_tokens": 64,
+        "eval_tokens": 32,
+        "context_tokens": 16,
+        "sample": "first",
+        "batch_windows": 2,
+        "planted_check": False,
     },
 }
 
@@ -69,9 +84,19 @@ def duck_typed() -> Iterator[None]:
         yield
 
 
-def _params(name: str) -> Any:
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text for the experiments that read a corpus (sae_features): the test helpers' speech."""
+    path = tmp_path_factory.mktemp("corpus") / "speech.txt"
+    path.write_text(TEXT * 4)
+    return path
+
+
+def _params(name: str, corpus: Path) -> Any:
     experiment = load_experiment(name)
     small = dict(SMALL.get(name, {}))
+    if name == "sae_features":
+        small["corpus"] = [str(corpus)]
     if "ioi" in experiment.params.model_fields:
         small["ioi"] = IOIParams(n_pairs=2)
     return experiment.params(**small)
@@ -118,11 +143,15 @@ def _outcome(bridge: Any, name: str) -> str | None:
     ],
 )
 def test_each_experiment_runs_on_a_bridge_as_on_a_hooked_transformer_or_is_refused(
-    name: str, bridges: dict[str, Any], tiny_model: SharedTinyModels, tiny_gpt2_dir: Path
+    name: str,
+    bridges: dict[str, Any],
+    tiny_model: SharedTinyModels,
+    tiny_gpt2_dir: Path,
+    corpus: Path,
 ) -> None:
     experiment = load_experiment(name)
     bridge = bridges[experiment.weights]
-    params = _params(name)
+    params = _params(name, corpus)
     refusal = _outcome(bridge, name)
     if refusal is not None:
         assert "lacks" in refusal and "HookedTransformer" in refusal

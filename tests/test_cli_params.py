@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -73,6 +74,29 @@ def test_every_printed_bound_and_default_is_what_the_schema_does(
                 assert error in _errors(params, key, int(edge[1]) + step), key
             else:  # no bound printed: there is none
                 assert error not in _errors(params, key, step * 10**9), key
+
+
+@pytest.mark.parametrize("name", available_experiments())
+def test_every_printed_default_nested_included_is_the_params_default(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A nested field's default is what Params() holds there (its parent's default), not its
+    class's own: steering's vector prompts and sampling, say."""
+    defaults = load_experiment(name).params()
+    for key, (_, default, _, _) in _rows(capsys, name).items():
+        value: Any = defaults
+        for part in key.split("."):
+            if value is None:  # a nested block whose parent defaults to None: its class's own
+                break
+            value = getattr(value, part)
+        else:
+            if isinstance(value, BaseModel):
+                assert default == "(below)", key
+                continue
+            shown = default.removesuffix("…")  # a long default is cut short
+            assert repr(value) == default or (shown != default and repr(value).startswith(shown)), (
+                key
+            )
 
 
 def _errors(params: type[BaseModel], key: str, value: int) -> set[str]:

@@ -4,8 +4,11 @@ attribution where the path to the logits is linear (no norm, MLPs frozen), and i
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 
+import jaxtyping
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -253,9 +256,42 @@ def _dummy_pairs_and_caches(model):  # type: ignore[no-untyped-def]
     return pairs, clean, corrupted
 
 
-def test_experiment_runs_on_a_tiny_model(tiny_model, tiny_gpt2_dir) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_that_does_not_do_ioi_is_refused(tiny_model, tiny_gpt2_dir) -> None:  # type: ignore[no-untyped-def]
+    """The random tiny model prefers S to IO on these pairs: changes relative to that would
+    invert their signs, so it is refused, naming its clean mean logit difference."""
     model = tiny_model(tiny_gpt2_dir, "processed")
     params = path_patching.PathPatchingParams(ioi=IOIParams(n_pairs=2, corruption="abc"))
+    pairs = ioi_batch(model, params.ioi, seed=0).tokens
+    logits = model(pairs.clean)[torch.arange(pairs.size), pairs.last]
+    rows = torch.arange(pairs.size)
+    clean_mean = float((logits[rows, pairs.correct] - logits[rows, pairs.incorrect]).mean())
+    assert clean_mean < path_patching.MIN_CLEAN_LOGIT_DIFFERENCE
+    with pytest.raises(ParamError, match=rf"doesn't do IOI.* {clean_mean:.3g}") as raised:
+        path_patching.compute(model, params, seed=0)
+    assert raised.value.field == "ioi"
+
+
+def _doing_ioi(model: HookedTransformer, params: IOIParams) -> HookedTransformer:
+    """A copy of ``model`` whose unembedding bias favours each pair's IO over its S."""
+    rigged = copy.deepcopy(model)
+    pairs = ioi_batch(model, params, seed=0).tokens
+    with torch.no_grad():
+        rigged.b_U[pairs.correct] += 5.0
+        rigged.b_U[pairs.incorrect] -= 5.0
+    return rigged
+
+
+def test_only_gpt2_by_name_gets_the_published_name_movers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # a stand-in: a config only
+    shape = {"original_architecture": "GPT2LMHeadModel", "n_layers": 12, "n_heads": 12}
+    for name, published in [("gpt2", True), ("gpt2-small", True), ("my-gpt2-finetune", False)]:
+        model = SimpleNamespace(cfg=SimpleNamespace(model_name=name, d_model=768, **shape))
+        assert path_patching._is_gpt2_small(model) is published, name  # type: ignore[arg-type]
+
+
+def test_experiment_runs_on_a_tiny_model(tiny_model, tiny_gpt2_dir) -> None:  # type: ignore[no-untyped-def]
+    params = path_patching.PathPatchingParams(ioi=IOIParams(n_pairs=2, corruption="abc"))
+    model = _doing_ioi(tiny_model(tiny_gpt2_dir, "processed"), params.ioi)
     result = path_patching.compute(model, params, seed=0)
     metrics = result.metrics()
     assert metrics["n_pairs"] == 2 and len(result.receivers) == 3

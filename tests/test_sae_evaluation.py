@@ -6,6 +6,7 @@ and the SAE's ``encode``/``decode`` on whole tensors: none of the evaluation mod
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,15 @@ def test_bad_input_is_refused(
     arguments = {"hook_name": HOOK, "windows": windows, "batch_windows": 2} | change
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         evaluate_sae(model, partial_sae(), **arguments)
+
+
+def test_ce_loss_recovered_is_nan_with_a_reason_where_zero_ablation_changes_nothing() -> None:
+    from unraveled.sae.evaluation import recovered_loss
+
+    # Known answers: halfway between zero-ablation (4) and clean (2) recovers half.
+    assert recovered_loss(2.0, 3.0, 4.0) == (0.5, None)
+    assert recovered_loss(2.0, 2.0, 4.0) == (1.0, None)
+    # Zero-ablating a hook the loss doesn't depend on: no division by ~0, a stated reason.
+    value, reason = recovered_loss(2.0, 2.5, 2.0 + 1e-6)
+    assert math.isnan(value)
+    assert reason is not None and "doesn't depend on it" in reason

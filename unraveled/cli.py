@@ -28,8 +28,8 @@ from unraveled.config import (
     OVERRIDES_BUILTIN,
     ConfigSources,
     LoadedConfig,
-    _did_you_mean,
     config_names,
+    did_you_mean,
     load_config,
 )
 from unraveled.engines.ray_cluster import check_engines
@@ -287,7 +287,7 @@ def params(
         raise ConfigError(
             name,
             None,
-            f"not an experiment{_did_you_mean(name, names)} (experiments: {', '.join(names)})",
+            f"not an experiment{did_you_mean(name, names)} (experiments: {', '.join(names)})",
         )
     experiment = load_experiment(name)
     table = Table(

@@ -182,7 +182,7 @@ def render_description(
                 source,
                 field,
                 f"{{{name}}} names no param"
-                f"{_did_you_mean(name.removeprefix('params.'), known)} "
+                f"{did_you_mean(name.removeprefix('params.'), known)} "
                 f"(params: {', '.join(known)})",
             ) from None
 
@@ -320,7 +320,7 @@ class ConfigSources:
             else f"your folder: {self._yours()}"
         )
         problem = (
-            f"no config named {name!r}{_did_you_mean(name, list(builtin | own))} "
+            f"no config named {name!r}{did_you_mean(name, list(builtin | own))} "
             f"(built-in: {', '.join(builtin) or 'none'}; {yours})"
         )
         misnamed = self.folder / f"{name}.yml" if self.folder else None
@@ -343,7 +343,8 @@ def config_names(config_dir: Path | None = None) -> list[str]:
     return list(ConfigSources.locate(config_dir).files())
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """``"; did you mean 'X'?"`` for the choice closest to ``word``, or "" when none is close."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -527,7 +528,7 @@ def _format_validation_error(
         if item["type"] == "extra_forbidden":
             valid = list(schema.model_fields)
             problem = (
-                f"unknown key{_did_you_mean(str(item['loc'][-1]), valid)} "
+                f"unknown key{did_you_mean(str(item['loc'][-1]), valid)} "
                 f"(valid keys: {', '.join(valid)})"
             )
         elif item["type"] == "missing":
@@ -604,7 +605,7 @@ def load_config(
             source,
             "experiment",
             f"unknown experiment {shorten(run.experiment)}"
-            f"{_did_you_mean(run.experiment, known)} (available: {', '.join(known)})",
+            f"{did_you_mean(run.experiment, known)} (available: {', '.join(known)})",
         )
     experiment = load_experiment(run.experiment)
     raw_params = dict(raw.get("params") or {})

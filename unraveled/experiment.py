@@ -46,7 +46,7 @@ EXPERIMENTS_PACKAGE = "unraveled.experiments"
 WeightsKind = Literal["processed", "raw"]
 # What an experiment uses of a model beyond run_with_cache/run_with_hooks and the weights all
 # TransformerLens models have; see Experiment.needs.
-ModelNeed = Literal["start_at_layer", "stop_at_layer", "hook_names", "W_pos"]
+ModelNeed = Literal["start_at_layer", "stop_at_layer", "hook_names", "W_pos", "block_internals"]
 DEFAULT_MAX_PROMPT_TOKENS = 128
 
 
@@ -193,7 +193,9 @@ class Experiment(Generic[P, R]):
             lacking it (a ``TransformerBridge``, ``unraveled.compat.bridge``) is refused before
             anything is computed: ``start_at_layer`` (a forward pass from a layer on),
             ``stop_at_layer`` (one stopped after the last block, returning the residual stream),
-            ``hook_names`` (hooks that see the name they were added under), ``W_pos``.
+            ``hook_names`` (hooks that see the name they were added under), ``W_pos``,
+            ``block_internals`` (a block's ``ln1``, ``ln2`` and ``apply_mlp``, to recompute its
+            parts outside a forward pass).
     """
 
     title: str

@@ -96,10 +96,15 @@ def _choices(annotation: Any) -> list[Any]:
     return [choice for arg in typing.get_args(annotation) for choice in _choices(arg)]
 
 
-def _default_text(info: FieldInfo) -> str:
-    if info.is_required():
+def _default_text(info: FieldInfo, parent_default: BaseModel | None, name: str) -> str:
+    # A nested field's default is its parent's default's value: the parent's default may set it
+    # (SteeringParams.vector's prompts) or differ from the nested class's own (its sampling).
+    if parent_default is not None:
+        value = getattr(parent_default, name)
+    elif info.is_required():
         return "(required)"
-    value = info.get_default(call_default_factory=True)
+    else:
+        value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(below)"
     text = repr(value)
@@ -116,6 +121,7 @@ def describe_params(
     params: type[BaseModel],
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     prefix: str = "",
+    parent_default: BaseModel | None = None,
 ) -> list[ParamDoc]:
     """Every field of ``params`` in declaration order, nested models' fields after their own row.
 
@@ -123,6 +129,8 @@ def describe_params(
         params: An experiment's ``Params`` class (or a nested one).
         max_prompt_tokens: The experiment's cap on a prompt's tokens (``Experiment``'s).
         prefix: Put before each name (``ioi.`` for the fields of a nested ``ioi`` block).
+        parent_default: For a nested block, its parent field's default value, where the defaults
+            shown come from; None for the top level or a parent field without a default.
 
     Returns:
         One ``ParamDoc`` per field, nested fields named ``parent.child``.
@@ -140,12 +148,25 @@ def describe_params(
             ParamDoc(
                 name=prefix + name,
                 type=_type_text(info.annotation),
-                default=_default_text(info),
+                default=_default_text(info, parent_default, name),
                 bounds="; ".join(bounds),
                 description=" ".join((info.description or "").split()),
             )
         )
         nested = _nested_model(info.annotation)
         if nested is not None:
-            docs.extend(describe_params(nested, max_prompt_tokens, f"{prefix}{name}."))
+            if parent_default is not None:
+                default = getattr(parent_default, name)
+            elif info.is_required():
+                default = None
+            else:
+                default = info.get_default(call_default_factory=True)
+            docs.extend(
+                describe_params(
+                    nested,
+                    max_prompt_tokens,
+                    f"{prefix}{name}.",
+                    default if isinstance(default, nested) else None,
+                )
+            )
     return docs

@@ -87,11 +87,24 @@ def _lacks_w_pos(model: Any) -> str | None:
     return None
 
 
+def _lacks_block_internals(model: Any) -> str | None:
+    block = model.blocks[0]
+    missing = [name for name in ("ln1", "ln2", "apply_mlp") if not hasattr(block, name)]
+    if missing:
+        return (
+            "a block's parts to recompute outside a forward pass (HookedTransformer's "
+            + ", ".join(f"block.{name}" for name in missing)
+            + ")"
+        )
+    return None
+
+
 LACKS: dict[ModelNeed, Callable[[Any], str | None]] = {
     "start_at_layer": _lacks_start_at_layer,
     "hook_names": _lacks_hook_names,
     "stop_at_layer": _lacks_stop_at_layer,
     "W_pos": _lacks_w_pos,
+    "block_internals": _lacks_block_internals,
 }
 
 

@@ -140,7 +140,7 @@ class AtlasWorker:
 RemoteAtlasWorker = ray.remote(num_cpus=1)(AtlasWorker)
 
 
-def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
+def placeable_workers(workers: int | None, on_gpu: bool) -> int:
     """How many workers the cluster can place now: ``workers`` (default: all it can), or fewer.
 
     Fewer is said in a warning.
@@ -172,7 +172,7 @@ def _placeable_workers(workers: int | None, on_gpu: bool) -> int:
     return min(workers or placeable, placeable)
 
 
-def _reserve(n_workers: int, on_gpu: bool) -> PlacementGroup:
+def reserve_workers(n_workers: int, on_gpu: bool) -> PlacementGroup:
     """A placement group with one bundle per worker, reserved within ``PLACEMENT_TIMEOUT_S``.
 
     Raises:
@@ -296,7 +296,7 @@ def _run_on_ray(
     device = str(model.cfg.device)
     # One GPU per worker when the run is on CUDA (--device cuda), so Ray places them on GPU nodes.
     on_gpu = device.startswith("cuda")
-    n_workers = _placeable_workers(workers, on_gpu)
+    n_workers = placeable_workers(workers, on_gpu)
     shards = shard_ranges(len(windows), settings.batch_windows, n_workers * SHARDS_PER_WORKER)
     n_workers = min(n_workers, len(shards))
     logger.info(
@@ -305,7 +305,7 @@ def _run_on_ray(
         n_workers,
         ray.get_runtime_context().gcs_address,
     )
-    group = _reserve(n_workers, on_gpu)
+    group = reserve_workers(n_workers, on_gpu)
     actors: list[Any] = []
     try:
         for number in range(n_workers):

@@ -57,6 +57,31 @@ DENSE_THRESHOLD = 0.1
 _NO_VARIANCE = 1e-10
 
 
+MIN_CE_LOSS_GAP = 1e-3
+"""Nats: zero-ablation closer than this to the clean loss leaves CE loss recovered undefined."""
+
+
+def recovered_loss(clean: float, spliced: float, zero_ablation: float) -> tuple[float, str | None]:
+    """``(zero - spliced) / (zero - clean)``, or NaN and why where that divides by about 0.
+
+    Args:
+        clean: Mean next-token loss of the model as it is.
+        spliced: With the SAE's reconstruction spliced in at its hook.
+        zero_ablation: With the hook's activations zeroed.
+
+    Returns:
+        The fraction recovered, and None; or NaN and the reason when zero-ablating the hook
+        changes the loss by less than ``MIN_CE_LOSS_GAP``: nothing there for the SAE to recover.
+    """
+    gap = zero_ablation - clean
+    if abs(gap) < MIN_CE_LOSS_GAP:
+        return float("nan"), (
+            f"zero-ablating the hook changes the loss by {gap:.2g} nats (less than "
+            f"{MIN_CE_LOSS_GAP:g}): the loss doesn't depend on it, nothing to recover"
+        )
+    return (zero_ablation - spliced) / gap, None
+
+
 @dataclass(frozen=True)
 class SAEEvaluation:
     """An SAE's evaluation on held-out windows (definitions in the module docstring).
@@ -108,13 +133,20 @@ class SAEEvaluation:
 
     @property
     def ce_loss_recovered(self) -> float:
-        """``(zero - spliced) / (zero - clean)``.
+        """``(zero - spliced) / (zero - clean)``; NaN where undefined (see ``recovered_loss``).
 
         1 when splicing the reconstruction in costs no loss, 0 when it costs as much as zeroing.
         """
-        return (self.ce_loss_zero_ablation - self.ce_loss_spliced) / (
-            self.ce_loss_zero_ablation - self.ce_loss_clean
-        )
+        return recovered_loss(self.ce_loss_clean, self.ce_loss_spliced, self.ce_loss_zero_ablation)[
+            0
+        ]
+
+    @property
+    def ce_loss_recovered_undefined_because(self) -> str | None:
+        """Why ``ce_loss_recovered`` is NaN, or None where it is defined."""
+        return recovered_loss(self.ce_loss_clean, self.ce_loss_spliced, self.ce_loss_zero_ablation)[
+            1
+        ]
 
     @property
     def feature_density(self) -> Float[NDArray, " feature"]:
@@ -153,6 +185,11 @@ class SAEEvaluation:
             "ce_loss_spliced": self.ce_loss_spliced,
             "ce_loss_zero_ablation": self.ce_loss_zero_ablation,
             "ce_loss_recovered": self.ce_loss_recovered,
+            **(
+                {"ce_loss_recovered_undefined_because": self.ce_loss_recovered_undefined_because}
+                if self.ce_loss_recovered_undefined_because is not None
+                else {}
+            ),
             "ce_loss_tokens": self.ce_loss_tokens,
         }
 

@@ -115,9 +115,13 @@ def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
         )
     axes.set_xticks(range(len(CE_BARS)), [label for _, label, _ in CE_BARS])
     axes.set(
-        title=f"CE loss recovered: {evaluation.ce_loss_recovered:.3f} "
-        "= (zero - spliced) / (zero - clean)\n"
-        f"{evaluation.ce_loss_tokens:,} next-token predictions, {evaluation.n_windows:,} "
+        title=(
+            f"CE loss recovered: {evaluation.ce_loss_recovered:.3f} "
+            "= (zero - spliced) / (zero - clean)\n"
+            if evaluation.ce_loss_recovered_undefined_because is None
+            else f"CE loss recovered undefined: {evaluation.ce_loss_recovered_undefined_because}\n"
+        )
+        + f"{evaluation.ce_loss_tokens:,} next-token predictions, {evaluation.n_windows:,} "
         "held-out windows\n(dots: per window)",
         ylabel="mean next-token loss (nats)",
     )

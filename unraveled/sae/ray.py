@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from unraveled.engines.ray import _placeable_workers, _reserve, publish_model
+from unraveled.engines.ray import placeable_workers, publish_model, reserve_workers
 from unraveled.engines.ray_cluster import RayEngineError, local_ray, ray_address
 from unraveled.models import weight_cache
 from unraveled.models.loading import prepare_for_experiments
@@ -84,8 +84,8 @@ def _chunks_on_ray(
     device = str(model.cfg.device)
     on_gpu = device.startswith("cuda")
     batches = window_batches(len(windows), batch_windows)
-    n_workers = min(_placeable_workers(workers, on_gpu), len(batches))
-    group = _reserve(n_workers, on_gpu)
+    n_workers = min(placeable_workers(workers, on_gpu), len(batches))
+    group = reserve_workers(n_workers, on_gpu)
     actors: list[Any] = []
     try:
         for number in range(n_workers):
