@@ -38,6 +38,7 @@ if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
+    from unraveled.sae.attribution import FeatureAttribution
     from unraveled.sae.browser import FeatureBrowserData
     from unraveled.sae.evaluation import SAEEvaluation
 
@@ -47,6 +48,7 @@ MAX_CONTEXT_TOKENS = 1024
 MAX_WIDTH = 1 << 17
 MAX_TOKENS = 1 << 30
 SAVED_FOLDER = "sae"
+BROWSER_PAGE = "feature_browser"
 # The known answer (issue 22.5): 64 sparse directions in 16 dimensions, each firing on 3% of
 # samples; an SAE recovers a direction when one of its decoder directions has cosine > 0.9.
 PLANTED_FEATURES = 64
@@ -127,7 +129,21 @@ class SaeFeaturesParams(Params):
     width: int = Field(1024, ge=2, le=MAX_WIDTH, description="Features (d_sae).")
     k: int = Field(16, ge=1, description="Active features per token (topk, batchtopk).")
     l1_coefficient: float = Field(5.0, gt=0, description="L1 penalty weight (standard).")
-    training_tokens: int = Field(16384, ge=1, le=MAX_TOKENS, description="Activations trained on.")
+    training_tokens: int = Field(
+        16384,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Distinct activations generated and trained on (the slow part: forwards).",
+    )
+    passes: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description=(
+            "Times each generated activation is trained on (reused a buffer at a time, so memory "
+            "stays flat); 1 generates a fresh activation for every training token."
+        ),
+    )
     batch_tokens: int = Field(512, ge=1, le=1 << 16, description="Activations per step.")
     buffer_tokens: int = Field(
         8192,
@@ -135,7 +151,7 @@ class SaeFeaturesParams(Params):
         le=1 << 24,
         description="Shuffling buffer (activations held at once: memory flat in training_tokens).",
     )
-    lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+    lr: float = Field(4e-3, gt=0, le=1, description="Adam learning rate.")
     eval_tokens: int = Field(
         2048, ge=1, le=MAX_TOKENS, description="Held-out tokens (whole windows) never trained on."
     )
@@ -153,12 +169,34 @@ class SaeFeaturesParams(Params):
             "Which windows: spread = a seeded choice over the whole corpus; first = its start."
         ),
     )
-    batch_windows: int = Field(8, ge=1, le=256, description="Windows per forward pass.")
+    batch_windows: int = Field(
+        8, ge=1, le=256, description="Windows per forward pass generating training activations."
+    )
+    eval_batch_windows: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description=(
+            "Windows per forward pass in the evaluation and the browser (memory: the CE-loss "
+            "passes hold three [windows, positions, d_vocab] logits at once)."
+        ),
+    )
     engine: Literal["local", "ray"] = Field(
         "local",
         description="Where activations are generated: local, or Ray workers (training: driver).",
     )
     ray_workers: int | None = Field(None, ge=1, description="Ray workers at most.")
+    attribution: bool = Field(
+        True,
+        description=(
+            "Attribute the IOI logit difference to the SAE's features at its hook (attribution "
+            "patching, the top features patched exactly), linked into the browser."
+        ),
+    )
+    attribution_pairs: int = Field(8, ge=1, le=512, description="IOI prompt pairs attributed.")
+    attribution_top: int = Field(
+        10, ge=1, le=1000, description="Top features (largest |estimate|) patched exactly."
+    )
     planted_check: bool = Field(
         True,
         description=(
@@ -338,8 +376,19 @@ class SaeFeaturesResult:
     training: dict[str, Any] | None
     planted: PlantedRecovery | None
     evaluation: SAEEvaluation
+    attribution: FeatureAttribution | None
+    attribution_pairs: int
     browser: FeatureBrowserData
     browser_context_before: int
+
+    def provenance(self) -> str | None:
+        """For a trained SAE, what trained it (for titles); None for a loaded one."""
+        if self.training is None:
+            return None
+        return (
+            f"a small demo SAE, trained on {self.training['tokens_generated']:,} tokens "
+            f"({self.training['passes']} passes, {self.training['steps']} steps)"
+        )
 
     def metrics(self) -> dict[str, Any]:
         """The SAE's shape and provenance, the training's numbers, the planted-features check."""
@@ -367,6 +416,17 @@ class SaeFeaturesResult:
                     f"sae = SAE.load_from_disk('<this run folder>/{SAVED_FOLDER}')"
                 ),
                 "reuse": f"--set params.source.path=<this run folder>/{SAVED_FOLDER}",
+            }
+        if self.attribution is not None:
+            found["feature_attribution"] = {
+                "metric": "IOI logit difference (correct - incorrect name), last token",
+                "pairs": self.attribution_pairs,
+                "clean_metric": self.attribution.clean_metric,
+                "corrupted_metric": self.attribution.corrupted_metric,
+                "error_term_estimate": self.attribution.error_estimate,
+                "features_estimate_sum": float(self.attribution.estimate.sum()),
+                "top_features": self.attribution.top_features,
+                "estimate_exact_correlation": self.attribution.correlation,
             }
         if self.planted is not None:
             found["planted_recovery"] = {
@@ -404,6 +464,7 @@ def train_settings(params: SaeFeaturesParams) -> Any:
         batch_tokens=params.batch_tokens,
         buffer_tokens=params.buffer_tokens,
         lr=params.lr,
+        passes=params.passes,
     )
 
 
@@ -471,9 +532,10 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
             workers=params.ray_workers,
             epochs=None,
         )
+        generated = [0]  # activations drawn from the forward passes
         with closing(chunks):
             sae = train_sae(
-                chunks,
+                _counted_tokens(chunks, generated),
                 hook_dimension(model, hook),
                 train_settings(params),
                 {
@@ -496,22 +558,23 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
                 else {}
             ),
             "tokens_trained_on": settings.steps * settings.batch_tokens,
+            "tokens_generated": generated[0],
+            "passes": params.passes,
             "steps": settings.steps,
             "batch_tokens": params.batch_tokens,
             "buffer_tokens": params.buffer_tokens,
             "lr": params.lr,
             "engine": params.engine,
             "training_windows": len(train),
-            "passes_over_training_windows": (
-                (settings.steps + settings.norm_batches) * settings.batch_tokens / train.size
-            ),
+            "passes_over_training_windows": generated[0] / train.size,
             "seconds": seconds,
-            "tokens_per_second": settings.steps * settings.batch_tokens / seconds,
+            "generated_tokens_per_second": generated[0] / seconds,
         }
         if params.planted_check:
             planted = planted_recovery(params, seed)
     held = windows.tokens[held_out]
     evaluated, browser, browser_settings = _evaluate(model, sae, hook, held, params, prepend_bos)
+    attribution = _attribute(model, sae, hook, params, seed) if params.attribution else None
     source: dict[str, Any] = (
         {"trained": "in this run"}
         if params.source is None
@@ -539,6 +602,8 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
         training=training,
         planted=planted,
         evaluation=evaluated,
+        attribution=attribution,
+        attribution_pairs=params.attribution_pairs,
         browser=browser,
         browser_context_before=browser_settings.context_before,
     )
@@ -562,22 +627,50 @@ def _evaluate(
     if prepend_bos:  # as in training; evaluate_sae leaves the special tokens' positions out
         bos = torch.full((len(tokens), 1), model.tokenizer.bos_token_id, dtype=torch.int64)
         tokens = torch.cat([bos, tokens], dim=1)
-    evaluated = evaluate_sae(model, sae, hook, tokens, params.batch_windows)
-    settings = BrowserSettings(batch_windows=params.batch_windows, prepend_bos=prepend_bos)
+    evaluated = evaluate_sae(model, sae, hook, tokens, params.eval_batch_windows)
+    settings = BrowserSettings(batch_windows=params.eval_batch_windows, prepend_bos=prepend_bos)
     return evaluated, feature_browser_data(model, sae, hook, held, settings), settings
+
+
+def _counted_tokens(
+    chunks: Iterator[Any], generated: list[int]
+) -> Iterator[Float[Any, "token d_in"]]:
+    """``chunks`` passed through, their rows added up in ``generated[0]``."""
+    for chunk in chunks:
+        generated[0] += len(chunk)
+        yield chunk
+
+
+def _attribute(
+    model: HookedTransformer, sae: SAE, hook: str, params: SaeFeaturesParams, seed: int
+) -> FeatureAttribution:
+    """The IOI logit difference attributed to the SAE's features at its hook."""
+    from unraveled.datasets.ioi import IOIParams, ioi_batch
+    from unraveled.sae.attribution import feature_attribution
+
+    pairs = ioi_batch(model, IOIParams(n_pairs=params.attribution_pairs), seed).tokens
+    return feature_attribution(model, sae, hook, pairs, top=params.attribution_top)
 
 
 def render(result: SaeFeaturesResult) -> Iterator[Artifact]:
     """Figures (planted features, evaluation), feature browser, tables, the trained SAE saved."""
     from unraveled.render.feature_browser import feature_browser_page
     from unraveled.sae.figures import evaluation_figures
+    from unraveled.sae.figures_attribution import attribution_figure, attribution_table
 
+    provenance = result.provenance()
     if result.planted is not None:
         yield planted_figure(result.planted, result.sae.cfg.architecture())
-    yield from evaluation_figures(result.evaluation, first_number=2)
+    yield from evaluation_figures(result.evaluation, first_number=2, provenance=provenance)
+    if result.attribution is not None:
+        yield attribution_figure(result.attribution, name="05_sae_feature_attribution")
+        yield attribution_table(result.attribution, browser_page=BROWSER_PAGE)
+    title = f"SAE features at {result.hook}" + (f": {provenance}" if provenance else "")
     yield feature_browser_page(
         result.browser,
         result.browser_context_before,
+        name=BROWSER_PAGE,
+        title=title,
         facts={"windows": f"the {int(result.held_out.sum())} held-out windows"},
     )
     yield from result.evaluation.tables()

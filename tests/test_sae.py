@@ -74,6 +74,27 @@ def test_buffer_holds_a_fixed_number_of_tokens_and_loses_none() -> None:
     assert not torch.equal(served[:, 0], torch.arange(len(served), dtype=torch.float32))
 
 
+def test_passes_reuse_each_token_a_buffer_at_a_time_and_read_no_more() -> None:
+    settings = TrainSettings("topk", 8, 2, 1.0, 1024, 32, 256, 1e-3, passes=4)
+    read: list[int] = []
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for i in range(40):
+            read.append(i)
+            yield torch.arange(i * 64, (i + 1) * 64, dtype=torch.float32)[:, None]
+
+    torch.manual_seed(0)
+    batches = training_batches(chunks(), settings)
+    # What training reads: the scale estimate's batches, then the steps.
+    served = torch.cat([next(batches) for _ in range(settings.norm_batches + settings.steps)])
+    # Only the first training_tokens were generated: 1024 tokens = 16 chunks of 64.
+    assert len(read) == 1024 // 64
+    assert served.max() < 1024
+    counts = torch.bincount(served[:, 0].long(), minlength=1024)
+    # Each token served at most `passes` times, most tokens exactly that often.
+    assert counts.max() == 4 and (counts == 4).float().mean() > 0.7
+
+
 @pytest.fixture(scope="module")
 def saved_planted_folder(
     planted_sae: tuple[torch.Tensor, SAE], tmp_path_factory: pytest.TempPathFactory
@@ -286,3 +307,40 @@ def test_ray_workers_give_the_local_engines_activations(
     assert [len(chunk) for chunk in distributed] == [48, 48, 16]
     for ours, theirs in zip(local, distributed, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_run_attributes_ioi_to_features_linked_into_the_browser(
+    tiny_gpt2_dir: Path,
+    shared_weight_cache_dir: Path,
+    corpus_file: Path,
+    tmp_path: Path,
+) -> None:
+    import re
+
+    out = tmp_path / "out"
+    args = [
+        *("--set", "params.width=32", "--set", "params.k=4"),
+        *("--set", "params.training_tokens=128", "--set", "params.batch_tokens=64"),
+        *("--set", "params.buffer_tokens=128", "--set", "params.planted_check=false"),
+        *("--set", "params.attribution_pairs=3", "--set", "params.attribution_top=5"),
+    ]
+    status, _ = _run(args, tiny_gpt2_dir, shared_weight_cache_dir, out, corpus_file)
+    assert status == 0
+    run = out / "tiny-gpt2" / "sae_features"
+    assert list(run.glob("figures/05_sae_feature_attribution.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    attribution = metrics["feature_attribution"]
+    assert attribution["pairs"] == 3 and len(attribution["top_features"]) == 5
+    table = dict(np.load(run / "feature_attribution.npz"))
+    assert table["feature"].tolist() == attribution["top_features"]
+    page = run / "views" / "feature_browser.html"
+    embedded = re.search(r'id="page-data">(.*?)</script>', page.read_text()).group(1)  # type: ignore[union-attr]
+    data = json.loads(embedded.replace("<\\!", "<!"))  # the page escapes "<!" inside a script
+    in_page = {feature["index"] for feature in data["features"]}
+    for feature, link in zip(table["feature"], table["browser"], strict=True):
+        target, anchor = link.split("#")
+        assert (run / target) == page
+        assert anchor == f"feature-{feature}" and int(feature) in in_page
+    # The titles say it is a small demo SAE and how much trained it.
+    assert "small demo SAE" in page.read_text()
+    assert f"{metrics['training']['steps']} steps" in page.read_text()

@@ -129,8 +129,17 @@ def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
     return figure
 
 
-def evaluation_figures(evaluation: SAEEvaluation, first_number: int = 1) -> list[Figure]:
-    """The three figures, named ``NN_sae_...`` from ``first_number`` on, with captions."""
+def evaluation_figures(
+    evaluation: SAEEvaluation, first_number: int = 1, provenance: str | None = None
+) -> list[Figure]:
+    """The three figures, named ``NN_sae_...`` from ``first_number`` on, with captions.
+
+    Args:
+        evaluation: The evaluation drawn.
+        first_number: The first figure's number.
+        provenance: What the SAE is (e.g. how many tokens and steps trained it), above each
+            figure and at the start of each caption; None: nothing added.
+    """
     drawn = [
         (
             "sae_feature_density",
@@ -148,6 +157,10 @@ def evaluation_figures(evaluation: SAEEvaluation, first_number: int = 1) -> list
             "Next-token loss clean, with the SAE spliced in and zero-ablated; CE loss recovered",
         ),
     ]
+    if provenance is not None:
+        for _, figure, _ in drawn:
+            figure.suptitle(provenance, fontsize=9, color="#5b6478")
+        drawn = [(name, figure, f"{provenance}. {caption}") for name, figure, caption in drawn]
     return [
         Figure(f"{number:02d}_{name}", figure, caption)
         for number, (name, figure, caption) in enumerate(drawn, start=first_number)

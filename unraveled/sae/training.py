@@ -41,9 +41,12 @@ class TrainSettings:
         d_sae: Features (the SAE's width).
         k: Active features per token (``topk``, ``batchtopk``).
         l1_coefficient: The L1 penalty's weight (``standard``).
-        training_tokens: Activations trained on.
+        training_tokens: Distinct activations read from the stream and trained on.
         batch_tokens: Activations per optimiser step.
         buffer_tokens: Activations held in the shuffling buffer: memory does not grow beyond it.
+        passes: Times each activation is trained on: the stream is read ``buffer_tokens`` at a
+            time and each such block is fed to the buffer ``passes`` times (reshuffled), so
+            activations that are expensive to generate are reused while memory stays flat.
         lr: Adam's learning rate (constant after a warm-up of a tenth of the steps).
         norm_batches: Batches read to estimate the activations' mean norm, which SAELens scales
             to sqrt(d_in) while training and folds into the saved weights.
@@ -58,11 +61,20 @@ class TrainSettings:
     buffer_tokens: int
     lr: float
     norm_batches: int = 4
+    passes: int = 1
 
     @property
     def steps(self) -> int:
-        """Optimiser steps: the training tokens in whole batches."""
-        return self.training_tokens // self.batch_tokens
+        """Optimiser steps: the training tokens, each ``passes`` times, in whole batches.
+
+        With ``passes`` above 1, less the batches the scale estimate reads and the half buffer
+        SAELens's mixing buffer keeps back, so that training reads no activation beyond the
+        first ``training_tokens`` (rounded up to whole buffers): they are the expensive part.
+        """
+        if self.passes == 1:
+            return self.training_tokens // self.batch_tokens
+        reused = self.training_tokens * self.passes - self.buffer_tokens // 2
+        return max(1, reused // self.batch_tokens - self.norm_batches)
 
 
 def training_sae(
@@ -102,10 +114,37 @@ def training_batches(
 ) -> Iterator[Float[Tensor, "batch d_in"]]:
     """``chunks`` shuffled through SAELens's fixed-size mixing buffer into training batches.
 
-    The buffer holds at most ``buffer_tokens`` activations plus one chunk: memory is flat in the
-    number of tokens streamed. The shuffle draws from torch's global generator (seeded by the run).
+    The buffer holds at most ``buffer_tokens`` activations plus one chunk (and, with ``passes``
+    above 1, one block of ``buffer_tokens`` being reused): memory is flat in the number of tokens
+    streamed. The shuffle draws from torch's global generator (seeded by the run).
     """
+    if settings.passes > 1:
+        chunks = reused_blocks(chunks, settings.buffer_tokens, settings.passes)
     return mixing_buffer(settings.buffer_tokens, settings.batch_tokens, chunks)
+
+
+def reused_blocks(
+    chunks: Iterator[Float[Tensor, "token d_in"]], block_tokens: int, passes: int
+) -> Iterator[Float[Tensor, "token d_in"]]:
+    """``chunks`` gathered into blocks of at least ``block_tokens``, each yielded ``passes`` times.
+
+    The last block may be shorter. One block is held at a time, so memory is flat in the stream's
+    length; the mixing buffer downstream reshuffles each repetition.
+    """
+    gathered: list[Tensor] = []
+    held = 0
+    for chunk in chunks:
+        gathered.append(chunk)
+        held += len(chunk)
+        if held >= block_tokens:
+            block = torch.cat(gathered)
+            gathered, held = [], 0
+            for _ in range(passes):
+                yield block
+    if gathered:
+        block = torch.cat(gathered)
+        for _ in range(passes):
+            yield block
 
 
 def train_sae(
