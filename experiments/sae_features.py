@@ -730,4 +730,7 @@ EXPERIMENT = Experiment(
     render=render,
     check=check,
     check_before_loading=check_before_loading,
+    # The feature attribution keeps activations and gradients by their hook's name, as attribution
+    # patching does; a TransformerBridge's aliases would miss them.
+    needs=frozenset({"hook_names"}),
 )

@@ -138,7 +138,7 @@ def test_steering_runs_through_the_cli(
         ("params.layer=2", "params.layer (from --set): 2 is out of range: the model has 2 layers"),
         ("params.vector.positive=[]", "params.vector.positive (from --set)"),
         ("params.vector.negative=[a]", "params.vector.negative"),
-        ("params.coefficients=[1.0, .inf]", "params.coefficients.1 (from --set)"),
+        ("params.coefficients=[1.0, .inf]", "params.coefficients[1] (from --set)"),
         ("params.max_new_tokens=0", "params.max_new_tokens (from --set)"),
         ("params.max_new_tokens=60", "params.max_new_tokens (from --set): 60 new tokens"),
         (
