@@ -16,7 +16,7 @@ from jaxtyping import Bool, Float, Int
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
+from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, checked_corpus_sources
 from unraveled.errors import ConfigError
 from unraveled.experiment import (
     RESOLVE_ANNOTATIONS,
@@ -176,11 +176,7 @@ class CorpusAtlasParams(Params):
     @field_validator("corpus")
     @classmethod
     def _sources_exist(cls, sources: list[str]) -> list[str]:
-        try:
-            resolve_sources(sources, "corpus")
-        except ConfigError as error:
-            raise ValueError(error.problem) from None
-        return sources
+        return checked_corpus_sources(sources)
 
     @model_validator(mode="after")
     def _at_least_one_window(self) -> CorpusAtlasParams:

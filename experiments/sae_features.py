@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, resolve_sources
+from unraveled.corpus import BUNDLED_PLAYS, MARKDOWN_HANDLING, checked_corpus_sources
 from unraveled.errors import ConfigError
 from unraveled.experiment import (
     RESOLVE_ANNOTATIONS,
@@ -208,11 +208,7 @@ class SaeFeaturesParams(Params):
     @field_validator("corpus")
     @classmethod
     def _sources_exist(cls, sources: list[str]) -> list[str]:
-        try:
-            resolve_sources(sources, "corpus")
-        except ConfigError as error:
-            raise ValueError(error.problem) from None
-        return sources
+        return checked_corpus_sources(sources)
 
     @field_validator("k")
     @classmethod

@@ -215,6 +215,18 @@ def _glob(source: str, origin: str) -> list[Path]:
     )
 
 
+def checked_corpus_sources(sources: list[str]) -> list[str]:
+    """A params ``corpus`` field's validator: every source names files, or ValueError says why.
+
+    Raised as ValueError so pydantic reports it at the field, as any other invalid value.
+    """
+    try:
+        resolve_sources(sources, "corpus")
+    except ConfigError as error:
+        raise ValueError(error.problem) from None
+    return sources
+
+
 def resolve_sources(sources: Sequence[str], origin: str) -> list[Path]:
     """The files a list of sources names, sorted within each source, each file once.
 
