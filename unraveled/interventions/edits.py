@@ -169,7 +169,45 @@ def _positioned_hook(
     return hook
 
 
-class AddVector(Intervention):
+class _OneHookPointFromPosition(Intervention):
+    """An edit at one hook point, from a sequence position on: what AddVector and Ablate share.
+
+    Subclasses check their own tensor in ``validate`` (after this one's checks) and build their
+    hooks with ``_edit_hooks``.
+    """
+
+    def __init__(self, layer: int | None, hook_name: str | None, from_position: int) -> None:
+        """Keep the hook point (``layer``'s hook_resid_pre, or ``hook_name``) and the position."""
+        _check_from_position(from_position)
+        self.hook_name = _hook_point(layer, hook_name)
+        self.layer = layer
+        self.from_position = from_position
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The one hook point it edits."""
+        return (self.hook_name,)
+
+    @property
+    def position_dependent(self) -> bool:
+        """True when it starts after position 0."""
+        return self.from_position > 0
+
+    def validate(self, model: HookedTransformer) -> None:
+        """The layer is in range, the hook point exists and has a position axis if one is needed."""
+        _check_layer(model, self.layer)
+        super().validate(model)
+        _check_position_axis(self.hook_name, self.from_position)
+
+    def _edit_hooks(
+        self, positions: Positions, edit: HookFunction
+    ) -> list[tuple[str, HookFunction]]:
+        """One hook applying ``edit`` to the activation from ``from_position`` on."""
+        axis = position_axis(self.hook_name) or 1
+        return [(self.hook_name, _positioned_hook(positions, self.from_position, edit, axis))]
+
+
+class AddVector(_OneHookPointFromPosition):
     """Add ``coefficient * vector`` to an activation (activation addition, steering).
 
     Args:
@@ -197,12 +235,9 @@ class AddVector(Intervention):
         """Keep the vector and where it goes; checked against a model by ``validate``."""
         if not math.isfinite(coefficient):
             raise ParamError("coefficient", f"{coefficient}: expected a finite number")
-        _check_from_position(from_position)
-        self.hook_name = _hook_point(layer, hook_name)
-        self.layer = layer
+        super().__init__(layer, hook_name, from_position)
         self.vector = vector
         self.coefficient = float(coefficient)
-        self.from_position = from_position
 
     def __repr__(self) -> str:
         """Where it hooks, with what coefficient and from which position."""
@@ -211,21 +246,9 @@ class AddVector(Intervention):
             f"from_position={self.from_position}, |vector|={float(self.vector.norm()):.3g})"
         )
 
-    @property
-    def hook_names(self) -> tuple[str, ...]:
-        """The one hook point it adds at."""
-        return (self.hook_name,)
-
-    @property
-    def position_dependent(self) -> bool:
-        """True when it starts after position 0."""
-        return self.from_position > 0
-
     def validate(self, model: HookedTransformer) -> None:
-        """The layer is in range, the hook point exists, the vector is finite and fits."""
-        _check_layer(model, self.layer)
+        """The hook point's checks, and the vector is finite and fits."""
         super().validate(model)
-        _check_position_axis(self.hook_name, self.from_position)
         _check_vector(model, self.hook_name, self.vector, "vector")
 
     def hooks(
@@ -239,11 +262,10 @@ class AddVector(Intervention):
         def add(activation: Tensor) -> Tensor:
             return activation + delta
 
-        axis = position_axis(self.hook_name) or 1
-        return [(self.hook_name, _positioned_hook(positions, self.from_position, add, axis))]
+        return self._edit_hooks(positions, add)
 
 
-class Ablate(Intervention):
+class Ablate(_OneHookPointFromPosition):
     """Replace an activation by zero, or by a fixed ``value`` (e.g. its mean over a dataset).
 
     Args:
@@ -262,27 +284,12 @@ class Ablate(Intervention):
         from_position: int = 0,
     ) -> None:
         """Keep where it goes and the value; checked against a model by ``validate``."""
-        _check_from_position(from_position)
-        self.hook_name = _hook_point(layer, hook_name)
-        self.layer = layer
+        super().__init__(layer, hook_name, from_position)
         self.value = value
-        self.from_position = from_position
-
-    @property
-    def hook_names(self) -> tuple[str, ...]:
-        """The one hook point it replaces."""
-        return (self.hook_name,)
-
-    @property
-    def position_dependent(self) -> bool:
-        """True when it starts after position 0."""
-        return self.from_position > 0
 
     def validate(self, model: HookedTransformer) -> None:
-        """The layer is in range, the hook point exists, a value is finite and fits."""
-        _check_layer(model, self.layer)
+        """The hook point's checks, and a value is finite and fits."""
         super().validate(model)
-        _check_position_axis(self.hook_name, self.from_position)
         if self.value is not None:
             _check_vector(model, self.hook_name, self.value, "value")
             _check_value_shape(model, self.hook_name, self.value)
@@ -304,5 +311,4 @@ class Ablate(Intervention):
                 return torch.zeros_like(activation)
             return value.expand_as(activation).clone()
 
-        axis = position_axis(self.hook_name) or 1
-        return [(self.hook_name, _positioned_hook(positions, self.from_position, replace, axis))]
+        return self._edit_hooks(positions, replace)
