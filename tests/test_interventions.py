@@ -348,6 +348,45 @@ def test_an_ablation_value_of_the_wrong_shape_is_refused(tiny_gpt2_or_llama: Any
     Ablate(hook_name="blocks.0.attn.hook_z", value=torch.zeros(model.cfg.d_head)).validate(model)
 
 
+@pytest.mark.parametrize("prompt", [PROMPT, "Hi"])
+def test_a_per_head_pattern_value_ablates_prompts_of_any_length(
+    tiny_gpt2_or_llama: Any, prompt: str
+) -> None:
+    model = tiny_gpt2_or_llama
+    tokens = model.to_tokens(prompt)
+    hook_name = "blocks.0.attn.hook_pattern"
+    value = torch.rand(model.cfg.n_heads, 1, 1, generator=torch.Generator().manual_seed(5))
+
+    def by_hand(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        activation = activation.clone()
+        for head in range(model.cfg.n_heads):  # [batch, head, query, key]: queries 1 on
+            activation[:, head, 1:, :] = float(value[head, 0, 0])
+        return activation
+
+    with torch.inference_mode():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, by_hand)])
+        with intervening(model, Ablate(hook_name=hook_name, value=value, from_position=1)):
+            ablated = model(tokens)
+    torch.testing.assert_close(ablated, expected)
+
+
+@pytest.mark.parametrize("where", ["pattern", "z"])
+def test_an_ablation_value_sized_for_one_sequence_length_is_refused(
+    tiny_gpt2_or_llama: Any, where: str
+) -> None:
+    model = tiny_gpt2_or_llama
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    # Each fits the 2-token activation exactly, so only a check at other lengths catches it.
+    hook_name, bad, expected = {
+        "pattern": ("blocks.0.attn.hook_pattern", torch.zeros(n_heads, 2, 2), (n_heads, 1, 1)),
+        "z": ("blocks.0.attn.hook_z", torch.zeros(2, n_heads, d_head), (n_heads, d_head)),
+    }[where]
+    with pytest.raises(ParamError) as caught:
+        Ablate(hook_name=hook_name, value=bad).validate(model)
+    assert caught.value.field == "value"
+    assert f"expected a shape that broadcasts to {expected}" in str(caught.value)
+
+
 def test_a_later_position_under_transformer_lens_cached_generate_raises(
     tiny_gpt2_or_llama: Any,
 ) -> None:

@@ -106,22 +106,40 @@ def _check_position_axis(hook_name: str, from_position: int) -> None:
 
 
 def _check_value_shape(model: HookedTransformer, hook_name: str, value: Tensor) -> None:
-    """The value broadcasts to the hook point's activation (read from a 2-token forward pass)."""
+    """The value broadcasts to the hook point's activation at every sequence length.
+
+    The activation is read from forward passes on 2 and on 3 tokens: an axis whose size differs
+    between them is a position axis (query and key, for an attention pattern), where the value
+    must have size 1 or no axis, since the prompts it will replace have any length.
+    """
     import torch
 
-    probe = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(probe, names_filter=[hook_name])
-    shape = tuple(cache[hook_name].shape)
+    shapes = []
+    for n_tokens in (2, 3):
+        probe = torch.zeros((1, n_tokens), dtype=torch.long, device=model.cfg.device)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(probe, names_filter=[hook_name])
+        shapes.append(tuple(cache[hook_name].shape))
+    # Size 1 on the batch and position axes: what a value must broadcast to.
+    on_two, on_three = shapes
+    every_length = tuple(
+        1 if axis == 0 or two != three else two
+        for axis, (two, three) in enumerate(zip(on_two, on_three, strict=True))
+    )
     try:
-        fits = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+        fits = torch.broadcast_shapes(tuple(value.shape), every_length) == every_length
     except RuntimeError:
         fits = False
     if not fits:
+        expected = list(every_length[1:])
+        while expected and expected[0] == 1:
+            expected.pop(0)
         raise ParamError(
             "value",
             f"has shape {tuple(value.shape)}, which does not broadcast to {hook_name}'s "
-            f"activation (shape {shape} on 2 tokens of 1 prompt)",
+            f"activation at every sequence length (shape {on_two} on 2 tokens, {on_three} "
+            f"on 3); expected a shape that broadcasts to {tuple(expected)}, with size 1 on the "
+            "position axes (e.g. a mean over positions)",
         )
 
 
@@ -271,7 +289,9 @@ class Ablate(_OneHookPointFromPosition):
     Args:
         layer: Ablate ``blocks.{layer}.hook_resid_pre``; or give ``hook_name`` instead.
         hook_name: Any hook point, instead of ``layer``.
-        value: What the activation becomes (broadcast over batch and positions); zero if None.
+        value: What the activation becomes, broadcast over batch and positions, so it has no
+            position axis or size 1 there (``(n_heads, 1, 1)`` at an attention pattern); zero
+            if None.
         from_position: Ablate this sequence position and every later one (0: all positions).
     """
 
