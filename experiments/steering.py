@@ -214,25 +214,19 @@ def check_before_loading(
 ) -> None:
     """The contrastive prompts fit; from_position is within every prompt; each prompt fits.
 
-    Each prompt plus max_new_tokens must fit the context.
+    Whether the model prepends BOS is not known yet, so only what is wrong either way is refused
+    (``prompt_token_range``); ``check`` counts exactly on the loaded model.
     """
+    from unraveled.experiment import prompt_token_range
+    from unraveled.interventions.generation import check_generation_length
+
     if tokenizer is None:
         return
     _check_vector_prompts(params, tokenizer)
-    _check_from_position(
-        params,
-        [len(tokenizer.encode(prompt, add_special_tokens=False)) + 1 for prompt in params.prompts],
-    )
+    ranges = [prompt_token_range(tokenizer, prompt) for prompt in params.prompts]
+    _check_from_position(params, [most for _, most in ranges])
     if n_ctx is not None:
-        longest = max(
-            len(tokenizer.encode(prompt, add_special_tokens=False)) + 1 for prompt in params.prompts
-        )
-        if longest + params.max_new_tokens > n_ctx:
-            raise ParamError(
-                "max_new_tokens",
-                f"{params.max_new_tokens} new tokens after a prompt of up to {longest} tokens go "
-                f"beyond the model's context of {n_ctx}; use at most {n_ctx - longest}",
-            )
+        check_generation_length(n_ctx, max(fewest for fewest, _ in ranges), params.max_new_tokens)
 
 
 def check(model: HookedTransformer, params: SteeringParams) -> None:
@@ -242,7 +236,9 @@ def check(model: HookedTransformer, params: SteeringParams) -> None:
     _check_vector_prompts(params, model.tokenizer)
     _check_from_position(params, [len(prompt_tokens(model, prompt)) for prompt in params.prompts])
     for prompt in params.prompts:
-        check_generation_length(model, len(prompt_tokens(model, prompt)), params.max_new_tokens)
+        check_generation_length(
+            model.cfg.n_ctx, len(prompt_tokens(model, prompt)), params.max_new_tokens
+        )
 
 
 def compute(model: HookedTransformer, params: SteeringParams, seed: int) -> SteeringResult:

@@ -172,6 +172,33 @@ def test_from_position_past_a_prompt_is_refused(tiny_gpt2_or_llama: Any) -> None
         steering.check(model, _params(from_position=last + 1))
 
 
+def test_the_generation_budget_counts_bos_only_once_the_model_says_it_adds_one(
+    tiny_gpt2_or_llama: Any,
+) -> None:
+    model = tiny_gpt2_or_llama
+    n_ctx = model.cfg.n_ctx
+    longest = max(SMALL["prompts"], key=lambda prompt: model.to_tokens(prompt).shape[1])
+    without_bos = model.to_tokens(longest, prepend_bos=False).shape[1]
+    fits_without_bos = _params(max_new_tokens=n_ctx - without_bos)
+    # Before loading, whether BOS is added is unknown: refuse only a budget too long either way.
+    steering.check_before_loading(fits_without_bos, model.tokenizer, n_ctx)
+    with pytest.raises(ParamError, match="max_new_tokens"):
+        steering.check_before_loading(
+            _params(max_new_tokens=n_ctx - without_bos + 1), model.tokenizer, n_ctx
+        )
+    # Loaded, the count is exact: with BOS the same budget is one too many ...
+    with pytest.raises(ParamError, match="max_new_tokens"):
+        steering.check(model, fits_without_bos)
+    # ... without, it fills the context exactly, as generation shows.
+    adds_bos, model.cfg.default_prepend_bos = model.cfg.default_prepend_bos, False
+    try:
+        steering.check(model, fits_without_bos)
+        generation = generate(model, longest, fits_without_bos.max_new_tokens)
+    finally:
+        model.cfg.default_prepend_bos = adds_bos
+    assert adds_bos and generation.tokens.shape == (1, n_ctx)
+
+
 def test_steered_greedy_generation_against_a_hand_written_loop(tiny_gpt2_or_llama: Any) -> None:
     model = tiny_gpt2_or_llama
     params = _params(sampling={"method": "greedy"}, n_samples=1, coefficients=[6.0])

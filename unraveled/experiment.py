@@ -212,7 +212,18 @@ class Experiment(Generic[P, R]):
 
 
 def _tokens_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False)) + 1
+    return prompt_token_range(tokenizer, text)[1]
+
+
+def prompt_token_range(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, int]:
+    """The fewest and the most tokens ``text`` can take in a forward pass: without and with BOS.
+
+    Before the model loads, whether it prepends a BOS token is not known (SmolLM2 does not,
+    GPT-2 does), so a check made then refuses only what is wrong either way: a token budget
+    against the fewest, a position that must lie inside the prompt against the most.
+    """
+    n_text = len(tokenizer.encode(text, add_special_tokens=False))
+    return n_text, n_text + 1
 
 
 def prompt_token_count(model: HookedTransformer, text: str) -> int:

@@ -68,11 +68,16 @@ def prompt_tokens(
     return prompt
 
 
-def check_generation_length(model: HookedTransformer, n_prompt: int, max_new_tokens: int) -> None:
-    """Raise ``ParamError('max_new_tokens')`` unless 1 <= it and prompt + it fit the context."""
+def check_generation_length(n_ctx: int, n_prompt: int, max_new_tokens: int) -> None:
+    """Raise ``ParamError('max_new_tokens')`` unless 1 <= it and prompt + it fit the context.
+
+    Args:
+        n_ctx: The model's context length.
+        n_prompt: The prompt's tokens (before loading, the fewest it can take: BOS not counted).
+        max_new_tokens: The tokens to generate after it.
+    """
     if max_new_tokens < 1:
         raise ParamError("max_new_tokens", f"{max_new_tokens}: expected at least 1")
-    n_ctx = model.cfg.n_ctx
     if n_prompt + max_new_tokens > n_ctx:
         raise ParamError(
             "max_new_tokens",
@@ -133,7 +138,7 @@ def generate(
     if n_samples < 1:
         raise ParamError("n_samples", f"{n_samples}: expected at least 1")
     prompt_row = prompt_tokens(model, prompt, prepend_bos)
-    check_generation_length(model, len(prompt_row), max_new_tokens)
+    check_generation_length(model.cfg.n_ctx, len(prompt_row), max_new_tokens)
     device = torch.device(model.cfg.device)
     tokens = prompt_row.to(device).expand(n_samples, -1)
     n_prompt = tokens.shape[1]
