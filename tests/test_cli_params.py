@@ -108,6 +108,23 @@ def _errors(params: type[BaseModel], key: str, value: int) -> set[str]:
     return set()
 
 
+@pytest.mark.parametrize("name", available_experiments())
+def test_python_only_params_are_marked_and_a_config_cannot_give_them(
+    name: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rows = _rows(capsys, name)
+    marked = {key for key, row in rows.items() if row[2].startswith("Python only")}
+    # docs/python-api.md: a metric of your own is a param of these, from Python only.
+    if name in {"activation_patching", "attribution_patching", "ioi_circuit"}:
+        assert "metric" in marked
+    for key in marked:
+        out = tmp_path / "out"
+        args = ["run", name, "--model", str(tmp_path / "no_model"), "--out", str(out)]
+        assert main([*args, "--set", f"params.{key}=print"]) == 2
+        assert f"params.{key} (from --set)" in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_params_of_an_unknown_experiment_exits_2_with_the_closest_name(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -298,7 +298,8 @@ def params(
         "description",
         title=f"{name}: {experiment.title}",
         caption="Set in a config's params block, with --set params.KEY=VALUE, or as keyword "
-        "arguments from Python; nested params as KEY.SUBKEY.",
+        "arguments from Python (those marked Python only: there alone); nested params as "
+        "KEY.SUBKEY.",
         caption_justify="left",
     )
     for doc in describe_params(experiment.params, experiment.max_prompt_tokens):

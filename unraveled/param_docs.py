@@ -15,6 +15,7 @@ from typing import Any, Literal
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
 from unraveled.experiment import DEFAULT_MAX_PROMPT_TOKENS, ModelBound
 
@@ -33,6 +34,7 @@ _MODEL_BOUND = {
     "layer": "a layer index the model has",
 }
 _LONG_DEFAULT = 60
+PYTHON_ONLY = "Python only: a config or --set can't give it"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ def _item_constraints(annotation: Any, max_prompt_tokens: int) -> list[str]:
         elif typing.get_args(arg):
             found.extend(_item_constraints(arg, max_prompt_tokens))
     return found
+
+
+def _python_only(info: FieldInfo) -> bool:
+    """Left out of the config schema (a Python callable, such as a metric of your own)."""
+    return any(isinstance(item, SkipJsonSchema) for item in info.metadata)
 
 
 def _choices(annotation: Any) -> list[Any]:
@@ -144,6 +151,8 @@ def describe_params(
         choices = _choices(info.annotation)
         if choices:
             bounds.insert(0, "one of " + ", ".join(repr(choice) for choice in choices))
+        if _python_only(info):
+            bounds.insert(0, PYTHON_ONLY)
         docs.append(
             ParamDoc(
                 name=prefix + name,
