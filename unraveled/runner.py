@@ -426,20 +426,22 @@ def run_one(
     folder: str | None = None,
     identity: str | None = None,
 ) -> Path:
-    """Run one config on one loaded model and publish its outputs; returns the run's folder.
+    """Compute one config on a loaded model, then ``publish_run`` it; returns the run's folder.
+
+    The CLI's path (``run_configs``), which has the model loaded: ``compute_run`` runs it, and
+    ``RunModel.of(loaded)`` names it in the outputs. The rest is ``publish_run``'s.
 
     Args:
         config: The config to run.
         loaded: The model to run it on, loaded.
-        out_dir: ``--out``: the outputs' folder.
-        formats: ``--format``: save each figure in each of these (``png``, ``svg``, ``pdf``).
-        folder: The model's folder under ``out_dir`` (``outputs.model_folder``; default its slug).
+        out_dir: ``--out``, as for ``publish_run``.
+        formats: ``--format``, as for ``publish_run``.
+        folder: The model's folder under ``out_dir``, as for ``publish_run``.
         identity: The model's ``model_identity`` (default ``loaded.planned.identity``).
 
     Raises:
-        ConfigError: The run's folder is something else than a run (exit 2); nothing is replaced.
-        UnraveledError: The outputs can't be written (disk full, permissions): nothing of this
-            run is published and earlier outputs are untouched.
+        ConfigError: ``publish_run``'s, for a run folder in the way (exit 2).
+        UnraveledError: ``publish_run``'s, for outputs that can't be written.
     """
     computed = compute_run(config, loaded.model)
     return publish_run(computed, RunModel.of(loaded), out_dir, formats, folder, identity)
@@ -454,6 +456,9 @@ def publish_run(
     identity: str | None = None,
 ) -> Path:
     """Render a computed run and publish its outputs as ``OUT/<model>/<config>``; returns it.
+
+    Needs no model: the result was computed before (``run_one`` on the CLI's path, ``save_run``
+    for a run computed from Python), and ``model`` only names it.
 
     Args:
         computed: The config's result (``compute_run``).
