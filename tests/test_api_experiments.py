@@ -10,36 +10,11 @@ from typing import Any
 import pytest
 
 import unraveled as ur
+from tests.helpers.tiny_params import TINY_PARAMS
 from unraveled.experiment import available_experiments, load_experiment
 from unraveled.outputs import to_jsonable
 
 LONG_PROMPT = " ".join(["word"] * 201)
-# Small sizes: what is checked here doesn't depend on them.
-SMALL: dict[str, dict[str, Any]] = {
-    "embeddings": {"chunk_tokens": 50, "local_subsets": 2, "local_neighbours": 100},
-    "mlp": {"toy_vectors": 50, "toy_dims": 10, "toy_steps": 20},
-    "token_journey": {"umap_fit_tokens": 300, "token_index": 2},
-    "head_taxonomy": {"repeat_batch": 2, "repeat_length": 8},
-    "ioi_circuit": {"ioi": {"n_pairs": 2}, "random_draws": 2, "edge_counts": [30]},
-    "attribution_patching": {"ioi": {"n_pairs": 2}},
-    "causal_tracing": {"n_facts": 1, "noise_samples": 2, "max_traced_tokens": None},
-    "corpus_atlas": {"context_tokens": 16, "top_k": 6, "browser_samples": 4},
-    "steering": {"layer": 1, "max_new_tokens": 2, "n_samples": 1},
-    "sae_features": {
-        "width": 8,
-        "k": 2,
-        "training_tokens": 64,
-        "batch_tokens": 32,
-        "buffer_tokens": 64,
-        "eval_tokens": 32,
-        "context_tokens": 16,
-        "sample": "first",
-        "batch_windows": 2,
-        "planted_check": False,
-        "attribution_pairs": 2,
-        "attribution_top": 2,
-    },
-}
 # Refused on the tiny random model whatever the params, so not run here: it doesn't do IOI
 # (tests/test_path_patching.py runs it on a copy made to, and checks the refusal).
 NOT_ON_THE_TINY_MODEL = {"path_patching"}
@@ -87,7 +62,7 @@ def test_every_experiment_from_python_with_the_cli_checks(
 ) -> None:
     experiment = load_experiment(name)
     model = users_models[experiment.weights]
-    small = dict(SMALL.get(name, {}))
+    small = dict(TINY_PARAMS.get(name, {}))
     if name in ("corpus_atlas", "sae_features"):
         small["corpus"] = [str(corpus_file)]
     if name == "causal_tracing":  # a fact the tiny model gets right: it knows none of the set's

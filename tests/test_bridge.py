@@ -16,46 +16,13 @@ import pytest
 from tests.helpers.cli import REPO_ROOT
 from tests.helpers.corpus import TEXT
 from tests.helpers.models import SharedTinyModels
+from tests.helpers.tiny_params import TINY_PARAMS
 from unraveled.compat.bridge import check_bridge
 from unraveled.datasets.ioi import IOIParams
 from unraveled.errors import ParamError
 from unraveled.experiment import available_experiments, load_experiment
 
 VOLATILE = re.compile(r"second")  # timings (corpus_atlas's tokens_per_second)
-SMALL: dict[str, dict[str, Any]] = {
-    "embeddings": {
-        "local_neighbours": 100,
-        "chunk_tokens": 50,
-        "local_subsets": 2,
-        "first_dims": 4,
-    },
-    "mlp": {"toy_vectors": 50, "toy_dims": 10, "toy_steps": 20},
-    "token_journey": {"umap_fit_tokens": 60, "token_index": 2},
-    "head_taxonomy": {"repeat_batch": 2, "repeat_length": 8},
-    "causal_tracing": {"n_facts": 1, "noise_samples": 1, "window": 1, "max_traced_tokens": None},
-    # The corpus's first windows: "spread" would read and tokenize the whole bundled corpus.
-    "corpus_atlas": {
-        "context_tokens": 16,
-        "top_k": 3,
-        "max_tokens": 32,
-        "browser_samples": 1,
-        "sample": "first",
-    },
-    "steering": {"layer": 1, "max_new_tokens": 2, "n_samples": 1},
-    # The tiny model's context is short: windows of 16 tokens, a few hundred tokens to train on.
-    "sae_features": {
-        "width": 8,
-        "k": 2,
-        "training_tokens": 64,
-        "batch_tokens": 32,
-        "buffer_tokens": 64,
-        "eval_tokens": 32,
-        "context_tokens": 16,
-        "sample": "first",
-        "batch_windows": 2,
-        "planted_check": False,
-    },
-}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +61,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _params(name: str, corpus: Path) -> Any:
     experiment = load_experiment(name)
-    small = dict(SMALL.get(name, {}))
+    small = dict(TINY_PARAMS.get(name, {}))
     if name == "sae_features":
         small["corpus"] = [str(corpus)]
     if "ioi" in experiment.params.model_fields:
