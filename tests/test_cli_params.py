@@ -121,7 +121,10 @@ def test_python_only_params_are_marked_and_a_config_cannot_give_them(
         out = tmp_path / "out"
         args = ["run", name, "--model", str(tmp_path / "no_model"), "--out", str(out)]
         assert main([*args, "--set", f"params.{key}=print"]) == 2
-        assert f"params.{key} (from --set)" in capsys.readouterr().err
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"params.{key} (from --set)" in err
+        # The value is quoted once: the param's own message and the config layer both said it.
+        assert err.count("got 'print'") == 1
         assert not out.exists()
 
 

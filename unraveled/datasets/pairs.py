@@ -328,8 +328,9 @@ def _metric_from_python(value: Any) -> Any:
     if value is not None and not callable(value):
         raise PydanticCustomError(
             "metric",
-            "a metric is set from Python only ({signature}); a config can't give one, got {value}",
-            {"signature": METRIC_SIGNATURE, "value": repr(value)[:80]},
+            # The config layer appends ", got <input>" to every field error: not repeated here.
+            "a metric is set from Python only ({signature}); a config can't give one",
+            {"signature": METRIC_SIGNATURE},
         )
     return value
 
