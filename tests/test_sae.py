@@ -402,6 +402,116 @@ def test_when_the_only_ray_worker_dies_a_new_one_computes_its_batches_and_the_st
     assert failed.value.exit_code == 1
 
 
+class _FakeRef:
+    """A fake Ray result: a batch's activations (each row its first window), or a start."""
+
+    def __init__(self, batch: range | None, worker: object) -> None:
+        self.batch = batch
+        self.worker = worker
+
+
+class _FakeActor:
+    """Stands for an activation worker: its calls return ``_FakeRef``s, nothing runs."""
+
+    def __init__(self, *load: object) -> None:
+        actor = self
+
+        class activations:
+            @staticmethod
+            def remote(windows: object, batch: range, hook: str, bos: bool) -> _FakeRef:
+                return _FakeRef(batch, actor)
+
+        class ready:
+            @staticmethod
+            def remote() -> _FakeRef:
+                return _FakeRef(None, actor)
+
+        self.activations = activations
+        self.ready = ready
+
+    @classmethod
+    def options(cls, **options: object) -> type[_FakeActor]:
+        return cls
+
+    @classmethod
+    def remote(cls, *load: object) -> _FakeActor:
+        return cls(*load)
+
+
+def _fake_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, get: object) -> object:
+    """``unraveled.sae.ray``'s worker pool on ``_FakeActor``s, with ``get`` for ``ray.get``."""
+    import ray
+
+    from unraveled.sae import ray as sae_ray
+
+    monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path))
+    monkeypatch.setattr(sae_ray, "RemoteActivationWorker", _FakeActor)
+    monkeypatch.setattr(sae_ray, "PlacementGroupSchedulingStrategy", lambda **where: None)
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    monkeypatch.setattr(ray, "get", get)
+    return sae_ray
+
+
+def _no_group() -> object:
+    """A placement group object standing for none (the fakes never look at it)."""
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup.__new__(PlacementGroup)
+
+
+def test_a_lost_activation_result_is_computed_again_in_its_place_and_a_stuck_start_ends_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without Ray (fakes for its calls): a batch whose result Ray lost (OwnerDiedError) is asked
+    for again and the stream keeps the windows' order; a new worker that does not start within
+    ``WORKER_START_TIMEOUT_S`` ends the run with an error, not an endless wait."""
+    import logging
+    from collections import deque
+
+    import ray
+
+    from unraveled.engines.ray_cluster import RayEngineError
+
+    batches = [range(start, start + 2) for start in range(0, 10, 2)]
+    lost = batches[2]
+    failed: list[range] = []
+
+    def get(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
+        assert reference.batch is not None
+        if reference.batch == lost and not failed:
+            failed.append(reference.batch)
+            raise ray.exceptions.OwnerDiedError("ab" * 14, None, "")
+        return np.full((len(reference.batch), 1), reference.batch.start, dtype=np.float32)
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, get)
+    pool = sae_ray._Workers(_no_group(), 2, False, "key", "cpu")
+    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches)
+    with caplog.at_level(logging.WARNING, logger="unraveled"):
+        chunks = [sae_ray._received(pending, pool, None, "hook", True) for _ in batches]
+    assert failed == [lost]
+    assert [int(chunk[0, 0]) for chunk in chunks] == [batch.start for batch in batches]
+    assert "the result of windows 4..5 was lost (OwnerDiedError" in caplog.text
+
+    timeouts: list[float | None] = []
+
+    def dead_then_stuck(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
+        if reference.batch is None:  # the new worker's start
+            timeouts.append(timeout)
+            raise ray.exceptions.GetTimeoutError("not ready")
+        raise ray.exceptions.ActorDiedError()
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, dead_then_stuck)
+    pool = sae_ray._Workers(_no_group(), 1, False, "key", "cpu")
+    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches[:2])
+    with pytest.raises(RayEngineError) as stuck:
+        sae_ray._received(pending, pool, None, "hook", True)
+    assert timeouts == [sae_ray.WORKER_START_TIMEOUT_S]
+    assert str(stuck.value) == (
+        "every Ray worker died (the last on windows 0..1), and a new one did not start within "
+        f"{sae_ray.WORKER_START_TIMEOUT_S} s"
+    )
+
+
 def test_run_attributes_ioi_to_features_linked_into_the_browser(
     tiny_gpt2_dir: Path,
     shared_weight_cache_dir: Path,
