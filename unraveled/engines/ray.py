@@ -11,12 +11,14 @@ as locally.
 The workers are as many as the cluster can place when the run starts (``params.ray_workers``
 caps them; fewer is said in a warning), reserved together in a placement group so none waits
 for room that never comes. Each worker is given one shard at a time; a shard whose worker dies
-is computed again on a surviving worker, and the run says so.
+is computed again on a surviving worker, and the run says so. That bookkeeping and its limits
+(``WorkerLosses``) and the fault injection (``die_if_told``) serve the SAE activation stream on
+Ray too (``unraveled.sae.ray``).
 
 Fault injection, for tests of that retry through the CLI: with ``UNRAVELED_RAY_KILL_WORKER``
-set to a path that does not exist yet, the first worker given a second shard creates the file
-and kills its own process with SIGKILL (as the kernel's out-of-memory killer would), once per
-run; a later run with the file still there kills nothing.
+set to a path that does not exist yet, the first worker given a second shard (an SAE activation
+worker: a second batch) creates the file and kills its own process with SIGKILL (as the kernel's
+out-of-memory killer would), once per run; a later run with the file still there kills nothing.
 """
 
 from __future__ import annotations
