@@ -587,3 +587,78 @@ def _wait_for_local_ray(
             return folders[0], processes
         time.sleep(0.5)
     raise AssertionError(f"no local Ray with its agents within {budget_s} s")
+
+
+def _sae_args(model: Path, corpus: Path, out: Path, *settings: str) -> list[str]:
+    small = [
+        "params.engine=ray",
+        f"params.corpus=[{corpus}]",
+        "params.context_tokens=16",
+        "params.eval_tokens=32",
+        "params.width=32",
+        "params.k=4",
+        "params.training_tokens=512",
+        "params.batch_tokens=64",
+        "params.buffer_tokens=128",
+        "params.planted_check=false",
+        "params.attribution=false",
+        *settings,
+    ]
+    return [
+        "run",
+        "sae_features",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *(arg for setting in small for arg in ("--set", setting)),
+    ]
+
+
+def test_a_killed_worker_s_sae_activation_batches_are_computed_again_through_the_cli(
+    tiny_gpt2_dir: Path, ray_corpus: Path, tmp_path: Path, short_tmp: Path, weights_cache: Path
+) -> None:
+    """SAE training activations on 2 Ray workers, one killed with SIGKILL mid-stream by the fault
+    seam: the run exits 0, names the dead worker and the batches computed again, and trains the
+    SAE a local run trains (bitwise: the same activations in the same order, the same seed)."""
+    from unraveled.engines.ray import KILL_WORKER_ENV
+
+    killed = tmp_path / "killed"
+    env = {
+        **NO_AUTH,
+        "RAY_ADDRESS": "",
+        "TMPDIR": str(short_tmp),
+        "UNRAVELED_CACHE": str(weights_cache),
+    }
+    # Batches of 2 windows (32 tokens): each worker is given several, so one is given a second.
+    workers = ["params.ray_workers=2", "params.batch_windows=2"]
+    on_ray = run_cli(
+        _sae_args(tiny_gpt2_dir, ray_corpus, tmp_path / "ray", *workers),
+        {**env, KILL_WORKER_ENV: str(killed)},
+        timeout=600,
+    )
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert killed.exists()  # a worker really was killed
+    said = " ".join(on_ray.stderr.split())  # the log handler wraps long lines
+    assert "ray: worker" in said and "died while computing windows" in said, said
+    assert "(ActorDiedError" in said and "1 of 2 workers left" in said, said
+    assert "computed again on worker(s)" in said and "in their place in the stream" in said, said
+    assert "Traceback" not in on_ray.stderr
+
+    local = run_cli(
+        _sae_args(tiny_gpt2_dir, ray_corpus, tmp_path / "local", *workers, "params.engine=local"),
+        env,
+    )
+    assert local.returncode == 0, local.stderr
+    runs = [tmp_path / engine / "tiny-gpt2" / "sae_features" for engine in ("ray", "local")]
+    distributed, alone = (json.loads((run / "metrics.json").read_text()) for run in runs)
+    for metrics in (distributed, alone):
+        for timing in ("seconds", "generated_tokens_per_second", "engine"):
+            metrics["training"].pop(timing)
+    assert distributed == alone
+    from safetensors.numpy import load_file
+
+    weights = [load_file(run / "sae" / "sae_weights.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[1]:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -307,6 +308,208 @@ def test_ray_workers_give_the_local_engines_activations(
     assert [len(chunk) for chunk in distributed] == [48, 48, 16]
     for ours, theirs in zip(local, distributed, strict=True):
         assert torch.equal(ours, theirs)
+
+
+DOOMED_WINDOW = 4
+
+
+def _dying_activation_workers(monkeypatch: pytest.MonkeyPatch, die_once: Path | None) -> None:
+    """Workers killed with SIGKILL (as the out-of-memory killer would) when given the batch holding
+    window ``DOOMED_WINDOW``: the first such worker only when ``die_once`` names a file that does
+    not exist yet (it creates it), every one when None. Made here, so Ray ships the class to the
+    workers by value (as tests/test_corpus_ray.py's dying atlas workers)."""
+    import ray
+
+    from unraveled.sae import ray as sae_ray
+
+    class DyingWorker(sae_ray.ActivationWorker):
+        def activations(
+            self, windows: np.ndarray, batch: range, hook_name: str, prepend_bos: bool
+        ) -> np.ndarray:
+            if DOOMED_WINDOW in batch:
+                try:
+                    if die_once is not None:
+                        os.close(os.open(die_once, os.O_CREAT | os.O_EXCL))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                except FileExistsError:
+                    pass
+            return super().activations(windows, batch, hook_name, prepend_bos)
+
+    monkeypatch.setattr(sae_ray, "RemoteActivationWorker", ray.remote(num_cpus=1)(DyingWorker))
+
+
+def test_when_the_only_ray_worker_dies_a_new_one_computes_its_batches_and_the_stream_is_unchanged(
+    tiny_gpt2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One worker, killed on the batch of windows 3..5: a new worker in its place computes that
+    batch, and the chunks are the local engine's, in the same order. A batch that kills every
+    worker it is given ends the run after 3 tries, saying which windows (exit status 1)."""
+    import logging
+    import re
+
+    import ray
+
+    from unraveled.corpus import corpus_windows
+    from unraveled.engines.ray import MAX_SHARD_ATTEMPTS
+    from unraveled.engines.ray_cluster import RayEngineError
+
+    cache = tmp_path / "cache"
+    model = load_tiny(tiny_gpt2_dir, cache)
+    monkeypatch.setenv("UNRAVELED_CACHE", str(cache))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    folder = Path(tempfile.mkdtemp(prefix="unraveled-test-ray-", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    windows = corpus_windows(model.tokenizer, [], 16, 16 * 7, seed=3).tokens
+    hook = default_hook(model)
+    local = list(activation_chunks(model, hook, windows, 3, True))
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(folder),
+    )
+    try:
+        _dying_activation_workers(monkeypatch, tmp_path / "died")
+        with caplog.at_level(logging.WARNING, logger="unraveled"):
+            distributed = list(
+                activation_chunks(model, hook, windows, 3, True, engine="ray", workers=1)
+            )
+        assert (tmp_path / "died").exists()  # the worker really was killed
+        said = caplog.text
+        _dying_activation_workers(monkeypatch, None)
+        with pytest.raises(RayEngineError) as failed:
+            list(activation_chunks(model, hook, windows, 3, True, engine="ray", workers=1))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert [len(chunk) for chunk in distributed] == [48, 48, 16]
+    for ours, theirs in zip(local, distributed, strict=True):
+        assert torch.equal(ours, theirs)
+    # Windows 0..2 too when the worker was killed before its result for them had left it.
+    died = re.search(
+        r"ray: worker 0 died while computing windows ([\d., ]+) \(ActorDiedError", said
+    )
+    assert died is not None and "3..5" in died[1].split(", "), said
+    assert "starting worker 1 in worker 0's place" in said, said
+    assert f"ray: windows {died[1]} computed again on worker(s) 1" in said, said
+    assert str(failed.value).startswith(
+        f"windows 3..5 failed {MAX_SHARD_ATTEMPTS} times, their workers dying (out of memory?)"
+    ), failed.value
+    assert failed.value.exit_code == 1
+
+
+class _FakeRef:
+    """A fake Ray result: a batch's activations (each row its first window), or a start."""
+
+    def __init__(self, batch: range | None, worker: object) -> None:
+        self.batch = batch
+        self.worker = worker
+
+
+class _FakeActor:
+    """Stands for an activation worker: its calls return ``_FakeRef``s, nothing runs."""
+
+    def __init__(self, *load: object) -> None:
+        actor = self
+
+        class activations:
+            @staticmethod
+            def remote(windows: object, batch: range, hook: str, bos: bool) -> _FakeRef:
+                return _FakeRef(batch, actor)
+
+        class ready:
+            @staticmethod
+            def remote() -> _FakeRef:
+                return _FakeRef(None, actor)
+
+        self.activations = activations
+        self.ready = ready
+
+    @classmethod
+    def options(cls, **options: object) -> type[_FakeActor]:
+        return cls
+
+    @classmethod
+    def remote(cls, *load: object) -> _FakeActor:
+        return cls(*load)
+
+
+def _fake_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, get: object) -> object:
+    """``unraveled.sae.ray``'s worker pool on ``_FakeActor``s, with ``get`` for ``ray.get``."""
+    import ray
+
+    from unraveled.sae import ray as sae_ray
+
+    monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path))
+    monkeypatch.setattr(sae_ray, "RemoteActivationWorker", _FakeActor)
+    monkeypatch.setattr(sae_ray, "PlacementGroupSchedulingStrategy", lambda **where: None)
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    monkeypatch.setattr(ray, "get", get)
+    return sae_ray
+
+
+def _no_group() -> object:
+    """A placement group object standing for none (the fakes never look at it)."""
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup.__new__(PlacementGroup)
+
+
+def test_a_lost_activation_result_is_computed_again_in_its_place_and_a_stuck_start_ends_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without Ray (fakes for its calls): a batch whose result Ray lost (OwnerDiedError) is asked
+    for again and the stream keeps the windows' order; a new worker that does not start within
+    ``WORKER_START_TIMEOUT_S`` ends the run with an error, not an endless wait."""
+    import logging
+    from collections import deque
+
+    import ray
+
+    from unraveled.engines.ray_cluster import RayEngineError
+
+    batches = [range(start, start + 2) for start in range(0, 10, 2)]
+    lost = batches[2]
+    failed: list[range] = []
+
+    def get(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
+        assert reference.batch is not None
+        if reference.batch == lost and not failed:
+            failed.append(reference.batch)
+            raise ray.exceptions.OwnerDiedError("ab" * 14, None, "")
+        return np.full((len(reference.batch), 1), reference.batch.start, dtype=np.float32)
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, get)
+    pool = sae_ray._Workers(_no_group(), 2, False, "key", "cpu")
+    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches)
+    with caplog.at_level(logging.WARNING, logger="unraveled"):
+        chunks = [sae_ray._received(pending, pool, None, "hook", True) for _ in batches]
+    assert failed == [lost]
+    assert [int(chunk[0, 0]) for chunk in chunks] == [batch.start for batch in batches]
+    assert "the result of windows 4..5 was lost (OwnerDiedError" in caplog.text
+
+    timeouts: list[float | None] = []
+
+    def dead_then_stuck(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
+        if reference.batch is None:  # the new worker's start
+            timeouts.append(timeout)
+            raise ray.exceptions.GetTimeoutError("not ready")
+        raise ray.exceptions.ActorDiedError()
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, dead_then_stuck)
+    pool = sae_ray._Workers(_no_group(), 1, False, "key", "cpu")
+    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches[:2])
+    with pytest.raises(RayEngineError) as stuck:
+        sae_ray._received(pending, pool, None, "hook", True)
+    assert timeouts == [sae_ray.WORKER_START_TIMEOUT_S]
+    assert str(stuck.value) == (
+        "every Ray worker died (the last on windows 0..1), and a new one did not start within "
+        f"{sae_ray.WORKER_START_TIMEOUT_S} s"
+    )
 
 
 def test_run_attributes_ioi_to_features_linked_into_the_browser(

@@ -11,12 +11,14 @@ as locally.
 The workers are as many as the cluster can place when the run starts (``params.ray_workers``
 caps them; fewer is said in a warning), reserved together in a placement group so none waits
 for room that never comes. Each worker is given one shard at a time; a shard whose worker dies
-is computed again on a surviving worker, and the run says so.
+is computed again on a surviving worker, and the run says so. That bookkeeping and its limits
+(``WorkerLosses``) and the fault injection (``die_if_told``) serve the SAE activation stream on
+Ray too (``unraveled.sae.ray``).
 
 Fault injection, for tests of that retry through the CLI: with ``UNRAVELED_RAY_KILL_WORKER``
-set to a path that does not exist yet, the first worker given a second shard creates the file
-and kills its own process with SIGKILL (as the kernel's out-of-memory killer would), once per
-run; a later run with the file still there kills nothing.
+set to a path that does not exist yet, the first worker given a second shard (an SAE activation
+worker: a second batch) creates the file and kills its own process with SIGKILL (as the kernel's
+out-of-memory killer would), once per run; a later run with the file still there kills nothing.
 """
 
 from __future__ import annotations
@@ -92,6 +94,21 @@ def shard_ranges(n_windows: int, batch_windows: int, n_shards: int) -> list[rang
     ]
 
 
+def die_if_told(kill_marker: str | None, begun: int) -> None:
+    """The fault injection (see the module docstring), in a worker beginning its ``begun``-th task.
+
+    Kills this process with SIGKILL when ``kill_marker`` is set, this is the worker's second task,
+    and no worker of the run has created the marker yet (this one creates it).
+    """
+    if kill_marker is None or begun != 2:
+        return
+    try:
+        os.close(os.open(kill_marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class AtlasWorker:
     """Holds one copy of the model, loaded once from the converted-weights cache."""
 
@@ -125,13 +142,7 @@ class AtlasWorker:
     ) -> AtlasState:
         """The statistics of windows ``numbers`` (one shard)."""
         self._shards_begun += 1
-        if self._kill_marker is not None and self._shards_begun == 2:
-            try:
-                os.close(os.open(self._kill_marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)
+        die_if_told(self._kill_marker, self._shards_begun)
         return run_windows(self.model, windows, numbers, settings, progress=False)
 
 
@@ -195,6 +206,89 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def windows_text(shards: list[range]) -> str:
+    """``3..5, 8..9``: the windows of ``shards``, for messages."""
+    return ", ".join(f"{shard.start}..{shard.stop - 1}" for shard in shards)
+
+
+class WorkerLosses:
+    """Which workers have died and how often each run of windows has failed; when to give up.
+
+    Shared by the corpus atlas's shards and the SAE activation stream's batches
+    (``unraveled.sae.ray``): the windows of a worker that died, or of a result that was lost, are
+    computed again elsewhere until one run of them has failed ``MAX_SHARD_ATTEMPTS`` times (a
+    window that kills every worker it is given, say by running out of memory, must end the run).
+    """
+
+    def __init__(self, n_workers: int) -> None:
+        """Workers ``0 .. n_workers - 1``, all alive."""
+        self.n_workers = n_workers
+        self.alive = set(range(n_workers))
+        self.failures: Counter[range] = Counter()
+
+    def worker_died(
+        self,
+        number: int,
+        shards: list[range],
+        error: ray.exceptions.RayActorError,
+        last_may_die: bool = False,
+    ) -> None:
+        """Worker ``number`` died while computing ``shards`` (the first: the one waited for).
+
+        Args:
+            number: The worker.
+            shards: Its windows not received, all to be computed again.
+            error: What Ray said.
+            last_may_die: The caller starts a new worker when none is left (else the run stops).
+
+        Raises:
+            RayEngineError: The worker could not even start, every worker has died (unless
+                ``last_may_die``), or one of ``shards`` has now failed ``MAX_SHARD_ATTEMPTS``
+                times.
+        """
+        if error.actor_init_failed:
+            raise RayEngineError(f"a Ray worker could not start: {_first_line(error)}") from None
+        self.alive.discard(number)
+        self.failures.update(shards)
+        logger.warning(
+            "ray: worker %d died while computing windows %s (%s); %d of %d workers left",
+            number,
+            windows_text(shards),
+            _first_line(error),
+            len(self.alive),
+            self.n_workers,
+        )
+        if not self.alive and not last_may_die:
+            raise RayEngineError(
+                f"every Ray worker died (the last on windows {windows_text(shards[:1])}: "
+                f"{_first_line(error)})"
+            ) from None
+        worst = max(shards, key=self.failures.__getitem__)
+        if self.failures[worst] >= MAX_SHARD_ATTEMPTS:
+            raise RayEngineError(
+                f"windows {windows_text([worst])} failed {self.failures[worst]} times, "
+                f"their workers dying (out of memory?); last: {_first_line(error)}"
+            ) from None
+
+    def result_lost(self, shard: range, error: ray.exceptions.ObjectLostError) -> None:
+        """The result of ``shard`` was lost before it was read (its node or owner gone).
+
+        Raises:
+            RayEngineError: ``shard`` has now failed ``MAX_SHARD_ATTEMPTS`` times.
+        """
+        self.failures[shard] += 1
+        logger.warning(
+            "ray: the result of windows %s was lost (%s); computing them again",
+            windows_text([shard]),
+            _first_line(error),
+        )
+        if self.failures[shard] >= MAX_SHARD_ATTEMPTS:
+            raise RayEngineError(
+                f"windows {windows_text([shard])} failed {self.failures[shard]} times; "
+                f"last: {_first_line(error)}"
+            ) from None
+
+
 def _run_shards(
     actors: list[Any],
     windows_ref: Any,
@@ -209,13 +303,12 @@ def _run_shards(
     A shard whose worker dies, or whose result is lost before it is read (its node or owner
     gone), is given to a worker again; a shard is merged only from the one result that was read,
     so exactly once. The run fails when every worker has died, a shard has failed
-    ``MAX_SHARD_ATTEMPTS`` times, or a worker could not even start.
+    ``MAX_SHARD_ATTEMPTS`` times, or a worker could not even start (``WorkerLosses``).
     """
     queue = deque(shards)
     idle = list(range(len(actors)))
-    alive = set(idle)
+    losses = WorkerLosses(len(actors))
     running: dict[Any, tuple[int, range]] = {}
-    failures: Counter[range] = Counter()
     while queue or running:
         while queue and idle:
             number, shard = idle.pop(), queue.popleft()
@@ -225,61 +318,26 @@ def _run_shards(
         try:
             part = ray.get(done[0])
         except ray.exceptions.RayActorError as error:
-            if error.actor_init_failed:
-                raise RayEngineError(
-                    f"a Ray worker could not start: {_first_line(error)}"
-                ) from None
-            alive.discard(number)
-            failures[shard] += 1
-            logger.warning(
-                "ray: worker %d died while computing windows %d..%d (%s); %d of %d workers left",
-                number,
-                shard.start,
-                shard.stop - 1,
-                _first_line(error),
-                len(alive),
-                len(actors),
-            )
-            if not alive:
-                raise RayEngineError(
-                    "every Ray worker died (the last on windows "
-                    f"{shard.start}..{shard.stop - 1}: {_first_line(error)})"
-                ) from None
-            if failures[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RayEngineError(
-                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times, "
-                    f"their workers dying (out of memory?); last: {_first_line(error)}"
-                ) from None
+            losses.worker_died(number, [shard], error)
             queue.appendleft(shard)
             continue
         except (
             ray.exceptions.ObjectLostError
         ) as error:  # also OwnerDiedError; the worker may live on
-            failures[shard] += 1
-            logger.warning(
-                "ray: the result of windows %d..%d was lost (%s); computing them again",
-                shard.start,
-                shard.stop - 1,
-                _first_line(error),
-            )
-            if failures[shard] >= MAX_SHARD_ATTEMPTS:
-                raise RayEngineError(
-                    f"windows {shard.start}..{shard.stop - 1} failed {failures[shard]} times; "
-                    f"last: {_first_line(error)}"
-                ) from None
+            losses.result_lost(shard, error)
             queue.appendleft(shard)
             idle.append(number)
             continue
         idle.append(number)
         state = state.merge(part)
         bar.update(len(shard) * sequence_length)
-    if failures:
+    if losses.failures:
         logger.warning(
             "ray: %d of %d workers died; %d shard(s) were computed again, so every window is "
             "in the result once",
-            len(actors) - len(alive),
+            len(actors) - len(losses.alive),
             len(actors),
-            sum(failures.values()),
+            sum(losses.failures.values()),
         )
     return state
 

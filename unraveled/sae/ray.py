@@ -6,14 +6,24 @@ model loaded). Each worker loads the model once from the converted-weights cache
 one batch of windows at a time, the batches cut as the local engine cuts them, so a window's
 activations are those the local engine gives. A few batches per worker are in flight at once:
 the driver holds only those, never the whole run's activations.
+
+A worker that dies mid-run (killed by the out-of-memory killer, its node gone) has the batches
+it had not delivered computed again on the live workers, in their place in the stream, so the
+stream is the one a run without the death gives; when the last worker dies a new one is started
+in its reserved room. The bookkeeping, its limits and its fault injection for tests
+(``UNRAVELED_RAY_KILL_WORKER``) are the atlas's (``unraveled.engines.ray``). Ray fails the tasks
+of a dead worker (actors are never restarted, so none waits for a restart), and a new worker
+that can't start within ``WORKER_START_TIMEOUT_S`` ends the run: nothing waits forever.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,29 +31,46 @@ import ray
 import torch
 from jaxtyping import Float, Int
 from numpy.typing import NDArray
-from ray.util.placement_group import remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from unraveled.engines.ray import placeable_workers, publish_model, reserve_workers
+from unraveled.engines.ray import (
+    KILL_WORKER_ENV,
+    WorkerLosses,
+    die_if_told,
+    placeable_workers,
+    publish_model,
+    reserve_workers,
+    windows_text,
+)
 from unraveled.engines.ray_cluster import RayEngineError, local_ray, ray_address
 from unraveled.models import weight_cache
 from unraveled.models.loading import prepare_for_experiments
 from unraveled.sae.activations import hook_activations, window_batches
 
+logger = logging.getLogger(__name__)
+
 IN_FLIGHT_PER_WORKER = 2
+# A new worker loads the model from the converted-weights cache: minutes for a large model on
+# slow shared storage, never forever (its reserved room may be gone with its node).
+WORKER_START_TIMEOUT_S = 600
 
 
 class ActivationWorker:
     """Holds one copy of the model, loaded once from the converted-weights cache."""
 
-    def __init__(self, cache_root: str, key: str, device: str) -> None:
+    def __init__(
+        self, cache_root: str, key: str, device: str, kill_marker: str | None = None
+    ) -> None:
         """Load the model (see ``unraveled.engines.ray.AtlasWorker``).
 
         Raises:
             RuntimeError: The entry is not in the cache on this node.
         """
+        self._kill_marker = kill_marker
+        self._batches_begun = 0
         os.environ["UNRAVELED_CACHE"] = cache_root
         entry = weight_cache.load_entry(key)
         if entry is None:
@@ -61,13 +88,99 @@ class ActivationWorker:
         prepend_bos: bool,
     ) -> Float[NDArray, "token d_in"]:
         """The hook's activations on ``windows[batch]`` (``hook_activations``)."""
+        self._batches_begun += 1
+        die_if_told(self._kill_marker, self._batches_begun)
         chosen = torch.from_numpy(windows[batch.start : batch.stop].astype(np.int64))
         return hook_activations(self.model, hook_name, chosen, prepend_bos).numpy()
+
+    def ready(self) -> bool:
+        """True once the model is loaded (a new worker's start is waited for with a timeout)."""
+        return True
 
 
 # Applied here rather than as a decorator, so that jaxtyping's import hook (in the tests) checks
 # the plain class.
 RemoteActivationWorker = ray.remote(num_cpus=1)(ActivationWorker)
+
+
+@dataclass
+class _Task:
+    """One batch in flight: its result's reference and the worker computing it."""
+
+    reference: Any
+    worker: int
+    batch: range
+
+
+class _Workers:
+    """The activation workers, one per bundle of the run's placement group, by number.
+
+    A dead worker's number is not used again: a new worker in its room gets the next number.
+    """
+
+    def __init__(
+        self, group: PlacementGroup, n_workers: int, on_gpu: bool, key: str, device: str
+    ) -> None:
+        self._group = group
+        self._on_gpu = on_gpu
+        self._load = (str(weight_cache.cache_root()), key, device, os.environ.get(KILL_WORKER_ENV))
+        self.losses = WorkerLosses(n_workers)
+        self.actors: dict[int, tuple[Any, int]] = {}
+        for number in range(n_workers):
+            self._start(number, number)
+        self._turns = itertools.count()
+        self._numbers = itertools.count(n_workers)
+
+    def _start(self, number: int, bundle: int) -> Any:
+        placed = PlacementGroupSchedulingStrategy(
+            placement_group=self._group, placement_group_bundle_index=bundle
+        )
+        actor = RemoteActivationWorker.options(
+            num_gpus=1 if self._on_gpu else 0, scheduling_strategy=placed, max_restarts=0
+        ).remote(*self._load)
+        self.actors[number] = (actor, bundle)
+        return actor
+
+    def submit(self, windows_ref: Any, batch: range, hook_name: str, prepend_bos: bool) -> _Task:
+        """``batch`` given to the live workers in turn."""
+        live = sorted(self.actors)
+        number = live[next(self._turns) % len(live)]
+        reference = self.actors[number][0].activations.remote(
+            windows_ref, batch, hook_name, prepend_bos
+        )
+        return _Task(reference, number, batch)
+
+    def died(self, number: int, batches: list[range], error: ray.exceptions.RayActorError) -> None:
+        """Worker ``number`` died with ``batches`` undelivered; a new one if it was the last.
+
+        Raises:
+            RayEngineError: As ``WorkerLosses.worker_died`` says, or no new worker could start.
+        """
+        self.losses.worker_died(number, batches, error, last_may_die=True)
+        _, bundle = self.actors.pop(number)
+        if self.actors:
+            return
+        new = next(self._numbers)
+        logger.warning("ray: no worker left: starting worker %d in worker %d's place", new, number)
+        actor = self._start(new, bundle)
+        try:
+            ray.get(actor.ready.remote(), timeout=WORKER_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RayEngineError(
+                f"every Ray worker died (the last on windows {windows_text(batches[:1])}), and a "
+                f"new one did not start within {WORKER_START_TIMEOUT_S} s"
+            ) from None
+        except ray.exceptions.RayActorError as error:
+            raise RayEngineError(
+                f"every Ray worker died (the last on windows {windows_text(batches[:1])}), and a "
+                f"new one could not start: {type(error).__name__}"
+            ) from None
+        self.losses.alive.add(new)
+
+    def stop(self) -> None:
+        """Stop every worker (their results are not wanted any more)."""
+        for actor, _ in self.actors.values():
+            ray.kill(actor)
 
 
 def _chunks_on_ray(
@@ -86,49 +199,81 @@ def _chunks_on_ray(
     batches = window_batches(len(windows), batch_windows)
     n_workers = min(placeable_workers(workers, on_gpu), len(batches))
     group = reserve_workers(n_workers, on_gpu)
-    actors: list[Any] = []
+    pool: _Workers | None = None
     try:
-        for number in range(n_workers):
-            placed = PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=number
-            )
-            actors.append(
-                RemoteActivationWorker.options(
-                    num_gpus=1 if on_gpu else 0, scheduling_strategy=placed
-                ).remote(str(weight_cache.cache_root()), key, device)
-            )
+        pool = _Workers(group, n_workers, on_gpu, key, device)
         windows_ref = ray.put(windows)
         order = (
             itertools.cycle(batches)
             if epochs is None
             else itertools.chain.from_iterable(itertools.repeat(batches, epochs))
         )
-        pending: deque[Any] = deque()
-        for number, batch in enumerate(order):
-            pending.append(
-                actors[number % n_workers].activations.remote(
-                    windows_ref, batch, hook_name, prepend_bos
-                )
-            )
+        pending: deque[_Task] = deque()
+        for batch in order:
+            pending.append(pool.submit(windows_ref, batch, hook_name, prepend_bos))
             if len(pending) >= IN_FLIGHT_PER_WORKER * n_workers:
-                yield _received(pending.popleft())
+                yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
         while pending:
-            yield _received(pending.popleft())
+            yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if pool is not None:
+            pool.stop()
         remove_placement_group(group)
 
 
-def _received(reference: Any) -> Float[Tensor, "token d_in"]:
+def _delivered(reference: Any) -> bool:
+    """Whether the result of ``reference`` is there to read now (of a worker that died since)."""
     try:
-        return torch.from_numpy(ray.get(reference))
-    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise RayEngineError(
-            f"a Ray worker failed while computing activations: {type(error).__name__}: "
-            f"{lines[0] if lines else ''}"
-        ) from None
+        ray.get(reference, timeout=0)
+    except (
+        ray.exceptions.GetTimeoutError,
+        ray.exceptions.RayActorError,
+        ray.exceptions.ObjectLostError,
+    ):
+        return False
+    return True
+
+
+def _received(
+    pending: deque[_Task], pool: _Workers, windows_ref: Any, hook_name: str, prepend_bos: bool
+) -> Float[Tensor, "token d_in"]:
+    """The first pending batch's activations, computed again as often as its workers die.
+
+    A dead worker's other undelivered batches are given to live workers at once, each keeping
+    its place in ``pending``, so the stream's order never changes.
+    """
+    while True:
+        task = pending[0]
+        try:
+            chunk = ray.get(task.reference)
+        except ray.exceptions.RayActorError as error:
+            if task.worker in pool.actors:
+                lost = [
+                    place
+                    for place, other in enumerate(pending)
+                    if other.worker == task.worker
+                    and (place == 0 or not _delivered(other.reference))
+                ]
+                pool.died(task.worker, [pending[place].batch for place in lost], error)
+            else:  # a result that looked delivered when its worker's death was handled
+                lost = [0]
+            for place in lost:
+                pending[place] = pool.submit(
+                    windows_ref, pending[place].batch, hook_name, prepend_bos
+                )
+            logger.warning(
+                "ray: windows %s computed again on worker(s) %s, in their place in the stream",
+                windows_text([pending[place].batch for place in lost]),
+                ", ".join(str(number) for number in sorted({pending[p].worker for p in lost})),
+            )
+            continue
+        except ray.exceptions.ObjectLostError as error:  # also OwnerDiedError
+            pool.losses.result_lost(task.batch, error)
+            pending[0] = pool.submit(windows_ref, task.batch, hook_name, prepend_bos)
+            continue
+        pending.popleft()
+        # A copy: the object store's array is read-only, and the consumer may write to it.
+        return torch.from_numpy(np.array(chunk))
 
 
 def ray_activation_chunks(
