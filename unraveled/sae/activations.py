@@ -1,8 +1,10 @@
 """A hook's activations over corpus windows, streamed: forward passes stopped at the hook's layer.
 
-``hook_activations`` runs one batch of windows only as far as the hook needs (``stop_at_layer``)
-and returns that hook's activations, one row per counted position (``unraveled.sae.positions``:
-neither the prepended BOS nor a special token, as evaluation and the feature browser count).
+``run_to_hook`` runs a batch only as far as a hook (``stop_at_layer``); it is the one way the
+SAE code reads a hook (training, evaluation, the feature browser, the SAE-fits check).
+``hook_activations`` runs one batch of windows that way and returns the hook's activations, one
+row per counted position (``unraveled.sae.positions``: neither the prepended BOS nor a special
+token, as evaluation and the feature browser count).
 ``activation_chunks`` streams a set of windows batch by batch, on the local engine or on Ray
 workers (``unraveled.sae.ray``), in the same batches either way, so the same windows give the
 same activations wherever they run.
@@ -39,6 +41,35 @@ def hook_block(hook_name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def run_to_hook(
+    model: HookedTransformer, hook_name: str, tokens: Int[Tensor, "window pos"]
+) -> Float[Tensor, "window pos ..."]:
+    """``hook_name``'s activation on ``tokens``, from a forward pass stopped at the hook.
+
+    The residual stream entering block L is the output of ``stop_at_layer=L``; any other hook in
+    block L runs blocks 0..L; a hook outside the blocks runs the whole model. Generating SAE
+    activations is almost all forward passes, so not running the blocks past the hook is most
+    of their cost saved (``make bench``, group ``sae``, compares it with a plain forward pass).
+
+    Args:
+        model: The model.
+        hook_name: A hook point of ``model`` (``model.hook_dict``).
+        tokens: Token ids, one sequence per row, as the model runs them (BOS included).
+    """
+    block = hook_block(hook_name)
+    with torch.inference_mode():
+        if block is not None and hook_name == f"blocks.{block}.hook_resid_pre":
+            return model(tokens, stop_at_layer=block)
+        captured: list[Tensor] = []
+
+        def keep(activation: Tensor, hook: object) -> None:
+            captured.append(activation)
+
+        stop = None if block is None else block + 1
+        model.run_with_hooks(tokens, stop_at_layer=stop, fwd_hooks=[(hook_name, keep)])
+        return captured[0]
+
+
 def hook_activations(
     model: HookedTransformer,
     hook_name: str,
@@ -47,11 +78,10 @@ def hook_activations(
 ) -> Float[Tensor, "token d_in"]:
     """``hook_name``'s activations on ``windows``, one row per counted position, in window order.
 
-    The forward pass stops where the hook is reached: the residual stream entering block L is
-    the output of ``stop_at_layer=L``; any other hook in block L runs blocks 0..L. With
-    ``prepend_bos`` a BOS token goes before each window (as the model was trained). Only the
-    counted positions (``unraveled.sae.positions``) give a row: the prepended BOS and special
-    tokens such as GPT-2's ``<|endoftext|>`` between documents are left out, as SAELens's
+    The forward pass stops where the hook is reached (``run_to_hook``). With ``prepend_bos`` a
+    BOS token goes before each window (as the model was trained). Only the counted positions
+    (``unraveled.sae.positions``) give a row: the prepended BOS and special tokens such as
+    GPT-2's ``<|endoftext|>`` between documents are left out, as SAELens's
     ``exclude_special_tokens=True`` leaves them out, so the SAE trains on the positions it is
     evaluated and browsed on.
 
@@ -62,19 +92,7 @@ def hook_activations(
         prepend_bos: Put the model's BOS before each window.
     """
     tokens = with_bos(model, windows.to(model.cfg.device), prepend_bos)
-    block = hook_block(hook_name)
-    with torch.inference_mode():
-        if block is not None and hook_name == f"blocks.{block}.hook_resid_pre":
-            acts = model(tokens, stop_at_layer=block)
-        else:
-            captured: list[Tensor] = []
-
-            def keep(activation: Tensor, hook: object) -> None:
-                captured.append(activation)
-
-            stop = None if block is None else block + 1
-            model.run_with_hooks(tokens, stop_at_layer=stop, fwd_hooks=[(hook_name, keep)])
-            acts = captured[0]
+    acts = run_to_hook(model, hook_name, tokens)
     counted = counted_positions(tokens, excluded_token_ids(model), prepend_bos)
     return acts[counted].float().cpu()
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from unraveled.running_stats import Moments, TopK, top_k_of_batch
+from unraveled.sae.activations import run_to_hook
 from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
 
 
@@ -120,26 +121,10 @@ class BrowserState:
 def feature_activations(
     model: HookedTransformer, sae: SAE, hook_name: str, tokens: Int[Tensor, "window pos"]
 ) -> Float[Tensor, "window pos feature"]:
-    """The SAE's feature activations on ``tokens``, the model stopped after the hook's block."""
-    captured: list[Tensor] = []
-
-    def capture(activation: Tensor, hook: object) -> None:
-        captured.append(activation)
-
-    layer = _hook_layer(hook_name)
+    """The SAE's feature activations on ``tokens``, the model stopped at the hook."""
+    activation = run_to_hook(model, hook_name, tokens)
     with torch.inference_mode():
-        model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(hook_name, capture)],
-            stop_at_layer=None if layer is None else min(layer + 1, model.cfg.n_layers),
-        )
-        return sae.encode(captured[0].to(sae.dtype))
-
-
-def _hook_layer(hook_name: str) -> int | None:
-    """The block a ``blocks.L....`` hook sits in; None for hooks outside the blocks."""
-    parts = hook_name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else None
+        return sae.encode(activation.to(sae.dtype))
 
 
 def update(

@@ -47,11 +47,11 @@ from numpy.typing import NDArray
 from sae_lens import SAE
 from sae_lens.evals import get_recons_loss
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from unraveled.experiment import Table
+from unraveled.sae.activations import run_to_hook
 from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
 
 # Active on more than this fraction of the evaluated tokens: a dense feature.
@@ -288,17 +288,12 @@ def evaluate_sae(
         for name in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation")
     }
     window_loss_counts = torch.zeros(n_windows, dtype=torch.int64)
-    stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook_name)
     for start in range(0, n_windows, batch_windows):
         rows = slice(start, min(start + batch_windows, n_windows))
         tokens = windows[rows].to(model.cfg.device)
         # [batch, pos]: True at the positions evaluated.
         kept = counted_positions(tokens.cpu(), excluded, prepend_bos)
-        _, cache = model.run_with_cache(
-            tokens, names_filter=[hook_name], stop_at_layer=stop_at_layer
-        )
-        x = cache[hook_name]
-        del cache
+        x = run_to_hook(model, hook_name, tokens)
         if x.ndim != 3 or x.shape[-1] != sae.cfg.d_in:
             raise ValueError(
                 f"hook {hook_name!r}: expected an activation [window, pos, {sae.cfg.d_in}] "
