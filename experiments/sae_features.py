@@ -619,11 +619,11 @@ def _evaluate(
     from unraveled.sae.browser import BrowserSettings, feature_browser_data
     from unraveled.sae.evaluation import evaluate_sae
 
+    # BOS in front as in training; both count the positions unraveled.sae.positions counts.
     tokens = torch.from_numpy(held.astype(np.int64))
-    if prepend_bos:  # as in training; evaluate_sae leaves the special tokens' positions out
-        bos = torch.full((len(tokens), 1), model.tokenizer.bos_token_id, dtype=torch.int64)
-        tokens = torch.cat([bos, tokens], dim=1)
-    evaluated = evaluate_sae(model, sae, hook, tokens, params.eval_batch_windows)
+    evaluated = evaluate_sae(
+        model, sae, hook, tokens, params.eval_batch_windows, prepend_bos=prepend_bos
+    )
     settings = BrowserSettings(batch_windows=params.eval_batch_windows, prepend_bos=prepend_bos)
     return evaluated, feature_browser_data(model, sae, hook, held, settings), settings
 

@@ -19,7 +19,13 @@ from sae_lens import SAE
 
 from tests.helpers.corpus import load_tiny
 from tests.helpers.sae import PLANTED_SETTINGS, planted_directions, planted_stream
-from unraveled.sae.activations import activation_chunks, default_hook, hook_activations
+from unraveled.sae.activations import (
+    activation_chunks,
+    default_hook,
+    hook_activations,
+    run_to_hook,
+)
+from unraveled.sae.loading import hook_dimension
 from unraveled.sae.training import TrainSettings, train_sae, training_batches
 
 
@@ -62,6 +68,33 @@ def test_activations_stop_at_the_hook_and_equal_the_full_pass_cache(
         got = hook_activations(model, hook, windows, prepend_bos=True)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert default_hook(model) == "blocks.1.hook_resid_pre"
+
+
+def test_run_to_hook_runs_no_block_past_the_hook(tiny_gpt2_or_llama: object) -> None:
+    """Every hook point records that it ran: nothing after the hook's block (nor the final norm
+    and unembedding) runs, and the activation is the full pass's."""
+    model = tiny_gpt2_or_llama
+    tokens = torch.randint(0, 1000, (2, 6))
+    _, cache = model.run_with_cache(tokens)
+    for hook in ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.mlp.hook_post"):
+        block = int(hook.split(".")[1])
+        ran: list[str] = []
+        everything = [
+            (name, lambda a, hook, ran=ran: ran.append(hook.name)) for name in model.hook_dict
+        ]
+        with model.hooks(fwd_hooks=everything):
+            got = run_to_hook(model, hook, tokens)
+        after = [
+            name
+            for name in ran
+            if name.startswith("ln_final.")
+            or (name.startswith("blocks.") and int(name.split(".")[1]) > block)
+        ]
+        assert ran and not after, (hook, after)
+        torch.testing.assert_close(got, cache[hook])
+        assert hook_dimension(model, hook) == cache[hook].shape[-1]
+    got = run_to_hook(model, "ln_final.hook_normalized", tokens)  # outside the blocks: all of them
+    torch.testing.assert_close(got, cache["ln_final.hook_normalized"])
 
 
 def test_buffer_holds_a_fixed_number_of_tokens_and_loses_none() -> None:

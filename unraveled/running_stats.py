@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from numpy.typing import NDArray
 
 NO_INDEX = np.iinfo(np.int64).max
@@ -50,9 +50,14 @@ class Moments:
     def of(
         cls,
         values: Float[NDArray, "sample feature"],
-        positive_of: Float[NDArray, "sample feature"] | None = None,
+        positive_of: Float[NDArray, "sample feature"]
+        | Bool[NDArray, "sample feature"]
+        | None = None,
     ) -> Moments:
-        """The moments of one batch; ``positive_of`` (default ``values``) decides what is > 0."""
+        """The moments of one batch; ``positive_of`` (default ``values``) decides what is > 0.
+
+        A boolean ``positive_of`` counts where it is True (e.g. an SAE feature's "active").
+        """
         values64 = values.astype(np.float64)
         mean = values64.mean(axis=0)
         return cls(
@@ -174,6 +179,7 @@ def top_k_of_batch(
     after: int,
     eligible: slice = slice(None),
     payload_rows: int | None = None,
+    shown: Float[NDArray, "window pos feature"] | None = None,
 ) -> TopK:
     """The batch's own top ``k`` per feature, with contexts, in the canonical order.
 
@@ -188,6 +194,8 @@ def top_k_of_batch(
         eligible: The positions that may be top tokens (e.g. all but a BOS at 0); the context
             still shows every position.
         payload_rows: For how many of the top rows a context is kept (default ``k``).
+        shown: The values the contexts show (default ``values``): where ``values`` ranks
+            tokens out with -inf but a context should still show what is there.
     """
     payload_rows = k if payload_rows is None else min(payload_rows, k)
     _, length, n_features = values.shape
@@ -216,9 +224,8 @@ def top_k_of_batch(
     inside = (at >= 0) & (at < length)
     at_clipped = np.clip(at, 0, length - 1)
     feature = np.arange(n_features)[None, :, None]
-    context_values = np.where(inside, values[window[..., None], at_clipped, feature], 0.0).astype(
-        np.float32
-    )
+    in_context = (values if shown is None else shown)[window[..., None], at_clipped, feature]
+    context_values = np.where(inside, in_context, 0.0).astype(np.float32)
     context_ids = np.where(inside, token_ids[window[..., None], at_clipped], -1).astype(np.int32)
     top = TopK(
         values=np.take_along_axis(flat, rows, axis=0).astype(np.float32),

@@ -123,7 +123,10 @@ def feature_browser_page(
     page_facts = {
         "hook": data.hook_name,
         "tokens": f"{data.n_tokens:,} in {data.n_windows:,} windows",
-        "density": "fraction of tokens on which the feature is > 0",
+        "density": (
+            "fraction of the tokens on which the feature is active (activation != 0); the "
+            "prepended BOS and special tokens are not counted, as in training and evaluation"
+        ),
         "logits": (
             "the decoder direction through the final norm's linear part and W_U, per unit of "
             "activation (the norm's per-token scale left out: it changes no ranking)"

@@ -1,11 +1,15 @@
 """What the feature browser shows of each SAE feature, streamed over corpus windows.
 
 Per feature of an SAE at one hook: its top activating contexts (``running_stats.TopK``, the
-corpus atlas's exactly-mergeable top-k), a histogram of its non-zero activations in fixed log
-bins, its density (the fraction of tokens it is active on, activation > 0), its largest
-activation, and the tokens its decoder direction promotes and suppresses through the
-unembedding. The state is a fixed size whatever the number of windows: windows are folded in one
-batch at a time (``update``), and two states of disjoint windows ``merge`` exactly.
+corpus atlas's exactly-mergeable top-k), a histogram of its active activations' sizes in fixed
+log bins, its density (the fraction of tokens it is active on), its largest activation, and the
+tokens its decoder direction promotes and suppresses through the unembedding. Which tokens count
+and what "active" means are ``unraveled.sae.positions``'s definitions, the ones training and the
+evaluation use (neither the prepended BOS nor a special token counts; active is ``!= 0``), so the
+browser's density of a feature is the evaluation's density table's, on the same windows.
+
+The state is a fixed size whatever the number of windows: windows are folded in one batch at a
+time (``update``), and two states of disjoint windows ``merge`` exactly.
 
 Promoted and suppressed tokens are read as the logit lens reads a residual stream: the decoder
 direction goes through the linear part of the final norm (LayerNorm's centring; the norm's
@@ -29,6 +33,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from unraveled.running_stats import Moments, TopK, top_k_of_batch
+from unraveled.sae.activations import run_to_hook
+from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class BrowserSettings:
         batch_windows: Windows per forward pass (bounds memory: the SAE's activations of one
             batch, ``batch_windows x positions x d_sae``, are the largest allocation).
         prepend_bos: Whether each window gets the model's BOS token in front (that position,
-            the same in every window, is left out of every statistic).
+            like every special token's, is left out of every statistic and is no top token).
         histogram_low: Log10 of the histogram's lowest bin edge.
         histogram_high: Log10 of its highest bin edge.
         bins_per_decade: Histogram bins per factor of 10.
@@ -76,10 +82,14 @@ class BrowserState:
     """Running per-feature statistics over the windows seen so far.
 
     Attributes:
-        moments: Count, mean, max and active count per feature (``running_stats.Moments``).
-        top: Top activating tokens with their contexts; never a token where the feature is 0.
-        histogram: ``[feature, bin]`` counts of non-zero activations: bin 0 below the lowest
-            edge, the last bin above the highest, the bins between as ``settings.bin_edges``.
+        moments: Count, mean, max and active count (its ``positive``) per feature, over the
+            counted tokens (``running_stats.Moments``).
+        top: Top activating tokens with their contexts; only counted tokens where the feature
+            is active.
+        histogram: ``[feature, bin]`` counts of active activations by size (``|a|``; ``a``
+            itself for the ReLU-based architectures, whose activations are never negative):
+            bin 0 below the lowest edge, the last bin above the highest, the bins between as
+            ``settings.bin_edges``.
         n_windows: Windows folded in.
     """
 
@@ -111,26 +121,10 @@ class BrowserState:
 def feature_activations(
     model: HookedTransformer, sae: SAE, hook_name: str, tokens: Int[Tensor, "window pos"]
 ) -> Float[Tensor, "window pos feature"]:
-    """The SAE's feature activations on ``tokens``, the model stopped after the hook's block."""
-    captured: list[Tensor] = []
-
-    def capture(activation: Tensor, hook: object) -> None:
-        captured.append(activation)
-
-    layer = _hook_layer(hook_name)
+    """The SAE's feature activations on ``tokens``, the model stopped at the hook."""
+    activation = run_to_hook(model, hook_name, tokens)
     with torch.inference_mode():
-        model.run_with_hooks(
-            tokens,
-            fwd_hooks=[(hook_name, capture)],
-            stop_at_layer=None if layer is None else min(layer + 1, model.cfg.n_layers),
-        )
-        return sae.encode(captured[0].to(sae.dtype))
-
-
-def _hook_layer(hook_name: str) -> int | None:
-    """The block a ``blocks.L....`` hook sits in; None for hooks outside the blocks."""
-    parts = hook_name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else None
+        return sae.encode(activation.to(sae.dtype))
 
 
 def update(
@@ -154,18 +148,21 @@ def update(
             in the top-k) is ``number * window length + position`` in any shard.
         settings: What to keep.
     """
-    tokens = torch.as_tensor(np.asarray(windows), dtype=torch.long)
-    if settings.prepend_bos:
-        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-        tokens = torch.cat([torch.full((len(tokens), 1), bos, dtype=torch.long), tokens], dim=1)
+    tokens = with_bos(
+        model, torch.as_tensor(np.asarray(windows), dtype=torch.long), settings.prepend_bos
+    )
+    counted = counted_positions(tokens, excluded_token_ids(model), settings.prepend_bos).numpy()
     first = 1 if settings.prepend_bos else 0
     acts = feature_activations(model, sae, hook_name, tokens.to(model.cfg.device))
     values = acts.float().cpu().numpy()
-    counted = values[:, first:].reshape(-1, values.shape[-1])
-    state.moments = state.moments.merge(Moments.of(counted))
-    # Inactive tokens (activation 0) are no top activating context: ranked as -inf, they are
-    # never kept, and a feature active on fewer than k tokens keeps unfilled rows.
-    ranked = np.where(values > 0, values, -np.inf).astype(np.float32)
+    counted_values = values[counted]
+    active = is_active(values)
+    if len(counted_values):  # a batch of nothing but special tokens has no moments
+        state.moments = state.moments.merge(Moments.of(counted_values, positive_of=active[counted]))
+    # Inactive and uncounted tokens are no top activating context: ranked as -inf, they are
+    # never kept, and a feature active on fewer than k tokens keeps unfilled rows. Contexts
+    # show the activations as they are, uncounted positions included.
+    ranked = np.where(active & counted[..., None], values, -np.inf).astype(np.float32)
     offsets = np.asarray(window_numbers, dtype=np.int64) * tokens.shape[1]
     top = top_k_of_batch(
         ranked,
@@ -175,10 +172,10 @@ def update(
         settings.context_before,
         settings.context_after,
         slice(first, None),
+        shown=values,
     )
-    top.context_values[np.isneginf(top.context_values)] = 0.0
     state.top = state.top.merge(top)
-    state.histogram += _histogram(counted, settings)
+    state.histogram += _histogram(counted_values, settings)
     state.n_windows += len(windows)
     return state
 
@@ -186,10 +183,14 @@ def update(
 def _histogram(
     values: Float[NDArray, "token feature"], settings: BrowserSettings
 ) -> Int[NDArray, "feature bin"]:
-    """Per feature, counts of its non-zero values in the fixed bins of ``settings``."""
+    """Per feature, counts of its active values' sizes (``|a|``) in the fixed bins of ``settings``.
+
+    Every active value is binned, so a feature's counts add up to its active tokens.
+    """
     edges = settings.bin_edges
-    token, feature = np.nonzero(values > 0)
-    slot = np.searchsorted(edges, values[token, feature], side="right")  # 0: below the first edge
+    token, feature = np.nonzero(is_active(values))
+    sizes = np.abs(values[token, feature])
+    slot = np.searchsorted(edges, sizes, side="right")  # 0: below the first edge
     n_slots = len(edges) + 1
     return np.bincount(feature * n_slots + slot, minlength=values.shape[1] * n_slots).reshape(
         values.shape[1], n_slots
@@ -202,18 +203,19 @@ class FeatureBrowserData:
 
     Attributes:
         hook_name: The hook the SAE reads.
-        n_tokens: Tokens the statistics are over (BOS positions left out).
+        n_tokens: Tokens the statistics are over (the counted positions,
+            ``unraveled.sae.positions``: prepended BOS and special tokens left out).
         n_windows: Corpus windows they come from.
-        density: Fraction of the tokens on which each feature is active (> 0).
+        density: Fraction of the tokens on which each feature is active (``!= 0``).
         max_activation: Largest activation (0 for a feature never active).
-        mean_activation: Mean activation over all tokens.
+        mean_activation: Mean activation over the counted tokens, active or not.
         top_values: ``[k, feature]`` top activations, descending; NaN where a feature has fewer
             than k active tokens.
         top_index: ``[k, feature]`` their global token index (window * length + position).
         context_ids: ``[k, feature, context]`` token ids around each top token (-1: outside
             its window).
         context_values: ``[k, feature, context]`` the feature's activation on those tokens.
-        histogram: ``[feature, bin]`` counts of non-zero activations (see ``BrowserState``).
+        histogram: ``[feature, bin]`` counts of active activations' sizes (``BrowserState``).
         bin_edges: The histogram's bin edges; bin 0 is below the first, the last above the last.
         promoted_ids: ``[feature, n]`` tokens whose logits the decoder direction raises most.
         promoted_logits: ``[feature, n]`` by how much, per unit of activation (see module doc).

@@ -3,7 +3,7 @@
 The definitions are SAELens's (``sae_lens.evals``), so the numbers compare with SAELens's own
 evaluations and Neuronpedia's:
 
-- **L0**: features with a nonzero activation (``!= 0``, as SAELens counts), mean per token.
+- **L0**: active features (activation ``!= 0``, as SAELens counts), mean per token.
 - **MSE**: the squared reconstruction error summed over the hook's dimensions, mean per token.
 - **Fraction of variance explained**: ``1 - MSE / Var(x)`` with ``Var(x) = E[||x||^2] -
   ||E[x]||^2``, the total variance over the evaluated tokens (SAELens's
@@ -15,11 +15,13 @@ evaluations and Neuronpedia's:
   with the hook's activation zeroed. These three losses come from SAELens's own
   ``get_recons_loss``, called on each batch of windows.
 
-Special tokens are left out as SAELens's ``run_evals`` leaves them out by default
-(``exclude_special_tokens=True``): the tokenizer's BOS, EOS, PAD, SEP and decoder-start ids
-(``sae_lens.util.get_special_token_ids``; for GPT-2 the one ``<|endoftext|>`` that also separates
-documents in the corpus windows). A position holding one counts in no metric: not in L0, MSE,
-variance or density, and its next-token loss is not averaged. The spliced pass keeps the model's
+Which positions count and what "active" means are ``unraveled.sae.positions``'s definitions, the
+ones training and the feature browser use too: the prepended BOS and the special tokens are left
+out as SAELens's ``run_evals`` leaves them out by default (``exclude_special_tokens=True``): the
+tokenizer's BOS, EOS, PAD, SEP and decoder-start ids (``sae_lens.util.get_special_token_ids``; for
+GPT-2 the one ``<|endoftext|>`` that also separates documents in the corpus windows). A position
+left out counts in no metric: not in L0, MSE, variance or density, and its next-token loss is not
+averaged. The spliced pass keeps the model's
 own activation there (``get_recons_loss`` splices only the other positions); the zero-ablation
 pass zeroes every position, as in SAELens. Special-token activations are outliers (GPT-2's first
 position has many times the norm of the others), so they would dominate MSE and variance.
@@ -45,11 +47,12 @@ from numpy.typing import NDArray
 from sae_lens import SAE
 from sae_lens.evals import get_recons_loss
 from sae_lens.training.activation_scaler import ActivationScaler
-from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from unraveled.experiment import Table
+from unraveled.sae.activations import run_to_hook
+from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
 
 # Active on more than this fraction of the evaluated tokens: a dense feature.
 DENSE_THRESHOLD = 0.1
@@ -89,7 +92,7 @@ class SAEEvaluation:
     Attributes:
         hook_name: The hook the SAE reads and is spliced into.
         n_windows: Windows evaluated.
-        window_tokens: Positions per window.
+        window_tokens: Positions per window (a prepended BOS included).
         excluded_token_ids: Token ids whose positions count in no metric (special tokens).
         n_tokens: Positions evaluated for L0, MSE, variance and density (excluded ones left out).
         l0: Mean number of active features per evaluated token.
@@ -220,22 +223,6 @@ class SAEEvaluation:
         ]
 
 
-def excluded_token_ids(
-    model: HookedTransformer, exclude_special_tokens: bool | Iterable[int]
-) -> tuple[int, ...]:
-    """The token ids left out of the metrics, as SAELens's ``run_evals`` resolves them.
-
-    ``True``: the tokenizer's structural special tokens (none without a tokenizer); ``False``:
-    none; an iterable: exactly those ids.
-    """
-    if exclude_special_tokens is True:
-        tokenizer = model.tokenizer
-        return tuple(sorted(get_special_token_ids(tokenizer))) if tokenizer is not None else ()
-    if exclude_special_tokens is False:
-        return ()
-    return tuple(sorted(set(exclude_special_tokens)))
-
-
 def _per_window_mean(
     sums: Float[NDArray, " window"], counts: Int[NDArray, " window"]
 ) -> Float[NDArray, " window"]:
@@ -251,6 +238,7 @@ def evaluate_sae(
     windows: Int[Tensor, "window pos"],
     batch_windows: int,
     exclude_special_tokens: bool | Iterable[int] = True,
+    prepend_bos: bool = False,
 ) -> SAEEvaluation:
     """Evaluate ``sae`` at ``hook_name`` of ``model`` on ``windows``, ``batch_windows`` at a time.
 
@@ -258,12 +246,15 @@ def evaluate_sae(
         model: The model the SAE reads.
         sae: A SAELens SAE whose input is the activation at ``hook_name``.
         hook_name: The hook to read and splice into (a ``[window, pos, d_in]`` activation).
-        windows: Held-out token windows, each evaluated as one sequence as it is (nothing
-            prepended).
+        windows: Held-out token windows, each evaluated as one sequence (without BOS).
         batch_windows: Windows per forward pass; memory grows with it (the spliced-loss pass
             holds three ``[batch_windows, pos, d_vocab]`` logits at once).
         exclude_special_tokens: Which tokens' positions count in no metric (see
-            ``excluded_token_ids``); True, SAELens's default, leaves out the special tokens.
+            ``unraveled.sae.positions.excluded_token_ids``); True, SAELens's default, leaves
+            out the special tokens.
+        prepend_bos: Put the model's BOS before each window, as in training; its position counts
+            in no metric (SAELens's splice, ``get_recons_loss``, still replaces it when nothing
+            is excluded).
 
     Returns:
         The metrics (see ``SAEEvaluation`` and the module docstring).
@@ -272,11 +263,12 @@ def evaluate_sae(
         ValueError: No windows, ``batch_windows`` below 1, an activation at ``hook_name`` that
             is not ``[window, pos, sae.cfg.d_in]``, or every position excluded.
     """
+    windows = with_bos(model, windows, prepend_bos)
     n_windows, window_tokens = windows.shape
     if n_windows == 0 or window_tokens < 2:
         raise ValueError(
-            f"windows: expected at least one window of at least 2 tokens, got shape "
-            f"{tuple(windows.shape)}"
+            f"windows: expected at least one window of at least 2 tokens (BOS included), got "
+            f"shape {tuple(windows.shape)}"
         )
     if batch_windows < 1:
         raise ValueError(f"batch_windows: expected at least 1, got {batch_windows}")
@@ -296,18 +288,12 @@ def evaluate_sae(
         for name in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation")
     }
     window_loss_counts = torch.zeros(n_windows, dtype=torch.int64)
-    stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook_name)
-    excluded_ids = torch.tensor(excluded, dtype=torch.int64)
     for start in range(0, n_windows, batch_windows):
         rows = slice(start, min(start + batch_windows, n_windows))
         tokens = windows[rows].to(model.cfg.device)
         # [batch, pos]: True at the positions evaluated.
-        kept = ~torch.isin(tokens.cpu(), excluded_ids)
-        _, cache = model.run_with_cache(
-            tokens, names_filter=[hook_name], stop_at_layer=stop_at_layer
-        )
-        x = cache[hook_name]
-        del cache
+        kept = counted_positions(tokens.cpu(), excluded, prepend_bos)
+        x = run_to_hook(model, hook_name, tokens)
         if x.ndim != 3 or x.shape[-1] != sae.cfg.d_in:
             raise ValueError(
                 f"hook {hook_name!r}: expected an activation [window, pos, {sae.cfg.d_in}] "
@@ -318,16 +304,17 @@ def evaluate_sae(
         if features.is_sparse:
             features = features.to_dense()
         # [batch, pos]: active features per position.
-        n_active = (features != 0).sum(dim=-1).cpu()
+        active = is_active(features)
+        n_active = active.sum(dim=-1).cpu()
         l0_counts += torch.bincount(n_active[kept], minlength=d_sae + 1)
-        feature_counts += ((features != 0) & kept.to(features.device)[..., None]).sum((0, 1)).cpu()
+        feature_counts += (active & kept.to(features.device)[..., None]).sum((0, 1)).cpu()
         x64 = x.to("cpu", torch.float64)
         squared_error = (x64 - reconstruction.to("cpu", torch.float64)).pow(2).sum(-1)
         window_squared_error[rows] = (squared_error * kept).sum(-1)
         window_tokens_kept[rows] = kept.sum(-1)
         sum_x += (x64 * kept[..., None]).sum((0, 1))
         sum_squared_norm += float((x64.pow(2).sum(-1) * kept).sum())
-        del features, reconstruction, x, x64
+        del features, active, reconstruction, x, x64
 
         losses = get_recons_loss(
             sae,

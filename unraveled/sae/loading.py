@@ -17,7 +17,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from unraveled.errors import ModelUnavailableError, ParamError
-from unraveled.sae.activations import hook_block
+from unraveled.sae.activations import run_to_hook
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -105,20 +105,8 @@ def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu") -> SAE[A
 
 def hook_dimension(model: HookedTransformer, hook_name: str) -> int:
     """The size of the last dimension of ``hook_name``'s activations (one token, one pass)."""
-    shapes: list[int] = []
-
-    def keep(activation: torch.Tensor, hook: object) -> None:
-        shapes.append(activation.shape[-1])
-
-    block = hook_block(hook_name)
     tokens = torch.zeros((1, 1), dtype=torch.long, device=model.cfg.device)
-    with torch.inference_mode():
-        model.run_with_hooks(
-            tokens,
-            stop_at_layer=None if block is None else block + 1,
-            fwd_hooks=[(hook_name, keep)],
-        )
-    return shapes[0]
+    return run_to_hook(model, hook_name, tokens).shape[-1]
 
 
 def check_hook(model: HookedTransformer, hook_name: str) -> None:

@@ -139,7 +139,7 @@ function drawPage() {
 <div class="meta">active on ${percent(feature.density)} of ${data.n_tokens.toLocaleString()}
 tokens · max activation ${feature.max.toFixed(3)} · mean ${feature.mean.toPrecision(3)}</div>
 <h3>Top activating contexts</h3><div id="fb-contexts"></div>
-<h3>Activation histogram (non-zero activations)</h3>${histogram(feature.hist, data.bin_edges)}
+<h3>Activation histogram (active tokens, by |activation|)</h3>${histogram(feature.hist, data.bin_edges)}
 <h3>Logit effect of the decoder direction</h3><div id="fb-logits" style="display:flex;gap:2rem"></div>`;
     const contexts = detail.querySelector("#fb-contexts");
     if (feature.contexts.length === 0) {
