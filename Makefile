@@ -44,7 +44,8 @@ test-fast: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser and not process and not conversion and not umap"
 
 # The bundled SmolLM2 (its conversion from GGUF, the fallback to it, causal tracing's peaks at the
-# defaults under two seeds): CI runs it after `make test`.
+# defaults under two seeds) and a corpus run's memory on a 20 MB document: CI runs it after
+# `make test`.
 test-heavy: $(READY)
 	$(PY) -m pytest -m heavy
 
