@@ -44,10 +44,11 @@ test-fast: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser and not process and not conversion and not umap"
 
 # The bundled SmolLM2 (its conversion from GGUF, the fallback to it, causal tracing's peaks at the
-# defaults under two seeds) and a corpus run's memory on a 20 MB document: CI runs it after
-# `make test`.
+# defaults under two seeds), a corpus run's memory on a 20 MB document, UMAP's kernels compiled
+# from nothing: CI runs it after `make test`. Two workers: the SmolLM2 tests share one (converted
+# once), the others run beside them.
 test-heavy: $(READY)
-	$(PY) -m pytest -m heavy
+	$(PY) -m pytest -n 2 -m heavy
 
 # ruff's checks and its formatter, as configured in pyproject.toml; CI runs it before the tests.
 lint: $(READY)
