@@ -36,16 +36,19 @@ all: $(READY)
 test: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy"
 
-# For development: `make test` without the tests that need a real model (the SmolLM2 conversion,
-# GPT-2 small), a browser, another process (the CLI, Ray), a model conversion of their own or a
-# UMAP fit. Tests get these marks from the fixtures they use and the names their code calls
+# For development: `make test` without the tests that need a real model (GPT-2 small, the bundled
+# model's GGUF file), a browser, another process (the CLI, Ray), a model conversion of their own or
+# a UMAP fit. Tests get these marks from the fixtures they use and the names their code calls
 # (tests/conftest.py, tests/helpers/tiers.py).
 test-fast: $(READY)
 	$(PY) -m pytest -n 2 -m "not heavy and not slow and not browser and not process and not conversion and not umap"
 
-# Defaults checked at their full cost (causal tracing's peaks under two seeds): CI runs it after `make test`.
+# The bundled SmolLM2 (its conversion from GGUF, the fallback to it, causal tracing's peaks at the
+# defaults under two seeds), a corpus run's memory on a 20 MB document, UMAP's kernels compiled
+# from nothing: CI runs it after `make test`. Two workers: the SmolLM2 tests share one (converted
+# once), the others run beside them.
 test-heavy: $(READY)
-	$(PY) -m pytest -m heavy
+	$(PY) -m pytest -n 2 -m heavy
 
 # ruff's checks and its formatter, as configured in pyproject.toml; CI runs it before the tests.
 lint: $(READY)

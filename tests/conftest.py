@@ -11,6 +11,8 @@ module tests what is in tests/README.md.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -83,6 +85,28 @@ _HF_CACHE_OVERRIDES = (
 )
 
 
+def _seed_pynndescent_kernels(numba_cache: Path) -> None:
+    """Copy pynndescent's numba kernels, as ``make setup`` compiled them into the venv, into the
+    session's numba cache, where numba looks for them (``<folder name>_<sha1 of the folder>``).
+
+    Importing umap imports pynndescent, which compiles its kernels at import: most of a process's
+    first UMAP fit, paid again in every test process and every process a test starts that fits
+    one. UMAP's own kernels, compiled by a fit, are not copied: tests/test_umap_fit.py checks that
+    a fit keeps them on disk. Nothing to copy (setup never compiled them): numba compiles them.
+    """
+    spec = importlib.util.find_spec("pynndescent")
+    if spec is None or spec.origin is None:
+        return
+    folder = Path(spec.origin).parent
+    compiled = sorted((folder / "__pycache__").glob("*.nb[ic]"))
+    if not compiled:
+        return
+    seeded = numba_cache / f"{folder.name}_{hashlib.sha1(str(folder).encode()).hexdigest()}"
+    seeded.mkdir(parents=True)
+    for path in compiled:
+        shutil.copy2(path, seeded)  # the index matches the source's stamp, so mtimes are kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     """UNRAVELED_CACHE and HF_HOME in temporary folders for the whole session.
@@ -106,6 +130,7 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
         # numba keeps compiled UMAP kernels beside umap's source (in the venv) unless told
         # otherwise.
         patch.setenv("NUMBA_CACHE_DIR", str(root / "numba"))
+        _seed_pynndescent_kernels(root / "numba")
         if "numba" in sys.modules:  # its config was read at import
             patch.setattr(sys.modules["numba"].config, "CACHE_DIR", str(root / "numba"))
         yield {"UNRAVELED_CACHE": unraveled_cache, "HF_HOME": hf_home}

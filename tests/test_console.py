@@ -21,7 +21,7 @@ def test_log_lines_are_not_wrapped_off_a_terminal(
     assert any(line.endswith(f"open {out / 'index.html'}") for line in lines), lines
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_progress_names_the_model_actually_used(smollm2_fallback_run: CliRun) -> None:
     # gpt2 is neither cached nor downloadable: the run fell back to the bundled model.
     done = smollm2_fallback_run.done

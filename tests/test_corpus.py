@@ -595,6 +595,8 @@ def _peak_rss_mb(args: list[str], env: dict[str, str], result: Path) -> float:
     return int(result.read_text()) / 1024
 
 
+# Three whole runs through the CLI, one tokenizing 20 MB: a full-cost check, in `make test-heavy`.
+@pytest.mark.heavy
 def test_memory_does_not_grow_with_a_documents_length(
     tmp_path: Path, tiny_gpt2_dir: Path, shared_weight_cache_dir: Path
 ) -> None:

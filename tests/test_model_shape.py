@@ -97,7 +97,7 @@ def test_hugging_face_snapshot_shape_matches_the_loaded_model(
     _same_tokens(shape.tokenizer, model.tokenizer)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_bundled_shape_from_the_gguf_and_from_the_cache_entry(
     smollm2_cache: Path, weight_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

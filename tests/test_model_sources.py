@@ -109,7 +109,7 @@ def test_converted_weights_follow_the_hugging_face_cache_and_its_revision(
     )
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_unavailable_gpt2_falls_back_loudly_to_the_bundled_model(
     smollm2_fallback_run: CliRun,
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from unraveled.models import load_model
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_predicts_paris(smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNRAVELED_CACHE", str(smollm2_cache))
     # The session's one conversion from GGUF, as cached (raw weights, as the fallback tests read;

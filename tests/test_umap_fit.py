@@ -81,6 +81,9 @@ print(json.dumps({"at_import": at_import, "in_fit": in_fit, "probe": probe}))
 """
 
 
+# Every kernel compiled from nothing, in a process of its own, as `make setup` does: a full-cost
+# check, in `make test-heavy`.
+@pytest.mark.heavy
 def test_after_compile_kernels_a_run_compiles_no_kernel(tmp_path: Path) -> None:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     subprocess.run([sys.executable, "-m", "unraveled.umap_fit"], env=env, check=True, timeout=600)

@@ -1,11 +1,11 @@
 """Which fixtures decide a test's tier and its xdist group (applied in tests/conftest.py).
 
-``make test`` runs every test but the ``heavy`` ones; ``make test-fast`` also leaves out the
-``slow`` ones (a real model: the bundled SmolLM2, converted from its GGUF file once a session, or
-GPT-2 small, downloaded on first use), the ``browser`` ones (a headless Chromium), the ``process``
-ones (they start the CLI, Ray or another process, or run whole configs) and the ``umap`` ones
-(numba compiles UMAP's kernels). A test that
-uses one of these fixtures, directly or through another fixture, is given the fixture's mark.
+``make test`` runs every test but the ``heavy`` ones (the bundled SmolLM2, converted from its GGUF
+file once a session: CI runs them in ``make test-heavy``); ``make test-fast`` also leaves out the
+``slow`` ones (GPT-2 small, downloaded on first use), the ``browser`` ones (a headless Chromium),
+the ``process`` ones (they start the CLI, Ray or another process, or run whole configs) and the
+``umap`` ones (numba compiles UMAP's kernels). A test that uses one of these fixtures, directly or
+through another fixture, is given the fixture's mark.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 from types import CodeType
 
 TIER_OF_FIXTURE = {
-    "smollm2_cache": "slow",
+    # The bundled SmolLM2 at its full cost (a conversion from GGUF, forwards of a 135M model):
+    # CI runs these tests in `make test-heavy`, after `make test`.
+    "smollm2_cache": "heavy",
     "gpt2": "slow",
     "gpt2_raw": "slow",
     "browser": "browser",
