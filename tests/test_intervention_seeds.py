@@ -31,9 +31,9 @@ def test_steering_moves_every_prompt_with_the_sign_under_two_seeds(
 ) -> None:
     # The seed drives the sampled generations only: the vector, the target log-probabilities and
     # the KL are forward passes without sampling, so they are the same under every seed and the
-    # figure's spread is over the config's prompts, not over seeds. Measured on SmolLM2 (seeds 0,
-    # 1, 2 through the CLI): per-prompt changes -0.10 to -0.42 nats at -4, -0.09 to -0.20 at -2,
-    # +0.16 to +0.26 at +2, +0.18 to +0.54 at +4; KL 0.29 / 0.058 / 0.055 / 0.24 nats.
+    # figure's spread is over the config's prompts, not over seeds. Measured on SmolLM2 (seeds 0
+    # and 1 through the CLI, equal): per-prompt changes -0.10 to -0.42 nats at -4, -0.09 to -0.20
+    # at -2, +0.16 to +0.26 at +2, +0.18 to +0.54 at +4; KL 0.29 / 0.058 / 0.055 / 0.24 nats.
     model = _smollm2(smollm2_cache, monkeypatch)
     params = steering.SteeringParams(**_defaults("steering"))
     first, second = (steering.compute(model, params, seed=seed) for seed in (0, 1))
