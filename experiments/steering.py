@@ -155,6 +155,15 @@ class SteeringResult:
         """Change of ``target_log_prob`` from the unsteered row."""
         return self.target_log_prob - self.target_log_prob[self.unsteered]
 
+    @property
+    def with_the_sign(self) -> dict[float, int]:
+        """Per steered coefficient, how many prompts' target log-prob moves with its sign."""
+        return {
+            float(coefficient): int((np.sign(row) == np.sign(coefficient)).sum())
+            for coefficient, row in zip(self.coefficients, self.delta_log_prob, strict=True)
+            if coefficient != 0
+        }
+
     def metrics(self) -> dict[str, Any]:
         """Per coefficient: the target log-prob change (mean, spread, n) and the KL."""
         delta, n_prompts = self.delta_log_prob, len(self.prompts)
@@ -171,6 +180,9 @@ class SteeringResult:
                 "min": delta.min(axis=1),
                 "max": delta.max(axis=1),
                 "per_prompt": delta,
+                "n_prompts_with_the_coefficients_sign": {
+                    f"{coefficient:g}": count for coefficient, count in self.with_the_sign.items()
+                },
             },
             "target_log_prob_unsteered_per_prompt": self.target_log_prob[self.unsteered],
             "kl_from_unsteered_on_neutral_text": {
@@ -307,6 +319,19 @@ def compute(model: HookedTransformer, params: SteeringParams, seed: int) -> Stee
     )
 
 
+def _sign_summary(result: SteeringResult) -> str:
+    """How many of the prompts move with each coefficient's sign, in a few words."""
+    n_prompts = len(result.prompts)
+    counts = result.with_the_sign
+    if all(count == n_prompts for count in counts.values()):
+        return (
+            f"{n_prompts} of {n_prompts} prompts move with the coefficient's sign at every "
+            "coefficient"
+        )
+    each = ", ".join(f"{count} at {coefficient:+g}" for coefficient, count in counts.items())
+    return f"prompts of {n_prompts} moving with the coefficient's sign: {each}"
+
+
 def render(result: SteeringResult) -> Iterator[Artifact]:
     """The log-prob change and KL per coefficient; the generations side by side; the table."""
     import textwrap
@@ -323,7 +348,8 @@ def render(result: SteeringResult) -> Iterator[Artifact]:
     effect_axes.plot(coefficients, delta.mean(axis=1), color="black", lw=2.5, label="mean")
     effect_axes.axhline(0, color="grey", lw=0.8)
     effect_axes.set(
-        title=f"Change in log P(next token in {result.targets})"[:80],
+        title=f"Change in log P(next token in {result.targets})"[:80]
+        + f"\n{_sign_summary(result)}",
         xlabel="steering coefficient",
         ylabel=f"Δ log-probability (nats), n = {n_prompts} prompts",
     )
@@ -349,7 +375,8 @@ def render(result: SteeringResult) -> Iterator[Artifact]:
         "01_effect_and_price",
         figure,
         f"Steering at {result.hook_name}: the target tokens' log-probability change per "
-        "coefficient, and the KL it costs on neutral text",
+        f"coefficient ({_sign_summary(result)}; forward passes without sampling, the same under "
+        "every seed), and the KL it costs on neutral text",
     )
 
     width = 60

@@ -3,6 +3,7 @@ its bad input refused through the CLI (exit 2 naming the field, nothing written)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,13 @@ def test_sweep_against_hand_computations(tiny_gpt2_or_llama: Any) -> None:
     ).mean(dim=0)
     assert result.vector_norm == pytest.approx(float(vector.norm()), rel=1e-4)
     target_ids = [model.to_single_token(t) for t in SMALL["targets"]]
+    hand = np.zeros((len(result.coefficients), len(SMALL["prompts"])))
     for row, coefficient in enumerate(result.coefficients):
         # Log P(target set) after each prompt, from logits steered by a hand-written hook.
         for column, prompt in enumerate(SMALL["prompts"]):
             probs = _manual_logits(model, prompt, vector, coefficient)[-1].double().softmax(-1)
-            assert result.target_log_prob[row, column] == pytest.approx(
-                float(probs[target_ids].sum().log()), abs=1e-4
-            )
+            hand[row, column] = float(probs[target_ids].sum().log())
+            assert result.target_log_prob[row, column] == pytest.approx(hand[row, column], abs=1e-4)
         # KL on the neutral text, by hand with scipy-free numpy.
         p = _manual_logits(model, SMALL["neutral_text"], vector, 0.0).double().softmax(-1).numpy()
         q = _manual_logits(model, SMALL["neutral_text"], vector, coefficient).double().softmax(-1)
@@ -91,6 +92,11 @@ def test_sweep_against_hand_computations(tiny_gpt2_or_llama: Any) -> None:
             assert result.generations[row][column] == expected_texts
     metrics = result.metrics()
     assert metrics["delta_target_log_prob"]["n_prompts"] == 2
+    # Prompts moving with each coefficient's sign, counted from the hand-computed log-probs.
+    assert metrics["delta_target_log_prob"]["n_prompts_with_the_coefficients_sign"] == {
+        "-3": int(sum(hand[0, column] < hand[1, column] for column in range(2))),
+        "6": int(sum(hand[2, column] > hand[1, column] for column in range(2))),
+    }
     np.testing.assert_array_equal(metrics["delta_target_log_prob"]["per_prompt"][1], [0.0, 0.0])
     assert metrics["kl_from_unsteered_on_neutral_text"]["mean"][1] == 0
     assert metrics["kl_from_unsteered_on_neutral_text"]["mean"][2] > 0
@@ -98,6 +104,32 @@ def test_sweep_against_hand_computations(tiny_gpt2_or_llama: Any) -> None:
     assert [a.name for a in artifacts] == ["01_effect_and_price", "02_generations", "generations"]
     table = artifacts[2].columns
     assert len(table["text"]) == 3 * 2 * 2 and table["text"][0] == result.generations[0][0][0]
+
+
+def test_the_sign_count_and_its_words_on_known_changes() -> None:
+    # Known changes from the unsteered row (the middle one): at -2 one prompt falls, one rises;
+    # at +3 one rises and one doesn't move, which is not moving with the sign.
+    result = steering.SteeringResult(
+        hook_name="blocks.0.hook_resid_pre",
+        coefficients=np.array([-2.0, 0.0, 3.0]),
+        vector_norm=1.0,
+        resid_norm=1.0,
+        prompts=["a", "b"],
+        generations=[[["x"], ["y"]]] * 3,
+        targets=[" t"],
+        target_log_prob=np.array([[-2.0, -0.5], [-1.0, -1.0], [-0.25, -1.0]]),
+        kl=np.zeros((3, 4)),
+        neutral_tokens=["n"] * 4,
+    )
+    assert result.with_the_sign == {-2.0: 1, 3.0: 1}
+    assert steering._sign_summary(result) == (
+        "prompts of 2 moving with the coefficient's sign: 1 at -2, 1 at +3"
+    )
+    agreeing = dataclasses.replace(result, target_log_prob=np.array([[-2.0], [-1.0], [0.0]]))
+    agreeing = dataclasses.replace(agreeing, prompts=["a"])
+    assert steering._sign_summary(agreeing) == (
+        "1 of 1 prompts move with the coefficient's sign at every coefficient"
+    )
 
 
 def test_steering_runs_through_the_cli(
