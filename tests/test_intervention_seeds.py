@@ -58,14 +58,14 @@ def test_steering_moves_every_prompt_with_the_sign_under_two_seeds(
 def test_path_patching_top_senders_under_two_seeds(
     smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The seed draws the IOI pairs (templates, names, places). Measured on SmolLM2 at the
-    # default 3 pairs, seeds 0, 1, 2 through the CLI: the clean mean logit difference moved from
-    # 0.8 to 4.5, so the relative changes (percent of it) moved several-fold (23.3: -74% at seed
-    # 0, -384% at seed 1) and no magnitude is claimed. What held at every seed, and is claimed:
-    # 23.3 leads the senders -> logits map, lowering the logit difference (-68% to -384%, the
-    # next one at most half its size), 29.1 among the three after it, lowering it too, so both
-    # are chosen as receivers; through the receivers' queries 20.0 leads, lowering it (-7% to
-    # -93%, its standard error as large: the order is claimed, not the size).
+    # The seed draws the IOI pairs (templates, names, places). Measured on SmolLM2, seeds 0, 1, 2
+    # through the CLI (docs/causal.md): at 3 pairs the clean mean logit difference moved from 0.8
+    # to 4.5 and the relative changes several-fold (23.3: -74% at seed 0, -384% at seed 1); at
+    # the default 16 pairs 23.3 was -73/-87/-74% and 29.1 -25/-36/-31%, receivers 23.3, 29.1,
+    # 23.0 each time, and 20.0 led through the receivers' queries (-11 ± 3%, -16 ± 2%). Claimed
+    # and checked here: 23.3 leads the senders -> logits map, lowering the logit difference, 29.1
+    # among the three after it, lowering it too, both chosen as receivers; 20.0 leads through
+    # the receivers' queries, lowering it.
     model = _smollm2(smollm2_cache, monkeypatch)
     params = path_patching.PathPatchingParams(**_defaults("path_patching"))
     for seed in (0, 1):
