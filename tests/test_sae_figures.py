@@ -175,3 +175,14 @@ def test_ce_error_bars_and_recovered_are_the_standard_error_over_windows(
     assert f"CE loss recovered: {(8.0 - 3.5) / (8.0 - 3.0):.3f} ± {recovered_error:.2g}" in (
         axes.get_title()
     )
+
+
+def test_planted_title_counts_the_bars_above_the_line() -> None:
+    from unraveled.experiments.sae_features import PlantedRecovery, planted_figure
+
+    # Five planted directions, three above the 0.9 line (0.9 itself is not above it).
+    cosines = np.array([0.95, 0.5, 0.91, 0.9, 0.99])
+    axes = planted_figure(PlantedRecovery(cosines, seconds=1.0), "topk").figure.axes[0]
+    heights = [patch.get_height() for patch in axes.patches if isinstance(patch, Rectangle)]
+    assert heights == [0.99, 0.95, 0.91, 0.9, 0.5]
+    assert "3 of 5 (60%) recovered" in axes.get_title()
