@@ -726,8 +726,8 @@ def planted_figure(planted: PlantedRecovery, architecture: str) -> Figure:
         "01_planted_features",
         figure,
         "The known answer: per planted feature (superposition, 64 in 16 dims), the cosine of the "
-        "SAE's nearest decoder direction; recovered above 0.9. The count moves by a few with the "
-        "seed (docs/sae.md); at least 90% is what holds, and what the tests require",
+        "SAE's nearest decoder direction; recovered above 0.9. The count moves with the seed: 56 "
+        "to 60 of 64 (87% to 94%) at seeds 0, 1 and 2 (docs/sae.md)",
     )
 
 
