@@ -105,9 +105,8 @@ def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
         )
     variance_axes.set(
         title=f"Variance explained: {evaluation.explained_variance:.3f} "
-        f"± {variance.standard_error:.2g} (MSE {evaluation.mse:.3g} ± {mse.standard_error:.2g})\n"
-        f"± standard error over {variance.n} windows; per window: 1 - its MSE / all "
-        "windows' variance",
+        f"± {variance.standard_error:.2g}\nMSE {evaluation.mse:.3g} ± {mse.standard_error:.2g}\n"
+        f"± standard error over {variance.n} windows (bars: per window)",
         xlabel="fraction of variance explained",
         ylabel="windows",
     )
