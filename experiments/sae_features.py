@@ -388,6 +388,8 @@ class SaeFeaturesResult:
 
     def metrics(self) -> dict[str, Any]:
         """The SAE's shape and provenance, the training's numbers, the planted-features check."""
+        from unraveled.sae.spread import spread, window_spreads
+
         cfg = self.sae.cfg
         found: dict[str, Any] = {
             "definitions": DEFINITIONS,
@@ -400,7 +402,12 @@ class SaeFeaturesResult:
                 "source": self.source,
             },
             "corpus": self.corpus,
-            "evaluation": self.evaluation.metrics(),
+            "evaluation": self.evaluation.metrics()
+            | {
+                "spread_over_windows": {
+                    name: over.as_dict() for name, over in window_spreads(self.evaluation).items()
+                }
+            },
         }
         if self.training is not None:
             found["training"] = self.training
@@ -420,6 +427,9 @@ class SaeFeaturesResult:
                 "clean_metric": self.attribution.clean_metric,
                 "corrupted_metric": self.attribution.corrupted_metric,
                 "error_term_estimate": self.attribution.error_estimate,
+                "error_term_estimate_spread_over_pairs": spread(
+                    self.attribution.error_estimate_per_pair
+                ).as_dict(),
                 "features_estimate_sum": float(self.attribution.estimate.sum()),
                 "top_features": self.attribution.top_features,
                 "estimate_exact_correlation": self.attribution.correlation,
@@ -707,15 +717,17 @@ def planted_figure(planted: PlantedRecovery, architecture: str) -> Figure:
         ylabel="Largest cosine with a decoder direction",
         title=(
             f"{PLANTED_FEATURES} sparse features planted in {PLANTED_DIMS} dimensions: "
-            f"{planted.recovered_fraction:.0%} recovered by a {architecture} SAE of "
-            f"{PLANTED_WIDTH} features"
+            f"{int(recovered.sum())} of {len(order)} ({planted.recovered_fraction:.0%}) "
+            f"recovered\nby a {architecture} SAE of {PLANTED_WIDTH} features (this seed's "
+            "planted directions and training)"
         ),
     )
     return Figure(
         "01_planted_features",
         figure,
         "The known answer: per planted feature (superposition, 64 in 16 dims), the cosine of the "
-        "SAE's nearest decoder direction; recovered above 0.9",
+        "SAE's nearest decoder direction; recovered above 0.9. The count moves with the seed: 56 "
+        "to 60 of 64 (87% to 94%) at seeds 0, 1 and 2 (docs/sae.md)",
     )
 
 

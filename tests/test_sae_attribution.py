@@ -90,7 +90,7 @@ def test_figure_draws_estimate_and_exact_where_their_labels_say() -> None:
         clean_metric=2.0,
         corrupted_metric=-1.0,
         estimate=np.array([0.1, -2.0, 0.5, 1.0]),
-        error_estimate=0.4,
+        error_estimate_per_pair=np.array([0.2, 0.6, 0.1, 0.7]),
         top_features=np.array([1, 3, 2]),
         exact=np.array([-1.5, 0.9, 0.7]),
         correlation=0.9,
@@ -106,7 +106,12 @@ def test_figure_draws_estimate_and_exact_where_their_labels_say() -> None:
     np.testing.assert_array_equal(
         scatter.collections[0].get_offsets(), [[-2.0, -1.5], [1.0, 0.9], [0.5, 0.7]]
     )
-    assert "r = 0.900" in scatter.get_title() and "3.000" in figure.get_suptitle()
+    assert "r = 0.900 over 3 features" in scatter.get_title()
+    suptitle = figure.get_suptitle()
+    assert "3.000" in suptitle and "over 4 pairs" in suptitle
+    # The error term's estimate: mean 0.4 of the four pairs, deviations -0.2, 0.2, -0.3, 0.3:
+    # sd sqrt(0.26 / 3), standard error that / 2.
+    assert f"0.400 ± {np.sqrt(0.26 / 3) / 2:.2g}" in suptitle
     table = attribution_table(result, browser_page="feature_browser")
     assert list(table.columns["browser"]) == [
         f"views/feature_browser.html#feature-{i}" for i in (1, 3, 2)

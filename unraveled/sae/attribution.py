@@ -52,7 +52,7 @@ class FeatureAttribution:
         estimate: ``[feature]`` attribution estimate of restoring each feature (clean into
             corrupted): (clean - corrupted activation) x gradient, summed over positions, mean
             over pairs.
-        error_estimate: The same for the SAE's error term.
+        error_estimate_per_pair: ``[pair]`` the same for the SAE's error term, per pair.
         top_features: The features patched exactly, largest ``|estimate|`` first.
         exact: ``[top]`` each one's exact patching effect: mean patched metric - corrupted mean.
         correlation: Pearson correlation of ``estimate[top_features]`` and ``exact`` (NaN for
@@ -63,10 +63,20 @@ class FeatureAttribution:
     clean_metric: float
     corrupted_metric: float
     estimate: Float[NDArray, " feature"]
-    error_estimate: float
+    error_estimate_per_pair: Float[NDArray, " pair"]
     top_features: Int[NDArray, " top"]
     exact: Float[NDArray, " top"]
     correlation: float
+
+    @property
+    def n_pairs(self) -> int:
+        """Prompt pairs the means are over."""
+        return len(self.error_estimate_per_pair)
+
+    @property
+    def error_estimate(self) -> float:
+        """The SAE error term's estimate, mean over pairs."""
+        return float(self.error_estimate_per_pair.mean())
 
     @property
     def total(self) -> float:
@@ -167,7 +177,7 @@ def feature_attribution(
         clean_metric=float(metric(clean_logits, pairs).mean()),
         corrupted_metric=float(corrupted_scores.mean()),
         estimate=estimate,
-        error_estimate=float(error_estimates.mean()),
+        error_estimate_per_pair=error_estimates.double().numpy(),
         top_features=order.astype(np.int64),
         exact=exact_np,
         correlation=_pearson(estimate[order], exact_np),

@@ -2,7 +2,9 @@
 
 Each renderer draws one ``SAEEvaluation`` (``unraveled.sae.evaluation``) and never sees the model;
 ``evaluation_figures`` names and captions the three for an experiment's ``render``. Every title
-says how many tokens and windows were evaluated.
+says how many tokens and windows were evaluated, and each headline number its spread: L0's
+standard deviation over tokens, the others' standard error over the held-out windows
+(``unraveled.sae.spread``), drawn as a band or error bars.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from matplotlib.figure import Figure as MplFigure
 from unraveled.experiment import Figure
 from unraveled.render.figures import panels
 from unraveled.sae.evaluation import DENSE_THRESHOLD, SAEEvaluation
+from unraveled.sae.spread import l0_spread, window_spreads
 
 # A single panel wide enough for its three-line title.
 WIDE_PANEL_INCHES = (7.0, 4.8)
@@ -65,15 +68,19 @@ def density_figure(evaluation: SAEEvaluation) -> MplFigure:
 
 
 def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
-    """L0 per token (histogram, mean marked) beside the variance explained per window."""
+    """L0 per token (histogram, mean marked) beside the variance explained per window.
+
+    The variance panel shades the overall fraction +- its standard error over windows.
+    """
     figure, (l0_axes, variance_axes) = panels(2)
     counts = evaluation.l0_counts
     # Up to the largest L0 any token had: a wide SAE's counts are mostly empty beyond it.
     shown = int(np.flatnonzero(counts).max()) + 1
     l0_axes.stairs(counts[:shown], np.arange(shown + 1) - 0.5, fill=True, color="tab:blue")
     l0_axes.axvline(evaluation.l0, color="black", linestyle="--", label="mean")
+    l0_sd = l0_spread(evaluation).sd
     l0_axes.set(
-        title=f"L0: {evaluation.l0:.1f} active features per token (mean)\n"
+        title=f"L0: {evaluation.l0:.1f} active features per token (mean; SD {l0_sd:.2g})\n"
         f"over {_evaluated(evaluation)}",
         xlabel="active features at a token",
         ylabel="tokens",
@@ -86,9 +93,20 @@ def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
     variance_axes.axvline(
         evaluation.explained_variance, color="black", linestyle="--", label="all windows"
     )
+    spreads = window_spreads(evaluation)
+    variance, mse = spreads["explained_variance"], spreads["mse"]
+    if not np.isnan(variance.standard_error):
+        variance_axes.axvspan(
+            evaluation.explained_variance - variance.standard_error,
+            evaluation.explained_variance + variance.standard_error,
+            color="black",
+            alpha=0.15,
+            label="± standard error",
+        )
     variance_axes.set(
         title=f"Variance explained: {evaluation.explained_variance:.3f} "
-        f"(MSE {evaluation.mse:.3g})\nper window: 1 - its MSE / all windows' variance",
+        f"± {variance.standard_error:.2g}\nMSE {evaluation.mse:.3g} ± {mse.standard_error:.2g}\n"
+        f"± standard error over {variance.n} windows (bars: per window)",
         xlabel="fraction of variance explained",
         ylabel="windows",
     )
@@ -99,12 +117,27 @@ def sparsity_figure(evaluation: SAEEvaluation) -> MplFigure:
 
 
 def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
-    """The clean, spliced and zero-ablation losses as bars, each window's loss as a dot."""
+    """The clean, spliced and zero-ablation losses as bars, each window's loss as a dot.
+
+    Each bar carries +- its standard error over windows; the title gives CE loss recovered with
+    the standard error of the per-window recovered fractions.
+    """
     figure, (axes,) = panels(1)
     figure.set_size_inches(WIDE_PANEL_INCHES)
+    spreads = window_spreads(evaluation)
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, evaluation.n_windows)
     for position, (name, label, colour) in enumerate(CE_BARS):
-        axes.bar(position, getattr(evaluation, name), color=colour, alpha=0.6, label=label)
+        height = getattr(evaluation, name)
+        axes.bar(position, height, color=colour, alpha=0.6, label=label)
+        axes.errorbar(
+            position,
+            height,
+            yerr=spreads[name].standard_error,
+            color="black",
+            capsize=6,
+            linewidth=1.5,
+            zorder=4,
+        )
         axes.scatter(
             position + jitter,
             getattr(evaluation, f"{name}_per_window"),
@@ -114,15 +147,16 @@ def ce_loss_figure(evaluation: SAEEvaluation) -> MplFigure:
             zorder=3,
         )
     axes.set_xticks(range(len(CE_BARS)), [label for _, label, _ in CE_BARS])
+    recovered = spreads["ce_loss_recovered"]
     axes.set(
         title=(
             f"CE loss recovered: {evaluation.ce_loss_recovered:.3f} "
-            "= (zero - spliced) / (zero - clean)\n"
+            f"± {recovered.standard_error:.2g} = (zero - spliced) / (zero - clean)\n"
             if evaluation.ce_loss_recovered_undefined_because is None
             else f"CE loss recovered undefined: {evaluation.ce_loss_recovered_undefined_because}\n"
         )
         + f"{evaluation.ce_loss_tokens:,} next-token predictions, {evaluation.n_windows:,} "
-        "held-out windows\n(dots: per window)",
+        "held-out windows\n(dots: per window; ± and error bars: standard error over windows)",
         ylabel="mean next-token loss (nats)",
     )
     axes.grid(True, axis="y", alpha=0.4)

@@ -19,9 +19,12 @@ def attribution_figure(
 
     Left: per top feature (largest ``|estimate|`` first), the estimate and the exact effect of
     restoring it from the clean into the corrupted run, as paired bars. Right: estimate against
-    exact, with the diagonal and Pearson's correlation. The title gives the total clean -
-    corrupted difference and the SAE error term's estimate.
+    exact, with the diagonal and Pearson's correlation over the features drawn. The title gives
+    the total clean - corrupted difference and the SAE error term's estimate, that one +- its
+    standard error over the pairs, and how many pairs.
     """
+    from unraveled.sae.spread import spread
+
     figure, (bars, scatter) = panels(2, width_ratios=[1.6, 1.0])
     features = result.top_features
     estimate = result.estimate[features]
@@ -43,11 +46,14 @@ def attribution_figure(
     scatter.set(
         xlabel="attribution estimate",
         ylabel="exact patching",
-        title=f"Estimate vs exact: Pearson r = {result.correlation:.3f}",
+        title=f"Estimate vs exact: Pearson r = {result.correlation:.3f} over {len(features)} "
+        "features",
     )
+    error = spread(result.error_estimate_per_pair)
     figure.suptitle(
-        f"SAE features at {result.hook_name}: clean - corrupted {metric} {result.total:.3f}; "
-        f"SAE error term's estimate {result.error_estimate:.3f}"
+        f"SAE features at {result.hook_name}, mean over {result.n_pairs} pairs: clean - "
+        f"corrupted {metric} {result.total:.3f}; SAE error term's estimate "
+        f"{result.error_estimate:.3f} ± {error.standard_error:.2g} (standard error over pairs)"
     )
     return Figure(
         name,
