@@ -491,6 +491,7 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
     from contextlib import closing
 
     from unraveled.corpus import corpus_windows
+    from unraveled.phases import phase_done
     from unraveled.sae.activations import activation_chunks
     from unraveled.sae.loading import hook_dimension
     from unraveled.sae.training import train_sae
@@ -568,8 +569,13 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
         }
         if params.planted_check:
             planted = planted_recovery(params, seed)
+        # Training's buffers and forward passes leave ~280 MiB of freed heap (measured on the
+        # bundled SmolLM2) that the evaluation's vocabulary-sized logits would sit on top of: a
+        # run hands it back here (a notebook's process is left alone).
+        phase_done()
     held = windows.tokens[held_out]
     evaluated, browser, browser_settings = _evaluate(model, sae, hook, held, params, prepend_bos)
+    phase_done()  # the evaluation's logits, before the attribution's own
     attribution = _attribute(model, sae, hook, params, seed) if params.attribution else None
     source: dict[str, Any] = (
         {"trained": "in this run"}
