@@ -60,6 +60,9 @@ PLANTED_SAMPLES = 150_000
 PLANTED_BATCH = 512
 PLANTED_LR = 1e-2
 PLANTED_L1 = 1.0
+# Prompts per exactly patched forward pass: each holds full [prompts, positions, d_vocab] logits
+# (49,152 tokens on SmolLM2), so the patching's default of 64 rows peaked 126 MiB above 16.
+ATTRIBUTION_ROWS = 16
 DEFINITIONS = {
     "activations": (
         "the hook's activations at every window position; where the model prepends BOS to "
@@ -651,7 +654,9 @@ def _attribute(
     from unraveled.sae.attribution import feature_attribution
 
     pairs = ioi_batch(model, IOIParams(n_pairs=params.attribution_pairs), seed).tokens
-    return feature_attribution(model, sae, hook, pairs, top=params.attribution_top)
+    return feature_attribution(
+        model, sae, hook, pairs, top=params.attribution_top, max_rows=ATTRIBUTION_ROWS
+    )
 
 
 def render(result: SaeFeaturesResult) -> Iterator[Artifact]:
