@@ -62,14 +62,18 @@ def generation_seconds(name: str) -> dict[str, float]:
 def sae_compute(name: str, training_tokens: int) -> None:
     """The experiment's whole compute at its default params but ``training_tokens``.
 
-    Called in a process of its own (``call_in_child``), whose peak is the measurement.
+    Called in a process of its own (``call_in_child``), whose peak is the measurement. The
+    compute hands freed memory back at its phase ends, as ``unraveled run`` computes a config.
     """
     from unraveled.experiments.sae_features import SaeFeaturesParams, compute
 
+    from unraveled.memory import return_freed_memory
     from unraveled.models import load_model
+    from unraveled.phases import handing_back
 
     model = load_model(name, "processed").model
-    compute(model, SaeFeaturesParams(training_tokens=training_tokens), seed=0)
+    with handing_back(return_freed_memory):
+        compute(model, SaeFeaturesParams(training_tokens=training_tokens), seed=0)
 
 
 def sae_rows(name: str) -> list[Row]:

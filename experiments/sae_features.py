@@ -60,6 +60,9 @@ PLANTED_SAMPLES = 150_000
 PLANTED_BATCH = 512
 PLANTED_LR = 1e-2
 PLANTED_L1 = 1.0
+# Prompts per exactly patched forward pass: each holds full [prompts, positions, d_vocab] logits
+# (49,152 tokens on SmolLM2), so the patching's default of 64 rows peaked 126 MiB above 16.
+ATTRIBUTION_ROWS = 16
 DEFINITIONS = {
     "activations": (
         "the hook's activations at every window position; where the model prepends BOS to "
@@ -501,6 +504,7 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
     from contextlib import closing
 
     from unraveled.corpus import corpus_windows
+    from unraveled.phases import phase_done
     from unraveled.sae.activations import activation_chunks
     from unraveled.sae.loading import hook_dimension
     from unraveled.sae.training import train_sae
@@ -578,8 +582,13 @@ def compute(model: HookedTransformer, params: SaeFeaturesParams, seed: int) -> S
         }
         if params.planted_check:
             planted = planted_recovery(params, seed)
+        # Training's buffers and forward passes leave ~280 MiB of freed heap (measured on the
+        # bundled SmolLM2) that the evaluation's vocabulary-sized logits would sit on top of: a
+        # run hands it back here (a notebook's process is left alone).
+        phase_done()
     held = windows.tokens[held_out]
     evaluated, browser, browser_settings = _evaluate(model, sae, hook, held, params, prepend_bos)
+    phase_done()  # the evaluation's logits, before the attribution's own
     attribution = _attribute(model, sae, hook, params, seed) if params.attribution else None
     source: dict[str, Any] = (
         {"trained": "in this run"}
@@ -655,7 +664,9 @@ def _attribute(
     from unraveled.sae.attribution import feature_attribution
 
     pairs = ioi_batch(model, IOIParams(n_pairs=params.attribution_pairs), seed).tokens
-    return feature_attribution(model, sae, hook, pairs, top=params.attribution_top)
+    return feature_attribution(
+        model, sae, hook, pairs, top=params.attribution_top, max_rows=ATTRIBUTION_ROWS
+    )
 
 
 def render(result: SaeFeaturesResult) -> Iterator[Artifact]:

@@ -83,3 +83,31 @@ def test_the_cli_runs_as_a_user_runs_it_and_a_failure_stops_the_bench(tmp_path: 
     assert listed.value is None and 0 < listed.peak_mb < 512
     with pytest.raises(RuntimeError, match="run no_such_config exited with 2"):
         run_cli(["run", "no_such_config"], tmp_path / "cache")
+
+
+def test_the_sae_group_prints_each_of_its_rows_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The children stand in for the measurements (minutes on the bundled model): what is checked
+    # is the group's rows as printed, four distinct measurements, each on one line.
+    from benchmarks import sae
+    from benchmarks.processes import Finished
+
+    def measured(function: object, name: str, *args: object) -> Finished:
+        if function is sae.generation_seconds:
+            return Finished({"tokens": 4096.0, "generation_s": 2.0, "plain_s": 2.1}, 3.0, 900.0)
+        return Finished(None, 60.0, 1500.0 + int(args[0]) / 16384)
+
+    monkeypatch.setattr(sae, "call_in_child", measured)
+    assert bench.main(["--only", "sae"]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    title, _header, *rows = printed
+    assert title.startswith("sae features, ")
+    assert len(rows) == len(set(rows)) == 4
+    assert [row.split(",")[0] for row in rows] == [
+        "plain forward pass stopped at the hook",
+        "activation generation",
+        "whole sae_features compute",
+        "whole sae_features compute",
+    ]
+    assert "16384 training tokens" in rows[2] and "32768 training tokens" in rows[3]

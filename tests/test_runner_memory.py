@@ -160,3 +160,34 @@ def test_the_runner_hands_memory_back_between_a_conversions_steps_and_a_computes
     assert events[:3] == ["_fold_final_rms_bias", "hand back", "_fold_unembed_layer_norm"]
     # The engine's batches done and handed back before the summary allocates.
     assert events[events.index("summarise") - 1] == "hand back"
+
+
+def test_the_runner_hands_memory_back_after_sae_training_and_after_its_evaluation(
+    tiny_gpt2_dir: Path, weight_cache: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Training's buffers, then the evaluation's vocabulary-sized logits, are freed heap that
+    # the next phase's allocations would otherwise sit on top of.
+    from unraveled.models import load_model
+    from unraveled.sae import attribution, evaluation
+
+    events: list[str] = []
+    _record_hand_backs(monkeypatch, events)
+    _record(monkeypatch, evaluation, "evaluate_sae", events)
+    _record(monkeypatch, attribution, "feature_attribution", events)
+    config = load_config(
+        "sae_features",
+        overrides=[
+            f"params.corpus=['{corpus_file}']",
+            *("params.width=32", "params.k=4", "params.training_tokens=256"),
+            *("params.batch_tokens=64", "params.buffer_tokens=128", "params.planted_check=false"),
+            *("params.context_tokens=16", "params.eval_tokens=32", "params.attribution_pairs=2"),
+        ],
+    )
+    model = load_model(str(tiny_gpt2_dir), "processed").model
+    runner.compute_run(config, model)
+    # Handed back after training, then after the evaluation (and the browser), in that order.
+    assert events[: events.index("feature_attribution")] == [
+        "hand back",
+        "evaluate_sae",
+        "hand back",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,9 @@ def test_promoted_and_suppressed_tokens_are_the_direction_through_final_norm_and
 ) -> None:
     model = tiny_model(tiny_gpt2_dir, weights)
     sae = tiny_sae(model.cfg.d_model, d_sae=8, hook_name=HOOK, seed=2)
-    data = feature_browser_data(model, sae, HOOK, _windows(2, 6), SETTINGS)
+    # Blocks of 3 of the 8 features (the last one short): every block's rows land in place.
+    settings = dataclasses.replace(SETTINGS, logit_features=3)
+    data = feature_browser_data(model, sae, HOOK, _windows(2, 6), settings)
     # Independent route: the model's own final norm and unembedding on each decoder direction
     # as a residual stream, minus those of a zero residual stream (the biases): the logit effect
     # up to the norm's positive scale.

@@ -53,6 +53,9 @@ class BrowserSettings:
         histogram_high: Log10 of its highest bin edge.
         bins_per_decade: Histogram bins per factor of 10.
         logit_tokens: Promoted and suppressed tokens kept per feature.
+        logit_features: Features whose logit effects are computed at once (bounds memory: a
+            ``[logit_features, d_vocab]`` block; all 1024 features of the default SAE on
+            SmolLM2's 49,152 tokens would be 192 MiB at once, 128 of them are 24 MiB).
     """
 
     top_k: int = 20
@@ -64,6 +67,7 @@ class BrowserSettings:
     histogram_high: int = 3
     bins_per_decade: int = 10
     logit_tokens: int = 10
+    logit_features: int = 128
 
     @property
     def context(self) -> int:
@@ -248,19 +252,61 @@ class FeatureBrowserData:
         return len(self.density)
 
 
-def logit_effects(model: HookedTransformer, sae: SAE) -> Float[Tensor, "feature vocab"]:
+def logit_effects(
+    model: HookedTransformer, sae: SAE, features: slice = slice(None)
+) -> Float[Tensor, "feature vocab"]:
     """Each feature's decoder direction through the final norm's linear part and ``W_U``.
 
-    See the module docstring for what of the final norm is applied and why.
+    See the module docstring for what of the final norm is applied and why. ``features``: which
+    features (default all); each feature's row is the same whichever others are computed with it.
     """
     with torch.inference_mode():
-        directions = sae.W_dec.detach().to(model.W_U.dtype).to(model.W_U.device)
+        directions = sae.W_dec[features].detach().to(model.W_U.dtype).to(model.W_U.device)
         if model.cfg.normalization_type in ("LN", "LNPre"):
             directions = directions - directions.mean(dim=-1, keepdim=True)
         weight = getattr(model.ln_final, "w", None)
         if isinstance(weight, Tensor):
             directions = directions * weight
         return directions @ model.W_U
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """Per feature, the tokens whose logits it moves most one way, and by how much.
+
+    Attributes:
+        indices: ``[feature, n]`` token ids, the largest move first.
+        values: ``[feature, n]`` the moves (logit effects, see ``logit_effects``).
+    """
+
+    indices: Int[NDArray, "feature n"]
+    values: Float[NDArray, "feature n"]
+
+
+def top_logit_effects(
+    model: HookedTransformer, sae: SAE, settings: BrowserSettings
+) -> tuple[TopTokens, TopTokens]:
+    """The ``settings.logit_tokens`` tokens each feature promotes and suppresses most.
+
+    The logit effects are computed ``settings.logit_features`` features at a time and only
+    their top tokens kept, so the ``[d_sae, d_vocab]`` matrix is never held whole.
+    """
+    promoted: list[tuple[Tensor, Tensor]] = []
+    suppressed: list[tuple[Tensor, Tensor]] = []
+    for start in range(0, sae.cfg.d_sae, settings.logit_features):
+        effects = logit_effects(model, sae, slice(start, start + settings.logit_features))
+        n = min(settings.logit_tokens, effects.shape[1])
+        promoted.append(effects.topk(n, dim=1))
+        suppressed.append(effects.topk(n, dim=1, largest=False))
+    return _joined(promoted), _joined(suppressed)
+
+
+def _joined(blocks: list[tuple[Tensor, Tensor]]) -> TopTokens:
+    """Blocks of ``topk`` results (values, indices), one after another, as one ``TopTokens``."""
+    return TopTokens(
+        indices=torch.cat([indices for _, indices in blocks]).cpu().numpy().astype(np.int64),
+        values=torch.cat([values for values, _ in blocks]).float().cpu().numpy(),
+    )
 
 
 def finish(
@@ -271,17 +317,10 @@ def finish(
     settings: BrowserSettings,
 ) -> FeatureBrowserData:
     """The merged state as the browser's arrays, with the logit effects and the tokens' text."""
-    effects = logit_effects(model, sae)
-    n = min(settings.logit_tokens, effects.shape[1])
-    promoted = effects.topk(n, dim=1)
-    suppressed = effects.topk(n, dim=1, largest=False)
+    promoted, suppressed = top_logit_effects(model, sae, settings)
     filled = np.isfinite(state.top.values)
     shown = np.concatenate(
-        [
-            state.top.context_ids.ravel(),
-            promoted.indices.ravel().cpu().numpy(),
-            suppressed.indices.ravel().cpu().numpy(),
-        ]
+        [state.top.context_ids.ravel(), promoted.indices.ravel(), suppressed.indices.ravel()]
     )
     vocab = {int(i): model.tokenizer.decode([int(i)]) for i in np.unique(shown) if i >= 0}
     moments = state.moments
@@ -298,10 +337,10 @@ def finish(
         context_values=state.top.context_values,
         histogram=state.histogram,
         bin_edges=settings.bin_edges,
-        promoted_ids=promoted.indices.cpu().numpy().astype(np.int64),
-        promoted_logits=promoted.values.float().cpu().numpy(),
-        suppressed_ids=suppressed.indices.cpu().numpy().astype(np.int64),
-        suppressed_logits=suppressed.values.float().cpu().numpy(),
+        promoted_ids=promoted.indices,
+        promoted_logits=promoted.values,
+        suppressed_ids=suppressed.indices,
+        suppressed_logits=suppressed.values,
         vocab=vocab,
     )
 
