@@ -186,3 +186,16 @@ def test_planted_title_counts_the_bars_above_the_line() -> None:
     heights = [patch.get_height() for patch in axes.patches if isinstance(patch, Rectangle)]
     assert heights == [0.99, 0.95, 0.91, 0.9, 0.5]
     assert "3 of 5 (60%) recovered" in axes.get_title()
+
+
+def test_planted_caption_gives_the_seeds_range_only_for_the_architecture_it_was_measured_on() -> (
+    None
+):
+    from unraveled.experiments.sae_features import PlantedRecovery, planted_figure
+
+    cosines = np.array([0.95, 0.5])
+    topk = planted_figure(PlantedRecovery(cosines, seconds=1.0), "topk")
+    standard = planted_figure(PlantedRecovery(cosines, seconds=1.0), "standard")
+    assert "seeds 0 to 7 for TopK" in topk.caption
+    assert "moves with the seed" in standard.caption
+    assert "of 64" not in standard.caption

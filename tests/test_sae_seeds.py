@@ -31,7 +31,6 @@ PLANTED_FLOOR = 0.9
 CORRELATION_FLOOR = 0.8
 
 
-@pytest.mark.slow
 @pytest.mark.heavy
 def test_default_headlines_survive_a_change_of_seed_on_smollm2(
     smollm2_cache: Path, monkeypatch: pytest.MonkeyPatch
