@@ -568,7 +568,7 @@ def test_a_first_worker_that_never_starts_ends_the_run_naming_it(
 ) -> None:
     """Without Ray (fakes for its calls): the first workers' starts are waited for with
     ``WORKER_START_TIMEOUT_S`` as a new worker's is; one that is not ready by then ends the run
-    with an error naming it, not an endless wait."""
+    with an error naming it, not an endless wait, and one that fails to start ends it too."""
     import ray
 
     from unraveled.engines.ray_cluster import RayEngineError
@@ -594,6 +594,14 @@ def test_a_first_worker_that_never_starts_ends_the_run_naming_it(
         f"Ray worker(s) 1 of 3 did not start within {sae_ray.WORKER_START_TIMEOUT_S} s (loading "
         f"the model from the converted-weights cache {tmp_path})"
     )
+
+    def cannot_start(reference: _FakeRef, timeout: float | None = None) -> bool:
+        raise ray.exceptions.ActorDiedError()  # as Ray says of a worker whose __init__ raised
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, cannot_start)
+    with pytest.raises(RayEngineError) as failed:
+        sae_ray._Workers(_no_group(), 2, False, "key", "cpu")
+    assert str(failed.value).startswith("a Ray worker could not start: ActorDiedError: ")
 
 
 def _dying_stream(
