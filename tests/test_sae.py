@@ -3,12 +3,14 @@ the hook, the fixed-size buffer, the local and Ray engines' activations, and bad
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -471,17 +473,26 @@ class _FakeActor:
         return cls(*load)
 
 
-def _fake_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, get: object) -> object:
-    """``unraveled.sae.ray``'s worker pool on ``_FakeActor``s, with ``get`` for ``ray.get``."""
+def _fake_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, get: Callable) -> object:
+    """``unraveled.sae.ray``'s worker pool on ``_FakeActor``s, with ``get`` for ``ray.get``.
+
+    ``get`` is given one reference at a time: a list is read as Ray reads one, each of its
+    references with the same timeout (any one not ready raises).
+    """
     import ray
 
     from unraveled.sae import ray as sae_ray
+
+    def get_each(reference: object, timeout: float | None = None) -> object:
+        if isinstance(reference, list):
+            return [get(one, timeout=timeout) for one in reference]
+        return get(reference, timeout=timeout)
 
     monkeypatch.setenv("UNRAVELED_CACHE", str(tmp_path))
     monkeypatch.setattr(sae_ray, "RemoteActivationWorker", _FakeActor)
     monkeypatch.setattr(sae_ray, "PlacementGroupSchedulingStrategy", lambda **where: None)
     monkeypatch.setattr(ray, "kill", lambda actor: None)
-    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "get", get_each)
     return sae_ray
 
 
@@ -509,8 +520,9 @@ def test_a_lost_activation_result_is_computed_again_in_its_place_and_a_stuck_sta
     lost = batches[2]
     failed: list[range] = []
 
-    def get(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
-        assert reference.batch is not None
+    def get(reference: _FakeRef, timeout: float | None = None) -> np.ndarray | bool:
+        if reference.batch is None:  # a worker's start
+            return True
         if reference.batch == lost and not failed:
             failed.append(reference.batch)
             raise ray.exceptions.OwnerDiedError("ab" * 14, None, "")
@@ -518,7 +530,9 @@ def test_a_lost_activation_result_is_computed_again_in_its_place_and_a_stuck_sta
 
     sae_ray = _fake_workers(monkeypatch, tmp_path, get)
     pool = sae_ray._Workers(_no_group(), 2, False, "key", "cpu")
-    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches)
+    pending = deque(
+        pool.submit(None, batch, place, "hook", True) for place, batch in enumerate(batches)
+    )
     with caplog.at_level(logging.WARNING, logger="unraveled"):
         chunks = [sae_ray._received(pending, pool, None, "hook", True) for _ in batches]
     assert failed == [lost]
@@ -527,22 +541,136 @@ def test_a_lost_activation_result_is_computed_again_in_its_place_and_a_stuck_sta
 
     timeouts: list[float | None] = []
 
-    def dead_then_stuck(reference: _FakeRef, timeout: float | None = None) -> np.ndarray:
-        if reference.batch is None:  # the new worker's start
+    def dead_then_stuck(reference: _FakeRef, timeout: float | None = None) -> bool:
+        if reference.batch is None:  # the first worker's start, then the new one's
             timeouts.append(timeout)
+            if len(timeouts) == 1:
+                return True
             raise ray.exceptions.GetTimeoutError("not ready")
         raise ray.exceptions.ActorDiedError()
 
     sae_ray = _fake_workers(monkeypatch, tmp_path, dead_then_stuck)
     pool = sae_ray._Workers(_no_group(), 1, False, "key", "cpu")
-    pending = deque(pool.submit(None, batch, "hook", True) for batch in batches[:2])
+    pending = deque(
+        pool.submit(None, batch, place, "hook", True) for place, batch in enumerate(batches[:2])
+    )
     with pytest.raises(RayEngineError) as stuck:
         sae_ray._received(pending, pool, None, "hook", True)
-    assert timeouts == [sae_ray.WORKER_START_TIMEOUT_S]
+    assert timeouts == [sae_ray.WORKER_START_TIMEOUT_S] * 2
     assert str(stuck.value) == (
         "every Ray worker died (the last on windows 0..1), and a new one did not start within "
         f"{sae_ray.WORKER_START_TIMEOUT_S} s"
     )
+
+
+def test_a_first_worker_that_never_starts_ends_the_run_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without Ray (fakes for its calls): the first workers' starts are waited for with
+    ``WORKER_START_TIMEOUT_S`` as a new worker's is; one that is not ready by then ends the run
+    with an error naming it, not an endless wait, and one that fails to start ends it too."""
+    import ray
+
+    from unraveled.engines.ray_cluster import RayEngineError
+
+    starting: list[object] = []
+    timeouts: list[float | None] = []
+
+    def second_never_starts(reference: _FakeRef, timeout: float | None = None) -> bool:
+        assert reference.batch is None  # nothing but starts is asked for
+        timeouts.append(timeout)
+        if reference.worker not in starting:
+            starting.append(reference.worker)
+        if len(starting) > 1 and reference.worker is starting[1]:
+            raise ray.exceptions.GetTimeoutError("not ready")
+        return True
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, second_never_starts)
+    with pytest.raises(RayEngineError) as stuck:
+        sae_ray._Workers(_no_group(), 3, False, "key", "cpu")
+    assert timeouts[0] == sae_ray.WORKER_START_TIMEOUT_S
+    assert None not in timeouts  # no wait without a limit
+    assert str(stuck.value) == (
+        f"Ray worker(s) 1 of 3 did not start within {sae_ray.WORKER_START_TIMEOUT_S} s (loading "
+        f"the model from the converted-weights cache {tmp_path})"
+    )
+
+    def cannot_start(reference: _FakeRef, timeout: float | None = None) -> bool:
+        raise ray.exceptions.ActorDiedError()  # as Ray says of a worker whose __init__ raised
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, cannot_start)
+    with pytest.raises(RayEngineError) as failed:
+        sae_ray._Workers(_no_group(), 2, False, "key", "cpu")
+    assert str(failed.value).startswith("a Ray worker could not start: ActorDiedError: ")
+
+
+def _dying_stream(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    order: list[range],
+    dies_at: set[int],
+    lost_at: frozenset[int] = frozenset(),
+) -> list[int]:
+    """The first windows of each chunk the stream of ``order`` gives on 1 fake worker (2 batches
+    in flight), its worker dying at the ``dies_at``-th reads of a batch (counting from 1) and the
+    result lost at the ``lost_at``-th."""
+    import ray
+
+    dead: set[int] = set()
+    reads = itertools.count(1)
+
+    def get(reference: _FakeRef, timeout: float | None = None) -> np.ndarray | bool:
+        if reference.batch is None:  # a worker's start
+            return True
+        if id(reference.worker) in dead:
+            raise ray.exceptions.ActorDiedError()
+        read = next(reads)
+        if read in dies_at:
+            dead.add(id(reference.worker))
+            raise ray.exceptions.ActorDiedError()
+        if read in lost_at:
+            raise ray.exceptions.OwnerDiedError("ab" * 14, None, "")
+        return np.full((len(reference.batch), 1), reference.batch.start, dtype=np.float32)
+
+    sae_ray = _fake_workers(monkeypatch, tmp_path, get)
+    pool = sae_ray._Workers(_no_group(), 1, False, "key", "cpu")
+    stream = sae_ray._stream(pool, None, iter(order), 2, "hook", True)
+    return [int(chunk[0, 0]) for chunk in stream]
+
+
+def test_a_batch_fails_only_when_itself_is_lost_counted_per_place_in_the_stream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without Ray (fakes for its calls): the limit of ``MAX_SHARD_ATTEMPTS`` (3) failures counts
+    the times one batch at one place in the stream was itself lost. The same windows lost once in
+    each of 3 epochs, a batch that only waited behind a dying worker's batch, don't add up to it
+    (the run goes on, the stream unchanged); one batch lost 3 times at one place ends the run."""
+    from unraveled.engines.ray import MAX_SHARD_ATTEMPTS
+    from unraveled.engines.ray_cluster import RayEngineError
+
+    assert MAX_SHARD_ATTEMPTS == 3
+    a, b, c = range(0, 2), range(2, 4), range(4, 6)
+    # Epochs: the worker dies on a's read in each of 3 epochs (b waiting behind it each time), and
+    # b's result is lost once in each. The reads: a dies, a, b lost, b, (next epoch) a dies, ...
+    epochs = [a, b] * 3
+    assert (
+        _dying_stream(monkeypatch, tmp_path, epochs, {1, 5, 9}, frozenset({3, 7, 11}))
+        == [
+            0,
+            2,
+        ]
+        * 3
+    )
+    # One epoch: a dies with b waiting behind it, then b dies twice as the one computed (c behind).
+    assert _dying_stream(monkeypatch, tmp_path, [a, b, c], {1, 3, 4}) == [0, 2, 4]
+    with pytest.raises(RayEngineError) as stopped:
+        _dying_stream(monkeypatch, tmp_path, [a, b, c], {1, 2, 3})
+    assert str(stopped.value).startswith(
+        "windows 0..1 failed 3 times, their workers dying (out of memory?); last: ActorDiedError"
+    )
+    with pytest.raises(RayEngineError) as stopped:
+        _dying_stream(monkeypatch, tmp_path, [a, b, c], {2, 4}, frozenset({3}))
+    assert str(stopped.value).startswith("windows 2..3 failed 3 times")
 
 
 def test_run_attributes_ioi_to_features_linked_into_the_browser(

@@ -201,7 +201,8 @@ def reserve_workers(n_workers: int, on_gpu: bool) -> PlacementGroup:
     return group
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """``ErrorType: first line of its message``, for one-line messages."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
@@ -218,13 +219,16 @@ class WorkerLosses:
     (``unraveled.sae.ray``): the windows of a worker that died, or of a result that was lost, are
     computed again elsewhere until one run of them has failed ``MAX_SHARD_ATTEMPTS`` times (a
     window that kills every worker it is given, say by running out of memory, must end the run).
+    A failure counts against the windows being computed or read when it happened, at their
+    ``occurrence`` (the SAE stream repeats its batches every epoch: the same windows in another
+    epoch are another occurrence, with failures of their own; the atlas's shards occur once).
     """
 
     def __init__(self, n_workers: int) -> None:
         """Workers ``0 .. n_workers - 1``, all alive."""
         self.n_workers = n_workers
         self.alive = set(range(n_workers))
-        self.failures: Counter[range] = Counter()
+        self.failures: Counter[tuple[int, range]] = Counter()
 
     def worker_died(
         self,
@@ -232,60 +236,71 @@ class WorkerLosses:
         shards: list[range],
         error: ray.exceptions.RayActorError,
         last_may_die: bool = False,
+        occurrence: int = 0,
     ) -> None:
-        """Worker ``number`` died while computing ``shards`` (the first: the one waited for).
+        """Worker ``number`` died while computing ``shards[0]``, the one waited for.
+
+        Only ``shards[0]`` counts as failed: a worker computes one task at a time, and the rest
+        of ``shards`` were waiting behind it, lost only because the worker was.
 
         Args:
             number: The worker.
-            shards: Its windows not received, all to be computed again.
+            shards: Its windows not received, all to be computed again; the first was running.
             error: What Ray said.
             last_may_die: The caller starts a new worker when none is left (else the run stops).
+            occurrence: Which occurrence of ``shards[0]`` in the run this was.
 
         Raises:
             RayEngineError: The worker could not even start, every worker has died (unless
-                ``last_may_die``), or one of ``shards`` has now failed ``MAX_SHARD_ATTEMPTS``
-                times.
+                ``last_may_die``), or ``shards[0]`` (at ``occurrence``) has now failed
+                ``MAX_SHARD_ATTEMPTS`` times.
         """
         if error.actor_init_failed:
-            raise RayEngineError(f"a Ray worker could not start: {_first_line(error)}") from None
+            raise RayEngineError(f"a Ray worker could not start: {first_line(error)}") from None
         self.alive.discard(number)
-        self.failures.update(shards)
+        failed = (occurrence, shards[0])
+        self.failures[failed] += 1
         logger.warning(
             "ray: worker %d died while computing windows %s (%s); %d of %d workers left",
             number,
             windows_text(shards),
-            _first_line(error),
+            first_line(error),
             len(self.alive),
             self.n_workers,
         )
         if not self.alive and not last_may_die:
             raise RayEngineError(
                 f"every Ray worker died (the last on windows {windows_text(shards[:1])}: "
-                f"{_first_line(error)})"
+                f"{first_line(error)})"
             ) from None
-        worst = max(shards, key=self.failures.__getitem__)
-        if self.failures[worst] >= MAX_SHARD_ATTEMPTS:
+        if self.failures[failed] >= MAX_SHARD_ATTEMPTS:
             raise RayEngineError(
-                f"windows {windows_text([worst])} failed {self.failures[worst]} times, "
-                f"their workers dying (out of memory?); last: {_first_line(error)}"
+                f"windows {windows_text(shards[:1])} failed {self.failures[failed]} times, "
+                f"their workers dying (out of memory?); last: {first_line(error)}"
             ) from None
 
-    def result_lost(self, shard: range, error: ray.exceptions.ObjectLostError) -> None:
-        """The result of ``shard`` was lost before it was read (its node or owner gone).
+    def result_lost(
+        self, shard: range, error: ray.exceptions.ObjectLostError, occurrence: int = 0
+    ) -> None:
+        """The result of ``shard`` (at ``occurrence``) was lost before it was read.
+
+        Its node or owner is gone.
 
         Raises:
-            RayEngineError: ``shard`` has now failed ``MAX_SHARD_ATTEMPTS`` times.
+            RayEngineError: ``shard`` at ``occurrence`` has now failed ``MAX_SHARD_ATTEMPTS``
+                times.
         """
-        self.failures[shard] += 1
+        failed = (occurrence, shard)
+        self.failures[failed] += 1
         logger.warning(
             "ray: the result of windows %s was lost (%s); computing them again",
             windows_text([shard]),
-            _first_line(error),
+            first_line(error),
         )
-        if self.failures[shard] >= MAX_SHARD_ATTEMPTS:
+        if self.failures[failed] >= MAX_SHARD_ATTEMPTS:
             raise RayEngineError(
-                f"windows {windows_text([shard])} failed {self.failures[shard]} times; "
-                f"last: {_first_line(error)}"
+                f"windows {windows_text([shard])} failed {self.failures[failed]} times; "
+                f"last: {first_line(error)}"
             ) from None
 
 

@@ -11,9 +11,15 @@ A worker that dies mid-run (killed by the out-of-memory killer, its node gone) h
 it had not delivered computed again on the live workers, in their place in the stream, so the
 stream is the one a run without the death gives; when the last worker dies a new one is started
 in its reserved room. The bookkeeping, its limits and its fault injection for tests
-(``UNRAVELED_RAY_KILL_WORKER``) are the atlas's (``unraveled.engines.ray``). Ray fails the tasks
-of a dead worker (actors are never restarted, so none waits for a restart), and a new worker
-that can't start within ``WORKER_START_TIMEOUT_S`` ends the run: nothing waits forever.
+(``UNRAVELED_RAY_KILL_WORKER``) are the atlas's (``unraveled.engines.ray``); a batch's failures
+count at its place in the stream, so the same windows in another epoch start again from none.
+
+A dead worker never makes the driver wait forever: Ray fails the tasks of a dead worker (actors
+are never restarted, so none waits for a restart), and workers, the first ones and any new one,
+that can't start within ``WORKER_START_TIMEOUT_S`` end the run. A known limit: a worker that
+stays alive but stops making progress (hung, not dead) is not detected, and the driver waits for
+its batch for as long as it hangs; a batch has no time limit, since a slow batch can't be told
+from a stuck one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from unraveled.engines.ray import (
     KILL_WORKER_ENV,
     WorkerLosses,
     die_if_told,
+    first_line,
     placeable_workers,
     publish_model,
     reserve_workers,
@@ -94,7 +101,7 @@ class ActivationWorker:
         return hook_activations(self.model, hook_name, chosen, prepend_bos).numpy()
 
     def ready(self) -> bool:
-        """True once the model is loaded (a new worker's start is waited for with a timeout)."""
+        """True once the model is loaded (every worker's start is waited for with a timeout)."""
         return True
 
 
@@ -110,6 +117,7 @@ class _Task:
     reference: Any
     worker: int
     batch: range
+    position: int  # in the stream: the same batch in another epoch is at another position
 
 
 class _Workers:
@@ -130,6 +138,26 @@ class _Workers:
             self._start(number, number)
         self._turns = itertools.count()
         self._numbers = itertools.count(n_workers)
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Wait for the first workers to load the model, within ``WORKER_START_TIMEOUT_S``.
+
+        Raises:
+            RayEngineError: Some did not start in time (named), or one could not start.
+        """
+        starts = {number: actor.ready.remote() for number, (actor, _) in self.actors.items()}
+        try:
+            ray.get(list(starts.values()), timeout=WORKER_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            late = [number for number, start in starts.items() if not _delivered(start)]
+            raise RayEngineError(
+                f"Ray worker(s) {', '.join(map(str, late))} of {len(starts)} did not start "
+                f"within {WORKER_START_TIMEOUT_S} s (loading the model from the converted-weights "
+                f"cache {self._load[0]})"
+            ) from None
+        except ray.exceptions.RayActorError as error:
+            raise RayEngineError(f"a Ray worker could not start: {first_line(error)}") from None
 
     def _start(self, number: int, bundle: int) -> Any:
         placed = PlacementGroupSchedulingStrategy(
@@ -141,22 +169,29 @@ class _Workers:
         self.actors[number] = (actor, bundle)
         return actor
 
-    def submit(self, windows_ref: Any, batch: range, hook_name: str, prepend_bos: bool) -> _Task:
-        """``batch`` given to the live workers in turn."""
+    def submit(
+        self, windows_ref: Any, batch: range, position: int, hook_name: str, prepend_bos: bool
+    ) -> _Task:
+        """``batch``, at ``position`` in the stream, given to the live workers in turn."""
         live = sorted(self.actors)
         number = live[next(self._turns) % len(live)]
         reference = self.actors[number][0].activations.remote(
             windows_ref, batch, hook_name, prepend_bos
         )
-        return _Task(reference, number, batch)
+        return _Task(reference, number, batch, position)
 
-    def died(self, number: int, batches: list[range], error: ray.exceptions.RayActorError) -> None:
-        """Worker ``number`` died with ``batches`` undelivered; a new one if it was the last.
+    def died(self, number: int, lost: list[_Task], error: ray.exceptions.RayActorError) -> None:
+        """Worker ``number`` died with ``lost`` undelivered; a new one if it was the last.
+
+        ``lost[0]`` is the batch it was computing; the others waited behind it.
 
         Raises:
             RayEngineError: As ``WorkerLosses.worker_died`` says, or no new worker could start.
         """
-        self.losses.worker_died(number, batches, error, last_may_die=True)
+        batches = [task.batch for task in lost]
+        self.losses.worker_died(
+            number, batches, error, last_may_die=True, occurrence=lost[0].position
+        )
         _, bundle = self.actors.pop(number)
         if self.actors:
             return
@@ -208,17 +243,31 @@ def _chunks_on_ray(
             if epochs is None
             else itertools.chain.from_iterable(itertools.repeat(batches, epochs))
         )
-        pending: deque[_Task] = deque()
-        for batch in order:
-            pending.append(pool.submit(windows_ref, batch, hook_name, prepend_bos))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * n_workers:
-                yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
-        while pending:
-            yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
+        yield from _stream(
+            pool, windows_ref, order, IN_FLIGHT_PER_WORKER * n_workers, hook_name, prepend_bos
+        )
     finally:
         if pool is not None:
             pool.stop()
         remove_placement_group(group)
+
+
+def _stream(
+    pool: _Workers,
+    windows_ref: Any,
+    order: Iterator[range],
+    in_flight: int,
+    hook_name: str,
+    prepend_bos: bool,
+) -> Iterator[Float[Tensor, "token d_in"]]:
+    """The activations of the batches of ``order`` in turn, ``in_flight`` of them asked for."""
+    pending: deque[_Task] = deque()
+    for position, batch in enumerate(order):
+        pending.append(pool.submit(windows_ref, batch, position, hook_name, prepend_bos))
+        if len(pending) >= in_flight:
+            yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
+    while pending:
+        yield _received(pending, pool, windows_ref, hook_name, prepend_bos)
 
 
 def _delivered(reference: Any) -> bool:
@@ -254,12 +303,13 @@ def _received(
                     if other.worker == task.worker
                     and (place == 0 or not _delivered(other.reference))
                 ]
-                pool.died(task.worker, [pending[place].batch for place in lost], error)
+                pool.died(task.worker, [pending[place] for place in lost], error)
             else:  # a result that looked delivered when its worker's death was handled
                 lost = [0]
             for place in lost:
+                again = pending[place]
                 pending[place] = pool.submit(
-                    windows_ref, pending[place].batch, hook_name, prepend_bos
+                    windows_ref, again.batch, again.position, hook_name, prepend_bos
                 )
             logger.warning(
                 "ray: windows %s computed again on worker(s) %s, in their place in the stream",
@@ -268,8 +318,8 @@ def _received(
             )
             continue
         except ray.exceptions.ObjectLostError as error:  # also OwnerDiedError
-            pool.losses.result_lost(task.batch, error)
-            pending[0] = pool.submit(windows_ref, task.batch, hook_name, prepend_bos)
+            pool.losses.result_lost(task.batch, error, occurrence=task.position)
+            pending[0] = pool.submit(windows_ref, task.batch, task.position, hook_name, prepend_bos)
             continue
         pending.popleft()
         # A copy: the object store's array is read-only, and the consumer may write to it.
