@@ -416,6 +416,11 @@ def test_when_the_only_ray_worker_dies_a_new_one_computes_its_batches_and_the_st
         assert (tmp_path / "died").exists()  # the worker really was killed
         said = caplog.text
         _dying_activation_workers(monkeypatch, None)
+        # The first stream's worker and placement group are released asynchronously: on a loaded
+        # machine the second stream found "0 CPU(s) free" on this one-CPU Ray. Wait for the CPU.
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
         with pytest.raises(RayEngineError) as failed:
             list(activation_chunks(model, hook, windows, 3, True, engine="ray", workers=1))
     finally:
