@@ -9,6 +9,8 @@ negative activations, where ``!= 0`` and ``> 0`` differ.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import torch
 from sae_lens import AbsTopKSAE, AbsTopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from tests.helpers.corpus import SETTINGS
 from tests.helpers.models import SharedTinyModels
 from tests.helpers.sae_browse import tiny_sae
+from unraveled.engines.state import model_inputs
 from unraveled.sae.activations import activation_chunks
 from unraveled.sae.browser import BrowserSettings, feature_browser_data
 from unraveled.sae.evaluation import evaluate_sae
@@ -118,3 +122,22 @@ def test_training_activations_are_the_evaluated_positions(
     torch.testing.assert_close(got, expected["activations"], rtol=1e-5, atol=1e-5)
     evaluation = evaluate_sae(model, sae, HOOK, windows, batch_windows=7, prepend_bos=True)
     assert evaluation.n_tokens == len(got)
+
+
+def test_a_tokenizer_without_bos_is_refused_alike_by_the_atlas_and_the_sae(
+    model: Any, windows: torch.Tensor
+) -> None:
+    """The atlas once put token id 0 in front where the SAE refused; both now refuse, alike."""
+    no_bos = copy.copy(model)  # shares the weights; only the tokenizer below is its own
+    no_bos.tokenizer = copy.deepcopy(model.tokenizer)
+    no_bos.tokenizer.bos_token = None
+    assert no_bos.tokenizer.bos_token_id is None and model.tokenizer.bos_token_id == EOS
+    message = "tokenizer has no BOS token"
+    with pytest.raises(ValueError, match=message):
+        model_inputs(no_bos, windows.numpy(), dataclasses.replace(SETTINGS, prepend_bos=True))
+    with pytest.raises(ValueError, match=message):
+        list(activation_chunks(no_bos, HOOK, windows.numpy(), 3, prepend_bos=True))
+    # Without BOS both paths run the bare windows.
+    bare = model_inputs(no_bos, windows.numpy(), SETTINGS)
+    assert torch.equal(bare.cpu(), windows)
+    assert len(torch.cat(list(activation_chunks(no_bos, HOOK, windows.numpy(), 3, False)))) > 0

@@ -32,9 +32,10 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from unraveled.corpus import with_bos
 from unraveled.running_stats import Moments, TopK, top_k_of_batch
 from unraveled.sae.activations import run_to_hook
-from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
+from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active
 
 
 @dataclass(frozen=True)
