@@ -141,3 +141,33 @@ def test_a_tokenizer_without_bos_is_refused_alike_by_the_atlas_and_the_sae(
     bare = model_inputs(no_bos, windows.numpy(), SETTINGS)
     assert torch.equal(bare.cpu(), windows)
     assert len(torch.cat(list(activation_chunks(no_bos, HOOK, windows.numpy(), 3, False)))) > 0
+
+
+def test_top_contexts_rank_by_size_and_show_the_sign(model: Any, windows: torch.Tensor) -> None:
+    """An AbsTopK SAE's top contexts are its k largest |a| by hand, values shown signed."""
+    sae = abs_topk_sae(model.cfg.d_model, 24, k=4)
+    tokens = torch.cat([torch.full((len(windows), 1), EOS), windows], dim=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+        features = sae.encode(cache[HOOK]).numpy()  # [window, pos, feature]
+    counted = np.ones(tokens.shape, dtype=bool)
+    counted[:, 0] = False
+    counted &= tokens.numpy() != EOS
+    window, position = np.nonzero(counted)
+    global_index = window * tokens.shape[1] + position
+    values = features[window, position]  # [token, feature]
+    settings = BrowserSettings(top_k=5, context_before=2, context_after=1, batch_windows=2)
+    browser = feature_browser_data(model, sae, HOOK, windows.numpy(), settings)
+    negative_on_top = 0
+    for feature in range(values.shape[1]):
+        active = np.nonzero(values[:, feature] != 0)[0]
+        size = np.abs(values[active, feature])
+        best = active[np.lexsort((global_index[active], -size))][: settings.top_k]
+        kept = np.isfinite(browser.top_values[:, feature])
+        assert kept.sum() == len(best)
+        np.testing.assert_array_equal(browser.top_index[kept, feature], global_index[best])
+        np.testing.assert_allclose(
+            browser.top_values[kept, feature], values[best, feature], rtol=1e-5, atol=1e-6
+        )
+        negative_on_top += int((values[best, feature] < 0).sum())
+    assert negative_on_top > 0  # the case where ranking by a and by |a| differ
