@@ -34,6 +34,7 @@ from unraveled.experiment import (
     Params,
     prompt_token_count,
 )
+from unraveled.spread import standard_error
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from matplotlib.axes import Axes
@@ -232,7 +233,7 @@ class CausalTracingResult:
             "layer": int(layer),
             "position_group": POSITION_GROUPS[group],
             "average_indirect_effect": float(effects.average[group, layer]),
-            "standard_error_over_samples": float(samples.std(ddof=1) / np.sqrt(len(samples)))
+            "standard_error_over_samples": float(standard_error(samples))
             if len(samples) > 1
             else None,
             "std_over_facts": float(facts.std(ddof=1)) if len(facts) > 1 else None,
@@ -504,11 +505,7 @@ def render(result: CausalTracingResult) -> Iterator[Artifact]:
         group = POSITION_GROUPS.index(peak["position_group"])
         effects = result.effects[kind]
         samples = effects.per_sample[:, group]
-        error = (
-            samples.std(axis=0, ddof=1) / np.sqrt(len(samples))
-            if len(samples) > 1
-            else np.zeros(len(layers))
-        )
+        error = standard_error(samples, axis=0) if len(samples) > 1 else np.zeros(len(layers))
         color = _dark_shade(cmap)
         for index, per_fact in enumerate(effects.per_fact[:, group]):
             ax.plot(

@@ -38,6 +38,7 @@ from unraveled.experiment import (
     ParamError,
     Params,
 )
+from unraveled.spread import standard_error
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
     from transformer_lens import HookedTransformer
@@ -116,11 +117,9 @@ class PathPatchingResult:
 
         NaN with one pair.
         """
-        if self.n_pairs < 2:
-            return np.full(patched.shape[:2], np.nan)
         change = patched - self.clean_per_pair
         clean = abs(float(self.clean_per_pair.mean()))
-        return 100 * change.std(-1, ddof=1) / np.sqrt(self.n_pairs) / clean
+        return standard_error(change, axis=-1, scale=100.0) / clean
 
     def _top(self, patched: Float[NDArray, "layer head batch"]) -> list[dict[str, Any]]:
         """The senders with the largest |relative change|, with their standard errors."""

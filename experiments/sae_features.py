@@ -397,7 +397,8 @@ class SaeFeaturesResult:
 
     def metrics(self) -> dict[str, Any]:
         """The SAE's shape and provenance, the training's numbers, the planted-features check."""
-        from unraveled.sae.spread import spread, window_spreads
+        from unraveled.sae.spread import window_spreads
+        from unraveled.spread import spread
 
         cfg = self.sae.cfg
         found: dict[str, Any] = {

@@ -9,6 +9,8 @@ negative activations, where ``!= 0`` and ``> 0`` differ.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import torch
 from sae_lens import AbsTopKSAE, AbsTopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from tests.helpers.corpus import SETTINGS
 from tests.helpers.models import SharedTinyModels
 from tests.helpers.sae_browse import tiny_sae
+from unraveled.engines.state import model_inputs
 from unraveled.sae.activations import activation_chunks
 from unraveled.sae.browser import BrowserSettings, feature_browser_data
 from unraveled.sae.evaluation import evaluate_sae
@@ -118,3 +122,52 @@ def test_training_activations_are_the_evaluated_positions(
     torch.testing.assert_close(got, expected["activations"], rtol=1e-5, atol=1e-5)
     evaluation = evaluate_sae(model, sae, HOOK, windows, batch_windows=7, prepend_bos=True)
     assert evaluation.n_tokens == len(got)
+
+
+def test_a_tokenizer_without_bos_is_refused_alike_by_the_atlas_and_the_sae(
+    model: Any, windows: torch.Tensor
+) -> None:
+    """The atlas once put token id 0 in front where the SAE refused; both now refuse, alike."""
+    no_bos = copy.copy(model)  # shares the weights; only the tokenizer below is its own
+    no_bos.tokenizer = copy.deepcopy(model.tokenizer)
+    no_bos.tokenizer.bos_token = None
+    assert no_bos.tokenizer.bos_token_id is None and model.tokenizer.bos_token_id == EOS
+    message = "tokenizer has no BOS token"
+    with pytest.raises(ValueError, match=message):
+        model_inputs(no_bos, windows.numpy(), dataclasses.replace(SETTINGS, prepend_bos=True))
+    with pytest.raises(ValueError, match=message):
+        list(activation_chunks(no_bos, HOOK, windows.numpy(), 3, prepend_bos=True))
+    # Without BOS both paths run the bare windows.
+    bare = model_inputs(no_bos, windows.numpy(), SETTINGS)
+    assert torch.equal(bare.cpu(), windows)
+    assert len(torch.cat(list(activation_chunks(no_bos, HOOK, windows.numpy(), 3, False)))) > 0
+
+
+def test_top_contexts_rank_by_size_and_show_the_sign(model: Any, windows: torch.Tensor) -> None:
+    """An AbsTopK SAE's top contexts are its k largest |a| by hand, values shown signed."""
+    sae = abs_topk_sae(model.cfg.d_model, 24, k=4)
+    tokens = torch.cat([torch.full((len(windows), 1), EOS), windows], dim=1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+        features = sae.encode(cache[HOOK]).numpy()  # [window, pos, feature]
+    counted = np.ones(tokens.shape, dtype=bool)
+    counted[:, 0] = False
+    counted &= tokens.numpy() != EOS
+    window, position = np.nonzero(counted)
+    global_index = window * tokens.shape[1] + position
+    values = features[window, position]  # [token, feature]
+    settings = BrowserSettings(top_k=5, context_before=2, context_after=1, batch_windows=2)
+    browser = feature_browser_data(model, sae, HOOK, windows.numpy(), settings)
+    negative_on_top = 0
+    for feature in range(values.shape[1]):
+        active = np.nonzero(values[:, feature] != 0)[0]
+        size = np.abs(values[active, feature])
+        best = active[np.lexsort((global_index[active], -size))][: settings.top_k]
+        kept = np.isfinite(browser.top_values[:, feature])
+        assert kept.sum() == len(best)
+        np.testing.assert_array_equal(browser.top_index[kept, feature], global_index[best])
+        np.testing.assert_allclose(
+            browser.top_values[kept, feature], values[best, feature], rtol=1e-5, atol=1e-6
+        )
+        negative_on_top += int((values[best, feature] < 0).sum())
+    assert negative_on_top > 0  # the case where ranking by a and by |a| differ

@@ -42,6 +42,8 @@ from unraveled.errors import ConfigError
 from unraveled.experiment import RESOLVE_ANNOTATIONS
 
 if TYPE_CHECKING or RESOLVE_ANNOTATIONS:  # names used in annotations only
+    from torch import Tensor
+    from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -734,3 +736,27 @@ def corpus_windows(
         sources=list(sources)
         or [f"bundled Shakespeare plays ({_PLAYS_PACKAGE}/plays, {stream.n_documents} files)"],
     )
+
+
+def with_bos(
+    model: HookedTransformer, windows: Int[Tensor, "window pos"], prepend_bos: bool
+) -> Int[Tensor, "window pos_in"]:
+    """``windows`` with the model's BOS token in front of each when ``prepend_bos``.
+
+    The one rule for every consumer of corpus windows (the atlas, the SAE's activations,
+    evaluation and browser): a tokenizer without a BOS token is an error, not a stand-in id,
+    which would be a wrong input the model was never trained on.
+
+    Raises:
+        ValueError: ``prepend_bos`` for a model without a tokenizer or whose tokenizer has no
+            BOS token.
+    """
+    import torch
+
+    if not prepend_bos:
+        return windows
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    if bos is None:
+        raise ValueError("prepend_bos: the model's tokenizer has no BOS token to put in front")
+    column = torch.full((len(windows), 1), bos, dtype=windows.dtype, device=windows.device)
+    return torch.cat([column, windows], dim=1)

@@ -30,6 +30,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from unraveled.analysis import attention_entropy_by_head
+from unraveled.corpus import with_bos
 from unraveled.running_stats import LogHistogram, Moments, Sums, TopK, top_k_of_batch
 
 HEAD_SCORES = ("entropy", "first_token", "previous_token", "duplicate_token", "induction")
@@ -195,11 +196,12 @@ def _mean_where(
 def model_inputs(
     model: HookedTransformer, windows: Int[np.ndarray, "window pos"], settings: AtlasSettings
 ) -> Int[Tensor, "window seq"]:
-    """The windows as model input: token ids, with the BOS token in front if the model wants one."""
-    tokens = torch.as_tensor(windows, dtype=torch.long)
-    if settings.prepend_bos:
-        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-        tokens = torch.cat([torch.full((len(tokens), 1), bos, dtype=torch.long), tokens], dim=1)
+    """The windows as model input: token ids, with the BOS token in front if the model wants one.
+
+    Raises:
+        ValueError: ``settings.prepend_bos`` for a tokenizer without a BOS token (``with_bos``).
+    """
+    tokens = with_bos(model, torch.as_tensor(windows, dtype=torch.long), settings.prepend_bos)
     return tokens.to(model.cfg.device)
 
 

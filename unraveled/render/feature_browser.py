@@ -127,6 +127,10 @@ def feature_browser_page(
             "fraction of the tokens on which the feature is active (activation != 0); the "
             "prepended BOS and special tokens are not counted, as in training and evaluation"
         ),
+        "contexts": (
+            "the active tokens with the largest |activation|, shown signed (an AbsTopK SAE's "
+            "strongest firings may be negative)"
+        ),
         "logits": (
             "the decoder direction through the final norm's linear part and W_U, per unit of "
             "activation (the norm's per-token scale left out: it changes no ranking)"

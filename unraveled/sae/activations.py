@@ -23,8 +23,9 @@ from numpy.typing import NDArray
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from unraveled.corpus import with_bos
 from unraveled.engines.local import batches
-from unraveled.sae.positions import counted_positions, excluded_token_ids, with_bos
+from unraveled.sae.positions import counted_positions, excluded_token_ids
 
 EngineName = Literal["local", "ray"]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")

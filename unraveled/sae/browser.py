@@ -32,9 +32,10 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from unraveled.corpus import with_bos
 from unraveled.running_stats import Moments, TopK, top_k_of_batch
 from unraveled.sae.activations import run_to_hook
-from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
+from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,12 @@ def update(
     active = is_active(values)
     if len(counted_values):  # a batch of nothing but special tokens has no moments
         state.moments = state.moments.merge(Moments.of(counted_values, positive_of=active[counted]))
-    # Inactive and uncounted tokens are no top activating context: ranked as -inf, they are
-    # never kept, and a feature active on fewer than k tokens keeps unfilled rows. Contexts
-    # show the activations as they are, uncounted positions included.
-    ranked = np.where(active & counted[..., None], values, -np.inf).astype(np.float32)
+    # Top contexts rank by |a|, as "active" (!= 0) and the histogram measure a feature: an
+    # AbsTopK SAE fires negative too, and its strongest firings are its largest |a|. Inactive
+    # and uncounted tokens are no top activating context: ranked as -inf, they are never kept,
+    # and a feature active on fewer than k tokens keeps unfilled rows. Contexts show the
+    # activations as they are (signed), uncounted positions included.
+    ranked = np.where(active & counted[..., None], np.abs(values), -np.inf).astype(np.float32)
     offsets = np.asarray(window_numbers, dtype=np.int64) * tokens.shape[1]
     top = top_k_of_batch(
         ranked,
@@ -213,7 +216,8 @@ class FeatureBrowserData:
         density: Fraction of the tokens on which each feature is active (``!= 0``).
         max_activation: Largest activation (0 for a feature never active).
         mean_activation: Mean activation over the counted tokens, active or not.
-        top_values: ``[k, feature]`` top activations, descending; NaN where a feature has fewer
+        top_values: ``[k, feature]`` top activations, signed, in descending order of ``|a|``
+            (an AbsTopK SAE's strongest firings may be negative); NaN where a feature has fewer
             than k active tokens.
         top_index: ``[k, feature]`` their global token index (window * length + position).
         context_ids: ``[k, feature, context]`` token ids around each top token (-1: outside
@@ -331,7 +335,10 @@ def finish(
         density=moments.positive_fraction,
         max_activation=np.where(moments.positive > 0, moments.maximum, 0.0),
         mean_activation=moments.mean,
-        top_values=np.where(filled, state.top.values, np.nan).astype(np.float32),
+        # The top rows are ranked by |a|; the signed value is the context's centre.
+        top_values=np.where(
+            filled, state.top.context_values[:, :, settings.context_before], np.nan
+        ).astype(np.float32),
         top_index=state.top.index,
         context_ids=state.top.context_ids,
         context_values=state.top.context_values,

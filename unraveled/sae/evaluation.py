@@ -50,9 +50,10 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from unraveled.corpus import with_bos
 from unraveled.experiment import Table
 from unraveled.sae.activations import run_to_hook
-from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active, with_bos
+from unraveled.sae.positions import counted_positions, excluded_token_ids, is_active
 
 # Active on more than this fraction of the evaluated tokens: a dense feature.
 DENSE_THRESHOLD = 0.1

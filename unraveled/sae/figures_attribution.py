@@ -23,7 +23,7 @@ def attribution_figure(
     the total clean - corrupted difference and the SAE error term's estimate, that one +- its
     standard error over the pairs, and how many pairs.
     """
-    from unraveled.sae.spread import spread
+    from unraveled.spread import spread
 
     figure, (bars, scatter) = panels(2, width_ratios=[1.6, 1.0])
     features = result.top_features

@@ -55,23 +55,6 @@ def excluded_token_ids(
     return tuple(sorted({int(i) for i in exclude_special_tokens}))
 
 
-def with_bos(
-    model: HookedTransformer, windows: Int[Tensor, "window pos"], prepend_bos: bool
-) -> Int[Tensor, "window pos_in"]:
-    """``windows`` with the model's BOS token in front of each when ``prepend_bos``.
-
-    Raises:
-        ValueError: ``prepend_bos`` for a tokenizer without a BOS token.
-    """
-    if not prepend_bos:
-        return windows
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
-    if bos is None:
-        raise ValueError("prepend_bos: the model's tokenizer has no BOS token to put in front")
-    column = torch.full((len(windows), 1), bos, dtype=windows.dtype, device=windows.device)
-    return torch.cat([column, windows], dim=1)
-
-
 def counted_positions(
     tokens: Int[Tensor, "window pos"], excluded: tuple[int, ...], prepended_bos: bool
 ) -> Bool[Tensor, "window pos"]:

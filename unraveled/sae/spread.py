@@ -5,49 +5,19 @@ samples are the windows: whole, seeded choices over the corpus, with neighbourin
 independent. So each headline's uncertainty is taken over windows: the same quantity computed
 per window (``SAEEvaluation.*_per_window``; CE loss recovered from each window's three losses),
 its standard deviation over the windows where it is defined (``ddof=1``), and the standard error
-``sd / sqrt(n)``, the path-patching experiment's convention. It says how much another choice of
-held-out windows would move the headline, not how much another training seed would.
+``sd / sqrt(n)`` (``unraveled.spread``, the convention every experiment shares). It says how much
+another choice of held-out windows would move the headline, not how much another training seed
+would.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from jaxtyping import Float
 from numpy.typing import NDArray
 
 from unraveled.sae.evaluation import SAEEvaluation, recovered_loss
-
-
-@dataclass(frozen=True)
-class Spread:
-    """One quantity over samples: how many, their standard deviation and the standard error.
-
-    Attributes:
-        n: Samples where the quantity is defined (NaN ones left out).
-        sd: Standard deviation over them (``ddof=1``; NaN for fewer than two).
-        standard_error: ``sd / sqrt(n)``.
-    """
-
-    n: int
-    sd: float
-    standard_error: float
-
-    def as_dict(self) -> dict[str, float | int]:
-        """For metrics.json."""
-        return {"n": self.n, "sd": self.sd, "standard_error": self.standard_error}
-
-
-def spread(values: Float[NDArray, " sample"]) -> Spread:
-    """The spread of ``values`` over the samples where they are defined (not NaN)."""
-    defined = np.asarray(values, dtype=np.float64)
-    defined = defined[~np.isnan(defined)]
-    n = len(defined)
-    if n < 2:
-        return Spread(n, float("nan"), float("nan"))
-    sd = float(defined.std(ddof=1))
-    return Spread(n, sd, sd / float(np.sqrt(n)))
+from unraveled.spread import Spread, spread
 
 
 def ce_loss_recovered_per_window(evaluation: SAEEvaluation) -> Float[NDArray, " window"]:
