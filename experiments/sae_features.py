@@ -714,12 +714,15 @@ def render(result: SaeFeaturesResult) -> Iterator[Artifact]:
 
 def planted_figure(planted: PlantedRecovery, architecture: str) -> Figure:
     """Planted against recovered: each planted direction's best cosine with a decoder direction."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure as MplFigure
 
     from unraveled.sae.planted import RECOVERED_COSINE
 
     order = np.argsort(-planted.max_cosine)
-    figure, axes = plt.subplots(figsize=(9, 4.5))
+    # Constrained layout, as every other figure: the runner adds the model line above the title
+    # (without it the two overlapped). Wider than a panel, for 64 bars and the two-line title.
+    figure = MplFigure(figsize=(9, 4.5), layout="constrained")
+    axes = figure.add_subplot()
     recovered = planted.max_cosine[order] > RECOVERED_COSINE
     axes.bar(
         np.arange(len(order)),
